@@ -1,0 +1,1 @@
+"""vhostmap_guest: netmap-style rings over a VM's own virtio-net device, from guest userspace."""
