@@ -1,0 +1,354 @@
+"""The netmap binary interface shared with ring users, and the views a ring user reads it through.
+
+Layouts follow modern netmap.h (NETMAP_API 14, head/cur/tail rings); the seeds in shared/seeds show the
+older cur/avail pair. Every layout is declared once as a ctypes.Structure; the numpy dtypes used for batch
+access are derived from it, so the two cannot drift apart. Fields are little-endian with natural alignment.
+
+``struct netmap_slot`` (16 bytes, SLOT_DTYPE; the same as ``struct nm_slot`` in datapath/netmap.cdef)::
+
+     0  u32 buf_idx     index of the buffer in the buffer pool
+     4  u16 len         bytes used in the buffer
+     6  u16 flags       NS_*
+     8  u64 ptr         user pointer for NS_INDIRECT (unused by vhostmap)
+
+``struct netmap_ring`` (header of RING_HEADER_SIZE = 256 bytes, then ``num_slots`` slots)::
+
+     0  i64 buf_ofs     buffer pool offset relative to this ring: buf(i) = ring + buf_ofs + i * nr_buf_size
+     8  u32 num_slots
+    12  u32 nr_buf_size
+    16  u16 ringid      index of the ring within its direction (host rings follow the hardware ones)
+    18  u16 dir         NR_TX or NR_RX
+    20  u32 head        (user) first slot the user owns
+    24  u32 cur         (user) wakeup point
+    28  u32 tail        (kernel) first slot the kernel owns
+    32  u32 flags       NR_*
+    40  timeval ts      i64 tv_sec, i64 tv_usec: time of the last sync when NR_TIMESTAMP is set
+    56  u64 offset_mask
+    64  u64 buf_align
+   128  u8 sem[128]     aligned to NM_CACHE_ALIGN (padding 72..128)
+   256  slots
+
+``struct netmap_if`` (header of IF_HEADER_SIZE = 56 bytes, then the ring offsets)::
+
+     0  char ni_name[16]
+    16  u32 ni_version       NETMAP_API
+    20  u32 ni_flags
+    24  u32 ni_tx_rings      hardware TX rings
+    28  u32 ni_rx_rings      hardware RX rings
+    32  u32 ni_bufs_head
+    36  u32 ni_host_tx_rings
+    40  u32 ni_host_rx_rings
+    44  u32 ni_spare1[3]
+    56  i64 ring_ofs[]       TX rings (hardware, then host), then RX rings (hardware, then host);
+                             each the offset of the ring relative to this netmap_if
+
+Ring positions are circular: ``nm_next``/``nm_prev`` step, ``nm_distance`` counts slots from one position to
+another, ``nm_in_range`` tests a position against a closed circular interval. The user owns [head, tail); the
+kernel owns [tail, head), and one slot always stays empty so that head == tail means "nothing for the user".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+from typing import cast
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostmap.netmap.errors import RegionError
+
+NETMAP_API = 14
+NM_CACHE_ALIGN = 128
+IFNAMSIZ = 16
+
+# Directions (netmap's enum txrx), also the value of netmap_ring.dir.
+NR_TX = 0
+NR_RX = 1
+
+# Buffers 0 and 1 are never handed out: a slot pointing at them holds no packet (netmap_mem2.c).
+NM_RESERVED_BUFS = 2
+
+# --- slot flags (netmap_slot.flags) -------------------------------------------------------------------------
+NS_BUF_CHANGED = 0x0001  # buf_idx changed: set whenever a slot gets another buffer
+NS_REPORT = 0x0002  # ask for a completion report of this slot
+NS_FORWARD = 0x0004  # on rings with NR_FORWARD: pass the slot on to the peer (host <-> NIC)
+NS_NO_LEARN = 0x0008  # switch: do not learn the source of this frame
+NS_INDIRECT = 0x0010  # data is in a user buffer at slot.ptr
+NS_MOREFRAG = 0x0020  # more fragments of this frame follow in the next slot
+NS_PORT_SHIFT = 8
+NS_PORT_MASK = 0xFF << NS_PORT_SHIFT  # switch: destination port override
+
+# --- ring flags (netmap_ring.flags) -------------------------------------------------------------------------
+NR_TIMESTAMP = 0x0002  # update ring.ts on every sync
+NR_FORWARD = 0x0004  # honour NS_FORWARD on this ring
+
+# --- registration (NIOCREGIF) -------------------------------------------------------------------------------
+NR_REG_ALL_NIC = 1  # every hardware ring pair
+NR_REG_SW = 2  # the host ring pair only
+NR_REG_NIC_SW = 3  # hardware and host rings
+NR_REG_ONE_NIC = 4  # hardware ring pair ``ring_id``
+NETMAP_RING_MASK = 0x0FFF  # largest ring id
+NETMAP_NO_TX_POLL = 0x1000  # poll does not txsync
+NETMAP_DO_RX_POLL = 0x8000  # poll rxsyncs even without POLLIN
+
+
+# --- layouts ------------------------------------------------------------------------------------------------
+class Timeval(ctypes.Structure):
+    """struct timeval as on LP64 Linux."""
+
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_usec", ctypes.c_int64)]
+
+
+class NetmapSlot(ctypes.Structure):
+    """struct netmap_slot."""
+
+    _fields_ = [
+        ("buf_idx", ctypes.c_uint32),
+        ("len", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("ptr", ctypes.c_uint64),
+    ]
+
+
+class NetmapRing(ctypes.Structure):
+    """struct netmap_ring without its slots (they start at RING_HEADER_SIZE)."""
+
+    _fields_ = [
+        ("buf_ofs", ctypes.c_int64),
+        ("num_slots", ctypes.c_uint32),
+        ("nr_buf_size", ctypes.c_uint32),
+        ("ringid", ctypes.c_uint16),
+        ("dir", ctypes.c_uint16),
+        ("head", ctypes.c_uint32),
+        ("cur", ctypes.c_uint32),
+        ("tail", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("ts", Timeval),
+        ("offset_mask", ctypes.c_uint64),
+        ("buf_align", ctypes.c_uint64),
+        # ctypes has no alignment attribute: the padding C inserts before the cache-aligned sem is explicit.
+        ("_pad", ctypes.c_uint8 * (NM_CACHE_ALIGN - 72)),
+        ("sem", ctypes.c_uint8 * 128),
+    ]
+
+
+class NetmapIf(ctypes.Structure):
+    """struct netmap_if without its ring_ofs[] array (it starts at IF_HEADER_SIZE)."""
+
+    _fields_ = [
+        ("ni_name", ctypes.c_char * IFNAMSIZ),
+        ("ni_version", ctypes.c_uint32),
+        ("ni_flags", ctypes.c_uint32),
+        ("ni_tx_rings", ctypes.c_uint32),
+        ("ni_rx_rings", ctypes.c_uint32),
+        ("ni_bufs_head", ctypes.c_uint32),
+        ("ni_host_tx_rings", ctypes.c_uint32),
+        ("ni_host_rx_rings", ctypes.c_uint32),
+        ("ni_spare1", ctypes.c_uint32 * 3),
+    ]
+
+
+# numpy derives the structured dtypes (names, offsets, itemsize) from the ctypes declarations.
+SLOT_DTYPE = cast("np.dtype[np.void]", np.dtype(NetmapSlot))
+RING_DTYPE = cast("np.dtype[np.void]", np.dtype(NetmapRing))
+IF_DTYPE = cast("np.dtype[np.void]", np.dtype(NetmapIf))
+RING_OFS_DTYPE = np.dtype(np.int64)
+
+SLOT_SIZE = ctypes.sizeof(NetmapSlot)
+RING_HEADER_SIZE = ctypes.sizeof(NetmapRing)
+IF_HEADER_SIZE = ctypes.sizeof(NetmapIf)
+
+assert SLOT_SIZE == 16 and RING_HEADER_SIZE == 256 and IF_HEADER_SIZE == 56
+assert NetmapRing.sem.offset == NM_CACHE_ALIGN
+
+
+def ring_size(num_slots: int) -> int:
+    """Bytes of a netmap_ring with ``num_slots`` slots."""
+    return RING_HEADER_SIZE + num_slots * SLOT_SIZE
+
+
+def if_size(num_rings: int) -> int:
+    """Bytes of a netmap_if listing ``num_rings`` rings (all directions, host rings included)."""
+    return IF_HEADER_SIZE + num_rings * RING_OFS_DTYPE.itemsize
+
+
+# --- ring arithmetic ----------------------------------------------------------------------------------------
+def nm_next(i: int, n: int) -> int:
+    """The slot after ``i`` in a ring of ``n`` slots."""
+    return 0 if i + 1 == n else i + 1
+
+
+def nm_prev(i: int, n: int) -> int:
+    """The slot before ``i`` in a ring of ``n`` slots."""
+    return n - 1 if i == 0 else i - 1
+
+
+def nm_distance(first: int, last: int, n: int) -> int:
+    """Slots from ``first`` up to (not including) ``last``, going forward: the size of [first, last)."""
+    return (last - first) % n
+
+
+def nm_in_range(i: int, first: int, last: int, n: int) -> bool:
+    """Whether ``i`` lies in the closed circular interval [first, last] of a ring of ``n`` slots."""
+    return (i - first) % n <= (last - first) % n
+
+
+# --- views --------------------------------------------------------------------------------------------------
+class Region:
+    """A shared memory region mapped in this process: the mmap and a numpy uint8 view over all of it."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self.mm = mm
+        self.size = len(mm)
+        self.array: npt.NDArray[np.uint8] = np.frombuffer(mm, dtype=np.uint8)
+
+    def check(self, offset: int, length: int, what: str) -> None:
+        """Raise RegionError unless [offset, offset + length) lies inside the region."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise RegionError(
+                f"{what} at [{offset}, {offset + length}) is outside the region of {self.size} bytes"
+            )
+
+    def close(self) -> None:
+        """Unmap now if no view is left, otherwise when the last view is garbage collected."""
+        self.array = np.empty(0, dtype=np.uint8)
+        # Views (numpy arrays, ctypes structures) may still export the mapping; it then goes away with them.
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+def map_region(fd: int, size: int) -> Region:
+    """Map ``size`` bytes of a shared region received as ``fd`` (read-write, MAP_SHARED).
+
+    The file must be at least ``size`` bytes long: touching a page past its end would kill us with SIGBUS.
+    The caller keeps ownership of ``fd``.
+    """
+    st = os.fstat(fd)
+    if size <= 0 or st.st_size < size:
+        raise RegionError(f"fd {fd} holds {st.st_size} bytes, cannot map {size}")
+    return Region(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+
+
+class RingView:
+    """One netmap_ring in a mapped region: header fields, numpy slot array, buffer access.
+
+    ``num_slots``, ``buf_ofs`` and ``nr_buf_size`` are read once, when the view is made (or given by the
+    owner, who must not trust what the ring says about itself); ``head``, ``cur``, ``tail`` and ``flags`` are
+    live. ``slots`` is a structured array with SLOT_DTYPE fields ``buf_idx``, ``len``, ``flags``, ``ptr``.
+    """
+
+    def __init__(
+        self,
+        region: Region,
+        offset: int,
+        num_slots: int | None = None,
+        *,
+        buf_ofs: int | None = None,
+        nr_buf_size: int | None = None,
+    ) -> None:
+        region.check(offset, RING_HEADER_SIZE, "netmap_ring")
+        if offset % 8:
+            raise RegionError(f"netmap_ring at {offset} is not 8-byte aligned")
+        self.region = region
+        self.offset = offset
+        self.header = NetmapRing.from_buffer(region.mm, offset)
+        self.num_slots = int(self.header.num_slots if num_slots is None else num_slots)
+        if self.num_slots < 2:
+            raise RegionError(f"netmap_ring at {offset} has {self.num_slots} slots")
+        region.check(offset, ring_size(self.num_slots), "netmap_ring slots")
+        self.buf_ofs = int(self.header.buf_ofs if buf_ofs is None else buf_ofs)
+        self.nr_buf_size = int(self.header.nr_buf_size if nr_buf_size is None else nr_buf_size)
+        self.slots: npt.NDArray[np.void] = np.frombuffer(
+            region.mm, dtype=SLOT_DTYPE, count=self.num_slots, offset=offset + RING_HEADER_SIZE
+        )
+
+    @property
+    def head(self) -> int:
+        """First slot the user owns."""
+        return int(self.header.head)
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.header.head = value
+
+    @property
+    def cur(self) -> int:
+        """Wakeup point: the user wants to hear when tail moves past it."""
+        return int(self.header.cur)
+
+    @cur.setter
+    def cur(self, value: int) -> None:
+        self.header.cur = value
+
+    @property
+    def tail(self) -> int:
+        """First slot the kernel owns (written by the kernel side only)."""
+        return int(self.header.tail)
+
+    @tail.setter
+    def tail(self, value: int) -> None:
+        self.header.tail = value
+
+    @property
+    def flags(self) -> int:
+        """NR_* flags."""
+        return int(self.header.flags)
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self.header.flags = value
+
+    @property
+    def ringid(self) -> int:
+        """Index of the ring within its direction."""
+        return int(self.header.ringid)
+
+    @property
+    def dir(self) -> int:
+        """NR_TX or NR_RX."""
+        return int(self.header.dir)
+
+    def buf(self, buf_idx: int) -> npt.NDArray[np.uint8]:
+        """The whole buffer ``buf_idx`` (nr_buf_size bytes), found as netmap users do, from buf_ofs."""
+        start = self.offset + self.buf_ofs + int(buf_idx) * self.nr_buf_size
+        self.region.check(start, self.nr_buf_size, f"buffer {buf_idx}")
+        return self.region.array[start : start + self.nr_buf_size]
+
+
+class NetmapIfView:
+    """A netmap_if in a mapped region and the rings it lists, found from its offset alone.
+
+    ``tx_rings`` holds the hardware TX rings then the host ones, ``rx_rings`` likewise, as in ring_ofs[].
+    """
+
+    def __init__(self, region: Region, offset: int) -> None:
+        region.check(offset, IF_HEADER_SIZE, "netmap_if")
+        self.region = region
+        self.offset = offset
+        self.header = NetmapIf.from_buffer(region.mm, offset)
+        h = self.header
+        self.num_tx_rings = int(h.ni_tx_rings)
+        self.num_rx_rings = int(h.ni_rx_rings)
+        self.host_tx_rings = int(h.ni_host_tx_rings)
+        self.host_rx_rings = int(h.ni_host_rx_rings)
+        ntx = self.num_tx_rings + self.host_tx_rings
+        nrx = self.num_rx_rings + self.host_rx_rings
+        region.check(offset, if_size(ntx + nrx), "netmap_if ring_ofs")
+        ring_ofs = np.frombuffer(
+            region.mm, dtype=RING_OFS_DTYPE, count=ntx + nrx, offset=offset + IF_HEADER_SIZE
+        )
+        self.tx_rings = [RingView(region, offset + int(o)) for o in ring_ofs[:ntx]]
+        self.rx_rings = [RingView(region, offset + int(o)) for o in ring_ofs[ntx:]]
+
+    @property
+    def name(self) -> str:
+        """ni_name."""
+        return bytes(self.header.ni_name).decode(errors="replace")
+
+    @property
+    def version(self) -> int:
+        """ni_version (NETMAP_API of the writer)."""
+        return int(self.header.ni_version)

@@ -1,0 +1,341 @@
+"""NetmapAdapter, the base class of every port, its registration (NIOCREGIF) and a loopback example port.
+
+Follows netmap.c (shared/seeds/netmap.c.txt: struct netmap_adapter, netmap_set_ringid, netmap_do_regif and
+the NIOCTXSYNC/NIOCRXSYNC paths), with the modern NR_REG_* registration modes.
+
+A port has ``num_tx_rings`` TX and ``num_rx_rings`` RX hardware krings plus one host kring per direction;
+``tx_rings``/``rx_rings`` list the hardware krings first and the host kring last, so ring index
+``num_tx_rings`` is the host TX ring (as netmap numbers them). Subclasses move packets in ``nm_txsync`` /
+``nm_rxsync`` (hardware rings) and ``host_txsync`` / ``host_rxsync`` (host rings); the public ``txsync`` /
+``rxsync`` wrap them in the kring prologue and finalize. A hook that raises PortBroken marks this port broken
+(one log line, later syncs do nothing) and never disturbs other ports. Syncs of one adapter are not
+thread-safe: callers serialise them (the datapath worker holds its lock while a forwarder runs).
+
+Hook contract (what netmap's drivers do):
+
+- ``nm_txsync``: send slots [nr_hwcur, rhead), advance nr_hwcur past what was sent, and reclaim completed
+  slots by moving nr_hwtail up to at most nm_prev(nr_hwcur).
+- ``nm_rxsync``: take back slots [nr_hwcur, rhead) (nr_hwcur = rhead), and fill at most ``rx_space()`` new
+  slots from nr_hwtail, advancing nr_hwtail.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from vhostmap.netmap.abi import (
+    NETMAP_DO_RX_POLL,
+    NETMAP_NO_TX_POLL,
+    NETMAP_RING_MASK,
+    NR_REG_ALL_NIC,
+    NR_REG_NIC_SW,
+    NR_REG_ONE_NIC,
+    NR_REG_SW,
+    NR_TIMESTAMP,
+    NS_BUF_CHANGED,
+    NS_MOREFRAG,
+    RingView,
+    nm_prev,
+)
+from vhostmap.netmap.allocator import IfLayout, NetmapMemory, RingLayout
+from vhostmap.netmap.errors import BadRingId, PortBroken
+from vhostmap.netmap.kring import Kring
+
+log = logging.getLogger(__name__)
+
+REG_MODES = {
+    NR_REG_ALL_NIC: "NR_REG_ALL_NIC",
+    NR_REG_SW: "NR_REG_SW",
+    NR_REG_NIC_SW: "NR_REG_NIC_SW",
+    NR_REG_ONE_NIC: "NR_REG_ONE_NIC",
+}
+REG_FLAGS = NETMAP_NO_TX_POLL | NETMAP_DO_RX_POLL
+
+
+@dataclass(frozen=True, eq=False)
+class Registration:
+    """A binding of a user to some krings of a port (netmap_priv_d after NIOCREGIF).
+
+    ``tx_first``..``tx_last`` and ``rx_first``..``rx_last`` are half-open ranges of kring indexes, as
+    netmap's np_qfirst/np_qlast. ``nifp`` says where the netmap_if is (nr_offset) and ``memsize`` how much of
+    the region to map (nr_memsize).
+    """
+
+    adapter: NetmapAdapter
+    mode: int
+    ring_id: int
+    flags: int
+    tx_first: int
+    tx_last: int
+    rx_first: int
+    rx_last: int
+    nifp: IfLayout
+    memsize: int
+
+    @property
+    def tx_poll(self) -> bool:
+        """Whether poll should txsync (no NETMAP_NO_TX_POLL)."""
+        return not self.flags & NETMAP_NO_TX_POLL
+
+    @property
+    def rx_poll(self) -> bool:
+        """Whether poll should rxsync even when not asked for input (NETMAP_DO_RX_POLL)."""
+        return bool(self.flags & NETMAP_DO_RX_POLL)
+
+    @property
+    def tx_krings(self) -> list[Kring]:
+        """The TX krings bound."""
+        return self.adapter.tx_rings[self.tx_first : self.tx_last]
+
+    @property
+    def rx_krings(self) -> list[Kring]:
+        """The RX krings bound."""
+        return self.adapter.rx_rings[self.rx_first : self.rx_last]
+
+    def txsync(self, flags: int = 0) -> None:
+        """NIOCTXSYNC: txsync every bound TX ring."""
+        for i in range(self.tx_first, self.tx_last):
+            self.adapter.txsync(i, flags)
+
+    def rxsync(self, flags: int = 0) -> None:
+        """NIOCRXSYNC: rxsync every bound RX ring."""
+        for i in range(self.rx_first, self.rx_last):
+            self.adapter.rxsync(i, flags)
+
+
+class NetmapAdapter(abc.ABC):
+    """A port: its netmap_if and rings in ``memory``, its krings, its registrations.
+
+    ``broken`` is None while the port works, else the reason it stopped. ``close()`` frees the rings and
+    their buffers.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        memory: NetmapMemory,
+        *,
+        num_tx_rings: int = 1,
+        num_rx_rings: int = 1,
+        num_tx_desc: int = 1024,
+        num_rx_desc: int = 1024,
+    ) -> None:
+        self.name = name
+        self.memory = memory
+        self.num_tx_rings = num_tx_rings
+        self.num_rx_rings = num_rx_rings
+        self.num_tx_desc = num_tx_desc
+        self.num_rx_desc = num_rx_desc
+        self.nifp = memory.create_if(name, num_tx_rings, num_rx_rings, num_tx_desc, num_rx_desc)
+        self.tx_rings = [self._kring(r) for r in self.nifp.tx_rings]
+        self.rx_rings = [self._kring(r) for r in self.nifp.rx_rings]
+        self.broken: str | None = None
+        self.registrations: list[Registration] = []
+
+    def _kring(self, r: RingLayout) -> Kring:
+        m = self.memory
+        view = RingView(
+            m.region, r.offset, r.num_slots, buf_ofs=m.buffers_offset - r.offset, nr_buf_size=m.buf_size
+        )
+        return Kring(
+            view,
+            direction=r.direction,
+            ring_id=r.ringid,
+            port=self.name,
+            nbufs=m.nbufs,
+            buf_size=m.buf_size,
+            host=r.host,
+        )
+
+    @property
+    def host_tx_ring(self) -> Kring:
+        """The host TX kring (what users send to the host stack)."""
+        return self.tx_rings[self.num_tx_rings]
+
+    @property
+    def host_rx_ring(self) -> Kring:
+        """The host RX kring (what the host stack sends to users)."""
+        return self.rx_rings[self.num_rx_rings]
+
+    # --- hooks ----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def nm_txsync(self, kring: Kring, flags: int) -> None:
+        """Send [nr_hwcur, rhead) of a hardware TX kring and reclaim completed slots (see module doc)."""
+
+    @abc.abstractmethod
+    def nm_rxsync(self, kring: Kring, flags: int) -> None:
+        """Take back [nr_hwcur, rhead) of a hardware RX kring and import new packets at nr_hwtail."""
+
+    def host_txsync(self, kring: Kring, flags: int) -> None:
+        """Send what users put on the host TX ring. Default: nothing is attached, drop and count it."""
+        n = kring.pending()
+        if n:
+            first = kring.nr_hwcur
+            idx = (first + np.arange(n)) % kring.nkr_num_slots
+            kring.dropped += int(np.count_nonzero((kring.ring.slots["flags"][idx] & NS_MOREFRAG) == 0))
+            kring.nr_hwcur = kring.rhead
+        kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
+
+    def host_rxsync(self, kring: Kring, flags: int) -> None:
+        """Import what the host stack sent. Default: nothing arrives; released slots are taken back."""
+        kring.nr_hwcur = kring.rhead
+
+    def nm_register(self, onoff: bool) -> None:  # noqa: B027 (an optional hook, not an abstract one)
+        """Called when the first user registers (True) and when the last one leaves (False)."""
+
+    def wake_fds(self) -> Sequence[int]:
+        """Eventfds that signal work for this port's rings (none by default)."""
+        return ()
+
+    # --- syncs ----------------------------------------------------------------------------------------------
+    def txsync(self, ring_index: int, flags: int = 0) -> None:
+        """NIOCTXSYNC on one TX kring (``num_tx_rings`` is the host ring): prologue, hook, finalize."""
+        kring = self._ring(self.tx_rings, ring_index, "TX")
+        if self.broken is not None or not kring.txsync_prologue():
+            return
+        self._run(self.host_txsync if kring.host else self.nm_txsync, kring, flags)
+
+    def rxsync(self, ring_index: int, flags: int = 0) -> None:
+        """NIOCRXSYNC on one RX kring (``num_rx_rings`` is the host ring): prologue, hook, finalize."""
+        kring = self._ring(self.rx_rings, ring_index, "RX")
+        if self.broken is not None or not kring.rxsync_prologue():
+            return
+        done = self._run(self.host_rxsync if kring.host else self.nm_rxsync, kring, flags)
+        if done and kring.ring.flags & NR_TIMESTAMP:
+            self._timestamp(kring)
+
+    def _ring(self, rings: list[Kring], index: int, kind: str) -> Kring:
+        if not 0 <= index < len(rings):
+            raise BadRingId(self.name, f"{kind} ring {index} does not exist (0..{len(rings) - 1})")
+        return rings[index]
+
+    def _run(self, hook: Callable[[Kring, int], None], kring: Kring, flags: int) -> bool:
+        """Hook then finalize; a PortBroken from either marks this port broken. True when all went well."""
+        try:
+            hook(kring, flags)
+            kring.sync_finalize()
+        except PortBroken as e:
+            self.broken = e.reason
+            log.error(
+                "%s: port broken in %s sync: %s",
+                self.name,
+                kring.name,
+                e.reason,
+                extra={"port": self.name, "ring": kring.name, "reason": e.reason},
+            )
+            return False
+        return True
+
+    @staticmethod
+    def _timestamp(kring: Kring) -> None:
+        # NR_TIMESTAMP: the user asked for the time of the last rxsync in ring.ts.
+        ts = kring.ring.header.ts
+        ts.tv_sec, ts.tv_usec = divmod(time.time_ns() // 1000, 1_000_000)
+
+    def count_dropped(self, ring_index: int, frames: int) -> None:
+        """Account ``frames`` that a consumer of RX ring ``ring_index`` discarded."""
+        self._ring(self.rx_rings, ring_index, "RX").dropped += frames
+
+    # --- registration ---------------------------------------------------------------------------------------
+    def register(self, mode: int, ring_id: int = 0, flags: int = 0) -> Registration:
+        """NIOCREGIF: bind a user to the rings ``mode`` selects (netmap_interp_ringid).
+
+        NR_REG_ALL_NIC: every hardware ring; NR_REG_SW: the host rings; NR_REG_NIC_SW: both; NR_REG_ONE_NIC:
+        hardware ring pair ``ring_id`` (a direction with fewer rings binds its ring 0, as netmap does).
+        ``flags`` may hold NETMAP_NO_TX_POLL and NETMAP_DO_RX_POLL. Raises BadRingId for anything else.
+        """
+        if mode not in REG_MODES:
+            raise BadRingId(
+                self.name, f"registration mode {mode} is not one of {', '.join(REG_MODES.values())}"
+            )
+        if flags & ~REG_FLAGS:
+            raise BadRingId(
+                self.name, f"registration flags {flags:#x} outside NETMAP_NO_TX_POLL|NETMAP_DO_RX_POLL"
+            )
+        ntx, nrx = self.num_tx_rings, self.num_rx_rings
+        if mode == NR_REG_ONE_NIC:
+            if not 0 <= ring_id < max(ntx, nrx) or ring_id > NETMAP_RING_MASK:
+                raise BadRingId(self.name, f"ring id {ring_id} out of range 0..{max(ntx, nrx) - 1}")
+            t = ring_id if ring_id < ntx else 0
+            r = ring_id if ring_id < nrx else 0
+            tx, rx = (t, t + 1), (r, r + 1)
+        elif ring_id != 0:
+            raise BadRingId(
+                self.name, f"ring id {ring_id} given with {REG_MODES[mode]}, which binds no single ring"
+            )
+        elif mode == NR_REG_ALL_NIC:
+            tx, rx = (0, ntx), (0, nrx)
+        elif mode == NR_REG_SW:
+            tx, rx = (ntx, len(self.tx_rings)), (nrx, len(self.rx_rings))
+        else:
+            tx, rx = (0, len(self.tx_rings)), (0, len(self.rx_rings))
+        reg = Registration(self, mode, ring_id, flags, *tx, *rx, self.nifp, self.memory.size)
+        if not self.registrations:
+            self.nm_register(True)
+        self.registrations.append(reg)
+        for k in reg.tx_krings + reg.rx_krings:
+            k.users += 1
+        return reg
+
+    def unregister(self, reg: Registration) -> None:
+        """Release a registration made by ``register``."""
+        if reg not in self.registrations:
+            raise BadRingId(self.name, "registration is not active on this port")
+        self.registrations.remove(reg)
+        for k in reg.tx_krings + reg.rx_krings:
+            k.users -= 1
+        if not self.registrations:
+            self.nm_register(False)
+
+    def close(self) -> None:
+        """Drop every registration and free the rings and their buffers."""
+        for reg in list(self.registrations):
+            self.unregister(reg)
+        self.memory.delete_if(self.nifp)
+
+
+class LoopbackAdapter(NetmapAdapter):
+    """What is sent on TX ring i comes back on RX ring i, zero copy: the TX slot and the next free RX slot
+    swap buffers. A full RX ring holds the TX slots back until the user releases RX slots."""
+
+    def __init__(self, name: str, memory: NetmapMemory, *, num_rings: int = 1, num_desc: int = 1024) -> None:
+        super().__init__(
+            name,
+            memory,
+            num_tx_rings=num_rings,
+            num_rx_rings=num_rings,
+            num_tx_desc=num_desc,
+            num_rx_desc=num_desc,
+        )
+
+    def nm_txsync(self, kring: Kring, flags: int) -> None:
+        """Move what fits to the peer RX ring; every moved slot is complete at once."""
+        self._move(kring, self.rx_rings[kring.ring_id])
+
+    def nm_rxsync(self, kring: Kring, flags: int) -> None:
+        """Take back released slots, then pull TX slots that were waiting for room."""
+        kring.nr_hwcur = kring.rhead
+        self._move(self.tx_rings[kring.ring_id], kring)
+
+    @staticmethod
+    def _move(tx: Kring, rx: Kring) -> None:
+        n = min(tx.pending(), rx.rx_space())
+        if n:
+            si = (tx.nr_hwcur + np.arange(n)) % tx.nkr_num_slots
+            di = (rx.nr_hwtail + np.arange(n)) % rx.nkr_num_slots
+            s, d = tx.ring.slots, rx.ring.slots
+            spare = d["buf_idx"][di]
+            d["buf_idx"][di] = s["buf_idx"][si]
+            s["buf_idx"][si] = spare
+            d["len"][di] = s["len"][si]
+            d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
+            s["flags"][si] = NS_BUF_CHANGED
+            tx.nr_hwcur = (tx.nr_hwcur + n) % tx.nkr_num_slots
+            rx.nr_hwtail = (rx.nr_hwtail + n) % rx.nkr_num_slots
+        tx.nr_hwtail = nm_prev(tx.nr_hwcur, tx.nkr_num_slots)

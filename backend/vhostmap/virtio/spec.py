@@ -1,0 +1,156 @@
+"""virtio constants and binary layouts, declared once (virtio 1.x spec; Linux UAPI virtio_*.h).
+
+Used by the backend (vhost-user ports) and by the guest driver alike. Feature constants are *bit numbers*
+as in the spec; ``bit(n)`` turns one into a mask.
+
+Split virtqueue layout (spec 2.7), for a queue of ``num`` entries, all little-endian:
+
+    descriptor table  16 * num bytes, align 16    {u64 addr, u32 len, u16 flags, u16 next}
+    available ring    6 + 2 * num bytes, align 2  {u16 flags, u16 idx, u16 ring[num], u16 used_event}
+    used ring         6 + 8 * num bytes, align 4  {u16 flags, u16 idx, {u32 id, u32 len}[num],
+                                                   u16 avail_event}
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+
+def bit(n: int) -> int:
+    """The mask of feature bit number ``n``."""
+    return 1 << n
+
+
+# --- Device-independent feature bits (spec 6) -----------------------------------------------------------
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_F_ANY_LAYOUT = 27
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_IN_ORDER = 35
+VIRTIO_F_ORDER_PLATFORM = 36
+VIRTIO_F_SR_IOV = 37
+VIRTIO_F_NOTIFICATION_DATA = 38
+VIRTIO_F_RING_RESET = 40
+
+# vhost's own bit in the same feature word: the front-end asks for dirty-page logging (live migration).
+VHOST_F_LOG_ALL = 26
+
+# --- virtio-net feature bits (spec 5.1.3) ------------------------------------------------------------------
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_CTRL_GUEST_OFFLOADS = 2
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_GUEST_ECN = 9
+VIRTIO_NET_F_GUEST_UFO = 10
+VIRTIO_NET_F_HOST_TSO4 = 11
+VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_HOST_ECN = 13
+VIRTIO_NET_F_HOST_UFO = 14
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_CTRL_RX = 18
+VIRTIO_NET_F_CTRL_VLAN = 19
+VIRTIO_NET_F_CTRL_RX_EXTRA = 20
+VIRTIO_NET_F_GUEST_ANNOUNCE = 21
+VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_F_CTRL_MAC_ADDR = 23
+VIRTIO_NET_F_SPEED_DUPLEX = 63
+
+# --- Device status (spec 2.1) ---------------------------------------------------------------------------
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+VIRTIO_CONFIG_S_FAILED = 0x80
+
+# --- virtio-net config space status (spec 5.1.4) ----------------------------------------------------------
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_S_ANNOUNCE = 2
+
+# Queue pairs: virtio-net's maximum (spec 5.1.4: max_virtqueue_pairs in 1..0x8000).
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX = 0x8000
+
+# --- Split virtqueue (spec 2.7) ---------------------------------------------------------------------------
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+# The largest split queue the spec allows (queue size is a power of 2, at most 32768).
+VIRTQUEUE_MAX_SIZE = 32768
+
+VRING_DESC = struct.Struct("<QIHH")
+VRING_USED_ELEM = struct.Struct("<II")
+VRING_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+VRING_USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+VRING_AVAIL_HEADER = 4  # flags, idx
+VRING_USED_HEADER = 4  # flags, idx
+
+
+def vring_desc_size(num: int) -> int:
+    """Bytes of a descriptor table of ``num`` entries."""
+    return VRING_DESC.size * num
+
+
+def vring_avail_size(num: int, event_idx: bool = True) -> int:
+    """Bytes of an available ring of ``num`` entries (with the trailing used_event when EVENT_IDX)."""
+    return VRING_AVAIL_HEADER + 2 * num + (2 if event_idx else 0)
+
+
+def vring_used_size(num: int, event_idx: bool = True) -> int:
+    """Bytes of a used ring of ``num`` entries (with the trailing avail_event when EVENT_IDX)."""
+    return VRING_USED_HEADER + VRING_USED_ELEM.size * num + (2 if event_idx else 0)
+
+
+def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """Whether moving an index from ``old_idx`` to ``new_idx`` crosses ``event_idx`` (spec 2.7.10).
+
+    All three are free-running 16-bit counters; the arithmetic wraps like the C original.
+    """
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+# --- virtio-net header (spec 5.1.6) -----------------------------------------------------------------------
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_F_DATA_VALID = 2
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80
+
+# {u8 flags, u8 gso_type, u16 hdr_len, u16 gso_size, u16 csum_start, u16 csum_offset, u16 num_buffers}.
+# num_buffers is present with VERSION_1 or MRG_RXBUF, which makes the header 12 bytes; legacy devices
+# without MRG_RXBUF use the first 10.
+VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
+VIRTIO_NET_HDR_LEGACY_SIZE = 10
+VIRTIO_NET_HDR_SIZE = VIRTIO_NET_HDR.size
+
+
+def virtio_net_hdr_size(features: int) -> int:
+    """Size of the virtio-net header the driver uses under the negotiated ``features``."""
+    if features & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)):
+        return VIRTIO_NET_HDR_SIZE
+    return VIRTIO_NET_HDR_LEGACY_SIZE
+
+
+# --- virtio-net config space (spec 5.1.4) -----------------------------------------------------------------
+# {u8 mac[6], u16 status, u16 max_virtqueue_pairs, u16 mtu}; later fields (speed, duplex, rss) unused.
+VIRTIO_NET_CONFIG = struct.Struct("<6sHHH")
+
+# Ethernet sizes the device speaks about.
+ETH_HLEN = 14
+ETH_ZLEN = 60
+ETH_DATA_LEN = 1500
+VIRTIO_NET_MAX_MTU = 65535 - ETH_HLEN
