@@ -8,5 +8,6 @@
 #include <stdint.h>
 
 #include "netmap.cdef"
+#include "memory.cdef"
 
 #endif

@@ -1,0 +1,408 @@
+"""Guest memory of a vhost-user front-end: its regions mapped into this process, address translation, and the
+dirty log for live migration.
+
+Follows docs/interop/vhost-user.rst: "Memory access" (guest-physical and user addresses both map through the
+region table), SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG (CONFIGURE_MEM_SLOTS), and "Migration" (the dirty
+bitmap of SET_LOG_BASE with LOG_SHMFD). Every address the guest or the front-end hands us goes through
+``_locate_gpa`` or ``_locate_uva``: these two bounds checks are the security boundary between guest-controlled
+numbers and this process's memory. A range must lie inside one region: a buffer that spans two regions, even
+adjacent ones, is rejected rather than split (guest buffers are single allocations that never straddle the
+memory blocks QEMU turns into regions; a chain of descriptors covers what is larger).
+
+Not thread-safe: the caller keeps datapath threads away while the table changes. A view handed out stays
+usable after its region is removed (the mapping lives until the last view is released), so a stale view
+never faults, but it no longer is guest memory the front-end knows about.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import logging
+import mmap
+import operator
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, SupportsIndex
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostmap.datapath import ffi, lib
+from vhostmap.vhost_user.errors import GuestMemoryError
+from vhostmap.vhost_user.messages import LogDescriptor, MemoryRegion, MemoryTable
+
+log = logging.getLogger(__name__)
+
+#: Regions one front-end may map (answer to GET_MAX_MEM_SLOTS): KVM's memslot limit on x86, as libvhost-user.
+MAX_MEM_SLOTS = 509
+#: Bytes of guest-physical memory per dirty log bit (declared in datapath/memory.cdef).
+VHOST_LOG_PAGE: int = lib.VHOST_LOG_PAGE
+#: Addresses, sizes and offsets of the protocol are u64: a range must end at or below this.
+ADDRESS_LIMIT = 1 << 64
+
+#: One row of ``GuestMemory.table``, the same layout as ``struct vm_region`` in datapath/memory.cdef.
+REGION_DTYPE = np.dtype([("gpa", "=u8"), ("size", "=u8"), ("uva", "=u8"), ("host", "=u8")])
+
+
+@dataclass(eq=False)
+class _Mapping:
+    """One region mapped into this process. ``buf`` covers exactly the region's bytes."""
+
+    region: MemoryRegion
+    mm: mmap.mmap
+    buf: memoryview
+    host: int
+
+    @property
+    def gpa(self) -> int:
+        return self.region.guest_phys_addr
+
+    @property
+    def uva(self) -> int:
+        return self.region.userspace_addr
+
+    @property
+    def size(self) -> int:
+        return self.region.memory_size
+
+    def release(self) -> None:
+        self.buf.release()
+        try:
+            self.mm.close()
+        except BufferError:
+            # Someone still holds a view: the mapping goes when the last view does, so nothing dangles.
+            log.debug(
+                "region %#x+%#x: views still held, unmapped when they are released", self.gpa, self.size
+            )
+
+
+def _alignment(fd: int) -> int:
+    """The offset granularity mmap needs for ``fd``: the page size, or the huge page size on hugetlbfs (whose
+    st_blksize is the huge page size, and which refuses offsets not aligned to it)."""
+    granularity = mmap.ALLOCATIONGRANULARITY
+    blksize = os.fstat(fd).st_blksize
+    if blksize > granularity and blksize % granularity == 0 and blksize & (blksize - 1) == 0:
+        return blksize
+    return granularity
+
+
+def _map_fd(fd: int, offset: int, size: int, what: str) -> tuple[mmap.mmap, int]:
+    """Map ``size`` bytes at ``offset`` of ``fd``, shared and writable. The offset need not be aligned (the
+    spec allows any mmap_offset): the mapping starts at the aligned-down offset; returns it and the distance
+    from its start to ``offset``."""
+    delta = offset % _alignment(fd)
+    try:
+        mm = mmap.mmap(fd, delta + size, flags=mmap.MAP_SHARED, offset=offset - delta)
+    except (OSError, ValueError, OverflowError) as e:
+        # ValueError covers a range beyond the end of the file, which would SIGBUS on first touch.
+        raise GuestMemoryError(offset, size, f"cannot map {what}: {e}") from e
+    return mm, delta
+
+
+def _host_address(mm: mmap.mmap) -> int:
+    anchor = ctypes.c_char.from_buffer(mm)
+    address = ctypes.addressof(anchor)
+    del anchor  # release the export at once, or the mapping could never be closed
+    return address
+
+
+def _check_region(region: MemoryRegion) -> None:
+    """The region's own sanity: not empty, and every range it names inside the 64-bit space."""
+    g, n, u, o = region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset
+    if n <= 0:
+        raise GuestMemoryError(g, n, "empty region")
+    for name, start in (("guest address", g), ("user address", u), ("mmap offset", o)):
+        if start < 0 or start + n > ADDRESS_LIMIT:
+            raise GuestMemoryError(g, n, f"{name} range {start:#x}+{n:#x} wraps past 2^64")
+
+
+def _overlap(mappings: Sequence[_Mapping], region: MemoryRegion) -> _Mapping | None:
+    """The mapping among ``mappings`` (sorted by gpa) whose guest-physical range meets ``region``'s."""
+    starts = [m.gpa for m in mappings]
+    i = bisect.bisect_left(starts, region.guest_phys_addr)
+    for m in mappings[max(i - 1, 0) : i + 1]:
+        if m.gpa < region.guest_phys_addr + region.memory_size and region.guest_phys_addr < m.gpa + m.size:
+            return m
+    return None
+
+
+def _map_region(region: MemoryRegion, fd: int) -> _Mapping:
+    mm, delta = _map_fd(
+        fd, region.mmap_offset, region.memory_size, f"region at gpa {region.guest_phys_addr:#x}"
+    )
+    buf = memoryview(mm)[delta : delta + region.memory_size]
+    return _Mapping(region, mm, buf, _host_address(mm) + delta)
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+@dataclass(eq=False)
+class _Log:
+    """The mapped dirty bitmap; ``ptr`` points at the bit of guest-physical page 0 and pins the mapping."""
+
+    mm: mmap.mmap
+    anchor: Any  # cffi buffer of the whole mapping
+    ptr: Any  # uint8_t * into it
+    size: int
+
+    def release(self) -> None:
+        ffi.release(self.anchor)
+        self.mm.close()
+
+
+def log_dirty_reference(bitmap: bytearray, gpa: int, length: int) -> int:
+    """Pure-Python reference of the ``vm_log_dirty`` kernel: set the bit of every VHOST_LOG_PAGE page of
+    [gpa, gpa + length) in ``bitmap``; return how many of those pages lie beyond it."""
+    if length == 0:
+        return 0
+    first = gpa // VHOST_LOG_PAGE
+    last = (min(gpa + length, ADDRESS_LIMIT) - 1) // VHOST_LOG_PAGE
+    npages = len(bitmap) * 8
+    for page in range(first, min(last, npages - 1) + 1):
+        bitmap[page // 8] |= 1 << (page % 8)
+    return max(0, last - max(first, npages) + 1)
+
+
+class GuestMemory:
+    """The front-end's memory regions mapped into this process, and the dirty log.
+
+    ``table`` is the region table in gpa order as a numpy array of REGION_DTYPE, for compiled kernels; it is
+    replaced (not modified) whenever the regions change. Region fds passed in are always closed, whether the
+    call succeeds or not: the mapping is all that is kept.
+    """
+
+    def __init__(self) -> None:
+        self._mappings: list[_Mapping] = []  # sorted by gpa, disjoint in gpa
+        self._starts: list[int] = []  # gpa of each mapping, for bisect
+        self.table: npt.NDArray[np.void] = np.zeros(0, dtype=REGION_DTYPE)
+        self._log: _Log | None = None
+        self._log_warned = False
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        """The mapped regions in gpa order."""
+        return tuple(m.region for m in self._mappings)
+
+    # --- the region table --------------------------------------------------------------------------------
+
+    def add_region(self, region: MemoryRegion, fd: int) -> None:
+        """Map one more region (ADD_MEM_REG) from ``fd``, which is closed. Raises GuestMemoryError when the
+        region is empty, wraps, overlaps a mapped one in guest-physical space, would exceed MAX_MEM_SLOTS,
+        or cannot be mapped (e.g. extends beyond the end of the fd)."""
+        try:
+            _check_region(region)
+            if len(self._mappings) >= MAX_MEM_SLOTS:
+                raise GuestMemoryError(
+                    region.guest_phys_addr,
+                    region.memory_size,
+                    f"already {MAX_MEM_SLOTS} regions (MAX_MEM_SLOTS)",
+                )
+            clash = _overlap(self._mappings, region)
+            if clash is not None:
+                raise GuestMemoryError(
+                    region.guest_phys_addr,
+                    region.memory_size,
+                    f"overlaps the region at {clash.gpa:#x}+{clash.size:#x}",
+                )
+            mapping = _map_region(region, fd)
+        finally:
+            os.close(fd)
+        i = bisect.bisect_left(self._starts, mapping.gpa)
+        self._mappings.insert(i, mapping)
+        self._starts.insert(i, mapping.gpa)
+        self._rebuild_table()
+
+    def remove_region(self, region: MemoryRegion) -> None:
+        """Unmap the region (REM_MEM_REG) with the same guest address, size and user address; the mmap
+        offset is ignored, as the spec says. Raises GuestMemoryError if there is none."""
+        for i, m in enumerate(self._mappings):
+            if (m.gpa, m.size, m.uva) == (region.guest_phys_addr, region.memory_size, region.userspace_addr):
+                del self._mappings[i]
+                del self._starts[i]
+                self._rebuild_table()
+                m.release()
+                return
+        raise GuestMemoryError(
+            region.guest_phys_addr,
+            region.memory_size,
+            f"no region with user address {region.userspace_addr:#x} to remove",
+        )
+
+    def set_table(self, table: MemoryTable, fds: Sequence[int]) -> None:
+        """Replace every region (SET_MEM_TABLE), region i mapped from ``fds[i]``; every fd is closed. On
+        error the previous table stays as it was."""
+        new: list[_Mapping] = []
+        try:
+            if len(fds) != len(table.regions):
+                raise GuestMemoryError(0, 0, f"{len(fds)} fds for {len(table.regions)} regions")
+            for region, fd in zip(table.regions, fds, strict=True):
+                _check_region(region)
+                clash = _overlap(new, region)
+                if clash is not None:
+                    raise GuestMemoryError(
+                        region.guest_phys_addr,
+                        region.memory_size,
+                        f"overlaps the region at {clash.gpa:#x}+{clash.size:#x}",
+                    )
+                mapping = _map_region(region, fd)
+                new.insert(bisect.bisect_left([m.gpa for m in new], mapping.gpa), mapping)
+        except BaseException:
+            for m in new:
+                m.release()
+            raise
+        finally:
+            _close_fds(fds)
+        old, self._mappings = self._mappings, new
+        self._starts = [m.gpa for m in new]
+        self._rebuild_table()
+        for m in old:
+            m.release()
+
+    def _rebuild_table(self) -> None:
+        self.table = np.array([(m.gpa, m.size, m.uva, m.host) for m in self._mappings], dtype=REGION_DTYPE)
+
+    # --- translation: the security boundary -------------------------------------------------------------
+
+    def _locate_gpa(self, address: SupportsIndex, size: SupportsIndex) -> tuple[_Mapping, int]:
+        """The mapping holding all of guest-physical [gpa, gpa + length) and the offset of gpa in it."""
+        gpa, length = operator.index(address), operator.index(size)
+        if not 0 <= gpa < ADDRESS_LIMIT or length < 0 or gpa + length > ADDRESS_LIMIT:
+            raise GuestMemoryError(gpa, length, "range outside the 64-bit address space")
+        if not self._mappings:
+            raise GuestMemoryError(gpa, length, "no memory regions")
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or gpa - self._starts[i] >= self._mappings[i].size:
+            raise GuestMemoryError(gpa, length, "guest address in no region")
+        m = self._mappings[i]
+        offset = gpa - m.gpa
+        if offset + length > m.size:
+            raise GuestMemoryError(gpa, length, f"crosses the end of the region at {m.gpa:#x}+{m.size:#x}")
+        return m, offset
+
+    def _locate_uva(self, address: SupportsIndex, size: SupportsIndex) -> tuple[_Mapping, int]:
+        """The mapping holding all of front-end virtual [uva, uva + length) and the offset of uva in it.
+
+        User address ranges of regions may overlap (aliases of the same memory), so this looks at every
+        region; it only runs when ring addresses are set."""
+        uva, length = operator.index(address), operator.index(size)
+        if not 0 <= uva < ADDRESS_LIMIT or length < 0 or uva + length > ADDRESS_LIMIT:
+            raise GuestMemoryError(uva, length, "range outside the 64-bit address space")
+        if not self._mappings:
+            raise GuestMemoryError(uva, length, "no memory regions")
+        crossed: _Mapping | None = None
+        for m in self._mappings:
+            offset = uva - m.uva
+            if 0 <= offset < m.size:
+                if offset + length <= m.size:
+                    return m, offset
+                crossed = m
+        if crossed is not None:
+            raise GuestMemoryError(
+                uva,
+                length,
+                f"crosses the end of the region at user address {crossed.uva:#x}+{crossed.size:#x}",
+            )
+        raise GuestMemoryError(uva, length, "user address in no region")
+
+    def gpa_to_host(self, gpa: SupportsIndex, length: SupportsIndex) -> int:
+        """Host address of guest-physical ``gpa``, once [gpa, gpa + length) is known to lie in one region."""
+        m, offset = self._locate_gpa(gpa, length)
+        return m.host + offset
+
+    def uva_to_host(self, uva: SupportsIndex, length: SupportsIndex) -> int:
+        """Host address of front-end virtual ``uva``, once [uva, uva + length) is known to lie in one
+        region."""
+        m, offset = self._locate_uva(uva, length)
+        return m.host + offset
+
+    def view(self, gpa: SupportsIndex, length: SupportsIndex) -> memoryview:
+        """Writable view of guest-physical [gpa, gpa + length) (same checks as gpa_to_host)."""
+        m, offset = self._locate_gpa(gpa, length)
+        return m.buf[offset : offset + operator.index(length)]
+
+    def uva_view(self, uva: SupportsIndex, length: SupportsIndex) -> memoryview:
+        """Writable view of front-end virtual [uva, uva + length) (same checks as uva_to_host)."""
+        m, offset = self._locate_uva(uva, length)
+        return m.buf[offset : offset + operator.index(length)]
+
+    def read(self, gpa: SupportsIndex, n: SupportsIndex) -> bytes:
+        """A copy of ``n`` bytes of guest memory at ``gpa``."""
+        return bytes(self.view(gpa, n))
+
+    def write(self, gpa: SupportsIndex, data: bytes) -> None:
+        """Copy ``data`` into guest memory at ``gpa`` (not logged: call log_write when logging is on)."""
+        self.view(gpa, len(data))[:] = data
+
+    # --- dirty log --------------------------------------------------------------------------------------
+
+    @property
+    def logging(self) -> bool:
+        """Whether a dirty log is mapped (SET_LOG_BASE was received)."""
+        return self._log is not None
+
+    def set_log(self, fd: int, desc: LogDescriptor) -> None:
+        """Map the dirty bitmap (SET_LOG_BASE with LOG_SHMFD) from ``fd``, which is closed; replaces any
+        previous log."""
+        try:
+            if (
+                desc.mmap_size <= 0
+                or desc.mmap_offset < 0
+                or desc.mmap_offset + desc.mmap_size > ADDRESS_LIMIT
+            ):
+                raise GuestMemoryError(desc.mmap_offset, desc.mmap_size, "empty or wrapping dirty log")
+            mm, delta = _map_fd(fd, desc.mmap_offset, desc.mmap_size, "the dirty log")
+        finally:
+            os.close(fd)
+        anchor = ffi.from_buffer("uint8_t[]", mm, require_writable=True)
+        new = _Log(mm, anchor, anchor + delta, desc.mmap_size)
+        old, self._log = self._log, new
+        self._log_warned = False
+        if old is not None:
+            old.release()
+
+    def log_write(self, address: SupportsIndex, size: SupportsIndex) -> None:
+        """Mark the pages of guest-physical [gpa, gpa + length) dirty. Pages beyond the log are skipped, with
+        one warning per log; so is everything when no log is mapped."""
+        gpa, length = operator.index(address), operator.index(size)
+        if not (0 <= gpa < ADDRESS_LIMIT and 0 <= length < ADDRESS_LIMIT):
+            raise GuestMemoryError(gpa, length, "range outside the 64-bit address space")
+        current = self._log
+        if current is None:
+            missed = 1 if length else 0
+        else:
+            missed = lib.vm_log_dirty(current.ptr, current.size, gpa, length)
+        if missed and not self._log_warned:
+            self._log_warned = True
+            log.warning(
+                "dirty log: %d page(s) at gpa %#x+%#x beyond the %s; not logged (warned once)",
+                missed,
+                gpa,
+                length,
+                f"{current.size}-byte log" if current is not None else "log (no SET_LOG_BASE yet)",
+            )
+
+    # --- teardown ---------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap every region and the log."""
+        old, self._mappings, self._starts = self._mappings, [], []
+        self._rebuild_table()
+        for m in old:
+            m.release()
+        current, self._log = self._log, None
+        if current is not None:
+            current.release()
