@@ -3,21 +3,89 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from vhostmap import __version__
+from vhostmap.config import DEFAULT_CONTROL_SOCKET, ConfigError, build_config, load_toml
+from vhostmap.control import ControlError, call
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every ``vhostmap`` subcommand."""
     parser = argparse.ArgumentParser(
         prog="vhostmap",
-        description="netmap for virtual machines: a vhost-user virtio-net backend whose ports are netmap adapters",
+        description="netmap for virtual machines: a vhost-user virtio-net backend of netmap ports",
     )
     parser.add_argument("--version", action="version", version=f"vhostmap {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the backend daemon")
+    serve.add_argument("--config", metavar="FILE", help="TOML file with [ports.NAME] tables and [[links]]")
+    serve.add_argument(
+        "--port",
+        action="append",
+        default=[],
+        metavar="NAME=TYPE,key=value,...",
+        help="a port, e.g. vm0=vhost-user,path=/run/vhostmap/vm0.sock,mode=server,queues=4,mtu=9000",
+    )
+    serve.add_argument("--link", action="append", default=[], metavar="A,B", help="cross-connect two ports")
+    serve.add_argument("--control", metavar="SOCK", help=f"control socket (default {DEFAULT_CONTROL_SOCKET})")
+    serve.add_argument("-v", "--verbose", action="store_true", help="log connections and negotiation too")
+
+    stats = sub.add_parser("stats", help="per-port and per-queue counters of the running daemon")
+    stats.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    status = sub.add_parser("status", help="ports, sockets and connections of the running daemon")
+    status.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # The datapath imports numpy and the compiled kernels: only when serving.
+    from vhostmap.daemon import Daemon
+    from vhostmap.vhost_user.server import EndpointError
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = build_config(
+            load_toml(args.config) if args.config else None, args.port, args.link, args.control
+        )
+    except ConfigError as e:
+        print(f"vhostmap serve: {e}", file=sys.stderr)
+        return 2
+    if not config.ports:
+        print("vhostmap serve: no ports: give --port or --config", file=sys.stderr)
+        return 2
+    try:
+        daemon = Daemon(config)
+        asyncio.run(daemon.run())
+    except (EndpointError, ConfigError, OSError) as e:
+        print(f"vhostmap serve: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _format_stats(reply: dict[str, Any]) -> str:
+    lines = [
+        f"{'port':<12} {'queue':>5} {'rx pkts':>12} {'rx bytes':>14} {'tx pkts':>12} {'tx bytes':>14} "
+        f"{'drops':>10} {'errors':>8}"
+    ]
+    for name, port in reply["ports"].items():
+        for q in port["queues"]:
+            lines.append(
+                f"{name:<12} {q['queue']:>5} {q['rx_packets']:>12} {q['rx_bytes']:>14} {q['tx_packets']:>12} "
+                f"{q['tx_bytes']:>14} {q['rx_dropped'] + q['tx_dropped']:>10} {q['errors']:>8}"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +95,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        reply = call(args.control, args.command)
+    except ControlError as e:
+        print(f"vhostmap {args.command}: {e}", file=sys.stderr)
+        return 1
+    reply.pop("ok", None)
+    if args.command == "stats" and not args.json:
+        print(_format_stats(reply))
+    else:
+        print(json.dumps(reply, indent=2))
     return 0
 
 

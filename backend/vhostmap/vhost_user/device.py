@@ -1,0 +1,526 @@
+"""The vhost-user virtio-net device: the back-end's state machine (docs/interop/vhost-user.rst).
+
+Sans-IO: ``handle(message)`` applies one parsed front-end request to the device state and returns what to
+reply, or raises ``DeviceError`` for a request that cannot be honoured. The server owns the socket and the
+reply framing; the port owns the datapath and reacts to ``DeviceListener`` callbacks. The device never parses
+bytes and never touches packets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from vhostmap.vhost_user.errors import GuestMemoryError
+from vhostmap.vhost_user.memory import MAX_MEM_SLOTS, GuestMemory
+from vhostmap.vhost_user.messages import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    DeviceConfig,
+    LogDescriptor,
+    MemoryTable,
+    ProtocolFeature,
+    Request,
+    SingleMemoryRegion,
+    VringAddr,
+    VringFile,
+    VringState,
+)
+from vhostmap.vhost_user.protocol import Message, Payload
+from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError, VringAddresses
+from vhostmap.virtio.spec import (
+    VHOST_F_LOG_ALL,
+    VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_CONFIG,
+    VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    bit,
+    virtio_net_hdr_size,
+)
+
+log = logging.getLogger(__name__)
+
+# What vhostmap offers. No checksum or GSO offloads: nothing on the far side of a port (switch, TAP,
+# another guest) would carry them end to end yet, and advertising an offload that is then dropped corrupts
+# traffic silently.
+OFFERED_FEATURES = (
+    bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_F_ANY_LAYOUT)
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_NET_F_MQ)
+    | bit(VIRTIO_NET_F_MTU)
+    | bit(VIRTIO_NET_F_STATUS)
+    | bit(VIRTIO_NET_F_MAC)
+    | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
+    | bit(VHOST_F_LOG_ALL)
+    | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+)
+
+OFFERED_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.RARP)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.NET_MTU)
+    | bit(ProtocolFeature.BACKEND_REQ)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.STATUS)
+)
+
+_EVENTFD_VALUE = struct.Struct("=Q")
+
+
+class DeviceError(Exception):
+    """A front-end request the device refuses; the connection goes on (a failure ack under REPLY_ACK)."""
+
+    def __init__(self, request: Request, reason: str) -> None:
+        super().__init__(f"{request.name}: {reason}")
+        self.request = request
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Static configuration of one virtio-net device."""
+
+    mac: bytes = b"\x52\x54\x00\x00\x00\x01"
+    mtu: int = 1500
+    queue_pairs: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.mac) != 6:
+            raise ValueError("mac must be 6 bytes")
+        if not 68 <= self.mtu <= 65521:
+            raise ValueError(f"mtu {self.mtu} outside 68..65521")
+        if not 1 <= self.queue_pairs <= 256:
+            raise ValueError(f"queue_pairs {self.queue_pairs} outside 1..256")
+
+
+class DeviceListener(Protocol):
+    """What the port learns from the device state machine."""
+
+    def queues_changed(self) -> None:
+        """A queue was started, stopped, enabled, disabled or remapped: re-evaluate which queues run."""
+
+    def announce(self, mac: bytes) -> None:
+        """SEND_RARP: the guest moved here; announce ``mac`` to the network on its behalf."""
+
+
+class VhostUserNetDevice:
+    """State of one virtio-net device behind one vhost-user connection."""
+
+    def __init__(self, name: str, config: NetConfig, listener: DeviceListener) -> None:
+        self.name = name
+        self.config = config
+        self.listener = listener
+        self.mac = config.mac
+        self.mtu = config.mtu
+        self.features = 0
+        self.protocol_features = 0
+        self.status = 0
+        self.owner = False
+        self.memory = GuestMemory()
+        self.vqs = [SplitVirtqueue(i) for i in range(2 * config.queue_pairs)]
+        self.backend_req_fd: int | None = None
+        self.broken: str | None = None
+        self.link_up = True
+
+    # --- derived state --------------------------------------------------------------------------------
+    def has_feature(self, n: int) -> bool:
+        """Whether virtio feature bit ``n`` was negotiated."""
+        return bool(self.features & bit(n))
+
+    def has_protocol_feature(self, f: ProtocolFeature) -> bool:
+        """Whether vhost-user protocol feature ``f`` was negotiated."""
+        return bool(self.protocol_features & bit(f))
+
+    @property
+    def vnet_hdr_size(self) -> int:
+        """Size of the virtio-net header on every buffer under the negotiated features."""
+        return virtio_net_hdr_size(self.features)
+
+    @property
+    def mergeable_rx(self) -> bool:
+        """Whether a received frame may span several receive chains (num_buffers in the header)."""
+        return self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+
+    def config_space(self) -> bytes:
+        """virtio_net_config as the driver reads it."""
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        return VIRTIO_NET_CONFIG.pack(self.mac, status, self.config.queue_pairs, self.mtu)
+
+    # --- faults ---------------------------------------------------------------------------------------
+    def mark_broken(self, reason: str, queue: int | None = None) -> None:
+        """The driver violated the spec: stop the datapath of this device until it is reset."""
+        if self.broken is None:
+            log.error("port %s: device broken: %s", self.name, reason)
+        self.broken = reason
+        err_fd = self.vqs[queue].err_fd if queue is not None and 0 <= queue < len(self.vqs) else None
+        if err_fd is not None:
+            # QEMU reports a write to the error eventfd as "vhost vring error in virtqueue N".
+            os.write(err_fd, _EVENTFD_VALUE.pack(1))
+        self.listener.queues_changed()
+
+    def reset(self) -> None:
+        """Back to the state of a fresh connection (RESET_OWNER, RESET_DEVICE, disconnect)."""
+        for vq in self.vqs:
+            _close_vq_fds(vq)
+        self.vqs = [SplitVirtqueue(i) for i in range(2 * self.config.queue_pairs)]
+        self.memory.close()
+        self.memory = GuestMemory()
+        if self.backend_req_fd is not None:
+            os.close(self.backend_req_fd)
+            self.backend_req_fd = None
+        self.features = 0
+        self.status = 0
+        self.broken = None
+        self.mtu = self.config.mtu
+        self.listener.queues_changed()
+
+    def close(self) -> None:
+        """Release every fd and mapping (the connection is gone)."""
+        self.reset()
+        self.protocol_features = 0
+        self.owner = False
+
+    # --- requests -------------------------------------------------------------------------------------
+    def handle(self, msg: Message) -> Payload | None:
+        """Apply one request; returns the reply payload for requests that have one, else None."""
+        handler = _HANDLERS.get(msg.request)
+        if handler is None:
+            _close_all(msg.fds)
+            raise DeviceError(msg.request, "not supported by this device")
+        return handler(self, msg)
+
+    def _vq(self, request: Request, index: int) -> SplitVirtqueue:
+        if not 0 <= index < len(self.vqs):
+            raise DeviceError(request, f"queue {index} does not exist (device has {len(self.vqs)})")
+        return self.vqs[index]
+
+    def _get_features(self, msg: Message) -> Payload:
+        return U64(OFFERED_FEATURES)
+
+    def _set_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        features = msg.payload.value
+        if features & ~OFFERED_FEATURES:
+            raise DeviceError(msg.request, f"features {features & ~OFFERED_FEATURES:#x} were never offered")
+        self.features = features
+        for vq in self.vqs:
+            vq.event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX)
+            vq.indirect = self.has_feature(VIRTIO_RING_F_INDIRECT_DESC)
+            vq.log_dirty = self.has_feature(VHOST_F_LOG_ALL)
+        if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            # Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
+            for vq in self.vqs:
+                vq.enabled = vq.enabled or vq.started
+        self.listener.queues_changed()
+        return None
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+        return None
+
+    def _reset_owner(self, msg: Message) -> None:
+        self.reset()
+        return None
+
+    def _get_protocol_features(self, msg: Message) -> Payload:
+        return U64(OFFERED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        value = msg.payload.value
+        if value & ~OFFERED_PROTOCOL_FEATURES:
+            raise DeviceError(
+                msg.request, f"protocol features {value & ~OFFERED_PROTOCOL_FEATURES:#x} never offered"
+            )
+        self.protocol_features = value
+        return None
+
+    def _get_queue_num(self, msg: Message) -> Payload:
+        return U64(self.config.queue_pairs)
+
+    def _get_max_mem_slots(self, msg: Message) -> Payload:
+        return U64(MAX_MEM_SLOTS)
+
+    def _set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemoryTable)
+        try:
+            self.memory.set_table(msg.payload, msg.fds)
+        except GuestMemoryError as e:
+            raise DeviceError(msg.request, str(e)) from e
+        self._remap_queues()
+        return None
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleMemoryRegion)
+        try:
+            self.memory.add_region(msg.payload.region, msg.fds[0])
+        except GuestMemoryError as e:
+            raise DeviceError(msg.request, str(e)) from e
+        self._remap_queues()
+        return None
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleMemoryRegion)
+        _close_all(msg.fds)
+        try:
+            self.memory.remove_region(msg.payload.region)
+        except GuestMemoryError as e:
+            raise DeviceError(msg.request, str(e)) from e
+        self._remap_queues()
+        return None
+
+    def _remap_queues(self) -> None:
+        for vq in self.vqs:
+            if vq.addresses is None:
+                continue
+            try:
+                vq.map(self.memory)
+            except VirtqueueError:
+                # The ring may be in a region that has not arrived yet (ADD_MEM_REG one at a time).
+                vq.unmap()
+        self.listener.queues_changed()
+
+    def _set_vring_num(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vq = self._vq(msg.request, msg.payload.index)
+        try:
+            vq.set_num(msg.payload.num)
+        except VirtqueueError as e:
+            raise DeviceError(msg.request, e.reason) from e
+        return None
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringAddr)
+        p = msg.payload
+        vq = self._vq(msg.request, p.index)
+        vq.addresses = VringAddresses(
+            p.desc_user_addr, p.avail_user_addr, p.used_user_addr, p.log_guest_addr, p.log_used
+        )
+        try:
+            vq.map(self.memory)
+        except VirtqueueError as e:
+            raise DeviceError(msg.request, e.reason) from e
+        vq.used_idx = vq.signalled_used = vq.read_used_idx()
+        if vq.used_idx != vq.last_avail_idx:
+            # The front-end lost track (the back-end died without GET_VRING_BASE): resume from what the
+            # guest already got back, as every completed descriptor was returned synchronously.
+            log.warning(
+                "port %s: queue %d: last_avail_idx %d != used idx %d, resuming at %d",
+                self.name,
+                vq.index,
+                vq.last_avail_idx,
+                vq.used_idx,
+                vq.used_idx,
+            )
+            vq.last_avail_idx = vq.used_idx
+        self.listener.queues_changed()
+        return None
+
+    def _set_vring_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vq = self._vq(msg.request, msg.payload.index)
+        if msg.payload.num > 0xFFFF:
+            raise DeviceError(msg.request, f"base {msg.payload.num} does not fit a split ring index")
+        vq.last_avail_idx = vq.used_idx = vq.signalled_used = msg.payload.num
+        return None
+
+    def _get_vring_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, VringState)
+        vq = self._vq(msg.request, msg.payload.index)
+        vq.flush_used()
+        vq.started = False
+        vq.enabled = False
+        if vq.kick_fd is not None:
+            os.close(vq.kick_fd)
+            vq.kick_fd = None
+        vq.unmap()
+        self.listener.queues_changed()
+        return VringState(vq.index, vq.last_avail_idx)
+
+    def _vring_fd(self, msg: Message) -> tuple[SplitVirtqueue, int | None]:
+        assert isinstance(msg.payload, VringFile)
+        vq = self._vq(msg.request, msg.payload.index)
+        fd = None if msg.payload.nofd else msg.fds[0]
+        return vq, fd
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        try:
+            vq, fd = self._vring_fd(msg)
+        except DeviceError:
+            _close_all(msg.fds)
+            raise
+        if fd is None:
+            raise DeviceError(msg.request, "polling a ring without a kick fd is not supported")
+        if vq.kick_fd is not None:
+            os.close(vq.kick_fd)
+        vq.kick_fd = fd
+        vq.started = True
+        if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            vq.enabled = True
+        if vq.addresses is not None and not vq.ready:
+            try:
+                vq.map(self.memory)
+            except VirtqueueError as e:
+                raise DeviceError(msg.request, e.reason) from e
+        self.listener.queues_changed()
+        return None
+
+    def _set_vring_call(self, msg: Message) -> None:
+        try:
+            vq, fd = self._vring_fd(msg)
+        except DeviceError:
+            _close_all(msg.fds)
+            raise
+        if vq.call_fd is not None:
+            os.close(vq.call_fd)
+        vq.call_fd = fd
+        return None
+
+    def _set_vring_err(self, msg: Message) -> None:
+        try:
+            vq, fd = self._vring_fd(msg)
+        except DeviceError:
+            _close_all(msg.fds)
+            raise
+        if vq.err_fd is not None:
+            os.close(vq.err_fd)
+        vq.err_fd = fd
+        return None
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vq = self._vq(msg.request, msg.payload.index)
+        vq.enabled = bool(msg.payload.num)
+        self.listener.queues_changed()
+        return None
+
+    def _get_config(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, DeviceConfig)
+        p = msg.payload
+        space = self.config_space()
+        if p.offset + p.size > len(space):
+            raise DeviceError(msg.request, f"config range {p.offset}+{p.size} beyond {len(space)} bytes")
+        return DeviceConfig(p.offset, p.size, p.flags, space[p.offset : p.offset + p.size])
+
+    def _set_config(self, msg: Message) -> None:
+        assert isinstance(msg.payload, DeviceConfig)
+        p = msg.payload
+        if p.offset + p.size > 6:
+            raise DeviceError(msg.request, "only the MAC address is writable")
+        mac = bytearray(self.mac)
+        mac[p.offset : p.offset + p.size] = p.data[: p.size]
+        self.mac = bytes(mac)
+        return None
+
+    def _set_status(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        status = msg.payload.value & 0xFF
+        if status & VIRTIO_CONFIG_S_FAILED:
+            log.warning("port %s: driver reports FAILED status", self.name)
+        if status == 0:
+            self.broken = None
+        self.status = status
+        return None
+
+    def _get_status(self, msg: Message) -> Payload:
+        return U64(self.status | (VIRTIO_CONFIG_S_NEEDS_RESET if self.broken else 0))
+
+    def _set_log_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, LogDescriptor)
+        try:
+            self.memory.set_log(msg.fds[0], msg.payload)
+        except GuestMemoryError as e:
+            raise DeviceError(msg.request, str(e)) from e
+        return U64(0)
+
+    def _close_fds(self, msg: Message) -> None:
+        # SET_LOG_FD: the fd is for a log we never read; the spec only asks us to accept it.
+        _close_all(msg.fds)
+        return None
+
+    def _send_rarp(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        self.listener.announce(msg.payload.value.to_bytes(8, "little")[:6])
+        return None
+
+    def _net_set_mtu(self, msg: Message) -> None:
+        assert isinstance(msg.payload, U64)
+        if not 68 <= msg.payload.value <= 65521:
+            raise DeviceError(msg.request, f"mtu {msg.payload.value} outside 68..65521")
+        self.mtu = msg.payload.value
+        return None
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if self.backend_req_fd is not None:
+            os.close(self.backend_req_fd)
+        self.backend_req_fd = msg.fds[0]
+        return None
+
+    def _reset_device(self, msg: Message) -> None:
+        self.reset()
+        return None
+
+
+def _close_vq_fds(vq: SplitVirtqueue) -> None:
+    for fd in (vq.kick_fd, vq.call_fd, vq.err_fd):
+        if fd is not None:
+            os.close(fd)
+    vq.kick_fd = vq.call_fd = vq.err_fd = None
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+_D = VhostUserNetDevice
+_HANDLERS = {
+    Request.GET_FEATURES: _D._get_features,
+    Request.SET_FEATURES: _D._set_features,
+    Request.SET_OWNER: _D._set_owner,
+    Request.RESET_OWNER: _D._reset_owner,
+    Request.GET_PROTOCOL_FEATURES: _D._get_protocol_features,
+    Request.SET_PROTOCOL_FEATURES: _D._set_protocol_features,
+    Request.GET_QUEUE_NUM: _D._get_queue_num,
+    Request.GET_MAX_MEM_SLOTS: _D._get_max_mem_slots,
+    Request.SET_MEM_TABLE: _D._set_mem_table,
+    Request.ADD_MEM_REG: _D._add_mem_reg,
+    Request.REM_MEM_REG: _D._rem_mem_reg,
+    Request.SET_VRING_NUM: _D._set_vring_num,
+    Request.SET_VRING_ADDR: _D._set_vring_addr,
+    Request.SET_VRING_BASE: _D._set_vring_base,
+    Request.GET_VRING_BASE: _D._get_vring_base,
+    Request.SET_VRING_KICK: _D._set_vring_kick,
+    Request.SET_VRING_CALL: _D._set_vring_call,
+    Request.SET_VRING_ERR: _D._set_vring_err,
+    Request.SET_VRING_ENABLE: _D._set_vring_enable,
+    Request.GET_CONFIG: _D._get_config,
+    Request.SET_CONFIG: _D._set_config,
+    Request.SET_STATUS: _D._set_status,
+    Request.GET_STATUS: _D._get_status,
+    Request.SET_LOG_BASE: _D._set_log_base,
+    Request.SET_LOG_FD: _D._close_fds,
+    Request.SEND_RARP: _D._send_rarp,
+    Request.NET_SET_MTU: _D._net_set_mtu,
+    Request.SET_BACKEND_REQ_FD: _D._set_backend_req_fd,
+    Request.RESET_DEVICE: _D._reset_device,
+}

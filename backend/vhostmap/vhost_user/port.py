@@ -1,0 +1,203 @@
+"""A vhost-user connection seen as a netmap adapter (ARCHITECTURE.md, "Mapping virtio onto it").
+
+What the guest transmits lands in the port's RX krings (as a NIC receives from the wire); what the port's TX
+krings send is delivered into the guest's receive queue. Queue pair ``i`` (virtqueues ``2i`` receive and
+``2i+1`` transmit) maps to kring pair ``i``. The device state machine decides which queues run; this module
+only syncs krings with virtqueues, counts, and turns driver faults into "device broken".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vhostmap.config import PortConfig
+from vhostmap.netmap.adapter import NetmapAdapter
+from vhostmap.netmap.allocator import NetmapMemory
+from vhostmap.netmap.kring import Kring
+from vhostmap.vhost_user.device import NetConfig, VhostUserNetDevice
+from vhostmap.vhost_user.messages import ProtocolFeature
+from vhostmap.vhost_user.protocol import Message, Payload
+from vhostmap.vhost_user.rxtx import Buffers, dequeue, enqueue
+from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError
+
+log = logging.getLogger(__name__)
+
+# netmap ring size of every kring of a vhost-user port (virtqueues are 256 by default, up to 1024 in QEMU).
+PORT_RING_SLOTS = 1024
+
+
+@dataclass
+class QueueStats:
+    """Counters of one queue pair. rx: from the guest (its transmissions); tx: to the guest."""
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_dropped: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_dropped: int = 0
+    errors: int = 0
+
+
+class VhostUserPort(NetmapAdapter):
+    """One vhost-user virtio-net device as a netmap adapter with ``queues`` kring pairs."""
+
+    def __init__(
+        self,
+        config: PortConfig,
+        memory: NetmapMemory,
+        lock: threading.RLock,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(
+            config.name,
+            memory,
+            num_tx_rings=config.queues,
+            num_rx_rings=config.queues,
+            num_tx_desc=PORT_RING_SLOTS,
+            num_rx_desc=PORT_RING_SLOTS,
+        )
+        self.config = config
+        self.lock = lock
+        self._on_change = on_change
+        self.device = VhostUserNetDevice(config.name, NetConfig(config.mac, config.mtu, config.queues), self)
+        self.queue_stats = [QueueStats() for _ in range(config.queues)]
+        self._bufs = Buffers(memory.array, memory.buffers_offset, memory.buf_size)
+
+    # --- DeviceListener -----------------------------------------------------------------------------------
+    def queues_changed(self) -> None:
+        """The device started, stopped or remapped queues: the worker re-reads our kick fds."""
+        self._on_change()
+
+    def announce(self, mac: bytes) -> None:
+        """SEND_RARP (after a migration): not forwarded yet, only logged."""
+        log.info("port %s: front-end asks to announce %s", self.name, mac.hex(":"))
+
+    # --- MessageHandler (server.py) ----------------------------------------------------------------------
+    def handle_message(self, msg: Message) -> Payload | None:
+        """Run one request against the device, never while a datapath batch runs."""
+        with self.lock:
+            return self.device.handle(msg)
+
+    def reply_ack_negotiated(self) -> bool:
+        """Whether the front-end asked for REPLY_ACK."""
+        return self.device.has_protocol_feature(ProtocolFeature.REPLY_ACK)
+
+    def connected(self) -> None:
+        """A new front-end: start from a clean device."""
+        with self.lock:
+            self.device.close()
+
+    def disconnected(self) -> None:
+        """The front-end left: unmap its memory and close its fds."""
+        with self.lock:
+            self.device.close()
+
+    def close(self) -> None:
+        """The daemon stops: release the front-end's resources, then our rings and buffers."""
+        with self.lock:
+            self.device.close()
+            super().close()
+
+    # --- the datapath -------------------------------------------------------------------------------------
+    def wake_fds(self) -> list[int]:
+        """Kick eventfds of the queues that run now."""
+        if self.device.broken:
+            return []
+        return [vq.kick_fd for vq in self.device.vqs if vq.ready and vq.kick_fd is not None]
+
+    def _queue(self, index: int) -> SplitVirtqueue | None:
+        """The virtqueue with ``index`` if it may be processed now."""
+        if self.device.broken or index >= len(self.device.vqs):
+            return None
+        vq = self.device.vqs[index]
+        return vq if vq.ready else None
+
+    def _fault(self, kring: Kring, e: VirtqueueError) -> None:
+        self.queue_stats[kring.ring_id].errors += 1
+        self.device.mark_broken(str(e), queue=e.queue)
+
+    def nm_rxsync(self, kring: Kring, flags: int = 0) -> None:
+        """Release what the user returned, then import what the guest transmitted on queue pair i."""
+        n = kring.nkr_num_slots
+        kring.nr_hwcur = kring.rhead
+        vq = self._queue(2 * kring.ring_id + 1)
+        if vq is None:
+            return
+        space = (kring.nr_hwcur - kring.nr_hwtail - 1) % n
+        try:
+            res = dequeue(
+                vq,
+                self.device.memory,
+                self.device.vnet_hdr_size,
+                kring.ring.slots,
+                kring.nr_hwtail,
+                space,
+                self._bufs,
+            )
+            vq.flush_used()
+            vq.call()
+            vq.enable_kicks()
+        except VirtqueueError as e:
+            self._fault(kring, e)
+            return
+        kring.nr_hwtail = (kring.nr_hwtail + res.slots) % n
+        st = self.queue_stats[kring.ring_id]
+        st.rx_packets += res.packets
+        st.rx_bytes += res.bytes
+        st.rx_dropped += res.dropped
+
+    def nm_txsync(self, kring: Kring, flags: int = 0) -> None:
+        """Deliver slots [hwcur, head) into the guest's receive queue of pair i, as far as it has room."""
+        n = kring.nkr_num_slots
+        count = (kring.rhead - kring.nr_hwcur) % n
+        if count == 0:
+            return
+        st = self.queue_stats[kring.ring_id]
+        vq = self._queue(2 * kring.ring_id)
+        if vq is None:
+            # No guest to deliver to (link down): drop like a NIC without carrier, and count.
+            st.tx_dropped += count
+            consumed = count
+        else:
+            try:
+                res = enqueue(
+                    vq,
+                    self.device.memory,
+                    self.device.vnet_hdr_size,
+                    self.device.mergeable_rx,
+                    kring.ring.slots,
+                    kring.nr_hwcur,
+                    count,
+                    self._bufs,
+                )
+                vq.flush_used()
+                vq.call()
+                vq.enable_kicks()
+            except VirtqueueError as e:
+                self._fault(kring, e)
+                return
+            consumed = res.slots
+            st.tx_packets += res.packets
+            st.tx_bytes += res.bytes
+            st.tx_dropped += res.dropped
+        kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
+        # Delivered slots were copied out: they are free again at once.
+        kring.nr_hwtail = (kring.nr_hwcur - 1) % n
+
+    def count_dropped(self, ring: int, frames: int) -> None:
+        """A consumer discarded ``frames`` received on RX ring ``ring`` (no one to deliver them to)."""
+        self.queue_stats[ring].rx_dropped += frames
+
+    def stats_dict(self) -> dict[str, Any]:
+        """Counters for ``vhostmap stats``."""
+        queues = [
+            {"queue": i, **{f.name: getattr(q, f.name) for f in fields(q)}}
+            for i, q in enumerate(self.queue_stats)
+        ]
+        totals = {f.name: sum(q[f.name] for q in queues) for f in fields(QueueStats)}
+        return {"queues": queues, "totals": totals, "broken": self.device.broken}

@@ -1,0 +1,246 @@
+"""Moving frames between a virtio-net device's virtqueues and netmap slots: the reference kernels.
+
+``dequeue`` takes what the guest transmitted (its transmit queue) into free slots of a netmap ring;
+``enqueue`` delivers the frames of netmap slots into the guest's receive queue. Both process a whole batch
+per call; this pure-Python version is the reference the compiled kernels are tested against, byte for byte.
+
+Frames larger than one netmap buffer span several slots, all but the last flagged NS_MOREFRAG (netmap's
+convention). On the virtio side every buffer starts with the virtio-net header (spec 5.1.6); with
+VIRTIO_NET_F_MRG_RXBUF a received frame may fill several receive chains, counted in ``num_buffers``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostmap.netmap.abi import NS_MOREFRAG
+from vhostmap.vhost_user.memory import GuestMemory
+from vhostmap.vhost_user.virtqueue import Chain, SplitVirtqueue, VirtqueueError
+from vhostmap.virtio.spec import VIRTIO_NET_HDR
+
+# The largest frame a guest may hand us (64 KiB GSO frames are not negotiated; jumbo frames are 9 KiB).
+MAX_FRAME = 65535
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """Where netmap buffers live: buffer ``i`` is ``region[base + i * size : base + (i + 1) * size]``."""
+
+    region: npt.NDArray[np.uint8]
+    base: int
+    size: int
+
+    def view(self, idx: int, length: int) -> npt.NDArray[np.uint8]:
+        """The first ``length`` bytes of buffer ``idx`` (the caller validated ``idx``)."""
+        start = self.base + idx * self.size
+        return self.region[start : start + length]
+
+
+@dataclass
+class BatchResult:
+    """What one kernel call did. ``slots`` is how far the ring position moved."""
+
+    slots: int = 0
+    packets: int = 0
+    bytes: int = 0
+    dropped: int = 0
+
+
+def dequeue(
+    vq: SplitVirtqueue,
+    mem: GuestMemory,
+    hdr_len: int,
+    slots: npt.NDArray[np.void],
+    first: int,
+    space: int,
+    bufs: Buffers,
+) -> BatchResult:
+    """Copy chains of the guest's transmit queue into up to ``space`` slots starting at ``first``.
+
+    Each chain becomes one frame (its virtio-net header stripped) in one or more slots. A chain that does
+    not fit in the space left stays in the queue for the next call. Raises VirtqueueError on a driver fault.
+    """
+    num_slots = len(slots)
+    res = BatchResult()
+    pending = vq.pending()
+    pos = first
+    while pending and space:
+        chain = vq.pop(writable=False)
+        pending -= 1
+        length = chain.length - hdr_len
+        if length <= 0 or length > MAX_FRAME:
+            if length < 0:
+                raise VirtqueueError(
+                    vq.index, f"chain {chain.head} of {chain.length} bytes is shorter than its header"
+                )
+            # An empty or oversized frame is the guest's business: complete it and count the drop.
+            vq.push_used(chain.head, 0)
+            res.dropped += 1
+            continue
+        need = -(-length // bufs.size)
+        if need > space:
+            vq.unpop()
+            break
+        _gather(mem, chain, hdr_len, slots, pos, need, bufs, length)
+        vq.push_used(chain.head, 0)
+        pos = (pos + need) % num_slots
+        space -= need
+        res.slots += need
+        res.packets += 1
+        res.bytes += length
+    return res
+
+
+def _gather(
+    mem: GuestMemory,
+    chain: Chain,
+    skip: int,
+    slots: npt.NDArray[np.void],
+    pos: int,
+    nslots: int,
+    bufs: Buffers,
+    length: int,
+) -> None:
+    """Copy ``chain`` minus its first ``skip`` bytes into ``nslots`` consecutive slots from ``pos``."""
+    num_slots = len(slots)
+    slot = pos
+    filled = 0  # bytes in the current slot's buffer
+    left = length
+    dst = bufs.view(int(slots[slot]["buf_idx"]), bufs.size)
+    for gpa, seg_len in chain.segments:
+        if skip >= seg_len:
+            skip -= seg_len
+            continue
+        src = np.frombuffer(mem.view(gpa + skip, seg_len - skip), dtype=np.uint8)
+        skip = 0
+        off = 0
+        while off < len(src):
+            if filled == bufs.size:
+                _close_slot(slots, slot, filled, more=True)
+                slot = (slot + 1) % num_slots
+                dst = bufs.view(int(slots[slot]["buf_idx"]), bufs.size)
+                filled = 0
+            n = min(len(src) - off, bufs.size - filled)
+            dst[filled : filled + n] = src[off : off + n]
+            filled += n
+            off += n
+            left -= n
+    _close_slot(slots, slot, filled, more=False)
+    assert left == 0 and (slot - pos) % num_slots == nslots - 1
+
+
+def _close_slot(slots: npt.NDArray[np.void], slot: int, length: int, more: bool) -> None:
+    slots[slot]["len"] = length
+    slots[slot]["flags"] = NS_MOREFRAG if more else 0
+
+
+def enqueue(
+    vq: SplitVirtqueue,
+    mem: GuestMemory,
+    hdr_len: int,
+    mergeable: bool,
+    slots: npt.NDArray[np.void],
+    first: int,
+    count: int,
+    bufs: Buffers,
+) -> BatchResult:
+    """Deliver the frames in ``count`` slots from ``first`` into the guest's receive queue.
+
+    Stops early, leaving the rest for later, when the guest has no receive buffers left (backpressure) or
+    the last frame's final slot is not among the ``count`` yet. A frame that cannot fit the guest's buffers
+    (without mergeable buffers, a chain too small) is dropped and counted. ``slots`` of the result is how
+    many slots were consumed.
+    """
+    num_slots = len(slots)
+    res = BatchResult()
+    done = 0
+    while done < count:
+        frame = _frame_at(slots, (first + done) % num_slots, count - done)
+        if frame is None:
+            break  # its last fragment has not been published yet
+        nfrag, length = frame
+        chains = _reserve(vq, hdr_len + length, mergeable)
+        if chains is None:
+            break  # the guest has no room now; its next kick brings us back
+        if sum(c.length for c in chains) < hdr_len + length:
+            for c in chains:
+                vq.push_used(c.head, 0)
+            res.dropped += 1
+        else:
+            _scatter(vq, mem, chains, hdr_len, slots, (first + done) % num_slots, nfrag, length, bufs)
+            res.packets += 1
+            res.bytes += length
+        done += nfrag
+    res.slots = done
+    return res
+
+
+def _frame_at(slots: npt.NDArray[np.void], pos: int, available: int) -> tuple[int, int] | None:
+    """(fragments, bytes) of the frame starting at ``pos``, or None when it is not complete yet."""
+    num_slots = len(slots)
+    length = 0
+    for i in range(available):
+        s = slots[(pos + i) % num_slots]
+        length += int(s["len"])
+        if not int(s["flags"]) & NS_MOREFRAG:
+            return i + 1, length
+    return None
+
+
+def _reserve(vq: SplitVirtqueue, need: int, mergeable: bool) -> list[Chain] | None:
+    """Receive chains holding ``need`` bytes (one chain without mergeable buffers), or None if too few."""
+    chains: list[Chain] = []
+    got = 0
+    pending = vq.pending()
+    while got < need:
+        if not pending:
+            for _ in chains:
+                vq.unpop()
+            return None
+        chain = vq.pop(writable=True)
+        pending -= 1
+        chains.append(chain)
+        got += chain.length
+        if not mergeable:
+            break
+    return chains
+
+
+def _scatter(
+    vq: SplitVirtqueue,
+    mem: GuestMemory,
+    chains: list[Chain],
+    hdr_len: int,
+    slots: npt.NDArray[np.void],
+    pos: int,
+    nfrag: int,
+    length: int,
+    bufs: Buffers,
+) -> None:
+    """Write the virtio-net header and the frame of ``nfrag`` slots across ``chains``."""
+    num_slots = len(slots)
+    header = VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, len(chains))[:hdr_len]
+    frame = np.concatenate(
+        [
+            bufs.view(int(slots[(pos + k) % num_slots]["buf_idx"]), int(slots[(pos + k) % num_slots]["len"]))
+            for k in range(nfrag)
+        ]
+    )
+    data = np.concatenate([np.frombuffer(header, dtype=np.uint8), frame]) if hdr_len else frame
+    off = 0
+    for chain in chains:
+        written = 0
+        for gpa, seg_len in chain.segments:
+            if off == len(data):
+                break
+            n = min(seg_len, len(data) - off)
+            mem.view(gpa, n)[:] = data[off : off + n].tobytes()
+            if vq.log_dirty:
+                mem.log_write(gpa, n)
+            off += n
+            written += n
+        vq.push_used(chain.head, written)
+    assert off == len(data)

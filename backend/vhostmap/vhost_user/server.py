@@ -1,0 +1,283 @@
+"""The only vhost-user module that touches sockets: listening or connecting, reading messages with their
+file descriptors, writing replies, reconnecting.
+
+Each ``Endpoint`` serves one port on one UNIX socket, in server mode (vhostmap listens, QEMU's
+``-chardev socket,path=``) or client mode (vhostmap connects to QEMU's ``server=on`` socket and reconnects
+whenever either side restarts). Messages are read header first, so the descriptors that arrive with a
+message's first byte are exactly that message's (a front-end sends one message per sendmsg).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from enum import Enum
+from typing import Protocol
+
+from vhostmap.vhost_user.device import DeviceError
+from vhostmap.vhost_user.errors import ProtocolError
+from vhostmap.vhost_user.messages import HEADER, MAX_FDS, VHOST_USER_MAX_PAYLOAD_SIZE, Request, always_replies
+from vhostmap.vhost_user.protocol import BackendConnection, Message, NeedData, Payload
+
+log = logging.getLogger(__name__)
+
+RECONNECT_INTERVAL = 0.5  # seconds between connection attempts in client mode
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+class SocketMode(Enum):
+    """Which side of the UNIX socket vhostmap is."""
+
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class MessageHandler(Protocol):
+    """What the endpoint drives: the port, which runs requests against its device under the datapath lock."""
+
+    name: str
+
+    def handle_message(self, msg: Message) -> Payload | None:
+        """Apply a request; returns the reply payload or None; raises DeviceError on refusal."""
+
+    def reply_ack_negotiated(self) -> bool:
+        """Whether REPLY_ACK was negotiated (then NEED_REPLY requests get an ack)."""
+
+    def connected(self) -> None:
+        """A front-end connected."""
+
+    def disconnected(self) -> None:
+        """The front-end went away: release everything it gave us."""
+
+
+class EndpointError(Exception):
+    """A socket that cannot be served: path in use, missing permissions, bad directory."""
+
+
+class Endpoint:
+    """One port's vhost-user socket and its (at most one) front-end connection."""
+
+    def __init__(self, handler: MessageHandler, path: str, mode: SocketMode) -> None:
+        self.handler = handler
+        self.path = path
+        self.mode = mode
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._lost: asyncio.Event | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin serving (call from the event loop). Server mode binds now, so errors surface at once."""
+        if self.mode is SocketMode.SERVER:
+            self._listener = bind_listener(self.path)
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._connect_forever())
+
+    def close(self) -> None:
+        """Stop serving; drop the connection and remove a socket we created."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        self._drop("shutting down")
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether a front-end is connected now."""
+        return self._conn is not None
+
+    # --- server mode --------------------------------------------------------------------------------------
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        if self._conn is not None:
+            log.warning("port %s: refusing a second front-end on %s", self.handler.name, self.path)
+            sock.close()
+            return
+        self._attach(sock)
+
+    # --- client mode --------------------------------------------------------------------------------------
+    async def _connect_forever(self) -> None:
+        waiting_logged = False
+        while not self._closed:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.path)
+            except OSError as e:
+                sock.close()
+                if not waiting_logged:
+                    log.info("port %s: waiting for %s (%s)", self.handler.name, self.path, e.strerror)
+                    waiting_logged = True
+                await asyncio.sleep(RECONNECT_INTERVAL)
+                continue
+            waiting_logged = False
+            self._lost = asyncio.Event()
+            self._attach(sock)
+            await self._lost.wait()
+            await asyncio.sleep(RECONNECT_INTERVAL)
+
+    # --- one connection -----------------------------------------------------------------------------------
+    def _attach(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._conn = sock
+        self._parser = BackendConnection()
+        self._partial = b""
+        self._fds: list[int] = []
+        log.info("port %s: front-end connected on %s", self.handler.name, self.path)
+        self.handler.connected()
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _drop(self, why: str) -> None:
+        sock, self._conn = self._conn, None
+        if sock is None:
+            return
+        asyncio.get_running_loop().remove_reader(sock.fileno())
+        sock.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        log.info("port %s: front-end disconnected (%s)", self.handler.name, why)
+        self.handler.disconnected()
+        if self._lost is not None:
+            self._lost.set()
+
+    def _want(self) -> int:
+        """Bytes still missing from the message being read: the header, then the payload it announces."""
+        if len(self._partial) < HEADER.size:
+            return HEADER.size - len(self._partial)
+        _, _, size = HEADER.unpack_from(self._partial)
+        # An absurd size is the parser's to reject (fatally); never ask the socket for more than a message.
+        size = min(size, VHOST_USER_MAX_PAYLOAD_SIZE)
+        return max(HEADER.size + size - len(self._partial), 0)
+
+    def _readable(self) -> None:
+        sock = self._conn
+        assert sock is not None
+        want = self._want()
+        try:
+            data, ancdata, msg_flags, _ = sock.recvmsg(want, _ANCILLARY_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._drop(f"read failed: {e.strerror}")
+            return
+        self._fds.extend(_fds_from(ancdata))
+        if msg_flags & socket.MSG_CTRUNC:
+            log.error("port %s: too many fds in one message, truncated by the kernel", self.handler.name)
+        if not data:
+            self._drop("end of stream")
+            return
+        self._partial += data
+        if self._want() > 0:
+            return
+        chunk, fds = self._partial, self._fds
+        self._partial, self._fds = b"", []
+        self._parser.receive_data(chunk, fds)
+        self._process()
+
+    def _process(self) -> None:
+        while self._conn is not None:
+            try:
+                event = self._parser.next_event()
+            except ProtocolError as e:
+                log.error("port %s: malformed message: %s", self.handler.name, e)
+                if e.fatal:
+                    self._drop("protocol error")
+                    return
+                code = e.request if e.request is not None else e.code
+                if code is not None and e.need_reply and self.handler.reply_ack_negotiated():
+                    self._send(self._parser.ack(code, ok=False))
+                continue
+            if isinstance(event, NeedData):
+                return
+            self._dispatch(event)
+
+    def _dispatch(self, msg: Message) -> None:
+        try:
+            payload = self.handler.handle_message(msg)
+        except DeviceError as e:
+            log.error("port %s: %s refused: %s", self.handler.name, e.request.name, e.reason)
+            if always_replies(msg.request):
+                # A GET that cannot be answered leaves the front-end waiting forever: hang up instead.
+                self._drop(f"cannot answer {msg.request.name}")
+            elif msg.need_reply and self.handler.reply_ack_negotiated():
+                self._send(self._parser.ack(msg.request, ok=False))
+            return
+        if always_replies(msg.request) or (msg.request is Request.SET_LOG_BASE and payload is not None):
+            assert payload is not None
+            self._send(self._parser.reply(msg.request, payload))
+        elif msg.need_reply and self.handler.reply_ack_negotiated():
+            self._send(self._parser.ack(msg.request, ok=True))
+
+    def _send(self, data: bytes) -> None:
+        sock = self._conn
+        if sock is None:
+            return
+        try:
+            sock.setblocking(True)
+            sock.sendall(data)
+            sock.setblocking(False)
+        except OSError as e:
+            self._drop(f"write failed: {e.strerror}")
+
+
+def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def bind_listener(path: str, on_stale: Callable[[str], None] | None = None) -> socket.socket:
+    """A listening UNIX socket at ``path``; a stale socket file is replaced, a live one is an error."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except PermissionError as e:
+        raise EndpointError(f"cannot create directory {directory}: permission denied") from e
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise EndpointError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: a leftover of a process that died
+        else:
+            raise EndpointError(f"socket {path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise EndpointError(f"cannot create socket {path}: permission denied") from e
+        if e.errno == errno.ENAMETOOLONG or len(path) >= 108:
+            raise EndpointError(f"socket path {path} is too long (UNIX sockets allow 107 bytes)") from e
+        raise EndpointError(f"cannot bind {path}: {e.strerror}") from e
+    sock.listen(1)
+    sock.setblocking(False)
+    return sock

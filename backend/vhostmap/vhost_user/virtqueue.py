@@ -1,0 +1,284 @@
+"""Split virtqueues as the device (back-end) side sees them (virtio 1.x spec 2.7).
+
+Everything in guest memory is written by an untrusted driver. This module is the pure-Python reference of the
+descriptor walk: every index, length, flag and address is checked, chains are bounded so a loop is caught, and
+indirect tables are validated. A violation raises ``VirtqueueError``, which the port turns into "device
+broken"; nothing here trusts a value twice (each is read once, then checked, then used).
+
+Rings are reached through front-end virtual addresses (SET_VRING_ADDR), buffers through guest-physical ones;
+both are translated by ``GuestMemory``, the one security boundary for addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+
+from vhostmap.vhost_user.errors import GuestMemoryError
+from vhostmap.vhost_user.memory import GuestMemory
+from vhostmap.virtio.spec import (
+    VIRTQUEUE_MAX_SIZE,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_AVAIL_HEADER,
+    VRING_DESC,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_ELEM,
+    VRING_USED_HEADER,
+    vring_avail_size,
+    vring_desc_size,
+    vring_need_event,
+    vring_used_size,
+)
+
+_U16 = struct.Struct("<H")
+_EVENTFD_VALUE = struct.Struct("=Q")
+
+# A chain longer than this many descriptors is a loop or an abuse; Linux never builds chains longer than
+# MAX_SKB_FRAGS + 2 (19) for virtio-net, indirect tables included.
+MAX_CHAIN_LENGTH = 1024
+
+
+class VirtqueueError(Exception):
+    """The driver put something invalid in a virtqueue: the device must be marked broken."""
+
+    def __init__(self, queue: int, reason: str) -> None:
+        super().__init__(f"virtqueue {queue}: {reason}")
+        self.queue = queue
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One descriptor chain taken from the available ring.
+
+    ``segments`` are (guest-physical address, length) in chain order, already translated-checked, all of the
+    direction the queue expects (device-readable on a transmit queue, device-writable on a receive queue).
+    """
+
+    head: int
+    segments: tuple[tuple[int, int], ...]
+    length: int
+
+
+@dataclass
+class VringAddresses:
+    """SET_VRING_ADDR: front-end virtual addresses, plus the used ring's guest address for logging."""
+
+    desc_user_addr: int
+    avail_user_addr: int
+    used_user_addr: int
+    log_guest_addr: int = 0
+    log_used: bool = False
+
+
+@dataclass
+class SplitVirtqueue:
+    """Back-end state of one split virtqueue and the operations on its rings.
+
+    ``last_avail_idx`` is the next available entry the device will consume (SET/GET_VRING_BASE),
+    ``used_idx`` the device's shadow of used->idx, published by ``flush_used``.
+    """
+
+    index: int
+    num: int = 0
+    addresses: VringAddresses | None = None
+    last_avail_idx: int = 0
+    used_idx: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    started: bool = False
+    event_idx: bool = False
+    indirect: bool = False
+    log_dirty: bool = False
+    # Published used index at the last notification decision, for EVENT_IDX.
+    signalled_used: int = 0
+    _desc: memoryview | None = field(default=None, repr=False)
+    _avail: memoryview | None = field(default=None, repr=False)
+    _used: memoryview | None = field(default=None, repr=False)
+    _mem: GuestMemory | None = field(default=None, repr=False)
+    _pending_used: list[tuple[int, int]] = field(default_factory=list, repr=False)
+
+    # --- configuration --------------------------------------------------------------------------------
+    def set_num(self, num: int) -> None:
+        """SET_VRING_NUM: the queue size, a power of two up to 32768."""
+        if num <= 0 or num > VIRTQUEUE_MAX_SIZE or num & (num - 1):
+            raise VirtqueueError(self.index, f"queue size {num} is not a power of two in 1..32768")
+        self.num = num
+
+    def map(self, mem: GuestMemory) -> None:
+        """Translate the ring addresses through ``mem`` (after SET_VRING_ADDR or a memory table change)."""
+        if self.addresses is None or self.num == 0:
+            raise VirtqueueError(self.index, "ring addresses or size not set")
+        a = self.addresses
+        try:
+            self._desc = mem.uva_view(a.desc_user_addr, vring_desc_size(self.num))
+            self._avail = mem.uva_view(a.avail_user_addr, vring_avail_size(self.num))
+            self._used = mem.uva_view(a.used_user_addr, vring_used_size(self.num))
+        except GuestMemoryError as e:
+            self.unmap()
+            raise VirtqueueError(self.index, f"ring address not in guest memory: {e}") from e
+        if a.desc_user_addr % 16 or a.avail_user_addr % 2 or a.used_user_addr % 4:
+            self.unmap()
+            raise VirtqueueError(self.index, "misaligned ring address")
+        self._mem = mem
+
+    def unmap(self) -> None:
+        """Forget the ring mappings (memory table replaced, queue stopped)."""
+        self._desc = self._avail = self._used = None
+        self._mem = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the device may process this queue now."""
+        return self.started and self.enabled and self._used is not None
+
+    # --- available ring -------------------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        """The driver's available index (free-running, 16 bits)."""
+        assert self._avail is not None
+        return int(_U16.unpack_from(self._avail, 2)[0])
+
+    def pending(self) -> int:
+        """How many available entries the device has not consumed; more than ``num`` is a driver fault."""
+        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if n > self.num:
+            raise VirtqueueError(
+                self.index, f"available index moved {n} entries ahead of the device, beyond size {self.num}"
+            )
+        return n
+
+    def pop(self, writable: bool) -> Chain:
+        """Take the next available chain (``pending()`` must be > 0) and validate it completely."""
+        assert self._avail is not None
+        slot = self.last_avail_idx % self.num
+        head = int(_U16.unpack_from(self._avail, VRING_AVAIL_HEADER + 2 * slot)[0])
+        if head >= self.num:
+            raise VirtqueueError(
+                self.index, f"available ring entry {slot} names descriptor {head} >= {self.num}"
+            )
+        chain = self._walk(head, writable)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    def unpop(self) -> None:
+        """Give back the chain just popped (it did not fit); the next pop returns it again."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+
+    def _walk(self, head: int, writable: bool) -> Chain:
+        assert self._desc is not None and self._mem is not None
+        table, size, i = self._desc, self.num, head
+        in_indirect = False
+        segments: list[tuple[int, int]] = []
+        total = 0
+        for _ in range(MAX_CHAIN_LENGTH):
+            addr, length, flags, nxt = VRING_DESC.unpack_from(table, VRING_DESC.size * i)
+            if flags & VRING_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise VirtqueueError(
+                        self.index, f"indirect descriptor {i} but INDIRECT_DESC not negotiated"
+                    )
+                if in_indirect:
+                    raise VirtqueueError(self.index, f"nested indirect table at descriptor {i}")
+                if flags & VRING_DESC_F_NEXT:
+                    raise VirtqueueError(self.index, f"descriptor {i} has both INDIRECT and NEXT")
+                if length == 0 or length % VRING_DESC.size or length // VRING_DESC.size > MAX_CHAIN_LENGTH:
+                    raise VirtqueueError(
+                        self.index, f"indirect table at descriptor {i} has bad length {length}"
+                    )
+                table = self._translate(addr, length, f"indirect table of descriptor {i}")
+                size, i, in_indirect = length // VRING_DESC.size, 0, True
+                continue
+            if bool(flags & VRING_DESC_F_WRITE) != writable:
+                kind = "read-only" if writable else "device-writable"
+                raise VirtqueueError(self.index, f"{kind} descriptor {i} in a chain that must not have one")
+            if length:
+                self._translate(addr, length, f"buffer of descriptor {i}")
+                segments.append((addr, length))
+                total += length
+            if not flags & VRING_DESC_F_NEXT:
+                return Chain(head, tuple(segments), total)
+            if nxt >= size:
+                raise VirtqueueError(self.index, f"descriptor {i} links to {nxt}, beyond the table of {size}")
+            i = nxt
+        raise VirtqueueError(
+            self.index, f"chain from head {head} is longer than {MAX_CHAIN_LENGTH} (a loop?)"
+        )
+
+    def _translate(self, gpa: int, length: int, what: str) -> memoryview:
+        assert self._mem is not None
+        try:
+            return self._mem.view(gpa, length)
+        except GuestMemoryError as e:
+            raise VirtqueueError(self.index, f"{what}: {e}") from e
+
+    # --- used ring ------------------------------------------------------------------------------------
+    def read_used_idx(self) -> int:
+        """used->idx as it is in guest memory (to resume after the front-end lost track)."""
+        assert self._used is not None
+        return int(_U16.unpack_from(self._used, 2)[0])
+
+    def push_used(self, head: int, length: int) -> None:
+        """Queue a used entry; ``flush_used`` publishes the batch."""
+        self._pending_used.append((head, length))
+
+    def flush_used(self) -> int:
+        """Write queued used entries, then used->idx (entries first: the driver reads idx, then entries)."""
+        used = self._used
+        if not self._pending_used or used is None:
+            return 0
+        idx = self.used_idx
+        for head, length in self._pending_used:
+            VRING_USED_ELEM.pack_into(
+                used, VRING_USED_HEADER + VRING_USED_ELEM.size * (idx % self.num), head, length
+            )
+            idx = (idx + 1) & 0xFFFF
+        n = len(self._pending_used)
+        self._pending_used.clear()
+        _U16.pack_into(used, 2, idx)
+        self.used_idx = idx
+        if (
+            self.log_dirty
+            and self.addresses is not None
+            and self.addresses.log_used
+            and self._mem is not None
+        ):
+            self._mem.log_write(self.addresses.log_guest_addr, vring_used_size(self.num))
+        return n
+
+    # --- notifications --------------------------------------------------------------------------------
+    def enable_kicks(self) -> None:
+        """Ask the driver to kick on its next available entry (EVENT_IDX: avail_event, else no NO_NOTIFY)."""
+        used = self._used
+        if used is None:
+            return
+        if self.event_idx:
+            _U16.pack_into(used, VRING_USED_HEADER + VRING_USED_ELEM.size * self.num, self.last_avail_idx)
+        else:
+            _U16.pack_into(used, 0, 0)
+
+    def needs_call(self) -> bool:
+        """Whether the driver wants an interrupt for the used entries published since the last call."""
+        assert self._avail is not None
+        new, old = self.used_idx, self.signalled_used
+        if self.event_idx:
+            used_event = int(_U16.unpack_from(self._avail, VRING_AVAIL_HEADER + 2 * self.num)[0])
+            return vring_need_event(used_event, new, old)
+        if new == old:
+            return False
+        return not _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    def call(self) -> bool:
+        """Signal the call eventfd if the driver wants it; returns whether it was signalled."""
+        if self._avail is None or not self.needs_call():
+            self.signalled_used = self.used_idx
+            return False
+        self.signalled_used = self.used_idx
+        if self.call_fd is not None:
+            os.write(self.call_fd, _EVENTFD_VALUE.pack(1))
+            return True
+        return False

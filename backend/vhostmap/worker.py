@@ -1,0 +1,161 @@
+"""The datapath worker: a thread that sleeps on kick eventfds and runs forwarders when they fire.
+
+Forwarders (a link, a sink, later the switch) say which eventfds should wake them and do one bounded round
+of work per call. The worker holds the datapath lock while a forwarder runs; the control plane takes the same
+lock before it changes a device, so a ring never changes under a running batch. When nothing is pending the
+worker blocks in epoll: an idle daemon uses no CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+# Rounds of a forwarder in a row before the worker looks at other fds again, so that one busy link cannot
+# starve the others.
+MAX_ROUNDS_PER_WAKEUP = 64
+
+
+class Forwarder(Protocol):
+    """Something the worker runs: moves packets between the rings of its ports."""
+
+    name: str
+
+    def wake_fds(self) -> Sequence[int]:
+        """Fds whose readability means there may be work; called under the datapath lock.
+
+        Eventfds (kicks) are drained by the worker; any other fd (a TAP, a packet socket) must be read by the
+        forwarder, as the worker only waits for it to become readable.
+        """
+
+    def run(self) -> bool:
+        """One bounded round of work under the datapath lock; True when something moved."""
+
+
+class Worker:
+    """One datapath thread serving a set of forwarders."""
+
+    def __init__(self, lock: threading.RLock | None = None, name: str = "vhostmap-datapath") -> None:
+        self.lock = lock or threading.RLock()
+        self._forwarders: list[Forwarder] = []
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll = select.epoll()
+        self._epoll.register(self._wake, select.EPOLLIN)
+        self._registered: dict[int, list[Forwarder]] = {}
+        self._eventfds: set[int] = set()
+        self._dirty = True
+        self._again: set[Forwarder] = set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and release its fds (idempotent)."""
+        if self._stop:
+            return
+        self._stop = True
+        self.refresh()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._epoll.close()
+        os.close(self._wake)
+
+    def add(self, forwarder: Forwarder) -> None:
+        """Serve ``forwarder`` from now on."""
+        with self.lock:
+            self._forwarders.append(forwarder)
+        self.refresh()
+
+    def remove(self, forwarder: Forwarder) -> None:
+        """Stop serving ``forwarder``."""
+        with self.lock:
+            self._forwarders.remove(forwarder)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Queues changed (started, stopped, new kick fds): rebuild the wake-up set, and run everyone once."""
+        self._dirty = True
+        os.eventfd_write(self._wake, 1)
+
+    # --- the thread -------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        wanted: dict[int, list[Forwarder]] = {}
+        for fwd in self._forwarders:
+            for fd in fwd.wake_fds():
+                wanted.setdefault(fd, []).append(fwd)
+        for fd in set(self._registered) - set(wanted):
+            with contextlib.suppress(OSError, ValueError):  # already closed by the control plane
+                self._epoll.unregister(fd)
+        for fd in wanted:
+            if fd in self._registered:
+                # The same number may now be a new file (closed and reused): register it afresh.
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
+            self._epoll.register(fd, select.EPOLLIN)
+        self._registered = wanted
+        # Kicks are eventfds, drained here; a TAP or a packet socket is drained by its forwarder reading it.
+        self._eventfds = {fd for fd in wanted if _is_eventfd(fd)}
+
+    def _run(self) -> None:
+        while not self._stop:
+            ready, self._again = self._again, set()
+            if self._dirty:
+                with self.lock:
+                    self._dirty = False
+                    self._rebuild()
+                    ready.update(self._forwarders)
+            else:
+                try:
+                    # Forwarders that were still busy run again right away, after a look at the fds.
+                    events = self._epoll.poll(0 if ready else -1)
+                except InterruptedError:
+                    continue
+                for fd, _ in events:
+                    if fd == self._wake:
+                        _drain(fd)
+                        continue
+                    if fd in self._eventfds:
+                        _drain(fd)
+                    ready.update(self._registered.get(fd, ()))
+            for fwd in ready:
+                self._run_forwarder(fwd)
+
+    def _run_forwarder(self, fwd: Forwarder) -> None:
+        for _ in range(MAX_ROUNDS_PER_WAKEUP):
+            with self.lock:
+                if self._stop or fwd not in self._forwarders:
+                    return
+                try:
+                    moved = fwd.run()
+                except Exception:
+                    # A forwarder bug must not kill the datapath of every other port.
+                    log.exception("forwarder %s failed; removed from the datapath", fwd.name)
+                    self._forwarders.remove(fwd)
+                    self._dirty = True
+                    return
+            if not moved:
+                return
+        # Still busy: come back after the others had their turn.
+        self._again.add(fwd)
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.eventfd_read(fd)
