@@ -211,6 +211,7 @@ class Endpoint:
             self._dispatch(event)
 
     def _dispatch(self, msg: Message) -> None:
+        log.debug("port %s: %s %s fds=%s", self.handler.name, msg.request.name, msg.payload, msg.fds)
         try:
             payload = self.handler.handle_message(msg)
         except DeviceError as e:

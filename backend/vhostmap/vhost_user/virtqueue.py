@@ -15,6 +15,9 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.virtio.spec import (
@@ -33,7 +36,6 @@ from vhostmap.virtio.spec import (
     vring_used_size,
 )
 
-_U16 = struct.Struct("<H")
 _EVENTFD_VALUE = struct.Struct("=Q")
 
 # A chain longer than this many descriptors is a loop or an abuse; Linux never builds chains longer than
@@ -100,6 +102,11 @@ class SplitVirtqueue:
     _desc: memoryview | None = field(default=None, repr=False)
     _avail: memoryview | None = field(default=None, repr=False)
     _used: memoryview | None = field(default=None, repr=False)
+    # The same rings as 16-bit words. Indexes shared with the driver are read and written through these:
+    # numpy does one 16-bit load or store, where struct packs byte by byte and a concurrent reader could
+    # see half an update (a torn used->idx made DPDK free descriptors it never gave us).
+    _avail16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
+    _used16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
     _mem: GuestMemory | None = field(default=None, repr=False)
     _pending_used: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
@@ -125,11 +132,14 @@ class SplitVirtqueue:
         if a.desc_user_addr % 16 or a.avail_user_addr % 2 or a.used_user_addr % 4:
             self.unmap()
             raise VirtqueueError(self.index, "misaligned ring address")
+        self._avail16 = np.frombuffer(self._avail, dtype="<u2")
+        self._used16 = np.frombuffer(self._used, dtype="<u2")
         self._mem = mem
 
     def unmap(self) -> None:
         """Forget the ring mappings (memory table replaced, queue stopped)."""
         self._desc = self._avail = self._used = None
+        self._avail16 = self._used16 = None
         self._mem = None
 
     @property
@@ -140,8 +150,8 @@ class SplitVirtqueue:
     # --- available ring -------------------------------------------------------------------------------
     def avail_idx(self) -> int:
         """The driver's available index (free-running, 16 bits)."""
-        assert self._avail is not None
-        return int(_U16.unpack_from(self._avail, 2)[0])
+        assert self._avail16 is not None
+        return int(self._avail16[1])
 
     def pending(self) -> int:
         """How many available entries the device has not consumed; more than ``num`` is a driver fault."""
@@ -154,9 +164,9 @@ class SplitVirtqueue:
 
     def pop(self, writable: bool) -> Chain:
         """Take the next available chain (``pending()`` must be > 0) and validate it completely."""
-        assert self._avail is not None
+        assert self._avail16 is not None
         slot = self.last_avail_idx % self.num
-        head = int(_U16.unpack_from(self._avail, VRING_AVAIL_HEADER + 2 * slot)[0])
+        head = int(self._avail16[VRING_AVAIL_HEADER // 2 + slot])
         if head >= self.num:
             raise VirtqueueError(
                 self.index, f"available ring entry {slot} names descriptor {head} >= {self.num}"
@@ -219,8 +229,8 @@ class SplitVirtqueue:
     # --- used ring ------------------------------------------------------------------------------------
     def read_used_idx(self) -> int:
         """used->idx as it is in guest memory (to resume after the front-end lost track)."""
-        assert self._used is not None
-        return int(_U16.unpack_from(self._used, 2)[0])
+        assert self._used16 is not None
+        return int(self._used16[1])
 
     def push_used(self, head: int, length: int) -> None:
         """Queue a used entry; ``flush_used`` publishes the batch."""
@@ -228,8 +238,8 @@ class SplitVirtqueue:
 
     def flush_used(self) -> int:
         """Write queued used entries, then used->idx (entries first: the driver reads idx, then entries)."""
-        used = self._used
-        if not self._pending_used or used is None:
+        used, used16 = self._used, self._used16
+        if not self._pending_used or used is None or used16 is None:
             return 0
         idx = self.used_idx
         for head, length in self._pending_used:
@@ -239,7 +249,7 @@ class SplitVirtqueue:
             idx = (idx + 1) & 0xFFFF
         n = len(self._pending_used)
         self._pending_used.clear()
-        _U16.pack_into(used, 2, idx)
+        used16[1] = idx
         self.used_idx = idx
         if (
             self.log_dirty
@@ -253,28 +263,28 @@ class SplitVirtqueue:
     # --- notifications --------------------------------------------------------------------------------
     def enable_kicks(self) -> None:
         """Ask the driver to kick on its next available entry (EVENT_IDX: avail_event, else no NO_NOTIFY)."""
-        used = self._used
-        if used is None:
+        used16 = self._used16
+        if used16 is None:
             return
         if self.event_idx:
-            _U16.pack_into(used, VRING_USED_HEADER + VRING_USED_ELEM.size * self.num, self.last_avail_idx)
+            used16[(VRING_USED_HEADER + VRING_USED_ELEM.size * self.num) // 2] = self.last_avail_idx
         else:
-            _U16.pack_into(used, 0, 0)
+            used16[0] = 0
 
     def needs_call(self) -> bool:
         """Whether the driver wants an interrupt for the used entries published since the last call."""
-        assert self._avail is not None
+        assert self._avail16 is not None
         new, old = self.used_idx, self.signalled_used
         if self.event_idx:
-            used_event = int(_U16.unpack_from(self._avail, VRING_AVAIL_HEADER + 2 * self.num)[0])
+            used_event = int(self._avail16[VRING_AVAIL_HEADER // 2 + self.num])
             return vring_need_event(used_event, new, old)
         if new == old:
             return False
-        return not _U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+        return not int(self._avail16[0]) & VRING_AVAIL_F_NO_INTERRUPT
 
     def call(self) -> bool:
         """Signal the call eventfd if the driver wants it; returns whether it was signalled."""
-        if self._avail is None or not self.needs_call():
+        if self._avail16 is None or not self.needs_call():
             self.signalled_used = self.used_idx
             return False
         self.signalled_used = self.used_idx

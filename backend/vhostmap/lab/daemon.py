@@ -1,0 +1,127 @@
+"""``vhostmap serve`` as a lab process: started with ports and links, waited for, asked for stats, stopped.
+
+Tests, the demo and the benchmarks run the daemon exactly as a user would, as its own process, so a crash
+in it is seen as a crash and restarting it is a real restart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from vhostmap.control import ControlError, call
+from vhostmap.lab.wait import tail, wait_until
+
+
+class VhostmapDaemon:
+    """One ``vhostmap serve`` process, as a context manager.
+
+    ``ports`` are ``--port`` values and ``links`` ``--link`` values; the control socket and the log live in
+    ``workdir``. Server-mode sockets are waited for before ``start`` returns.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        ports: Sequence[str],
+        links: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        name: str = "vhostmap",
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.ports = list(ports)
+        self.links = list(links)
+        self.extra_args = list(extra_args)
+        self.control = str(self.workdir / f"{name}-ctl.sock")
+        self.log_path = self.workdir / f"{name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def command_line(self) -> list[str]:
+        """The argv that starts the daemon."""
+        args = [sys.executable, "-m", "vhostmap.cli", "serve", "--verbose", "--control", self.control]
+        for p in self.ports:
+            args += ["--port", p]
+        for link in self.links:
+            args += ["--link", link]
+        return args + self.extra_args
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the process and wait until its control socket answers."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
+        self._proc = subprocess.Popen(self.command_line(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(self._answers, timeout, "vhostmap to answer on its control socket", details=self.diagnostics)
+        return self
+
+    def _answers(self) -> bool:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(f"vhostmap exited with {self._proc.returncode}\n{self.diagnostics()}")
+        try:
+            call(self.control, "status", timeout=2)
+        except (ControlError, OSError):
+            return False
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Per-port counters (``vhostmap stats --json``)."""
+        return call(self.control, "stats")["ports"]  # type: ignore[no-any-return]
+
+    def status(self) -> dict[str, Any]:
+        """Ports, connection state and memory (``vhostmap status``)."""
+        return call(self.control, "status")
+
+    def wait_connected(self, port: str, timeout: float = 30.0) -> None:
+        """Wait until a front-end is connected to ``port``."""
+        wait_until(
+            lambda: self.status()["ports"][port]["connected"],
+            timeout,
+            f"a front-end on port {port}",
+            details=self.diagnostics,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while running."""
+        return self._proc.pid if self._proc is not None else None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then wait (SIGKILL if it hangs); returns the exit status."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def diagnostics(self, lines: int = 40) -> str:
+        """The tail of the daemon's log."""
+        try:
+            return "vhostmap log:\n" + tail(self.log_path.read_text(errors="replace"), lines)
+        except OSError:
+            return "(no vhostmap log)"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
