@@ -56,7 +56,9 @@ class VhostmapDaemon:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
         self._proc = subprocess.Popen(self.command_line(), stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        wait_until(self._answers, timeout, "vhostmap to answer on its control socket", details=self.diagnostics)
+        wait_until(
+            self._answers, timeout, "vhostmap to answer on its control socket", details=self.diagnostics
+        )
         return self
 
     def _answers(self) -> bool:
