@@ -72,7 +72,7 @@ class VhostmapDaemon:
 
     def stats(self) -> dict[str, Any]:
         """Per-port counters (``vhostmap stats --json``)."""
-        return call(self.control, "stats")["ports"]  # type: ignore[no-any-return]
+        return dict(call(self.control, "stats")["ports"])
 
     def status(self) -> dict[str, Any]:
         """Ports, connection state and memory (``vhostmap status``)."""
