@@ -65,9 +65,7 @@ def run(megabytes: int) -> bool:
             same = vm0.run("md5sum < /srv/f").output == vm1.run("md5sum < /tmp/f").output
             ok &= same
             mbit = megabytes * 8 * 2**20 / seconds / 1e6
-            say(
-                f"copied in {seconds:.1f} s: {mbit:.0f} Mbit/s guest to guest (TCG guests), checksums equal: {same}"
-            )
+            say(f"copied in {seconds:.1f} s: {mbit:.0f} Mbit/s between TCG guests, checksums equal: {same}")
             stats = daemon.stats()
             for name in GUESTS:
                 t = stats[name]["totals"]
