@@ -5,6 +5,8 @@ Guest A is 10.0.0.1 on port a, guest B 10.0.0.2 on port b, and the ports are lin
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.qemu import Nic, QemuGuest
+from vhostmap.lab.wait import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +68,18 @@ def copy_file(src: QemuGuest, dst: QemuGuest, megabytes: int) -> tuple[str, str]
     return sent, received
 
 
+def cpu_seconds(pid: int, over: float) -> float:
+    """CPU time (user + system) process ``pid`` uses during the next ``over`` seconds."""
+
+    def used() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = used()
+    time.sleep(over)  # a measurement window, not synchronisation
+    return used() - before
+
+
 @pytest.mark.parametrize("qemu_mode", ["client", "server"])
 def test_two_guests_on_a_link_ping_and_copy_a_file(
     guest_kernel: GuestKernel, sock_dir: Path, qemu_mode: Literal["client", "server"]
@@ -78,6 +93,10 @@ def test_two_guests_on_a_link_ping_and_copy_a_file(
         assert stats["a"]["totals"]["rx_bytes"] > 10 * 2**20
         assert stats["a"]["totals"]["errors"] == stats["b"]["totals"]["errors"] == 0
         assert stats["a"]["broken"] is None and stats["b"]["broken"] is None
+        # Connected but idle guests: the datapath sleeps in epoll, the daemon uses (almost) no CPU.
+        assert daemon.pid is not None
+        busy = cpu_seconds(daemon.pid, over=2.0)
+        assert busy < 0.04, f"idle vhostmap used {busy:.3f} s of CPU in 2 s"
 
 
 def test_restarted_vhostmap_resumes_traffic_without_guest_reboot(
@@ -95,5 +114,7 @@ def test_restarted_vhostmap_resumes_traffic_without_guest_reboot(
         daemon.wait_connected("b")
         for g in (a, b):
             g.wait_carrier("eth0")
+        # QEMU restarts its rings right after the handshake; the first echo may race that.
+        wait_until(lambda: a.ping("10.0.0.2", count=1) == 0.0, 30, "traffic to resume")
         assert a.ping("10.0.0.2", count=10) == 0.0
         assert [g.run("cat /proc/sys/kernel/random/boot_id", check=True).output for g in (a, b)] == boot_ids
