@@ -1,0 +1,465 @@
+"""The generic adapter: netmap rings emulated over an unmodified interface through an AF_PACKET socket.
+
+Follows netmap_generic.c (shared/seeds/netmap_generic.c.txt). The seed steals frames from the driver's receive
+path into a per-ring queue capped at 1024 frames and copies them into the RX ring at nr_hwtail on rxsync; it
+copies TX slots into preallocated mbufs, hands them to the driver and reclaims slots as completions come
+back. Here the interface (veth, TAP, NIC) is reached through one AF_PACKET socket bound to it, so the port has
+one hardware ring pair (plus the host pair, which the adapter leaves to the default or to HostRingsMixin):
+
+- receive: a TPACKET_V3 ring mapped from the socket (PACKET_RX_RING). The kernel fills blocks of frames and
+  hands a block over by setting its status to TP_STATUS_USER (when it is full, or after ``retire_tov_ms``);
+  rxsync walks the blocks it owns, copies every frame into the RX kring from nr_hwtail (frames longer than a
+  buffer span slots with NS_MOREFRAG; VLAN tags the kernel moved out of the frame are put back) and gives the
+  block back with TP_STATUS_KERNEL. Frames the kring has no room for wait in a queue of at most
+  ``rx_queue_limit`` frames (the seed's 1024) and are dropped, counted, beyond it. Every block is given back
+  on every rxsync, so the socket never stays readable for nothing and a level-triggered poller cannot spin.
+- transmit: one send()/sendmsg() per frame from the slots' buffers (gathering the slots of a multi-slot
+  frame). A send completes at once, so txsync reclaims everything it sent. When the socket has no room
+  (EAGAIN) the rest of the batch is dropped and counted, and ENOBUFS/ENETDOWN/EMSGSIZE drop the frame: txsync
+  never blocks and never retries in a loop.
+- PACKET_IGNORE_OUTGOING keeps our own transmissions out of our receive ring; PACKET_ADD_MEMBERSHIP with
+  PACKET_MR_PROMISC puts the interface in promiscuous mode for as long as the socket lives.
+
+Unlike the seed, AF_PACKET does not steal frames: the host stack of the interface still sees what arrives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import socket
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostmap.netmap.abi import nm_prev
+from vhostmap.netmap.adapter import NetmapAdapter
+from vhostmap.netmap.allocator import NetmapMemory
+from vhostmap.netmap.errors import PortBroken
+from vhostmap.netmap.host import RxFill, SlotFrames
+from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.tap import InterfaceError, if_index
+
+log = logging.getLogger(__name__)
+
+# netmap_generic.c: frames waiting between the interface and the RX ring, beyond which they are dropped.
+GENERIC_RX_QUEUE_LIMIT = 1024
+# netmap_generic_ringsize: slots per emulated ring.
+GENERIC_RING_SIZE = 1024
+
+# --- linux/if_packet.h and linux/if_ether.h -----------------------------------------------------------------
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_IGNORE_OUTGOING = 23
+PACKET_MR_PROMISC = 1
+TPACKET_V3 = 2
+TPACKET_ALIGNMENT = 16
+ETH_P_ALL = 0x0003
+ETH_P_8021Q = 0x8100
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1 << 0
+TP_STATUS_VLAN_VALID = 1 << 4
+TP_STATUS_VLAN_TPID_VALID = 1 << 6
+
+
+class TpacketReq3(ctypes.Structure):
+    """struct tpacket_req3: the geometry of a TPACKET_V3 ring (PACKET_RX_RING)."""
+
+    _fields_ = [
+        ("tp_block_size", ctypes.c_uint32),
+        ("tp_block_nr", ctypes.c_uint32),
+        ("tp_frame_size", ctypes.c_uint32),
+        ("tp_frame_nr", ctypes.c_uint32),
+        ("tp_retire_blk_tov", ctypes.c_uint32),
+        ("tp_sizeof_priv", ctypes.c_uint32),
+        ("tp_feature_req_word", ctypes.c_uint32),
+    ]
+
+
+class TpacketBlockDesc(ctypes.Structure):
+    """struct tpacket_block_desc with its tpacket_hdr_v1 inlined (timestamps left out): a block's header."""
+
+    _fields_ = [
+        ("version", ctypes.c_uint32),
+        ("offset_to_priv", ctypes.c_uint32),
+        ("block_status", ctypes.c_uint32),
+        ("num_pkts", ctypes.c_uint32),
+        ("offset_to_first_pkt", ctypes.c_uint32),
+        ("blk_len", ctypes.c_uint32),
+        ("seq_num", ctypes.c_uint64),
+    ]
+
+
+class Tpacket3Hdr(ctypes.Structure):
+    """struct tpacket3_hdr (with tpacket_hdr_variant1): the header of one frame in a block."""
+
+    _fields_ = [
+        ("tp_next_offset", ctypes.c_uint32),
+        ("tp_sec", ctypes.c_uint32),
+        ("tp_nsec", ctypes.c_uint32),
+        ("tp_snaplen", ctypes.c_uint32),
+        ("tp_len", ctypes.c_uint32),
+        ("tp_status", ctypes.c_uint32),
+        ("tp_mac", ctypes.c_uint16),
+        ("tp_net", ctypes.c_uint16),
+        ("tp_rxhash", ctypes.c_uint32),
+        ("tp_vlan_tci", ctypes.c_uint32),
+        ("tp_vlan_tpid", ctypes.c_uint16),
+        ("tp_padding", ctypes.c_uint16),
+        ("tp_padding2", ctypes.c_uint8 * 8),
+    ]
+
+
+class TpacketStatsV3(ctypes.Structure):
+    """struct tpacket_stats_v3 (PACKET_STATISTICS; reading it resets the counters)."""
+
+    _fields_ = [
+        ("tp_packets", ctypes.c_uint32),
+        ("tp_drops", ctypes.c_uint32),
+        ("tp_freeze_q_cnt", ctypes.c_uint32),
+    ]
+
+
+class PacketMreq(ctypes.Structure):
+    """struct packet_mreq (PACKET_ADD_MEMBERSHIP)."""
+
+    _fields_ = [
+        ("mr_ifindex", ctypes.c_int),
+        ("mr_type", ctypes.c_uint16),
+        ("mr_alen", ctypes.c_uint16),
+        ("mr_address", ctypes.c_uint8 * 8),
+    ]
+
+
+# Per-frame reads go through struct (one call for the fields rxsync needs); the layout is the ctypes one.
+_FRAME_FIELDS = (
+    "tp_next_offset",
+    "tp_snaplen",
+    "tp_len",
+    "tp_status",
+    "tp_mac",
+    "tp_vlan_tci",
+    "tp_vlan_tpid",
+)
+_FRAME_HDR = struct.Struct("<I8xIII H2x4xIH")
+assert [getattr(Tpacket3Hdr, f).offset for f in _FRAME_FIELDS] == [0, 12, 16, 20, 24, 32, 36]
+assert ctypes.sizeof(Tpacket3Hdr) == 48 and ctypes.sizeof(TpacketBlockDesc) == 32
+_BLOCK_STATUS_WORD = TpacketBlockDesc.block_status.offset // 4
+_BLOCK_NUM_PKTS_WORD = TpacketBlockDesc.num_pkts.offset // 4
+_BLOCK_FIRST_WORD = TpacketBlockDesc.offset_to_first_pkt.offset // 4
+# Smallest frame slot: the frame header, aligned, plus the sockaddr_ll the kernel writes after it.
+TPACKET3_HDRLEN = -(-ctypes.sizeof(Tpacket3Hdr) // TPACKET_ALIGNMENT) * TPACKET_ALIGNMENT + 20
+
+
+@dataclass(frozen=True)
+class PacketRingParams:
+    """Geometry of the TPACKET_V3 receive ring.
+
+    ``block_size`` (a multiple of the page size) bounds the largest frame received whole (larger ones are
+    truncated by the kernel, and dropped here); ``block_nr`` blocks make the ring; ``retire_tov_ms`` is how
+    long the kernel keeps a partly filled block before handing it over (the latency of a lone frame).
+    ``frame_size`` only sets the nominal frame count the kernel asks for.
+    """
+
+    block_size: int = 1 << 17
+    block_nr: int = 32
+    frame_size: int = 2048
+    retire_tov_ms: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size % mmap.PAGESIZE:
+            raise ValueError(
+                f"block_size {self.block_size} is not a multiple of the page size {mmap.PAGESIZE}"
+            )
+        if self.block_nr < 2:
+            raise ValueError(f"block_nr {self.block_nr} < 2")
+        if (
+            self.frame_size < TPACKET3_HDRLEN
+            or self.frame_size % TPACKET_ALIGNMENT
+            or self.block_size % self.frame_size
+        ):
+            raise ValueError(
+                f"frame_size {self.frame_size} must be >= {TPACKET3_HDRLEN}, a multiple of "
+                f"{TPACKET_ALIGNMENT} and divide block_size {self.block_size}"
+            )
+        if not 0 < self.retire_tov_ms < 1 << 31:
+            raise ValueError(f"retire_tov_ms {self.retire_tov_ms} out of range")
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole ring."""
+        return self.block_size * self.block_nr
+
+
+@dataclass
+class GenericStats:
+    """Counters of a generic adapter. ``rx_drops``: frames dropped because the RX ring and the queue were
+    full; ``rx_oversize``: frames the kernel truncated or that no ring could hold; ``kernel_drops``: frames
+    the kernel dropped because every block was ours (PACKET_STATISTICS, read by ``counters``);
+    ``tx_drops``: frames that could not be sent."""
+
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_drops: int = 0
+    rx_oversize: int = 0
+    kernel_drops: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_drops: int = 0
+
+
+class GenericAdapter(NetmapAdapter):
+    """A port over the existing interface ``ifname`` through AF_PACKET (one hardware ring pair).
+
+    ``num_desc`` slots per ring; ``rx_queue_limit`` frames may wait for room in the RX ring; ``promisc``
+    receives frames for any MAC address. The socket is open (and frames queue in its ring) from construction
+    until ``close``. Raises InterfaceError (with the failing operation and errno) when the interface does not
+    exist or the socket cannot be set up.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        memory: NetmapMemory,
+        ifname: str,
+        *,
+        num_desc: int = GENERIC_RING_SIZE,
+        rx_queue_limit: int = GENERIC_RX_QUEUE_LIMIT,
+        promisc: bool = True,
+        ring: PacketRingParams | None = None,
+    ) -> None:
+        if rx_queue_limit < 0:
+            raise ValueError(f"rx_queue_limit {rx_queue_limit} < 0")
+        self.ifname = ifname
+        self.ifindex = if_index(ifname)
+        self.params = ring if ring is not None else PacketRingParams()
+        self.rx_queue_limit = rx_queue_limit
+        self.stats = GenericStats()
+        self._queue: deque[bytes] = deque()
+        self._block = 0
+        self._reported: set[str] = set()
+        super().__init__(
+            name, memory, num_tx_rings=1, num_rx_rings=1, num_tx_desc=num_desc, num_rx_desc=num_desc
+        )
+        try:
+            self._sock, self._mm = self._open_socket(promisc)
+        except BaseException:
+            super().close()
+            raise
+        self._ring_mv = memoryview(self._mm)
+        self._ring_u32: npt.NDArray[np.uint32] = np.frombuffer(self._mm, dtype=np.uint32)
+
+    def _open_socket(self, promisc: bool) -> tuple[socket.socket, mmap.mmap]:
+        p = self.params
+        try:
+            # Protocol 0 until bind: nothing is queued before the ring exists.
+            sock = socket.socket(
+                socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 0
+            )
+        except OSError as e:
+            raise InterfaceError(self.ifname, "socket(AF_PACKET)", e.errno or errno.EPERM) from None
+        op = "socket"
+        try:
+            op = "PACKET_VERSION"
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            op = "PACKET_RX_RING"
+            req = TpacketReq3(
+                p.block_size, p.block_nr, p.frame_size, p.size // p.frame_size, p.retire_tov_ms, 0, 0
+            )
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, bytes(req))
+            op = "mmap"
+            mm = mmap.mmap(sock.fileno(), p.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                op = "PACKET_IGNORE_OUTGOING"
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+                if promisc:
+                    op = "PACKET_ADD_MEMBERSHIP"
+                    mreq = PacketMreq(self.ifindex, PACKET_MR_PROMISC, 0)
+                    sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, bytes(mreq))
+                op = "bind"
+                sock.bind((self.ifname, ETH_P_ALL))
+            except BaseException:
+                mm.close()
+                raise
+        except OSError as e:
+            sock.close()
+            raise InterfaceError(self.ifname, op, e.errno or errno.EIO) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock, mm
+
+    # --- NetmapAdapter hooks --------------------------------------------------------------------------------
+    def wake_fds(self) -> Sequence[int]:
+        """The packet socket: readable when the kernel has handed over a block."""
+        own = [self._sock.fileno()] if self._sock.fileno() >= 0 else []
+        return [*own, *super().wake_fds()]
+
+    def nm_rxsync(self, kring: Kring, flags: int) -> None:
+        """Take back [nr_hwcur, rhead), then import the queue and every block the kernel handed over."""
+        kring.nr_hwcur = kring.rhead
+        if self._sock.fileno() < 0:
+            return
+        with RxFill(kring, self.memory) as fill:
+            queue = self._queue
+            while queue and fill.put(queue[0]):
+                self._received(len(queue.popleft()))
+            ring32 = self._ring_u32
+            words_per_block = self.params.block_size // 4
+            # At most one lap: under a steady flood the kernel refills blocks as fast as they are given back.
+            for _ in range(self.params.block_nr):
+                status_word = self._block * words_per_block + _BLOCK_STATUS_WORD
+                if not int(ring32[status_word]) & TP_STATUS_USER:
+                    break
+                self._import_block(kring, fill, self._block * self.params.block_size)
+                ring32[status_word] = TP_STATUS_KERNEL  # the block is the kernel's again
+                self._block = (self._block + 1) % self.params.block_nr
+
+    def _import_block(self, kring: Kring, fill: RxFill, base: int) -> None:
+        words = base // 4
+        num_pkts = int(self._ring_u32[words + _BLOCK_NUM_PKTS_WORD])
+        off = base + int(self._ring_u32[words + _BLOCK_FIRST_WORD])
+        end = base + self.params.block_size
+        ring = self._ring_mv
+        unpack = _FRAME_HDR.unpack_from
+        queue, limit = self._queue, self.rx_queue_limit
+        stats = self.stats
+        max_frame = (kring.nkr_num_slots - 1) * fill.cap
+        for _ in range(num_pkts):
+            if not base <= off <= end - _FRAME_HDR.size:
+                self._report(kring, f"frame header at {off - base} outside its block")
+                return
+            next_off, snaplen, length, status, mac, vlan_tci, vlan_tpid = unpack(ring, off)
+            start = off + mac
+            if snaplen < length or start + snaplen > end:
+                stats.rx_oversize += 1
+                kring.dropped += 1
+            else:
+                view = ring[start : start + snaplen]
+                data = (
+                    _with_vlan_tag(view, vlan_tci, vlan_tpid, status)
+                    if status & TP_STATUS_VLAN_VALID
+                    else view
+                )
+                size = len(data)
+                if size > max_frame or size == 0:
+                    stats.rx_oversize += 1
+                    kring.dropped += 1
+                elif not queue and fill.put(data):
+                    stats.rx_packets += 1
+                    stats.rx_bytes += size
+                elif len(queue) < limit:
+                    queue.append(bytes(data))
+                else:
+                    stats.rx_drops += 1
+                    kring.dropped += 1
+            off += next_off
+
+    def _received(self, length: int) -> None:
+        self.stats.rx_packets += 1
+        self.stats.rx_bytes += length
+
+    def nm_txsync(self, kring: Kring, flags: int) -> None:
+        """Send the frames of [nr_hwcur, rhead); sends complete at once, so every slot sent is reclaimed.
+
+        A trailing frame whose last slot is not handed over yet waits for the next txsync, unless it alone
+        takes every slot the user can hand over (it can never complete, and is dropped).
+        """
+        n = kring.nkr_num_slots
+        count = kring.pending()
+        if count:
+            frames = SlotFrames(kring, self.memory, kring.nr_hwcur, count)
+            consumed = frames.slots
+            if consumed == 0 and count == n - 1:
+                self._drop_tx(kring, "a frame spans the whole ring")
+                consumed = count
+            full = False
+            for i in range(len(frames)):
+                if full or not frames.valid[i]:
+                    self._drop_tx(kring, "socket full" if full else "frame with an unusable slot")
+                    continue
+                full = not self._send(kring, frames.payload(i), frames.lengths[i])
+            kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
+        kring.nr_hwtail = nm_prev(kring.nr_hwcur, n)
+
+    def _send(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
+        """Send one frame; False when the socket is full (the caller drops the rest of the batch)."""
+        try:
+            if len(payload) == 1:
+                self._sock.send(payload[0])
+            else:
+                self._sock.sendmsg(payload)
+        except BlockingIOError:
+            self._drop_tx(kring, "socket full")
+            return False
+        except OSError as e:
+            if e.errno in (errno.ENXIO, errno.ENODEV):
+                raise PortBroken(self.name, f"interface {self.ifname} is gone") from None
+            # ENOBUFS (qdisc full), ENETDOWN, EMSGSIZE (longer than the MTU): this frame only.
+            self._drop_tx(kring, f"send: {errno.errorcode.get(e.errno or 0, e.errno)}")
+            return True
+        self.stats.tx_packets += 1
+        self.stats.tx_bytes += length
+        return True
+
+    def _drop_tx(self, kring: Kring, reason: str) -> None:
+        self.stats.tx_drops += 1
+        kring.dropped += 1
+        self._report(kring, reason)
+
+    def _report(self, kring: Kring, reason: str) -> None:
+        # One line per kind of trouble; after that only the counters move.
+        if reason in self._reported:
+            return
+        self._reported.add(reason)
+        log.warning(
+            "%s: %s on %s (further occurrences only counted)",
+            kring.name,
+            reason,
+            self.ifname,
+            extra={"port": self.name, "ring": kring.name, "ifname": self.ifname, "reason": reason},
+        )
+
+    # --- state ----------------------------------------------------------------------------------------------
+    @property
+    def rx_queued(self) -> int:
+        """Frames waiting for room in the RX ring."""
+        return len(self._queue)
+
+    def counters(self) -> dict[str, int]:
+        """Every counter, after collecting the kernel's drop count (PACKET_STATISTICS resets on read)."""
+        if self._sock.fileno() >= 0:
+            raw = self._sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, ctypes.sizeof(TpacketStatsV3))
+            self.stats.kernel_drops += TpacketStatsV3.from_buffer_copy(raw).tp_drops
+        return {**asdict(self.stats), "rx_queued": self.rx_queued}
+
+    def close(self) -> None:
+        """Close the socket (promiscuous mode ends with it), unmap its ring, free the netmap rings."""
+        if self._sock.fileno() >= 0:
+            # Views export the mapping: drop ours first so that it can be unmapped now.
+            self._ring_mv.release()
+            self._ring_u32 = np.empty(0, dtype=np.uint32)
+            try:
+                self._mm.close()
+            except BufferError:
+                log.debug("%s: packet ring still referenced; unmapped when released", self.name)
+            self._sock.close()
+            self._queue.clear()
+        super().close()
+
+
+def _with_vlan_tag(frame: memoryview, tci: int, tpid: int, status: int) -> bytes:
+    """``frame`` with the 802.1Q tag the kernel moved into the frame header put back after the MACs."""
+    if not status & TP_STATUS_VLAN_TPID_VALID:
+        tpid = ETH_P_8021Q
+    return b"".join((frame[:12], struct.pack("!HH", tpid, tci & 0xFFFF), frame[12:]))
