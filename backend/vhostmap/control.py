@@ -15,8 +15,6 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from vhostmap.vhost_user.server import bind_listener
-
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
@@ -34,20 +32,27 @@ class ControlServer:
         self.path = path
         self.handlers = dict(handlers)
         self._server: asyncio.AbstractServer | None = None
+        self._bound = False
 
     async def start(self) -> None:
         """Bind the socket (a live one at the same path is an error) and start serving."""
+        # Imported here: the CLI's client commands use this module and must not load the datapath (numpy).
+        from vhostmap.vhost_user.server import bind_listener
+
         sock = bind_listener(self.path)
+        self._bound = True
         self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST)
 
     async def close(self) -> None:
-        """Stop serving and remove the socket."""
+        """Stop serving and remove the socket, if it is ours (not another daemon's that made start fail)."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        if self._bound:
+            self._bound = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -68,7 +68,10 @@ class Worker:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self._epoll.close()
-        os.close(self._wake)
+        # After this, refresh() is a no-op: ports closing after the worker (daemon shutdown) still report
+        # queue changes, and writing to a closed fd number could hit a file someone else opened since.
+        wake, self._wake = self._wake, -1
+        os.close(wake)
 
     def add(self, forwarder: Forwarder) -> None:
         """Serve ``forwarder`` from now on."""
@@ -85,7 +88,8 @@ class Worker:
     def refresh(self) -> None:
         """Queues changed (started, stopped, new kick fds): rebuild the wake-up set, and run everyone once."""
         self._dirty = True
-        os.eventfd_write(self._wake, 1)
+        if self._wake >= 0:
+            os.eventfd_write(self._wake, 1)
 
     # --- the thread -------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -93,15 +97,21 @@ class Worker:
         for fwd in self._forwarders:
             for fd in fwd.wake_fds():
                 wanted.setdefault(fd, []).append(fwd)
-        for fd in set(self._registered) - set(wanted):
-            with contextlib.suppress(OSError, ValueError):  # already closed by the control plane
-                self._epoll.unregister(fd)
-        for fd in wanted:
-            if fd in self._registered:
-                # The same number may now be a new file (closed and reused): register it afresh.
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.unregister(fd)
-            self._epoll.register(fd, select.EPOLLIN)
+        # A fresh epoll set every time. Closing an fd does not take it out of an epoll set while another
+        # copy of the same file is open, and the front-end always keeps its end of a kick eventfd: after the
+        # control plane closed a kick fd, unregister() fails with EBADF and the entry stays, firing for a
+        # number that no longer means it (a busy loop while the guest kicks), and when the front-end sends
+        # the same eventfd again under the same number, register() fails with EEXIST.
+        epoll = select.epoll()
+        try:
+            epoll.register(self._wake, select.EPOLLIN)
+            for fd in wanted:
+                epoll.register(fd, select.EPOLLIN)
+        except BaseException:
+            epoll.close()
+            raise
+        old, self._epoll = self._epoll, epoll
+        old.close()
         self._registered = wanted
         # Kicks are eventfds, drained here; a TAP or a packet socket is drained by its forwarder reading it.
         self._eventfds = {fd for fd in wanted if _is_eventfd(fd)}

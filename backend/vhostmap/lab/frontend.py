@@ -14,21 +14,30 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vhostmap.vhost_user.messages import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
+    LogDescriptor,
     MemoryRegion,
     MemoryTable,
     ProtocolFeature,
     Request,
+    SingleMemoryRegion,
     VringAddr,
     VringFile,
     VringState,
 )
 from vhostmap.vhost_user.protocol import FrontendConnection, Message, NeedData, Payload
 from vhostmap.virtio.spec import (
+    VHOST_F_LOG_ALL,
+    VIRTIO_CONFIG_S_ACKNOWLEDGE,
+    VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_HDR,
@@ -36,6 +45,7 @@ from vhostmap.virtio.spec import (
     VIRTIO_RING_F_INDIRECT_DESC,
     VRING_AVAIL_HEADER,
     VRING_DESC,
+    VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_ELEM,
     VRING_USED_HEADER,
@@ -51,6 +61,23 @@ PAGE = 4096
 # back-end only uses it to translate ring addresses.
 UVA_BASE = 0x7F00_0000_0000
 BUFFER_SIZE = 4096  # one guest buffer per descriptor
+# What negotiate() accepts of the back-end's protocol features (QEMU's set, minus the back-end channel).
+DEFAULT_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.LOG_SHMFD)
+    | bit(ProtocolFeature.RARP)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.NET_MTU)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | bit(ProtocolFeature.STATUS)
+)
+DRIVER_OK_STATUS = (
+    VIRTIO_CONFIG_S_ACKNOWLEDGE
+    | VIRTIO_CONFIG_S_DRIVER
+    | VIRTIO_CONFIG_S_FEATURES_OK
+    | VIRTIO_CONFIG_S_DRIVER_OK
+)
 
 
 @dataclass
@@ -65,9 +92,12 @@ class FakeQueue:
     buffers: int
     kick: int
     call: int
+    err: int
     avail_idx: int = 0
     last_used: int = 0
     in_flight: int = 0
+    next_desc: int = 0  # descriptors are handed out in order, free-running (completions come in order)
+    base: int = 0  # where the device resumes: 0, or what GET_VRING_BASE returned when the ring stopped
 
 
 class FakeFrontend:
@@ -82,11 +112,13 @@ class FakeFrontend:
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_RING_F_INDIRECT_DESC),
+        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
     ) -> None:
         self.path = path
         self.queue_pairs = queue_pairs
         self.num = queue_size
         self.wanted_features = features
+        self.wanted_protocol_features = protocol_features
         nq = 2 * queue_pairs
         ring_bytes = _round(vring_desc_size(queue_size) + vring_avail_size(queue_size), PAGE) + _round(
             vring_used_size(queue_size), PAGE
@@ -104,7 +136,8 @@ class FakeFrontend:
             off = _round(used + vring_used_size(queue_size), PAGE)
             kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.queues.append(FakeQueue(q, queue_size, desc, avail, used, 0, kick, call))
+            err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.queues.append(FakeQueue(q, queue_size, desc, avail, used, 0, kick, call, err))
         for fq in self.queues:
             fq.buffers = off
             off += queue_size * BUFFER_SIZE
@@ -113,6 +146,7 @@ class FakeFrontend:
         self.conn = FrontendConnection()
         self.features = 0
         self.protocol_features = 0
+        self.rx_errors = 0
 
     # --- connection -------------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
@@ -128,6 +162,15 @@ class FakeFrontend:
                 if time.monotonic() > deadline:
                     raise
                 select.select([], [], [], 0.05)  # back off while the back-end starts
+        sock.settimeout(timeout)
+        self.sock = sock
+
+    def accept_from(self, listener: socket.socket, timeout: float = 10.0) -> None:
+        """Client mode: wait for the back-end to connect to ``listener`` (as QEMU's ``server=on``)."""
+        ready, _, _ = select.select([listener], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"no back-end connected to {listener.getsockname()} in {timeout} s")
+        sock, _ = listener.accept()
         sock.settimeout(timeout)
         self.sock = sock
 
@@ -177,8 +220,36 @@ class FakeFrontend:
         assert isinstance(reply.payload, U64)
         return reply.payload.value == 0
 
-    def negotiate(self) -> None:
-        """The QEMU-like start sequence: features, memory table, every ring started and enabled."""
+    def has_protocol_feature(self, f: ProtocolFeature) -> bool:
+        """Whether protocol feature ``f`` was negotiated."""
+        return bool(self.protocol_features & bit(f))
+
+    def sync(self, req: Request, payload: Payload | None = None, fds: tuple[int, ...] = ()) -> None:
+        """Send a request and wait until the back-end processed it: a REPLY_ACK if negotiated, else a
+        GET_FEATURES round trip (QEMU's barrier). Asserts that the back-end accepted it."""
+        if self.has_protocol_feature(ProtocolFeature.REPLY_ACK):
+            assert self.checked(req, payload, fds), f"back-end refused {req.name}"
+        else:
+            self.send(req, payload, fds)
+            self.call(Request.GET_FEATURES)
+
+    def memory_regions(self, count: int) -> list[MemoryRegion]:
+        """The fake guest memory cut into ``count`` page-aligned regions (the last takes the rest)."""
+        size = self.mem_size // count // PAGE * PAGE
+        assert size > 0
+        return [
+            MemoryRegion(
+                k * size, size if k < count - 1 else self.mem_size - k * size, UVA_BASE + k * size, k * size
+            )
+            for k in range(count)
+        ]
+
+    def negotiate(self, mem_regions: int = 0) -> None:
+        """The QEMU-like start sequence: features, memory table, every ring started and enabled.
+
+        ``mem_regions`` > 0 sends the memory as that many ADD_MEM_REG regions (CONFIGURE_MEM_SLOTS) instead
+        of one SET_MEM_TABLE region.
+        """
         offered = self.call(Request.GET_FEATURES).payload
         assert isinstance(offered, U64)
         self.send(Request.SET_OWNER)
@@ -186,39 +257,106 @@ class FakeFrontend:
         if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             proto = self.call(Request.GET_PROTOCOL_FEATURES).payload
             assert isinstance(proto, U64)
-            self.protocol_features = proto.value & (
-                bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.MQ) | bit(ProtocolFeature.CONFIG)
-            )
+            self.protocol_features = proto.value & self.wanted_protocol_features
             self.send(Request.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
         self.send(Request.SET_FEATURES, U64(self.features))
-        table = MemoryTable((MemoryRegion(0, self.mem_size, UVA_BASE, 0),))
-        assert self.checked(Request.SET_MEM_TABLE, table, (self.memfd,))
+        if mem_regions:
+            assert self.has_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+            for region in self.memory_regions(mem_regions):
+                self.sync(Request.ADD_MEM_REG, SingleMemoryRegion(region), (self.memfd,))
+        else:
+            table = MemoryTable((MemoryRegion(0, self.mem_size, UVA_BASE, 0),))
+            self.sync(Request.SET_MEM_TABLE, table, (self.memfd,))
         for fq in self.queues:
             self.start_queue(fq)
+        if self.has_protocol_feature(ProtocolFeature.STATUS):
+            self.sync(Request.SET_STATUS, U64(DRIVER_OK_STATUS))
 
     def start_queue(self, fq: FakeQueue) -> None:
-        """SET_VRING_NUM/BASE/ADDR/KICK/CALL and enable, as QEMU starts a ring."""
+        """SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR and enable, as QEMU starts a ring."""
         self.send(Request.SET_VRING_NUM, VringState(fq.index, fq.num))
-        self.send(Request.SET_VRING_BASE, VringState(fq.index, fq.avail_idx))
+        self.send(Request.SET_VRING_BASE, VringState(fq.index, fq.base))
+        # QEMU always names the used ring's guest address, and flags it for logging while LOG_ALL is on.
+        log_flags = 1 << VHOST_VRING_F_LOG if self.features & bit(VHOST_F_LOG_ALL) else 0
         self.send(
             Request.SET_VRING_ADDR,
-            VringAddr(fq.index, 0, UVA_BASE + fq.desc, UVA_BASE + fq.used, UVA_BASE + fq.avail, 0),
+            VringAddr(
+                fq.index, log_flags, UVA_BASE + fq.desc, UVA_BASE + fq.used, UVA_BASE + fq.avail, fq.used
+            ),
         )
         self.send(Request.SET_VRING_KICK, VringFile(fq.index, False), (fq.kick,))
         self.send(Request.SET_VRING_CALL, VringFile(fq.index, False), (fq.call,))
-        assert self.checked(Request.SET_VRING_ENABLE, VringState(fq.index, 1))
+        self.send(Request.SET_VRING_ERR, VringFile(fq.index, False), (fq.err,))
+        if self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
+            self.sync(Request.SET_VRING_ENABLE, VringState(fq.index, 1))
+        else:
+            self.call(Request.GET_FEATURES)  # rings start enabled; wait until this one runs
+
+    def stop_queue(self, fq: FakeQueue) -> int:
+        """GET_VRING_BASE: stop the ring; returns the back-end's next available index."""
+        reply = self.call(Request.GET_VRING_BASE, VringState(fq.index, 0)).payload
+        assert isinstance(reply, VringState) and reply.index == fq.index
+        fq.base = reply.num
+        return reply.num
+
+    def get_status(self) -> int:
+        """GET_STATUS (needs the STATUS protocol feature)."""
+        reply = self.call(Request.GET_STATUS).payload
+        assert isinstance(reply, U64)
+        return reply.value
+
+    def restart(self, status_first: bool = False, between: Callable[[], None] | None = None) -> None:
+        """Reset the device as a guest driver does after an error: stop every ring (GET_VRING_BASE),
+        SET_STATUS 0, then start fresh empty rings (indexes back to 0) and set DRIVER_OK again.
+
+        ``status_first`` sends SET_STATUS 0 before stopping the rings, as QEMU before 8.1 does;
+        ``between`` runs right after SET_STATUS 0 (tests use it to make traffic at that moment).
+        """
+        if status_first:
+            self.sync(Request.SET_STATUS, U64(0))
+            if between is not None:
+                between()
+        for fq in self.queues:
+            self.stop_queue(fq)
+        if not status_first:
+            self.sync(Request.SET_STATUS, U64(0))
+            if between is not None:
+                between()
+        for fq in self.queues:
+            end = _round(fq.used + vring_used_size(fq.num), PAGE)
+            self.mem[fq.desc : end] = bytes(end - fq.desc)
+            fq.avail_idx = fq.last_used = fq.in_flight = fq.next_desc = fq.base = 0
+            self.start_queue(fq)
+        self.sync(Request.SET_STATUS, U64(DRIVER_OK_STATUS))
+
+    def set_log_base(self, size: int | None = None) -> mmap.mmap:
+        """SET_LOG_BASE with a fresh shared bitmap covering the guest memory; returns the bitmap."""
+        size = size or _round(self.mem_size // PAGE // 8, 8)
+        fd = os.memfd_create("fake-dirty-log", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            bitmap = mmap.mmap(fd, size)
+            reply = self.call(Request.SET_LOG_BASE, LogDescriptor(size, 0), (fd,)).payload
+        finally:
+            os.close(fd)
+        assert isinstance(reply, U64) and reply.value == 0
+        return bitmap
 
     def close(self) -> None:
-        """Disconnect and free everything."""
+        """Disconnect and free everything (idempotent)."""
+        if self.memfd < 0:
+            return
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         for fq in self.queues:
             os.close(fq.kick)
             os.close(fq.call)
+            os.close(fq.err)
         self.queues = []
         self.mem.close()
         os.close(self.memfd)
+        self.memfd = -1
 
     def __enter__(self) -> FakeFrontend:
         return self
@@ -250,27 +388,60 @@ class FakeFrontend:
         """Guest-physical address of the buffer that belongs to descriptor ``i``."""
         return fq.buffers + i * BUFFER_SIZE
 
+    def _chain(self, fq: FakeQueue, sizes: list[int], flags: int) -> int:
+        """Write a chain of descriptors of ``sizes`` bytes (each on its own buffer); returns its head."""
+        assert fq.in_flight + len(sizes) <= fq.num, "descriptors still in flight would be overwritten"
+        ids = [(fq.next_desc + k) % fq.num for k in range(len(sizes))]
+        fq.next_desc = (fq.next_desc + len(sizes)) & 0xFFFF
+        for k, (i, size) in enumerate(zip(ids, sizes, strict=True)):
+            assert size <= BUFFER_SIZE
+            more = k + 1 < len(ids)
+            self.write_desc(
+                fq,
+                i,
+                self.buffer(fq, i),
+                size,
+                flags | (VRING_DESC_F_NEXT if more else 0),
+                ids[k + 1] if more else 0,
+            )
+        return ids[0]
+
+    def chain_segments(self, fq: FakeQueue, head: int) -> list[tuple[int, int]]:
+        """(address, length) of each descriptor of the chain at ``head`` (as this driver wrote it)."""
+        out = []
+        i = head
+        while True:
+            addr, length, flags, nxt = VRING_DESC.unpack_from(self.mem, fq.desc + VRING_DESC.size * i)
+            out.append((addr, length))
+            if not flags & VRING_DESC_F_NEXT:
+                return out
+            i = nxt
+
     def transmit(self, frames: list[bytes], pair: int = 0) -> None:
-        """Queue ``frames`` on the transmit queue of ``pair`` (one descriptor each, header included)."""
+        """Queue ``frames`` on the transmit queue of ``pair``, header included; a frame larger than one
+        buffer becomes a chain of BUFFER_SIZE descriptors."""
         fq = self.queues[2 * pair + 1]
         heads: list[int] = []
         for frame in frames:
-            i = fq.avail_idx % fq.num if not heads else (heads[-1] + 1) % fq.num
             data = bytes(self.hdr_len) + frame
-            assert len(data) <= BUFFER_SIZE
-            self.mem[self.buffer(fq, i) : self.buffer(fq, i) + len(data)] = data
-            self.write_desc(fq, i, self.buffer(fq, i), len(data), 0)
-            heads.append(i)
+            sizes = [min(BUFFER_SIZE, len(data) - off) for off in range(0, len(data), BUFFER_SIZE)]
+            head = self._chain(fq, sizes, 0)
+            off = 0
+            for addr, length in self.chain_segments(fq, head):
+                self.mem[addr : addr + length] = data[off : off + length]
+                off += length
+            heads.append(head)
+            fq.in_flight += len(sizes) - 1  # publish() counts one per head
         self.publish(fq, heads)
 
-    def post_receive_buffers(self, n: int, pair: int = 0, size: int = BUFFER_SIZE) -> None:
-        """Give the device ``n`` writable buffers on the receive queue of ``pair``."""
+    def post_receive_buffers(self, n: int, pair: int = 0, size: int = BUFFER_SIZE, chain: int = 1) -> None:
+        """Give the device ``n`` writable buffers on the receive queue of ``pair``, each a chain of ``chain``
+        descriptors of ``size`` bytes."""
         fq = self.queues[2 * pair]
         heads = []
-        for k in range(n):
-            i = (fq.avail_idx + k) % fq.num
-            self.write_desc(fq, i, self.buffer(fq, i), size, VRING_DESC_F_WRITE)
-            heads.append(i)
+        for _ in range(n):
+            heads.append(self._chain(fq, [size] * chain, VRING_DESC_F_WRITE))
+            fq.in_flight += chain - 1
         self.publish(fq, heads)
 
     def used(self, fq: FakeQueue) -> list[tuple[int, int]]:
@@ -278,14 +449,18 @@ class FakeFrontend:
         idx = _U16.unpack_from(self.mem, fq.used + 2)[0]
         out = []
         while fq.last_used != idx:
-            out.append(
-                VRING_USED_ELEM.unpack_from(
-                    self.mem, fq.used + VRING_USED_HEADER + VRING_USED_ELEM.size * (fq.last_used % fq.num)
-                )
+            head, length = VRING_USED_ELEM.unpack_from(
+                self.mem, fq.used + VRING_USED_HEADER + VRING_USED_ELEM.size * (fq.last_used % fq.num)
             )
+            out.append((head, length))
             fq.last_used = (fq.last_used + 1) & 0xFFFF
-        fq.in_flight -= len(out)
+            fq.in_flight -= len(self.chain_segments(fq, head))
         return out
+
+    def enable_calls(self, fq: FakeQueue) -> None:
+        """Ask for an interrupt on the next used entry (EVENT_IDX: used_event = last seen, as Linux does)."""
+        if self.features & bit(VIRTIO_RING_F_EVENT_IDX):
+            _U16.pack_into(self.mem, fq.avail + VRING_AVAIL_HEADER + 2 * fq.num, fq.last_used)
 
     def wait_used(self, fq: FakeQueue, count: int, timeout: float = 5.0) -> list[tuple[int, int]]:
         """Collect ``count`` used entries, sleeping on the call eventfd; TimeoutError if they do not come."""
@@ -298,13 +473,31 @@ class FakeFrontend:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {fq.index}: {len(got)} of {count} used entries")
+            self.enable_calls(fq)
+            got += self.used(fq)  # entries that came before used_event was written raise no interrupt
+            if len(got) >= count:
+                break
             ready, _, _ = select.select([fq.call], [], [], min(left, 0.1))
             if ready:
                 os.eventfd_read(fq.call)
         return got
 
+    def read_chain(self, fq: FakeQueue, head: int, length: int) -> bytes:
+        """The first ``length`` bytes the device wrote into the chain at ``head``."""
+        parts = []
+        for addr, seg_len in self.chain_segments(fq, head):
+            n = min(seg_len, length)
+            parts.append(self.mem[addr : addr + n])
+            length -= n
+        assert length == 0, "used length beyond the chain"
+        return b"".join(parts)
+
     def receive(self, count: int, pair: int = 0, timeout: float = 5.0) -> list[bytes]:
-        """Wait for ``count`` frames on the receive queue of ``pair``; headers stripped, merges joined."""
+        """Wait for ``count`` frames on the receive queue of ``pair``; headers stripped, merges joined.
+
+        A buffer returned with less than a header (the device dropped a frame that did not fit) is
+        skipped and counted in ``rx_errors``, as Linux's virtio_net counts rx_length_errors.
+        """
         fq = self.queues[2 * pair]
         frames: list[bytes] = []
         pending: list[tuple[int, int]] = []
@@ -312,15 +505,21 @@ class FakeFrontend:
         while len(frames) < count:
             pending += self.wait_used(fq, 1, max(deadline - time.monotonic(), 0.01))
             while pending:
-                head = pending[0][0]
-                hdr = VIRTIO_NET_HDR.unpack_from(self.mem, self.buffer(fq, head))
+                head, first_len = pending[0]
+                if first_len < self.hdr_len:
+                    self.rx_errors += 1
+                    del pending[0]
+                    continue
+                hdr = VIRTIO_NET_HDR.unpack(
+                    self.read_chain(fq, head, self.hdr_len).ljust(VIRTIO_NET_HDR.size)
+                )
                 nbuf = hdr[6] if self.features & bit(VIRTIO_NET_F_MRG_RXBUF) else 1
                 if len(pending) < nbuf:
                     pending += self.wait_used(fq, nbuf - len(pending), max(deadline - time.monotonic(), 0.01))
                     continue
                 parts = pending[:nbuf]
                 del pending[:nbuf]
-                data = b"".join(self.mem[self.buffer(fq, h) : self.buffer(fq, h) + n] for h, n in parts)
+                data = b"".join(self.read_chain(fq, h, n) for h, n in parts)
                 frames.append(data[self.hdr_len :])
         return frames
 

@@ -306,6 +306,14 @@ class VhostUserNetDevice:
             vq.set_num(msg.payload.num)
         except VirtqueueError as e:
             raise DeviceError(msg.request, e.reason) from e
+        if vq.addresses is not None:
+            # Resized after its addresses were set (even while running): the ring views must cover the new
+            # size, or the datapath would index past them.
+            try:
+                vq.map(self.memory)
+            except VirtqueueError:
+                vq.unmap()
+            self.listener.queues_changed()
         return None
 
     def _set_vring_addr(self, msg: Message) -> None:
@@ -436,6 +444,12 @@ class VhostUserNetDevice:
         status = msg.payload.value & 0xFF
         if status & VIRTIO_CONFIG_S_FAILED:
             log.warning("port %s: driver reports FAILED status", self.name)
+        if status == 0 and self.broken is not None:
+            # The reset of a broken device stops its rings until the driver sets them up again: the chain
+            # that broke it is still available, and QEMU before 8.1 sends SET_STATUS 0 before GET_VRING_BASE.
+            for vq in self.vqs:
+                vq.started = False
+            self.listener.queues_changed()
         if status == 0:
             self.broken = None
         self.status = status

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from vhostmap.config import PortConfig
+from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
@@ -105,10 +108,13 @@ class VhostUserPort(NetmapAdapter):
 
     # --- the datapath -------------------------------------------------------------------------------------
     def wake_fds(self) -> list[int]:
-        """Kick eventfds of the queues that run now."""
-        if self.device.broken:
-            return []
-        return [vq.kick_fd for vq in self.device.vqs if vq.ready and vq.kick_fd is not None]
+        """Kick eventfds of the queues that run now, and the host port's fds (the TAP of ``host=``)."""
+        kicks = (
+            []
+            if self.device.broken
+            else [vq.kick_fd for vq in self.device.vqs if vq.ready and vq.kick_fd is not None]
+        )
+        return [*kicks, *super().wake_fds()]
 
     def _queue(self, index: int) -> SplitVirtqueue | None:
         """The virtqueue with ``index`` if it may be processed now."""
@@ -116,6 +122,16 @@ class VhostUserPort(NetmapAdapter):
             return None
         vq = self.device.vqs[index]
         return vq if vq.ready else None
+
+    def _rx_queue_for(self, pair: int) -> SplitVirtqueue | None:
+        """The receive virtqueue TX kring ``pair`` delivers into: its own pair's when it runs, else one of the
+        pairs that do (``pair`` mod their number). A multiqueue driver may run fewer pairs than the device has
+        (QEMU disables the others with SET_VRING_ENABLE 0), while the peer still sends on every kring."""
+        vq = self._queue(2 * pair)
+        if vq is not None or self.device.broken:
+            return vq
+        running = [q for q in self.device.vqs[0::2] if q.ready]
+        return running[pair % len(running)] if running else None
 
     def _fault(self, kring: Kring, e: VirtqueueError) -> None:
         self.queue_stats[kring.ring_id].errors += 1
@@ -158,12 +174,16 @@ class VhostUserPort(NetmapAdapter):
         if count == 0:
             return
         st = self.queue_stats[kring.ring_id]
-        vq = self._queue(2 * kring.ring_id)
+        vq = self._rx_queue_for(kring.ring_id)
         if vq is None:
-            # No guest to deliver to (link down): drop like a NIC without carrier, and count.
-            st.tx_dropped += count
-            consumed = count
+            # No guest to deliver to (link down): drop like a NIC without carrier, and count frames. A frame
+            # whose last fragment is not here yet waits for it, so that no tail is ever taken for a frame.
+            idx = (kring.nr_hwcur + np.arange(count)) % n
+            ends = np.flatnonzero((kring.ring.slots["flags"][idx] & NS_MOREFRAG) == 0)
+            st.tx_dropped += int(ends.size)
+            consumed = int(ends[-1]) + 1 if ends.size else 0
         else:
+            st = self.queue_stats[vq.index // 2]
             try:
                 res = enqueue(
                     vq,

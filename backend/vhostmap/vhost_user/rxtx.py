@@ -162,7 +162,7 @@ def enqueue(
         if frame is None:
             break  # its last fragment has not been published yet
         nfrag, length = frame
-        chains = _reserve(vq, hdr_len + length, mergeable)
+        chains = _reserve(vq, hdr_len, hdr_len + length, mergeable)
         if chains is None:
             break  # the guest has no room now; its next kick brings us back
         if sum(c.length for c in chains) < hdr_len + length:
@@ -190,8 +190,12 @@ def _frame_at(slots: npt.NDArray[np.void], pos: int, available: int) -> tuple[in
     return None
 
 
-def _reserve(vq: SplitVirtqueue, need: int, mergeable: bool) -> list[Chain] | None:
-    """Receive chains holding ``need`` bytes (one chain without mergeable buffers), or None if too few."""
+def _reserve(vq: SplitVirtqueue, hdr_len: int, need: int, mergeable: bool) -> list[Chain] | None:
+    """Receive chains holding ``need`` bytes (one chain without mergeable buffers), or None if too few.
+
+    A chain that cannot hold the virtio-net header is a driver fault (spec 5.1.6.3.1: with MRG_RXBUF each
+    buffer MUST hold the header, which must not be split; without it such a chain never carries a frame).
+    """
     chains: list[Chain] = []
     got = 0
     pending = vq.pending()
@@ -201,6 +205,10 @@ def _reserve(vq: SplitVirtqueue, need: int, mergeable: bool) -> list[Chain] | No
                 vq.unpop()
             return None
         chain = vq.pop(writable=True)
+        if chain.length < hdr_len:
+            raise VirtqueueError(
+                vq.index, f"receive chain {chain.head} of {chain.length} bytes is shorter than its header"
+            )
         pending -= 1
         chains.append(chain)
         got += chain.length

@@ -23,7 +23,14 @@ from typing import Protocol
 
 from vhostmap.vhost_user.device import DeviceError
 from vhostmap.vhost_user.errors import ProtocolError
-from vhostmap.vhost_user.messages import HEADER, MAX_FDS, VHOST_USER_MAX_PAYLOAD_SIZE, Request, always_replies
+from vhostmap.vhost_user.messages import (
+    HEADER,
+    MAX_FDS,
+    VHOST_USER_MAX_PAYLOAD_SIZE,
+    Empty,
+    Request,
+    always_replies,
+)
 from vhostmap.vhost_user.protocol import BackendConnection, Message, NeedData, Payload
 
 log = logging.getLogger(__name__)
@@ -64,10 +71,20 @@ class EndpointError(Exception):
 class Endpoint:
     """One port's vhost-user socket and its (at most one) front-end connection."""
 
-    def __init__(self, handler: MessageHandler, path: str, mode: SocketMode) -> None:
+    def __init__(
+        self,
+        handler: MessageHandler,
+        path: str,
+        mode: SocketMode,
+        *,
+        group: int | None = None,
+        perm: int | None = None,
+    ) -> None:
         self.handler = handler
         self.path = path
         self.mode = mode
+        self.group = group  # server mode: the socket's group and permission bits (None: leave as created)
+        self.perm = perm
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -78,7 +95,7 @@ class Endpoint:
     def start(self) -> None:
         """Begin serving (call from the event loop). Server mode binds now, so errors surface at once."""
         if self.mode is SocketMode.SERVER:
-            self._listener = bind_listener(self.path)
+            self._listener = bind_listener(self.path, group=self.group, perm=self.perm)
             asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
         else:
             self._task = asyncio.get_running_loop().create_task(self._connect_forever())
@@ -164,8 +181,10 @@ class Endpoint:
         if len(self._partial) < HEADER.size:
             return HEADER.size - len(self._partial)
         _, _, size = HEADER.unpack_from(self._partial)
-        # An absurd size is the parser's to reject (fatally); never ask the socket for more than a message.
-        size = min(size, VHOST_USER_MAX_PAYLOAD_SIZE)
+        if size > VHOST_USER_MAX_PAYLOAD_SIZE:
+            # An absurd size is the parser's to reject (fatally), from the header alone: waiting for a
+            # payload first would leave a front-end that sent only the header connected forever.
+            return 0
         return max(HEADER.size + size - len(self._partial), 0)
 
     def _readable(self) -> None:
@@ -202,6 +221,10 @@ class Endpoint:
                 if e.fatal:
                     self._drop("protocol error")
                     return
+                if e.request is not None and always_replies(e.request):
+                    # The front-end waits for an answer we will not give (see _dispatch): hang up.
+                    self._drop(f"cannot answer {e.request.name}")
+                    return
                 code = e.request if e.request is not None else e.code
                 if code is not None and e.need_reply and self.handler.reply_ack_negotiated():
                     self._send(self._parser.ack(code, ok=False))
@@ -216,7 +239,10 @@ class Endpoint:
             payload = self.handler.handle_message(msg)
         except DeviceError as e:
             log.error("port %s: %s refused: %s", self.handler.name, e.request.name, e.reason)
-            if always_replies(msg.request):
+            if msg.request is Request.GET_CONFIG:
+                # The spec's failure answer to GET_CONFIG: a reply with an empty payload.
+                self._send(self._parser.reply(msg.request, Empty()))
+            elif always_replies(msg.request):
                 # A GET that cannot be answered leaves the front-end waiting forever: hang up instead.
                 self._drop(f"cannot answer {msg.request.name}")
             elif msg.need_reply and self.handler.reply_ack_negotiated():
@@ -250,13 +276,25 @@ def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def bind_listener(path: str, on_stale: Callable[[str], None] | None = None) -> socket.socket:
-    """A listening UNIX socket at ``path``; a stale socket file is replaced, a live one is an error."""
+def bind_listener(
+    path: str,
+    on_stale: Callable[[str], None] | None = None,
+    *,
+    group: int | None = None,
+    perm: int | None = None,
+) -> socket.socket:
+    """A listening UNIX socket at ``path``; a stale socket file is replaced, a live one is an error.
+
+    ``group`` and ``perm`` (permission bits) are set on the socket file before it listens, so no front-end
+    connects while it is still open to more than asked (or unreachable by whom it was meant for).
+    """
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, exist_ok=True)
     except PermissionError as e:
         raise EndpointError(f"cannot create directory {directory}: permission denied") from e
+    except OSError as e:  # a path component is a file, a read-only file system...
+        raise EndpointError(f"cannot create directory {directory}: {e.strerror}") from e
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.stat(path).st_mode):
             raise EndpointError(f"{path} exists and is not a socket")
@@ -279,6 +317,15 @@ def bind_listener(path: str, on_stale: Callable[[str], None] | None = None) -> s
         if e.errno == errno.ENAMETOOLONG or len(path) >= 108:
             raise EndpointError(f"socket path {path} is too long (UNIX sockets allow 107 bytes)") from e
         raise EndpointError(f"cannot bind {path}: {e.strerror}") from e
+    try:
+        if group is not None:
+            os.chown(path, -1, group)
+        if perm is not None:
+            os.chmod(path, perm)
+    except OSError as e:
+        sock.close()
+        os.unlink(path)
+        raise EndpointError(f"cannot set group/mode of socket {path}: {e.strerror}") from e
     sock.listen(1)
     sock.setblocking(False)
     return sock

@@ -1,0 +1,181 @@
+"""A vhostmap daemon running inside the test process, with fake front-ends on its ports.
+
+``start_daemon`` builds a configuration, runs ``Daemon.run`` on its own event loop in a thread, and on
+teardown closes every front-end, stops the daemon, joins its thread and checks that nothing was left behind:
+no exception in the daemon thread, no socket file, no file descriptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhostmap.config import build_config
+from vhostmap.daemon import Daemon
+from vhostmap.lab.frontend import FakeFrontend
+from vhostmap.lab.wait import wait_until
+from vhostmap.vhost_user.device import VhostUserNetDevice
+from vhostmap.vhost_user.server import Endpoint
+
+
+def open_fds() -> dict[int, str]:
+    """This process's open file descriptors and what they point at."""
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the fd listdir itself used, closed by now
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+class RunningDaemon:
+    """A started in-process daemon, the directory of its sockets, and the front-ends tests made."""
+
+    def __init__(self, daemon: Daemon, workdir: Path, thread: threading.Thread) -> None:
+        self.daemon = daemon
+        self.workdir = workdir
+        self.thread = thread
+        self.frontends: list[FakeFrontend] = []
+        self.error: BaseException | None = None
+
+    def path(self, port: str) -> str:
+        """The vhost-user socket of ``port``."""
+        return self.daemon.config.port(port).path
+
+    def device(self, port: str) -> VhostUserNetDevice:
+        """The device state machine behind ``port``."""
+        return self.daemon.ports[port].device
+
+    def endpoint(self, port: str) -> Endpoint:
+        """The socket endpoint of ``port``."""
+        return next(ep for ep in self.daemon.endpoints if ep.handler.name == port)
+
+    def frontend(
+        self, port: str, *, negotiate: bool = True, mem_regions: int = 0, **kwargs: Any
+    ) -> FakeFrontend:
+        """A FakeFrontend connected to ``port`` (and negotiated, unless told not to); closed at teardown."""
+        fe = FakeFrontend(self.path(port), **kwargs)
+        self.frontends.append(fe)
+        fe.connect()
+        if negotiate:
+            fe.negotiate(mem_regions=mem_regions)
+        return fe
+
+    def adopt(self, fe: FakeFrontend) -> FakeFrontend:
+        """Close ``fe`` at teardown too."""
+        self.frontends.append(fe)
+        return fe
+
+    def stats(self, port: str) -> dict[str, Any]:
+        """The ``stats`` control command's counters of ``port``."""
+        return self.daemon.stats({})["ports"][port]  # type: ignore[no-any-return]
+
+    def totals(self, port: str) -> dict[str, int]:
+        """The counters of ``port`` summed over its queues."""
+        return self.stats(port)["totals"]  # type: ignore[no-any-return]
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
+        """Wait for ``predicate`` with a deadline."""
+        return wait_until(predicate, timeout, what, interval=0.01)
+
+    def wait_broken(self, port: str) -> str:
+        """Wait until the device of ``port`` is marked broken; its reason."""
+        return self.wait(lambda: self.device(port).broken, f"port {port} to be marked broken")  # type: ignore[no-any-return]
+
+    def close_frontends(self) -> None:
+        """Disconnect every front-end made so far."""
+        for fe in self.frontends:
+            fe.close()
+        self.frontends = []
+
+
+StartDaemon = Callable[..., RunningDaemon]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Remember whether the test itself failed (``item.failed_call``), for fixtures' teardown checks."""
+    report = yield
+    if report.when == "call":
+        item.failed_call = report.failed  # type: ignore[attr-defined]
+    return report
+
+
+@pytest.fixture
+def start_daemon(
+    sock_dir: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> Iterator[StartDaemon]:
+    """Start an in-process daemon: ``start_daemon({"a": "queues=4", "b": ""}, links=["a,b"])``; also
+    ``switches=["vale0=a,b"]`` (``--switch`` values) and ``other_ports`` (complete ``--port`` values).
+
+    Port values are extra ``--port`` options (``mode=client``, ``queues=``, ``mac=``, ``mtu=``); every socket
+    lives in ``sock_dir``. Teardown fails the test if the daemon thread raised, or if a socket file or a file
+    descriptor outlives it.
+    """
+    fds_before = open_fds()
+    running: list[RunningDaemon] = []
+
+    def start(
+        ports: Mapping[str, str],
+        links: Sequence[str] = (),
+        *,
+        switches: Sequence[str] = (),
+        other_ports: Sequence[str] = (),
+    ) -> RunningDaemon:
+        flags = []
+        for name, options in ports.items():
+            flags.append(
+                f"{name}=vhost-user,path={sock_dir}/{name}.sock" + (f",{options}" if options else "")
+            )
+        flags += other_ports  # complete --port values (generic ports)
+        config = build_config(None, flags, links, f"{sock_dir}/control.sock", switch_flags=switches)
+        daemon = Daemon(config)
+
+        def serve() -> None:
+            try:
+                asyncio.run(daemon.run(handle_signals=False))
+            except BaseException as e:  # reported by the teardown
+                rd.error = e
+                daemon.ready.set()
+
+        thread = threading.Thread(target=serve, name="vhostmap-daemon", daemon=True)
+        rd = RunningDaemon(daemon, sock_dir, thread)
+        running.append(rd)
+        thread.start()
+        assert daemon.ready.wait(5), "daemon did not become ready"
+        if rd.error is not None:  # failed to start: nothing to stop
+            thread.join(10)
+            running.remove(rd)
+            raise rd.error
+        return rd
+
+    yield start
+
+    for rd in running:
+        rd.close_frontends()
+        rd.daemon.stop()
+        rd.thread.join(10)
+        assert not rd.thread.is_alive(), "daemon thread did not stop"
+        assert rd.error is None, f"daemon thread raised {rd.error!r}"
+    if running and not getattr(request.node, "failed_call", True):
+        # (A failed test's traceback keeps the daemon and its mappings alive: nothing to learn there.)
+        left = sorted(p.name for p in sock_dir.iterdir() if p.is_socket())
+        assert not left, f"sockets left behind: {left}"
+        # A mapping (and the fd Python's mmap keeps beside it) lives as long as a view of it does: the
+        # daemon's ports hold views of the netmap memory until the daemon object itself goes.
+        for rd in running:
+            del rd.daemon
+        running.clear()
+        for when in ("setup", "call", "teardown"):
+            # Records keep their arguments, and a logged exception keeps its traceback's frames.
+            caplog.get_records(when).clear()
+        gc.collect()
+        leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
+        assert not leaked, f"file descriptors leaked: {leaked}"

@@ -1,0 +1,302 @@
+"""Frames through the daemon: two guests on a link, byte for byte, with exact counters; jumbo frames over
+several netmap slots, with and without mergeable receive buffers; backpressure; a lone port; interrupts."""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import time
+
+import pytest
+
+from conftest import RunningDaemon, StartDaemon
+from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
+from vhostmap.netmap.allocator import AllocatorParams
+from vhostmap.vhost_user.messages import Request, VringState
+from vhostmap.vhost_user.port import PORT_RING_SLOTS
+from vhostmap.virtio.spec import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_HDR,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    bit,
+)
+
+HDR = VIRTIO_NET_HDR.size
+NETMAP_BUF = AllocatorParams().buf_size
+WITH_MRG = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX)
+WITHOUT_MRG = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_RING_F_INDIRECT_DESC)
+
+
+def frame(size: int, seq: int) -> bytes:
+    """An Ethernet frame of ``size`` bytes whose every byte depends on ``seq``."""
+    rnd = random.Random(seq)
+    return b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + rnd.randbytes(size - 14)
+
+
+def counters(d: RunningDaemon, port: str) -> list[dict[str, int]]:
+    return [{k: v for k, v in q.items() if k != "queue"} for q in d.stats(port)["queues"]]
+
+
+def zero() -> dict[str, int]:
+    return dict.fromkeys(
+        ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped", "errors"), 0
+    )
+
+
+@pytest.mark.parametrize("mergeable", [True, False], ids=["mrg", "no-mrg"])
+@pytest.mark.parametrize("size", [60, 1514, 9014])
+@pytest.mark.parametrize("pairs", [1, 4])
+def test_frames_cross_a_link_byte_exact_with_exact_counters(
+    start_daemon: StartDaemon, pairs: int, size: int, mergeable: bool
+) -> None:
+    d = start_daemon({"a": f"queues={pairs},mtu=9000", "b": f"queues={pairs},mtu=9000"}, links=["a,b"])
+    fa = d.frontend("a", queue_pairs=pairs)
+    fb = d.frontend("b", queue_pairs=pairs, features=WITH_MRG if mergeable else WITHOUT_MRG)
+    per_queue = 6
+    # Without mergeable buffers a receive chain must hold a whole frame (Linux's "big packets" chains).
+    ndesc = -(-(HDR + size) // BUFFER_SIZE)  # 4 KiB descriptors a frame and its header need
+    chain = 1 if mergeable else ndesc
+    sent = {p: [frame(size, 1000 * p + k) for k in range(per_queue)] for p in range(pairs)}
+    for p in range(pairs):
+        fb.post_receive_buffers(per_queue * ndesc // chain, pair=p, chain=chain)
+    for p in range(pairs):
+        fa.transmit(sent[p], pair=p)
+    for p in range(pairs):
+        assert fb.receive(per_queue, pair=p) == sent[p]
+        # Transmit chains come back in order, with used length 0 (the device wrote nothing into them).
+        assert fa.wait_used(fa.queues[2 * p + 1], per_queue) == [(k * ndesc, 0) for k in range(per_queue)]
+    assert fb.rx_errors == 0
+    sender = {**zero(), "rx_packets": per_queue, "rx_bytes": per_queue * size}
+    receiver = {**zero(), "tx_packets": per_queue, "tx_bytes": per_queue * size}
+    assert counters(d, "a") == [sender] * pairs
+    assert counters(d, "b") == [receiver] * pairs
+
+
+def test_jumbo_frame_spans_netmap_slots_and_fills_three_mergeable_buffers(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "mtu=9000", "b": "mtu=9000"}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b", features=WITH_MRG)
+    jumbo = frame(9014, 7)
+    assert -(-len(jumbo) // NETMAP_BUF) == 5  # netmap slots, all but the last with NS_MOREFRAG
+    rx = fb.queues[0]
+    fb.post_receive_buffers(4)
+    fa.transmit([jumbo])
+    used = fb.wait_used(rx, 3)
+    assert used == [(0, BUFFER_SIZE), (1, BUFFER_SIZE), (2, HDR + 9014 - 2 * BUFFER_SIZE)]
+    header = VIRTIO_NET_HDR.unpack(fb.read_chain(rx, 0, HDR))
+    assert header == (0, 0, 0, 0, 0, 0, 3)  # no offloads; num_buffers = 3
+    assert b"".join(fb.read_chain(rx, h, n) for h, n in used)[HDR:] == jumbo
+
+
+def test_without_mrg_rxbuf_a_frame_larger_than_the_receive_buffer_is_dropped_and_counted(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": "mtu=9000", "b": "mtu=9000"}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b", features=WITHOUT_MRG)
+    small1, jumbo, small2 = frame(60, 1), frame(9014, 2), frame(60, 3)
+    fb.post_receive_buffers(3)  # one 4 KiB descriptor each
+    fa.transmit([small1, jumbo, small2])
+    assert fb.receive(2) == [small1, small2]
+    assert fb.rx_errors == 1  # the buffer came back empty
+    assert d.totals("a") == {**zero(), "rx_packets": 3, "rx_bytes": 9134}
+    assert d.totals("b") == {**zero(), "tx_packets": 2, "tx_bytes": 120, "tx_dropped": 1}
+
+
+def test_backpressure_holds_frames_until_receive_buffers_come(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    tx = fa.queues[1]
+    # What the path can hold: a's RX kring and b's TX kring, one slot of each always empty.
+    capacity = 2 * (PORT_RING_SLOTS - 1)
+    frames = [frame(60, k) for k in range(capacity + 2)]
+    batch = 128
+    for start in range(0, capacity - capacity % batch, batch):
+        fa.transmit(frames[start : start + batch])
+        assert len(fa.wait_used(tx, batch)) == batch
+    tail = frames[capacity - capacity % batch :]
+    fa.transmit(tail)
+    # The rings fill up; the last two frames stay in the guest's transmit queue, not dropped.
+    assert len(fa.wait_used(tx, len(tail) - 2)) == len(tail) - 2
+    with d.daemon.worker.lock:
+        assert d.device("a").vqs[1].pending() == 2
+    assert d.totals("a") == {**zero(), "rx_packets": capacity, "rx_bytes": 60 * capacity}
+    assert d.totals("b") == zero()
+    got: list[bytes] = []
+    while len(got) < len(frames):
+        n = min(200, len(frames) - len(got))
+        fb.post_receive_buffers(n)
+        got += fb.receive(n)
+    assert got == frames
+    assert len(fa.wait_used(tx, 2)) == 2
+    assert d.totals("a") == {**zero(), "rx_packets": len(frames), "rx_bytes": 60 * len(frames)}
+    assert d.totals("b") == {**zero(), "tx_packets": len(frames), "tx_bytes": 60 * len(frames)}
+
+
+def test_frames_wait_for_the_receiver_to_post_buffers(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    frames = [frame(1514, k) for k in range(20)]
+    fa.transmit(frames)
+    assert len(fa.wait_used(fa.queues[1], 20)) == 20
+    assert d.totals("b") == zero()
+    fb.post_receive_buffers(5)
+    assert fb.receive(5) == frames[:5]
+    fb.post_receive_buffers(15)
+    assert fb.receive(15) == frames[5:]
+    assert d.totals("b") == {**zero(), "tx_packets": 20, "tx_bytes": 20 * 1514}
+
+
+def test_a_lone_port_drops_what_its_guest_sends_and_counts_it(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"c": "queues=2"})
+    fc = d.frontend("c", queue_pairs=2)
+    fc.transmit([frame(60, k) for k in range(5)], pair=0)
+    fc.transmit([frame(1514, k) for k in range(3)], pair=1)
+    assert len(fc.wait_used(fc.queues[1], 5)) == 5
+    assert len(fc.wait_used(fc.queues[3], 3)) == 3
+    d.wait(lambda: d.totals("c")["rx_dropped"] == 8, "the sink to count 8 drops")
+    assert counters(d, "c") == [
+        {**zero(), "rx_packets": 5, "rx_bytes": 300, "rx_dropped": 5},
+        {**zero(), "rx_packets": 3, "rx_bytes": 3 * 1514, "rx_dropped": 3},
+    ]
+
+
+def wait_call(fq: FakeQueue, timeout: float = 5.0) -> int:
+    """Wait for the call eventfd of ``fq`` and consume it."""
+    ready, _, _ = select.select([fq.call], [], [], timeout)
+    assert ready, f"queue {fq.index}: no interrupt within {timeout} s"
+    return os.eventfd_read(fq.call)
+
+
+def called(fq: FakeQueue) -> bool:
+    """Whether the call eventfd of ``fq`` was signalled (consumes it)."""
+    try:
+        os.eventfd_read(fq.call)
+    except BlockingIOError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
+def test_call_eventfd_is_signalled_for_every_completion(start_daemon: StartDaemon, event_idx: bool) -> None:
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    features = (
+        bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | (bit(VIRTIO_RING_F_EVENT_IDX) * event_idx)
+    )
+    fa, fb = d.frontend("a", features=features), d.frontend("b", features=features)
+    assert d.device("a").vqs[1].event_idx is event_idx
+    tx, rx = fa.queues[1], fb.queues[0]
+    fb.post_receive_buffers(8)
+    for k in range(4):
+        fa.enable_calls(tx)
+        fb.enable_calls(rx)
+        fa.transmit([frame(60, k)])
+        assert wait_call(rx) == 1
+        assert wait_call(tx) == 1
+        assert fa.used(tx) == [(k, 0)]
+        assert fb.used(rx) == [(k, HDR + 60)]
+
+
+@pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
+def test_no_call_when_the_driver_does_not_want_one(start_daemon: StartDaemon, event_idx: bool) -> None:
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    features = (
+        bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | (bit(VIRTIO_RING_F_EVENT_IDX) * event_idx)
+    )
+    fa, fb = d.frontend("a", features=features), d.frontend("b", features=features)
+    tx, rx = fa.queues[1], fb.queues[0]
+    if event_idx:
+        # used_event 3: interrupt when used->idx passes 3, not before.
+        fa.mem[tx.avail + 4 + 2 * tx.num : tx.avail + 6 + 2 * tx.num] = (3).to_bytes(2, "little")
+    else:
+        fa.mem[tx.avail : tx.avail + 2] = VRING_AVAIL_F_NO_INTERRUPT.to_bytes(2, "little")
+    fb.post_receive_buffers(8)
+    for k in range(3):
+        fa.transmit([frame(60, k)])
+        fb.enable_calls(rx)
+        assert wait_call(rx) == 1
+        assert fb.used(rx) == [(k, HDR + 60)]
+        # The receive interrupt comes from the same forwarder round that completed the transmission.
+        assert fa.used(tx) == [(k, 0)]
+        assert not called(tx)
+    fa.transmit([frame(60, 3)])
+    assert fb.receive(1) == [frame(60, 3)]
+    assert fa.used(tx) == [(3, 0)]
+    assert called(tx) is event_idx  # used->idx went 3 -> 4, past used_event 3
+
+
+def test_interrupts_go_to_every_queue_pair(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "queues=4", "b": "queues=4"}, links=["a,b"])
+    fa, fb = d.frontend("a", queue_pairs=4), d.frontend("b", queue_pairs=4)
+    for p in range(4):
+        fb.post_receive_buffers(1, pair=p)
+        fb.enable_calls(fb.queues[2 * p])
+    deadline = time.monotonic() + 5
+    for p in reversed(range(4)):
+        fa.transmit([frame(60, p)], pair=p)
+    for p in range(4):
+        assert wait_call(fb.queues[2 * p], deadline - time.monotonic()) == 1
+        assert fb.receive(1, pair=p) == [frame(60, p)]
+    assert [q["tx_packets"] for q in counters(d, "b")] == [1, 1, 1, 1]
+
+
+def test_a_second_link_is_independent(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "", "b": "", "c": "", "e": ""}, links=["a,b", "c,e"])
+    fa, fb, fc, fe = (d.frontend(p) for p in "abce")
+    fb.post_receive_buffers(3)
+    fe.post_receive_buffers(3)
+    fa.transmit([frame(60, 1)])
+    fc.transmit([frame(60, 2)])
+    assert fb.receive(1) == [frame(60, 1)]
+    assert fe.receive(1) == [frame(60, 2)]
+    assert d.totals("b")["tx_packets"] == d.totals("e")["tx_packets"] == 1
+
+
+def test_ports_with_different_queue_counts_are_linked_queue_i_to_i_mod_n(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "queues=4", "b": "queues=1"}, links=["a,b"])
+    fa, fb = d.frontend("a", queue_pairs=4), d.frontend("b")
+    fb.post_receive_buffers(8)
+    for p in range(4):
+        fa.transmit([frame(60, p)], pair=p)
+    assert sorted(fb.receive(4)) == sorted(frame(60, p) for p in range(4))
+    fa.post_receive_buffers(2, pair=0)
+    fb.transmit([frame(60, 10), frame(60, 11)])
+    assert fa.receive(2, pair=0) == [frame(60, 10), frame(60, 11)]
+    assert [q["rx_packets"] for q in counters(d, "a")] == [1, 1, 1, 1]
+    assert counters(d, "b") == [
+        {**zero(), "rx_packets": 2, "rx_bytes": 120, "tx_packets": 4, "tx_bytes": 240}
+    ]
+
+
+def test_frames_for_pairs_the_guest_did_not_enable_reach_its_enabled_pairs(start_daemon: StartDaemon) -> None:
+    # A guest with fewer vCPUs than queue pairs runs only some of them (QEMU disables the others with
+    # SET_VRING_ENABLE 0); traffic its peer sends on the other pairs must still reach it.
+    d = start_daemon({"a": "queues=4", "b": "queues=4"}, links=["a,b"])
+    fa = d.frontend("a", queue_pairs=4)
+    fb = d.frontend("b", queue_pairs=4)
+    for q in fb.queues[2:]:
+        fb.sync(Request.SET_VRING_ENABLE, VringState(q.index, 0))
+    fb.post_receive_buffers(8)
+    for p in range(4):
+        fa.transmit([frame(60, p)], pair=p)
+    assert sorted(fb.receive(4)) == sorted(frame(60, p) for p in range(4))
+    assert counters(d, "b")[0] == {**zero(), "tx_packets": 4, "tx_bytes": 240}
+    assert d.totals("b")["tx_dropped"] == 0
+
+
+def test_frames_for_a_guest_that_is_not_there_are_dropped_and_counted_as_frames(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": "mtu=9000", "b": "mtu=9000"}, links=["a,b"])
+    fa = d.frontend("a")
+    fa.transmit([frame(9014, 1), frame(60, 2), frame(9014, 3)])  # 5 + 1 + 5 netmap slots
+    assert len(fa.wait_used(fa.queues[1], 3)) == 3
+    d.wait(lambda: d.totals("b")["tx_dropped"] == 3, "b's drops to be counted")
+    assert d.totals("b") == {**zero(), "tx_dropped": 3}
+    # b arrives: it gets what is sent from now on, whole.
+    fb = d.frontend("b")
+    fb.post_receive_buffers(8)
+    fa.transmit([frame(9014, 4)])
+    assert fb.receive(1) == [frame(9014, 4)]

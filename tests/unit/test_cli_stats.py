@@ -1,0 +1,150 @@
+"""``vhostmap stats`` against a ``vhostmap serve`` process: JSON and table forms with exact counters, and a
+clear error when no daemon answers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vhostmap.control import ControlError, call
+from vhostmap.lab.frontend import FakeFrontend
+from vhostmap.lab.wait import wait_until
+
+VHOSTMAP = str(Path(sys.executable).with_name("vhostmap"))
+
+
+def vhostmap(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([VHOSTMAP, *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def answers(control: str) -> bool:
+    try:
+        call(control, "status", timeout=2)
+    except (ControlError, OSError):
+        return False
+    return True
+
+
+@pytest.fixture
+def serving(sock_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``vhostmap serve`` with ports a and b linked; stopped with SIGTERM, which must end it cleanly."""
+    control = str(sock_dir / "control.sock")
+    proc = subprocess.Popen(
+        [
+            VHOSTMAP,
+            "serve",
+            "--port",
+            f"a=vhost-user,path={sock_dir}/a.sock",
+            "--port",
+            f"b=vhost-user,path={sock_dir}/b.sock,queues=2",
+            "--link",
+            "a,b",
+            "--control",
+            control,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or answers(control), 30, "vhostmap serve to answer", interval=0.02
+        )
+        assert proc.poll() is None, proc.communicate()
+        yield control, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert out == "" and err == ""  # quiet when all is well
+    assert sorted(p.name for p in sock_dir.iterdir()) == []  # every socket removed
+
+
+def test_stats_json_and_table_show_exact_counters(
+    serving: tuple[str, subprocess.Popen[str]], sock_dir: Path
+) -> None:
+    control, _ = serving
+    with (
+        FakeFrontend(str(sock_dir / "a.sock")) as fa,
+        FakeFrontend(str(sock_dir / "b.sock"), queue_pairs=2) as fb,
+    ):
+        fa.connect()
+        fa.negotiate()
+        fb.connect()
+        fb.negotiate()
+        to_b = [bytes([k]) * 60 for k in range(3)]
+        to_a = [bytes([k]) * 1514 for k in range(2)]
+        fb.post_receive_buffers(3)
+        fa.transmit(to_b)
+        assert fb.receive(3) == to_b
+        fa.post_receive_buffers(2)
+        fb.transmit(to_a, pair=1)  # b's queue 1 reaches a's only queue
+        assert fa.receive(2) == to_a
+
+        result = vhostmap("stats", "--json", "--control", control)
+        assert result.returncode == 0 and result.stderr == ""
+        counters = dict.fromkeys(
+            ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped", "errors"), 0
+        )
+        a = {**counters, "rx_packets": 3, "rx_bytes": 180, "tx_packets": 2, "tx_bytes": 3028}
+        b0 = {**counters, "tx_packets": 3, "tx_bytes": 180}
+        b1 = {**counters, "rx_packets": 2, "rx_bytes": 3028}
+        assert json.loads(result.stdout) == {
+            "ports": {
+                "a": {"queues": [{"queue": 0, **a}], "totals": a, "broken": None},
+                "b": {
+                    "queues": [{"queue": 0, **b0}, {"queue": 1, **b1}],
+                    "totals": {
+                        **counters,
+                        "rx_packets": 2,
+                        "rx_bytes": 3028,
+                        "tx_packets": 3,
+                        "tx_bytes": 180,
+                    },
+                    "broken": None,
+                },
+            }
+        }
+
+        result = vhostmap("stats", "--control", control)
+        assert result.returncode == 0 and result.stderr == ""
+        assert result.stdout.splitlines() == [
+            "port         queue      rx pkts       rx bytes      tx pkts       tx bytes      drops   errors",
+            "a                0            3            180            2           3028          0        0",
+            "b                0            0              0            3            180          0        0",
+            "b                1            2           3028            0              0          0        0",
+        ]
+
+
+def test_stats_without_a_daemon_is_a_clear_error(sock_dir: Path) -> None:
+    control = sock_dir / "control.sock"
+    result = vhostmap("stats", "--control", str(control))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert (
+        result.stderr == f"vhostmap stats: no vhostmap daemon at {control} (is `vhostmap serve` running?)\n"
+    )
+    # A socket file nobody listens on (a daemon that was killed).
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(control))
+    stale.close()
+    result = vhostmap("stats", "--json", "--control", str(control))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"vhostmap stats: no vhostmap daemon listens on {control} (stale socket)\n"
+
+
+def test_stats_does_not_load_the_datapath() -> None:
+    # The client commands stay quick: no numpy, no compiled kernels.
+    code = "import sys; from vhostmap import cli; cli.main(['stats', '--control', '/nonexistent/c.sock']); "
+    code += "print(sorted(m for m in ('numpy', 'vhostmap.datapath') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert result.stdout == "[]\n"
