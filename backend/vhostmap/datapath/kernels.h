@@ -9,5 +9,6 @@
 
 #include "netmap.cdef"
 #include "memory.cdef"
+#include "virtio.cdef"
 
 #endif

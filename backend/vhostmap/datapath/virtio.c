@@ -1,0 +1,606 @@
+/* Split virtqueue batch kernels: frames between a virtio-net device's virtqueues and netmap slots (virtio 1.x
+ * spec 2.7 and 5.1.6).
+ *
+ * The compiled twins of rxtx.dequeue / rxtx.enqueue in vhostmap/vhost_user/, with SplitVirtqueue's descriptor
+ * walk (pop/_walk), the completion a port runs after each batch (flush_used, call, enable_kicks) and
+ * GuestMemory._locate_gpa. Those Python versions are the reference: tests/unit/test_kernels_differential.py
+ * drives both over the same rings and compares every byte, index, count and error.
+ *
+ * Everything in guest memory belongs to an untrusted driver that may change it while we look: each value is
+ * read once (a 16-bit index with one load, a descriptor copied out), checked, then used from the copy, and
+ * every guest-physical address goes through vm_translate. Each phase finishes before the next starts, as in
+ * the reference: a chain is walked and validated completely before a byte of it is copied, and the receive
+ * chains of a frame are all reserved before any is written, so a fault or a shortage leaves nothing half done.
+ */
+#include <string.h>
+
+#include "kernels.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "virtio 1.x rings are little-endian and read natively here"
+#endif
+
+/* Split ring layout (spec 2.7; VRING_* in vhostmap/virtio/spec.py):
+ *   descriptor table  {u64 addr, u32 len, u16 flags, u16 next}[num]
+ *   available ring    u16 flags, u16 idx, u16 ring[num], u16 used_event
+ *   used ring         u16 flags, u16 idx, {u32 id, u32 len}[num], u16 avail_event */
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+#define VRING_DESC_SIZE 16
+#define VRING_RING_HEADER 4
+#define VRING_USED_ELEM_SIZE 8
+
+/* A segment of a chain: a translated, non-empty guest buffer. */
+struct vq_seg {
+    uint8_t *host;
+    uint64_t gpa;
+    uint32_t len;
+};
+
+/* A walked chain: its head, total length and how many segments were stored (VQ_NOT_STORED: more than fit). */
+struct vq_chain {
+    uint64_t len;
+    uint32_t nseg;
+    uint16_t head;
+};
+#define VQ_NOT_STORED UINT32_MAX
+
+/* --- guest memory ------------------------------------------------------------------------------------------ */
+
+static uint8_t *vm_fault_at(struct vm_fault *fault, int32_t reason, uint64_t gpa, uint64_t len,
+                            const struct vm_region *r)
+{
+    fault->reason = reason;
+    fault->addr = gpa;
+    fault->len = len;
+    fault->region_gpa = r ? r->gpa : 0;
+    fault->region_size = r ? r->size : 0;
+    return NULL;
+}
+
+uint8_t *vm_translate(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vm_fault *fault)
+{
+    /* The range may end at 2^64 exactly, not beyond (memory.py: ADDRESS_LIMIT). */
+    if (gpa != 0 && len > UINT64_MAX - gpa + 1)
+        return vm_fault_at(fault, VM_FAULT_ADDRESS_SPACE, gpa, len, NULL);
+    if (mem->nregions == 0)
+        return vm_fault_at(fault, VM_FAULT_NO_REGIONS, gpa, len, NULL);
+    /* bisect_right over the region starts: lo is the number of regions starting at or below gpa. */
+    uint32_t lo = 0, hi = mem->nregions;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (mem->regions[mid].gpa <= gpa)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return vm_fault_at(fault, VM_FAULT_NO_REGION, gpa, len, NULL);
+    const struct vm_region *r = &mem->regions[lo - 1];
+    uint64_t offset = gpa - r->gpa;
+    if (offset >= r->size)
+        return vm_fault_at(fault, VM_FAULT_NO_REGION, gpa, len, NULL);
+    if (len > r->size - offset)
+        return vm_fault_at(fault, VM_FAULT_CROSSES_END, gpa, len, r);
+    return (uint8_t *)(uintptr_t)(r->host + offset);
+}
+
+/* GuestMemory.log_write: mark [gpa, gpa + len) dirty; remember the first range that missed the log. */
+static void vq_log_write(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vq_batch *out)
+{
+    uint64_t missed = mem->log ? vm_log_dirty(mem->log, mem->log_size, gpa, len) : (len != 0);
+    if (missed && !out->log_missed) {
+        out->log_missed_addr = gpa;
+        out->log_missed_len = len;
+    }
+    out->log_missed += missed;
+}
+
+/* --- ring access: one load or store per shared value ------------------------------------------------------- */
+
+static inline uint16_t *ring16(uint8_t *ring, uint32_t offset)
+{
+    return (uint16_t *)(void *)(ring + offset);
+}
+
+static inline uint16_t load16(uint8_t *ring, uint32_t offset)
+{
+    return __atomic_load_n(ring16(ring, offset), __ATOMIC_RELAXED);
+}
+
+static inline void store16(uint8_t *ring, uint32_t offset, uint16_t value)
+{
+    __atomic_store_n(ring16(ring, offset), value, __ATOMIC_RELAXED);
+}
+
+/* avail->idx; what the driver wrote before it (ring entries, descriptors, buffers) is visible after it. */
+static inline uint16_t vq_avail_idx(const struct vq_split *vq)
+{
+    return __atomic_load_n(ring16(vq->avail, 2), __ATOMIC_ACQUIRE);
+}
+
+static inline uint32_t vq_used_event_offset(const struct vq_split *vq)
+{
+    return VRING_RING_HEADER + 2 * vq->num;
+}
+
+static inline uint32_t vq_avail_event_offset(const struct vq_split *vq)
+{
+    return VRING_RING_HEADER + VRING_USED_ELEM_SIZE * vq->num;
+}
+
+/* A copy of descriptor `i` of `table`: every check and every use below looks at this copy, never again at the
+ * guest's (the compiler barrier keeps it from re-reading guest memory for a field). Indirect tables need not
+ * be aligned, hence memcpy. */
+static inline struct vring_desc vq_load_desc(const uint8_t *table, uint32_t i)
+{
+    struct vring_desc d;
+    memcpy(&d, table + (size_t)i * VRING_DESC_SIZE, sizeof d);
+    __asm__ __volatile__("" ::: "memory");
+    return d;
+}
+
+static inline struct nm_slot *nm_slot_at(const struct nm_bufs *nm, uint32_t i)
+{
+    return &nm->slots[i];
+}
+
+/* The buffer of `slot` (its buf_idx read once), or NULL when buf_idx is out of range. */
+static inline uint8_t *nm_slot_buf(const struct nm_bufs *nm, const struct nm_slot *slot)
+{
+    uint32_t buf_idx = __atomic_load_n(&slot->buf_idx, __ATOMIC_RELAXED);
+    if (buf_idx >= nm->nbufs)
+        return NULL;
+    return nm->base + (size_t)buf_idx * nm->buf_size;
+}
+
+/* --- faults ------------------------------------------------------------------------------------------------- */
+
+static int32_t vq_fail(struct vq_batch *out, int32_t status, uint32_t desc)
+{
+    out->status = status;
+    out->err_desc = desc;
+    return status;
+}
+
+static int32_t vq_fail_chain(struct vq_batch *out, int32_t status, uint16_t head, uint64_t value)
+{
+    out->status = status;
+    out->err_head = head;
+    out->err_value = value;
+    return status;
+}
+
+static int vq_args_ok(const struct vq_split *vq, const struct nm_bufs *nm, uint32_t first, uint32_t count)
+{
+    return vq->desc && vq->avail && vq->used && vq->num && vq->num <= 32768 && !(vq->num & (vq->num - 1)) &&
+           nm->slots && nm->base && nm->num_slots && nm->buf_size && first < nm->num_slots &&
+           count <= nm->num_slots;
+}
+
+static void vq_batch_init(struct vq_batch *out)
+{
+    memset(out, 0, sizeof *out);
+    out->bad_slot = -1;
+}
+
+/* --- the descriptor walk (SplitVirtqueue._walk) ------------------------------------------------------------- */
+
+/* Walk and validate the chain at `head`, every check of the reference in its order; store up to `cap` of its
+ * segments in `segs`. Returns VQ_OK or the fault (in `out`). */
+static int32_t vq_walk(const struct vq_split *vq, const struct vm_memory *mem, uint16_t head, int writable,
+                       struct vq_seg *segs, uint32_t cap, struct vq_chain *chain, struct vq_batch *out)
+{
+    const uint8_t *table = vq->desc;
+    uint32_t size = vq->num, i = head, nseg = 0;
+    int in_indirect = 0;
+    uint64_t total = 0;
+
+    for (uint32_t step = 0; step < VQ_MAX_CHAIN_LENGTH; step++) {
+        struct vring_desc d = vq_load_desc(table, i);
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!vq->indirect)
+                return vq_fail(out, VQ_ERR_INDIRECT_OFF, i);
+            if (in_indirect)
+                return vq_fail(out, VQ_ERR_NESTED_INDIRECT, i);
+            if (d.flags & VRING_DESC_F_NEXT)
+                return vq_fail(out, VQ_ERR_INDIRECT_NEXT, i);
+            if (d.len == 0 || d.len % VRING_DESC_SIZE || d.len / VRING_DESC_SIZE > VQ_MAX_CHAIN_LENGTH) {
+                out->err_value = d.len;
+                return vq_fail(out, VQ_ERR_INDIRECT_LEN, i);
+            }
+            table = vm_translate(mem, d.addr, d.len, &out->fault);
+            if (!table)
+                return vq_fail(out, VQ_ERR_INDIRECT_MEM, i);
+            size = d.len / VRING_DESC_SIZE;
+            i = 0;
+            in_indirect = 1;
+            continue;
+        }
+        if (!!(d.flags & VRING_DESC_F_WRITE) != writable)
+            return vq_fail(out, VQ_ERR_DIRECTION, i);
+        if (d.len) {
+            uint8_t *host = vm_translate(mem, d.addr, d.len, &out->fault);
+            if (!host)
+                return vq_fail(out, VQ_ERR_BUFFER_MEM, i);
+            if (nseg < cap)
+                segs[nseg] = (struct vq_seg){host, d.addr, d.len};
+            nseg++;
+            total += d.len;
+        }
+        if (!(d.flags & VRING_DESC_F_NEXT)) {
+            chain->len = total;
+            chain->nseg = nseg <= cap ? nseg : VQ_NOT_STORED;
+            chain->head = head;
+            return VQ_OK;
+        }
+        if (d.next >= size) {
+            out->err_value = d.next;
+            out->err_size = size;
+            return vq_fail(out, VQ_ERR_NEXT, i);
+        }
+        i = d.next;
+    }
+    out->err_head = head;
+    return vq_fail(out, VQ_ERR_LOOP, i);
+}
+
+/* SplitVirtqueue.pop: validate the chain at available entry last_avail_idx and consume it. */
+static int32_t vq_pop(struct vq_split *vq, const struct vm_memory *mem, int writable, struct vq_seg *segs,
+                      uint32_t cap, struct vq_chain *chain, struct vq_batch *out)
+{
+    uint32_t slot = vq->last_avail_idx & (vq->num - 1);
+    uint16_t head = load16(vq->avail, VRING_RING_HEADER + 2 * slot);
+    if (head >= vq->num) {
+        out->err_slot = slot;
+        return vq_fail(out, VQ_ERR_HEAD, head);
+    }
+    int32_t status = vq_walk(vq, mem, head, writable, segs, cap, chain, out);
+    if (status == VQ_OK)
+        vq->last_avail_idx++;
+    return status;
+}
+
+/* --- completion: flush_used, call, enable_kicks ------------------------------------------------------------- */
+
+static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const struct vq_used_elem *pending,
+                        uint32_t n, struct vq_batch *out)
+{
+    if (n) {
+        /* Entries first, then used->idx with a release store: the driver reads idx, then the entries. */
+        uint16_t idx = vq->used_idx;
+        for (uint32_t k = 0; k < n; k++, idx++)
+            memcpy(vq->used + VRING_RING_HEADER + VRING_USED_ELEM_SIZE * (idx & (vq->num - 1)), &pending[k],
+                   VRING_USED_ELEM_SIZE);
+        __atomic_store_n(ring16(vq->used, 2), idx, __ATOMIC_RELEASE);
+        vq->used_idx = idx;
+        if (vq->log_dirty && vq->log_used)
+            vq_log_write(mem, vq->log_used_addr, vq_avail_event_offset(vq) + 2, out);
+    }
+    out->used = n;
+
+    /* Whether the driver wants an interrupt (spec 2.7.10): used->idx must be visible before we read what it
+     * asked for, the other half of the barrier the driver has between re-enabling interrupts and reading idx. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t new_idx = vq->used_idx, old_idx = vq->signalled_used;
+    if (vq->event_idx) {
+        uint16_t used_event = load16(vq->avail, vq_used_event_offset(vq));
+        out->notify = (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - old_idx);
+    } else {
+        out->notify = new_idx != old_idx && !(load16(vq->avail, 0) & VRING_AVAIL_F_NO_INTERRUPT);
+    }
+    vq->signalled_used = new_idx;
+
+    /* Ask for a kick at the next available entry; visible before the next look at avail->idx. */
+    if (vq->event_idx)
+        store16(vq->used, vq_avail_event_offset(vq), vq->last_avail_idx);
+    else
+        store16(vq->used, 0, 0);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* --- dequeue: guest transmit queue -> netmap slots ----------------------------------------------------------- */
+
+static void nm_close_slot(struct nm_slot *slot, uint32_t len, uint16_t flags)
+{
+    slot->len = (uint16_t)len;
+    slot->flags = flags;
+}
+
+/* rxtx._gather: copy the segments minus their first `skip` bytes into consecutive slots from `pos`. Returns -1,
+ * or the slot whose buf_idx turned out to be out of range (nothing is published then). */
+static int32_t vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint32_t nseg, uint64_t skip,
+                         uint32_t pos)
+{
+    struct nm_slot *slot = nm_slot_at(nm, pos);
+    uint8_t *dst = nm_slot_buf(nm, slot);
+    uint32_t filled = 0;
+
+    if (!dst)
+        return (int32_t)pos;
+    for (uint32_t k = 0; k < nseg; k++) {
+        if (skip >= segs[k].len) {
+            skip -= segs[k].len;
+            continue;
+        }
+        const uint8_t *src = segs[k].host + skip;
+        uint32_t left = segs[k].len - (uint32_t)skip;
+        skip = 0;
+        while (left) {
+            if (filled == nm->buf_size) {
+                nm_close_slot(slot, filled, NS_MOREFRAG);
+                if (++pos == nm->num_slots)
+                    pos = 0;
+                slot = nm_slot_at(nm, pos);
+                dst = nm_slot_buf(nm, slot);
+                if (!dst)
+                    return (int32_t)pos;
+                filled = 0;
+            }
+            uint32_t n = nm->buf_size - filled < left ? nm->buf_size - filled : left;
+            memcpy(dst + filled, src, n);
+            filled += n;
+            src += n;
+            left -= n;
+        }
+    }
+    nm_close_slot(slot, filled, 0);
+    return -1;
+}
+
+int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm, uint32_t hdr_len,
+                   uint32_t first, uint32_t space, struct vq_used_elem *pending, struct vq_batch *out)
+{
+    struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
+    uint32_t n_used = 0, pos = first;
+
+    vq_batch_init(out);
+    if (!vq_args_ok(vq, nm, first, space))
+        return vq_fail(out, VQ_ERR_ARGUMENT, 0);
+    uint16_t npending = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
+    if (npending > vq->num) {
+        out->err_value = npending;
+        return vq_fail(out, VQ_ERR_AVAIL_IDX, 0);
+    }
+    while (npending && space) {
+        struct vq_chain chain;
+        if (vq_pop(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
+            goto fault;
+        npending--;
+        if (chain.len < hdr_len) {
+            vq_fail_chain(out, VQ_ERR_SHORT_TX, chain.head, chain.len);
+            goto fault;
+        }
+        uint64_t length = chain.len - hdr_len;
+        if (length == 0 || length > VQ_MAX_FRAME) {
+            /* An empty or oversized frame is the guest's business: complete it and count the drop. */
+            pending[n_used++] = (struct vq_used_elem){chain.head, 0};
+            out->dropped++;
+            continue;
+        }
+        uint32_t need = (uint32_t)((length + nm->buf_size - 1) / nm->buf_size);
+        if (need > space) {
+            vq->last_avail_idx--; /* unpop: it goes first next time */
+            break;
+        }
+        int32_t bad = vq_gather(nm, segs, chain.nseg, hdr_len, pos);
+        if (bad >= 0) {
+            /* The ring user rewrote a slot it had given us: stop here; its next sync repairs the ring. */
+            vq->last_avail_idx--;
+            out->bad_slot = bad;
+            break;
+        }
+        pending[n_used++] = (struct vq_used_elem){chain.head, 0};
+        pos = (pos + need) % nm->num_slots;
+        space -= need;
+        out->slots += need;
+        out->packets++;
+        out->bytes += length;
+    }
+    vq_complete(vq, mem, pending, n_used, out);
+    return VQ_OK;
+fault:
+    out->used = n_used;
+    return out->status;
+}
+
+/* --- enqueue: netmap slots -> guest receive queue ----------------------------------------------------------- */
+
+/* rxtx._frame_at: 1 with the fragments and bytes of the frame at `pos` when its last slot is among the
+ * `avail` slots from there, 0 when it is not, -1 (bad_slot set) at a slot with a bad buf_idx or len. */
+static int vq_frame_at(const struct nm_bufs *nm, uint32_t pos, uint32_t avail, uint32_t *nfrag, uint64_t *len,
+                       struct vq_batch *out)
+{
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < avail; i++) {
+        const struct nm_slot *slot = nm_slot_at(nm, pos);
+        uint32_t buf_idx = __atomic_load_n(&slot->buf_idx, __ATOMIC_RELAXED);
+        uint16_t slot_len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
+        uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
+        if (buf_idx >= nm->nbufs || slot_len > nm->buf_size) {
+            out->bad_slot = (int32_t)pos;
+            return -1;
+        }
+        total += slot_len;
+        if (!(flags & NS_MOREFRAG)) {
+            *nfrag = i + 1;
+            *len = total;
+            return 1;
+        }
+        if (++pos == nm->num_slots)
+            pos = 0;
+    }
+    return 0;
+}
+
+/* The bytes a frame delivers: the virtio-net header, then the buffers of its slots. */
+struct vq_source {
+    const struct nm_bufs *nm;
+    const uint8_t *p;
+    uint32_t left;  /* bytes at p */
+    uint32_t slot;  /* next slot */
+    uint32_t frags; /* slots not yet read */
+    uint8_t hdr[VIRTIO_NET_HDR_SIZE];
+};
+
+/* Copy up to `n` bytes of the source to `dst`; returns how many (fewer only if the ring user shortened a slot
+ * since vq_frame_at measured it: its len and buf_idx are read again here, once, and checked again). */
+static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
+{
+    uint32_t done = 0;
+    while (done < n) {
+        if (!src->left) {
+            if (!src->frags)
+                break;
+            const struct nm_slot *slot = nm_slot_at(src->nm, src->slot);
+            uint16_t slot_len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
+            const uint8_t *buf = nm_slot_buf(src->nm, slot);
+            src->p = buf;
+            src->left = buf && slot_len <= src->nm->buf_size ? slot_len : 0;
+            src->frags--;
+            if (++src->slot == src->nm->num_slots)
+                src->slot = 0;
+            continue;
+        }
+        uint32_t c = n - done < src->left ? n - done : src->left;
+        memcpy(dst + done, src->p, c);
+        done += c;
+        src->p += c;
+        src->left -= c;
+    }
+    return done;
+}
+
+/* rxtx._scatter: write the header and the frame of `nfrag` slots from `pos` across the `nchains` reserved
+ * chains, whose heads are in chains[k].id. The first `stored` chains have their segments in `segs`, one after
+ * the other, their counts in chains[k].len; the others are walked again (validated again) into `segs`. Sets
+ * chains[k].len to the bytes written into chain k. */
+static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                          uint32_t hdr_len, uint32_t pos, uint32_t nfrag, uint64_t frame_len,
+                          struct vq_used_elem *chains, uint32_t nchains, uint32_t stored, struct vq_seg *segs,
+                          struct vq_batch *out)
+{
+    struct vq_source src = {.nm = nm, .slot = pos, .frags = nfrag};
+    uint16_t num_buffers = (uint16_t)nchains;
+    uint32_t hdr_bytes = hdr_len < VIRTIO_NET_HDR_SIZE ? hdr_len : VIRTIO_NET_HDR_SIZE;
+    uint64_t remaining = hdr_bytes + frame_len;
+    uint32_t next_seg = 0;
+
+    memset(src.hdr, 0, sizeof src.hdr);
+    memcpy(src.hdr + VIRTIO_NET_HDR_SIZE - 2, &num_buffers, 2);
+    src.p = src.hdr;
+    src.left = hdr_bytes;
+    for (uint32_t k = 0; k < nchains; k++) {
+        const struct vq_seg *cs;
+        uint32_t nseg;
+        if (k < stored) {
+            cs = segs + next_seg;
+            nseg = chains[k].len;
+            next_seg += nseg;
+        } else {
+            struct vq_chain chain;
+            int32_t status =
+                vq_walk(vq, mem, (uint16_t)chains[k].id, 1, segs, VQ_MAX_CHAIN_LENGTH, &chain, out);
+            if (status != VQ_OK)
+                return status;
+            cs = segs;
+            nseg = chain.nseg;
+        }
+        uint32_t written = 0;
+        for (uint32_t j = 0; j < nseg && remaining; j++) {
+            uint32_t n = cs[j].len < remaining ? cs[j].len : (uint32_t)remaining;
+            uint32_t copied = vq_source_copy(&src, cs[j].host, n);
+            if (vq->log_dirty)
+                vq_log_write(mem, cs[j].gpa, copied, out);
+            written += copied;
+            remaining = copied < n ? 0 : remaining - n;
+        }
+        chains[k].len = written;
+    }
+    return VQ_OK;
+}
+
+int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm, uint32_t hdr_len,
+                   int32_t mergeable, uint32_t first, uint32_t count, struct vq_used_elem *pending,
+                   struct vq_batch *out)
+{
+    struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
+    uint32_t n_used = 0, pos = first, done = 0;
+    uint16_t npending = 0;
+    int avail_read = 0;
+
+    vq_batch_init(out);
+    if (!vq_args_ok(vq, nm, first, count))
+        return vq_fail(out, VQ_ERR_ARGUMENT, 0);
+    while (done < count) {
+        uint32_t nfrag;
+        uint64_t frame_len;
+        if (vq_frame_at(nm, pos, count - done, &nfrag, &frame_len, out) <= 0)
+            break; /* its last fragment has not been published yet (or the ring user broke a slot) */
+
+        /* rxtx._reserve: receive chains for header and frame; one chain without mergeable buffers. */
+        if (!avail_read) {
+            npending = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
+            avail_read = 1;
+        }
+        if (npending > vq->num) {
+            out->err_value = npending;
+            vq_fail(out, VQ_ERR_AVAIL_IDX, 0);
+            goto fault;
+        }
+        uint64_t need = (uint64_t)hdr_len + frame_len, got = 0;
+        uint32_t nchains = 0, stored = 0, nsegs = 0;
+        struct vq_used_elem *chains = pending + n_used;
+        while (got < need) {
+            if (!npending) {
+                /* The guest has no room now; its next kick brings us back. */
+                vq->last_avail_idx -= (uint16_t)nchains;
+                npending += (uint16_t)nchains;
+                goto complete;
+            }
+            struct vq_chain chain;
+            uint32_t cap = stored == nchains ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
+            if (vq_pop(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
+                goto fault;
+            if (chain.len < hdr_len) {
+                vq_fail_chain(out, VQ_ERR_SHORT_RX, chain.head, chain.len);
+                goto fault;
+            }
+            npending--;
+            if (chain.nseg != VQ_NOT_STORED && stored == nchains) {
+                nsegs += chain.nseg;
+                stored++;
+            }
+            chains[nchains++] = (struct vq_used_elem){chain.head, chain.nseg};
+            got += chain.len;
+            if (!mergeable)
+                break;
+        }
+        if (got < need) {
+            for (uint32_t k = 0; k < nchains; k++)
+                chains[k].len = 0;
+            out->dropped++;
+        } else {
+            if (vq_scatter(vq, mem, nm, hdr_len, pos, nfrag, frame_len, chains, nchains, stored, segs, out) !=
+                VQ_OK)
+                goto fault;
+            out->packets++;
+            out->bytes += frame_len;
+        }
+        n_used += nchains;
+        done += nfrag;
+        pos = (pos + nfrag) % nm->num_slots;
+    }
+complete:
+    out->slots = done;
+    vq_complete(vq, mem, pending, n_used, out);
+    return VQ_OK;
+fault:
+    out->slots = done;
+    out->used = n_used;
+    return out->status;
+}
