@@ -13,6 +13,7 @@ from typing import Any
 from vhostmap import __version__
 from vhostmap.config import DEFAULT_CONTROL_SOCKET, ConfigError, build_config, load_toml
 from vhostmap.control import ControlError, call
+from vhostmap.vm import add_vm_parser, run_vm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a port, e.g. vm0=vhost-user,path=/run/vhostmap/vm0.sock,mode=server,queues=4,mtu=9000",
     )
     serve.add_argument("--link", action="append", default=[], metavar="A,B", help="cross-connect two ports")
+    serve.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        metavar="NAME=PORT,...",
+        help="a learning switch and its ports, e.g. vale0=vm0,vm1,uplink (option aging=SECONDS, default 300)",
+    )
     serve.add_argument("--control", metavar="SOCK", help=f"control socket (default {DEFAULT_CONTROL_SOCKET})")
+    serve.add_argument("--socket-group", metavar="GROUP", help="group of the sockets vhostmap listens on")
+    serve.add_argument(
+        "--socket-mode", metavar="MODE", help="their permission bits, e.g. 0660 (default with a group: 0660)"
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections and negotiation too")
 
     stats = sub.add_parser("stats", help="per-port and per-queue counters of the running daemon")
@@ -43,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="ports, sockets and connections of the running daemon")
     status.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+
+    switch = sub.add_parser("switch", help="attach ports to switches, detach them, list switches (vale-ctl)")
+    switch_ops = switch.add_subparsers(dest="op", metavar="OP", required=True)
+    for op, what in (("attach", "attach PORT to SWITCH (made if missing)"), ("detach", "detach PORT")):
+        p = switch_ops.add_parser(op, help=what)
+        p.add_argument("switch", metavar="SWITCH")
+        p.add_argument("port", metavar="PORT")
+        p.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+    listing = switch_ops.add_parser("list", help="switches, their ports, counters and learnt addresses")
+    listing.add_argument("switch", metavar="SWITCH", nargs="?", help="only this switch")
+    listing.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    add_vm_parser(sub)
     return parser
 
 
@@ -57,7 +83,13 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         config = build_config(
-            load_toml(args.config) if args.config else None, args.port, args.link, args.control
+            load_toml(args.config) if args.config else None,
+            args.port,
+            args.link,
+            args.control,
+            socket_group=args.socket_group,
+            socket_mode=args.socket_mode,
+            switch_flags=args.switch,
         )
     except ConfigError as e:
         print(f"vhostmap serve: {e}", file=sys.stderr)
@@ -88,6 +120,44 @@ def _format_stats(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _switch(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"op": args.op}
+    if args.switch is not None:
+        request["switch"] = args.switch
+    if args.op != "list":
+        request["port"] = args.port
+    try:
+        reply = call(args.control, "switch", **request)
+    except ControlError as e:
+        print(f"vhostmap switch {args.op}: {e}", file=sys.stderr)
+        return 1
+    if args.op == "list":
+        print(json.dumps(reply["switches"], indent=2) if args.json else _format_switches(reply["switches"]))
+    else:
+        print(f"{args.op}ed {args.port} {'to' if args.op == 'attach' else 'from'} {args.switch}")
+    return 0
+
+
+def _format_switches(switches: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for name, sw in switches.items():
+        lines.append(
+            f"{name}: {len(sw['ports'])} port(s), {len(sw['addresses'])} address(es), aging {sw['aging']:g} s"
+        )
+        lines.append(
+            f"  {'port':<14} {'rx frames':>10} {'forwarded':>10} {'flooded':>10} {'filtered':>9} "
+            f"{'dropped':>9} {'tx frames':>10} {'tx dropped':>10}"
+        )
+        for port, s in sw["ports"].items():
+            lines.append(
+                f"  {port:<14} {s['rx_frames']:>10} {s['forwarded']:>10} {s['flooded']:>10} "
+                f"{s['filtered']:>9} {s['dropped']:>9} {s['tx_frames']:>10} {s['tx_dropped']:>10}"
+            )
+        for entry in sw["addresses"]:
+            lines.append(f"  {entry['mac']} on {entry['port']} (seen {entry['age']:.0f} s ago)")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vhostmap`` console script."""
     parser = build_parser()
@@ -97,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(args)
+    if args.command == "vm":
+        return run_vm(args)
+    if args.command == "switch":
+        return _switch(args)
     try:
         reply = call(args.control, args.command)
     except ControlError as e:

@@ -14,14 +14,35 @@ Flags and TOML describe the same thing::
 
     [[links]]
     ports = ["vm0", "vm1"]
+
+A switch (a VALE-style learning bridge) joins any number of ports; ``host=TAP`` gives a port host rings on a
+TAP (created if missing): alone, the port and its TAP are cross-connected ("a VM on a TAP"); on a switch, its
+host side is one more switch port. A ``generic`` port attaches an existing interface (veth, TAP, NIC)::
+
+    --port uplink=generic,ifname=veth0
+    --port vm2=vhost-user,path=/run/vhostmap/vm2.sock,host=tap-vm2
+    --switch vale0=vm0,vm1,uplink,aging=300
+
+    [ports.uplink]
+    type = "generic"
+    ifname = "veth0"
+
+    [switches.vale0]
+    ports = ["vm0", "vm1", "uplink"]
+    aging = 300
+
+A server-mode port's socket can be given to a group with a mode, so that QEMU running as another user (as
+libvirt runs it) may connect: ``group=libvirt-qemu,perm=0660`` per port, or ``--socket-group`` and
+``--socket-mode`` (TOML ``socket_group``, ``socket_mode``) for every server-mode port that sets neither.
 """
 
 from __future__ import annotations
 
+import grp
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +51,10 @@ DEFAULT_CONTROL_SOCKET = f"{DEFAULT_RUN_DIR}/control.sock"
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _MAC = re.compile(r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
-PORT_TYPES = ("vhost-user",)
+PORT_TYPES = ("vhost-user", "generic")
+# Linux interface names: 1..15 bytes, no '/', no ':', no whitespace.
+_IFNAME = re.compile(r"^[^/:\s]{1,15}$")
+DEFAULT_SWITCH_AGING = 300.0
 SOCKET_MODES = ("server", "client")
 
 
@@ -50,6 +74,20 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def _valid_ifname(name: str) -> bool:
+    return bool(_IFNAME.match(name)) and len(name.encode()) <= 15
+
+
+def resolve_group(group: str, where: str) -> int:
+    """A group name or number -> its gid; a clear error for an unknown name."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no group named {group!r}") from None
+
+
 @dataclass(frozen=True)
 class PortConfig:
     """One port of the daemon."""
@@ -61,6 +99,10 @@ class PortConfig:
     queues: int = 1
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
+    group: str | None = None  # group (name or number) of the socket vhostmap creates (server mode)
+    perm: int | None = None  # its permission bits, e.g. 0o660
+    host: str | None = None  # TAP the port's host rings are bound to (created if missing)
+    ifname: str | None = None  # the interface a generic port attaches to
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -70,14 +112,69 @@ class PortConfig:
             raise ConfigError(f"{where}: unknown type {self.type!r} (known: {', '.join(PORT_TYPES)})")
         if self.mode not in SOCKET_MODES:
             raise ConfigError(f"{where}: mode must be server or client, not {self.mode!r}")
-        if not self.path:
+        if self.type == "generic":
+            self._check_generic(where)
+        elif not self.path:
             raise ConfigError(f"{where}: path= (the vhost-user socket) is required")
+        elif self.ifname is not None:
+            raise ConfigError(f"{where}: ifname= is for generic ports (type generic)")
+        if self.host is not None and not _valid_ifname(self.host):
+            raise ConfigError(f"{where}: host= must be an interface name of 1-15 bytes, not {self.host!r}")
         if len(self.path.encode()) >= 108:
             raise ConfigError(f"{where}: socket path is longer than the 107 bytes UNIX sockets allow")
         if not 1 <= self.queues <= 64:
             raise ConfigError(f"{where}: queues must be 1..64, not {self.queues}")
         if not 68 <= self.mtu <= 9216:
             raise ConfigError(f"{where}: mtu must be 68..9216, not {self.mtu}")
+        if (self.group is not None or self.perm is not None) and self.mode != "server":
+            raise ConfigError(f"{where}: group= and perm= apply to mode=server sockets (QEMU makes others)")
+        if self.perm is not None and not 0 <= self.perm <= 0o777:
+            raise ConfigError(f"{where}: perm must be octal permission bits like 0660, not {self.perm:o}")
+        if self.group is not None:
+            resolve_group(self.group, where)  # an unknown group is a configuration error, found now
+
+    def _check_generic(self, where: str) -> None:
+        if not self.ifname:
+            raise ConfigError(f"{where}: ifname= (the interface to attach) is required for a generic port")
+        if not _valid_ifname(self.ifname):
+            raise ConfigError(f"{where}: ifname must be an interface name of 1-15 bytes, not {self.ifname!r}")
+        if self.path:
+            raise ConfigError(f"{where}: path= is for vhost-user ports; a generic port has no socket")
+        if self.queues != 1:
+            raise ConfigError(f"{where}: a generic port has one queue, not {self.queues}")
+        if self.group is not None or self.perm is not None:
+            raise ConfigError(f"{where}: group= and perm= are for vhost-user sockets")
+
+    @property
+    def gid(self) -> int | None:
+        """The socket's group id, or None to leave the group alone."""
+        return None if self.group is None else resolve_group(self.group, f"port {self.name!r}")
+
+    @property
+    def socket_perm(self) -> int | None:
+        """The socket's mode: ``perm``, else 0660 when a group is given (so it can connect), else None."""
+        if self.perm is None and self.group is not None:
+            return 0o660
+        return self.perm
+
+
+@dataclass(frozen=True)
+class SwitchConfig:
+    """A learning switch and the ports attached to it when the daemon starts."""
+
+    name: str
+    ports: tuple[str, ...] = ()
+    aging: float = DEFAULT_SWITCH_AGING  # seconds a learnt address lives without traffic from it
+
+    def __post_init__(self) -> None:
+        where = f"switch {self.name!r}"
+        if not _NAME.match(self.name):
+            raise ConfigError(f"{where}: names are 1-32 characters of letters, digits, '_', '.', '-'")
+        if not 0 < self.aging <= 1e6:
+            raise ConfigError(f"{where}: aging must be 0..1000000 seconds (not 0), not {self.aging:g}")
+        dupes = {n for n in self.ports if self.ports.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"{where}: port {sorted(dupes)[0]!r} is listed twice")
 
 
 @dataclass(frozen=True)
@@ -87,13 +184,14 @@ class DaemonConfig:
     ports: tuple[PortConfig, ...] = ()
     links: tuple[tuple[str, str], ...] = ()
     control_socket: str = DEFAULT_CONTROL_SOCKET
+    switches: tuple[SwitchConfig, ...] = ()
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.ports]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigError(f"port {sorted(dupes)[0]!r} is defined twice")
-        paths = [p.path for p in self.ports]
+        paths = [p.path for p in self.ports if p.path]
         dupe_paths = {p for p in paths if paths.count(p) > 1}
         if dupe_paths:
             raise ConfigError(f"socket {sorted(dupe_paths)[0]} is used by two ports")
@@ -107,6 +205,47 @@ class DaemonConfig:
                 used.add(n)
             if a == b:
                 raise ConfigError(f"link {a},{b}: a port cannot be linked to itself")
+        self._check_switches(names, used)
+        self._check_interfaces()
+
+    def _check_switches(self, names: list[str], linked: set[str]) -> None:
+        switch_names = [s.name for s in self.switches]
+        dupes = {n for n in switch_names if switch_names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"switch {sorted(dupes)[0]!r} is defined twice")
+        on_switch: dict[str, str] = {}
+        for s in self.switches:
+            for n in s.ports:
+                if n not in names:
+                    raise ConfigError(f"switch {s.name!r}: no port named {n!r}")
+                if n in linked:
+                    raise ConfigError(f"switch {s.name!r}: port {n!r} is already linked")
+                if n in on_switch:
+                    raise ConfigError(f"switch {s.name!r}: port {n!r} is already on switch {on_switch[n]!r}")
+                on_switch[n] = s.name
+        for p in self.ports:
+            if p.host is not None and p.name in linked:
+                raise ConfigError(
+                    f"port {p.name!r}: host= cannot be combined with a link (put both ports on a switch)"
+                )
+
+    def _check_interfaces(self) -> None:
+        taps = [p.host for p in self.ports if p.host is not None]
+        ifnames = [p.ifname for p in self.ports if p.ifname is not None]
+        for kind, seen in (("TAP", taps), ("interface", ifnames)):
+            dupes = {n for n in seen if seen.count(n) > 1}
+            if dupes:
+                raise ConfigError(f"{kind} {sorted(dupes)[0]} is used by two ports")
+        both = set(taps) & set(ifnames)
+        if both:
+            raise ConfigError(f"interface {sorted(both)[0]} is both a host= TAP and a generic port's ifname")
+
+    def switch(self, name: str) -> SwitchConfig:
+        """The switch called ``name``."""
+        for s in self.switches:
+            if s.name == name:
+                return s
+        raise KeyError(name)
 
     def port(self, name: str) -> PortConfig:
         """The port called ``name``."""
@@ -117,7 +256,7 @@ class DaemonConfig:
 
 
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
-    known = {"type", "path", "mode", "queues", "mac", "mtu"}
+    known = {"type", "path", "mode", "queues", "mac", "mtu", "group", "perm", "host", "ifname"}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(
@@ -132,9 +271,21 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
                 raise ConfigError(f"port {name!r}: {key} must be a number, not {value!r}") from None
         elif key == "mac":
             kwargs["mac"] = parse_mac(str(value))
+        elif key == "perm":
+            kwargs["perm"] = parse_perm(value, f"port {name!r}: perm")
         else:
             kwargs[key] = str(value)
     return PortConfig(name=name, **kwargs)
+
+
+def parse_perm(value: Any, what: str) -> int:
+    """Permission bits: an octal string (``"0660"``, ``"660"``) or a number (TOML ``0o660``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value), 8)
+    except ValueError:
+        raise ConfigError(f"{what} must be octal permission bits like 0660, not {value!r}") from None
 
 
 def parse_port_flag(text: str) -> PortConfig:
@@ -162,6 +313,49 @@ def parse_link_flag(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+def parse_switch_flag(text: str) -> SwitchConfig:
+    """``NAME=PORT,PORT,...[,aging=SECONDS]`` as given to ``--switch`` (no ports: an empty switch)."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--switch {text!r}: expected NAME=PORT,PORT,... (e.g. vale0=vm0,vm1,uplink)")
+    ports: list[str] = []
+    aging = DEFAULT_SWITCH_AGING
+    for item in rest.split(",") if rest else []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            if not item:
+                raise ConfigError(f"--switch {text!r}: empty port name")
+            ports.append(item)
+        elif key == "aging":
+            aging = _parse_aging(value, f"--switch {text!r}")
+        else:
+            raise ConfigError(f"--switch {text!r}: unknown option {key!r} (known: aging)")
+    return SwitchConfig(name, tuple(ports), aging)
+
+
+def _parse_aging(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: aging must be a number of seconds, not {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: aging must be a number of seconds, not {value!r}") from None
+
+
+def _switch_from_mapping(name: str, values: Any) -> SwitchConfig:
+    where = f"switch {name!r}"
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a table with ports = [...], got {values!r}")
+    unknown = set(values) - {"ports", "aging"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {sorted(unknown)[0]!r} (known: aging, ports)")
+    ports = values.get("ports", [])
+    if not isinstance(ports, list) or not all(isinstance(p, str) for p in ports):
+        raise ConfigError(f"{where}: ports must be a list of port names, not {ports!r}")
+    aging = _parse_aging(values["aging"], where) if "aging" in values else DEFAULT_SWITCH_AGING
+    return SwitchConfig(name, tuple(ports), aging)
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML config file; a clear error for a missing or malformed one."""
     try:
@@ -178,11 +372,29 @@ def build_config(
     port_flags: Iterable[str] = (),
     link_flags: Iterable[str] = (),
     control_socket: str | None = None,
+    socket_group: str | None = None,
+    socket_mode: str | None = None,
+    switch_flags: Iterable[str] = (),
 ) -> DaemonConfig:
-    """Merge a TOML document and command-line flags (flags add to the file) into one checked config."""
+    """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
+
+    ``socket_group`` and ``socket_mode`` (or TOML ``socket_group``/``socket_mode``) apply to every server-mode
+    port that sets neither ``group`` nor ``perm`` itself.
+    """
     toml = dict(toml or {})
     ports = [_port_from_mapping(name, v) for name, v in dict(toml.pop("ports", {})).items()]
     ports += [parse_port_flag(f) for f in port_flags]
+    file_group, file_mode = toml.pop("socket_group", None), toml.pop("socket_mode", None)
+    group = socket_group if socket_group is not None else file_group
+    mode = socket_mode if socket_mode is not None else file_mode
+    if group is not None or mode is not None:
+        perm = parse_perm(mode, "--socket-mode") if mode is not None else None
+        ports = [
+            replace(p, group=None if group is None else str(group), perm=perm)
+            if p.type == "vhost-user" and p.mode == "server" and p.group is None and p.perm is None
+            else p
+            for p in ports
+        ]
     links: list[tuple[str, str]] = []
     for entry in toml.pop("links", []):
         pair = entry.get("ports") if isinstance(entry, Mapping) else None
@@ -190,9 +402,15 @@ def build_config(
             raise ConfigError(f"links: each entry needs ports = [A, B], got {entry!r}")
         links.append((str(pair[0]), str(pair[1])))
     links += [parse_link_flag(f) for f in link_flags]
+    switch_tables = toml.pop("switches", {})
+    if not isinstance(switch_tables, Mapping):
+        raise ConfigError("switches: expected [switches.NAME] tables with ports = [...]")
+    switches = [_switch_from_mapping(name, v) for name, v in switch_tables.items()]
+    switches += [parse_switch_flag(f) for f in switch_flags]
     control = control_socket or str(toml.pop("control_socket", DEFAULT_CONTROL_SOCKET))
     if toml:
         raise ConfigError(
-            f"unknown configuration key {sorted(toml)[0]!r} (known: ports, links, control_socket)"
+            f"unknown configuration key {sorted(toml)[0]!r} "
+            "(known: ports, links, switches, control_socket, socket_group, socket_mode)"
         )
-    return DaemonConfig(tuple(ports), tuple(links), control)
+    return DaemonConfig(tuple(ports), tuple(links), control, tuple(switches))

@@ -23,8 +23,11 @@ from vhostmap.lab.netns import ip, unique_name
 from vhostmap.netmap.abi import NR_FORWARD, NS_FORWARD, NS_MOREFRAG, RingView, nm_prev
 from vhostmap.netmap.adapter import LoopbackAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
-from vhostmap.netmap.host import HostRingsMixin, HostStack, RxFill, SlotFrames
-from vhostmap.netmap.tap import TapDevice, TapError, if_exists, link_is_up
+from vhostmap.netmap.errors import TapError
+from vhostmap.netmap.frames import RxFill, SlotFrames
+from vhostmap.netmap.host import HostStack
+from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.tap import TapDevice, if_exists, link_is_up
 
 PARAMS = AllocatorParams(if_num=4, ring_num=32, ring_size=4096, buf_num=1024)
 BUF = PARAMS.buf_size
@@ -32,8 +35,8 @@ ETH_P_EXPERIMENTAL = 0x88B5  # IEEE local experimental ethertype: nothing else o
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates TAP devices (needs root)")
 
 
-class Port(HostRingsMixin, LoopbackAdapter):
-    """A loopback port with host rings: what TX ring i sends comes back on RX ring i."""
+# A loopback port: what TX ring i sends comes back on RX ring i; its host rings are bound by a HostStack.
+Port = LoopbackAdapter
 
 
 def frame(length: int, seq: int = 0) -> bytes:
@@ -147,18 +150,17 @@ def port(mem: NetmapMemory) -> Iterator[Port]:
 @pytest.fixture
 def stack_sock(port: Port) -> Iterator[socket.socket]:
     """The host stack's end: an AF_PACKET socket on the TAP that sees only our test frames."""
-    assert port.host_stack is not None
     s = socket.socket(
         socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_EXPERIMENTAL)
     )
     with s:
-        s.bind((port.host_stack.name, ETH_P_EXPERIMENTAL))
+        s.bind((stack_of(port).name, ETH_P_EXPERIMENTAL))
         yield s
 
 
 def stack_of(port: Port) -> HostStack:
-    assert port.host_stack is not None
-    return port.host_stack
+    assert isinstance(port.host_port, HostStack)
+    return port.host_port
 
 
 HOST = 1  # ring index of the host rings of a one-ring-pair port
@@ -206,17 +208,74 @@ def test_rx_fill_spans_slots_and_stops_at_buffer_zero_quietly(
     p.close()
 
 
-def test_host_rings_without_a_stack_behave_as_the_base_adapter(mem: NetmapMemory) -> None:
+def test_host_rings_without_a_host_port_drop_what_is_sent_and_receive_nothing(mem: NetmapMemory) -> None:
     p = Port("p0", mem, num_desc=8)
+    assert p.host_port is None
     put_frames(p.host_tx_ring.ring, mem, [frame(60), frame(3000)])
     p.txsync(HOST)
     assert p.host_tx_ring.dropped == 2 and p.host_tx_ring.nr_hwcur == 3
+    p.rxsync(HOST)
+    assert p.host_rx_ring.ring.tail == 0
     assert list(p.wake_fds()) == []
-    plain = LoopbackAdapter("p1", mem, num_desc=8)
-    with pytest.raises(TypeError, match="HostRingsMixin"):
-        HostStack(plain, "vhmnever0")
-    plain.close()
     p.close()
+
+
+class RecordingHostPort:
+    """A host port that records what the adapter asks of it."""
+
+    name = "recorder"
+
+    def __init__(self, adapter: LoopbackAdapter) -> None:
+        self.adapter = adapter
+        self.calls: list[str] = []
+        self.fd = os.eventfd(0, os.EFD_CLOEXEC)
+        adapter.host_port = self
+
+    def txsync(self, kring: Kring, flags: int) -> None:
+        self.calls.append(f"txsync {kring.name}")
+        kring.nr_hwcur = kring.rhead
+        kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
+
+    def rxsync(self, kring: Kring, flags: int) -> None:
+        self.calls.append(f"rxsync {kring.name}")
+        kring.nr_hwcur = kring.rhead
+
+    def send_up(self, kring: Kring) -> int:
+        self.calls.append(f"send_up {kring.name} {kring.pending()}")
+        return 0
+
+    def wake_fds(self) -> Sequence[int]:
+        return [self.fd]
+
+    def close(self) -> None:
+        self.calls.append("close")
+        os.close(self.fd)
+
+
+def test_the_adapter_delegates_its_host_rings_wake_fds_and_close_to_its_host_port(mem: NetmapMemory) -> None:
+    p = Port("p0", mem, num_desc=8)
+    hp = RecordingHostPort(p)
+    assert list(p.wake_fds()) == [hp.fd]
+    put_frames(p.host_tx_ring.ring, mem, [frame(60)])
+    p.txsync(HOST)
+    p.rxsync(HOST)
+    assert p.host_tx_ring.dropped == 0
+    # Transparent mode: a hardware RX ring with NR_FORWARD hands the slots being released to the host port.
+    put_frames(p.tx_rings[0].ring, mem, [frame(60), frame(60)])
+    p.txsync(0)
+    p.rxsync(0)
+    hw_rx = p.rx_rings[0].ring
+    release(hw_rx)
+    p.rxsync(0)  # no NR_FORWARD: nothing goes up
+    put_frames(p.tx_rings[0].ring, mem, [frame(60)])
+    p.txsync(0)
+    p.rxsync(0)
+    hw_rx.flags = NR_FORWARD
+    release(hw_rx)
+    p.rxsync(0)
+    p.close()
+    assert hp.calls == ["txsync p0 host TX", "rxsync p0 host RX", "send_up p0 RX0 1", "close"]
+    assert p.host_port is None
 
 
 # --- TAP lifetime -------------------------------------------------------------------------------------------
@@ -235,7 +294,7 @@ def test_a_tap_we_create_is_deleted_on_close_and_one_we_attach_to_is_left(mem: N
             HostStack(a, unique_name("vhmx"))
         a.close()
         b.close()
-        assert a.host_stack is None and sa.tap.closed
+        assert a.host_port is None and sa.tap.closed
         assert not if_exists(created)
         assert if_exists(existing)
     finally:
@@ -255,7 +314,7 @@ def test_attaching_to_a_missing_tap_or_a_tun_is_a_typed_error(mem: NetmapMemory)
         p = Port("p", mem, num_desc=8)
         with pytest.raises(TapError) as e:
             HostStack(p, tun)
-        assert e.value.ifname == tun and p.host_stack is None
+        assert e.value.ifname == tun and p.host_port is None
         p.close()
     finally:
         ip("link", "delete", "dev", tun, check=False)

@@ -6,10 +6,12 @@ the NIOCTXSYNC/NIOCRXSYNC paths), with the modern NR_REG_* registration modes.
 A port has ``num_tx_rings`` TX and ``num_rx_rings`` RX hardware krings plus one host kring per direction;
 ``tx_rings``/``rx_rings`` list the hardware krings first and the host kring last, so ring index
 ``num_tx_rings`` is the host TX ring (as netmap numbers them). Subclasses move packets in ``nm_txsync`` /
-``nm_rxsync`` (hardware rings) and ``host_txsync`` / ``host_rxsync`` (host rings); the public ``txsync`` /
-``rxsync`` wrap them in the kring prologue and finalize. A hook that raises PortBroken marks this port broken
-(one log line, later syncs do nothing) and never disturbs other ports. Syncs of one adapter are not
-thread-safe: callers serialise them (the datapath worker holds its lock while a forwarder runs).
+``nm_rxsync`` (hardware rings); the host rings go to the adapter's ``host_port`` when one is attached (a
+HostStack on a TAP, host.py), which also gets the NS_FORWARD slots a hardware rxsync releases on a ring with
+NR_FORWARD (transparent mode); without one they drop what is sent and receive nothing. The public
+``txsync`` / ``rxsync`` wrap the hooks in the kring prologue and finalize. A hook that raises PortBroken marks
+this port broken (one log line, later syncs do nothing) and never disturbs other ports. Syncs of one adapter
+are not thread-safe: callers serialise them (the datapath worker holds its lock while a forwarder runs).
 
 Hook contract (what netmap's drivers do):
 
@@ -26,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -33,6 +36,7 @@ from vhostmap.netmap.abi import (
     NETMAP_DO_RX_POLL,
     NETMAP_NO_TX_POLL,
     NETMAP_RING_MASK,
+    NR_FORWARD,
     NR_REG_ALL_NIC,
     NR_REG_NIC_SW,
     NR_REG_ONE_NIC,
@@ -56,6 +60,35 @@ REG_MODES = {
     NR_REG_ONE_NIC: "NR_REG_ONE_NIC",
 }
 REG_FLAGS = NETMAP_NO_TX_POLL | NETMAP_DO_RX_POLL
+
+
+class HostPort(Protocol):
+    """What an adapter's host rings are bound to (netmap: the host stack behind the host rings).
+
+    ``txsync``/``rxsync`` implement the host krings' hooks (same contract as nm_txsync/nm_rxsync);
+    ``send_up`` passes to the stack the NS_FORWARD slots of [nr_hwcur, rhead) of a hardware RX kring with
+    NR_FORWARD, before they are released; ``wake_fds`` are fds that signal frames from the stack (read by
+    ``rxsync``, not drained by the worker); ``close`` detaches it from the adapter.
+    """
+
+    @property
+    def name(self) -> str:
+        """What the host side is (e.g. the TAP's name)."""
+
+    def txsync(self, kring: Kring, flags: int) -> None:
+        """Host TX kring -> the stack."""
+
+    def rxsync(self, kring: Kring, flags: int) -> None:
+        """The stack -> host RX kring."""
+
+    def send_up(self, kring: Kring) -> int:
+        """Transparent mode, NIC -> host; the frames passed up."""
+
+    def wake_fds(self) -> Sequence[int]:
+        """Fds readable when the stack sent something."""
+
+    def close(self) -> None:
+        """Detach from the adapter and release the stack."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,8 +145,8 @@ class Registration:
 class NetmapAdapter(abc.ABC):
     """A port: its netmap_if and rings in ``memory``, its krings, its registrations.
 
-    ``broken`` is None while the port works, else the reason it stopped. ``close()`` frees the rings and
-    their buffers.
+    ``broken`` is None while the port works, else the reason it stopped. ``host_port`` is what the host
+    rings are bound to, if anything. ``close()`` closes the host port and frees the rings and their buffers.
     """
 
     def __init__(
@@ -137,6 +170,7 @@ class NetmapAdapter(abc.ABC):
         self.rx_rings = [self._kring(r) for r in self.nifp.rx_rings]
         self.broken: str | None = None
         self.registrations: list[Registration] = []
+        self.host_port: HostPort | None = None
 
     def _kring(self, r: RingLayout) -> Kring:
         m = self.memory
@@ -173,7 +207,10 @@ class NetmapAdapter(abc.ABC):
         """Take back [nr_hwcur, rhead) of a hardware RX kring and import new packets at nr_hwtail."""
 
     def host_txsync(self, kring: Kring, flags: int) -> None:
-        """Send what users put on the host TX ring. Default: nothing is attached, drop and count it."""
+        """Send what users put on the host TX ring to the host port; without one, drop and count it."""
+        if self.host_port is not None:
+            self.host_port.txsync(kring, flags)
+            return
         n = kring.pending()
         if n:
             first = kring.nr_hwcur
@@ -183,15 +220,19 @@ class NetmapAdapter(abc.ABC):
         kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
 
     def host_rxsync(self, kring: Kring, flags: int) -> None:
-        """Import what the host stack sent. Default: nothing arrives; released slots are taken back."""
+        """Import what the host port sent; without one nothing arrives (released slots are taken back)."""
+        if self.host_port is not None:
+            self.host_port.rxsync(kring, flags)
+            return
         kring.nr_hwcur = kring.rhead
 
     def nm_register(self, onoff: bool) -> None:  # noqa: B027 (an optional hook, not an abstract one)
         """Called when the first user registers (True) and when the last one leaves (False)."""
 
     def wake_fds(self) -> Sequence[int]:
-        """Eventfds that signal work for this port's rings (none by default)."""
-        return ()
+        """Fds that signal work for this port's rings: by default the host port's. Subclasses add their own
+        (kick eventfds, a socket) to ``super().wake_fds()``."""
+        return list(self.host_port.wake_fds()) if self.host_port is not None else []
 
     # --- syncs ----------------------------------------------------------------------------------------------
     def txsync(self, ring_index: int, flags: int = 0) -> None:
@@ -206,7 +247,14 @@ class NetmapAdapter(abc.ABC):
         kring = self._ring(self.rx_rings, ring_index, "RX")
         if self.broken is not None or not kring.rxsync_prologue():
             return
-        done = self._run(self.host_rxsync if kring.host else self.nm_rxsync, kring, flags)
+        if kring.host:
+            hook = self.host_rxsync
+        else:
+            hook = self.nm_rxsync
+            if self.host_port is not None and kring.ring.flags & NR_FORWARD and kring.pending():
+                # Transparent mode: NS_FORWARD slots being released go up first (netmap_grab_packets).
+                self.host_port.send_up(kring)
+        done = self._run(hook, kring, flags)
         if done and kring.ring.flags & NR_TIMESTAMP:
             self._timestamp(kring)
 
@@ -294,7 +342,10 @@ class NetmapAdapter(abc.ABC):
             self.nm_register(False)
 
     def close(self) -> None:
-        """Drop every registration and free the rings and their buffers."""
+        """Close the host port, drop every registration and free the rings and their buffers."""
+        if self.host_port is not None:
+            self.host_port.close()
+            self.host_port = None
         for reg in list(self.registrations):
             self.unregister(reg)
         self.memory.delete_if(self.nifp)

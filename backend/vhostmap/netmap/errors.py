@@ -6,6 +6,8 @@ Errors that reject an argument also derive from ValueError or IndexError, so gen
 
 from __future__ import annotations
 
+import os
+
 
 class NetmapError(Exception):
     """Base class of every error raised by vhostmap.netmap."""
@@ -66,3 +68,18 @@ class PortBroken(NetmapError):
         self.port = port
         self.reason = reason
         super().__init__(f"{port}: {reason}")
+
+
+class InterfaceError(NetmapError, OSError):
+    """An operation on a network interface failed. ``ifname`` names the interface, ``op`` the operation
+    and ``errno`` the OS error (0 when the failure is not an OS error)."""
+
+    def __init__(self, ifname: str, op: str, err: int, detail: str = "") -> None:
+        self.ifname = ifname
+        self.op = op
+        why = detail or (os.strerror(err) if err else "failed")
+        super().__init__(err, f"{ifname}: {op}: {why}")
+
+
+class TapError(InterfaceError):
+    """Opening, creating or configuring a TAP device failed."""

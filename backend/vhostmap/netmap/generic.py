@@ -4,7 +4,7 @@ Follows netmap_generic.c (shared/seeds/netmap_generic.c.txt). The seed steals fr
 path into a per-ring queue capped at 1024 frames and copies them into the RX ring at nr_hwtail on rxsync; it
 copies TX slots into preallocated mbufs, hands them to the driver and reclaims slots as completions come
 back. Here the interface (veth, TAP, NIC) is reached through one AF_PACKET socket bound to it, so the port has
-one hardware ring pair (plus the host pair, which the adapter leaves to the default or to HostRingsMixin):
+one hardware ring pair (plus the host pair, left to the default or to a host port, as on any adapter):
 
 - receive: a TPACKET_V3 ring mapped from the socket (PACKET_RX_RING). The kernel fills blocks of frames and
   hands a block over by setting its status to TP_STATUS_USER (when it is full, or after ``retire_tov_ms``);
@@ -41,10 +41,10 @@ import numpy.typing as npt
 from vhostmap.netmap.abi import nm_prev
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
-from vhostmap.netmap.errors import PortBroken
-from vhostmap.netmap.host import RxFill, SlotFrames
+from vhostmap.netmap.errors import InterfaceError, PortBroken
+from vhostmap.netmap.frames import RxFill, SlotFrames
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.tap import InterfaceError, if_index
+from vhostmap.netmap.tap import if_index
 
 log = logging.getLogger(__name__)
 

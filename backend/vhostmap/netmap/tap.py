@@ -25,7 +25,7 @@ import struct
 from types import TracebackType
 
 from vhostmap.netmap.abi import IFNAMSIZ
-from vhostmap.netmap.errors import NetmapError
+from vhostmap.netmap.errors import InterfaceError, TapError
 
 TUN_DEVICE = "/dev/net/tun"
 
@@ -49,21 +49,6 @@ IFF_UP = 0x1
 # struct ifreq is 40 bytes on LP64: the name, then a union whose first member is used here.
 IFREQ_FLAGS = struct.Struct("16sH22x")  # ifr_flags (short)
 IFREQ_INT = struct.Struct("16si20x")  # ifr_mtu, ifr_ifindex (int)
-
-
-class InterfaceError(NetmapError, OSError):
-    """An operation on a network interface failed. ``ifname`` names the interface, ``op`` the operation
-    and ``errno`` the OS error (0 when the failure is not an OS error)."""
-
-    def __init__(self, ifname: str, op: str, err: int, detail: str = "") -> None:
-        self.ifname = ifname
-        self.op = op
-        why = detail or (os.strerror(err) if err else "failed")
-        super().__init__(err, f"{ifname}: {op}: {why}")
-
-
-class TapError(InterfaceError):
-    """Opening, creating or configuring a TAP device failed."""
 
 
 def _ifname_bytes(ifname: str) -> bytes:

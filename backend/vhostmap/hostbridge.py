@@ -1,0 +1,96 @@
+"""HostBridge: a port's hardware rings cross-connected to its own host rings ("a VM on a TAP").
+
+A port given ``host=TAP`` and nothing else behaves like a VM NIC plugged into a TAP device: what the guest
+sends (the port's hardware RX rings) goes to the host TX ring, hence to the TAP; what the host stack sends
+into the TAP (the host RX ring) goes to hardware TX ring 0, hence to the guest. It is a netmap user moving
+whole frames (NS_MOREFRAG runs are never split) by swapping buffer indices, like netmap's bridge application
+between a NIC and its host rings. A frame that does not fit waits in its RX ring (backpressure); the TAP side
+never waits, as the host TX ring is reclaimed at once and the host RX ring is drained on every run (what finds
+no room is dropped and counted by the host stack), so the worker never spins on a readable TAP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG, RingView
+from vhostmap.netmap.adapter import NetmapAdapter
+from vhostmap.switch import tx_room
+
+
+def move_frames(src: RingView, dst: RingView, nbufs: int) -> tuple[int, int]:
+    """Move the whole frames received in ``src`` (an RX ring, from head) that fit in ``dst`` (a TX ring,
+    from head) by swapping buffers; both heads advance. Returns (frames moved, slots dropped): fragments that
+    fill ``src`` without ending a frame, or a frame longer than ``dst`` can ever hold, are dropped."""
+    n = src.num_slots
+    count = (src.tail - src.head) % n
+    if count == 0:
+        return 0, 0
+    si = (src.head + np.arange(count)) % n
+    flags = src.slots["flags"][si]
+    ends = np.flatnonzero((flags & NS_MOREFRAG) == 0) + 1
+    if not ends.size:
+        if count < n - 1:
+            return 0, 0  # an unfinished frame: its last slot is still to come
+        dropped = count  # fragments that fill the ring can never end a frame
+    else:
+        dropped = int(ends[0]) if int(ends[0]) >= dst.num_slots else 0  # a frame that can never fit
+    if dropped:
+        src.head = src.cur = (src.head + dropped) % n
+        return 0, dropped
+    free = tx_room(dst.slots, dst.head, (dst.tail - dst.head) % dst.num_slots, nbufs)
+    k = int(np.searchsorted(ends, len(free), side="right"))  # whole frames that fit
+    if k == 0:
+        return 0, 0
+    total = int(ends[k - 1])
+    si = si[:total]
+    di = (dst.head + np.arange(total)) % dst.num_slots
+    s, d = src.slots, dst.slots
+    d["buf_idx"][di] = s["buf_idx"][si]
+    s["buf_idx"][si] = free[:total]
+    d["len"][di] = s["len"][si]
+    d["flags"][di] = (flags[:total] & NS_MOREFRAG) | NS_BUF_CHANGED
+    s["flags"][si] = NS_BUF_CHANGED
+    src.head = src.cur = (src.head + total) % n
+    dst.head = dst.cur = (dst.head + total) % dst.num_slots
+    return k, 0
+
+
+class HostBridge:
+    """Forwarder: the hardware rings of ``adapter`` <-> its host rings. The adapter must have a host port."""
+
+    def __init__(self, adapter: NetmapAdapter) -> None:
+        if adapter.host_port is None:
+            raise ValueError(f"{adapter.name}: no host rings bound (host=) to bridge with")
+        self.adapter = adapter
+        self.name = f"host bridge {adapter.name}<->{adapter.host_port.name}"
+        self.dropped = 0
+
+    def wake_fds(self) -> list[int]:
+        """The port's kicks and its TAP."""
+        return list(self.adapter.wake_fds())
+
+    def run(self) -> bool:
+        """One round each way; True when a frame moved."""
+        a = self.adapter
+        nbufs = a.memory.nbufs
+        host_tx, host_rx = a.num_tx_rings, a.num_rx_rings
+        up = dropped = 0
+        for i in range(a.num_rx_rings):
+            a.rxsync(i)
+            m, d = move_frames(a.rx_rings[i].ring, a.tx_rings[host_tx].ring, nbufs)
+            up += m
+            dropped += d
+        if up:
+            a.txsync(host_tx)
+        # Every run reads the TAP (host rxsync drains it), whether or not it woke us.
+        a.rxsync(host_rx)
+        guest = a.tx_rings[0]
+        if guest.pending():
+            a.txsync(0)  # frames waiting for guest buffers first: what they leave is room for new ones
+        down, d = move_frames(a.rx_rings[host_rx].ring, guest.ring, nbufs)
+        dropped += d
+        if down:
+            a.txsync(0)
+        self.dropped += dropped
+        return up + down + dropped > 0
