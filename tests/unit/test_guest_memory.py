@@ -432,3 +432,21 @@ def test_set_log_replaces_the_previous_log_and_rejects_nonsense() -> None:
             assert not is_open(dup)
         os.close(first)
         os.close(second)
+
+
+def test_a_region_added_twice_is_mapped_once_and_removed_after_two_removals() -> None:
+    """QEMU adds every region once per queue pair (one vhost device each) on the same connection."""
+    fd = os.memfd_create("twice")
+    os.ftruncate(fd, 1 << 20)
+    region = MemoryRegion(0x10000, 1 << 20, 0x7F0000000000, 0)
+    with GuestMemory() as mem:
+        mem.add_region(region, os.dup(fd))
+        mem.add_region(region, os.dup(fd))
+        assert len(mem.regions) == 1
+        mem.write(0x10000, b"still here")
+        mem.remove_region(region)
+        assert mem.read(0x10000, 10) == b"still here"
+        mem.remove_region(region)
+        with pytest.raises(GuestMemoryError):
+            mem.read(0x10000, 1)
+    os.close(fd)

@@ -180,6 +180,8 @@ class GuestMemory:
     def __init__(self) -> None:
         self._mappings: list[_Mapping] = []  # sorted by gpa, disjoint in gpa
         self._starts: list[int] = []  # gpa of each mapping, for bisect
+        # How many times each mapped region was added: (gpa, size, uva, mmap_offset) -> count.
+        self._refs: dict[tuple[int, int, int, int], int] = {}
         self.table: npt.NDArray[np.void] = np.zeros(0, dtype=REGION_DTYPE)
         self._log: _Log | None = None
         self._log_warned = False
@@ -202,7 +204,16 @@ class GuestMemory:
     def add_region(self, region: MemoryRegion, fd: int) -> None:
         """Map one more region (ADD_MEM_REG) from ``fd``, which is closed. Raises GuestMemoryError when the
         region is empty, wraps, overlaps a mapped one in guest-physical space, would exceed MAX_MEM_SLOTS,
-        or cannot be mapped (e.g. extends beyond the end of the fd)."""
+        or cannot be mapped (e.g. extends beyond the end of the fd).
+
+        Adding a region identical to a mapped one only counts a reference: QEMU runs one vhost device per
+        queue pair over the same connection, and each of them adds (and later removes) every region.
+        """
+        key = _region_key(region)
+        if key in self._refs:
+            os.close(fd)
+            self._refs[key] += 1
+            return
         try:
             _check_region(region)
             if len(self._mappings) >= MAX_MEM_SLOTS:
@@ -224,13 +235,20 @@ class GuestMemory:
         i = bisect.bisect_left(self._starts, mapping.gpa)
         self._mappings.insert(i, mapping)
         self._starts.insert(i, mapping.gpa)
+        self._refs[key] = 1
         self._rebuild_table()
 
     def remove_region(self, region: MemoryRegion) -> None:
         """Unmap the region (REM_MEM_REG) with the same guest address, size and user address; the mmap
-        offset is ignored, as the spec says. Raises GuestMemoryError if there is none."""
+        offset is ignored, as the spec says. Raises GuestMemoryError if there is none. A region added more
+        than once stays mapped until it has been removed as many times."""
+        for key, refs in self._refs.items():
+            if key[:3] == (region.guest_phys_addr, region.memory_size, region.userspace_addr) and refs > 1:
+                self._refs[key] = refs - 1
+                return
         for i, m in enumerate(self._mappings):
             if (m.gpa, m.size, m.uva) == (region.guest_phys_addr, region.memory_size, region.userspace_addr):
+                self._refs = {k: r for k, r in self._refs.items() if k[:3] != (m.gpa, m.size, m.uva)}
                 del self._mappings[i]
                 del self._starts[i]
                 self._rebuild_table()
@@ -268,6 +286,7 @@ class GuestMemory:
             _close_fds(fds)
         old, self._mappings = self._mappings, new
         self._starts = [m.gpa for m in new]
+        self._refs = {_region_key(r): 1 for r in table.regions}
         self._rebuild_table()
         for m in old:
             m.release()
@@ -400,9 +419,14 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap every region and the log."""
         old, self._mappings, self._starts = self._mappings, [], []
+        self._refs = {}
         self._rebuild_table()
         for m in old:
             m.release()
         current, self._log = self._log, None
         if current is not None:
             current.release()
+
+
+def _region_key(region: MemoryRegion) -> tuple[int, int, int, int]:
+    return (region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset)
