@@ -109,6 +109,8 @@ def port_info(control: str, name: str) -> PortInfo:
     if name not in ports:
         raise VmError(f"the daemon has no port {name!r} (it has: {', '.join(sorted(ports)) or 'none'})")
     p = ports[name]
+    if not isinstance(p.get("path"), str) or p.get("mode") not in ("server", "client"):
+        raise VmError(f"port {name!r} is not a vhost-user port: a VM cannot attach to it")
     if not os.path.isabs(p["path"]):
         raise VmError(
             f"port {name!r}: socket path {p['path']!r} is relative to the daemon's directory; "
@@ -574,8 +576,12 @@ def add_vm_parser(sub: Any) -> None:
     start = vsub.add_parser("start", help="start a defined domain")
     start.add_argument("domain", metavar="DOMAIN")
     connect(start)
-    for verb, text in (("attach", "hot-plug a port's interface into"), ("detach", "unplug it from")):
-        p = vsub.add_parser(verb, help=f"{text} a running domain")
+    hot_plug = {
+        "attach": "hot-plug a port's interface into a running domain",
+        "detach": "unplug a port's interface from a running domain",
+    }
+    for verb, text in hot_plug.items():
+        p = vsub.add_parser(verb, help=text)
         p.add_argument("port", metavar="PORT")
         p.add_argument("domain", metavar="DOMAIN")
         control(p)
