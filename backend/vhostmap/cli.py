@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the backend daemon")
-    serve.add_argument("--config", metavar="FILE", help="TOML file with [ports.NAME] tables and [[links]]")
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with [ports.NAME] and [switches.NAME] tables and [[links]]",
+    )
     serve.add_argument(
         "--port",
         action="append",

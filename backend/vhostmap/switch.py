@@ -437,7 +437,9 @@ class Switch:
         swap = np.repeat(unicast[:take], ns) if smem is dmem else np.zeros(total, dtype=bool)
         copy = ~swap
         if copy.any():
-            _buffers(dmem)[dbufs[copy]] = _buffers(smem)[sbufs[copy]]
+            # Whole rows in one numpy copy, but only as many bytes as the longest slot copied needs.
+            width = int(batch.lens[rel][copy].max())
+            _buffers(dmem)[dbufs[copy], :width] = _buffers(smem)[sbufs[copy], :width]
         slots = ring.slots
         if swap.any():
             s_idx = (batch.head + rel[swap]) % batch.ring.num_slots

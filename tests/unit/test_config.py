@@ -81,3 +81,90 @@ def test_unknown_toml_key_is_refused() -> None:
 
 def test_mac_round_trip() -> None:
     assert format_mac(parse_mac("52:54:00:AB:cd:0f")) == "52:54:00:ab:cd:0f"
+
+
+# --- switches, host rings, generic ports --------------------------------------------------------------------
+def test_switches_from_flags_and_toml() -> None:
+    toml = {
+        "ports": {
+            "vm0": {"path": "/tmp/a.sock", "host": "tap-vm0"},
+            "uplink": {"type": "generic", "ifname": "veth0"},
+        },
+        "switches": {"vale0": {"ports": ["vm0", "uplink"], "aging": 60}},
+    }
+    cfg = build_config(
+        toml, ["vm1=vhost-user,path=/tmp/b.sock"], switch_flags=["vale1=vm1,aging=5.5", "vale2="]
+    )
+    assert [(s.name, s.ports, s.aging) for s in cfg.switches] == [
+        ("vale0", ("vm0", "uplink"), 60.0),
+        ("vale1", ("vm1",), 5.5),
+        ("vale2", (), 300.0),
+    ]
+    assert cfg.port("vm0").host == "tap-vm0"
+    up = cfg.port("uplink")
+    assert (up.type, up.ifname, up.path) == ("generic", "veth0", "")
+    assert parse_port_flag("up=generic,ifname=veth0,host=tap0").host == "tap0"
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("up=generic", "ifname= (the interface to attach) is required"),
+        ("up=generic,ifname=veth0,path=/x", "path= is for vhost-user ports"),
+        ("up=generic,ifname=veth0,queues=2", "a generic port has one queue"),
+        ("up=generic,ifname=a/b", "ifname must be an interface name"),
+        ("up=generic,ifname=" + "v" * 16, "ifname must be an interface name"),
+        ("vm0=vhost-user,path=/x,ifname=veth0", "ifname= is for generic ports"),
+        ("vm0=vhost-user,path=/x,host=a b", "host= must be an interface name"),
+    ],
+)
+def test_bad_generic_and_host_options_say_what_is_wrong(flag: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_port_flag(flag)
+
+
+@pytest.mark.parametrize(
+    ("ports", "links", "switches", "message"),
+    [
+        (["a=vhost-user,path=/1"], [], ["vale0=a,b"], "switch 'vale0': no port named 'b'"),
+        (["a=vhost-user,path=/1"], [], ["vale0=a,a"], "port 'a' is listed twice"),
+        (["a=vhost-user,path=/1"], [], ["vale0=a", "vale1=a"], "already on switch 'vale0'"),
+        (["a=vhost-user,path=/1"], [], ["vale0=", "vale0="], "switch 'vale0' is defined twice"),
+        (["a=vhost-user,path=/1", "b=vhost-user,path=/2"], ["a,b"], ["vale0=a"], "already linked"),
+        (["a=vhost-user,path=/1"], [], ["vale0=a,aging=0"], "aging must be"),
+        (["a=vhost-user,path=/1"], [], ["vale0=a,aging=soon"], "aging must be a number"),
+        (["a=vhost-user,path=/1"], [], ["vale0=a,speed=1"], "unknown option 'speed'"),
+        (["a=vhost-user,path=/1"], [], ["vale0=a,,"], "empty port name"),
+        (["a=vhost-user,path=/1"], [], ["vale0"], "expected NAME=PORT"),
+        (["a=vhost-user,path=/1"], [], ["vale 0=a"], "names are 1-32 characters"),
+        (
+            ["a=vhost-user,path=/1,host=tap0", "b=vhost-user,path=/2"],
+            ["a,b"],
+            [],
+            "host= cannot be combined with a link",
+        ),
+        (["a=vhost-user,path=/1,host=t0", "b=vhost-user,path=/2,host=t0"], [], [], "TAP t0 is used by two"),
+        (["a=generic,ifname=v0", "b=generic,ifname=v0"], [], [], "interface v0 is used by two ports"),
+        (["a=generic,ifname=v0", "b=vhost-user,path=/2,host=v0"], [], [], "both a host= TAP and"),
+    ],
+)
+def test_inconsistent_switch_configs_are_refused(
+    ports: list[str], links: list[str], switches: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(None, ports, links, switch_flags=switches)
+
+
+@pytest.mark.parametrize(
+    ("switches", "message"),
+    [
+        ({"vale0": ["a"]}, "expected a table with ports"),
+        ({"vale0": {"ports": "a"}}, "ports must be a list of port names"),
+        ({"vale0": {"ports": [], "learn": True}}, "unknown option 'learn'"),
+        ({"vale0": {"ports": [], "aging": True}}, "aging must be a number"),
+        ([{"ports": []}], r"expected \[switches.NAME\] tables"),
+    ],
+)
+def test_bad_switch_tables_are_refused(switches: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config({"switches": switches})
