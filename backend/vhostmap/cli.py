@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a learning switch and its ports, e.g. vale0=vm0,vm1,uplink (option aging=SECONDS, default 300)",
     )
     serve.add_argument("--control", metavar="SOCK", help=f"control socket (default {DEFAULT_CONTROL_SOCKET})")
+    serve.add_argument("--socket-owner", metavar="USER", help="owner of the sockets vhostmap listens on")
     serve.add_argument("--socket-group", metavar="GROUP", help="group of the sockets vhostmap listens on")
     serve.add_argument(
         "--socket-mode", metavar="MODE", help="their permission bits, e.g. 0660 (default with a group: 0660)"
@@ -94,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
             socket_group=args.socket_group,
             socket_mode=args.socket_mode,
             switch_flags=args.switch,
+            socket_owner=args.socket_owner,
         )
     except ConfigError as e:
         print(f"vhostmap serve: {e}", file=sys.stderr)

@@ -39,6 +39,7 @@ libvirt runs it) may connect: ``group=libvirt-qemu,perm=0660`` per port, or ``--
 from __future__ import annotations
 
 import grp
+import pwd
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -78,6 +79,16 @@ def _valid_ifname(name: str) -> bool:
     return bool(_IFNAME.match(name)) and len(name.encode()) <= 15
 
 
+def resolve_user(user: str, where: str) -> int:
+    """A user name or number -> its uid; a clear error for an unknown name."""
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise ConfigError(f"{where}: no user named {user!r}") from None
+
+
 def resolve_group(group: str, where: str) -> int:
     """A group name or number -> its gid; a clear error for an unknown name."""
     if group.isdigit():
@@ -99,7 +110,8 @@ class PortConfig:
     queues: int = 1
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
-    group: str | None = None  # group (name or number) of the socket vhostmap creates (server mode)
+    owner: str | None = None  # owner (name or number) of the socket vhostmap creates (server mode)
+    group: str | None = None  # its group (name or number)
     perm: int | None = None  # its permission bits, e.g. 0o660
     host: str | None = None  # TAP the port's host rings are bound to (created if missing)
     ifname: str | None = None  # the interface a generic port attaches to
@@ -126,8 +138,14 @@ class PortConfig:
             raise ConfigError(f"{where}: queues must be 1..64, not {self.queues}")
         if not 68 <= self.mtu <= 9216:
             raise ConfigError(f"{where}: mtu must be 68..9216, not {self.mtu}")
-        if (self.group is not None or self.perm is not None) and self.mode != "server":
-            raise ConfigError(f"{where}: group= and perm= apply to mode=server sockets (QEMU makes others)")
+        if (
+            self.owner is not None or self.group is not None or self.perm is not None
+        ) and self.mode != "server":
+            raise ConfigError(
+                f"{where}: owner=, group= and perm= apply to mode=server sockets (QEMU makes others)"
+            )
+        if self.owner is not None:
+            resolve_user(self.owner, where)
         if self.perm is not None and not 0 <= self.perm <= 0o777:
             raise ConfigError(f"{where}: perm must be octal permission bits like 0660, not {self.perm:o}")
         if self.group is not None:
@@ -144,6 +162,11 @@ class PortConfig:
             raise ConfigError(f"{where}: a generic port has one queue, not {self.queues}")
         if self.group is not None or self.perm is not None:
             raise ConfigError(f"{where}: group= and perm= are for vhost-user sockets")
+
+    @property
+    def uid(self) -> int | None:
+        """The socket's owner uid, or None to leave it to the daemon's user."""
+        return None if self.owner is None else resolve_user(self.owner, f"port {self.name!r}")
 
     @property
     def gid(self) -> int | None:
@@ -256,7 +279,7 @@ class DaemonConfig:
 
 
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
-    known = {"type", "path", "mode", "queues", "mac", "mtu", "group", "perm", "host", "ifname"}
+    known = {"type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname"}
     unknown = set(values) - known
     if unknown:
         raise ConfigError(
@@ -375,6 +398,7 @@ def build_config(
     socket_group: str | None = None,
     socket_mode: str | None = None,
     switch_flags: Iterable[str] = (),
+    socket_owner: str | None = None,
 ) -> DaemonConfig:
     """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
 
@@ -387,6 +411,15 @@ def build_config(
     file_group, file_mode = toml.pop("socket_group", None), toml.pop("socket_mode", None)
     group = socket_group if socket_group is not None else file_group
     mode = socket_mode if socket_mode is not None else file_mode
+    file_owner = toml.pop("socket_owner", None)
+    owner = socket_owner if socket_owner is not None else file_owner
+    if owner is not None:
+        ports = [
+            replace(p, owner=str(owner))
+            if p.type == "vhost-user" and p.mode == "server" and p.owner is None
+            else p
+            for p in ports
+        ]
     if group is not None or mode is not None:
         perm = parse_perm(mode, "--socket-mode") if mode is not None else None
         ports = [
@@ -411,6 +444,6 @@ def build_config(
     if toml:
         raise ConfigError(
             f"unknown configuration key {sorted(toml)[0]!r} "
-            "(known: ports, links, switches, control_socket, socket_group, socket_mode)"
+            "(known: ports, links, switches, control_socket, socket_owner, socket_group, socket_mode)"
         )
     return DaemonConfig(tuple(ports), tuple(links), control, tuple(switches))

@@ -83,7 +83,14 @@ class Daemon:
         self.forwarders: list[Forwarder] = list(self.switches.values())
         self.forwarders += [f for f in dict.fromkeys(self.serving.values()) if f not in self.forwarders]
         self.endpoints = [
-            Endpoint(self.ports[pc.name], pc.path, SocketMode(pc.mode), group=pc.gid, perm=pc.socket_perm)
+            Endpoint(
+                self.ports[pc.name],
+                pc.path,
+                SocketMode(pc.mode),
+                owner=pc.uid,
+                group=pc.gid,
+                perm=pc.socket_perm,
+            )
             for pc in config.ports
             if pc.name in self.ports
         ]

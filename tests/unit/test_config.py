@@ -168,3 +168,15 @@ def test_inconsistent_switch_configs_are_refused(
 def test_bad_switch_tables_are_refused(switches: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config({"switches": switches})
+
+
+def test_socket_owner_applies_to_server_sockets_and_unknown_users_are_refused() -> None:
+    cfg = build_config(
+        None, ["a=vhost-user,path=/1", "b=vhost-user,path=/2,mode=client"], socket_owner="nobody"
+    )
+    assert cfg.port("a").owner == "nobody" and cfg.port("a").uid == 65534
+    assert cfg.port("b").owner is None
+    with pytest.raises(ConfigError, match="no user named 'no-such-user-x'"):
+        parse_port_flag("a=vhost-user,path=/1,owner=no-such-user-x")
+    with pytest.raises(ConfigError, match="apply to mode=server sockets"):
+        parse_port_flag("a=vhost-user,path=/1,mode=client,owner=0")

@@ -314,12 +314,13 @@ def test_socket_group_and_mode_flags_apply_to_listening_ports_that_set_neither()
         build_config(None, flags, socket_mode="rw")
 
 
-def test_listener_gets_its_group_and_mode_before_it_listens(tmp_path: Path) -> None:
+def test_listener_gets_its_owner_group_and_mode_before_it_listens(tmp_path: Path) -> None:
     path = str(tmp_path / "l.sock")
-    listener = bind_listener(path, group=NOBODY, perm=0o660)
+    listener = bind_listener(path, owner=65534, group=NOBODY, perm=0o660)
     try:
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode) and st.st_gid == NOBODY and stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_uid == 65534
     finally:
         listener.close()
         os.unlink(path)

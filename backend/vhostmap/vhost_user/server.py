@@ -79,12 +79,14 @@ class Endpoint:
         *,
         group: int | None = None,
         perm: int | None = None,
+        owner: int | None = None,
     ) -> None:
         self.handler = handler
         self.path = path
         self.mode = mode
         self.group = group  # server mode: the socket's group and permission bits (None: leave as created)
         self.perm = perm
+        self.owner = owner
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -95,7 +97,7 @@ class Endpoint:
     def start(self) -> None:
         """Begin serving (call from the event loop). Server mode binds now, so errors surface at once."""
         if self.mode is SocketMode.SERVER:
-            self._listener = bind_listener(self.path, group=self.group, perm=self.perm)
+            self._listener = bind_listener(self.path, owner=self.owner, group=self.group, perm=self.perm)
             asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
         else:
             self._task = asyncio.get_running_loop().create_task(self._connect_forever())
@@ -282,11 +284,12 @@ def bind_listener(
     *,
     group: int | None = None,
     perm: int | None = None,
+    owner: int | None = None,
 ) -> socket.socket:
     """A listening UNIX socket at ``path``; a stale socket file is replaced, a live one is an error.
 
-    ``group`` and ``perm`` (permission bits) are set on the socket file before it listens, so no front-end
-    connects while it is still open to more than asked (or unreachable by whom it was meant for).
+    ``owner``, ``group`` and ``perm`` (permission bits) are set on the socket file before it listens, so no
+    front-end connects while it is still open to more than asked (or unreachable by whom it was meant for).
     """
     directory = os.path.dirname(path) or "."
     try:
@@ -318,14 +321,14 @@ def bind_listener(
             raise EndpointError(f"socket path {path} is too long (UNIX sockets allow 107 bytes)") from e
         raise EndpointError(f"cannot bind {path}: {e.strerror}") from e
     try:
-        if group is not None:
-            os.chown(path, -1, group)
+        if owner is not None or group is not None:
+            os.chown(path, -1 if owner is None else owner, -1 if group is None else group)
         if perm is not None:
             os.chmod(path, perm)
     except OSError as e:
         sock.close()
         os.unlink(path)
-        raise EndpointError(f"cannot set group/mode of socket {path}: {e.strerror}") from e
+        raise EndpointError(f"cannot set owner/group/mode of socket {path}: {e.strerror}") from e
     sock.listen(1)
     sock.setblocking(False)
     return sock
