@@ -10,7 +10,8 @@
  * read once (a 16-bit index with one load, a descriptor copied out), checked, then used from the copy, and
  * every guest-physical address goes through vm_translate. Each phase finishes before the next starts, as in
  * the reference: a chain is walked and validated completely before a byte of it is copied, and the receive
- * chains of a frame are all reserved before any is written, so a fault or a shortage leaves nothing half done.
+ * chains of a frame are all reserved before any is written, so a fault or a shortage leaves nothing half
+ * done.
  */
 #include <string.h>
 
@@ -49,7 +50,7 @@ struct vq_chain {
 };
 #define VQ_NOT_STORED UINT32_MAX
 
-/* --- guest memory ------------------------------------------------------------------------------------------ */
+/* --- guest memory --------------------------------------------------------------------------------------- */
 
 static uint8_t *vm_fault_at(struct vm_fault *fault, int32_t reason, uint64_t gpa, uint64_t len,
                             const struct vm_region *r)
@@ -100,7 +101,7 @@ static void vq_log_write(const struct vm_memory *mem, uint64_t gpa, uint64_t len
     out->log_missed += missed;
 }
 
-/* --- ring access: one load or store per shared value ------------------------------------------------------- */
+/* --- ring access: one load or store per shared value ---------------------------------------------------- */
 
 static inline uint16_t *ring16(uint8_t *ring, uint32_t offset)
 {
@@ -149,16 +150,18 @@ static inline struct nm_slot *nm_slot_at(const struct nm_bufs *nm, uint32_t i)
     return &nm->slots[i];
 }
 
-/* The buffer of `slot` (its buf_idx read once), or NULL when buf_idx is out of range. */
+/* The buffer of `slot`, its buf_idx read once. An index out of range means buffer 0, the scratch buffer, as
+ * netmap's NMB() does: the kring checks the slots it takes, but the ring user may rewrite one after that, and
+ * then only its own frame suffers. */
 static inline uint8_t *nm_slot_buf(const struct nm_bufs *nm, const struct nm_slot *slot)
 {
     uint32_t buf_idx = __atomic_load_n(&slot->buf_idx, __ATOMIC_RELAXED);
     if (buf_idx >= nm->nbufs)
-        return NULL;
+        buf_idx = 0;
     return nm->base + (size_t)buf_idx * nm->buf_size;
 }
 
-/* --- faults ------------------------------------------------------------------------------------------------- */
+/* --- faults --------------------------------------------------------------------------------------------- */
 
 static int32_t vq_fail(struct vq_batch *out, int32_t status, uint32_t desc)
 {
@@ -178,7 +181,7 @@ static int32_t vq_fail_chain(struct vq_batch *out, int32_t status, uint16_t head
 static int vq_args_ok(const struct vq_split *vq, const struct nm_bufs *nm, uint32_t first, uint32_t count)
 {
     return vq->desc && vq->avail && vq->used && vq->num && vq->num <= 32768 && !(vq->num & (vq->num - 1)) &&
-           nm->slots && nm->base && nm->num_slots && nm->buf_size && first < nm->num_slots &&
+           nm->slots && nm->base && nm->num_slots && nm->buf_size && nm->nbufs && first < nm->num_slots &&
            count <= nm->num_slots;
 }
 
@@ -188,7 +191,7 @@ static void vq_batch_init(struct vq_batch *out)
     out->bad_slot = -1;
 }
 
-/* --- the descriptor walk (SplitVirtqueue._walk) ------------------------------------------------------------- */
+/* --- the descriptor walk (SplitVirtqueue._walk) --------------------------------------------------------- */
 
 /* Walk and validate the chain at `head`, every check of the reference in its order; store up to `cap` of its
  * segments in `segs`. Returns VQ_OK or the fault (in `out`). */
@@ -265,7 +268,7 @@ static int32_t vq_pop(struct vq_split *vq, const struct vm_memory *mem, int writ
     return status;
 }
 
-/* --- completion: flush_used, call, enable_kicks ------------------------------------------------------------- */
+/* --- completion: flush_used, call, enable_kicks --------------------------------------------------------- */
 
 static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const struct vq_used_elem *pending,
                         uint32_t n, struct vq_batch *out)
@@ -284,7 +287,8 @@ static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const 
     out->used = n;
 
     /* Whether the driver wants an interrupt (spec 2.7.10): used->idx must be visible before we read what it
-     * asked for, the other half of the barrier the driver has between re-enabling interrupts and reading idx. */
+     * asked for: the other half of the barrier the driver has between re-enabling interrupts and reading
+     * idx. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     uint16_t new_idx = vq->used_idx, old_idx = vq->signalled_used;
     if (vq->event_idx) {
@@ -303,7 +307,7 @@ static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const 
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
-/* --- dequeue: guest transmit queue -> netmap slots ----------------------------------------------------------- */
+/* --- dequeue: guest transmit queue -> netmap slots ------------------------------------------------------ */
 
 static void nm_close_slot(struct nm_slot *slot, uint32_t len, uint16_t flags)
 {
@@ -311,17 +315,14 @@ static void nm_close_slot(struct nm_slot *slot, uint32_t len, uint16_t flags)
     slot->flags = flags;
 }
 
-/* rxtx._gather: copy the segments minus their first `skip` bytes into consecutive slots from `pos`. Returns -1,
- * or the slot whose buf_idx turned out to be out of range (nothing is published then). */
-static int32_t vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint32_t nseg, uint64_t skip,
-                         uint32_t pos)
+/* rxtx._gather: copy the segments minus their first `skip` bytes into consecutive slots from `pos`. */
+static void vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint32_t nseg, uint64_t skip,
+                      uint32_t pos)
 {
     struct nm_slot *slot = nm_slot_at(nm, pos);
     uint8_t *dst = nm_slot_buf(nm, slot);
     uint32_t filled = 0;
 
-    if (!dst)
-        return (int32_t)pos;
     for (uint32_t k = 0; k < nseg; k++) {
         if (skip >= segs[k].len) {
             skip -= segs[k].len;
@@ -337,8 +338,6 @@ static int32_t vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, ui
                     pos = 0;
                 slot = nm_slot_at(nm, pos);
                 dst = nm_slot_buf(nm, slot);
-                if (!dst)
-                    return (int32_t)pos;
                 filled = 0;
             }
             uint32_t n = nm->buf_size - filled < left ? nm->buf_size - filled : left;
@@ -349,11 +348,11 @@ static int32_t vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, ui
         }
     }
     nm_close_slot(slot, filled, 0);
-    return -1;
 }
 
-int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm, uint32_t hdr_len,
-                   uint32_t first, uint32_t space, struct vq_used_elem *pending, struct vq_batch *out)
+int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                   uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_used_elem *pending,
+                   struct vq_batch *out)
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first;
@@ -387,13 +386,7 @@ int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struc
             vq->last_avail_idx--; /* unpop: it goes first next time */
             break;
         }
-        int32_t bad = vq_gather(nm, segs, chain.nseg, hdr_len, pos);
-        if (bad >= 0) {
-            /* The ring user rewrote a slot it had given us: stop here; its next sync repairs the ring. */
-            vq->last_avail_idx--;
-            out->bad_slot = bad;
-            break;
-        }
+        vq_gather(nm, segs, chain.nseg, hdr_len, pos);
         pending[n_used++] = (struct vq_used_elem){chain.head, 0};
         pos = (pos + need) % nm->num_slots;
         space -= need;
@@ -408,20 +401,20 @@ fault:
     return out->status;
 }
 
-/* --- enqueue: netmap slots -> guest receive queue ----------------------------------------------------------- */
+/* --- enqueue: netmap slots -> guest receive queue ------------------------------------------------------- */
 
 /* rxtx._frame_at: 1 with the fragments and bytes of the frame at `pos` when its last slot is among the
- * `avail` slots from there, 0 when it is not, -1 (bad_slot set) at a slot with a bad buf_idx or len. */
+ * `avail` slots from there, 0 when it is not, -1 (bad_slot set) at a slot whose len exceeds buf_size: the
+ * ring user rewrote it after the kring's checks, and the next txsync prologue reinitialises the ring. */
 static int vq_frame_at(const struct nm_bufs *nm, uint32_t pos, uint32_t avail, uint32_t *nfrag, uint64_t *len,
                        struct vq_batch *out)
 {
     uint64_t total = 0;
     for (uint32_t i = 0; i < avail; i++) {
         const struct nm_slot *slot = nm_slot_at(nm, pos);
-        uint32_t buf_idx = __atomic_load_n(&slot->buf_idx, __ATOMIC_RELAXED);
         uint16_t slot_len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
         uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
-        if (buf_idx >= nm->nbufs || slot_len > nm->buf_size) {
+        if (slot_len > nm->buf_size) {
             out->bad_slot = (int32_t)pos;
             return -1;
         }
@@ -447,7 +440,7 @@ struct vq_source {
     uint8_t hdr[VIRTIO_NET_HDR_SIZE];
 };
 
-/* Copy up to `n` bytes of the source to `dst`; returns how many (fewer only if the ring user shortened a slot
+/* Copy up to `n` bytes of the source to `dst`; returns how many (fewer only if the ring user changed a slot
  * since vq_frame_at measured it: its len and buf_idx are read again here, once, and checked again). */
 static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
 {
@@ -458,9 +451,8 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
                 break;
             const struct nm_slot *slot = nm_slot_at(src->nm, src->slot);
             uint16_t slot_len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
-            const uint8_t *buf = nm_slot_buf(src->nm, slot);
-            src->p = buf;
-            src->left = buf && slot_len <= src->nm->buf_size ? slot_len : 0;
+            src->p = nm_slot_buf(src->nm, slot);
+            src->left = slot_len <= src->nm->buf_size ? slot_len : 0;
             src->frags--;
             if (++src->slot == src->nm->num_slots)
                 src->slot = 0;
@@ -524,9 +516,9 @@ static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem
     return VQ_OK;
 }
 
-int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm, uint32_t hdr_len,
-                   int32_t mergeable, uint32_t first, uint32_t count, struct vq_used_elem *pending,
-                   struct vq_batch *out)
+int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                   uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
+                   struct vq_used_elem *pending, struct vq_batch *out)
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first, done = 0;

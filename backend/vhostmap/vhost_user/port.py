@@ -22,9 +22,10 @@ from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
 from vhostmap.vhost_user.device import NetConfig, VhostUserNetDevice
+from vhostmap.vhost_user.kernels import select_datapath
 from vhostmap.vhost_user.messages import ProtocolFeature
 from vhostmap.vhost_user.protocol import Message, Payload
-from vhostmap.vhost_user.rxtx import Buffers, dequeue, enqueue
+from vhostmap.vhost_user.rxtx import Buffers
 from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,11 @@ class QueueStats:
 
 
 class VhostUserPort(NetmapAdapter):
-    """One vhost-user virtio-net device as a netmap adapter with ``queues`` kring pairs."""
+    """One vhost-user virtio-net device as a netmap adapter with ``queues`` kring pairs.
+
+    ``reference_datapath`` runs the pure-Python reference kernels instead of the compiled ones (None: as the
+    VHOSTMAP_REFERENCE_DATAPATH environment variable says; see kernels.py).
+    """
 
     def __init__(
         self,
@@ -55,6 +60,7 @@ class VhostUserPort(NetmapAdapter):
         memory: NetmapMemory,
         lock: threading.RLock,
         on_change: Callable[[], None] = lambda: None,
+        reference_datapath: bool | None = None,
     ) -> None:
         super().__init__(
             config.name,
@@ -70,6 +76,7 @@ class VhostUserPort(NetmapAdapter):
         self.device = VhostUserNetDevice(config.name, NetConfig(config.mac, config.mtu, config.queues), self)
         self.queue_stats = [QueueStats() for _ in range(config.queues)]
         self._bufs = Buffers(memory.array, memory.buffers_offset, memory.buf_size)
+        self.datapath = select_datapath(reference_datapath)
 
     # --- DeviceListener -----------------------------------------------------------------------------------
     def queues_changed(self) -> None:
@@ -146,7 +153,7 @@ class VhostUserPort(NetmapAdapter):
             return
         space = (kring.nr_hwcur - kring.nr_hwtail - 1) % n
         try:
-            res = dequeue(
+            res = self.datapath.dequeue(
                 vq,
                 self.device.memory,
                 self.device.vnet_hdr_size,
@@ -155,9 +162,6 @@ class VhostUserPort(NetmapAdapter):
                 space,
                 self._bufs,
             )
-            vq.flush_used()
-            vq.call()
-            vq.enable_kicks()
         except VirtqueueError as e:
             self._fault(kring, e)
             return
@@ -185,7 +189,7 @@ class VhostUserPort(NetmapAdapter):
         else:
             st = self.queue_stats[vq.index // 2]
             try:
-                res = enqueue(
+                res = self.datapath.enqueue(
                     vq,
                     self.device.memory,
                     self.device.vnet_hdr_size,
@@ -195,9 +199,6 @@ class VhostUserPort(NetmapAdapter):
                     count,
                     self._bufs,
                 )
-                vq.flush_used()
-                vq.call()
-                vq.enable_kicks()
             except VirtqueueError as e:
                 self._fault(kring, e)
                 return
