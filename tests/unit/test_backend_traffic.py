@@ -13,7 +13,7 @@ import pytest
 from conftest import RunningDaemon, StartDaemon
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
 from vhostmap.netmap.allocator import AllocatorParams
-from vhostmap.vhost_user.messages import Request, VringState
+from vhostmap.vhost_user.messages import U64, Request, VringState
 from vhostmap.vhost_user.port import PORT_RING_SLOTS
 from vhostmap.virtio.spec import (
     VIRTIO_F_VERSION_1,
@@ -300,3 +300,16 @@ def test_frames_for_a_guest_that_is_not_there_are_dropped_and_counted_as_frames(
     fb.post_receive_buffers(8)
     fa.transmit([frame(9014, 4)])
     assert fb.receive(1) == [frame(9014, 4)]
+
+
+def test_send_rarp_announces_the_guest_mac_to_the_linked_port(start_daemon: StartDaemon) -> None:
+    """After a migration QEMU asks the back-end to announce the guest: a RARP broadcast from its MAC."""
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    fb.post_receive_buffers(4)
+    mac = bytes.fromhex("525400aabbcc")
+    fa.send(Request.SEND_RARP, U64(int.from_bytes(mac + bytes(2), "little")))
+    (announce,) = fb.receive(1)
+    assert announce[:14] == b"\xff" * 6 + mac + b"\x80\x35"
+    assert announce[14:22] == bytes.fromhex("0001080006040003")  # Ethernet/IPv4, opcode 3 (request reverse)
+    assert announce[22:28] == mac and announce[32:38] == mac and len(announce) == 60

@@ -9,6 +9,7 @@ only syncs krings with virtqueues, counts, and turns driver faults into "device 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -77,6 +78,7 @@ class VhostUserPort(NetmapAdapter):
         self.queue_stats = [QueueStats() for _ in range(config.queues)]
         self._bufs = Buffers(memory.array, memory.buffers_offset, memory.buf_size)
         self.datapath = select_datapath(reference_datapath)
+        self._announcements: list[bytes] = []
 
     # --- DeviceListener -----------------------------------------------------------------------------------
     def queues_changed(self) -> None:
@@ -84,8 +86,11 @@ class VhostUserPort(NetmapAdapter):
         self._on_change()
 
     def announce(self, mac: bytes) -> None:
-        """SEND_RARP (after a migration): not forwarded yet, only logged."""
-        log.info("port %s: front-end asks to announce %s", self.name, mac.hex(":"))
+        """SEND_RARP (after a migration): send a RARP broadcast from ``mac`` as if the guest had, so that
+        switches and the host stack learn where it is now. It leaves with the next rxsync of ring 0."""
+        log.info("port %s: announcing %s (RARP)", self.name, mac.hex(":"))
+        self._announcements.append(rarp_frame(mac))
+        self._on_change()
 
     # --- MessageHandler (server.py) ----------------------------------------------------------------------
     def handle_message(self, msg: Message) -> Payload | None:
@@ -148,6 +153,8 @@ class VhostUserPort(NetmapAdapter):
         """Release what the user returned, then import what the guest transmitted on queue pair i."""
         n = kring.nkr_num_slots
         kring.nr_hwcur = kring.rhead
+        if self._announcements and kring.ring_id == 0:
+            self._import_announcements(kring)
         vq = self._queue(2 * kring.ring_id + 1)
         if vq is None:
             return
@@ -170,6 +177,22 @@ class VhostUserPort(NetmapAdapter):
         st.rx_packets += res.packets
         st.rx_bytes += res.bytes
         st.rx_dropped += res.dropped
+
+    def _import_announcements(self, kring: Kring) -> None:
+        """Put queued RARP frames into free slots of RX kring 0, as received frames."""
+        n = kring.nkr_num_slots
+        slots = kring.ring.slots
+        while self._announcements and (kring.nr_hwcur - kring.nr_hwtail - 1) % n:
+            frame = self._announcements.pop(0)
+            i = kring.nr_hwtail
+            self.memory.buf_view(int(slots["buf_idx"][i]))[: len(frame)] = np.frombuffer(
+                frame, dtype=np.uint8
+            )
+            slots["len"][i] = len(frame)
+            slots["flags"][i] = 0
+            kring.nr_hwtail = (i + 1) % n
+            self.queue_stats[0].rx_packets += 1
+            self.queue_stats[0].rx_bytes += len(frame)
 
     def nm_txsync(self, kring: Kring, flags: int = 0) -> None:
         """Deliver slots [hwcur, head) into the guest's receive queue of pair i, as far as it has room."""
@@ -222,3 +245,10 @@ class VhostUserPort(NetmapAdapter):
         ]
         totals = {f.name: sum(q[f.name] for q in queues) for f in fields(QueueStats)}
         return {"queues": queues, "totals": totals, "broken": self.device.broken}
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The reverse-ARP broadcast QEMU sends to announce a guest's MAC (RFC 903, "request reverse")."""
+    eth = b"\xff" * 6 + mac + (0x8035).to_bytes(2, "big")
+    rarp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
+    return (eth + rarp).ljust(60, b"\0")
