@@ -13,11 +13,12 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ringuser import ETH_P_EXPERIMENTAL, frame, release, sync_until, take_frames
 
 from vhostmap.lab.netns import ip, unique_name
 from vhostmap.netmap.abi import NR_FORWARD, NS_FORWARD, NS_MOREFRAG, RingView, nm_prev
@@ -31,21 +32,11 @@ from vhostmap.netmap.tap import TapDevice, if_exists, link_is_up
 
 PARAMS = AllocatorParams(if_num=4, ring_num=32, ring_size=4096, buf_num=1024)
 BUF = PARAMS.buf_size
-ETH_P_EXPERIMENTAL = 0x88B5  # IEEE local experimental ethertype: nothing else on the TAP uses it
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates TAP devices (needs root)")
 
 
 # A loopback port: what TX ring i sends comes back on RX ring i; its host rings are bound by a HostStack.
 Port = LoopbackAdapter
-
-
-def frame(length: int, seq: int = 0) -> bytes:
-    """An Ethernet frame of ``length`` bytes with the experimental ethertype and a recognisable payload."""
-    head = (
-        bytes.fromhex("02000000aa01") + bytes.fromhex("02000000bb02") + ETH_P_EXPERIMENTAL.to_bytes(2, "big")
-    )
-    body = (seq.to_bytes(4, "big") + bytes(range(256)) * (length // 256 + 1))[: length - len(head)]
-    return head + body
 
 
 def put_frames(ring: RingView, mem: NetmapMemory, frames: Sequence[bytes], *, flags: int = 0) -> None:
@@ -58,42 +49,6 @@ def put_frames(ring: RingView, mem: NetmapMemory, frames: Sequence[bytes], *, fl
             ring.slots["len"][i] = len(part)
             ring.slots["flags"][i] = flags | (NS_MOREFRAG if k < len(parts) - 1 else 0)
             ring.head = ring.cur = (i + 1) % ring.num_slots
-
-
-def take_frames(ring: RingView, mem: NetmapMemory) -> list[bytes]:
-    """A ring user reads every frame between head and tail (joining NS_MOREFRAG runs), without releasing."""
-    out, cur = [], b""
-    i = ring.head
-    while i != ring.tail:
-        slot = ring.slots[i]
-        cur += bytes(mem.buf_view(int(slot["buf_idx"]))[: int(slot["len"])])
-        if not int(slot["flags"]) & NS_MOREFRAG:
-            out.append(cur)
-            cur = b""
-        i = (i + 1) % ring.num_slots
-    return out
-
-
-def release(ring: RingView) -> None:
-    """The user gives back every slot it holds."""
-    ring.head = ring.cur = ring.tail
-
-
-def sync_until(
-    sync: Callable[[], None], done: Callable[[], bool], fds: Sequence[int], what: str, timeout: float = 5.0
-) -> None:
-    """Sync, then wait for ``fds`` to become readable and sync again, until ``done()`` or the deadline."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    deadline = time.monotonic() + timeout
-    sync()
-    while not done():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"timed out waiting for {what}")
-        poller.poll(max(1, int(left * 1000)))
-        sync()
 
 
 def recv_frames(sock: socket.socket, count: int, timeout: float = 5.0) -> list[bytes]:
