@@ -74,7 +74,52 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     add_vm_parser(sub)
+    _add_pktgen_parser(sub)
     return parser
+
+
+def _mac(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text.replace(":", ""))
+    except ValueError:
+        raw = b""
+    if len(raw) != 6:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address")
+    return raw
+
+
+def _ipv4(text: str) -> bytes:
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address")
+    return bytes(int(p) for p in parts)
+
+
+def _add_pktgen_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "pkt-gen",
+        help="send, receive, ping or answer pings on a port of the daemon (netmap's pkt-gen)",
+        description="netmap's pkt-gen over a port of the running daemon, through the netmap client library. "
+        "tx sends copies of one UDP frame, rx counts what arrives, ping measures ICMP echo round trips "
+        "(answered by pong or by dpdk-testpmd's icmpecho), pong answers them.",
+    )
+    p.add_argument(
+        "-i", "--port", required=True, metavar="NAME", help="vm0, vm0-1 (ring 1), vm0^, vale0:app..."
+    )
+    p.add_argument("-f", "--function", choices=("tx", "rx", "ping", "pong"), default="tx", help="mode (tx)")
+    p.add_argument("-l", "--length", type=int, default=60, help="frame length without FCS (60)")
+    p.add_argument("-n", "--count", type=int, default=0, help="stop after N frames (0: no limit)")
+    p.add_argument("-D", "--duration", type=float, default=0.0, help="stop after S seconds (0: no limit)")
+    p.add_argument("-R", "--rate", type=float, default=0.0, help="tx: at most PPS frames per second")
+    p.add_argument("-b", "--batch", type=int, default=512, help="tx: frames per sync (512)")
+    p.add_argument("--src-mac", type=_mac, default="02:00:00:00:00:01", metavar="MAC")
+    p.add_argument("--dst-mac", type=_mac, default="ff:ff:ff:ff:ff:ff", metavar="MAC")
+    p.add_argument("-s", "--src-ip", type=_ipv4, default="10.0.0.1", metavar="IP")
+    p.add_argument("-d", "--dst-ip", type=_ipv4, default="10.1.0.1", metavar="IP")
+    p.add_argument("-T", "--report", type=float, default=1.0, metavar="S", help="progress every S s (0: off)")
+    p.add_argument("--timeout", type=float, default=1.0, help="ping: seconds before a request counts as lost")
+    p.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -177,6 +222,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_vm(args)
     if args.command == "switch":
         return _switch(args)
+    if args.command == "pkt-gen":
+        from vhostmap.pktgen import run as run_pktgen  # numpy and the client library: only when needed
+
+        return run_pktgen(args)
     try:
         reply = call(args.control, args.command)
     except ControlError as e:

@@ -2,6 +2,11 @@
 
 A request is ``{"cmd": NAME, ...arguments}``; the reply is ``{"ok": true, ...}`` or
 ``{"ok": false, "error": TEXT}``. ``vhostmap stats`` and the other CLI commands are clients of it.
+
+Some commands belong to the connection they came on (`ConnectionHandler`): a netmap application's
+registration lives exactly as long as its control connection, so a client that dies (its socket closes)
+releases its rings. Such a command may answer with file descriptors, sent with the reply line in one
+SCM_RIGHTS message (`recv_reply` reads it).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -19,6 +25,34 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
 MAX_REQUEST = 1 << 20
+# File descriptors one reply may carry.
+MAX_REPLY_FDS = 16
+
+
+class Connection:
+    """One control client's connection, as the commands bound to it see it."""
+
+    def __init__(self, peer_pid: int | None = None) -> None:
+        self.peer_pid = peer_pid
+        self._closers: list[Callable[[], None]] = []
+        self.state: dict[str, Any] = {}
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call ``release`` when the connection ends (the client closed it, or died)."""
+        self._closers.append(release)
+
+    def close(self) -> None:
+        """Run the release callbacks, newest first; one failing does not stop the others."""
+        while self._closers:
+            release = self._closers.pop()
+            try:
+                release()
+            except Exception:
+                log.exception("control: releasing a connection's resources failed")
+
+
+# A connection-bound command: the request and its connection in; the reply and the fds to send with it out.
+ConnectionHandler = Callable[[Mapping[str, Any], Connection], tuple[dict[str, Any], list[int]]]
 
 
 class ControlError(Exception):
@@ -28,9 +62,15 @@ class ControlError(Exception):
 class ControlServer:
     """Serves named commands on a UNIX socket from the daemon's event loop."""
 
-    def __init__(self, path: str, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        path: str,
+        handlers: Mapping[str, Handler],
+        connection_handlers: Mapping[str, ConnectionHandler] | None = None,
+    ) -> None:
         self.path = path
         self.handlers = dict(handlers)
+        self.connection_handlers = dict(connection_handlers or {})
         self._server: asyncio.AbstractServer | None = None
         self._bound = False
 
@@ -55,21 +95,43 @@ class ControlServer:
                 os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(_peer_pid(writer.get_extra_info("socket")))
         try:
             while line := await reader.readline():
-                reply = await self._answer(line)
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
+                reply, fds = await self._answer(line, conn)
+                data = json.dumps(reply).encode() + b"\n"
+                if fds:
+                    # The stream has nothing buffered (one request at a time): the reply and its fds go out
+                    # in one sendmsg on a duplicate of the socket, which asyncio's transport does not offer.
+                    # The socket stays non-blocking (a flag the duplicate shares); a short reply fits its
+                    # empty send buffer.
+                    with writer.get_extra_info("socket").dup() as sock:
+                        socket.send_fds(sock, [data], fds)
+                else:
+                    writer.write(data)
+                    await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
             log.warning("control client dropped: %s", e)
         finally:
+            conn.close()
             writer.close()
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, conn: Connection) -> tuple[dict[str, Any], list[int]]:
         try:
             request = json.loads(line)
         except json.JSONDecodeError as e:
-            return {"ok": False, "error": f"request is not JSON: {e}"}
+            return {"ok": False, "error": f"request is not JSON: {e}"}, []
+        cmd = request.get("cmd") if isinstance(request, dict) else None
+        bound = self.connection_handlers.get(cmd) if isinstance(cmd, str) else None
+        if bound is not None:
+            try:
+                result, fds = bound(request, conn)
+            except (ValueError, KeyError, LookupError, OSError) as e:
+                return {"ok": False, "error": str(e)}, []
+            return {"ok": True, **result}, fds
+        return await self._answer_plain(request), []
+
+    async def _answer_plain(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
             return {"ok": False, "error": 'request must be an object with a "cmd" string'}
         handler = self.handlers.get(request["cmd"])
@@ -84,29 +146,58 @@ class ControlServer:
         return {"ok": True, **result}
 
 
-def call(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Send one command to the daemon at ``path`` and return its reply (raises ControlError)."""
+def _peer_pid(sock: Any) -> int | None:
+    """The pid of the process at the other end of a UNIX socket (SO_PEERCRED), if the kernel says."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    return int(struct.unpack("3i", creds)[0])
+
+
+def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
+    """A connection to the daemon's control socket at ``path`` (ControlError, with the likely cause)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        try:
-            sock.connect(path)
-        except FileNotFoundError:
-            raise ControlError(f"no vhostmap daemon at {path} (is `vhostmap serve` running?)") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"no vhostmap daemon listens on {path} (stale socket)") from None
-        except PermissionError:
-            raise ControlError(f"permission denied on {path}") from None
-        sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ControlError("the daemon closed the control connection")
-            data += chunk
-    finally:
+        sock.connect(path)
+    except FileNotFoundError:
         sock.close()
+        raise ControlError(f"no vhostmap daemon at {path} (is `vhostmap serve` running?)") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise ControlError(f"no vhostmap daemon listens on {path} (stale socket)") from None
+    except PermissionError:
+        sock.close()
+        raise ControlError(f"permission denied on {path}") from None
+    return sock
+
+
+def request(sock: socket.socket, cmd: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
+    """Send one command on an open connection; its reply and the fds that came with it (the caller owns
+    them). Raises ControlError for an error reply (closing any fds) or a closed connection."""
+    sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, got, _, _ = socket.recv_fds(sock, 65536, MAX_REPLY_FDS)
+        fds += got
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            raise ControlError("the daemon closed the control connection")
+        data += chunk
     reply = json.loads(data)
     if not reply.get("ok"):
+        for fd in fds:
+            os.close(fd)
         raise ControlError(reply.get("error", "unknown error"))
-    return dict(reply)
+    return dict(reply), fds
+
+
+def call(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """Send one command to the daemon at ``path`` and return its reply (raises ControlError)."""
+    with connect(path, timeout) as sock:
+        reply, fds = request(sock, cmd, **args)
+    for fd in fds:  # a plain command has none; never leak what a confused daemon sent
+        os.close(fd)
+    return reply

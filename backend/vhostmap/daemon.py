@@ -20,14 +20,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from vhostmap import __version__
+from vhostmap.clients import ClientSession, PortClients
 from vhostmap.config import DaemonConfig, PortConfig, SwitchConfig, format_mac
-from vhostmap.control import ControlServer
+from vhostmap.control import Connection, ControlServer
 from vhostmap.forward import Link, Sink
 from vhostmap.hostbridge import HostBridge
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.generic import GenericAdapter
 from vhostmap.netmap.host import HostStack
+from vhostmap.netmap.pipe import PipeEnd, make_pipe
+from vhostmap.netmap.user import parse_port_spec
 from vhostmap.switch import Switch
 from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
 from vhostmap.vhost_user.server import Endpoint, SocketMode
@@ -36,16 +39,20 @@ from vhostmap.worker import Forwarder, Worker
 
 log = logging.getLogger(__name__)
 
-# Buffers beyond the ports' own rings, for clients and in-flight swaps.
+# Buffers beyond the ports' own rings, for in-flight swaps.
 SPARE_BUFFERS = 4096
+# Switch ports applications may open at once (``vale0:app``), and the slots of each of their rings.
+CLIENT_PORTS = 8
+CLIENT_RING_SLOTS = 512
 
 
 def allocator_params(config: DaemonConfig) -> AllocatorParams:
-    """An allocator big enough for every ring of every port (one buffer per slot) plus spares."""
+    """An allocator big enough for every ring of every port (one buffer per slot), room for CLIENT_PORTS
+    application switch ports (a pipe: four rings) and spares."""
     rings = sum(2 * (p.queues + 1) for p in config.ports)
     return AllocatorParams(
-        ring_num=max(rings, 16),
-        buf_num=rings * PORT_RING_SLOTS + SPARE_BUFFERS,
+        ring_num=rings + 4 * CLIENT_PORTS,
+        buf_num=rings * PORT_RING_SLOTS + 4 * CLIENT_PORTS * CLIENT_RING_SLOTS + SPARE_BUFFERS,
     )
 
 
@@ -94,8 +101,13 @@ class Daemon:
             for pc in config.ports
             if pc.name in self.ports
         ]
+        # Ports held by local applications (their forwarder), and the pipes of their switch ports.
+        self.clients: dict[str, PortClients] = {}
+        self.pipes: dict[str, tuple[PipeEnd, PipeEnd]] = {}
         self.control = ControlServer(
-            config.control_socket, {"stats": self.stats, "status": self.status, "switch": self.switch}
+            config.control_socket,
+            {"stats": self.stats, "status": self.status, "switch": self.switch},
+            {"register": self.register_client, "client_stats": self.client_stats},
         )
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -153,9 +165,17 @@ class Daemon:
                 ep.close()
             await self.control.close()
             self.worker.stop()
-            for adapter in self.adapters.values():
-                adapter.close()
-            self.memory.close()
+            with self.worker.lock:  # application connections may still be closing on this loop
+                for clients in self.clients.values():
+                    for session in clients.sessions:
+                        session.close()
+                self.clients.clear()
+                for adapter in self.adapters.values():
+                    adapter.close()
+                for _, slave in self.pipes.values():
+                    slave.close()
+                self.pipes.clear()
+                self.memory.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(ValueError):
                     loop.remove_signal_handler(sig)
@@ -195,14 +215,18 @@ class Daemon:
             for name, adapter in self.adapters.items():
                 if isinstance(adapter, GenericAdapter):
                     ports[name] = {"type": "generic", "ifname": adapter.ifname, "broken": adapter.broken}
+                elif isinstance(adapter, PipeEnd):
+                    ports[name] = {"type": "application", "broken": adapter.broken}
                 if adapter.host_port is not None:
                     ports[name]["host"] = adapter.host_port.name
                 ports[name]["forwarder"] = self.serving[name].name
             switches = {name: [p.name for p in sw.ports] for name, sw in self.switches.items()}
+            clients = [s.stats() for c in self.clients.values() for s in c.sessions]
         return {
             "version": __version__,
             "ports": ports,
             "switches": switches,
+            "clients": clients,
             "memory": self.memory.stats(),
         }
 
@@ -243,7 +267,7 @@ class Daemon:
         """
         with self.worker.lock:
             adapter = self._adapter(port)
-            current = self.serving[port]
+            current = self.serving.get(port)
             if isinstance(current, Switch):
                 raise ValueError(f"port {port!r} is already attached to switch {current.name!r}")
             if isinstance(current, Link):
@@ -256,8 +280,9 @@ class Daemon:
             if switch not in self.switches:
                 self.switches[switch] = sw
                 self.worker.add(sw)
-            with contextlib.suppress(ValueError):  # the worker dropped it already (it had failed)
-                self.worker.remove(current)
+            if current is not None:  # None: an application's new switch port
+                with contextlib.suppress(ValueError):  # the worker dropped it already (it had failed)
+                    self.worker.remove(current)
             self.serving[port] = sw
             self.worker.refresh()
         log.info("port %s attached to switch %s", port, switch, extra={"port": port, "switch": switch})
@@ -275,10 +300,145 @@ class Daemon:
             adapter = self._adapter(port)
             if self.serving[port] is not sw:
                 raise ValueError(f"port {port!r} is not attached to switch {switch!r}")
+            if port in self.pipes:
+                raise ValueError(f"port {port!r} belongs to an application and goes with it")
             sw.detach(adapter)
             solo = self.serving[port] = self._solo(adapter)
             self.worker.add(solo)
         log.info("port %s detached from switch %s", port, switch, extra={"port": port, "switch": switch})
+
+    # --- local applications (vhostmap.netmap.client) -----------------------------------------------------
+    def register_client(
+        self, request: Mapping[str, Any], conn: Connection
+    ) -> tuple[dict[str, Any], list[int]]:
+        """The ``register`` command (NIOCGINFO + NIOCREGIF): bind the rings ``port`` names to the connection.
+
+        ``{"port": "vm0" | "vm0-1" | "vm0^" | "vm0*" | "vale0:app", "flags": NETMAP_NO_TX_POLL...}``. A plain
+        port must not be in a link or on a switch (it is taken from its sink or TAP while held); a
+        ``SWITCH:NAME`` port is made for the application and attached to SWITCH (made if missing). The reply
+        says where the netmap_if is and which rings are bound; the fds are the allocator's memfd, the kick
+        eventfd and the irq eventfd. Everything is released when the connection ends.
+        """
+        name = request.get("port")
+        flags = request.get("flags", 0)
+        if not isinstance(name, str) or not isinstance(flags, int):
+            raise ValueError('register: expected {"port": NAME[, "flags": INT]}')
+        spec = parse_port_spec(name)
+        with self.worker.lock:
+            adapter: NetmapAdapter | None = (
+                self._client_switch_port(str(spec), spec.switch, spec.port) if spec.switch else None
+            )
+            try:
+                if adapter is None:
+                    adapter = self._adapter(spec.port)
+                    current = self.serving.get(spec.port)
+                    if isinstance(current, Switch | Link):
+                        by = f"switch {current.name}" if isinstance(current, Switch) else current.name
+                        raise ValueError(
+                            f"port {spec.port!r} is served by {by}; open a switch port (SWITCH:NAME) "
+                            "or detach it first"
+                        )
+                session = self._add_session(adapter, spec.mode, spec.ring_id, flags, name, conn.peer_pid)
+            except BaseException:
+                if spec.switch:
+                    self._drop_client_switch_port(str(spec))
+                raise
+            self.worker.refresh()
+        assert adapter is not None
+        conn.on_close(lambda: self.release_client(session))
+        conn.state.setdefault("sessions", []).append(session)
+        reg = session.reg
+        log.info("application (pid %s) opened %s", conn.peer_pid, name, extra={"port": name})
+        reply = {
+            "name": adapter.name,
+            "nifp_offset": reg.nifp.offset,
+            "memsize": reg.memsize,
+            "buffers_offset": self.memory.buffers_offset,
+            "buf_size": self.memory.buf_size,
+            "nbufs": self.memory.nbufs,
+            "tx_rings": [reg.tx_first, reg.tx_last],
+            "rx_rings": [reg.rx_first, reg.rx_last],
+        }
+        return reply, [self.memory.fd, session.kick, session.irq]
+
+    def client_stats(self, request: Mapping[str, Any], conn: Connection) -> tuple[dict[str, Any], list[int]]:
+        """The ``client_stats`` command: the sessions of this connection (reinits, errors...)."""
+        with self.worker.lock:
+            return {"sessions": [s.stats() for s in conn.state.get("sessions", [])]}, []
+
+    def release_client(self, session: ClientSession) -> None:
+        """End ``session`` (its application closed the connection, or died)."""
+        with self.worker.lock:
+            adapter = session.reg.adapter
+            clients = self.clients.get(adapter.name)
+            if clients is None or session not in clients.sessions:  # the daemon has stopped already
+                return
+            clients.remove(session)
+            if not clients.sessions:
+                del self.clients[adapter.name]
+                self.worker.remove(clients)
+                master = adapter.peer if isinstance(adapter, PipeEnd) else None
+                if master is not None:
+                    self._drop_client_switch_port(master.name)
+                else:
+                    solo = self.serving[adapter.name] = self._solo(adapter)
+                    self.worker.add(solo)
+            self.worker.refresh()
+        log.info("application (pid %s) closed %s", session.pid, session.spec, extra={"port": session.spec})
+
+    def _add_session(
+        self, adapter: NetmapAdapter, mode: int, ring_id: int, flags: int, spec: str, pid: int | None
+    ) -> ClientSession:
+        """Register on ``adapter`` and serve the registration (the port leaves its sink or TAP bridge)."""
+        reg = adapter.register(mode, ring_id, flags)
+        clients = self.clients.get(adapter.name)
+        fresh = clients is None
+        if clients is None:
+            clients = PortClients(adapter)
+        try:
+            session = clients.add(reg, spec, pid)
+        except BaseException:
+            adapter.unregister(reg)
+            raise
+        if fresh:
+            self.clients[adapter.name] = clients
+            if adapter.name in self.serving:  # an existing port, not an application's pipe end
+                with contextlib.suppress(ValueError):
+                    self.worker.remove(self.serving[adapter.name])
+                self.serving[adapter.name] = clients
+            self.worker.add(clients)
+        return session
+
+    def _client_switch_port(self, name: str, switch: str, port: str) -> PipeEnd:
+        """An application's switch port ``SWITCH:PORT``: a pipe whose master is attached to the switch; the
+        slave end, which the application registers."""
+        if name in self.adapters:
+            raise ValueError(f"switch port {name!r} is already open")
+        if len(self.pipes) >= CLIENT_PORTS:
+            raise ValueError(f"{CLIENT_PORTS} application switch ports are open already")
+        master, slave = make_pipe(name, self.memory, num_desc=CLIENT_RING_SLOTS)
+        self.adapters[name] = master
+        self.pipes[name] = (master, slave)
+        try:
+            self.attach(switch, name)
+        except BaseException:
+            del self.adapters[name], self.pipes[name]
+            master.close()
+            slave.close()
+            raise
+        return slave
+
+    def _drop_client_switch_port(self, name: str) -> None:
+        pipe = self.pipes.pop(name, None)
+        if pipe is None:
+            return
+        master, slave = pipe
+        sw = self.serving.pop(name, None)
+        if isinstance(sw, Switch):
+            sw.detach(master)
+        del self.adapters[name]
+        master.close()
+        slave.close()
 
     def _adapter(self, port: str) -> NetmapAdapter:
         adapter = self.adapters.get(port)

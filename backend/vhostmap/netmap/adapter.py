@@ -158,6 +158,7 @@ class NetmapAdapter(abc.ABC):
         num_rx_rings: int = 1,
         num_tx_desc: int = 1024,
         num_rx_desc: int = 1024,
+        host_rings: bool = True,
     ) -> None:
         self.name = name
         self.memory = memory
@@ -165,7 +166,10 @@ class NetmapAdapter(abc.ABC):
         self.num_rx_rings = num_rx_rings
         self.num_tx_desc = num_tx_desc
         self.num_rx_desc = num_rx_desc
-        self.nifp = memory.create_if(name, num_tx_rings, num_rx_rings, num_tx_desc, num_rx_desc)
+        self.has_host_rings = host_rings
+        self.nifp = memory.create_if(
+            name, num_tx_rings, num_rx_rings, num_tx_desc, num_rx_desc, int(host_rings), int(host_rings)
+        )
         self.tx_rings = [self._kring(r) for r in self.nifp.tx_rings]
         self.rx_rings = [self._kring(r) for r in self.nifp.rx_rings]
         self.broken: str | None = None
@@ -319,6 +323,8 @@ class NetmapAdapter(abc.ABC):
             )
         elif mode == NR_REG_ALL_NIC:
             tx, rx = (0, ntx), (0, nrx)
+        elif mode in (NR_REG_SW, NR_REG_NIC_SW) and not self.has_host_rings:
+            raise BadRingId(self.name, f"{REG_MODES[mode]}: this port has no host rings")
         elif mode == NR_REG_SW:
             tx, rx = (ntx, len(self.tx_rings)), (nrx, len(self.rx_rings))
         else:
@@ -367,26 +373,31 @@ class LoopbackAdapter(NetmapAdapter):
 
     def nm_txsync(self, kring: Kring, flags: int) -> None:
         """Move what fits to the peer RX ring; every moved slot is complete at once."""
-        self._move(kring, self.rx_rings[kring.ring_id])
+        move_slots(kring, self.rx_rings[kring.ring_id])
 
     def nm_rxsync(self, kring: Kring, flags: int) -> None:
         """Take back released slots, then pull TX slots that were waiting for room."""
         kring.nr_hwcur = kring.rhead
-        self._move(self.tx_rings[kring.ring_id], kring)
+        move_slots(self.tx_rings[kring.ring_id], kring)
 
-    @staticmethod
-    def _move(tx: Kring, rx: Kring) -> None:
-        n = min(tx.pending(), rx.rx_space())
-        if n:
-            si = (tx.nr_hwcur + np.arange(n)) % tx.nkr_num_slots
-            di = (rx.nr_hwtail + np.arange(n)) % rx.nkr_num_slots
-            s, d = tx.ring.slots, rx.ring.slots
-            spare = d["buf_idx"][di]
-            d["buf_idx"][di] = s["buf_idx"][si]
-            s["buf_idx"][si] = spare
-            d["len"][di] = s["len"][si]
-            d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
-            s["flags"][si] = NS_BUF_CHANGED
-            tx.nr_hwcur = (tx.nr_hwcur + n) % tx.nkr_num_slots
-            rx.nr_hwtail = (rx.nr_hwtail + n) % rx.nkr_num_slots
-        tx.nr_hwtail = nm_prev(tx.nr_hwcur, tx.nkr_num_slots)
+
+def move_slots(tx: Kring, rx: Kring) -> int:
+    """Move what ``tx`` has pending ([nr_hwcur, rhead)) to the free part of ``rx`` (from nr_hwtail), zero
+    copy: each TX slot swaps buffers with the RX slot it fills. Every moved TX slot is complete at once (its
+    hwtail follows); what does not fit waits. Returns the slots moved. Both krings must share an allocator.
+    """
+    n = min(tx.pending(), rx.rx_space())
+    if n:
+        si = (tx.nr_hwcur + np.arange(n)) % tx.nkr_num_slots
+        di = (rx.nr_hwtail + np.arange(n)) % rx.nkr_num_slots
+        s, d = tx.ring.slots, rx.ring.slots
+        spare = d["buf_idx"][di]
+        d["buf_idx"][di] = s["buf_idx"][si]
+        s["buf_idx"][si] = spare
+        d["len"][di] = s["len"][si]
+        d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
+        s["flags"][si] = NS_BUF_CHANGED
+        tx.nr_hwcur = (tx.nr_hwcur + n) % tx.nkr_num_slots
+        rx.nr_hwtail = (rx.nr_hwtail + n) % rx.nkr_num_slots
+    tx.nr_hwtail = nm_prev(tx.nr_hwcur, tx.nkr_num_slots)
+    return n
