@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.netmap.abi import NS_BUF_CHANGED
+from vhostmap.netmap.checksum import inet_checksum
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, UserRing
 
 ETH_P_IP = 0x0800
@@ -52,16 +53,6 @@ class Addresses:
     dst_ip: bytes = bytes([10, 1, 0, 1])
     src_port: int = 1234
     dst_port: int = 4321
-
-
-def inet_checksum(data: bytes) -> int:
-    """The Internet checksum (RFC 1071) of ``data``."""
-    if len(data) % 2:
-        data += b"\0"
-    total = int(np.frombuffer(data, ">u2").sum(dtype=np.uint64))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def _ipv4(addr: Addresses, proto: int, payload_len: int, ident: int = 0) -> bytes:

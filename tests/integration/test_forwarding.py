@@ -21,7 +21,17 @@ import pytest
 from vhostmap.control import call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
-from vhostmap.lab.netns import Netns, VethPair, add_address, ip, link_exists, set_up, unique_name
+from vhostmap.lab.netns import (
+    Netns,
+    VethPair,
+    add_address,
+    disable_ipv6,
+    ip,
+    link_exists,
+    set_up,
+    unique_name,
+)
+from vhostmap.lab.netns import namespace_behind_veth as lab_namespace_behind_veth
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.wait import wait_until
 
@@ -31,14 +41,6 @@ GUESTS = {"a": ("52:54:00:00:00:0a", "10.0.0.1/24"), "b": ("52:54:00:00:00:0b", 
 NETNS_ADDR = "10.0.0.3"
 PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) packets received")
 NO_IPV6 = "for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do [ -e $f ] && echo 1 > $f; done; true"
-
-
-def disable_ipv6(ifname: str, netns: str | None = None) -> None:
-    """No router solicitations, DAD or MLD from the host side of ``ifname``."""
-    args = ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"]
-    if netns is not None:
-        args = ["ip", "netns", "exec", netns, *args]
-    subprocess.run(args, check=False, capture_output=True)
 
 
 @contextmanager
@@ -100,14 +102,8 @@ def vhostmap_cli(daemon: VhostmapDaemon, *args: str) -> subprocess.CompletedProc
 
 @contextmanager
 def namespace_behind_veth() -> Iterator[tuple[Netns, VethPair]]:
-    """A namespace at 10.0.0.3/24 behind a veth pair: ``veth.name`` stays here (up, no address) for a generic
-    port, ``veth.peer`` is in the namespace."""
-    with Netns() as ns, VethPair(peer_netns=ns.name) as veth:
-        disable_ipv6(veth.name)
-        disable_ipv6(veth.peer, ns.name)
-        set_up(veth.name)
-        add_address(veth.peer, f"{NETNS_ADDR}/24", netns=ns.name)
-        set_up(veth.peer, netns=ns.name)
+    """A namespace at 10.0.0.3/24 behind a veth pair (``veth.name`` here, for a generic port)."""
+    with lab_namespace_behind_veth(f"{NETNS_ADDR}/24") as (ns, veth):
         yield ns, veth
     assert not veth.exists and not ns.exists
 
@@ -172,6 +168,13 @@ def test_a_guest_reaches_a_namespace_through_a_generic_port_on_a_veth(
         assert a.ping(NETNS_ADDR, count=5) == 0.0
         reply = ns.run(["busybox", "ping", "-c", "3", "-i", "0.2", "-W", "2", "10.0.0.1"], check=False)
         assert reply.returncode == 0, reply.stdout + reply.stderr
+        # TCP too: the namespace's veth leaves checksums to offload, which the generic port completes.
+        a.run(
+            "mkdir -p /srv && echo vhostmap-over-veth > /srv/hello && busybox httpd -p 8080 -h /srv",
+            check=True,
+        )
+        got = ns.run(["busybox", "wget", "-q", "-O", "-", "http://10.0.0.1:8080/hello"], check=False)
+        assert got.stdout == "vhostmap-over-veth\n", got.stderr
         up: dict[str, Any] = daemon.stats()["up"]["totals"]
         assert up["rx_packets"] >= 8 and up["tx_packets"] >= 8
 

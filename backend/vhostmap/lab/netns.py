@@ -7,9 +7,10 @@ leftovers do not collide; Linux interface names are at most 15 bytes.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -205,3 +206,25 @@ class Tap(_Managed):
     def exists(self) -> bool:
         """Whether the device still exists."""
         return link_exists(self.name, self.netns)
+
+
+def disable_ipv6(ifname: str, netns: str | None = None) -> None:
+    """No router solicitations, DAD or MLD from ``ifname``: the host sends nothing of its own on it."""
+    args = ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"]
+    if netns is not None:
+        args = ["ip", "netns", "exec", netns, *args]
+    subprocess.run(args, check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def namespace_behind_veth(address: str) -> Iterator[tuple[Netns, VethPair]]:
+    """A namespace holding ``address`` (e.g. ``10.0.0.3/24``) behind a veth pair: ``veth.name`` stays here,
+    up and without an address (for a generic port), ``veth.peer`` is in the namespace. IPv6 is off on both
+    ends. Both go away on exit."""
+    with Netns() as ns, VethPair(peer_netns=ns.name) as veth:
+        disable_ipv6(veth.name)
+        disable_ipv6(veth.peer, ns.name)
+        set_up(veth.name)
+        add_address(veth.peer, address, netns=ns.name)
+        set_up(veth.peer, netns=ns.name)
+        yield ns, veth

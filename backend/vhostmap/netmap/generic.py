@@ -41,6 +41,7 @@ import numpy.typing as npt
 from vhostmap.netmap.abi import nm_prev
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
+from vhostmap.netmap.checksum import complete_l4_checksum
 from vhostmap.netmap.errors import InterfaceError, PortBroken
 from vhostmap.netmap.frames import RxFill, SlotFrames
 from vhostmap.netmap.kring import Kring
@@ -68,6 +69,7 @@ ETH_P_8021Q = 0x8100
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
+TP_STATUS_CSUMNOTREADY = 1 << 3  # CHECKSUM_PARTIAL: the TCP/UDP checksum is still to be computed
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 
@@ -346,11 +348,13 @@ class GenericAdapter(NetmapAdapter):
                 kring.dropped += 1
             else:
                 view = ring[start : start + snaplen]
-                data = (
+                data: bytes | memoryview = (
                     _with_vlan_tag(view, vlan_tci, vlan_tpid, status)
                     if status & TP_STATUS_VLAN_VALID
                     else view
                 )
+                if status & TP_STATUS_CSUMNOTREADY:
+                    data = complete_l4_checksum(data)
                 size = len(data)
                 if size > max_frame or size == 0:
                     stats.rx_oversize += 1
