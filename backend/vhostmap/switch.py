@@ -19,21 +19,42 @@ indices with free slots of the destination TX ring (ports of the same allocator)
 into each destination's own buffers (whole buffers, by numpy). When the destination ring has no room for a
 frame, the frame is dropped for that destination and counted, as VALE does: one slow port never stalls the
 others, and the source ring is always released.
+
+Two implementations do the per-frame work of a batch (ARCHITECTURE.md: "Per-packet work lives in compiled
+kernels"): the compiled kernel ``sw_forward`` (datapath/switch.c, one C call per batch, the GIL released, the
+address table in C memory owned by the switch: CompiledMacTable) and the numpy/Python reference described
+above (``_forward_reference`` with MacTable), selected as the rest of the datapath is: the reference when
+VHOSTMAP_REFERENCE_DATAPATH is set to anything but 0. Both do the same thing, frame for frame and counter for
+counter (tests/unit/test_switch_differential.py); Python keeps the policy: which rings to sync and when, ports
+coming and going, statistics.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, NS_NO_LEARN
+from vhostmap.datapath import ffi, lib
+from vhostmap.netmap.abi import (
+    NM_RESERVED_BUFS,
+    NS_BUF_CHANGED,
+    NS_MOREFRAG,
+    NS_NO_LEARN,
+    RING_HEADER_SIZE,
+    NetmapRing,
+    RingView,
+)
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
+from vhostmap.vhost_user.kernels import REFERENCE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +64,8 @@ DEFAULT_AGING = 300.0
 # Entries of the address table: beyond it new addresses are not learnt (their frames are flooded), so a guest
 # sending from random addresses cannot grow the daemon's memory.
 DEFAULT_MAX_ADDRESSES = 8192
+# The largest table one may ask for (the compiled one takes 32 bytes per entry).
+MAX_ADDRESSES_LIMIT = 1 << 20
 # A switch has at most this many ports (VALE: NM_BDG_MAXPORTS).
 MAX_PORTS = 254
 ETH_HLEN = 14
@@ -50,6 +73,15 @@ ETH_ALEN = 6
 
 _FLOOD = -1
 _MULTICAST = 1 << 40  # the group bit: the lowest bit of the first byte, in a MAC read as a big-endian integer
+_MAC_LIMIT = 1 << 48
+
+
+def reference_selected(reference: bool | None = None) -> bool:
+    """Whether switches run the numpy/Python reference: ``reference`` if given, else whether the
+    VHOSTMAP_REFERENCE_DATAPATH environment variable is set to anything but 0 (as select_datapath decides)."""
+    if reference is None:
+        return os.environ.get(REFERENCE_ENV, "0").strip() not in ("", "0")
+    return reference
 
 
 def format_mac(key: int) -> str:
@@ -78,6 +110,9 @@ class SwitchPortStats:
     tx_dropped: int = 0
 
 
+_STAT_FIELDS = tuple(f.name for f in fields(SwitchPortStats))
+
+
 class SwitchPort:
     """One port of a switch: the hardware rings of ``adapter``, or its host rings when ``host``.
 
@@ -89,13 +124,20 @@ class SwitchPort:
         self.adapter = adapter
         self.host = host
         self.name = f"{adapter.name}^" if host else adapter.name
-        self.stats = SwitchPortStats()
+        # The counters live in C memory (struct sw_stats) that both implementations update.
+        self.counters: Any = ffi.new("struct sw_stats *")
         if host:
             self.rx_rings = [adapter.num_rx_rings]
             self.tx_rings = [adapter.num_tx_rings]
         else:
             self.rx_rings = list(range(adapter.num_rx_rings))
             self.tx_rings = list(range(adapter.num_tx_rings))
+
+    @property
+    def stats(self) -> SwitchPortStats:
+        """A snapshot of the port's counters."""
+        c = self.counters
+        return SwitchPortStats(*(int(getattr(c, name)) for name in _STAT_FIELDS))
 
     def tx_ring(self, q: int) -> int:
         """The TX ring index that frames from the ``q``-th RX ring of a source go to."""
@@ -105,14 +147,69 @@ class SwitchPort:
         return f"SwitchPort({self.name!r})"
 
 
+class AddressTable(Protocol):
+    """What the switch needs of its address table: MacTable (the reference) or CompiledMacTable."""
+
+    @property
+    def aging(self) -> float:
+        """Seconds a learnt address lives without traffic from it."""
+        ...
+
+    @property
+    def max_entries(self) -> int:
+        """Most addresses learnt at once."""
+        ...
+
+    @property
+    def not_learnt(self) -> int:
+        """New addresses that found the table full."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def learn(self, mac: int, port: SwitchPort, now: float) -> None:
+        """``mac`` was seen as a source on ``port`` at ``now``."""
+
+    def lookup(self, mac: int, now: float) -> SwitchPort | None:
+        """The port ``mac`` was learnt on, None if unknown or aged out (the entry is then removed)."""
+
+    def expire(self, now: float) -> int:
+        """Remove every entry older than ``aging``; how many went."""
+        ...
+
+    def forget(self, port: SwitchPort) -> None:
+        """Remove every address learnt on ``port``."""
+
+    def reindex(self, ports: list[SwitchPort]) -> None:
+        """The switch's ports are now ``ports`` (after an attach or a detach)."""
+
+    def items(self, now: float) -> Iterator[tuple[int, SwitchPort, float]]:
+        """(mac, port, age in seconds) of every live entry."""
+        ...
+
+    def entries(self) -> dict[int, tuple[SwitchPort, float]]:
+        """Every entry, aged ones not yet removed included: mac -> (port, when last seen)."""
+        ...
+
+
+def _check_table_args(aging: float, max_entries: int) -> None:
+    if not aging > 0:
+        raise ValueError(f"aging {aging} must be > 0 seconds")
+    if not 1 <= max_entries <= MAX_ADDRESSES_LIMIT:
+        raise ValueError(f"max_entries {max_entries} must be in 1..{MAX_ADDRESSES_LIMIT}")
+
+
+def _check_mac(mac: int) -> None:
+    if not 0 < mac < _MAC_LIMIT:
+        raise ValueError(f"{mac:#x} is not a 48-bit address (nor 0)")
+
+
 class MacTable:
-    """Learnt addresses: MAC (a 48-bit integer) -> the port it was last seen on, and when."""
+    """Learnt addresses: MAC (a 48-bit integer) -> the port it was last seen on, and when. The reference
+    implementation (a dict), used by ``_forward_reference``."""
 
     def __init__(self, aging: float = DEFAULT_AGING, max_entries: int = DEFAULT_MAX_ADDRESSES) -> None:
-        if aging <= 0:
-            raise ValueError(f"aging {aging} must be > 0 seconds")
-        if max_entries < 1:
-            raise ValueError(f"max_entries {max_entries} must be >= 1")
+        _check_table_args(aging, max_entries)
         self.aging = aging
         self.max_entries = max_entries
         self._entries: dict[int, tuple[SwitchPort, float]] = {}
@@ -123,6 +220,7 @@ class MacTable:
 
     def learn(self, mac: int, port: SwitchPort, now: float) -> None:
         """``mac`` was seen as a source on ``port`` at ``now`` (an address moving to another port follows)."""
+        _check_mac(mac)
         entries = self._entries
         if mac not in entries and len(entries) >= self.max_entries:
             self.expire(now)
@@ -154,9 +252,111 @@ class MacTable:
         for mac in [m for m, (p, _) in self._entries.items() if p is port]:
             del self._entries[mac]
 
+    def reindex(self, ports: list[SwitchPort]) -> None:
+        """Nothing to do: entries hold the ports themselves."""
+
     def items(self, now: float) -> Iterator[tuple[int, SwitchPort, float]]:
         """(mac, port, age in seconds) of every live entry."""
         for mac, (port, seen) in self._entries.items():
+            if now - seen <= self.aging:
+                yield mac, port, now - seen
+
+    def entries(self) -> dict[int, tuple[SwitchPort, float]]:
+        """Every entry, aged ones not yet removed included: mac -> (port, when last seen)."""
+        return dict(self._entries)
+
+
+_ENTRY_DTYPE = np.dtype([("key", "<u8"), ("seen", "<f8")])
+
+
+class CompiledMacTable:
+    """MacTable in C memory (struct sw_table, datapath/switch.c), the one ``sw_forward`` learns into and looks
+    addresses up in: open addressing over twice ``max_entries`` entries with a random hash seed. Entries name
+    ports by their index in the switch's port list, kept in step by ``reindex``. Same interface and behaviour
+    as MacTable."""
+
+    def __init__(self, aging: float = DEFAULT_AGING, max_entries: int = DEFAULT_MAX_ADDRESSES) -> None:
+        _check_table_args(aging, max_entries)
+        capacity = 1 << max(4, (2 * max_entries - 1).bit_length())
+        self._entries: Any = ffi.new("struct sw_entry[]", capacity)  # zeroed: every entry free
+        self.c: Any = ffi.new("struct sw_table *")
+        t = self.c
+        t.entries = self._entries
+        t.capacity = capacity
+        t.max_entries = max_entries
+        t.seed = int.from_bytes(os.urandom(8), "little")
+        t.aging = aging
+        t.swept_at = math.nan
+        self._ports: list[SwitchPort] = []
+        self._index: dict[SwitchPort, int] = {}
+
+    @property
+    def aging(self) -> float:
+        """Seconds a learnt address lives without traffic from it."""
+        return float(self.c.aging)
+
+    @property
+    def max_entries(self) -> int:
+        """Most addresses learnt at once."""
+        return int(self.c.max_entries)
+
+    @property
+    def not_learnt(self) -> int:
+        """New addresses that found the table full."""
+        return int(self.c.not_learnt)
+
+    def __len__(self) -> int:
+        return int(self.c.count)
+
+    def learn(self, mac: int, port: SwitchPort, now: float) -> None:
+        """``mac`` was seen as a source on ``port`` (one of the switch's ports) at ``now``."""
+        _check_mac(mac)
+        lib.sw_table_learn(self.c, mac, self._index[port], now)
+
+    def lookup(self, mac: int, now: float) -> SwitchPort | None:
+        """The port ``mac`` was learnt on, None if unknown or aged out (the entry is then removed)."""
+        if not 0 <= mac < _MAC_LIMIT:
+            return None
+        d = lib.sw_table_lookup(self.c, mac, now)
+        return None if d < 0 else self._ports[d]
+
+    def expire(self, now: float) -> int:
+        """Remove every entry older than ``aging``; how many went."""
+        return int(lib.sw_table_expire(self.c, now))
+
+    def forget(self, port: SwitchPort) -> None:
+        """Remove every address learnt on ``port``."""
+        i = self._index.get(port)
+        if i is not None:
+            mapping = list(range(len(self._ports)))
+            mapping[i] = -1
+            lib.sw_table_remap(self.c, ffi.new("int32_t[]", mapping), len(mapping))
+
+    def reindex(self, ports: list[SwitchPort]) -> None:
+        """The switch's ports are now ``ports``: entries follow their port to its new index, and those of a
+        port that is gone are removed."""
+        index = {p: i for i, p in enumerate(ports)}
+        mapping = [index.get(p, -1) for p in self._ports]
+        if mapping != list(range(len(mapping))):
+            lib.sw_table_remap(self.c, ffi.new("int32_t[]", mapping), len(mapping))
+        self._ports = list(ports)
+        self._index = index
+
+    def _raw(self) -> npt.NDArray[np.void]:
+        raw = np.frombuffer(ffi.buffer(self._entries), dtype=_ENTRY_DTYPE)
+        return raw[raw["key"] != 0].copy()
+
+    def entries(self) -> dict[int, tuple[SwitchPort, float]]:
+        """Every entry, aged ones not yet removed included: mac -> (port, when last seen)."""
+        raw = self._raw()
+        return {
+            key % _MAC_LIMIT: (self._ports[key // _MAC_LIMIT], seen)
+            for key, seen in zip(raw["key"].tolist(), raw["seen"].tolist(), strict=True)
+        }
+
+    def items(self, now: float) -> Iterator[tuple[int, SwitchPort, float]]:
+        """(mac, port, age in seconds) of every live entry."""
+        for mac, (port, seen) in self.entries().items():
             if now - seen <= self.aging:
                 yield mac, port, now - seen
 
@@ -233,9 +433,11 @@ class _Batch:
 class Switch:
     """A learning switch (a forwarder for the worker) named ``name``.
 
-    ``aging``: seconds an address stays learnt without a frame from it. ``clock``: the time source (tests
-    pass their own). Ports attach and detach at any time between runs (under the datapath lock). Every port
-    must have the buffer size of the first one; ports of the same allocator exchange buffers, others copy.
+    ``aging``: seconds an address stays learnt without a frame from it. ``max_addresses``: the most addresses
+    learnt at once. ``clock``: the time source (tests pass their own). ``reference``: run the numpy/Python
+    reference instead of the compiled kernel (default: as VHOSTMAP_REFERENCE_DATAPATH says). Ports attach and
+    detach at any time between runs (under the datapath lock). Every port must have the buffer size of the
+    first one; ports of the same allocator exchange buffers, others copy.
     """
 
     def __init__(
@@ -245,12 +447,23 @@ class Switch:
         aging: float = DEFAULT_AGING,
         max_addresses: int = DEFAULT_MAX_ADDRESSES,
         clock: Callable[[], float] = time.monotonic,
+        reference: bool | None = None,
     ) -> None:
         self.name = name
-        self.table = MacTable(aging, max_addresses)
+        self.reference = reference_selected(reference)
+        self.table: AddressTable
+        if self.reference:
+            self.table = MacTable(aging, max_addresses)
+        else:
+            self._ctable = CompiledMacTable(aging, max_addresses)
+            self.table = self._ctable
         self.clock = clock
         self.ports: list[SwitchPort] = []
         self._index: dict[SwitchPort, int] = {}
+        # The compiled kernel's view of the ports, made on first use and dropped whenever the ports change.
+        self._sources: dict[tuple[SwitchPort, int], _Source] = {}
+        self._targets: dict[int, _Targets] = {}
+        self._pools: dict[int, _Pool] = {}
 
     @property
     def aging(self) -> float:
@@ -323,6 +536,10 @@ class Switch:
 
     def _reindex(self) -> None:
         self._index = {p: i for i, p in enumerate(self.ports)}
+        self.table.reindex(self.ports)
+        self._sources.clear()
+        self._targets.clear()
+        self._pools.clear()
 
     # --- the forwarder --------------------------------------------------------------------------------------
     def wake_fds(self) -> list[int]:
@@ -358,13 +575,59 @@ class Switch:
     def _forward(
         self, src: SwitchPort, q: int, ring_index: int, now: float
     ) -> tuple[int, list[tuple[SwitchPort, int]]]:
+        """Forward the frames received on RX ring ``ring_index`` (the ``q``-th of ``src``) and release them,
+        with the implementation this switch runs. Returns the slots taken and the destination (port, TX ring)
+        pairs that were offered frames."""
+        if self.reference:
+            return self._forward_reference(src, q, ring_index, now)
+        return self._forward_compiled(src, q, ring_index, now)
+
+    # --- the compiled kernel -------------------------------------------------------------------------------
+    def _forward_compiled(
+        self, src: SwitchPort, q: int, ring_index: int, now: float
+    ) -> tuple[int, list[tuple[SwitchPort, int]]]:
+        """_forward_reference in one call of the compiled kernel (sw_forward)."""
+        source = self._sources.get((src, q))
+        if source is None:
+            source = self._sources[(src, q)] = self._bind(src, q, ring_index)
+        c = source.c
+        used = int(lib.sw_forward(self._ctable.c, c, now))
+        n = c.ntouched
+        if not n:
+            return used, []
+        targets = source.targets.pairs
+        return used, [targets[d] for d in ffi.unpack(c.touched, n)]
+
+    def _pool(self, memory: NetmapMemory) -> _Pool:
+        pool = self._pools.get(id(memory))
+        if pool is None:
+            pool = self._pools[id(memory)] = _Pool(memory, len(self._pools))
+        return pool
+
+    def _targets_for(self, q: int) -> _Targets:
+        """The TX ring of every port that frames from the ``q``-th RX ring of a source go to."""
+        targets = self._targets.get(q)
+        if targets is None:
+            targets = self._targets[q] = _Targets(self.ports, q, self._pool)
+        return targets
+
+    def _bind(self, src: SwitchPort, q: int, ring_index: int) -> _Source:
+        kring = src.adapter.rx_rings[ring_index]
+        return _Source(
+            kring.ring, self._index[src], self._targets_for(q), self._pool(src.adapter.memory), src.counters
+        )
+
+    # --- the reference --------------------------------------------------------------------------------------
+    def _forward_reference(
+        self, src: SwitchPort, q: int, ring_index: int, now: float
+    ) -> tuple[int, list[tuple[SwitchPort, int]]]:
         """Forward the frames received on RX ring ``ring_index`` (the ``q``-th of ``src``) and release them.
         Returns the slots taken and the destination (port, TX ring) pairs that got frames."""
         ring = src.adapter.rx_rings[ring_index].ring
         if ring.tail == ring.head:
             return 0, []
         batch = _Batch(src, ring_index)
-        st = src.stats
+        st = src.counters
         touched: list[tuple[SwitchPort, int]] = []
         if batch.stuck:
             st.dropped += 1
@@ -423,8 +686,8 @@ class Switch:
         take = int(np.searchsorted(cum, len(free), side="right"))  # frames that fit whole, in order
         missed = len(sel) - take
         if missed:
-            dst.stats.tx_dropped += missed
-            src.stats.dropped += missed
+            dst.counters.tx_dropped += missed
+            src.counters.dropped += missed
         if take == 0:
             return
         total = int(cum[take - 1])
@@ -437,9 +700,17 @@ class Switch:
         swap = np.repeat(unicast[:take], ns) if smem is dmem else np.zeros(total, dtype=bool)
         copy = ~swap
         if copy.any():
-            # Whole rows in one numpy copy, but only as many bytes as the longest slot copied needs.
-            width = int(batch.lens[rel][copy].max())
-            _buffers(dmem)[dbufs[copy], :width] = _buffers(smem)[sbufs[copy], :width]
+            # Whole rows in one numpy copy, as many bytes as the longest slot copied needs; the bytes of a row
+            # past its own slot's length keep what the destination buffer held (as the compiled kernel's
+            # copy of len bytes leaves them).
+            lens = batch.lens[rel][copy]
+            width = int(lens.max())
+            dview = _buffers(dmem)
+            rows = _buffers(smem)[sbufs[copy], :width]  # fancy indexing copies
+            beyond = np.arange(width) >= lens[:, None]
+            if beyond.any():
+                rows[beyond] = dview[dbufs[copy], :width][beyond]
+            dview[dbufs[copy], :width] = rows
         slots = ring.slots
         if swap.any():
             s_idx = (batch.head + rel[swap]) % batch.ring.num_slots
@@ -449,8 +720,8 @@ class Switch:
         slots["len"][d_idx] = batch.lens[rel]
         slots["flags"][d_idx] = (batch.flags[rel] & NS_MOREFRAG) | np.where(swap, NS_BUF_CHANGED, 0)
         ring.head = ring.cur = (head + total) % dn
-        dst.stats.tx_frames += take
-        dst.stats.tx_bytes += int(batch.lengths[sel[:take]].sum())
+        dst.counters.tx_frames += take
+        dst.counters.tx_bytes += int(batch.lengths[sel[:take]].sum())
 
     # --- state ----------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, object]:
@@ -466,6 +737,87 @@ class Switch:
             ],
             "not_learnt": self.table.not_learnt,
         }
+
+
+class _Pool:
+    """A buffer pool as the kernel sees it: ``memory``'s mapping held exported (it stays mapped while a kernel
+    may use it), its address, and a number shared by the ports of this allocator in one binding."""
+
+    __slots__ = ("address", "export", "id", "memory")
+
+    def __init__(self, memory: NetmapMemory, id: int) -> None:
+        self.memory = memory
+        self.id = id
+        region = memory.region
+        end = memory.buffers_offset + memory.nbufs * memory.buf_size
+        if end > region.size:
+            raise ValueError(f"buffer pool ends at {end}, past the region of {region.size} bytes")
+        self.export = ffi.from_buffer(region.array)
+        self.address = int(ffi.cast("uintptr_t", self.export))
+
+    def ring(self, out: Any, ring: RingView, stats: Any) -> None:
+        """Fill ``out`` (a struct sw_ring) with ``ring``, a ring of this pool's region (its view checked that
+        the header and ``num_slots`` slots lie inside), and ``stats``."""
+        m = self.memory
+        if ring.region is not m.region:
+            raise ValueError("ring outside its port's memory")
+        base = self.address + ring.offset
+        out.slots = ffi.cast("struct nm_slot *", base + RING_HEADER_SIZE)
+        out.head = ffi.cast("uint32_t *", base + NetmapRing.head.offset)
+        out.cur = ffi.cast("uint32_t *", base + NetmapRing.cur.offset)
+        out.tail = ffi.cast("uint32_t *", base + NetmapRing.tail.offset)
+        out.bufs = ffi.cast("uint8_t *", self.address + m.buffers_offset)
+        out.num_slots = ring.num_slots
+        out.nbufs = m.nbufs
+        out.mem = self.id
+        out.stats = stats
+
+
+class _Targets:
+    """``c``: a struct sw_ring per port, for the TX ring that frames from the ``q``-th RX ring of a source go
+    to; ``pairs``: the same as (port, TX ring index), for the caller's txsyncs."""
+
+    __slots__ = ("c", "keep", "pairs")
+
+    def __init__(self, ports: list[SwitchPort], q: int, pool: Callable[[NetmapMemory], _Pool]) -> None:
+        self.c = ffi.new("struct sw_ring[]", max(len(ports), 1))
+        self.pairs = [(p, p.tx_ring(q)) for p in ports]
+        self.keep: list[Any] = []  # what the structs point into: counters, exported mappings
+        for d, (p, tx) in enumerate(self.pairs):
+            memory = pool(p.adapter.memory)
+            memory.ring(self.c[d], p.adapter.tx_rings[tx].ring, p.counters)
+            self.keep += [p.counters, memory]
+
+
+class _Source:
+    """The struct sw_source of one RX ring of the switch port with index ``port``: the ring, its
+    destinations, the scratch arrays of its batches."""
+
+    __slots__ = ("c", "keep", "targets")
+
+    def __init__(self, ring: RingView, port: int, targets: _Targets, pool: _Pool, counters: Any) -> None:
+        n, nports = ring.num_slots, len(targets.pairs)
+        # The kernel addresses every pool with the source's buffer size (attach lets no other size in).
+        if any(p.adapter.memory.buf_size != pool.memory.buf_size for p, _ in targets.pairs):
+            raise ValueError("switch ports with different buffer sizes")
+        self.targets = targets
+        self.c = c = ffi.new("struct sw_source *")
+        pool.ring(c.rx, ring, counters)
+        c.ports = targets.c
+        c.nports = nports
+        c.port = port
+        c.buf_size = pool.memory.buf_size
+        self.keep = [
+            ffi.new("struct sw_slot[]", n),
+            ffi.new("struct sw_frame[]", n),
+            ffi.new("uint64_t[]", n),
+            ffi.new("uint32_t[]", n),
+            ffi.new("struct sw_dest[]", nports),
+            ffi.new("uint32_t[]", nports),
+            counters,
+            pool,
+        ]
+        c.snap, c.frames, c.macs, c.dbufs, c.dests, c.touched = self.keep[:6]
 
 
 def tx_room(slots: npt.NDArray[np.void], head: int, space: int, nbufs: int) -> npt.NDArray[np.int64]:

@@ -1,6 +1,7 @@
 """The learning switch and the host bridge, driven directly: ports are in-memory adapters whose "wire" the
 test holds (frames injected into their RX rings, frames their TX rings send collected), and the forwarder's
-run() is called by the test, so every count is exact and no thread or timer is involved."""
+run() is called by the test, so every count is exact and no thread or timer is involved. Every test runs
+twice: with the switch's compiled kernel and with the reference (VHOSTMAP_REFERENCE_DATAPATH=1)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.frames import RxFill, SlotFrames
 from vhostmap.netmap.kring import Kring
-from vhostmap.switch import MacTable, Switch
+from vhostmap.switch import CompiledMacTable, MacTable, Switch
+from vhostmap.vhost_user.kernels import REFERENCE_ENV
 
 PARAMS = AllocatorParams(if_num=16, ring_num=96, ring_size=4096, buf_num=4096)
 BUF = PARAMS.buf_size
@@ -128,6 +130,16 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(autouse=True, params=["compiled", "reference"])
+def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The switch implementation every switch a test makes runs, chosen as the daemon's are."""
+    if request.param == "reference":
+        monkeypatch.setenv(REFERENCE_ENV, "1")
+    else:
+        monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    return str(request.param)
 
 
 @pytest.fixture
@@ -319,8 +331,14 @@ def test_the_address_table_is_bounded(ports: list[WirePort], clock: Clock) -> No
 
 
 def test_mac_table_rejects_nonsense() -> None:
-    with pytest.raises(ValueError, match="aging"):
-        MacTable(aging=0)
+    for table in (MacTable, CompiledMacTable):
+        with pytest.raises(ValueError, match="aging"):
+            table(aging=0)
+
+
+def test_the_switch_runs_the_selected_implementation(switch: Switch, datapath: str) -> None:
+    assert switch.reference == (datapath == "reference")
+    assert isinstance(switch.table, MacTable if switch.reference else CompiledMacTable)
 
 
 # --- malformed frames, full rings, jumbo frames -------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Switches, host rings and generic ports in a running daemon, with fake front-ends as guests: learning and
 flooding through real vhost-user ports, jumbo frames, ports attached and detached at run time (control socket
-and CLI) while other traffic flows, a VM on a TAP, and a generic port on a veth pair."""
+and CLI) while other traffic flows, a VM on a TAP, and a generic port on a veth pair. Every test runs twice:
+with the compiled datapath and with the reference one (VHOSTMAP_REFERENCE_DATAPATH=1)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,21 @@ from vhostmap.control import ControlError, call
 from vhostmap.hostbridge import HostBridge
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.netns import Tap, VethPair, ip
+from vhostmap.vhost_user.kernels import REFERENCE_ENV
 
 ETH_P_EXPERIMENTAL = 0x88B5
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates TAP and veth devices (needs root)")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "reference"])
+def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The datapath the daemon's switches and ports run, chosen as in production: by the environment."""
+    if request.param == "reference":
+        monkeypatch.setenv(REFERENCE_ENV, "1")
+    else:
+        monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    return str(request.param)
 
 
 def mac(n: int) -> str:

@@ -10,5 +10,6 @@
 #include "netmap.cdef"
 #include "memory.cdef"
 #include "virtio.cdef"
+#include "switch.cdef"
 
 #endif
