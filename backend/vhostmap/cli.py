@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--socket-mode", metavar="MODE", help="their permission bits, e.g. 0660 (default with a group: 0660)"
     )
+    serve.add_argument(
+        "--poll",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="busy-poll the datapath instead of sleeping on kicks (burns a core; pin it with --cpu)",
+    )
+    serve.add_argument("--cpu", type=int, metavar="N", help="pin the datapath thread to CPU N")
+    serve.add_argument("--control-cpu", type=int, metavar="N", help="pin the control (main) thread to CPU N")
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections and negotiation too")
 
     stats = sub.add_parser("stats", help="per-port and per-queue counters of the running daemon")
@@ -141,6 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
             socket_mode=args.socket_mode,
             switch_flags=args.switch,
             socket_owner=args.socket_owner,
+            poll=args.poll,
+            cpu=args.cpu,
+            control_cpu=args.control_cpu,
         )
     except ConfigError as e:
         print(f"vhostmap serve: {e}", file=sys.stderr)

@@ -34,6 +34,10 @@ host side is one more switch port. A ``generic`` port attaches an existing inter
 A server-mode port's socket can be given to a group with a mode, so that QEMU running as another user (as
 libvirt runs it) may connect: ``group=libvirt-qemu,perm=0660`` per port, or ``--socket-group`` and
 ``--socket-mode`` (TOML ``socket_group``, ``socket_mode``) for every server-mode port that sets neither.
+
+The datapath thread busy-polls instead of sleeping on kicks with ``--poll`` (TOML ``poll = true``) and is
+pinned to a CPU with ``--cpu N`` (``cpu = N``); ``--control-cpu N`` (``control_cpu = N``) pins the control
+thread.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+from vhostmap.worker import check_cpu
 
 DEFAULT_RUN_DIR = "/run/vhostmap"
 DEFAULT_CONTROL_SOCKET = f"{DEFAULT_RUN_DIR}/control.sock"
@@ -208,8 +214,17 @@ class DaemonConfig:
     links: tuple[tuple[str, str], ...] = ()
     control_socket: str = DEFAULT_CONTROL_SOCKET
     switches: tuple[SwitchConfig, ...] = ()
+    poll: bool = False  # the datapath thread busy-polls instead of sleeping on kicks
+    cpu: int | None = None  # the CPU the datapath thread is pinned to
+    control_cpu: int | None = None  # the CPU the control (main) thread is pinned to
 
     def __post_init__(self) -> None:
+        for value, what in ((self.cpu, "cpu: datapath CPU"), (self.control_cpu, "control_cpu: control CPU")):
+            if value is not None:
+                try:
+                    check_cpu(value, what)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
         names = [p.name for p in self.ports]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -399,11 +414,15 @@ def build_config(
     socket_mode: str | None = None,
     switch_flags: Iterable[str] = (),
     socket_owner: str | None = None,
+    poll: bool | None = None,
+    cpu: int | None = None,
+    control_cpu: int | None = None,
 ) -> DaemonConfig:
     """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
 
     ``socket_group`` and ``socket_mode`` (or TOML ``socket_group``/``socket_mode``) apply to every server-mode
-    port that sets neither ``group`` nor ``perm`` itself.
+    port that sets neither ``group`` nor ``perm`` itself. ``poll``, ``cpu`` and ``control_cpu`` (TOML keys of
+    the same names) override the file's when given.
     """
     toml = dict(toml or {})
     ports = [_port_from_mapping(name, v) for name, v in dict(toml.pop("ports", {})).items()]
@@ -441,9 +460,29 @@ def build_config(
     switches = [_switch_from_mapping(name, v) for name, v in switch_tables.items()]
     switches += [parse_switch_flag(f) for f in switch_flags]
     control = control_socket or str(toml.pop("control_socket", DEFAULT_CONTROL_SOCKET))
+    file_poll = toml.pop("poll", False)
+    if not isinstance(file_poll, bool):
+        raise ConfigError(f"poll must be true or false, not {file_poll!r}")
+    file_cpu, file_control_cpu = _cpu_key(toml, "cpu"), _cpu_key(toml, "control_cpu")
     if toml:
         raise ConfigError(
-            f"unknown configuration key {sorted(toml)[0]!r} "
-            "(known: ports, links, switches, control_socket, socket_owner, socket_group, socket_mode)"
+            f"unknown configuration key {sorted(toml)[0]!r} (known: ports, links, switches, control_socket, "
+            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu)"
         )
-    return DaemonConfig(tuple(ports), tuple(links), control, tuple(switches))
+    return DaemonConfig(
+        tuple(ports),
+        tuple(links),
+        control,
+        tuple(switches),
+        poll=file_poll if poll is None else poll,
+        cpu=file_cpu if cpu is None else cpu,
+        control_cpu=file_control_cpu if control_cpu is None else control_cpu,
+    )
+
+
+def _cpu_key(toml: dict[str, Any], key: str) -> int | None:
+    """Pop TOML ``key``, a CPU number, if it is there."""
+    value = toml.pop(key, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be a CPU number, not {value!r}")
+    return value

@@ -35,7 +35,7 @@ from vhostmap.switch import Switch
 from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
 from vhostmap.vhost_user.server import Endpoint, SocketMode
 from vhostmap.vm import libvirt_access_problems
-from vhostmap.worker import Forwarder, Worker
+from vhostmap.worker import Forwarder, Worker, pin_current_thread
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.memory = NetmapMemory(allocator_params(config))
-        self.worker = Worker()
+        self.worker = Worker(poll=config.poll, cpu=config.cpu)
         # Every port, by name; ``ports`` holds the vhost-user ones (the sockets' handlers).
         self.adapters: dict[str, NetmapAdapter] = {}
         self.ports: dict[str, VhostUserPort] = {}
@@ -145,11 +145,14 @@ class Daemon:
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stopping.set)
-        self.worker.start()
-        for fwd in self.forwarders:
-            self.worker.add(fwd)
         started: list[Endpoint] = []
         try:
+            self.worker.start()  # in the try: a CPU the kernel refuses still gets everything cleaned up
+            for fwd in self.forwarders:
+                self.worker.add(fwd)
+            if self.config.control_cpu is not None:
+                # After the worker started: a thread starts on the CPUs of the thread that made it.
+                pin_current_thread(self.config.control_cpu, "control thread")
             await self.control.start()
             for ep in self.endpoints:
                 ep.start()

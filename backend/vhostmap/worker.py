@@ -1,9 +1,18 @@
-"""The datapath worker: a thread that sleeps on kick eventfds and runs forwarders when they fire.
+"""The datapath worker: a thread that runs forwarders when their kicks fire, or all the time when polling.
 
-Forwarders (a link, a sink, later the switch) say which eventfds should wake them and do one bounded round
-of work per call. The worker holds the datapath lock while a forwarder runs; the control plane takes the same
-lock before it changes a device, so a ring never changes under a running batch. When nothing is pending the
-worker blocks in epoll: an idle daemon uses no CPU.
+Forwarders (a link, a sink, the switch) say which fds should wake them and do one bounded round of work per
+call. The worker holds the datapath lock while a forwarder runs; the control plane takes the same lock
+before it changes a device, so a ring never changes under a running batch.
+
+Two ways to run:
+
+* interrupt mode (the default): when nothing is pending the worker blocks in epoll on the kick eventfds
+  (and TAP or packet-socket fds), so an idle daemon uses no CPU, and every burst of traffic pays a wake-up;
+* poll mode (``poll=True``, ``vhostmap serve --poll``): the worker never blocks. Like a DPDK PMD lcore it runs
+  every forwarder, one round each, pass after pass, and peeks at epoll with timeout 0 only for the
+  control plane's refreshes. Kicks are not watched at all, and TAPs and packet sockets are read by their
+  forwarders on every pass: whatever arrived is found by the next pass. It burns its core whether or not
+  there is traffic, so pin it (``cpu=``) to a core of its own.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import os
 import select
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -21,6 +31,60 @@ log = logging.getLogger(__name__)
 # Rounds of a forwarder in a row before the worker looks at other fds again, so that one busy link cannot
 # starve the others.
 MAX_ROUNDS_PER_WAKEUP = 64
+
+ONLINE_CPUS = Path("/sys/devices/system/cpu/online")
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """A kernel CPU list (``0-3,6,8-9``, as in sysfs and /proc/PID/status) -> the set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def online_cpus() -> set[int]:
+    """The CPUs this machine has online (sysfs; the CPU count if sysfs is not there)."""
+    try:
+        return parse_cpu_list(ONLINE_CPUS.read_text())
+    except (OSError, ValueError):
+        return set(range(os.cpu_count() or 1))
+
+
+def check_cpu(cpu: int, what: str = "CPU") -> None:
+    """Raise ValueError, naming ``what``, unless ``cpu`` is an online CPU of this machine."""
+    if isinstance(cpu, bool) or not isinstance(cpu, int):
+        raise ValueError(f"{what} must be a CPU number, not {cpu!r}")
+    online = online_cpus()
+    if cpu not in online:
+        raise ValueError(f"{what} {cpu} does not exist (online CPUs: {format_cpu_list(online)})")
+
+
+def format_cpu_list(cpus: set[int]) -> str:
+    """The set of CPU numbers as a kernel CPU list (``0-3,6``)."""
+    ranges: list[str] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == int(ranges[-1].rpartition("-")[2]) + 1:
+            ranges[-1] = f"{ranges[-1].partition('-')[0]}-{cpu}"
+        else:
+            ranges.append(str(cpu))
+    return ",".join(ranges)
+
+
+def pin_current_thread(cpu: int, what: str = "thread") -> None:
+    """Pin the calling thread (not its whole process) to ``cpu``; OSError with a clear message if refused.
+
+    Threads made by this thread afterwards inherit the pinning.
+    """
+    check_cpu(cpu, f"{what} CPU")
+    try:
+        os.sched_setaffinity(threading.get_native_id(), {cpu})
+    except OSError as e:
+        # Online but not ours to use: a cpuset or a container's CPU limit.
+        raise OSError(e.errno, f"cannot pin the {what} to CPU {cpu}: {e.strerror}") from None
 
 
 class Forwarder(Protocol):
@@ -40,9 +104,25 @@ class Forwarder(Protocol):
 
 
 class Worker:
-    """One datapath thread serving a set of forwarders."""
+    """One datapath thread serving a set of forwarders.
 
-    def __init__(self, lock: threading.RLock | None = None, name: str = "vhostmap-datapath") -> None:
+    ``poll`` makes the thread busy-poll its forwarders instead of sleeping on kicks (see the module's
+    docstring); ``cpu`` pins the thread to that CPU (ValueError at once for a CPU that does not exist,
+    OSError from `start` if the kernel refuses it).
+    """
+
+    def __init__(
+        self,
+        lock: threading.RLock | None = None,
+        name: str = "vhostmap-datapath",
+        *,
+        poll: bool = False,
+        cpu: int | None = None,
+    ) -> None:
+        if cpu is not None:
+            check_cpu(cpu, "datapath CPU")
+        self.poll = poll
+        self.cpu = cpu
         self.lock = lock or threading.RLock()
         self._forwarders: list[Forwarder] = []
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -52,12 +132,25 @@ class Worker:
         self._eventfds: set[int] = set()
         self._dirty = True
         self._again: set[Forwarder] = set()
+        # What a polling worker runs, pass after pass: the forwarders as of the last refresh.
+        self._polled: list[Forwarder] = []
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
 
     def start(self) -> None:
-        """Start the thread."""
+        """Start the thread; once this returns it runs on its CPU. Raises what pinning it raised."""
         self._thread.start()
+        self._started.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            raise self._start_error
+
+    @property
+    def native_id(self) -> int | None:
+        """The thread's kernel thread id (``/proc/self/task/ID``) once started."""
+        return self._thread.native_id
 
     def stop(self) -> None:
         """Stop the thread and release its fds (idempotent)."""
@@ -94,7 +187,10 @@ class Worker:
     # --- the thread -------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
         wanted: dict[int, list[Forwarder]] = {}
-        for fwd in self._forwarders:
+        # A polling worker runs everyone on every pass, so it needs no fd to tell it there is work, and
+        # draining kicks would cost a system call each (a front-end's kick counter just grows: 2**64 kicks
+        # fill it). Its epoll set holds the refresh eventfd alone.
+        for fwd in () if self.poll else self._forwarders:
             for fd in fwd.wake_fds():
                 wanted.setdefault(fd, []).append(fwd)
         # A fresh epoll set every time. Closing an fd does not take it out of an epoll set while another
@@ -115,8 +211,42 @@ class Worker:
         self._registered = wanted
         # Kicks are eventfds, drained here; a TAP or a packet socket is drained by its forwarder reading it.
         self._eventfds = {fd for fd in wanted if _is_eventfd(fd)}
+        self._polled = list(self._forwarders)
 
     def _run(self) -> None:
+        try:
+            if self.cpu is not None:
+                pin_current_thread(self.cpu, "datapath thread")
+        except BaseException as e:
+            self._start_error = e
+            return
+        finally:
+            self._started.set()
+        if self.poll:
+            self._run_polling()
+        else:
+            self._run_interrupts()
+
+    def _run_polling(self) -> None:
+        """Never block: every forwarder gets one round per pass, and epoll is only peeked at."""
+        while not self._stop:
+            if self._dirty:
+                with self.lock:
+                    self._dirty = False
+                    self._rebuild()
+            # Releases the GIL for a moment too, which lets the control thread in between passes.
+            for fd, _ in self._epoll.poll(0):
+                if fd == self._wake:
+                    _drain(fd)
+            for fwd in self._polled:
+                with self.lock:
+                    if self._stop:
+                        return
+                    if fwd in self._forwarders:
+                        self._run_once(fwd)
+
+    def _run_interrupts(self) -> None:
+        """Sleep in epoll until a kick (or a TAP, or a refresh) says there is work."""
         while not self._stop:
             ready, self._again = self._again, set()
             if self._dirty:
@@ -145,18 +275,22 @@ class Worker:
             with self.lock:
                 if self._stop or fwd not in self._forwarders:
                     return
-                try:
-                    moved = fwd.run()
-                except Exception:
-                    # A forwarder bug must not kill the datapath of every other port.
-                    log.exception("forwarder %s failed; removed from the datapath", fwd.name)
-                    self._forwarders.remove(fwd)
-                    self._dirty = True
-                    return
+                moved = self._run_once(fwd)
             if not moved:
                 return
         # Still busy: come back after the others had their turn.
         self._again.add(fwd)
+
+    def _run_once(self, fwd: Forwarder) -> bool:
+        """One round of ``fwd``, under the lock (held by the caller); whether it moved anything."""
+        try:
+            return fwd.run()
+        except Exception:
+            # A forwarder bug must not kill the datapath of every other port.
+            log.exception("forwarder %s failed; removed from the datapath", fwd.name)
+            self._forwarders.remove(fwd)
+            self._dirty = True
+            return False
 
 
 def _is_eventfd(fd: int) -> bool:

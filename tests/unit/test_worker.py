@@ -93,6 +93,7 @@ def test_failing_forwarder_is_removed_and_others_keep_running(worker: Worker) ->
 
 
 def test_idle_worker_does_not_spin(worker: Worker) -> None:
+    assert not worker.poll  # interrupt mode is the default
     fwd = CountingForwarder([])
     worker.add(fwd)
     wait_for(lambda: fwd.runs >= 1)

@@ -1,0 +1,602 @@
+"""Benchmarks: vhostmap against DPDK's own vhost-user back-end, in the same run, on the same cores.
+
+Run with ``scripts/bench``. Every scenario puts a dpdk-testpmd front-end (net_virtio_user, as a guest's
+driver would be) on one CPU and a back-end on the other: vhostmap (``serve --poll --cpu``), or testpmd with
+DPDK's vhost library (net_vhost), the reference. Runs alternate between the back-ends (A B A B ...), so a
+machine that gets busier or quieter during the benchmark affects both alike, and every run starts fresh
+processes.
+
+* P1 dequeue: the front-end transmits (txonly) into a lone back-end port, which drops what it receives.
+  Rate: packets the back-end received (vhostmap's port counters, or the net_vhost port's RX counter).
+* P2 enqueue: the back-end transmits into the front-end (rxonly). vhostmap's side is ``vhostmap pkt-gen``, a
+  netmap application on the daemon's port, on the back-end's CPU; DPDK's is net_vhost in txonly mode.
+  Rate: what the front-end received.
+* P3 forwarding: a front-end with two ports io-forwards (started with ``tx_first``) through the back-end and
+  back: vhostmap's ports in a ``--link`` or on a ``--switch``, or testpmd io-forwarding two net_vhost
+  ports. Rate: packets the front-end received, both ports together.
+
+The ratio of a run pair is vhostmap's rate over DPDK's in the same round; the table gives the median of those.
+Results go to a JSON file and, when matplotlib is there (the ``bench`` extra), a PNG chart. Every process,
+socket and hugepage file is removed at the end, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from vhostmap.control import ControlError
+from vhostmap.lab.daemon import VhostmapDaemon
+from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort
+from vhostmap.lab.wait import wait_until
+from vhostmap.worker import check_cpu
+
+SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding"}
+# The back-ends of each scenario, DPDK's last: one round runs each once, in this order.
+BACKENDS = {
+    "P1": ("vhostmap", "dpdk"),
+    "P2": ("vhostmap", "dpdk"),
+    "P3": ("vhostmap-link", "vhostmap-switch", "dpdk"),
+}
+DPDK = "dpdk"
+# Bursts each front-end port sends with ``start tx_first`` in P3: enough to keep both directions' rings busy
+# (what does not fit is dropped by testpmd at once, and the rest circulates).
+TX_FIRST_BURSTS = 16
+SETUP_TIMEOUT = 60.0
+
+
+class BenchError(RuntimeError):
+    """A run could not be measured (no traffic, a process died); the message says which and why."""
+
+
+@dataclass
+class Settings:
+    """What one ``scripts/bench`` invocation measures, and where."""
+
+    runs: int = 3
+    seconds: float = 5.0
+    warmup: float = 1.0
+    sizes: tuple[int, ...] = (64, 1500)
+    only: tuple[str, ...] = ("P1", "P2", "P3")
+    backend_cpu: int = 1
+    frontend_cpu: int = 0
+
+
+@dataclass
+class Series:
+    """The runs of one back-end in one scenario at one frame size."""
+
+    scenario: str
+    size: int
+    backend: str
+    mpps: list[float | None] = field(default_factory=list)  # None: the run failed or could not run
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> float | None:
+        """The median of the runs that were measured."""
+        done = [m for m in self.mpps if m is not None]
+        return statistics.median(done) if done else None
+
+
+def say(text: str) -> None:
+    """One line of progress, on stderr (stdout is the table)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+# --- measuring ---------------------------------------------------------------------------------------------
+
+
+def measure(counter: Callable[[], int], seconds: float, warmup: float, alive: Callable[[], None]) -> float:
+    """Packets per second of a cumulative ``counter`` over ``seconds``, once traffic flows and ``warmup``
+    seconds passed. ``alive`` raises if a process of the run died (checked while waiting for traffic, and
+    after the measurement)."""
+
+    def flowing() -> bool:
+        alive()
+        return counter() > 0
+
+    wait_until(flowing, SETUP_TIMEOUT, "traffic to start", interval=0.05)
+    time.sleep(warmup)  # a settling interval before measuring, not synchronisation
+    first, t0 = _sample(counter)
+    time.sleep(seconds)  # the measurement interval itself
+    last, t1 = _sample(counter)
+    alive()
+    if last <= first:
+        raise BenchError(f"no packets in {t1 - t0:.1f} s (counter stayed at {first})")
+    return (last - first) / (t1 - t0)
+
+
+def _sample(counter: Callable[[], int]) -> tuple[int, float]:
+    """The counter's value and when it was read (the middle of the round trip that read it)."""
+    before = time.monotonic()
+    value = counter()
+    return value, (before + time.monotonic()) / 2
+
+
+def _testpmd_rx(tp: Testpmd, ports: Sequence[int] = (0,)) -> Callable[[], int]:
+    return lambda: sum(s.rx_packets for p, s in tp.stats().items() if p in ports)
+
+
+def _checker(*procs: Testpmd | VhostmapDaemon | subprocess.Popen[bytes]) -> Callable[[], None]:
+    """Raises BenchError if any of ``procs`` exited (or, the daemon, stopped answering)."""
+
+    def check() -> None:
+        for proc in procs:
+            if isinstance(proc, Testpmd):
+                if not proc.alive:
+                    raise BenchError(f"testpmd exited\n{proc.diagnostics()}")
+            elif isinstance(proc, VhostmapDaemon):
+                try:
+                    proc.status()
+                except ControlError as e:
+                    raise BenchError(f"vhostmap stopped answering: {e}\n{proc.diagnostics()}") from None
+            elif proc.poll() is not None:
+                raise BenchError(f"pkt-gen exited with {proc.returncode} during the measurement")
+
+    return check
+
+
+class Bench:
+    """How each scenario runs on each back-end, with one invocation's settings and working directory."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self._pktgen: bool | None = None
+
+    # --- processes -----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def daemon(
+        self, ports: Sequence[str], links: Sequence[str] = (), switch: str | None = None
+    ) -> Iterator[VhostmapDaemon]:
+        """A running vhostmap polling on the back-end CPU, its control thread on the front-end's; stopped
+        on the way out, also when it fails to start."""
+        s = self.settings
+        extra = ["--poll", "--cpu", str(s.backend_cpu), "--control-cpu", str(s.frontend_cpu)]
+        if switch is not None:
+            extra += ["--switch", switch]
+        specs = [f"{p}=vhost-user,path={self.sock(p)}" for p in ports]
+        daemon = VhostmapDaemon(self.workdir, specs, links, extra)
+        try:
+            yield daemon.start(SETUP_TIMEOUT)
+        finally:
+            daemon.stop()
+
+    def testpmd(
+        self, ports: Sequence[VirtioUserPort | VhostPort], mode: ForwardMode, size: int, cpu: int
+    ) -> Testpmd:
+        """A testpmd with all its lcores on ``cpu`` (a context manager: entering starts it)."""
+        return Testpmd(ports, forward_mode=mode, txpkts=size, cpu=cpu, workdir=self.workdir)
+
+    def sock(self, name: str) -> Path:
+        """The vhost-user socket of port ``name``."""
+        return self.workdir / f"{name}.sock"
+
+    def has_pktgen(self) -> bool:
+        """Whether this vhostmap has the ``pkt-gen`` command P2 needs."""
+        if self._pktgen is None:
+            probe = subprocess.run(
+                [sys.executable, "-m", "vhostmap.cli", "pkt-gen", "--help"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            self._pktgen = probe.returncode == 0
+        return self._pktgen
+
+    # --- scenarios -----------------------------------------------------------------------------------------
+
+    def run(self, scenario: str, backend: str, size: int) -> float:
+        """One run: packets per second."""
+        runner: dict[tuple[str, str], Callable[[int], float]] = {
+            ("P1", "vhostmap"): self.p1_vhostmap,
+            ("P1", DPDK): self.p1_dpdk,
+            ("P2", "vhostmap"): self.p2_vhostmap,
+            ("P2", DPDK): self.p2_dpdk,
+            ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, switch=False),
+            ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, switch=True),
+            ("P3", DPDK): self.p3_dpdk,
+        }
+        return runner[scenario, backend](size)
+
+    def p1_vhostmap(self, size: int) -> float:
+        """testpmd txonly into a lone vhostmap port; vhostmap's receive counter."""
+        s = self.settings
+        with (
+            self.daemon(["a"]) as daemon,
+            self.testpmd([VirtioUserPort(self.sock("a"))], "txonly", size, s.frontend_cpu) as fe,
+        ):
+            daemon.wait_connected("a", SETUP_TIMEOUT)
+            fe.start()
+            return measure(
+                lambda: int(daemon.stats()["a"]["totals"]["rx_packets"]),
+                s.seconds,
+                s.warmup,
+                _checker(daemon, fe),
+            )
+
+    def p1_dpdk(self, size: int) -> float:
+        """testpmd txonly into net_vhost rxonly; net_vhost's receive counter."""
+        s = self.settings
+        with (
+            self.testpmd([VhostPort(self.sock("a"))], "rxonly", size, s.backend_cpu) as be,
+            self.testpmd([VirtioUserPort(self.sock("a"))], "txonly", size, s.frontend_cpu) as fe,
+        ):
+            be.wait_for_link(0, SETUP_TIMEOUT)
+            be.start()
+            fe.start()
+            return measure(_testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe))
+
+    def p2_vhostmap(self, size: int) -> float:
+        """``vhostmap pkt-gen`` on a daemon port, on the back-end CPU, into testpmd rxonly; testpmd's RX."""
+        s = self.settings
+        if not self.has_pktgen():
+            raise PktgenMissing("n/a (pkt-gen missing)")
+        with (
+            self.daemon(["a"]) as daemon,
+            self.testpmd([VirtioUserPort(self.sock("a"))], "rxonly", size, s.frontend_cpu) as fe,
+        ):
+            daemon.wait_connected("a", SETUP_TIMEOUT)
+            fe.start()
+            with self.pktgen(daemon, "a", size) as gen:
+                return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe, gen))
+
+    @contextlib.contextmanager
+    def pktgen(self, daemon: VhostmapDaemon, port: str, size: int) -> Iterator[subprocess.Popen[bytes]]:
+        """``vhostmap pkt-gen -f tx`` on ``port`` pinned to the back-end CPU, for longer than a run lasts;
+        stopped (and reaped) on the way out."""
+        s = self.settings
+        # Long enough to cover its start-up, the wait for traffic, the warm-up and the measurement.
+        duration = s.seconds + s.warmup + SETUP_TIMEOUT
+        argv = [
+            "taskset", "-c", str(s.backend_cpu),
+            sys.executable, "-m", "vhostmap.cli", "pkt-gen",
+            "-i", port, "-f", "tx", "-l", str(size), "-D", f"{duration:g}",
+            "--control", daemon.control, "--json",
+        ]  # fmt: skip
+        log = open(self.workdir / "pkt-gen.log", "wb")  # noqa: SIM115 - the child writes to it
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        try:
+            yield proc
+        finally:
+            _stop_process(proc)
+
+    def p2_dpdk(self, size: int) -> float:
+        """net_vhost txonly into testpmd rxonly; the front-end's receive counter."""
+        s = self.settings
+        with (
+            self.testpmd([VhostPort(self.sock("a"))], "txonly", size, s.backend_cpu) as be,
+            self.testpmd([VirtioUserPort(self.sock("a"))], "rxonly", size, s.frontend_cpu) as fe,
+        ):
+            be.wait_for_link(0, SETUP_TIMEOUT)
+            fe.start()
+            be.start()
+            return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(be, fe))
+
+    def p3_vhostmap(self, size: int, switch: bool) -> float:
+        """Two front-end ports io-forwarding through a vhostmap link (or switch); the front-end's RX."""
+        s = self.settings
+        ports = [VirtioUserPort(self.sock("a")), VirtioUserPort(self.sock("b"))]
+        with (
+            self.daemon(["a", "b"], [] if switch else ["a,b"], "sw0=a,b" if switch else None) as daemon,
+            self.testpmd(ports, "io", size, s.frontend_cpu) as fe,
+        ):
+            daemon.wait_connected("a", SETUP_TIMEOUT)
+            daemon.wait_connected("b", SETUP_TIMEOUT)
+            fe.start(tx_first=TX_FIRST_BURSTS)
+            return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(daemon, fe))
+
+    def p3_dpdk(self, size: int) -> float:
+        """The same front-end through testpmd io-forwarding two net_vhost ports."""
+        s = self.settings
+        with (
+            self.testpmd(
+                [VhostPort(self.sock("a")), VhostPort(self.sock("b"))], "io", size, s.backend_cpu
+            ) as be,
+            self.testpmd(
+                [VirtioUserPort(self.sock("a")), VirtioUserPort(self.sock("b"))], "io", size, s.frontend_cpu
+            ) as fe,
+        ):
+            be.wait_for_link(0, SETUP_TIMEOUT)
+            be.wait_for_link(1, SETUP_TIMEOUT)
+            be.start()
+            fe.start(tx_first=TX_FIRST_BURSTS)
+            return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe))
+
+
+class PktgenMissing(BenchError):
+    """This vhostmap has no ``pkt-gen`` command: P2 cannot run on its side."""
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not go, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- the whole invocation ----------------------------------------------------------------------------------
+
+
+def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
+    """Every scenario, size and round, appending to ``results`` as runs finish (so that an interrupted
+    benchmark still has what it measured)."""
+    bench = Bench(settings, workdir)
+    for scenario in settings.only:
+        for size in settings.sizes:
+            series = {b: Series(scenario, size, b) for b in BACKENDS[scenario]}
+            results += series.values()
+            for round_ in range(1, settings.runs + 1):
+                for backend, ser in series.items():
+                    label = (
+                        f"{scenario} {SCENARIOS[scenario]} {size} B, {backend}, run {round_}/{settings.runs}"
+                    )
+                    try:
+                        pps = bench.run(scenario, backend, size)
+                    except PktgenMissing as e:
+                        ser.mpps.append(None)
+                        if str(e) not in ser.notes:
+                            ser.notes.append(str(e))
+                        say(f"{label}: {e}")
+                        continue
+                    except (RuntimeError, OSError, ControlError) as e:
+                        # BenchError, TestpmdError, a daemon that would not start; WaitTimeout is an OSError.
+                        ser.mpps.append(None)
+                        ser.notes.append(f"run {round_}: {e}")
+                        say(f"{label}: FAILED: {e}")
+                        continue
+                    ser.mpps.append(pps / 1e6)
+                    say(f"{label}: {pps / 1e6:.3f} Mpps")
+
+
+def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
+    """For each vhostmap series: the median over rounds of its rate over DPDK's rate in the same round."""
+    dpdk = {(s.scenario, s.size): s for s in results if s.backend == DPDK}
+    out: dict[tuple[str, int, str], float | None] = {}
+    for s in results:
+        ref = dpdk.get((s.scenario, s.size))
+        if s.backend == DPDK or ref is None:
+            continue
+        pairs = [v / d for v, d in zip(s.mpps, ref.mpps, strict=False) if v is not None and d]
+        out[s.scenario, s.size, s.backend] = statistics.median(pairs) if pairs else None
+    return out
+
+
+def table(results: Sequence[Series], runs: int) -> str:
+    """The results as a text table: Mpps per run, median, and the median vhostmap/DPDK ratio."""
+    ratio = ratios(results)
+    width = max(7 * runs, 14)
+    head = f"{'scenario':<14} {'size':>5}  {'backend':<16} {'Mpps per run':<{width}} {'median':>7}"
+    lines = [f"{head}  vhostmap/DPDK"]
+    for s in results:
+        per_run = " ".join(f"{m:6.3f}" if m is not None else f"{'n/a':>6}" for m in s.mpps)
+        median = f"{s.median:7.3f}" if s.median is not None else f"{'n/a':>7}"
+        r = ratio.get((s.scenario, s.size, s.backend))
+        rtext = "" if s.backend == DPDK else f"{r:13.3f}" if r is not None else f"{'n/a':>13}"
+        name = f"{s.scenario} {SCENARIOS[s.scenario]}"
+        lines.append(f"{name:<14} {s.size:>5}  {s.backend:<16} {per_run:<{width}} {median}  {rtext}".rstrip())
+        for note in dict.fromkeys(s.notes):
+            if "\n" not in note:
+                lines.append(f"{'':<22}  note: {note}")
+    return "\n".join(lines)
+
+
+def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
+    """Everything measured, for the JSON file."""
+    ratio = ratios(results)
+    return {
+        "settings": asdict(settings),
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "loadavg_at_end": list(os.getloadavg()),
+            "python": platform.python_version(),
+        },
+        "interrupted": interrupted,
+        "results": [
+            {
+                "scenario": s.scenario,
+                "name": SCENARIOS[s.scenario],
+                "size": s.size,
+                "backend": s.backend,
+                "mpps": s.mpps,
+                "median_mpps": s.median,
+                "ratio_to_dpdk": ratio.get((s.scenario, s.size, s.backend)),
+                "notes": s.notes,
+            }
+            for s in results
+        ],
+    }
+
+
+def chart(results: Sequence[Series], path: Path) -> bool:
+    """A bar chart of the medians (runs as dots, vhostmap/DPDK ratios above the bars) per scenario and
+    size; False when matplotlib is missing."""
+    try:
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
+
+        matplotlib.use("Agg")  # no display: draw into the file
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return False
+    ratio = ratios(results)
+    groups = list(dict.fromkeys((s.scenario, s.size) for s in results))
+    backends = sorted({s.backend for s in results}, key=lambda b: (b == DPDK, b))
+    color = {b: f"C{i}" for i, b in enumerate(backends)}
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(groups)), 4.5))
+    labelled: set[str] = set()
+    for g, key in enumerate(groups):
+        present = sorted(
+            (s for s in results if (s.scenario, s.size) == key and s.median is not None),
+            key=lambda s: backends.index(s.backend),
+        )
+        width = 0.8 / max(len(present), 1)
+        for i, s in enumerate(present):
+            assert s.median is not None
+            x = g - 0.4 + width * (i + 0.5)
+            label = None if s.backend in labelled else s.backend
+            labelled.add(s.backend)
+            ax.bar(x, s.median, width, color=color[s.backend], label=label)
+            runs = [m for m in s.mpps if m is not None]
+            ax.plot([x] * len(runs), runs, "k.", markersize=3)
+            r = ratio.get((s.scenario, s.size, s.backend))
+            if r is not None:
+                ax.annotate(f"{r:.2f}x", (x, max(runs)), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{sc} {SCENARIOS[sc]}\n{size} B" for sc, size in groups])
+    ax.set_ylabel("Mpps (bars: median, dots: runs)")
+    ax.set_title("vhostmap vs DPDK vhost (testpmd), one back-end core; ratios to DPDK")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _parse_list(text: str, what: str, convert: Callable[[str], Any]) -> tuple[Any, ...]:
+    try:
+        values = tuple(convert(v) for v in text.split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad {what} list {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"empty {what} list")
+    return values
+
+
+def _scenarios(text: str) -> tuple[str, ...]:
+    names = _parse_list(text.upper(), "scenario", str)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scenario {unknown[0]} (known: {', '.join(SCENARIOS)})")
+    return names
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    sizes: tuple[int, ...] = _parse_list(text, "size", int)
+    for size in sizes:
+        if not 60 <= size <= 1514:
+            raise argparse.ArgumentTypeError(f"frame size {size} is not 60..1514")
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scripts/bench`` command line."""
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="vhostmap against DPDK's vhost back-end: P1 dequeue, P2 enqueue, P3 forwarding",
+    )
+    p.add_argument("--runs", type=int, default=3, help="runs of each back-end, alternating (default 3)")
+    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
+    p.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of traffic before measuring (default 1)"
+    )
+    p.add_argument("--sizes", type=_sizes, default=(64, 1500), help="frame sizes, e.g. 64,1500 (the default)")
+    p.add_argument(
+        "--only", type=_scenarios, default=tuple(SCENARIOS), help="scenarios, e.g. P1,P3 (default all)"
+    )
+    p.add_argument("--backend-cpu", type=int, default=1, help="CPU of vhostmap's datapath / DPDK's back-end")
+    p.add_argument("--frontend-cpu", type=int, default=0, help="CPU of the testpmd front-end")
+    p.add_argument("--json-out", type=Path, default=Path("bench-results/bench.json"), help="results file")
+    p.add_argument("--png", type=Path, default=Path("bench-results/bench.png"), help="chart file")
+    return p
+
+
+def cpu_busy(interval: float = 0.5) -> float:
+    """The fraction of the machine's CPU time spent on something else than idling over ``interval``."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # everything; idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(interval)  # the observation window itself
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM cleans up like Ctrl-C: the context managers of the running round stop their processes.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``scripts/bench``; 0 when every run was measured (or could not run: n/a)."""
+    args = build_parser().parse_args(argv)
+    if args.runs < 1 or args.seconds <= 0 or args.warmup < 0:
+        print("bench: --runs must be at least 1, --seconds positive, --warmup not negative", file=sys.stderr)
+        return 2
+    try:
+        for cpu, what in ((args.backend_cpu, "--backend-cpu"), (args.frontend_cpu, "--frontend-cpu")):
+            check_cpu(cpu, what)
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    if shutil.which("dpdk-testpmd") is None:
+        print("bench: dpdk-testpmd is not installed (scripts/setup installs it)", file=sys.stderr)
+        return 2
+    settings = Settings(
+        runs=args.runs,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        sizes=args.sizes,
+        only=args.only,
+        backend_cpu=args.backend_cpu,
+        frontend_cpu=args.frontend_cpu,
+    )
+    busy = cpu_busy()
+    if busy > 0.2:
+        say(f"the CPUs are {busy:.0%} busy before starting: expect low and noisy numbers")
+    signal.signal(signal.SIGTERM, _terminate)
+    results: list[Series] = []
+    interrupted = False
+    workdir = Path(tempfile.mkdtemp(prefix="vhm-b", dir="/tmp"))  # short: socket paths
+    try:
+        run_all(settings, workdir, results)
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted: every process stopped; reporting what was measured")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(table(results, settings.runs))
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    args.json_out.write_text(json.dumps(report(settings, results, interrupted), indent=2) + "\n")
+    say(f"results in {args.json_out}")
+    if any(s.median is not None for s in results):
+        if chart(results, args.png):
+            say(f"chart in {args.png}")
+        else:
+            say("no chart: matplotlib is missing (pip install -e '.[bench]')")
+    if interrupted:
+        return 130
+    failed = any(m is None and not any(n.startswith("n/a") for n in s.notes) for s in results for m in s.mpps)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

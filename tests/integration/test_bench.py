@@ -1,0 +1,108 @@
+"""scripts/bench in small: one short P1 round measures both back-ends, and nothing outlives the benchmark,
+also when it is interrupted with Ctrl-C.
+
+The benchmark runs as its own process in a session of its own, so that every process it started (the
+daemon, each testpmd) can be found by session id afterwards, even once reparented to init.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES
+from vhostmap.lab.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+QUICK = ["--runs", "1", "--seconds", "1", "--warmup", "0.5", "--sizes", "64", "--only", "P1"]
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """Live processes of session ``sid``, with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(session) == sid and state != "Z":
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def dpdk_files(pid: int) -> list[Path]:
+    """Hugepage files and runtime directories of the testpmds process ``pid`` started."""
+    return [*HUGEPAGES.glob(f"vhm{pid}t*"), *DPDK_RUNTIME.glob(f"vhm{pid}t*")]
+
+
+def start_bench(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "vhostmap.lab.bench", *args]
+    argv += ["--json-out", str(tmp_path / "bench.json"), "--png", str(tmp_path / "bench.png")]
+    return subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+
+
+def assert_nothing_left(proc: subprocess.Popen[str]) -> None:
+    left = session_processes(proc.pid)
+    for pid in left:  # do not leave them to the next test either
+        os.kill(pid, signal.SIGKILL)
+    files = dpdk_files(proc.pid)
+    assert not left, f"processes left behind: {left}"
+    assert not files, f"DPDK files left behind: {files}"
+
+
+def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
+    proc = start_bench(tmp_path, *QUICK)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        assert_nothing_left(proc)
+    assert proc.returncode == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert not report["interrupted"]
+    rates = {r["backend"]: r for r in report["results"]}
+    assert set(rates) == {"vhostmap", "dpdk"}
+    for r in rates.values():
+        assert (r["scenario"], r["size"], len(r["mpps"])) == ("P1", 64, 1)
+        assert r["mpps"][0] > 0 and r["median_mpps"] == r["mpps"][0]
+    assert rates["vhostmap"]["ratio_to_dpdk"] == pytest.approx(
+        rates["vhostmap"]["mpps"][0] / rates["dpdk"]["mpps"][0]
+    )
+    assert "P1 dequeue" in out and "vhostmap/DPDK" in out
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "matplotlib is missing" in err
+    else:
+        assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_ctrl_c_stops_everything_and_keeps_what_was_measured(tmp_path: Path) -> None:
+    proc = start_bench(tmp_path, *QUICK, "--runs", "3", "--seconds", "30")
+    try:
+        # Interrupt in the middle of a run: once testpmd is up beside the daemon.
+        wait_until(
+            lambda: any("dpdk-testpmd" in c for c in session_processes(proc.pid).values()),
+            60,
+            "the benchmark to start testpmd",
+        )
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: to the whole process group
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        assert_nothing_left(proc)
+    assert proc.returncode == 130, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["interrupted"]

@@ -1,0 +1,264 @@
+"""Poll mode and CPU pinning: the datapath thread that never sleeps, and threads pinned where they are told.
+
+A polling worker runs its forwarders pass after pass without any kick; the proof is traffic that front-ends
+queue without kicking, which an interrupt-mode worker would never see. Pinning is read back from the kernel
+(``/proc/self/task/TID/status``), and a CPU that does not exist is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_worker import CountingForwarder
+
+import conftest
+from conftest import RunningDaemon, StartDaemon
+from vhostmap.cli import main
+from vhostmap.config import ConfigError, build_config
+from vhostmap.lab.frontend import FakeFrontend, FakeQueue
+from vhostmap.lab.wait import wait_until
+from vhostmap.worker import Worker, format_cpu_list, online_cpus, parse_cpu_list
+
+# The CPUs this test may pin to: online and allowed to this process.
+USABLE_CPUS = sorted(online_cpus() & os.sched_getaffinity(0))
+MISSING_CPU = max(online_cpus()) + 1
+
+
+def allowed_cpus(tid: int | None) -> set[int]:
+    """The CPUs thread ``tid`` of this process may run on, as the kernel reports them."""
+    assert tid is not None, "thread not started"
+    for line in Path(f"/proc/self/task/{tid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return parse_cpu_list(line.partition(":")[2])
+    raise AssertionError(f"no Cpus_allowed_list for thread {tid}")
+
+
+def wait(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    return wait_until(predicate, timeout, what, interval=0.005)
+
+
+@pytest.fixture
+def polling() -> Iterator[Worker]:
+    w = Worker(poll=True)
+    w.start()
+    yield w
+    w.stop()
+
+
+# --- the worker ---------------------------------------------------------------------------------------------
+
+
+def test_polling_worker_runs_forwarders_again_and_again_without_any_fd(polling: Worker) -> None:
+    # No wake fd at all: an interrupt-mode worker runs this forwarder once (when added) and never again.
+    fwd = CountingForwarder([])
+    polling.add(fwd)
+    wait(lambda: fwd.runs >= 1000, "a thousand passes")
+    assert polling.poll
+
+
+def test_polling_worker_ignores_kicks_and_still_runs(polling: Worker) -> None:
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        fwd = CountingForwarder([kick])
+        polling.add(fwd)
+        os.eventfd_write(kick, 5)
+        before = fwd.runs
+        wait(lambda: fwd.runs > before + 100, "passes after a kick")
+        # Kicks are not even watched, so nobody drained this one.
+        assert os.eventfd_read(kick) == 5
+    finally:
+        polling.stop()
+        os.close(kick)
+
+
+def test_polling_worker_follows_forwarders_added_and_removed(polling: Worker) -> None:
+    first, second = CountingForwarder([]), CountingForwarder([])
+    polling.add(first)
+    wait(lambda: first.runs >= 10, "the first forwarder to run")
+    polling.remove(first)
+    # remove() took the datapath lock: from here on, the first forwarder cannot run again.
+    stopped_at = first.runs
+    polling.add(second)
+    wait(lambda: second.runs >= 200, "passes with the second forwarder")
+    assert first.runs == stopped_at
+
+
+def test_polling_worker_drops_a_failing_forwarder_and_keeps_the_others(polling: Worker) -> None:
+    bad, good = CountingForwarder([], fail=True), CountingForwarder([])
+    polling.add(bad)
+    polling.add(good)
+    wait(lambda: good.runs >= 200, "passes of the good forwarder")
+    assert bad.runs == 1
+
+
+def test_polling_worker_thread_ends_on_stop() -> None:
+    w = Worker(poll=True)
+    w.start()
+    fwd = CountingForwarder([])
+    w.add(fwd)
+    wait(lambda: fwd.runs >= 10, "passes")
+    tid = w.native_id
+    assert Path(f"/proc/self/task/{tid}").exists()
+    w.stop()
+    # join() returns when the Python thread is done; the kernel task goes a moment later.
+    wait(lambda: not Path(f"/proc/self/task/{tid}").exists(), "the datapath thread to exit")
+    runs = fwd.runs
+    w.stop()  # idempotent
+    assert fwd.runs == runs
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+@pytest.mark.parametrize("cpu", USABLE_CPUS)
+def test_worker_thread_is_pinned_to_its_cpu_and_only_it(cpu: int, poll: bool) -> None:
+    mine = allowed_cpus(threading.get_native_id())
+    w = Worker(poll=poll, cpu=cpu)
+    try:
+        w.start()
+        assert allowed_cpus(w.native_id) == {cpu}
+        assert allowed_cpus(threading.get_native_id()) == mine  # the caller's thread is left alone
+    finally:
+        w.stop()
+
+
+@pytest.mark.parametrize("cpu", [MISSING_CPU, 4096, -1])
+def test_worker_refuses_a_cpu_that_does_not_exist(cpu: int) -> None:
+    with pytest.raises(ValueError, match=rf"datapath CPU {cpu} does not exist \(online CPUs: "):
+        Worker(cpu=cpu)
+
+
+def test_cpu_lists_parse_and_format_like_the_kernel_writes_them() -> None:
+    assert parse_cpu_list("0-3,6,8-9\n") == {0, 1, 2, 3, 6, 8, 9}
+    assert format_cpu_list({9, 0, 1, 2, 3, 6, 8}) == "0-3,6,8-9"
+    assert format_cpu_list({5}) == "5"
+    assert parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()) == online_cpus()
+
+
+# --- configuration and command line -------------------------------------------------------------------------
+
+
+def test_config_takes_poll_and_cpus_from_toml_and_flags_override_them() -> None:
+    cpu = USABLE_CPUS[-1]
+    toml = {"poll": True, "cpu": cpu, "control_cpu": USABLE_CPUS[0]}
+    config = build_config(toml, ["a=vhost-user,path=/tmp/a.sock"])
+    assert (config.poll, config.cpu, config.control_cpu) == (True, cpu, USABLE_CPUS[0])
+    config = build_config(dict(toml), ["a=vhost-user,path=/tmp/a.sock"], poll=False, cpu=USABLE_CPUS[0])
+    assert (config.poll, config.cpu) == (False, USABLE_CPUS[0])
+    default = build_config(None, ["a=vhost-user,path=/tmp/a.sock"])
+    assert (default.poll, default.cpu, default.control_cpu) == (False, None, None)
+
+
+@pytest.mark.parametrize(
+    ("toml", "flags", "message"),
+    [
+        ({"cpu": MISSING_CPU}, {}, f"cpu: datapath CPU {MISSING_CPU} does not exist"),
+        ({}, {"control_cpu": MISSING_CPU}, f"control_cpu: control CPU {MISSING_CPU} does not exist"),
+        ({"poll": "yes"}, {}, "poll must be true or false"),
+        ({"cpu": "1"}, {}, "cpu must be a CPU number"),
+        ({"control_cpu": True}, {}, "control_cpu must be a CPU number"),
+    ],
+)
+def test_config_refuses_bad_poll_and_cpu_settings(
+    toml: dict[str, Any], flags: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_config(toml, ["a=vhost-user,path=/tmp/a.sock"], **flags)
+
+
+@pytest.mark.parametrize("flag", ["--cpu", "--control-cpu"])
+def test_serve_refuses_a_missing_cpu_before_it_starts(
+    flag: str, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["serve", flag, str(MISSING_CPU), "--port", f"a=vhost-user,path={sock_dir}/a.sock"]
+    assert main([*argv, "--control", f"{sock_dir}/control.sock"]) == 2
+    assert f"CPU {MISSING_CPU} does not exist (online CPUs: " in capsys.readouterr().err
+    assert not list(sock_dir.iterdir())  # nothing was started
+
+
+# --- the daemon ---------------------------------------------------------------------------------------------
+
+StartPolling = Callable[..., RunningDaemon]
+
+
+@pytest.fixture
+def start_polling(start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch) -> StartPolling:
+    """``start_daemon`` with the poll and CPU settings given (poll mode by default), and all its checks."""
+
+    def start(
+        ports: Mapping[str, str],
+        links: Sequence[str] = (),
+        *,
+        poll: bool = True,
+        cpu: int | None = None,
+        control_cpu: int | None = None,
+        **kwargs: Any,
+    ) -> RunningDaemon:
+        configured = functools.partial(build_config, poll=poll, cpu=cpu, control_cpu=control_cpu)
+        monkeypatch.setattr(conftest, "build_config", configured)
+        return start_daemon(ports, links, **kwargs)
+
+    return start
+
+
+def without_kicks(fe: FakeFrontend, monkeypatch: pytest.MonkeyPatch) -> FakeFrontend:
+    """Make ``fe`` queue buffers without ever kicking the device."""
+
+    def publish(fq: FakeQueue, heads: list[int], kick: bool = True) -> None:
+        FakeFrontend.publish(fe, fq, heads, kick=False)
+
+    monkeypatch.setattr(fe, "publish", publish)
+    return fe
+
+
+def frame(size: int, seq: int) -> bytes:
+    return b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x88\xb5" + bytes([seq % 256]) * (size - 14)
+
+
+@pytest.mark.parametrize("size", [60, 1514])
+def test_polling_daemon_forwards_frames_nobody_kicked_for(
+    start_polling: StartPolling, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    d = start_polling({"a": "", "b": ""}, links=["a,b"])
+    assert d.daemon.worker.poll
+    fa = without_kicks(d.frontend("a"), monkeypatch)
+    fb = without_kicks(d.frontend("b"), monkeypatch)
+    sent = [frame(size, k) for k in range(32)]
+    fb.post_receive_buffers(len(sent))
+    fa.transmit(sent)
+    assert fb.receive(len(sent), timeout=10) == sent
+    for fq in (fa.queues[1], fb.queues[0]):
+        with pytest.raises(BlockingIOError):  # never kicked
+            os.eventfd_read(fq.kick)
+    a, b = d.totals("a"), d.totals("b")
+    assert (a["rx_packets"], a["rx_bytes"]) == (len(sent), len(sent) * size)
+    assert (b["tx_packets"], b["tx_bytes"]) == (len(sent), len(sent) * size)
+    assert a["rx_dropped"] == b["tx_dropped"] == 0
+
+
+def test_polling_daemon_sink_counts_what_a_lone_port_sends(
+    start_polling: StartPolling, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = start_polling({"a": ""})
+    fa = without_kicks(d.frontend("a"), monkeypatch)
+    for batch in range(4):
+        fa.transmit([frame(64, batch * 64 + k) for k in range(64)])
+        fa.wait_used(fa.queues[1], 64, timeout=10)
+    totals = d.wait(lambda: (t := d.totals("a"))["rx_packets"] == 256 and t, "256 frames in the sink")
+    assert totals["rx_dropped"] == 256
+    assert totals["rx_bytes"] == 256 * 64
+
+
+def test_daemon_pins_its_datapath_and_control_threads(start_polling: StartPolling) -> None:
+    datapath, control = USABLE_CPUS[-1], USABLE_CPUS[0]
+    d = start_polling({"a": ""}, cpu=datapath, control_cpu=control)
+    assert allowed_cpus(d.daemon.worker.native_id) == {datapath}
+    # The control plane is the thread running the daemon's event loop (the main thread of `vhostmap serve`).
+    assert allowed_cpus(d.thread.native_id) == {control}
+    fa = d.frontend("a")
+    fa.transmit([frame(64, k) for k in range(8)])
+    d.wait(lambda: d.totals("a")["rx_packets"] == 8, "8 frames in the sink")
