@@ -1,1 +1,66 @@
-"""vhostmap_guest: netmap-style rings over a VM's own virtio-net device, from guest userspace."""
+"""vhostmap_guest: netmap rings over a VM's own virtio-net device, from guest userspace.
+
+``open(name)`` gives a `NetmapPort` (vhostmap.netmap.user), the API of the host-side client library, so an
+application runs unchanged on the host against a vhostmap port and in the guest against the guest's NIC::
+
+    with vhostmap_guest.open("eth0") as port:
+        ring = port.tx_rings[0]
+        ring.send(frames)
+        port.txsync()
+
+Modes, as netmap's ``admode``: "native" drives the virtio-net device from userspace (uio_pci_generic, huge
+page buffers the device reads and writes directly; see driver.py); "generic" goes through the kernel's
+driver with AF_PACKET (generic.py); "auto" (the default) is native when the device allows it, else generic.
+The name follows nm_open: ``eth0`` (every ring pair), ``eth0-1`` (ring pair 1), ``eth0^`` (host rings);
+native mode also accepts the device's PCI address (``0000:00:02.0``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from vhostmap.netmap.user import NetmapPort, parse_port_spec
+from vhostmap_guest.driver import NativeUnavailable, open_native
+from vhostmap_guest.generic import open_generic
+from vhostmap_guest.port import AdapterPort
+
+__all__ = ["MODES", "AdapterPort", "NativeUnavailable", "open"]
+
+log = logging.getLogger(__name__)
+Mode = Literal["auto", "native", "generic"]
+MODES: tuple[Mode, ...] = ("auto", "native", "generic")
+
+
+def open(
+    name: str,
+    mode: Mode = "auto",
+    *,
+    pairs: int | None = None,
+    interrupts: bool = True,
+) -> AdapterPort:
+    """Open the guest interface ``name`` (nm_open syntax) in ``mode``; returns a NetmapPort.
+
+    ``pairs`` (native): queue pairs to run, default all. ``interrupts`` (native): poll sleeps on the device's
+    interrupt; False busy-polls. "auto" falls back to generic mode only when native mode cannot work at all
+    (`NativeUnavailable`: no modern virtio-net device, no uio_pci_generic, not root); a failure while the
+    device is being set up is raised (the device given back to the kernel first).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    spec = parse_port_spec(name)
+    if spec.switch is not None:
+        raise ValueError(f"{name!r}: a guest has no switches (VALE ports are on the host)")
+    if mode in ("auto", "native"):
+        try:
+            return open_native(spec.port, spec, pairs=pairs, interrupts=interrupts)
+        except NativeUnavailable as e:
+            if mode == "native":
+                raise
+            log.info("%s: native mode unavailable (%s); using generic mode", spec.port, e)
+    return open_generic(spec.port, spec)
+
+
+def _conforms(port: AdapterPort) -> NetmapPort:
+    """Static check that the guest's ports satisfy the NetmapPort protocol (for mypy; never called)."""
+    return port

@@ -258,15 +258,33 @@ class IfLayout:
         return self.tx_rings + self.rx_rings
 
 
+def region_size(params: AllocatorParams) -> int:
+    """Bytes of the region a NetmapMemory with ``params`` needs (the three pools, clusters rounded up)."""
+    total = 0
+    for objsize, num in (
+        (params.if_size, params.if_num),
+        (params.ring_size, params.ring_num),
+        (params.buf_size, params.buf_num),
+    ):
+        g = cluster_geometry(objsize)
+        total += -(-num // g.clustentries) * g.clustsize
+    return total
+
+
 class NetmapMemory:
     """One netmap memory region (netmap_mem_d) and its three pools.
 
     ``fd`` is the memfd (sealed against resizing, so a peer cannot make our accesses fault), ``size`` its
     length, ``region`` the mapping, ``array`` a numpy uint8 view of all of it. Buffer ``i`` lives at
     ``buffers_offset + i * buf_size``. All methods are thread-safe.
+
+    Given ``fd``, the region lives in that file instead of a new memfd (a hugetlbfs file whose pages a device
+    can DMA into, say): it must hold at least `region_size` bytes, is mapped whole, and this object owns it.
     """
 
-    def __init__(self, params: AllocatorParams | None = None, *, name: str = "vhostmap-netmap") -> None:
+    def __init__(
+        self, params: AllocatorParams | None = None, *, name: str = "vhostmap-netmap", fd: int | None = None
+    ) -> None:
         self.params = params if params is not None else AllocatorParams()
         p = self.params
         self.if_pool = ObjPool("netmap_if", p.if_size, p.if_num, 0)
@@ -279,11 +297,26 @@ class NetmapMemory:
             reserved=NM_RESERVED_BUFS,
         )
         self.size = self.if_pool.memtotal + self.ring_pool.memtotal + self.buf_pool.memtotal
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        if fd is None:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, self.size)
+                fcntl.fcntl(
+                    fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+                )
+            except BaseException:
+                os.close(fd)
+                raise
+            map_size = self.size
+        else:
+            # A file given by the caller (e.g. on hugetlbfs, for a device to DMA into) is mapped whole: the
+            # kernel rounds a hugetlbfs mapping up to whole huge pages and could not unmap a shorter one.
+            map_size = os.fstat(fd).st_size
+            if map_size < self.size:
+                os.close(fd)
+                raise AllocatorConfigError("fd", map_size, f">= {self.size} bytes", "the file is too small")
         try:
-            os.ftruncate(fd, self.size)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-            mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, map_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise

@@ -13,6 +13,7 @@ Split virtqueue layout (spec 2.7), for a queue of ``num`` entries, all little-en
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import numpy as np
@@ -134,6 +135,18 @@ VIRTIO_NET_HDR_GSO_ECN = 0x80
 # num_buffers is present with VERSION_1 or MRG_RXBUF, which makes the header 12 bytes; legacy devices
 # without MRG_RXBUF use the first 10.
 VIRTIO_NET_HDR = struct.Struct("<BBHHHHH")
+# The same header as a numpy record, for reading num_buffers of a whole batch of received headers at once.
+VIRTIO_NET_HDR_DTYPE = np.dtype(
+    [
+        ("flags", "u1"),
+        ("gso_type", "u1"),
+        ("hdr_len", "<u2"),
+        ("gso_size", "<u2"),
+        ("csum_start", "<u2"),
+        ("csum_offset", "<u2"),
+        ("num_buffers", "<u2"),
+    ]
+)
 VIRTIO_NET_HDR_LEGACY_SIZE = 10
 VIRTIO_NET_HDR_SIZE = VIRTIO_NET_HDR.size
 
@@ -148,6 +161,126 @@ def virtio_net_hdr_size(features: int) -> int:
 # --- virtio-net config space (spec 5.1.4) -----------------------------------------------------------------
 # {u8 mac[6], u16 status, u16 max_virtqueue_pairs, u16 mtu}; later fields (speed, duplex, rss) unused.
 VIRTIO_NET_CONFIG = struct.Struct("<6sHHH")
+
+
+class VirtioNetConfig(ctypes.LittleEndianStructure):
+    """struct virtio_net_config, for a driver reading it field by field (exact-width register accesses)."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("mac", ctypes.c_uint8 * 6),
+        ("status", ctypes.c_uint16),
+        ("max_virtqueue_pairs", ctypes.c_uint16),
+        ("mtu", ctypes.c_uint16),
+    ]
+
+
+assert ctypes.sizeof(VirtioNetConfig) == VIRTIO_NET_CONFIG.size
+
+# --- virtio-net control virtqueue (spec 5.1.6.5) ----------------------------------------------------------
+# A command is {u8 class, u8 command} (device-readable), its data (device-readable), then a u8 ack
+# (device-writable) set to VIRTIO_NET_OK or VIRTIO_NET_ERR.
+VIRTIO_NET_CTRL_HDR = struct.Struct("<BB")
+VIRTIO_NET_OK = 0
+VIRTIO_NET_ERR = 1
+VIRTIO_NET_CTRL_MQ = 4
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET = 0  # data: le16 virtqueue_pairs
+VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN = 1
+VIRTIO_NET_CTRL_MQ_PAIRS = struct.Struct("<H")
+
+# --- virtio over PCI (spec 4.1) ---------------------------------------------------------------------------
+VIRTIO_PCI_VENDOR_ID = 0x1AF4
+VIRTIO_ID_NET = 1
+VIRTIO_PCI_MODERN_DEVICE_ID_BASE = 0x1040  # modern device id: 0x1040 + device type
+VIRTIO_PCI_TRANSITIONAL_NET_DEVICE_ID = 0x1000  # transitional (legacy + modern) network device
+
+# virtio_pci_cap.cfg_type (spec 4.1.4)
+VIRTIO_PCI_CAP_COMMON_CFG = 1
+VIRTIO_PCI_CAP_NOTIFY_CFG = 2
+VIRTIO_PCI_CAP_ISR_CFG = 3
+VIRTIO_PCI_CAP_DEVICE_CFG = 4
+VIRTIO_PCI_CAP_PCI_CFG = 5
+
+# ISR status bits (spec 4.1.4.5); reading the ISR register clears it and de-asserts INTx.
+VIRTIO_PCI_ISR_QUEUE = 1
+VIRTIO_PCI_ISR_CONFIG = 2
+
+# No MSI-X vector for a queue or the config change interrupt (spec 4.1.5.1.2).
+VIRTIO_MSI_NO_VECTOR = 0xFFFF
+
+
+class VirtioPciCap(ctypes.LittleEndianStructure):
+    """struct virtio_pci_cap: a vendor-specific PCI capability locating one virtio structure in a BAR."""
+
+    _pack_ = 1
+    _fields_ = [
+        ("cap_vndr", ctypes.c_uint8),
+        ("cap_next", ctypes.c_uint8),
+        ("cap_len", ctypes.c_uint8),
+        ("cfg_type", ctypes.c_uint8),
+        ("bar", ctypes.c_uint8),
+        ("id", ctypes.c_uint8),
+        ("padding", ctypes.c_uint8 * 2),
+        ("offset", ctypes.c_uint32),
+        ("length", ctypes.c_uint32),
+    ]
+
+
+class VirtioPciNotifyCap(ctypes.LittleEndianStructure):
+    """struct virtio_pci_notify_cap: the notify capability, with the multiplier of queue_notify_off."""
+
+    _pack_ = 1
+    _fields_ = [("cap", VirtioPciCap), ("notify_off_multiplier", ctypes.c_uint32)]
+
+
+class VirtioPciCommonCfg(ctypes.LittleEndianStructure):
+    """struct virtio_pci_common_cfg (spec 4.1.4.3; the 64-bit queue addresses split in
+    32-bit halves, as drivers write them).
+
+    The device dispatches on offset and width: every field is accessed with exactly its own size.
+    """
+
+    _pack_ = 1
+    _fields_ = [
+        ("device_feature_select", ctypes.c_uint32),
+        ("device_feature", ctypes.c_uint32),
+        ("driver_feature_select", ctypes.c_uint32),
+        ("driver_feature", ctypes.c_uint32),
+        ("config_msix_vector", ctypes.c_uint16),
+        ("num_queues", ctypes.c_uint16),
+        ("device_status", ctypes.c_uint8),
+        ("config_generation", ctypes.c_uint8),
+        ("queue_select", ctypes.c_uint16),
+        ("queue_size", ctypes.c_uint16),
+        ("queue_msix_vector", ctypes.c_uint16),
+        ("queue_enable", ctypes.c_uint16),
+        ("queue_notify_off", ctypes.c_uint16),
+        ("queue_desc_lo", ctypes.c_uint32),
+        ("queue_desc_hi", ctypes.c_uint32),
+        ("queue_driver_lo", ctypes.c_uint32),
+        ("queue_driver_hi", ctypes.c_uint32),
+        ("queue_device_lo", ctypes.c_uint32),
+        ("queue_device_hi", ctypes.c_uint32),
+    ]
+
+
+assert ctypes.sizeof(VirtioPciCap) == 16 and ctypes.sizeof(VirtioPciNotifyCap) == 20
+assert ctypes.sizeof(VirtioPciCommonCfg) == 56
+
+# --- PCI configuration space (PCI Local Bus spec 6.2; Linux pci_regs.h), as far as a virtio driver needs --
+PCI_VENDOR_ID = 0x00
+PCI_DEVICE_ID = 0x02
+PCI_COMMAND = 0x04
+PCI_COMMAND_MEMORY = 0x2  # respond to memory-space accesses (BARs)
+PCI_COMMAND_MASTER = 0x4  # bus mastering: the device may DMA
+PCI_COMMAND_INTX_DISABLE = 0x400  # INTx masked
+PCI_STATUS = 0x06
+PCI_STATUS_INTERRUPT = 0x08  # the device asserts INTx
+PCI_STATUS_CAP_LIST = 0x10
+PCI_CAPABILITY_LIST = 0x34
+PCI_CAP_ID_VNDR = 0x09
+PCI_STD_HEADER_SIZEOF = 0x40
+PCI_CFG_SPACE_SIZE = 0x100
 
 # Ethernet sizes the device speaks about.
 ETH_HLEN = 14
