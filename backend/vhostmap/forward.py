@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG, RingView
-from vhostmap.netmap.adapter import NetmapAdapter
+from vhostmap.netmap.abi import NS_MOREFRAG, RingView
+from vhostmap.netmap.adapter import NetmapAdapter, swap_buffers
 
 
 def ring_space(ring: RingView) -> int:
@@ -29,15 +29,7 @@ def swap_slots(src: RingView, dst: RingView, limit: int | None = None) -> int:
         n = min(n, limit)
     if n == 0:
         return 0
-    si = (src.head + np.arange(n)) % src.num_slots
-    di = (dst.head + np.arange(n)) % dst.num_slots
-    s, d = src.slots, dst.slots
-    spare = d["buf_idx"][di]
-    d["buf_idx"][di] = s["buf_idx"][si]
-    s["buf_idx"][si] = spare
-    d["len"][di] = s["len"][si]
-    d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
-    s["flags"][si] = NS_BUF_CHANGED
+    swap_buffers(src, src.head, dst, dst.head, n)
     src.head = src.cur = (src.head + n) % src.num_slots
     dst.head = dst.cur = (dst.head + n) % dst.num_slots
     return n

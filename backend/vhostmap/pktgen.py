@@ -195,8 +195,6 @@ def _drain(port: NetmapPort, timeout: float = 5.0) -> None:
     while any(r.space() < r.num_slots - 1 for r in port.tx_rings) and time.monotonic() < deadline:
         port.txsync()
         port.poll(POLLOUT, 0.05)
-        if all(r.space() == r.num_slots - 1 for r in port.tx_rings):
-            break
 
 
 def receive(port: NetmapPort, limits: Limits, report: Reporter | None = None) -> Result:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_switch_daemon import frame, mac
 
 from conftest import RunningDaemon, StartDaemon
 from vhostmap.control import ControlError
@@ -20,16 +21,6 @@ from vhostmap.netmap.client import POLLIN, POLLOUT, ClientPort
 from vhostmap.netmap.user import PortSpec, parse_port_spec
 
 BROADCAST = "ff:ff:ff:ff:ff:ff"
-
-
-def mac(n: int) -> str:
-    return f"02:00:00:00:00:{n:02x}"
-
-
-def frame(dst: str, src: str, size: int = 60, seq: int = 0) -> bytes:
-    head = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x88\xb5"
-    body = (seq.to_bytes(4, "big") + bytes(range(256)) * (size // 256 + 1))[: size - len(head)]
-    return head + body
 
 
 def control_path(d: RunningDaemon) -> str:

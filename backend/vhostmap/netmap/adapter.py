@@ -388,16 +388,23 @@ def move_slots(tx: Kring, rx: Kring) -> int:
     """
     n = min(tx.pending(), rx.rx_space())
     if n:
-        si = (tx.nr_hwcur + np.arange(n)) % tx.nkr_num_slots
-        di = (rx.nr_hwtail + np.arange(n)) % rx.nkr_num_slots
-        s, d = tx.ring.slots, rx.ring.slots
-        spare = d["buf_idx"][di]
-        d["buf_idx"][di] = s["buf_idx"][si]
-        s["buf_idx"][si] = spare
-        d["len"][di] = s["len"][si]
-        d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
-        s["flags"][si] = NS_BUF_CHANGED
+        swap_buffers(tx.ring, tx.nr_hwcur, rx.ring, rx.nr_hwtail, n)
         tx.nr_hwcur = (tx.nr_hwcur + n) % tx.nkr_num_slots
         rx.nr_hwtail = (rx.nr_hwtail + n) % rx.nkr_num_slots
     tx.nr_hwtail = nm_prev(tx.nr_hwcur, tx.nkr_num_slots)
     return n
+
+
+def swap_buffers(src: RingView, first_src: int, dst: RingView, first_dst: int, n: int) -> None:
+    """Give ``n`` slots of ``dst`` from ``first_dst`` the buffers, lengths and NS_MOREFRAG of ``n`` slots of
+    ``src`` from ``first_src``, and the source slots the destination's spare buffers (zero copy; both rings
+    share an allocator). Both sides get NS_BUF_CHANGED. Indexes wrap; nothing else moves."""
+    si = (first_src + np.arange(n)) % src.num_slots
+    di = (first_dst + np.arange(n)) % dst.num_slots
+    s, d = src.slots, dst.slots
+    spare = d["buf_idx"][di]
+    d["buf_idx"][di] = s["buf_idx"][si]
+    s["buf_idx"][si] = spare
+    d["len"][di] = s["len"][si]
+    d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
+    s["flags"][si] = NS_BUF_CHANGED
