@@ -120,7 +120,9 @@ class Daemon:
             assert pc.ifname is not None  # checked by PortConfig
             adapter = GenericAdapter(pc.name, self.memory, pc.ifname, num_desc=PORT_RING_SLOTS)
         else:
-            port = VhostUserPort(pc, self.memory, self.worker.lock, self.worker.refresh)
+            port = VhostUserPort(
+                pc, self.memory, self.worker.lock, self.worker.refresh, poll=self.worker.poll
+            )
             self.ports[pc.name] = port
             adapter = port
         if pc.host is not None:

@@ -3,13 +3,15 @@
 They are netmap *users* of the ports' rings, exactly like an application: they read received slots between
 head and tail of an RX ring, hand them to a TX ring by swapping buffer indices (zero copy: both rings come
 from the same allocator, as netmap's bridge and VALE do), advance head/cur and call txsync/rxsync.
-Per-slot work is done by numpy over whole ranges; Python runs once per batch.
+Per-slot work is done by compiled kernels over whole ranges (numpy references beside them); Python runs once
+per batch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NS_MOREFRAG, RingView
 from vhostmap.netmap.adapter import NetmapAdapter, swap_buffers
 
@@ -19,10 +21,15 @@ def ring_space(ring: RingView) -> int:
     return (ring.tail - ring.head) % ring.num_slots
 
 
+# No limit for nm_swap_slots.
+SWAP_ALL = 0xFFFF_FFFF
+
+
 def swap_slots(src: RingView, dst: RingView, limit: int | None = None) -> int:
     """Move up to ``limit`` slots from ``src`` (an RX ring) to ``dst`` (a TX ring) by swapping buffers.
 
-    Returns how many slots moved; both rings' head and cur advance by that much.
+    Returns how many slots moved; both rings' head and cur advance by that much. The reference of the
+    compiled nm_swap_slots the forwarders use (datapath/kring.cdef).
     """
     n = min(ring_space(src), ring_space(dst))
     if limit is not None:
@@ -63,7 +70,7 @@ class Link:
         for i in range(src.num_rx_rings):
             j = i % ntx
             src.rxsync(i)
-            moved += swap_slots(src.rx_rings[i].ring, dst.tx_rings[j].ring)
+            moved += lib.nm_swap_slots(src.rx_rings[i].c, dst.tx_rings[j].c, SWAP_ALL)
             dst.txsync(j)
         return moved
 
@@ -84,10 +91,8 @@ class Sink:
         got = 0
         for i in range(self.port.num_rx_rings):
             self.port.rxsync(i)
-            ring = self.port.rx_rings[i].ring
-            n = ring_space(ring)
-            if n:
-                self.port.count_dropped(i, count_frames(ring, ring.head, n))
-                ring.head = ring.cur = ring.tail
-                got += n
+            frames = lib.nm_release_received(self.port.rx_rings[i].c)
+            if frames:
+                self.port.count_dropped(i, frames)
+                got += frames
         return got > 0

@@ -214,8 +214,9 @@ def test_no_call_when_the_driver_does_not_want_one(start_daemon: StartDaemon, ev
         fa.mem[tx.avail : tx.avail + 2] = VRING_AVAIL_F_NO_INTERRUPT.to_bytes(2, "little")
     fb.post_receive_buffers(8)
     for k in range(3):
-        fa.transmit([frame(60, k)])
+        # Before the frame goes: the daemon may deliver it before this line runs otherwise.
         fb.enable_calls(rx)
+        fa.transmit([frame(60, k)])
         assert wait_call(rx) == 1
         assert fb.used(rx) == [(k, HDR + 60)]
         # The receive interrupt comes from the same forwarder round that completed the transmission.

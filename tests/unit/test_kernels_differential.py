@@ -204,6 +204,7 @@ class Case:
     mergeable: bool = True
     event_idx: bool = False
     indirect: bool = True
+    kicks: bool = True  # False: a polling device asks the driver not to kick
     log_dirty: bool = False
     log_size: int | None = None  # bytes of dirty bitmap; None: no SET_LOG_BASE
     log_used: bool = True
@@ -292,6 +293,7 @@ class Instance:
         vq.addresses = VringAddresses(uva(DESC_GPA), uva(AVAIL_GPA), uva(USED_GPA), USED_GPA, case.log_used)
         vq.map(self.mem)
         vq.event_idx, vq.indirect, vq.log_dirty = case.event_idx, case.indirect, case.log_dirty
+        vq.kicks = case.kicks
         vq.last_avail_idx, vq.used_idx = case.last_avail & 0xFFFF, case.used_idx & 0xFFFF
         vq.signalled_used = case.signalled_used & 0xFFFF
         vq.started = vq.enabled = True
@@ -481,6 +483,7 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
         mergeable=draw(st.booleans()),
         event_idx=draw(st.booleans()),
         indirect=draw(st.booleans()),
+        kicks=draw(st.booleans()),
         log_dirty=draw(st.booleans()),
         log_size=draw(st.sampled_from([None, 2, 64])),  # none, the first 64 KiB only, everything
         log_used=draw(st.booleans()),

@@ -1,8 +1,10 @@
 """Poll mode and CPU pinning: the datapath thread that never sleeps, and threads pinned where they are told.
 
 A polling worker runs its forwarders pass after pass without any kick; the proof is traffic that front-ends
-queue without kicking, which an interrupt-mode worker would never see. Pinning is read back from the kernel
-(``/proc/self/task/TID/status``), and a CPU that does not exist is refused before anything starts.
+queue without kicking, which an interrupt-mode worker would never see. Its ports ask drivers not to kick at
+all (VRING_USED_F_NO_NOTIFY, or avail_event left alone with EVENT_IDX), as DPDK's polling back-end does.
+Pinning is read back from the kernel (``/proc/self/task/TID/status``), and a CPU that does not exist
+is refused before anything starts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from vhostmap.cli import main
 from vhostmap.config import ConfigError, build_config
 from vhostmap.lab.frontend import FakeFrontend, FakeQueue
 from vhostmap.lab.wait import wait_until
+from vhostmap.virtio.spec import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_RING_F_EVENT_IDX,
+    VRING_USED_F_NO_NOTIFY,
+    bit,
+)
 from vhostmap.worker import Worker, format_cpu_list, online_cpus, parse_cpu_list
 
 # The CPUs this test may pin to: online and allowed to this process.
@@ -262,3 +271,36 @@ def test_daemon_pins_its_datapath_and_control_threads(start_polling: StartPollin
     fa = d.frontend("a")
     fa.transmit([frame(64, k) for k in range(8)])
     d.wait(lambda: d.totals("a")["rx_packets"] == 8, "8 frames in the sink")
+
+
+def used_flags_and_avail_event(fe: FakeFrontend, fq: FakeQueue) -> tuple[int, int]:
+    """used->flags and avail_event (the word after the used ring) of ``fq``, as the driver reads them."""
+    mem = fe.mem
+    flags = int.from_bytes(mem[fq.used : fq.used + 2], "little")
+    at = fq.used + 4 + 8 * fq.num
+    return flags, int.from_bytes(mem[at : at + 2], "little")
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+@pytest.mark.parametrize("event_idx", [False, True], ids=["no-event-idx", "event-idx"])
+def test_a_polling_daemon_asks_drivers_not_to_kick(
+    start_polling: StartPolling, poll: bool, event_idx: bool
+) -> None:
+    d = start_polling({"a": "", "b": ""}, links=["a,b"], poll=poll)
+    features = (
+        bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | (bit(VIRTIO_RING_F_EVENT_IDX) * event_idx)
+    )
+    fa, fb = d.frontend("a", features=features), d.frontend("b", features=features)
+    tx, rx = fa.queues[1], fb.queues[0]
+    sent = [frame(60, k) for k in range(8)]
+    fb.post_receive_buffers(len(sent))
+    fa.transmit(sent)
+    assert fb.receive(len(sent), timeout=10) == sent
+    for fe, fq in ((fa, tx), (fb, rx)):
+        flags, avail_event = used_flags_and_avail_event(fe, fq)
+        if event_idx:
+            # The flag means nothing with EVENT_IDX: only a device that wants kicks moves avail_event.
+            assert flags == 0
+            assert avail_event == (0 if poll else fq.avail_idx)
+        else:
+            assert flags == (VRING_USED_F_NO_NOTIFY if poll else 0)

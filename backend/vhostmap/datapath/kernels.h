@@ -11,5 +11,7 @@
 #include "memory.cdef"
 #include "virtio.cdef"
 #include "switch.cdef"
+#include "kring.cdef"
+#include "vhost_sync.cdef"
 
 #endif

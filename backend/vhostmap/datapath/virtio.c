@@ -299,11 +299,18 @@ static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const 
     }
     vq->signalled_used = new_idx;
 
-    /* Ask for a kick at the next available entry; visible before the next look at avail->idx. */
-    if (vq->event_idx)
-        store16(vq->used, vq_avail_event_offset(vq), vq->last_avail_idx);
-    else
-        store16(vq->used, 0, 0);
+    /* Ask for a kick at the next available entry; visible before the next look at avail->idx. A polling
+     * device asks for none, as DPDK's does: a kick costs the driver a system call per burst. With EVENT_IDX
+     * (where the flag means nothing) it just stops moving avail_event, which the driver passes once per 2^16
+     * entries. */
+    if (vq->kicks) {
+        if (vq->event_idx)
+            store16(vq->used, vq_avail_event_offset(vq), vq->last_avail_idx);
+        else
+            store16(vq->used, 0, 0);
+    } else if (!vq->event_idx) {
+        store16(vq->used, 0, VRING_USED_F_NO_NOTIFY);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 

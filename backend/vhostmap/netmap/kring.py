@@ -16,12 +16,17 @@ A sync reads head and cur once, checks them against that state (TX: head in [rhe
 publishes tail. One slot always stays empty, so hwcur == hwtail only ever means "empty" (RX) and
 hwtail == hwcur - 1 means "everything reclaimed" (TX).
 
+The state lives in a C struct (``Kring.c``, datapath/kring.cdef) beside the addresses of the ring, its slots
+and buffers, so that compiled syncs (a vhost-user port's, kernels.rxsync/txsync) run prologue, hook and
+finalize in one call; this Python prologue is their reference and the slow path that explains a refusal.
+
 The checks catch mistakes; they cannot stop a user rewriting a slot after it was checked. Hooks therefore
 reach buffers only through bounds-checked views (NetmapMemory.buf_view), which makes such races harmless.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import numpy as np
@@ -94,6 +99,17 @@ class Kring:
         self.nkr_num_slots = ring.num_slots
         self.nbufs = nbufs
         self.buf_size = buf_size
+        # The state lives in a C struct the compiled syncs work on (datapath/kring.cdef), with the addresses
+        # of the shared ring, its slots and buffers; `ring` keeps the mapping behind them alive.
+        c = self.c = ffi.new("struct nm_kring *")
+        header = ctypes.addressof(ring.header)
+        c.ring = ffi.cast("uint8_t *", header)
+        c.bufs.slots = ffi.cast("struct nm_slot *", ring.slots.ctypes.data)
+        c.bufs.num_slots = self.nkr_num_slots
+        c.bufs.buf_size = buf_size
+        c.bufs.base = ffi.cast("uint8_t *", header + ring.buf_ofs)
+        c.bufs.nbufs = nbufs
+        c.tx = direction == NR_TX
         # The state create_if gave the shared ring: TX owns all but one slot for the user, RX is empty.
         self.nr_hwcur = 0
         self.nr_hwtail = self.nkr_num_slots - 1 if direction == NR_TX else 0
@@ -103,7 +119,52 @@ class Kring:
         self.errors = 0
         self.dropped = 0
         self.users = 0
-        self._slots_c = ffi.cast("const struct nm_slot *", ffi.from_buffer(ring.slots))
+
+    # The backend's state, kept in `c` (a value outside the ring wraps to one that sync_finalize refuses).
+    @property
+    def nr_hwcur(self) -> int:
+        """First slot the backend has not consumed (TX: to send; RX: not given back)."""
+        return int(self.c.nr_hwcur)
+
+    @nr_hwcur.setter
+    def nr_hwcur(self, value: int) -> None:
+        self.c.nr_hwcur = value & 0xFFFF_FFFF
+
+    @property
+    def nr_hwtail(self) -> int:
+        """First slot the backend still owns (TX: not reclaimed; RX: not filled)."""
+        return int(self.c.nr_hwtail)
+
+    @nr_hwtail.setter
+    def nr_hwtail(self, value: int) -> None:
+        self.c.nr_hwtail = value & 0xFFFF_FFFF
+
+    @property
+    def rhead(self) -> int:
+        """The last head that passed validation."""
+        return int(self.c.rhead)
+
+    @rhead.setter
+    def rhead(self, value: int) -> None:
+        self.c.rhead = value & 0xFFFF_FFFF
+
+    @property
+    def rcur(self) -> int:
+        """The last cur that passed validation."""
+        return int(self.c.rcur)
+
+    @rcur.setter
+    def rcur(self, value: int) -> None:
+        self.c.rcur = value & 0xFFFF_FFFF
+
+    @property
+    def rtail(self) -> int:
+        """The last tail published."""
+        return int(self.c.rtail)
+
+    @rtail.setter
+    def rtail(self, value: int) -> None:
+        self.c.rtail = value & 0xFFFF_FFFF
 
     @property
     def is_tx(self) -> bool:
@@ -122,7 +183,9 @@ class Kring:
     def check_slots(self, first: int, count: int, min_len: int, max_len: int) -> int:
         """First bad slot (relative to ``first``) among ``count`` from ``first``, -1 if none (compiled)."""
         return int(
-            lib.nm_slots_check(self._slots_c, self.nkr_num_slots, first, count, self.nbufs, min_len, max_len)
+            lib.nm_slots_check(
+                self.c.bufs.slots, self.nkr_num_slots, first, count, self.nbufs, min_len, max_len
+            )
         )
 
     # --- prologues ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.netmap.kring import Kring
 from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
@@ -46,12 +47,23 @@ _FAULT_REASONS = {
 }
 
 
+RxsyncFn = Callable[[Kring, SplitVirtqueue, GuestMemory, int, Buffers], BatchResult | None]
+TxsyncFn = Callable[[Kring, SplitVirtqueue, GuestMemory, int, bool, Buffers], BatchResult | None]
+
+
 class Datapath(NamedTuple):
-    """The two batch functions a port runs; each finishes its batch (publish, notify, re-arm kicks)."""
+    """The batch functions a port runs; each finishes its batch (publish, notify, re-arm kicks).
+
+    ``rxsync``/``txsync``, when there, run a whole kring sync (prologue, dequeue or enqueue, finalize) in one
+    call, returning None when the prologue refused the ring (then nothing was done); without them the port
+    runs NetmapAdapter's Python sync around ``dequeue``/``enqueue``.
+    """
 
     name: str
     dequeue: DequeueFn
     enqueue: EnqueueFn
+    rxsync: RxsyncFn | None = None
+    txsync: TxsyncFn | None = None
 
 
 # --- the compiled kernels -----------------------------------------------------------------------------------
@@ -167,6 +179,7 @@ def _load(b: _Binding, vq: SplitVirtqueue, mem: GuestMemory) -> Any:
     q.event_idx = vq.event_idx
     q.indirect = vq.indirect
     q.log_dirty = vq.log_dirty
+    q.kicks = vq.kicks
     log = mem._log if vq.log_dirty else None
     if log is not b.log:
         b.memory.log = log.ptr if log is not None else ffi.NULL
@@ -275,6 +288,32 @@ def enqueue(
     return _finish(b, vq, mem, status, True)
 
 
+def rxsync(
+    kring: Kring, vq: SplitVirtqueue, mem: GuestMemory, hdr_len: int, bufs: Buffers
+) -> BatchResult | None:
+    """The RX sync of a vhost-user port's kring in one compiled call (vhu_rxsync): prologue, rxtx.dequeue into
+    the free slots, flush_used, call, enable_kicks, finalize. None if the prologue refused the ring."""
+    b = _bind(vq, mem, kring.ring.slots, bufs)
+    q = _load(b, vq, mem)
+    status = lib.vhu_rxsync(kring.c, q, b.memory, hdr_len, b.pending, b.out)
+    if status == lib.VHU_REJECT:
+        return None
+    return _finish(b, vq, mem, status, False)
+
+
+def txsync(
+    kring: Kring, vq: SplitVirtqueue, mem: GuestMemory, hdr_len: int, mergeable: bool, bufs: Buffers
+) -> BatchResult | None:
+    """The TX sync of a vhost-user port's kring in one compiled call (vhu_txsync): prologue, rxtx.enqueue of
+    [hwcur, head), flush_used, call, enable_kicks, finalize. None if the prologue refused the ring."""
+    b = _bind(vq, mem, kring.ring.slots, bufs)
+    q = _load(b, vq, mem)
+    status = lib.vhu_txsync(kring.c, q, b.memory, hdr_len, mergeable, b.pending, b.out)
+    if status == lib.VHU_REJECT:
+        return None
+    return _finish(b, vq, mem, status, True)
+
+
 # --- the reference, finished the same way -------------------------------------------------------------------
 
 
@@ -315,7 +354,7 @@ def reference_enqueue(
     return res
 
 
-COMPILED = Datapath("compiled", dequeue, enqueue)
+COMPILED = Datapath("compiled", dequeue, enqueue, rxsync, txsync)
 REFERENCE = Datapath("reference", reference_dequeue, reference_enqueue)
 
 

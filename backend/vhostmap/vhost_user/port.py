@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vhostmap.config import PortConfig
-from vhostmap.netmap.abi import NS_MOREFRAG
+from vhostmap.netmap.abi import NR_TIMESTAMP, NS_MOREFRAG
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
@@ -52,7 +52,8 @@ class VhostUserPort(NetmapAdapter):
     """One vhost-user virtio-net device as a netmap adapter with ``queues`` kring pairs.
 
     ``reference_datapath`` runs the pure-Python reference kernels instead of the compiled ones (None: as the
-    VHOSTMAP_REFERENCE_DATAPATH environment variable says; see kernels.py).
+    VHOSTMAP_REFERENCE_DATAPATH environment variable says; see kernels.py). ``poll``: a polling worker
+    serves the port, so the driver is asked not to kick.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class VhostUserPort(NetmapAdapter):
         lock: threading.RLock,
         on_change: Callable[[], None] = lambda: None,
         reference_datapath: bool | None = None,
+        poll: bool = False,
     ) -> None:
         super().__init__(
             config.name,
@@ -78,11 +80,15 @@ class VhostUserPort(NetmapAdapter):
         self.queue_stats = [QueueStats() for _ in range(config.queues)]
         self._bufs = Buffers(memory.array, memory.buffers_offset, memory.buf_size)
         self.datapath = select_datapath(reference_datapath)
+        self.poll = poll
         self._announcements: list[bytes] = []
 
     # --- DeviceListener -----------------------------------------------------------------------------------
     def queues_changed(self) -> None:
-        """The device started, stopped or remapped queues: the worker re-reads our kick fds."""
+        """The device started, stopped or remapped queues: the worker re-reads our kick fds. A polled port
+        asks the driver not to kick (SplitVirtqueue.kicks): nobody would listen."""
+        for vq in self.device.vqs:
+            vq.kicks = not self.poll
         self._on_change()
 
     def announce(self, mac: bytes) -> None:
@@ -148,6 +154,61 @@ class VhostUserPort(NetmapAdapter):
     def _fault(self, kring: Kring, e: VirtqueueError) -> None:
         self.queue_stats[kring.ring_id].errors += 1
         self.device.mark_broken(str(e), queue=e.queue)
+
+    def rxsync(self, ring_index: int, flags: int = 0) -> None:
+        """NetmapAdapter.rxsync, in one compiled call when nothing but the guest's queue is involved."""
+        fast = self.datapath.rxsync
+        if (
+            fast is not None
+            and ring_index < self.num_rx_rings
+            and self.broken is None
+            and self.host_port is None
+            and not self._announcements
+        ):
+            vq = self._queue(2 * ring_index + 1)
+            if vq is not None:
+                kring = self.rx_rings[ring_index]
+                try:
+                    res = fast(kring, vq, self.device.memory, self.device.vnet_hdr_size, self._bufs)
+                except VirtqueueError as e:
+                    self._fault(kring, e)
+                    return
+                if res is not None:
+                    st = self.queue_stats[ring_index]
+                    st.rx_packets += res.packets
+                    st.rx_bytes += res.bytes
+                    st.rx_dropped += res.dropped
+                    if kring.ring.flags & NR_TIMESTAMP:
+                        self._timestamp(kring)
+                    return
+        super().rxsync(ring_index, flags)
+
+    def txsync(self, ring_index: int, flags: int = 0) -> None:
+        """NetmapAdapter.txsync, in one compiled call when a guest's receive queue takes the slots."""
+        fast = self.datapath.txsync
+        if fast is not None and ring_index < self.num_tx_rings and self.broken is None:
+            vq = self._rx_queue_for(ring_index)
+            if vq is not None:
+                kring = self.tx_rings[ring_index]
+                try:
+                    res = fast(
+                        kring,
+                        vq,
+                        self.device.memory,
+                        self.device.vnet_hdr_size,
+                        self.device.mergeable_rx,
+                        self._bufs,
+                    )
+                except VirtqueueError as e:
+                    self._fault(kring, e)
+                    return
+                if res is not None:
+                    st = self.queue_stats[vq.index // 2]
+                    st.tx_packets += res.packets
+                    st.tx_bytes += res.bytes
+                    st.tx_dropped += res.dropped
+                    return
+        super().txsync(ring_index, flags)
 
     def nm_rxsync(self, kring: Kring, flags: int = 0) -> None:
         """Release what the user returned, then import what the guest transmitted on queue pair i."""

@@ -29,6 +29,7 @@ from vhostmap.virtio.spec import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     VRING_USED_ELEM,
+    VRING_USED_F_NO_NOTIFY,
     VRING_USED_HEADER,
     vring_avail_size,
     vring_desc_size,
@@ -97,6 +98,9 @@ class SplitVirtqueue:
     event_idx: bool = False
     indirect: bool = False
     log_dirty: bool = False
+    # Whether the driver should kick after adding buffers. A polling device (``--poll``) clears it: it finds
+    # new buffers anyway, and a kick costs the driver a system call per burst.
+    kicks: bool = True
     # Published used index at the last notification decision, for EVENT_IDX.
     signalled_used: int = 0
     _desc: memoryview | None = field(default=None, repr=False)
@@ -262,11 +266,18 @@ class SplitVirtqueue:
 
     # --- notifications --------------------------------------------------------------------------------
     def enable_kicks(self) -> None:
-        """Ask the driver to kick on its next available entry (EVENT_IDX: avail_event, else no NO_NOTIFY)."""
+        """Ask the driver to kick on its next available entry (EVENT_IDX: avail_event, else no NO_NOTIFY).
+
+        Without ``kicks`` ask it not to: VRING_USED_F_NO_NOTIFY, or with EVENT_IDX (where the flag means
+        nothing) an avail_event left where it is, which the driver passes once per 2**16 entries.
+        """
         used16 = self._used16
         if used16 is None:
             return
-        if self.event_idx:
+        if not self.kicks:
+            if not self.event_idx:
+                used16[0] = VRING_USED_F_NO_NOTIFY
+        elif self.event_idx:
             used16[(VRING_USED_HEADER + VRING_USED_ELEM.size * self.num) // 2] = self.last_avail_idx
         else:
             used16[0] = 0

@@ -1,0 +1,103 @@
+/* Compiled kring prologue/finalize and the datapath's ring-user operations (see kring.cdef). */
+#include "kernels.h"
+
+static inline uint32_t ring_load(const struct nm_kring *k, uint32_t offset)
+{
+    return __atomic_load_n((const uint32_t *)(const void *)(k->ring + offset), __ATOMIC_ACQUIRE);
+}
+
+static inline void ring_store(const struct nm_kring *k, uint32_t offset, uint32_t value)
+{
+    __atomic_store_n((uint32_t *)(void *)(k->ring + offset), value, __ATOMIC_RELEASE);
+}
+
+/* nm_distance / nm_in_range of abi.py. */
+static inline uint32_t nm_dist(uint32_t first, uint32_t last, uint32_t n)
+{
+    return last >= first ? last - first : last + n - first;
+}
+
+static inline int nm_in(uint32_t i, uint32_t first, uint32_t last, uint32_t n)
+{
+    return nm_dist(first, i, n) <= nm_dist(first, last, n);
+}
+
+int32_t nm_sync_prologue(struct nm_kring *k)
+{
+    uint32_t n = k->bufs.num_slots;
+    uint32_t head = ring_load(k, NM_RING_HEAD), cur = ring_load(k, NM_RING_CUR);
+    if (head >= n || cur >= n || k->nr_hwcur >= n || k->nr_hwtail >= n || k->rtail >= n || k->rhead >= n)
+        return -1;
+    /* TX: slots handed over but not sent cannot be taken back (head >= rhead); RX: head within what was
+     * filled. */
+    uint32_t lo = k->tx ? k->rhead : k->nr_hwcur, hi = k->tx ? k->rtail : k->nr_hwtail;
+    if (!nm_in(head, lo, hi, n) || !nm_in(cur, head, hi, n))
+        return -1;
+    uint32_t count = nm_dist(k->nr_hwcur, head, n);
+    uint32_t min_len = k->tx ? 1 : 0, max_len = k->tx ? k->bufs.buf_size : 0xFFFF;
+    if (nm_slots_check(k->bufs.slots, n, k->nr_hwcur, count, k->bufs.nbufs, min_len, max_len) != -1)
+        return -1;
+    if (ring_load(k, NM_RING_TAIL) != k->rtail)
+        ring_store(k, NM_RING_TAIL, k->rtail);
+    k->rhead = head;
+    k->rcur = cur;
+    return 0;
+}
+
+int32_t nm_sync_finalize(struct nm_kring *k)
+{
+    if (k->nr_hwcur >= k->bufs.num_slots || k->nr_hwtail >= k->bufs.num_slots)
+        return -1;
+    k->rtail = k->nr_hwtail;
+    ring_store(k, NM_RING_TAIL, k->rtail);
+    return 0;
+}
+
+uint32_t nm_swap_slots(struct nm_kring *rx, struct nm_kring *tx, uint32_t limit)
+{
+    uint32_t rn = rx->bufs.num_slots, tn = tx->bufs.num_slots;
+    uint32_t rh = ring_load(rx, NM_RING_HEAD), th = ring_load(tx, NM_RING_HEAD);
+    if (rh >= rn || th >= tn)
+        return 0;
+    uint32_t n = nm_dist(rh, ring_load(rx, NM_RING_TAIL) % rn, rn);
+    uint32_t room = nm_dist(th, ring_load(tx, NM_RING_TAIL) % tn, tn);
+    if (room < n)
+        n = room;
+    if (limit < n)
+        n = limit;
+    uint32_t si = rh, di = th;
+    for (uint32_t k = 0; k < n; k++) {
+        struct nm_slot *s = &rx->bufs.slots[si], *d = &tx->bufs.slots[di];
+        uint32_t spare = d->buf_idx;
+        d->buf_idx = s->buf_idx;
+        s->buf_idx = spare;
+        d->len = s->len;
+        d->flags = (uint16_t)((s->flags & NS_MOREFRAG) | NS_BUF_CHANGED);
+        s->flags = NS_BUF_CHANGED;
+        if (++si == rn)
+            si = 0;
+        if (++di == tn)
+            di = 0;
+    }
+    if (n) {
+        ring_store(rx, NM_RING_HEAD, si);
+        ring_store(rx, NM_RING_CUR, si);
+        ring_store(tx, NM_RING_HEAD, di);
+        ring_store(tx, NM_RING_CUR, di);
+    }
+    return n;
+}
+
+uint32_t nm_release_received(struct nm_kring *rx)
+{
+    uint32_t n = rx->bufs.num_slots;
+    uint32_t head = ring_load(rx, NM_RING_HEAD), tail = ring_load(rx, NM_RING_TAIL);
+    if (head >= n || tail >= n)
+        return 0;
+    uint32_t frames = 0;
+    for (uint32_t i = head; i != tail; i = i + 1 == n ? 0 : i + 1)
+        frames += !(__atomic_load_n(&rx->bufs.slots[i].flags, __ATOMIC_RELAXED) & NS_MOREFRAG);
+    ring_store(rx, NM_RING_HEAD, tail);
+    ring_store(rx, NM_RING_CUR, tail);
+    return frames;
+}
