@@ -9,8 +9,8 @@ Two ways to run:
 * interrupt mode (the default): when nothing is pending the worker blocks in epoll on the kick eventfds
   (and TAP or packet-socket fds), so an idle daemon uses no CPU, and every burst of traffic pays a wake-up;
 * poll mode (``poll=True``, ``vhostmap serve --poll``): the worker never blocks. Like a DPDK PMD lcore it runs
-  every forwarder, one round each, pass after pass, and peeks at epoll with timeout 0 only for the
-  control plane's refreshes. Kicks are not watched at all, and TAPs and packet sockets are read by their
+  every forwarder, one round each, pass after pass, and looks at a flag only for the control plane's
+  refreshes. Kicks are not watched at all, and TAPs and packet sockets are read by their
   forwarders on every pass: whatever arrived is found by the next pass. It burns its core whether or not
   there is traffic, so pin it (``cpu=``) to a core of its own.
 """
@@ -230,14 +230,13 @@ class Worker:
     def _run_polling(self) -> None:
         """Never block: every forwarder gets one round per pass, and epoll is only peeked at."""
         while not self._stop:
+            # refresh() sets _dirty before it writes the eventfd: looking at the flag is enough, and costs no
+            # system call per pass. (The control thread gets the GIL whenever a compiled kernel runs.)
             if self._dirty:
+                _drain(self._wake)
                 with self.lock:
                     self._dirty = False
                     self._rebuild()
-            # Releases the GIL for a moment too, which lets the control thread in between passes.
-            for fd, _ in self._epoll.poll(0):
-                if fd == self._wake:
-                    _drain(fd)
             for fwd in self._polled:
                 with self.lock:
                     if self._stop:

@@ -1065,11 +1065,15 @@ def test_kernels_follow_a_remapped_queue_and_keep_no_guest_memory_alive() -> Non
         assert inst.run(COMPILED, case, 0, 1) == ("ok", 1, 1, 100, 0)
         inst.vq.map(inst.mem)  # new ring views: the kernel must use them, not the old addresses
         assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0)
-        assert len([k for k in kernels._bindings if k[0] == id(inst.vq)]) == 1
+        inst.vq.unmap()  # and none once the queue is unmapped
+        assert inst.run(COMPILED, case, 2, 1)[:3] == ("fault", TX_QUEUE, "ring not mapped")
+        assert inst.vq._c.desc == ffi.NULL
         mappings = list(inst.mem._mappings)
     finally:
         inst.close()
     assert all(m.mm.closed for m in mappings)  # nothing of the kernels' pinned them
-    key = (id(inst.vq), id(inst.slots))
+    assert inst.mem.c.nregions == 0 and inst.mem.c.regions == ffi.NULL
+    key = id(inst.slots)
+    assert key in kernels._rings
     del inst
-    assert key not in kernels._bindings
+    assert key not in kernels._rings

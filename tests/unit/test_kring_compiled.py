@@ -1,10 +1,11 @@
 """The compiled kring operations (datapath/kring.c) against their Python references, on the same random and
 hostile rings: the sync prologues (Kring.txsync_prologue / rxsync_prologue), the forwarders' buffer swap
-(forward.swap_slots) and the sink's release (forward.Sink)."""
+(forward.swap_slots), the sink's release (forward.Sink) and the rxsync timestamp."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from vhostmap.datapath import lib
 from vhostmap.forward import SWAP_ALL, count_frames, swap_slots
-from vhostmap.netmap.abi import NR_RX, NR_TX, NS_MOREFRAG, SLOT_DTYPE, RingView
+from vhostmap.netmap.abi import NR_RX, NR_TIMESTAMP, NR_TX, NS_MOREFRAG, SLOT_DTYPE, NetmapRing, RingView
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.kring import Kring
 
@@ -157,3 +158,28 @@ def test_finalize_refuses_a_state_outside_the_ring(krings: Krings) -> None:
     k.nr_hwtail = N
     assert lib.nm_sync_finalize(k.c) == -1
     assert (k.rtail, k.ring.tail) == (5, 5)
+
+
+def test_c_ring_offsets_and_flags_are_those_of_the_abi() -> None:
+    assert (
+        NetmapRing.head.offset,
+        NetmapRing.cur.offset,
+        NetmapRing.tail.offset,
+    ) == (lib.NM_RING_HEAD, lib.NM_RING_CUR, lib.NM_RING_TAIL)
+    assert (NetmapRing.flags.offset, NetmapRing.ts.offset) == (lib.NM_RING_FLAGS, lib.NM_RING_TS)
+    assert lib.NR_TIMESTAMP == NR_TIMESTAMP
+
+
+def test_timestamp_only_when_the_user_asks_for_it(krings: Krings) -> None:
+    k, ts = krings.got_rx, krings.got_rx.ring.header.ts
+    ts.tv_sec = ts.tv_usec = 0
+    k.ring.flags = 0
+    lib.nm_sync_timestamp(k.c)
+    assert (ts.tv_sec, ts.tv_usec) == (0, 0)
+    k.ring.flags = NR_TIMESTAMP
+    before = time.time_ns() // 1000
+    lib.nm_sync_timestamp(k.c)
+    after = time.time_ns() // 1000
+    assert before <= ts.tv_sec * 1_000_000 + ts.tv_usec <= after
+    assert 0 <= ts.tv_usec < 1_000_000
+    k.ring.flags = 0

@@ -1,4 +1,7 @@
 /* Compiled kring prologue/finalize and the datapath's ring-user operations (see kring.cdef). */
+#include <string.h>
+#include <time.h>
+
 #include "kernels.h"
 
 static inline uint32_t ring_load(const struct nm_kring *k, uint32_t offset)
@@ -51,6 +54,16 @@ int32_t nm_sync_finalize(struct nm_kring *k)
     k->rtail = k->nr_hwtail;
     ring_store(k, NM_RING_TAIL, k->rtail);
     return 0;
+}
+
+void nm_sync_timestamp(struct nm_kring *k)
+{
+    if (!(ring_load(k, NM_RING_FLAGS) & NR_TIMESTAMP))
+        return;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    int64_t tv[2] = {(int64_t)now.tv_sec, (int64_t)now.tv_nsec / 1000};
+    memcpy(k->ring + NM_RING_TS, tv, sizeof tv);
 }
 
 uint32_t nm_swap_slots(struct nm_kring *rx, struct nm_kring *tx, uint32_t limit)

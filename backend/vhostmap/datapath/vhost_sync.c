@@ -16,6 +16,8 @@ int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     if (status == VQ_OK)
         k->nr_hwtail = (k->nr_hwtail + out->slots) % n;
     nm_sync_finalize(k);
+    if (status == VQ_OK)
+        nm_sync_timestamp(k);
     return status;
 }
 

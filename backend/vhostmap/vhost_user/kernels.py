@@ -5,10 +5,12 @@ in compiled kernels").
 A port runs a ``Datapath``: a ``dequeue`` and an ``enqueue`` with the arguments of rxtx.dequeue and
 rxtx.enqueue, returning the same BatchResult, each finishing its batch as the port used to after the
 reference: used entries published (``flush_used``), the interrupt decided and sent (``call``), kicks re-armed
-(``enable_kicks``). ``COMPILED`` runs the whole batch in one C call; ``REFERENCE`` is the pure-Python code.
+(``enable_kicks``). ``COMPILED`` runs the whole batch in one C call, and has ``rxsync``/``txsync`` that run a
+whole kring sync of a port in one call too; ``REFERENCE`` is the pure-Python code.
 
-The SplitVirtqueue stays the owner of the ring state: last_avail_idx, used_idx and signalled_used go into the
-kernel and come back after every batch. A driver fault raises the VirtqueueError the reference raises, with
+The kernels work on the C state the objects keep for them: the SplitVirtqueue's struct vq_split (its indexes
+and ring addresses), the GuestMemory's struct vm_memory (its table and log), the Kring's struct nm_kring, so a
+batch copies nothing in or out. A driver fault raises the VirtqueueError the reference raises, with
 the same message, and leaves the same state: the chains completed before the fault stay unpublished in the
 queue's pending used list.
 """
@@ -30,7 +32,6 @@ from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.rxtx import BatchResult, Buffers
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, SplitVirtqueue, VirtqueueError
-from vhostmap.virtio.spec import vring_avail_size, vring_desc_size, vring_used_size
 
 #: Set to 1 to run the pure-Python reference datapath in every port.
 REFERENCE_ENV = "VHOSTMAP_REFERENCE_DATAPATH"
@@ -71,7 +72,7 @@ class Datapath(NamedTuple):
 
 def _address(buf: Any) -> int:
     """Where ``buf``'s bytes are. The export is released at once: the address stays valid as long as ``buf``
-    lives, which _Binding checks before every use."""
+    lives, which _Ring checks before every use."""
     anchor = ffi.from_buffer(buf)
     try:
         return int(ffi.cast("uintptr_t", anchor))
@@ -79,52 +80,17 @@ def _address(buf: Any) -> int:
         ffi.release(anchor)
 
 
-class _Binding:
-    """The C structs describing one queue, its guest memory and the netmap ring it is synced with.
+class _Ring:
+    """struct nm_bufs for a slot array and the buffers it names, for the slot-level calls (``dequeue``,
+    ``enqueue``; a kring has its own). Made on first use and kept while both objects live: it holds them
+    through weak references, and a new array makes a new one."""
 
-    Made on the first batch and kept while the objects behind its addresses stay the same: the ring views of
-    the queue, the memory table and the netmap slots and buffers. It holds them through weak references only,
-    so that it never keeps guest memory mapped after the front-end took it back, and an address is only used
-    after its object was found alive and still in use (a remap or a new table makes a new binding).
-    """
+    __slots__ = ("c", "refs")
 
-    __slots__ = ("log", "memory", "num", "out", "pending", "queue", "refs", "ring")
-
-    def __init__(
-        self, vq: SplitVirtqueue, mem: GuestMemory, slots: npt.NDArray[np.void], bufs: Buffers
-    ) -> None:
-        desc, avail, used = vq._desc, vq._avail, vq._used
-        if desc is None or avail is None or used is None:
-            raise VirtqueueError(vq.index, "ring not mapped")
-        num = vq.num
-        # SplitVirtqueue.map made the views for `num` entries; the kernel relies on it, so say it once more.
-        if (
-            len(desc) < vring_desc_size(num)
-            or len(avail) < vring_avail_size(num)
-            or len(used) < vring_used_size(num)
-        ):
-            raise VirtqueueError(vq.index, f"ring views do not cover {num} entries")
-        table = mem.table
-        assert table.dtype.itemsize == ffi.sizeof("struct vm_region")
+    def __init__(self, slots: npt.NDArray[np.void], bufs: Buffers) -> None:
         assert slots.dtype.itemsize == ffi.sizeof("struct nm_slot") and slots.flags.c_contiguous
-        self.refs = tuple(weakref.ref(obj) for obj in (vq, desc, avail, used, table, slots, bufs))
-        self.num = num
-
-        self.queue = ffi.new("struct vq_split *")
-        q = self.queue
-        q.desc = ffi.cast("uint8_t *", _address(desc))
-        q.avail = ffi.cast("uint8_t *", _address(avail))
-        q.used = ffi.cast("uint8_t *", _address(used))
-        q.num = num
-
-        self.memory = ffi.new("struct vm_memory *")
-        self.memory.regions = ffi.cast("struct vm_region *", _address(table)) if len(table) else ffi.NULL
-        self.memory.nregions = len(table)
-        self.memory.log = ffi.NULL
-        self.log: object = None
-
-        self.ring = ffi.new("struct nm_bufs *")
-        r = self.ring
+        self.refs = (weakref.ref(slots), weakref.ref(bufs))
+        r = self.c = ffi.new("struct nm_bufs *")
         r.slots = ffi.cast("struct nm_slot *", _address(slots))
         r.num_slots = len(slots)
         r.buf_size = bufs.size
@@ -132,81 +98,42 @@ class _Binding:
         # Every buffer index the kernel accepts names bytes inside the region.
         r.nbufs = min(max((bufs.region.nbytes - bufs.base) // bufs.size, 0), 0xFFFF_FFFF)
 
-        self.out = ffi.new("struct vq_batch *")
-        self.pending = ffi.new("struct vq_used_elem[]", num)
 
-    def matches(
-        self, vq: SplitVirtqueue, mem: GuestMemory, slots: npt.NDArray[np.void], bufs: Buffers
-    ) -> bool:
-        """Whether every address here still means what it meant when the binding was made."""
-        r = self.refs
-        return (
-            r[0]() is vq
-            and vq.num == self.num
-            and r[1]() is vq._desc
-            and r[2]() is vq._avail
-            and r[3]() is vq._used
-            and r[4]() is mem.table
-            and r[5]() is slots
-            and r[6]() is bufs
-        )
+_rings: dict[int, _Ring] = {}
 
 
-# One binding per queue and netmap ring (a receive queue may be fed by several TX krings), dropped with the
-# queue.
-_bindings: dict[tuple[int, int], _Binding] = {}
+def _ring(slots: npt.NDArray[np.void], bufs: Buffers) -> Any:
+    r = _rings.get(id(slots))
+    if r is None or r.refs[0]() is not slots or r.refs[1]() is not bufs:
+        r = _Ring(slots, bufs)
+        if id(slots) not in _rings:
+            weakref.finalize(slots, _rings.pop, id(slots), None)
+        _rings[id(slots)] = r
+    return r.c
 
 
-def _bind(vq: SplitVirtqueue, mem: GuestMemory, slots: npt.NDArray[np.void], bufs: Buffers) -> _Binding:
-    key = (id(vq), id(slots))
-    b = _bindings.get(key)
-    if b is None or not b.matches(vq, mem, slots, bufs):
-        b = _Binding(vq, mem, slots, bufs)
-        if key not in _bindings:
-            weakref.finalize(vq, _bindings.pop, key, None)
-        _bindings[key] = b
-    return b
-
-
-def _load(b: _Binding, vq: SplitVirtqueue, mem: GuestMemory) -> Any:
-    """Copy the queue's state into the binding's struct; returns the struct."""
+def _start(vq: SplitVirtqueue) -> Any:
+    """The queue's C state, ready for a batch: checked mapped, entries queued outside a batch published."""
+    if vq._desc is None or vq._avail is None or vq._used is None:
+        raise VirtqueueError(vq.index, "ring not mapped")
     if vq._pending_used:
         vq.flush_used()  # entries someone queued outside a batch go first, as the reference would send them
-    q = b.queue
-    q.last_avail_idx = vq.last_avail_idx
-    q.used_idx = vq.used_idx
-    q.signalled_used = vq.signalled_used
-    q.event_idx = vq.event_idx
-    q.indirect = vq.indirect
-    q.log_dirty = vq.log_dirty
-    q.kicks = vq.kicks
-    log = mem._log if vq.log_dirty else None
-    if log is not b.log:
-        b.memory.log = log.ptr if log is not None else ffi.NULL
-        b.memory.log_size = log.size if log is not None else 0
-        b.log = log
-    if vq.log_dirty:
-        a = vq.addresses
-        q.log_used = a is not None and a.log_used
-        q.log_used_addr = a.log_guest_addr if a is not None else 0
-    return q
+    return vq._c
 
 
-def _finish(b: _Binding, vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
-    """Copy the state back, raise the fault if there was one, notify, and count."""
-    q, out = b.queue, b.out
-    vq.last_avail_idx = q.last_avail_idx
+def _finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
+    """Raise the fault if there was one, notify, and count."""
+    out = vq._out
     if out.log_missed:
         # The pages were skipped already; this only lets GuestMemory warn about them, once per log.
         mem.log_write(out.log_missed_addr, out.log_missed_len)
     if status != lib.VQ_OK:
         if status == lib.VQ_ERR_ARGUMENT:
             raise ValueError(f"virtqueue {vq.index}: kernel refused the ring or position it was given")
+        pending = vq._scratch
         for k in range(out.used):
-            vq.push_used(b.pending[k].id, b.pending[k].len)
+            vq.push_used(pending[k].id, pending[k].len)
         raise _fault(vq, out, status, writable)
-    vq.used_idx = q.used_idx
-    vq.signalled_used = q.signalled_used
     if out.notify and vq.call_fd is not None:
         os.eventfd_write(vq.call_fd, 1)
     return BatchResult(out.slots, out.packets, out.bytes, out.dropped)
@@ -265,10 +192,9 @@ def dequeue(
     bufs: Buffers,
 ) -> BatchResult:
     """rxtx.dequeue, then flush_used, call and enable_kicks, in one compiled call (vq_dequeue)."""
-    b = _bind(vq, mem, slots, bufs)
-    q = _load(b, vq, mem)
-    status = lib.vq_dequeue(q, b.memory, b.ring, hdr_len, first, space, b.pending, b.out)
-    return _finish(b, vq, mem, status, False)
+    q = _start(vq)
+    status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq._scratch, vq._out)
+    return _finish(vq, mem, status, False)
 
 
 def enqueue(
@@ -282,10 +208,11 @@ def enqueue(
     bufs: Buffers,
 ) -> BatchResult:
     """rxtx.enqueue, then flush_used, call and enable_kicks, in one compiled call (vq_enqueue)."""
-    b = _bind(vq, mem, slots, bufs)
-    q = _load(b, vq, mem)
-    status = lib.vq_enqueue(q, b.memory, b.ring, hdr_len, mergeable, first, count, b.pending, b.out)
-    return _finish(b, vq, mem, status, True)
+    q = _start(vq)
+    status = lib.vq_enqueue(
+        q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq._scratch, vq._out
+    )
+    return _finish(vq, mem, status, True)
 
 
 def rxsync(
@@ -293,12 +220,11 @@ def rxsync(
 ) -> BatchResult | None:
     """The RX sync of a vhost-user port's kring in one compiled call (vhu_rxsync): prologue, rxtx.dequeue into
     the free slots, flush_used, call, enable_kicks, finalize. None if the prologue refused the ring."""
-    b = _bind(vq, mem, kring.ring.slots, bufs)
-    q = _load(b, vq, mem)
-    status = lib.vhu_rxsync(kring.c, q, b.memory, hdr_len, b.pending, b.out)
+    q = _start(vq)
+    status = lib.vhu_rxsync(kring.c, q, mem.c, hdr_len, vq._scratch, vq._out)
     if status == lib.VHU_REJECT:
         return None
-    return _finish(b, vq, mem, status, False)
+    return _finish(vq, mem, status, False)
 
 
 def txsync(
@@ -306,12 +232,11 @@ def txsync(
 ) -> BatchResult | None:
     """The TX sync of a vhost-user port's kring in one compiled call (vhu_txsync): prologue, rxtx.enqueue of
     [hwcur, head), flush_used, call, enable_kicks, finalize. None if the prologue refused the ring."""
-    b = _bind(vq, mem, kring.ring.slots, bufs)
-    q = _load(b, vq, mem)
-    status = lib.vhu_txsync(kring.c, q, b.memory, hdr_len, mergeable, b.pending, b.out)
+    q = _start(vq)
+    status = lib.vhu_txsync(kring.c, q, mem.c, hdr_len, mergeable, vq._scratch, vq._out)
     if status == lib.VHU_REJECT:
         return None
-    return _finish(b, vq, mem, status, True)
+    return _finish(vq, mem, status, True)
 
 
 # --- the reference, finished the same way -------------------------------------------------------------------

@@ -185,6 +185,10 @@ class GuestMemory:
         self.table: npt.NDArray[np.void] = np.zeros(0, dtype=REGION_DTYPE)
         self._log: _Log | None = None
         self._log_warned = False
+        # What the compiled kernels see: the table and the log (struct vm_memory), kept current with them.
+        self.c = ffi.new("struct vm_memory *")
+        self.c.regions = ffi.NULL
+        self.c.log = ffi.NULL
 
     def __enter__(self) -> GuestMemory:
         return self
@@ -292,7 +296,12 @@ class GuestMemory:
             m.release()
 
     def _rebuild_table(self) -> None:
-        self.table = np.array([(m.gpa, m.size, m.uva, m.host) for m in self._mappings], dtype=REGION_DTYPE)
+        table = np.array([(m.gpa, m.size, m.uva, m.host) for m in self._mappings], dtype=REGION_DTYPE)
+        c = self.c
+        c.nregions = 0  # never a count with the old pointer
+        c.regions = ffi.cast("struct vm_region *", table.ctypes.data) if len(table) else ffi.NULL
+        c.nregions = len(table)
+        self.table = table
 
     # --- translation: the security boundary -------------------------------------------------------------
 
@@ -390,6 +399,7 @@ class GuestMemory:
         new = _Log(mm, anchor, anchor + delta, desc.mmap_size)
         old, self._log = self._log, new
         self._log_warned = False
+        self.c.log, self.c.log_size = new.ptr, new.size
         if old is not None:
             old.release()
 
@@ -424,6 +434,7 @@ class GuestMemory:
         for m in old:
             m.release()
         current, self._log = self._log, None
+        self.c.log, self.c.log_size = ffi.NULL, 0
         if current is not None:
             current.release()
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from vhostmap.config import PortConfig
-from vhostmap.netmap.abi import NR_TIMESTAMP, NS_MOREFRAG
+from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
@@ -178,8 +178,6 @@ class VhostUserPort(NetmapAdapter):
                     st.rx_packets += res.packets
                     st.rx_bytes += res.bytes
                     st.rx_dropped += res.dropped
-                    if kring.ring.flags & NR_TIMESTAMP:
-                        self._timestamp(kring)
                     return
         super().rxsync(ring_index, flags)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from vhostmap.datapath import ffi
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.virtio.spec import (
@@ -42,6 +44,15 @@ _EVENTFD_VALUE = struct.Struct("=Q")
 # A chain longer than this many descriptors is a loop or an abuse; Linux never builds chains longer than
 # MAX_SKB_FRAGS + 2 (19) for virtio-net, indirect tables included.
 MAX_CHAIN_LENGTH = 1024
+
+
+def _address(view: memoryview) -> Any:
+    """A pointer to the bytes of ``view`` (the buffer export is released at once; ``view`` keeps them)."""
+    anchor = ffi.from_buffer(view)
+    try:
+        return ffi.cast("uint8_t *", ffi.cast("uintptr_t", anchor))
+    finally:
+        ffi.release(anchor)
 
 
 class VirtqueueError(Exception):
@@ -82,27 +93,23 @@ class SplitVirtqueue:
     """Back-end state of one split virtqueue and the operations on its rings.
 
     ``last_avail_idx`` is the next available entry the device will consume (SET/GET_VRING_BASE),
-    ``used_idx`` the device's shadow of used->idx, published by ``flush_used``.
+    ``used_idx`` the device's shadow of used->idx, published by ``flush_used``; ``signalled_used`` the used
+    index at the last notification decision (EVENT_IDX). ``kicks``: whether the driver should kick after
+    adding buffers; a polling device (``--poll``) clears it, since it finds new buffers anyway and a kick
+    costs the driver a system call per burst.
+
+    Those and the negotiated ring features (``num``, ``event_idx``, ``indirect``, ``log_dirty``) live in the
+    C struct the compiled kernels work on (``_c``, struct vq_split in datapath/virtio.cdef), beside the ring
+    addresses ``map`` translated, so a batch needs no copying in and out.
     """
 
     index: int
-    num: int = 0
     addresses: VringAddresses | None = None
-    last_avail_idx: int = 0
-    used_idx: int = 0
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
     enabled: bool = False
     started: bool = False
-    event_idx: bool = False
-    indirect: bool = False
-    log_dirty: bool = False
-    # Whether the driver should kick after adding buffers. A polling device (``--poll``) clears it: it finds
-    # new buffers anyway, and a kick costs the driver a system call per burst.
-    kicks: bool = True
-    # Published used index at the last notification decision, for EVENT_IDX.
-    signalled_used: int = 0
     _desc: memoryview | None = field(default=None, repr=False)
     _avail: memoryview | None = field(default=None, repr=False)
     _used: memoryview | None = field(default=None, repr=False)
@@ -113,12 +120,99 @@ class SplitVirtqueue:
     _used16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
     _mem: GuestMemory | None = field(default=None, repr=False)
     _pending_used: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    _c: Any = field(init=False, repr=False, compare=False)
+    # Scratch of the kernels: used entries of a batch (num of them), and what a batch did.
+    _scratch: Any = field(init=False, repr=False, compare=False)
+    _out: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._c = ffi.new("struct vq_split *")
+        self._c.kicks = 1
+        self._scratch = ffi.NULL
+        self._out = ffi.new("struct vq_batch *")
+
+    # --- the state in C -------------------------------------------------------------------------------
+    @property
+    def num(self) -> int:
+        """Queue size (SET_VRING_NUM), 0 until set."""
+        return int(self._c.num)
+
+    @num.setter
+    def num(self, value: int) -> None:
+        self._c.num = value
+
+    @property
+    def last_avail_idx(self) -> int:
+        """The next available entry the device consumes (16 bits, free-running)."""
+        return int(self._c.last_avail_idx)
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        self._c.last_avail_idx = value & 0xFFFF
+
+    @property
+    def used_idx(self) -> int:
+        """The device's shadow of used->idx."""
+        return int(self._c.used_idx)
+
+    @used_idx.setter
+    def used_idx(self, value: int) -> None:
+        self._c.used_idx = value & 0xFFFF
+
+    @property
+    def signalled_used(self) -> int:
+        """used->idx at the last notification decision."""
+        return int(self._c.signalled_used)
+
+    @signalled_used.setter
+    def signalled_used(self, value: int) -> None:
+        self._c.signalled_used = value & 0xFFFF
+
+    @property
+    def event_idx(self) -> bool:
+        """VIRTIO_RING_F_EVENT_IDX negotiated."""
+        return bool(self._c.event_idx)
+
+    @event_idx.setter
+    def event_idx(self, value: bool) -> None:
+        self._c.event_idx = bool(value)
+
+    @property
+    def indirect(self) -> bool:
+        """VIRTIO_RING_F_INDIRECT_DESC negotiated."""
+        return bool(self._c.indirect)
+
+    @indirect.setter
+    def indirect(self, value: bool) -> None:
+        self._c.indirect = bool(value)
+
+    @property
+    def log_dirty(self) -> bool:
+        """VHOST_F_LOG_ALL: log every write to guest memory (migration)."""
+        return bool(self._c.log_dirty)
+
+    @log_dirty.setter
+    def log_dirty(self, value: bool) -> None:
+        self._c.log_dirty = bool(value)
+
+    @property
+    def kicks(self) -> bool:
+        """Whether the driver is asked to kick (see the class docstring)."""
+        return bool(self._c.kicks)
+
+    @kicks.setter
+    def kicks(self, value: bool) -> None:
+        self._c.kicks = bool(value)
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:
         """SET_VRING_NUM: the queue size, a power of two up to 32768."""
         if num <= 0 or num > VIRTQUEUE_MAX_SIZE or num & (num - 1):
             raise VirtqueueError(self.index, f"queue size {num} is not a power of two in 1..32768")
+        if num != self.num:
+            # Ring views and addresses are for the old size until map() runs again.
+            self.unmap()
+            self._scratch = ffi.new("struct vq_used_elem[]", num)
         self.num = num
 
     def map(self, mem: GuestMemory) -> None:
@@ -139,12 +233,21 @@ class SplitVirtqueue:
         self._avail16 = np.frombuffer(self._avail, dtype="<u2")
         self._used16 = np.frombuffer(self._used, dtype="<u2")
         self._mem = mem
+        # The views hold the mapping: the addresses stay good until the next map or unmap.
+        c = self._c
+        c.desc = _address(self._desc)
+        c.avail = _address(self._avail)
+        c.used = _address(self._used)
+        c.log_used = a.log_used
+        c.log_used_addr = a.log_guest_addr
 
     def unmap(self) -> None:
         """Forget the ring mappings (memory table replaced, queue stopped)."""
         self._desc = self._avail = self._used = None
         self._avail16 = self._used16 = None
         self._mem = None
+        c = self._c
+        c.desc = c.avail = c.used = ffi.NULL
 
     @property
     def ready(self) -> bool:
