@@ -9,11 +9,15 @@ per batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from vhostmap.datapath import lib
+from vhostmap.datapath import ffi, lib
 from vhostmap.netmap.abi import NS_MOREFRAG, RingView
 from vhostmap.netmap.adapter import NetmapAdapter, swap_buffers
+from vhostmap.netmap.kring import Kring
+from vhostmap.vhost_user.port import FastQueues, VhostUserPort
 
 
 def ring_space(ring: RingView) -> int:
@@ -48,12 +52,62 @@ def count_frames(ring: RingView, first: int, n: int) -> int:
     return int(np.count_nonzero((ring.slots["flags"][idx] & NS_MOREFRAG) == 0))
 
 
+class _Pass:
+    """The compiled form of a forwarder's round over vhost-user ports: the C array it runs and, for each
+    kring it syncs, who to tell when that sync fails. Good while the ports' FastQueues ``versions`` hold."""
+
+    def __init__(
+        self, queues: tuple[FastQueues, ...], ctype: str, items: list[Any], sides: list[Side]
+    ) -> None:
+        # The FastQueues hold the objects the items point into.
+        self.queues = queues
+        self.versions = tuple(q.version for q in queues)
+        self.n = len(items)
+        self.c = ffi.new(f"{ctype}[]", max(self.n, 1))
+        for k, item in enumerate(items):
+            self.c[k] = item
+        self.sides = sides
+        self.keep = items
+
+
+# (port, kring, whether it is an RX kring) of one sync of a pass.
+Side = tuple[VhostUserPort, Kring, bool]
+
+
+def _fast(port: NetmapAdapter) -> FastQueues | None:
+    return port.fast_queues() if isinstance(port, VhostUserPort) else None
+
+
+class _Outcome:
+    """Where a compiled pass says which sync stopped it, and why."""
+
+    def __init__(self) -> None:
+        self.failed = ffi.new("int32_t *")
+        self.status = ffi.new("int32_t *")
+
+    def check(self, plan: _Pass) -> bool:
+        """Hand a stopped sync to its port (fault, or the Python sync); True if one did stop."""
+        k = int(self.failed[0])
+        if k < 0:
+            return False
+        port, kring, receive = plan.sides[k]
+        port.fast_failed(kring, receive, int(self.status[0]))
+        return True
+
+
 class Link:
-    """What one port receives, the other sends, both ways, queue ``i`` to queue ``i mod n``."""
+    """What one port receives, the other sends, both ways, queue ``i`` to queue ``i mod n``.
+
+    Between two vhost-user ports a round is one compiled call (vhu_link_pass: for every queue both ways, the
+    source's rxsync, the buffer swap, the destination's txsync), as long as neither port needs the Python
+    path (see VhostUserPort.fast_queues); otherwise it is the calls below, one ring at a time.
+    """
 
     def __init__(self, a: NetmapAdapter, b: NetmapAdapter) -> None:
         self.a, self.b = a, b
         self.name = f"link {a.name}<->{b.name}"
+        self._plan: _Pass | None = None
+        self._outcome = _Outcome()
 
     def wake_fds(self) -> list[int]:
         """Kicks of both ports."""
@@ -61,7 +115,41 @@ class Link:
 
     def run(self) -> bool:
         """One round both ways; True when any slot moved."""
-        return (self._one_way(self.a, self.b) + self._one_way(self.b, self.a)) > 0
+        plan = self._compiled()
+        if plan is None:
+            return (self._one_way(self.a, self.b) + self._one_way(self.b, self.a)) > 0
+        out = self._outcome
+        moved = lib.vhu_link_pass(plan.c, plan.n, out.failed, out.status)
+        # Side 2k is lane k's source, 2k + 1 its destination: the index vhu_link_pass reports.
+        return out.check(plan) or moved > 0
+
+    def _compiled(self) -> _Pass | None:
+        """The compiled round for the ports as they are now, or None if this round takes the Python path."""
+        qa, qb = _fast(self.a), _fast(self.b)
+        if qa is None or qb is None:
+            return None
+        plan = self._plan
+        if plan is not None and plan.versions == (qa.version, qb.version):
+            return plan
+        assert isinstance(self.a, VhostUserPort) and isinstance(self.b, VhostUserPort)
+        lanes: list[Any] = []
+        sides: list[Side] = []
+        for src, qs, dst, qd in ((self.a, qa, self.b, qb), (self.b, qb, self.a, qa)):
+            for i in range(src.num_rx_rings):
+                j = i % dst.num_tx_rings
+                s, d = qs.rx.get(i), qd.tx.get(j)
+                if d is None:
+                    if s is not None:
+                        return None  # frames but no receive queue: the Python path drops them, counted
+                    continue
+                lane = ffi.new("struct vhu_lane *")
+                if s is not None:
+                    lane.src = s[0]
+                lane.dst = d[0]
+                lanes.append(lane[0])
+                sides += [(src, src.rx_rings[i], True), (dst, dst.tx_rings[j], False)]
+        self._plan = plan = _Pass((qa, qb), "struct vhu_lane", lanes, sides)
+        return plan
 
     @staticmethod
     def _one_way(src: NetmapAdapter, dst: NetmapAdapter) -> int:
@@ -81,6 +169,21 @@ class Sink:
     def __init__(self, port: NetmapAdapter) -> None:
         self.port = port
         self.name = f"sink {port.name}"
+        self._plan: _Pass | None = None
+        self._outcome = _Outcome()
+
+    def _compiled(self) -> _Pass | None:
+        """vhu_sink_pass over the running queues of a vhost-user port, or None (the Python path)."""
+        q = _fast(self.port)
+        if q is None:
+            return None
+        plan = self._plan
+        if plan is None or plan.versions != (q.version,):
+            assert isinstance(self.port, VhostUserPort)
+            rings = sorted(q.rx)
+            sides: list[Side] = [(self.port, self.port.rx_rings[i], True) for i in rings]
+            self._plan = plan = _Pass((q,), "struct vhu_queue", [q.rx[i][0] for i in rings], sides)
+        return plan
 
     def wake_fds(self) -> list[int]:
         """Kicks of the port."""
@@ -88,6 +191,11 @@ class Sink:
 
     def run(self) -> bool:
         """Receive and release every ring once; True when anything arrived."""
+        plan = self._compiled()
+        if plan is not None:
+            out = self._outcome
+            frames = lib.vhu_sink_pass(plan.c, plan.n, out.failed, out.status)
+            return out.check(plan) or frames > 0
         got = 0
         for i in range(self.port.num_rx_rings):
             self.port.rxsync(i)

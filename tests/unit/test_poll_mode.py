@@ -259,6 +259,7 @@ def test_polling_daemon_sink_counts_what_a_lone_port_sends(
         fa.wait_used(fa.queues[1], 64, timeout=10)
     totals = d.wait(lambda: (t := d.totals("a"))["rx_packets"] == 256 and t, "256 frames in the sink")
     assert totals["rx_dropped"] == 256
+    assert d.daemon.serving["a"]._plan is not None  # the sink's rounds were vhu_sink_pass
     assert totals["rx_bytes"] == 256 * 64
 
 

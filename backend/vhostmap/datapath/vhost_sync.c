@@ -1,5 +1,6 @@
 /* A vhost-user port's kring syncs in one call each (see vhost_sync.cdef). */
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels.h"
 
@@ -42,4 +43,76 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     }
     nm_sync_finalize(k);
     return status;
+}
+
+/* The interrupt the driver asked for (kernels._finish does the same for the calls above). */
+static void vhu_notify(const struct vhu_queue *q)
+{
+    if (q->out->notify && q->call_fd >= 0) {
+        uint64_t one = 1;
+        /* An eventfd write only fails when the counter would overflow: the driver has that many pending. */
+        ssize_t ignored = write(q->call_fd, &one, sizeof one);
+        (void)ignored;
+    }
+}
+
+static int32_t vhu_receive(const struct vhu_queue *q)
+{
+    int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->scratch, q->out);
+    if (status == VQ_OK) {
+        q->stats->rx_packets += q->out->packets;
+        q->stats->rx_bytes += q->out->bytes;
+        q->stats->rx_dropped += q->out->dropped;
+        vhu_notify(q);
+    }
+    return status;
+}
+
+uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed, int32_t *status)
+{
+    uint64_t moved = 0;
+    *failed = -1;
+    for (uint32_t k = 0; k < nlanes; k++) {
+        const struct vhu_queue *src = &lanes[k].src, *dst = &lanes[k].dst;
+        int32_t st;
+        if (src->kring) {
+            st = vhu_receive(src);
+            if (st != VQ_OK) {
+                *failed = (int32_t)(2 * k);
+                *status = st;
+                return moved;
+            }
+            moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
+        }
+        st = vhu_txsync(dst->kring, dst->vq, dst->mem, dst->hdr_len, dst->mergeable, dst->scratch, dst->out);
+        if (st != VQ_OK) {
+            *failed = (int32_t)(2 * k + 1);
+            *status = st;
+            return moved;
+        }
+        dst->stats->tx_packets += dst->out->packets;
+        dst->stats->tx_bytes += dst->out->bytes;
+        dst->stats->tx_dropped += dst->out->dropped;
+        vhu_notify(dst);
+    }
+    return moved;
+}
+
+uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *failed, int32_t *status)
+{
+    uint64_t frames = 0;
+    *failed = -1;
+    for (uint32_t k = 0; k < nqueues; k++) {
+        const struct vhu_queue *q = &queues[k];
+        int32_t st = vhu_receive(q);
+        if (st != VQ_OK) {
+            *failed = (int32_t)k;
+            *status = st;
+            return frames;
+        }
+        uint32_t n = nm_release_received(q->kring);
+        q->stats->rx_dropped += n;
+        frames += n;
+    }
+    return frames;
 }

@@ -121,8 +121,9 @@ def _start(vq: SplitVirtqueue) -> Any:
     return vq._c
 
 
-def _finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
-    """Raise the fault if there was one, notify, and count."""
+def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
+    """After a kernel call on ``vq`` that returned ``status``: raise the fault if there was one (its used
+    entries queued for publication), notify, and count (``writable``: a receive queue)."""
     out = vq._out
     if out.log_missed:
         # The pages were skipped already; this only lets GuestMemory warn about them, once per log.
@@ -194,7 +195,7 @@ def dequeue(
     """rxtx.dequeue, then flush_used, call and enable_kicks, in one compiled call (vq_dequeue)."""
     q = _start(vq)
     status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq._scratch, vq._out)
-    return _finish(vq, mem, status, False)
+    return finish(vq, mem, status, False)
 
 
 def enqueue(
@@ -212,7 +213,7 @@ def enqueue(
     status = lib.vq_enqueue(
         q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq._scratch, vq._out
     )
-    return _finish(vq, mem, status, True)
+    return finish(vq, mem, status, True)
 
 
 def rxsync(
@@ -224,7 +225,7 @@ def rxsync(
     status = lib.vhu_rxsync(kring.c, q, mem.c, hdr_len, vq._scratch, vq._out)
     if status == lib.VHU_REJECT:
         return None
-    return _finish(vq, mem, status, False)
+    return finish(vq, mem, status, False)
 
 
 def txsync(
@@ -236,7 +237,7 @@ def txsync(
     status = lib.vhu_txsync(kring.c, q, mem.c, hdr_len, mergeable, vq._scratch, vq._out)
     if status == lib.VHU_REJECT:
         return None
-    return _finish(vq, mem, status, True)
+    return finish(vq, mem, status, True)
 
 
 # --- the reference, finished the same way -------------------------------------------------------------------

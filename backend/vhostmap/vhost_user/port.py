@@ -12,16 +12,18 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from vhostmap.config import PortConfig
+from vhostmap.datapath import ffi, lib
 from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
+from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.device import NetConfig, VhostUserNetDevice
 from vhostmap.vhost_user.kernels import select_datapath
 from vhostmap.vhost_user.messages import ProtocolFeature
@@ -35,17 +37,21 @@ log = logging.getLogger(__name__)
 PORT_RING_SLOTS = 1024
 
 
-@dataclass
-class QueueStats:
-    """Counters of one queue pair. rx: from the guest (its transmissions); tx: to the guest."""
+# Counters of one queue pair (struct vhu_stats, which the compiled passes add to). rx: from the guest (its
+# transmissions); tx: to the guest.
+QUEUE_COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped", "errors")
 
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_dropped: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_dropped: int = 0
-    errors: int = 0
+
+@dataclass(frozen=True)
+class FastQueues:
+    """What the compiled passes of a link or sink need of a port right now (``VhostUserPort.fast_queues``):
+    struct vhu_queue of each RX kring fed by a running transmit queue and each TX kring with a receive queue
+    to deliver into, by ring index. ``keep`` holds the objects behind their pointers."""
+
+    version: int
+    rx: dict[int, Any]
+    tx: dict[int, Any]
+    keep: tuple[Any, ...]
 
 
 class VhostUserPort(NetmapAdapter):
@@ -77,7 +83,10 @@ class VhostUserPort(NetmapAdapter):
         self.lock = lock
         self._on_change = on_change
         self.device = VhostUserNetDevice(config.name, NetConfig(config.mac, config.mtu, config.queues), self)
-        self.queue_stats = [QueueStats() for _ in range(config.queues)]
+        self.queue_stats = ffi.new("struct vhu_stats[]", config.queues)
+        # Bumped by every control-plane change; a FastQueues of another version is stale.
+        self._version = 0
+        self._fast: FastQueues | None = None
         self._bufs = Buffers(memory.array, memory.buffers_offset, memory.buf_size)
         self.datapath = select_datapath(reference_datapath)
         self.poll = poll
@@ -89,20 +98,78 @@ class VhostUserPort(NetmapAdapter):
         asks the driver not to kick (SplitVirtqueue.kicks): nobody would listen."""
         for vq in self.device.vqs:
             vq.kicks = not self.poll
+        self._changed()
         self._on_change()
+
+    def _changed(self) -> None:
+        """Something the datapath relies on may have changed: the next fast_queues() looks again."""
+        self._version += 1
+        self._fast = None
+
+    def fast_queues(self) -> FastQueues | None:
+        """The queues as the compiled passes take them, or None when this port must take the Python path now
+        (broken, a host port, a RARP to send, the reference datapath, dirty logging, a queue not running)."""
+        if self.broken is not None or self.host_port is not None or self._announcements:
+            return None
+        fast = self._fast
+        if fast is not None and fast.version == self._version:
+            return fast
+        if self.datapath.rxsync is None or self.device.broken is not None:
+            return None
+        dev = self.device
+        mem, hdr_len, mergeable = dev.memory, dev.vnet_hdr_size, dev.mergeable_rx
+        rx: dict[int, Any] = {}
+        tx: dict[int, Any] = {}
+        keep: list[Any] = [mem]
+        for i in range(self.num_rx_rings):
+            for ring, vq, kring in (
+                (rx, self._queue(2 * i + 1), self.rx_rings[i]),
+                (tx, self._rx_queue_for(i), self.tx_rings[i]),
+            ):
+                if vq is None:
+                    continue  # not running: nothing to receive / nowhere to deliver (Python path)
+                if vq.log_dirty:
+                    return None  # migrating: dirty pages are logged by the per-sync path
+                q = ffi.new("struct vhu_queue *")
+                q.kring, q.vq, q.mem = kring.c, vq._c, mem.c
+                q.scratch, q.out = vq._scratch, vq._out
+                q.stats = ffi.addressof(self.queue_stats[vq.index // 2])
+                q.call_fd = -1 if vq.call_fd is None else vq.call_fd
+                q.hdr_len, q.mergeable = hdr_len, mergeable
+                ring[i] = q
+                keep += [kring, vq]
+        self._fast = FastQueues(self._version, rx, tx, tuple(keep))
+        return self._fast
+
+    def fast_failed(self, kring: Kring, receive: bool, status: int) -> None:
+        """A compiled pass stopped at ``kring`` with ``status``: a driver fault marks the device broken, as
+        the Python sync would; a ring the prologue refused is synced the Python way, which says why."""
+        index = kring.ring_id
+        vq = self._queue(2 * index + 1) if receive else self._rx_queue_for(index)
+        if status == lib.VHU_REJECT or vq is None:
+            (self.rxsync if receive else self.txsync)(index)
+            return
+        try:
+            kernels.finish(vq, self.device.memory, status, not receive)
+        except VirtqueueError as e:
+            self._fault(kring, e)
 
     def announce(self, mac: bytes) -> None:
         """SEND_RARP (after a migration): send a RARP broadcast from ``mac`` as if the guest had, so that
         switches and the host stack learn where it is now. It leaves with the next rxsync of ring 0."""
         log.info("port %s: announcing %s (RARP)", self.name, mac.hex(":"))
         self._announcements.append(rarp_frame(mac))
+        self._changed()
         self._on_change()
 
     # --- MessageHandler (server.py) ----------------------------------------------------------------------
     def handle_message(self, msg: Message) -> Payload | None:
         """Run one request against the device, never while a datapath batch runs."""
         with self.lock:
-            return self.device.handle(msg)
+            try:
+                return self.device.handle(msg)
+            finally:
+                self._changed()
 
     def reply_ack_negotiated(self) -> bool:
         """Whether the front-end asked for REPLY_ACK."""
@@ -112,16 +179,19 @@ class VhostUserPort(NetmapAdapter):
         """A new front-end: start from a clean device."""
         with self.lock:
             self.device.close()
+            self._changed()
 
     def disconnected(self) -> None:
         """The front-end left: unmap its memory and close its fds."""
         with self.lock:
             self.device.close()
+            self._changed()
 
     def close(self) -> None:
         """The daemon stops: release the front-end's resources, then our rings and buffers."""
         with self.lock:
             self.device.close()
+            self._changed()
             super().close()
 
     # --- the datapath -------------------------------------------------------------------------------------
@@ -299,10 +369,10 @@ class VhostUserPort(NetmapAdapter):
     def stats_dict(self) -> dict[str, Any]:
         """Counters for ``vhostmap stats``."""
         queues = [
-            {"queue": i, **{f.name: getattr(q, f.name) for f in fields(q)}}
+            {"queue": i, **{name: int(getattr(q, name)) for name in QUEUE_COUNTERS}}
             for i, q in enumerate(self.queue_stats)
         ]
-        totals = {f.name: sum(q[f.name] for q in queues) for f in fields(QueueStats)}
+        totals = {name: sum(q[name] for q in queues) for name in QUEUE_COUNTERS}
         return {"queues": queues, "totals": totals, "broken": self.device.broken}
 
 
