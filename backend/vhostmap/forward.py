@@ -74,19 +74,21 @@ class _Pass:
 Side = tuple[VhostUserPort, Kring, bool]
 
 
-def _fast(port: NetmapAdapter) -> FastQueues | None:
+def fast_queues(port: NetmapAdapter) -> FastQueues | None:
+    """The port's FastQueues if it is a vhost-user port that can take the compiled path now."""
     return port.fast_queues() if isinstance(port, VhostUserPort) else None
 
 
-class _Outcome:
+class PassOutcome:
     """Where a compiled pass says which sync stopped it, and why."""
 
     def __init__(self) -> None:
         self.failed = ffi.new("int32_t *")
         self.status = ffi.new("int32_t *")
 
-    def check(self, plan: _Pass) -> bool:
-        """Hand a stopped sync to its port (fault, or the Python sync); True if one did stop."""
+    def check(self, plan: _Pass | Any) -> bool:
+        """Hand a stopped sync to its port (fault, or the Python sync); True if one did stop. ``plan.sides``
+        lists the syncs of the pass in the order the pass numbers them."""
         k = int(self.failed[0])
         if k < 0:
             return False
@@ -107,7 +109,7 @@ class Link:
         self.a, self.b = a, b
         self.name = f"link {a.name}<->{b.name}"
         self._plan: _Pass | None = None
-        self._outcome = _Outcome()
+        self._outcome = PassOutcome()
 
     def wake_fds(self) -> list[int]:
         """Kicks of both ports."""
@@ -125,7 +127,7 @@ class Link:
 
     def _compiled(self) -> _Pass | None:
         """The compiled round for the ports as they are now, or None if this round takes the Python path."""
-        qa, qb = _fast(self.a), _fast(self.b)
+        qa, qb = fast_queues(self.a), fast_queues(self.b)
         if qa is None or qb is None:
             return None
         plan = self._plan
@@ -170,11 +172,11 @@ class Sink:
         self.port = port
         self.name = f"sink {port.name}"
         self._plan: _Pass | None = None
-        self._outcome = _Outcome()
+        self._outcome = PassOutcome()
 
     def _compiled(self) -> _Pass | None:
         """vhu_sink_pass over the running queues of a vhost-user port, or None (the Python path)."""
-        q = _fast(self.port)
+        q = fast_queues(self.port)
         if q is None:
             return None
         plan = self._plan

@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.forward import PassOutcome, Side, fast_queues
 from vhostmap.netmap.abi import (
     NM_RESERVED_BUFS,
     NS_BUF_CHANGED,
@@ -55,6 +56,7 @@ from vhostmap.netmap.abi import (
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.vhost_user.kernels import REFERENCE_ENV
+from vhostmap.vhost_user.port import FastQueues, VhostUserPort
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +466,8 @@ class Switch:
         self._sources: dict[tuple[SwitchPort, int], _Source] = {}
         self._targets: dict[int, _Targets] = {}
         self._pools: dict[int, _Pool] = {}
+        self._pass: _SwitchPass | None = None
+        self._outcome = PassOutcome()
 
     @property
     def aging(self) -> float:
@@ -540,6 +544,7 @@ class Switch:
         self._sources.clear()
         self._targets.clear()
         self._pools.clear()
+        self._pass = None
 
     # --- the forwarder --------------------------------------------------------------------------------------
     def wake_fds(self) -> list[int]:
@@ -551,7 +556,26 @@ class Switch:
         return fds
 
     def run(self) -> bool:
-        """One round: every RX ring of every port once; True when anything was received."""
+        """One round: every RX ring of every port once; True when anything was received.
+
+        When every port is a vhost-user port that can take the compiled path, the whole round is one call
+        (vhu_switch_pass: the syncs and sw_forward, in the order below); otherwise the calls below.
+        """
+        plan = self._compiled_pass()
+        if plan is not None:
+            out = self._outcome
+            received = lib.vhu_switch_pass(
+                self._ctable.c,
+                plan.sources,
+                plan.nsources,
+                plan.tx,
+                plan.ntx,
+                plan.synced,
+                self.clock(),
+                out.failed,
+                out.status,
+            )
+            return out.check(plan) or received > 0
         now = self.clock()
         received = 0
         synced: set[tuple[SwitchPort, int]] = set()
@@ -581,6 +605,58 @@ class Switch:
         if self.reference:
             return self._forward_reference(src, q, ring_index, now)
         return self._forward_compiled(src, q, ring_index, now)
+
+    def _compiled_pass(self) -> _SwitchPass | None:
+        """The round as one vhu_switch_pass for the ports as they are now, or None (the Python round)."""
+        if self.reference or not self.ports:
+            return None
+        queues: dict[NetmapAdapter, FastQueues] = {}
+        for p in self.ports:
+            if p.host:
+                return None
+            if p.adapter not in queues:
+                fast = fast_queues(p.adapter)
+                if fast is None:
+                    return None
+                queues[p.adapter] = fast
+        versions = tuple(q.version for q in queues.values())
+        plan = self._pass
+        if plan is not None and plan.versions == versions and plan.ports == self.ports:
+            return plan
+        tx_index: dict[tuple[SwitchPort, int], int] = {}
+        tx_items: list[Any] = []
+        sides: list[Side] = []
+        for p in self.ports:
+            assert isinstance(p.adapter, VhostUserPort)
+            for t in p.tx_rings:
+                d = queues[p.adapter].tx.get(t)
+                if d is None:
+                    return None  # nowhere to deliver: the Python round drops as a NIC without carrier
+                tx_index[(p, t)] = len(tx_items)
+                tx_items.append(d[0])
+        src_items: list[Any] = []
+        keep: list[Any] = [list(queues.values())]
+        for p in self.ports:
+            assert isinstance(p.adapter, VhostUserPort)
+            for q, ring_index in enumerate(p.rx_rings):
+                source = self._sources.get((p, q))
+                if source is None:
+                    source = self._sources[(p, q)] = self._bind(p, q, ring_index)
+                item = ffi.new("struct vhu_switch_source *")
+                rx = queues[p.adapter].rx.get(ring_index)
+                if rx is not None:
+                    item.rx = rx[0]
+                item.fwd = source.c
+                dest_tx = ffi.new("uint32_t[]", [tx_index[pair] for pair in source.targets.pairs])
+                item.dest_tx = dest_tx
+                keep += [source, dest_tx]
+                src_items.append(item[0])
+                sides.append((p.adapter, p.adapter.rx_rings[ring_index], True))
+        for p, t in tx_index:
+            assert isinstance(p.adapter, VhostUserPort)
+            sides.append((p.adapter, p.adapter.tx_rings[t], False))
+        self._pass = plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, keep)
+        return plan
 
     # --- the compiled kernel -------------------------------------------------------------------------------
     def _forward_compiled(
@@ -771,6 +847,34 @@ class _Pool:
         out.nbufs = m.nbufs
         out.mem = self.id
         out.stats = stats
+
+
+class _SwitchPass:
+    """A switch round as vhu_switch_pass takes it: the sources, the TX queues, and who to tell when a sync
+    fails (``sides``: the sources, then the TX queues). Good while ``versions`` (of the ports' FastQueues)
+    and ``ports`` hold; ``keep`` holds what the structs point into."""
+
+    def __init__(
+        self,
+        versions: tuple[int, ...],
+        ports: list[SwitchPort],
+        sources: list[Any],
+        tx: list[Any],
+        sides: list[Side],
+        keep: list[Any],
+    ) -> None:
+        self.versions = versions
+        self.ports = ports
+        self.nsources, self.ntx = len(sources), len(tx)
+        self.sources = ffi.new("struct vhu_switch_source[]", max(self.nsources, 1))
+        for k, item in enumerate(sources):
+            self.sources[k] = item
+        self.tx = ffi.new("struct vhu_queue[]", max(self.ntx, 1))
+        for k, item in enumerate(tx):
+            self.tx[k] = item
+        self.synced = ffi.new("uint8_t[]", max(self.ntx, 1))
+        self.sides = sides
+        self.keep = keep
 
 
 class _Targets:

@@ -68,6 +68,18 @@ static int32_t vhu_receive(const struct vhu_queue *q)
     return status;
 }
 
+static int32_t vhu_deliver(const struct vhu_queue *q)
+{
+    int32_t status = vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->scratch, q->out);
+    if (status == VQ_OK) {
+        q->stats->tx_packets += q->out->packets;
+        q->stats->tx_bytes += q->out->bytes;
+        q->stats->tx_dropped += q->out->dropped;
+        vhu_notify(q);
+    }
+    return status;
+}
+
 uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed, int32_t *status)
 {
     uint64_t moved = 0;
@@ -84,16 +96,12 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed,
             }
             moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         }
-        st = vhu_txsync(dst->kring, dst->vq, dst->mem, dst->hdr_len, dst->mergeable, dst->scratch, dst->out);
+        st = vhu_deliver(dst);
         if (st != VQ_OK) {
             *failed = (int32_t)(2 * k + 1);
             *status = st;
             return moved;
         }
-        dst->stats->tx_packets += dst->out->packets;
-        dst->stats->tx_bytes += dst->out->bytes;
-        dst->stats->tx_dropped += dst->out->dropped;
-        vhu_notify(dst);
     }
     return moved;
 }
@@ -115,4 +123,44 @@ uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *fail
         frames += n;
     }
     return frames;
+}
+
+uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
+                         struct vhu_queue *tx, uint32_t ntx, uint8_t *synced, double now, int32_t *failed,
+                         int32_t *status)
+{
+    uint64_t received = 0;
+    int32_t st;
+    *failed = -1;
+    memset(synced, 0, ntx);
+    for (uint32_t k = 0; k < nsources; k++) {
+        const struct vhu_switch_source *s = &sources[k];
+        if (s->rx.kring && (st = vhu_receive(&s->rx)) != VQ_OK) {
+            *failed = (int32_t)k;
+            *status = st;
+            return received;
+        }
+        received += sw_forward(t, s->fwd, now);
+        /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. */
+        for (uint32_t i = 0; i < s->fwd->ntouched; i++) {
+            uint32_t d = s->dest_tx[s->fwd->touched[i]];
+            if ((st = vhu_deliver(&tx[d])) != VQ_OK) {
+                *failed = (int32_t)(nsources + d);
+                *status = st;
+                return received;
+            }
+            synced[d] = 1;
+        }
+    }
+    for (uint32_t d = 0; d < ntx; d++) {
+        const struct nm_kring *k = tx[d].kring;
+        if (synced[d] || k->rhead == k->nr_hwcur)
+            continue;
+        if ((st = vhu_deliver(&tx[d])) != VQ_OK) {
+            *failed = (int32_t)(nsources + d);
+            *status = st;
+            return received;
+        }
+    }
+    return received;
 }
