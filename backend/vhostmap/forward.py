@@ -65,9 +65,8 @@ class _Pass:
         self.n = len(items)
         self.c = ffi.new(f"{ctype}[]", max(self.n, 1))
         for k, item in enumerate(items):
-            self.c[k] = item
+            self.c[k] = item[0]  # a copy: `items` are pointers to structs of that type
         self.sides = sides
-        self.keep = items
 
 
 # (port, kring, whether it is an RX kring) of one sync of a pass.
@@ -148,7 +147,7 @@ class Link:
                 if s is not None:
                     lane.src = s[0]
                 lane.dst = d[0]
-                lanes.append(lane[0])
+                lanes.append(lane)
                 sides += [(src, src.rx_rings[i], True), (dst, dst.tx_rings[j], False)]
         self._plan = plan = _Pass((qa, qb), "struct vhu_lane", lanes, sides)
         return plan
@@ -184,7 +183,7 @@ class Sink:
             assert isinstance(self.port, VhostUserPort)
             rings = sorted(q.rx)
             sides: list[Side] = [(self.port, self.port.rx_rings[i], True) for i in rings]
-            self._plan = plan = _Pass((q,), "struct vhu_queue", [q.rx[i][0] for i in rings], sides)
+            self._plan = plan = _Pass((q,), "struct vhu_queue", [q.rx[i] for i in rings], sides)
         return plan
 
     def wake_fds(self) -> list[int]:

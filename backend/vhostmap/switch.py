@@ -15,8 +15,9 @@ Batches, not slots: the slots of a batch are read once into a numpy snapshot, fr
 slots, kept whole) are delimited and checked with numpy, and the destination and source MAC addresses of
 every frame are gathered from the buffers with one fancy index. Python runs once per *distinct* address of a
 batch (a dict lookup), and once per destination port. A unicast frame moves zero copy: its slots swap buffer
-indices with free slots of the destination TX ring (ports of the same allocator); a flooded frame is copied
-into each destination's own buffers (whole buffers, by numpy). When the destination ring has no room for a
+indices with free slots of the destination TX ring (ports of the same allocator), and so does a flooded frame
+with a single destination (a switch of two ports); a frame flooded to several ports is copied into each
+destination's own buffers (whole buffers, by numpy). When the destination ring has no room for a
 frame, the frame is dropped for that destination and counted, as VALE does: one slow port never stalls the
 others, and the source ring is always released.
 
@@ -633,7 +634,7 @@ class Switch:
                 if d is None:
                     return None  # nowhere to deliver: the Python round drops as a NIC without carrier
                 tx_index[(p, t)] = len(tx_items)
-                tx_items.append(d[0])
+                tx_items.append(d)
         src_items: list[Any] = []
         keep: list[Any] = [list(queues.values())]
         for p in self.ports:
@@ -650,7 +651,7 @@ class Switch:
                 dest_tx = ffi.new("uint32_t[]", [tx_index[pair] for pair in source.targets.pairs])
                 item.dest_tx = dest_tx
                 keep += [source, dest_tx]
-                src_items.append(item[0])
+                src_items.append(item)
                 sides.append((p.adapter, p.adapter.rx_rings[ring_index], True))
         for p, t in tx_index:
             assert isinstance(p.adapter, VhostUserPort)
@@ -729,13 +730,15 @@ class Switch:
             st.flooded += int(np.count_nonzero(flood))
             st.forwarded += int(np.count_nonzero(valid & (dest >= 0) & (dest != s)))
             st.filtered += int(np.count_nonzero(valid & (dest == s)))
+            # A flood on a switch of two ports has one destination: it moves like a unicast frame.
+            lone = len(self.ports) == 2
             for d, dst in enumerate(self.ports):
                 if d == s:
                     continue
                 sel = np.flatnonzero(flood | (valid & (dest == d)))
                 if sel.size:
                     tx = dst.tx_ring(q)
-                    self._deliver(src, batch, sel, dest[sel] == d, dst, tx)
+                    self._deliver(src, batch, sel, (dest[sel] == d) | lone, dst, tx)
                     touched.append((dst, tx))
         batch.release()
         return batch.used, touched
@@ -866,12 +869,13 @@ class _SwitchPass:
         self.versions = versions
         self.ports = ports
         self.nsources, self.ntx = len(sources), len(tx)
+        # Copies of the structs `sources` and `tx` point to.
         self.sources = ffi.new("struct vhu_switch_source[]", max(self.nsources, 1))
         for k, item in enumerate(sources):
-            self.sources[k] = item
+            self.sources[k] = item[0]
         self.tx = ffi.new("struct vhu_queue[]", max(self.ntx, 1))
         for k, item in enumerate(tx):
-            self.tx[k] = item
+            self.tx[k] = item[0]
         self.synced = ffi.new("uint8_t[]", max(self.ntx, 1))
         self.sides = sides
         self.keep = keep

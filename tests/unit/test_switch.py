@@ -259,6 +259,22 @@ def test_a_flooded_frame_is_copied_into_each_destination_buffer(
     assert b1 != b2
 
 
+def test_a_flood_with_a_single_destination_moves_zero_copy(ports: list[WirePort], clock: Clock) -> None:
+    p0, p1, _ = ports
+    sw = Switch("vale1", clock=clock)
+    sw.attach(p0)
+    sw.attach(p1)
+    f = frame(BROADCAST, mac(0xA), length=1514)
+    rx_slot = p0.rx_rings[0].ring.tail
+    p0.inject([f])
+    p0.rxsync(0)
+    received_buf = int(p0.rx_rings[0].ring.slots["buf_idx"][rx_slot])
+    run(sw)
+    assert p1.sent == [f]
+    assert p1.sent_bufs == [[received_buf]]  # its only destination took the buffer itself
+    assert stats(sw, "p0")["flooded"] == 1
+
+
 def test_a_frame_to_an_address_learnt_on_its_own_port_is_filtered(
     switch: Switch, ports: list[WirePort]
 ) -> None:

@@ -365,9 +365,10 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
         if (!f->valid)
             continue;
         if (f->dest == SW_FLOOD) {
+            /* With two ports the flood has one destination, which takes it as a unicast frame. */
             for (uint32_t d = 0; d < s->nports; d++)
                 if (d != s->port)
-                    sw_deliver(s, f, d, 0, first);
+                    sw_deliver(s, f, d, s->nports == 2, first);
         } else if ((uint32_t)f->dest != s->port) {
             sw_deliver(s, f, (uint32_t)f->dest, 1, first);
         }
