@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.datapath.cfield import CField
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NR_RX, NR_TX, RingView, nm_distance, nm_in_range, nm_prev
 from vhostmap.netmap.errors import PortBroken
 
@@ -68,6 +69,9 @@ def slots_check_reference(
     return int(hits[0]) if hits.size else -1
 
 
+_U32 = 0xFFFF_FFFF
+
+
 class Kring:
     """One ring of a port as the backend sees it: the shared ``ring`` plus private, trusted state.
 
@@ -75,6 +79,13 @@ class Kring:
     Counters: ``reinits`` (ring_reinit calls), ``errors`` (slots repaired by them), ``dropped`` (frames a
     hook discarded). ``users`` counts the registrations that bind this ring.
     """
+
+    # The backend's state, kept in `c` (a value outside the ring wraps to one that sync_finalize refuses).
+    nr_hwcur = CField("First slot the backend has not consumed (TX: to send; RX: not given back).", mask=_U32)
+    nr_hwtail = CField("First slot the backend still owns (TX: not reclaimed; RX: not filled).", mask=_U32)
+    rhead = CField("The last head that passed validation.", mask=_U32)
+    rcur = CField("The last cur that passed validation.", mask=_U32)
+    rtail = CField("The last tail published.", mask=_U32)
 
     def __init__(
         self,
@@ -119,52 +130,6 @@ class Kring:
         self.errors = 0
         self.dropped = 0
         self.users = 0
-
-    # The backend's state, kept in `c` (a value outside the ring wraps to one that sync_finalize refuses).
-    @property
-    def nr_hwcur(self) -> int:
-        """First slot the backend has not consumed (TX: to send; RX: not given back)."""
-        return int(self.c.nr_hwcur)
-
-    @nr_hwcur.setter
-    def nr_hwcur(self, value: int) -> None:
-        self.c.nr_hwcur = value & 0xFFFF_FFFF
-
-    @property
-    def nr_hwtail(self) -> int:
-        """First slot the backend still owns (TX: not reclaimed; RX: not filled)."""
-        return int(self.c.nr_hwtail)
-
-    @nr_hwtail.setter
-    def nr_hwtail(self, value: int) -> None:
-        self.c.nr_hwtail = value & 0xFFFF_FFFF
-
-    @property
-    def rhead(self) -> int:
-        """The last head that passed validation."""
-        return int(self.c.rhead)
-
-    @rhead.setter
-    def rhead(self, value: int) -> None:
-        self.c.rhead = value & 0xFFFF_FFFF
-
-    @property
-    def rcur(self) -> int:
-        """The last cur that passed validation."""
-        return int(self.c.rcur)
-
-    @rcur.setter
-    def rcur(self, value: int) -> None:
-        self.c.rcur = value & 0xFFFF_FFFF
-
-    @property
-    def rtail(self) -> int:
-        """The last tail published."""
-        return int(self.c.rtail)
-
-    @rtail.setter
-    def rtail(self, value: int) -> None:
-        self.c.rtail = value & 0xFFFF_FFFF
 
     @property
     def is_tx(self) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi
+from vhostmap.datapath.cfield import CField, CFlag
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.virtio.spec import (
@@ -132,77 +133,14 @@ class SplitVirtqueue:
         self._out = ffi.new("struct vq_batch *")
 
     # --- the state in C -------------------------------------------------------------------------------
-    @property
-    def num(self) -> int:
-        """Queue size (SET_VRING_NUM), 0 until set."""
-        return int(self._c.num)
-
-    @num.setter
-    def num(self, value: int) -> None:
-        self._c.num = value
-
-    @property
-    def last_avail_idx(self) -> int:
-        """The next available entry the device consumes (16 bits, free-running)."""
-        return int(self._c.last_avail_idx)
-
-    @last_avail_idx.setter
-    def last_avail_idx(self, value: int) -> None:
-        self._c.last_avail_idx = value & 0xFFFF
-
-    @property
-    def used_idx(self) -> int:
-        """The device's shadow of used->idx."""
-        return int(self._c.used_idx)
-
-    @used_idx.setter
-    def used_idx(self, value: int) -> None:
-        self._c.used_idx = value & 0xFFFF
-
-    @property
-    def signalled_used(self) -> int:
-        """used->idx at the last notification decision."""
-        return int(self._c.signalled_used)
-
-    @signalled_used.setter
-    def signalled_used(self, value: int) -> None:
-        self._c.signalled_used = value & 0xFFFF
-
-    @property
-    def event_idx(self) -> bool:
-        """VIRTIO_RING_F_EVENT_IDX negotiated."""
-        return bool(self._c.event_idx)
-
-    @event_idx.setter
-    def event_idx(self, value: bool) -> None:
-        self._c.event_idx = bool(value)
-
-    @property
-    def indirect(self) -> bool:
-        """VIRTIO_RING_F_INDIRECT_DESC negotiated."""
-        return bool(self._c.indirect)
-
-    @indirect.setter
-    def indirect(self, value: bool) -> None:
-        self._c.indirect = bool(value)
-
-    @property
-    def log_dirty(self) -> bool:
-        """VHOST_F_LOG_ALL: log every write to guest memory (migration)."""
-        return bool(self._c.log_dirty)
-
-    @log_dirty.setter
-    def log_dirty(self, value: bool) -> None:
-        self._c.log_dirty = bool(value)
-
-    @property
-    def kicks(self) -> bool:
-        """Whether the driver is asked to kick (see the class docstring)."""
-        return bool(self._c.kicks)
-
-    @kicks.setter
-    def kicks(self, value: bool) -> None:
-        self._c.kicks = bool(value)
+    num = CField("Queue size (SET_VRING_NUM), 0 until set.", mask=0xFFFF_FFFF, struct="_c")
+    last_avail_idx = CField("The next available entry the device consumes.", mask=0xFFFF, struct="_c")
+    used_idx = CField("The device's shadow of used->idx.", mask=0xFFFF, struct="_c")
+    signalled_used = CField("used->idx at the last notification decision.", mask=0xFFFF, struct="_c")
+    event_idx = CFlag("VIRTIO_RING_F_EVENT_IDX negotiated.", struct="_c")
+    indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.", struct="_c")
+    log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).", struct="_c")
+    kicks = CFlag("Whether the driver is asked to kick (see the class docstring).", struct="_c")
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:
