@@ -63,10 +63,16 @@ class _Pass:
         self.queues = queues
         self.versions = tuple(q.version for q in queues)
         self.n = len(items)
-        self.c = ffi.new(f"{ctype}[]", max(self.n, 1))
-        for k, item in enumerate(items):
-            self.c[k] = item[0]  # a copy: `items` are pointers to structs of that type
+        self.c = struct_array(ctype, items)
         self.sides = sides
+
+
+def struct_array(ctype: str, items: list[Any]) -> Any:
+    """A C array of ``ctype`` holding copies of the structs ``items`` point to (at least one element)."""
+    array = ffi.new(f"{ctype}[]", max(len(items), 1))
+    for k, item in enumerate(items):
+        array[k] = item[0]
+    return array
 
 
 # (port, kring, whether it is an RX kring) of one sync of a pass.

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forward import PassOutcome, Side, fast_queues
+from vhostmap.forward import PassOutcome, Side, fast_queues, struct_array
 from vhostmap.netmap.abi import (
     NM_RESERVED_BUFS,
     NS_BUF_CHANGED,
@@ -869,13 +869,8 @@ class _SwitchPass:
         self.versions = versions
         self.ports = ports
         self.nsources, self.ntx = len(sources), len(tx)
-        # Copies of the structs `sources` and `tx` point to.
-        self.sources = ffi.new("struct vhu_switch_source[]", max(self.nsources, 1))
-        for k, item in enumerate(sources):
-            self.sources[k] = item[0]
-        self.tx = ffi.new("struct vhu_queue[]", max(self.ntx, 1))
-        for k, item in enumerate(tx):
-            self.tx[k] = item[0]
+        self.sources = struct_array("struct vhu_switch_source", sources)
+        self.tx = struct_array("struct vhu_queue", tx)
         self.synced = ffi.new("uint8_t[]", max(self.ntx, 1))
         self.sides = sides
         self.keep = keep

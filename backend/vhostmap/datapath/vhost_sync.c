@@ -56,7 +56,7 @@ static void vhu_notify(const struct vhu_queue *q)
     }
 }
 
-static int32_t vhu_receive(const struct vhu_queue *q)
+int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 {
     int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->scratch, q->out);
     if (status == VQ_OK) {
@@ -68,7 +68,7 @@ static int32_t vhu_receive(const struct vhu_queue *q)
     return status;
 }
 
-static int32_t vhu_deliver(const struct vhu_queue *q)
+int32_t vhu_queue_txsync(const struct vhu_queue *q)
 {
     int32_t status = vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->scratch, q->out);
     if (status == VQ_OK) {
@@ -88,7 +88,7 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed,
         const struct vhu_queue *src = &lanes[k].src, *dst = &lanes[k].dst;
         int32_t st;
         if (src->kring) {
-            st = vhu_receive(src);
+            st = vhu_queue_rxsync(src);
             if (st != VQ_OK) {
                 *failed = (int32_t)(2 * k);
                 *status = st;
@@ -96,7 +96,7 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed,
             }
             moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         }
-        st = vhu_deliver(dst);
+        st = vhu_queue_txsync(dst);
         if (st != VQ_OK) {
             *failed = (int32_t)(2 * k + 1);
             *status = st;
@@ -112,7 +112,7 @@ uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *fail
     *failed = -1;
     for (uint32_t k = 0; k < nqueues; k++) {
         const struct vhu_queue *q = &queues[k];
-        int32_t st = vhu_receive(q);
+        int32_t st = vhu_queue_rxsync(q);
         if (st != VQ_OK) {
             *failed = (int32_t)k;
             *status = st;
@@ -135,7 +135,7 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
     memset(synced, 0, ntx);
     for (uint32_t k = 0; k < nsources; k++) {
         const struct vhu_switch_source *s = &sources[k];
-        if (s->rx.kring && (st = vhu_receive(&s->rx)) != VQ_OK) {
+        if (s->rx.kring && (st = vhu_queue_rxsync(&s->rx)) != VQ_OK) {
             *failed = (int32_t)k;
             *status = st;
             return received;
@@ -144,7 +144,7 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
         /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. */
         for (uint32_t i = 0; i < s->fwd->ntouched; i++) {
             uint32_t d = s->dest_tx[s->fwd->touched[i]];
-            if ((st = vhu_deliver(&tx[d])) != VQ_OK) {
+            if ((st = vhu_queue_txsync(&tx[d])) != VQ_OK) {
                 *failed = (int32_t)(nsources + d);
                 *status = st;
                 return received;
@@ -156,7 +156,7 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
         const struct nm_kring *k = tx[d].kring;
         if (synced[d] || k->rhead == k->nr_hwcur)
             continue;
-        if ((st = vhu_deliver(&tx[d])) != VQ_OK) {
+        if ((st = vhu_queue_txsync(&tx[d])) != VQ_OK) {
             *failed = (int32_t)(nsources + d);
             *status = st;
             return received;

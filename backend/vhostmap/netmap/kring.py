@@ -17,7 +17,7 @@ publishes tail. One slot always stays empty, so hwcur == hwtail only ever means 
 hwtail == hwcur - 1 means "everything reclaimed" (TX).
 
 The state lives in a C struct (``Kring.c``, datapath/kring.cdef) beside the addresses of the ring, its slots
-and buffers, so that compiled syncs (a vhost-user port's, kernels.rxsync/txsync) run prologue, hook and
+and buffers, so that compiled syncs (a vhost-user port's, datapath/vhost_sync.cdef) run prologue, hook and
 finalize in one call; this Python prologue is their reference and the slow path that explains a refusal.
 
 The checks catch mistakes; they cannot stop a user rewriting a slot after it was checked. Hooks therefore

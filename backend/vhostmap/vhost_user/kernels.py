@@ -5,8 +5,9 @@ in compiled kernels").
 A port runs a ``Datapath``: a ``dequeue`` and an ``enqueue`` with the arguments of rxtx.dequeue and
 rxtx.enqueue, returning the same BatchResult, each finishing its batch as the port used to after the
 reference: used entries published (``flush_used``), the interrupt decided and sent (``call``), kicks re-armed
-(``enable_kicks``). ``COMPILED`` runs the whole batch in one C call, and has ``rxsync``/``txsync`` that run a
-whole kring sync of a port in one call too; ``REFERENCE`` is the pure-Python code.
+(``enable_kicks``). ``COMPILED`` runs the whole batch in one C call, and lets a port run whole kring syncs and
+forwarding rounds in one call too (vhost_sync.cdef, VhostUserPort.fast_queues); ``REFERENCE`` is the
+pure-Python code.
 
 The kernels work on the C state the objects keep for them: the SplitVirtqueue's struct vq_split (its indexes
 and ring addresses), the GuestMemory's struct vm_memory (its table and log), the Kring's struct nm_kring, so a
@@ -26,7 +27,6 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.netmap.kring import Kring
 from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
@@ -48,23 +48,17 @@ _FAULT_REASONS = {
 }
 
 
-RxsyncFn = Callable[[Kring, SplitVirtqueue, GuestMemory, int, Buffers], BatchResult | None]
-TxsyncFn = Callable[[Kring, SplitVirtqueue, GuestMemory, int, bool, Buffers], BatchResult | None]
-
-
 class Datapath(NamedTuple):
     """The batch functions a port runs; each finishes its batch (publish, notify, re-arm kicks).
 
-    ``rxsync``/``txsync``, when there, run a whole kring sync (prologue, dequeue or enqueue, finalize) in one
-    call, returning None when the prologue refused the ring (then nothing was done); without them the port
-    runs NetmapAdapter's Python sync around ``dequeue``/``enqueue``.
+    ``compiled``: the port may also run whole kring syncs and forwarding rounds in C (vhost_sync.cdef, through
+    VhostUserPort.fast_queues); otherwise it runs NetmapAdapter's Python sync around ``dequeue``/``enqueue``.
     """
 
     name: str
     dequeue: DequeueFn
     enqueue: EnqueueFn
-    rxsync: RxsyncFn | None = None
-    txsync: TxsyncFn | None = None
+    compiled: bool
 
 
 # --- the compiled kernels -----------------------------------------------------------------------------------
@@ -216,30 +210,6 @@ def enqueue(
     return finish(vq, mem, status, True)
 
 
-def rxsync(
-    kring: Kring, vq: SplitVirtqueue, mem: GuestMemory, hdr_len: int, bufs: Buffers
-) -> BatchResult | None:
-    """The RX sync of a vhost-user port's kring in one compiled call (vhu_rxsync): prologue, rxtx.dequeue into
-    the free slots, flush_used, call, enable_kicks, finalize. None if the prologue refused the ring."""
-    q = _start(vq)
-    status = lib.vhu_rxsync(kring.c, q, mem.c, hdr_len, vq._scratch, vq._out)
-    if status == lib.VHU_REJECT:
-        return None
-    return finish(vq, mem, status, False)
-
-
-def txsync(
-    kring: Kring, vq: SplitVirtqueue, mem: GuestMemory, hdr_len: int, mergeable: bool, bufs: Buffers
-) -> BatchResult | None:
-    """The TX sync of a vhost-user port's kring in one compiled call (vhu_txsync): prologue, rxtx.enqueue of
-    [hwcur, head), flush_used, call, enable_kicks, finalize. None if the prologue refused the ring."""
-    q = _start(vq)
-    status = lib.vhu_txsync(kring.c, q, mem.c, hdr_len, mergeable, vq._scratch, vq._out)
-    if status == lib.VHU_REJECT:
-        return None
-    return finish(vq, mem, status, True)
-
-
 # --- the reference, finished the same way -------------------------------------------------------------------
 
 
@@ -280,8 +250,8 @@ def reference_enqueue(
     return res
 
 
-COMPILED = Datapath("compiled", dequeue, enqueue, rxsync, txsync)
-REFERENCE = Datapath("reference", reference_dequeue, reference_enqueue)
+COMPILED = Datapath("compiled", dequeue, enqueue, True)
+REFERENCE = Datapath("reference", reference_dequeue, reference_enqueue, False)
 
 
 def select_datapath(reference: bool | None = None) -> Datapath:

@@ -114,7 +114,7 @@ class VhostUserPort(NetmapAdapter):
         fast = self._fast
         if fast is not None and fast.version == self._version:
             return fast
-        if self.datapath.rxsync is None or self.device.broken is not None:
+        if not self.datapath.compiled or self.device.broken is not None:
             return None
         dev = self.device
         mem, hdr_len, mergeable = dev.memory, dev.vnet_hdr_size, dev.mergeable_rx
@@ -147,7 +147,7 @@ class VhostUserPort(NetmapAdapter):
         index = kring.ring_id
         vq = self._queue(2 * index + 1) if receive else self._rx_queue_for(index)
         if status == lib.VHU_REJECT or vq is None:
-            (self.rxsync if receive else self.txsync)(index)
+            (NetmapAdapter.rxsync if receive else NetmapAdapter.txsync)(self, index)
             return
         try:
             kernels.finish(vq, self.device.memory, status, not receive)
@@ -226,57 +226,26 @@ class VhostUserPort(NetmapAdapter):
         self.device.mark_broken(str(e), queue=e.queue)
 
     def rxsync(self, ring_index: int, flags: int = 0) -> None:
-        """NetmapAdapter.rxsync, in one compiled call when nothing but the guest's queue is involved."""
-        fast = self.datapath.rxsync
-        if (
-            fast is not None
-            and ring_index < self.num_rx_rings
-            and self.broken is None
-            and self.host_port is None
-            and not self._announcements
-        ):
-            vq = self._queue(2 * ring_index + 1)
-            if vq is not None:
-                kring = self.rx_rings[ring_index]
-                try:
-                    res = fast(kring, vq, self.device.memory, self.device.vnet_hdr_size, self._bufs)
-                except VirtqueueError as e:
-                    self._fault(kring, e)
-                    return
-                if res is not None:
-                    st = self.queue_stats[ring_index]
-                    st.rx_packets += res.packets
-                    st.rx_bytes += res.bytes
-                    st.rx_dropped += res.dropped
-                    return
-        super().rxsync(ring_index, flags)
+        """NetmapAdapter.rxsync, in one compiled call (vhu_queue_rxsync) when fast_queues() has the ring."""
+        fast = self.fast_queues()
+        q = fast.rx.get(ring_index) if fast is not None else None
+        if q is None:
+            super().rxsync(ring_index, flags)
+            return
+        status = lib.vhu_queue_rxsync(q)
+        if status != lib.VQ_OK:
+            self.fast_failed(self.rx_rings[ring_index], True, status)
 
     def txsync(self, ring_index: int, flags: int = 0) -> None:
-        """NetmapAdapter.txsync, in one compiled call when a guest's receive queue takes the slots."""
-        fast = self.datapath.txsync
-        if fast is not None and ring_index < self.num_tx_rings and self.broken is None:
-            vq = self._rx_queue_for(ring_index)
-            if vq is not None:
-                kring = self.tx_rings[ring_index]
-                try:
-                    res = fast(
-                        kring,
-                        vq,
-                        self.device.memory,
-                        self.device.vnet_hdr_size,
-                        self.device.mergeable_rx,
-                        self._bufs,
-                    )
-                except VirtqueueError as e:
-                    self._fault(kring, e)
-                    return
-                if res is not None:
-                    st = self.queue_stats[vq.index // 2]
-                    st.tx_packets += res.packets
-                    st.tx_bytes += res.bytes
-                    st.tx_dropped += res.dropped
-                    return
-        super().txsync(ring_index, flags)
+        """NetmapAdapter.txsync, in one compiled call (vhu_queue_txsync) when fast_queues() has the ring."""
+        fast = self.fast_queues()
+        q = fast.tx.get(ring_index) if fast is not None else None
+        if q is None:
+            super().txsync(ring_index, flags)
+            return
+        status = lib.vhu_queue_txsync(q)
+        if status != lib.VQ_OK:
+            self.fast_failed(self.tx_rings[ring_index], False, status)
 
     def nm_rxsync(self, kring: Kring, flags: int = 0) -> None:
         """Release what the user returned, then import what the guest transmitted on queue pair i."""
