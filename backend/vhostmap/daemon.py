@@ -30,6 +30,7 @@ from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.generic import GenericAdapter
 from vhostmap.netmap.host import HostStack
 from vhostmap.netmap.pipe import PipeEnd, make_pipe
+from vhostmap.netmap.stash import STASH_BUFFERS
 from vhostmap.netmap.user import parse_port_spec
 from vhostmap.switch import Switch
 from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
@@ -47,12 +48,15 @@ CLIENT_RING_SLOTS = 512
 
 
 def allocator_params(config: DaemonConfig) -> AllocatorParams:
-    """An allocator big enough for every ring of every port (one buffer per slot), room for CLIENT_PORTS
-    application switch ports (a pipe: four rings) and spares."""
+    """An allocator big enough for every ring of every port (one buffer per slot) and its buffer stash, room
+    for CLIENT_PORTS application switch ports (a pipe: four rings) and spares."""
     rings = sum(2 * (p.queues + 1) for p in config.ports)
     return AllocatorParams(
         ring_num=rings + 4 * CLIENT_PORTS,
-        buf_num=rings * PORT_RING_SLOTS + 4 * CLIENT_PORTS * CLIENT_RING_SLOTS + SPARE_BUFFERS,
+        buf_num=rings * PORT_RING_SLOTS
+        + len(config.ports) * STASH_BUFFERS
+        + 4 * CLIENT_PORTS * CLIENT_RING_SLOTS
+        + SPARE_BUFFERS,
     )
 
 

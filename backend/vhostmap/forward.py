@@ -79,6 +79,14 @@ def struct_array(ctype: str, items: list[Any]) -> Any:
 Side = tuple[VhostUserPort, Kring, bool]
 
 
+def with_stash(q: Any, port: VhostUserPort) -> Any:
+    """A copy of struct vhu_queue ``q`` whose syncs recycle buffers through ``port``'s stash: for the
+    forwarders' passes, where the daemon is the ring user (netmap/stash.py)."""
+    copy = ffi.new("struct vhu_queue *", q[0])
+    copy.stash = port.stash.c
+    return copy
+
+
 def fast_queues(port: NetmapAdapter) -> FastQueues | None:
     """The port's FastQueues if it is a vhost-user port that can take the compiled path now."""
     return port.fast_queues() if isinstance(port, VhostUserPort) else None
@@ -151,8 +159,8 @@ class Link:
                     continue
                 lane = ffi.new("struct vhu_lane *")
                 if s is not None:
-                    lane.src = s[0]
-                lane.dst = d[0]
+                    lane.src = with_stash(s, src)[0]
+                lane.dst = with_stash(d, dst)[0]
                 lanes.append(lane)
                 sides += [(src, src.rx_rings[i], True), (dst, dst.tx_rings[j], False)]
         self._plan = plan = _Pass((qa, qb), "struct vhu_lane", lanes, sides)
@@ -189,7 +197,8 @@ class Sink:
             assert isinstance(self.port, VhostUserPort)
             rings = sorted(q.rx)
             sides: list[Side] = [(self.port, self.port.rx_rings[i], True) for i in rings]
-            self._plan = plan = _Pass((q,), "struct vhu_queue", [q.rx[i] for i in rings], sides)
+            items = [with_stash(q.rx[i], self.port) for i in rings]
+            self._plan = plan = _Pass((q,), "struct vhu_queue", items, sides)
         return plan
 
     def wake_fds(self) -> list[int]:
@@ -206,7 +215,7 @@ class Sink:
         got = 0
         for i in range(self.port.num_rx_rings):
             self.port.rxsync(i)
-            frames = lib.nm_release_received(self.port.rx_rings[i].c)
+            frames = lib.nm_release_received(self.port.rx_rings[i].c, ffi.NULL)
             if frames:
                 self.port.count_dropped(i, frames)
                 got += frames

@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forward import PassOutcome, Side, fast_queues, struct_array
+from vhostmap.forward import PassOutcome, Side, fast_queues, struct_array, with_stash
 from vhostmap.netmap.abi import (
     NM_RESERVED_BUFS,
     NS_BUF_CHANGED,
@@ -634,7 +634,7 @@ class Switch:
                 if d is None:
                     return None  # nowhere to deliver: the Python round drops as a NIC without carrier
                 tx_index[(p, t)] = len(tx_items)
-                tx_items.append(d)
+                tx_items.append(with_stash(d, p.adapter))
         src_items: list[Any] = []
         keep: list[Any] = [list(queues.values())]
         for p in self.ports:
@@ -646,7 +646,7 @@ class Switch:
                 item = ffi.new("struct vhu_switch_source *")
                 rx = queues[p.adapter].rx.get(ring_index)
                 if rx is not None:
-                    item.rx = rx[0]
+                    item.rx = with_stash(rx, p.adapter)[0]
                 item.fwd = source.c
                 dest_tx = ffi.new("uint32_t[]", [tx_index[pair] for pair in source.targets.pairs])
                 item.dest_tx = dest_tx

@@ -7,6 +7,7 @@ import os
 import random
 import select
 import time
+from collections import Counter
 
 import pytest
 
@@ -14,8 +15,9 @@ from conftest import RunningDaemon, StartDaemon
 from vhostmap.forward import Link
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
 from vhostmap.netmap.allocator import AllocatorParams
+from vhostmap.netmap.stash import BufferStash
 from vhostmap.vhost_user.messages import U64, Request, VringState
-from vhostmap.vhost_user.port import PORT_RING_SLOTS
+from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
 from vhostmap.virtio.spec import (
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -340,3 +342,42 @@ def test_a_link_of_vhost_user_ports_runs_compiled_and_recovers_a_ring_the_python
     assert kring.reinits == 1
     assert "head 5000 >= num_slots" in caplog.text
     assert d.totals("a")["rx_packets"] == d.totals("b")["tx_packets"] == 16
+
+
+def newest(stash: BufferStash, k: int) -> set[int]:
+    """The ``k`` buffers given to ``stash`` last."""
+    return {int(stash.bufs[(stash.cursor - 1 - j) % stash.size]) for j in range(k)}
+
+
+def test_a_link_receives_into_the_buffers_its_last_deliveries_freed_and_loses_none(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    a, b = d.daemon.adapters["a"], d.daemon.adapters["b"]
+    assert isinstance(a, VhostUserPort) and isinstance(b, VhostUserPort)
+
+    def held() -> Counter[int]:
+        rings = [*a.tx_rings, *a.rx_rings, *b.tx_rings, *b.rx_rings]
+        return Counter(
+            [*(int(x) for k in rings for x in k.ring.slots["buf_idx"]), *a.stash.bufs, *b.stash.bufs]
+        )
+
+    with d.daemon.worker.lock:
+        before = held()
+    k = 8
+    fa.post_receive_buffers(2 * k)
+    fb.post_receive_buffers(2 * k)
+    to_a = [frame(1514, i) for i in range(k)]
+    fb.transmit(to_a)
+    assert fa.receive(k) == to_a
+    with d.daemon.worker.lock:  # the pass that delivered them has finished
+        freed = newest(a.stash, k)  # a's deliveries gave their buffers to its stash
+    to_b = [frame(1514, 100 + i) for i in range(k)]
+    fa.transmit(to_b)
+    assert fb.receive(k) == to_b
+    with d.daemon.worker.lock:
+        # a received into exactly those buffers, which b's deliveries then gave to its stash.
+        assert newest(b.stash, k) == freed
+        after = held()
+    assert after == before and max(after.values()) == 1  # buffers only moved: none lost, none twice

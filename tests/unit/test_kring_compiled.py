@@ -14,7 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from vhostmap.datapath import lib
+from vhostmap.datapath import ffi, lib
 from vhostmap.forward import SWAP_ALL, count_frames, swap_slots
 from vhostmap.netmap.abi import NR_RX, NR_TIMESTAMP, NR_TX, NS_MOREFRAG, SLOT_DTYPE, NetmapRing, RingView
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
@@ -146,7 +146,7 @@ def test_compiled_release_agrees_with_the_sink(
     setup(krings.got_rx, (0, 0, 0, 0, 0), (ends[0], ends[0], ends[1]), slots)
     frames = count_frames(ring, ring.head, (ring.tail - ring.head) % N)
     ring.head = ring.cur = ring.tail
-    assert lib.nm_release_received(krings.got_rx.c) == frames
+    assert lib.nm_release_received(krings.got_rx.c, ffi.NULL) == frames
     assert snapshot(krings.got_rx)[5:] == snapshot(krings.ref_rx)[5:]
 
 

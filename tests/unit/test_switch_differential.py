@@ -619,7 +619,7 @@ def test_c_constants_agree_with_python() -> None:
         NS_NO_LEARN,
         NS_MOREFRAG,
     )
-    assert lib.SW_RESERVED_BUFS == NM_RESERVED_BUFS
+    assert lib.NM_RESERVED_BUFS == NM_RESERVED_BUFS
     assert lib.SW_ETH_HLEN == ETH_HLEN
     assert lib.SW_FLOOD == switch_module._FLOOD
     names = [name for name, _ in ffi.typeof("struct sw_stats").fields]

@@ -101,7 +101,42 @@ uint32_t nm_swap_slots(struct nm_kring *rx, struct nm_kring *tx, uint32_t limit)
     return n;
 }
 
-uint32_t nm_release_received(struct nm_kring *rx)
+/* The buffer index of `slot` if it may enter or leave the stash, else 0 (reserved: never a data buffer). */
+static inline uint32_t nm_stash_idx(const struct nm_bufs *nm, const struct nm_slot *slot)
+{
+    uint32_t idx = __atomic_load_n(&slot->buf_idx, __ATOMIC_RELAXED);
+    return idx >= NM_RESERVED_BUFS && idx < nm->nbufs ? idx : 0;
+}
+
+void nm_stash_take(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first, uint32_t count)
+{
+    if (!s->size || first >= nm->num_slots)
+        return;
+    for (uint32_t k = 0, i = first; k < count; k++, i = i + 1 == nm->num_slots ? 0 : i + 1) {
+        uint32_t idx = nm_stash_idx(nm, &nm->slots[i]);
+        if (!idx)
+            continue;
+        s->cursor = s->cursor ? s->cursor - 1 : s->size - 1;
+        nm->slots[i].buf_idx = s->bufs[s->cursor];
+        s->bufs[s->cursor] = idx;
+    }
+}
+
+void nm_stash_give(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first, uint32_t count)
+{
+    if (!s->size || first >= nm->num_slots)
+        return;
+    for (uint32_t k = 0, i = first; k < count; k++, i = i + 1 == nm->num_slots ? 0 : i + 1) {
+        uint32_t idx = nm_stash_idx(nm, &nm->slots[i]);
+        if (!idx)
+            continue;
+        nm->slots[i].buf_idx = s->bufs[s->cursor];
+        s->bufs[s->cursor] = idx;
+        s->cursor = s->cursor + 1 == s->size ? 0 : s->cursor + 1;
+    }
+}
+
+uint32_t nm_release_received(struct nm_kring *rx, struct nm_stash *stash)
 {
     uint32_t n = rx->bufs.num_slots;
     uint32_t head = ring_load(rx, NM_RING_HEAD), tail = ring_load(rx, NM_RING_TAIL);
@@ -110,6 +145,8 @@ uint32_t nm_release_received(struct nm_kring *rx)
     uint32_t frames = 0;
     for (uint32_t i = head; i != tail; i = i + 1 == n ? 0 : i + 1)
         frames += !(__atomic_load_n(&rx->bufs.slots[i].flags, __ATOMIC_RELAXED) & NS_MOREFRAG);
+    if (stash)
+        nm_stash_give(stash, &rx->bufs, head, nm_dist(head, tail, n));
     ring_store(rx, NM_RING_HEAD, tail);
     ring_store(rx, NM_RING_CUR, tail);
     return frames;

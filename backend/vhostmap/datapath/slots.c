@@ -15,7 +15,7 @@ int32_t nm_slots_check(const struct nm_slot *slots, uint32_t num_slots, uint32_t
         /* Read each field once: the ring user may be writing the slot while we look at it. */
         uint32_t buf_idx = __atomic_load_n(&s->buf_idx, __ATOMIC_RELAXED);
         uint32_t len = __atomic_load_n(&s->len, __ATOMIC_RELAXED);
-        if (buf_idx < 2 || buf_idx >= nbufs || len < min_len || len > max_len)
+        if (buf_idx < NM_RESERVED_BUFS || buf_idx >= nbufs || len < min_len || len > max_len)
             return (int32_t)i;
         if (++j == num_slots)
             j = 0;

@@ -207,7 +207,7 @@ static int sw_room(struct sw_source *s, const struct sw_frame *f, uint32_t d)
      * wrote there) ends the room of the ring, as tx_room does. */
     for (uint32_t k = 0, j = st->pos; k < f->nslots; k++) {
         uint32_t b = LOAD(&r->slots[j].buf_idx);
-        if (b < SW_RESERVED_BUFS || b >= r->nbufs)
+        if (b < NM_RESERVED_BUFS || b >= r->nbufs)
             return 0;
         s->dbufs[k] = b;
         if (++j == dn)
@@ -283,7 +283,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
         for (uint32_t i = f->start; i < f->start + f->nslots; i++) {
             const struct sw_slot *sl = &s->snap[i];
             bytes += sl->len;
-            if (sl->buf_idx < SW_RESERVED_BUFS || sl->buf_idx >= rx->nbufs || sl->len < 1 || sl->len > bs)
+            if (sl->buf_idx < NM_RESERVED_BUFS || sl->buf_idx >= rx->nbufs || sl->len < 1 || sl->len > bs)
                 valid = 0;
         }
         f->bytes = bytes;

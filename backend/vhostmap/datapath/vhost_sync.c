@@ -5,7 +5,7 @@
 #include "kernels.h"
 
 int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
-                   struct vq_used_elem *pending, struct vq_batch *out)
+                   struct nm_stash *stash, struct vq_used_elem *pending, struct vq_batch *out)
 {
     if (nm_sync_prologue(k))
         return VHU_REJECT;
@@ -13,6 +13,11 @@ int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     k->nr_hwcur = k->rhead;
     /* Fill [hwtail, hwcur - 1): one slot always stays empty. */
     uint32_t space = (k->nr_hwcur + n - k->nr_hwtail - 1) % n;
+    if (stash) {
+        /* A slot per waiting chain (a frame larger than a buffer takes more: those use their own). */
+        uint32_t take = vq_pending(vq);
+        nm_stash_take(stash, &k->bufs, k->nr_hwtail, take < space ? take : space);
+    }
     int32_t status = vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, pending, out);
     if (status == VQ_OK)
         k->nr_hwtail = (k->nr_hwtail + out->slots) % n;
@@ -23,7 +28,8 @@ int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
 }
 
 int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
-                   int32_t mergeable, struct vq_used_elem *pending, struct vq_batch *out)
+                   int32_t mergeable, struct nm_stash *stash, struct vq_used_elem *pending,
+                   struct vq_batch *out)
 {
     if (nm_sync_prologue(k))
         return VHU_REJECT;
@@ -34,6 +40,8 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
         status = vq_enqueue(vq, mem, &k->bufs, hdr_len, mergeable, k->nr_hwcur, count, pending, out);
         if (status == VQ_OK) {
             /* Delivered slots were copied out: they are free again at once. */
+            if (stash)
+                nm_stash_give(stash, &k->bufs, k->nr_hwcur, out->slots);
             k->nr_hwcur = (k->nr_hwcur + out->slots) % n;
             k->nr_hwtail = (k->nr_hwcur + n - 1) % n;
         }
@@ -45,7 +53,7 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     return status;
 }
 
-/* The interrupt the driver asked for (kernels._finish does the same for the calls above). */
+/* The interrupt the driver asked for (kernels.finish does the same for the calls above). */
 static void vhu_notify(const struct vhu_queue *q)
 {
     if (q->out->notify && q->call_fd >= 0) {
@@ -58,7 +66,7 @@ static void vhu_notify(const struct vhu_queue *q)
 
 int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 {
-    int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->scratch, q->out);
+    int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->stash, q->scratch, q->out);
     if (status == VQ_OK) {
         q->stats->rx_packets += q->out->packets;
         q->stats->rx_bytes += q->out->bytes;
@@ -70,7 +78,7 @@ int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 
 int32_t vhu_queue_txsync(const struct vhu_queue *q)
 {
-    int32_t status = vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->scratch, q->out);
+    int32_t status = vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->stash, q->scratch, q->out);
     if (status == VQ_OK) {
         q->stats->tx_packets += q->out->packets;
         q->stats->tx_bytes += q->out->bytes;
@@ -118,7 +126,7 @@ uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *fail
             *status = st;
             return frames;
         }
-        uint32_t n = nm_release_received(q->kring);
+        uint32_t n = nm_release_received(q->kring, q->stash);
         q->stats->rx_dropped += n;
         frames += n;
     }

@@ -268,6 +268,14 @@ static int32_t vq_pop(struct vq_split *vq, const struct vm_memory *mem, int writ
     return status;
 }
 
+uint32_t vq_pending(const struct vq_split *vq)
+{
+    if (!vq->avail || !vq->num)
+        return 0;
+    uint16_t n = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
+    return n <= vq->num ? n : 0;
+}
+
 /* --- completion: flush_used, call, enable_kicks --------------------------------------------------------- */
 
 static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const struct vq_used_elem *pending,

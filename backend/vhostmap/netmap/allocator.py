@@ -489,17 +489,25 @@ class NetmapMemory:
                     f"netmap_if {layout.name!r} at {layout.offset} is not live in this allocator"
                 )
             del self._ifs[layout.offset]
-            held = [self._slots(r)["buf_idx"].astype(np.int64) for r in layout.rings]
-            bufs = np.unique(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
-            bufs = bufs[(bufs >= NM_RESERVED_BUFS) & (bufs < self.nbufs)]
-            bufs = bufs[~self.buf_pool.free[bufs]]
-            self.buf_pool.release(bufs)
+            held = [self._slots(r)["buf_idx"] for r in layout.rings]
+            self._release_held(np.concatenate(held) if held else np.empty(0, dtype=np.int64))
             ring_idx = np.array([r.index for r in layout.rings], dtype=np.int64)
             self._zero(self.ring_pool, ring_idx)
             self.ring_pool.release(ring_idx)
             if_idx = np.array([layout.index], dtype=np.int64)
             self._zero(self.if_pool, if_idx)
             self.if_pool.release(if_idx)
+
+    def release_held(self, idx: npt.ArrayLike) -> None:
+        """Give back the buffers a ring or a stash holds now: indexes that are reserved, out of range, already
+        free or repeated are skipped, since users may have swapped buffers around (and may lie)."""
+        with self._lock:
+            self._release_held(idx)
+
+    def _release_held(self, idx: npt.ArrayLike) -> None:
+        bufs = np.unique(np.asarray(idx).ravel().astype(np.int64))
+        bufs = bufs[(bufs >= NM_RESERVED_BUFS) & (bufs < self.nbufs)]
+        self.buf_pool.release(bufs[~self.buf_pool.free[bufs]])
 
     def live_ifs(self) -> list[IfLayout]:
         """Interfaces created and not yet deleted."""

@@ -23,6 +23,7 @@ from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.stash import BufferStash
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.device import NetConfig, VhostUserNetDevice
 from vhostmap.vhost_user.kernels import select_datapath
@@ -88,6 +89,8 @@ class VhostUserPort(NetmapAdapter):
         self._version = 0
         self._fast: FastQueues | None = None
         self._bufs = Buffers(memory.array, memory.buffers_offset, memory.buf_size)
+        # Receive into the buffers the last deliveries freed (the forwarders' passes; netmap/stash.py).
+        self.stash = BufferStash.allocate(memory)
         self.datapath = select_datapath(reference_datapath)
         self.poll = poll
         self._announcements: list[bytes] = []
@@ -193,6 +196,7 @@ class VhostUserPort(NetmapAdapter):
             self.device.close()
             self._changed()
             super().close()
+            self.stash.close()
 
     # --- the datapath -------------------------------------------------------------------------------------
     def wake_fds(self) -> list[int]:
