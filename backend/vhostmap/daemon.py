@@ -35,6 +35,7 @@ from vhostmap.netmap.user import parse_port_spec
 from vhostmap.switch import Switch
 from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
 from vhostmap.vhost_user.server import Endpoint, SocketMode
+from vhostmap.virtio.spec import feature_names
 from vhostmap.vm import libvirt_access_problems
 from vhostmap.worker import Forwarder, Worker, pin_current_thread
 
@@ -218,6 +219,7 @@ class Daemon:
                     "queues": self.config.port(ep.handler.name).queues,
                     "mtu": self.config.port(ep.handler.name).mtu,
                     "broken": self.ports[ep.handler.name].device.broken,
+                    "features": feature_names(self.ports[ep.handler.name].device.features),
                 }
                 for ep in self.endpoints
             }

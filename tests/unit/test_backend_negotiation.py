@@ -14,7 +14,6 @@ from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
 from vhostmap.vhost_user.memory import MAX_MEM_SLOTS, VHOST_LOG_PAGE
 from vhostmap.vhost_user.messages import (
     U64,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     DeviceConfig,
     MemoryRegion,
     ProtocolFeature,
@@ -24,8 +23,10 @@ from vhostmap.vhost_user.messages import (
 )
 from vhostmap.virtio.spec import (
     VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_IN_ORDER,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_VQ,
@@ -69,6 +70,7 @@ def test_get_features_offers_what_qemu_negotiates_and_no_offloads(start_daemon: 
         | bit(VIRTIO_NET_F_MRG_RXBUF)
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
         | bit(VIRTIO_RING_F_EVENT_IDX)
+        | bit(VIRTIO_F_IN_ORDER)  # every queue completes in the order the driver made buffers available
         | bit(VIRTIO_NET_F_MQ)
         | bit(VIRTIO_NET_F_MTU)
         | bit(VIRTIO_NET_F_STATUS)
@@ -342,4 +344,15 @@ def test_negotiation_and_traffic_are_quiet_when_all_is_well(
         f"vhostmap {__version__} serving 2 port(s)",
         f"port a: front-end connected on {d.path('a')}",
         f"port b: front-end connected on {d.path('b')}",
+    ]
+
+
+def test_status_names_the_features_the_front_end_negotiated(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": ""})
+    d.frontend("a", features=bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_F_IN_ORDER))
+    assert d.daemon.status(None)["ports"]["a"]["features"] == [
+        "VIRTIO_NET_F_MRG_RXBUF",
+        "VHOST_USER_F_PROTOCOL_FEATURES",
+        "VIRTIO_F_VERSION_1",
+        "VIRTIO_F_IN_ORDER",
     ]

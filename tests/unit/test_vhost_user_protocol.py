@@ -22,7 +22,6 @@ from vhostmap.vhost_user.messages import (
     REQUESTS,
     U64,
     VHOST_MEMORY_BASELINE_NREGIONS,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_USER_MAX_CONFIG_SIZE,
     VHOST_USER_MAX_PAYLOAD_SIZE,
     VHOST_USER_NEED_REPLY_MASK,
@@ -56,6 +55,7 @@ from vhostmap.vhost_user.protocol import (
     encode,
     reply,
 )
+from vhostmap.virtio.spec import VHOST_USER_F_PROTOCOL_FEATURES
 
 # --- helpers ------------------------------------------------------------------------------------------------
 

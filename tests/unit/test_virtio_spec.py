@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhostmap.virtio.spec import (
+    VHOST_F_LOG_ALL,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     VRING_DESC,
@@ -11,6 +12,7 @@ from vhostmap.virtio.spec import (
     VRING_USED_ELEM,
     VRING_USED_ELEM_DTYPE,
     bit,
+    feature_names,
     virtio_net_hdr_size,
     vring_avail_size,
     vring_desc_size,
@@ -41,3 +43,12 @@ def test_need_event_is_true_exactly_when_the_event_index_is_crossed(event: int, 
     new = (old + moved) & 0xFFFF
     crossed = any(((old + k) & 0xFFFF) == event for k in range(moved))
     assert vring_need_event(event, new, old) == crossed
+
+
+def test_feature_names_name_known_bits_and_number_the_others() -> None:
+    assert feature_names(bit(VIRTIO_F_VERSION_1) | bit(VHOST_F_LOG_ALL) | bit(61)) == [
+        "VHOST_F_LOG_ALL",
+        "VIRTIO_F_VERSION_1",
+        "bit 61",
+    ]
+    assert feature_names(0) == []

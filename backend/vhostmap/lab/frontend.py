@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from vhostmap.vhost_user.messages import (
     U64,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_VRING_F_LOG,
     LogDescriptor,
     MemoryRegion,
@@ -34,6 +33,7 @@ from vhostmap.vhost_user.messages import (
 from vhostmap.vhost_user.protocol import FrontendConnection, Message, NeedData, Payload
 from vhostmap.virtio.spec import (
     VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
     VIRTIO_CONFIG_S_DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK,

@@ -18,7 +18,6 @@ from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import MAX_MEM_SLOTS, GuestMemory
 from vhostmap.vhost_user.messages import (
     U64,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     DeviceConfig,
     LogDescriptor,
     MemoryTable,
@@ -33,9 +32,11 @@ from vhostmap.vhost_user.protocol import Message, Payload
 from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError, VringAddresses
 from vhostmap.virtio.spec import (
     VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ANY_LAYOUT,
+    VIRTIO_F_IN_ORDER,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
@@ -62,6 +63,7 @@ OFFERED_FEATURES = (
     | bit(VIRTIO_NET_F_MRG_RXBUF)
     | bit(VIRTIO_RING_F_INDIRECT_DESC)
     | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_F_IN_ORDER)
     | bit(VIRTIO_NET_F_MQ)
     | bit(VIRTIO_NET_F_MTU)
     | bit(VIRTIO_NET_F_STATUS)

@@ -31,9 +31,6 @@ VHOST_USER_NEED_REPLY_MASK = 0x1 << 3
 #: bytes of config space, an 8-region memory table) stay under 300 bytes: a larger size is a broken stream.
 VHOST_USER_MAX_PAYLOAD_SIZE = 4096
 
-#: The feature bit (in GET_FEATURES) that announces protocol feature negotiation.
-VHOST_USER_F_PROTOCOL_FEATURES = 30
-
 #: Regions a SET_MEM_TABLE carries at most (one fd each). More need CONFIGURE_MEM_SLOTS and ADD_MEM_REG.
 VHOST_MEMORY_BASELINE_NREGIONS = 8
 #: Most fds any message carries (SET_MEM_TABLE's); size the SCM_RIGHTS buffer for this many.

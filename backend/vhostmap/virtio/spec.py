@@ -38,8 +38,10 @@ VIRTIO_F_SR_IOV = 37
 VIRTIO_F_NOTIFICATION_DATA = 38
 VIRTIO_F_RING_RESET = 40
 
-# vhost's own bit in the same feature word: the front-end asks for dirty-page logging (live migration).
+# vhost's own bits in the same feature word: the front-end asks for dirty-page logging (live migration); the
+# back-end announces vhost-user protocol feature negotiation (GET_PROTOCOL_FEATURES).
 VHOST_F_LOG_ALL = 26
+VHOST_USER_F_PROTOCOL_FEATURES = 30
 
 # --- virtio-net feature bits (spec 5.1.3) ------------------------------------------------------------------
 VIRTIO_NET_F_CSUM = 0
@@ -156,6 +158,18 @@ def virtio_net_hdr_size(features: int) -> int:
     if features & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)):
         return VIRTIO_NET_HDR_SIZE
     return VIRTIO_NET_HDR_LEGACY_SIZE
+
+
+def feature_names(features: int) -> list[str]:
+    """The names of the virtio feature bits set in ``features`` (``bit N`` for one this module does not
+    name), lowest bit first: what a port negotiated, as an operator reads it."""
+    names = {
+        value: name
+        for name, value in globals().items()
+        if name.startswith(("VIRTIO_F_", "VIRTIO_RING_F_", "VIRTIO_NET_F_", "VHOST_F_", "VHOST_USER_F_"))
+        and isinstance(value, int)
+    }
+    return [names.get(n, f"bit {n}") for n in range(64) if features & bit(n)]
 
 
 # --- virtio-net config space (spec 5.1.4) -----------------------------------------------------------------
