@@ -21,7 +21,16 @@ ffibuilder.set_source(
     '#include "kernels.h"',
     sources=[str(p.relative_to(ROOT)) for p in sorted(HERE.glob("*.c"))],
     include_dirs=[str(HERE.relative_to(ROOT))],
-    extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+    # -fno-semantic-interposition: calls between the kernels stay direct and inlinable (no PLT), as in a
+    # static build; nothing outside this module replaces them.
+    extra_compile_args=[
+        "-O3",
+        "-std=gnu11",
+        "-fno-semantic-interposition",
+        "-Wall",
+        "-Wextra",
+        "-Werror=implicit-function-declaration",
+    ],
 )
 
 if __name__ == "__main__":
