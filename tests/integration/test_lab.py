@@ -11,9 +11,10 @@ from typing import Literal
 
 import pytest
 
+from vhostmap.lab.channel import GuestCommandTimeout
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import Netns, Tap, VethPair, add_address, link_exists, set_up
-from vhostmap.lab.qemu import GuestCommandTimeout, Nic, QemuGuest
+from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.testpmd import Testpmd, VhostPort, VirtioUserPort, parse_forward_drops, parse_port_stats
 
 GUEST_MAC = "52:54:00:00:00:02"

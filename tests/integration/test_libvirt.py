@@ -11,25 +11,21 @@ Every domain a test defines is destroyed and undefined when the test ends, wheth
 
 from __future__ import annotations
 
-import base64
-import math
 import os
 import re
-import select
-import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import pytest
 
+from vhostmap.lab.channel import CommandChannel
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
-from vhostmap.lab.qemu import READY_MARKER, CompletedCommand, Nic, QemuGuest
+from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.wait import tail, wait_until
 from vhostmap.vm import (
     QEMU_NS,
@@ -47,8 +43,6 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed
 
 MAC_A, MAC_B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
 IP_A, IP_B = "10.0.0.1", "10.0.0.2"
-_RC = re.compile(rb"@@VHM-RC (\d+) (\S+)@@\n")
-_LOSS = re.compile(r"(\d+(?:\.\d+)?)% packet loss")
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 
 
@@ -122,115 +116,12 @@ class Domains:
         (QEMU_LOG_DIR / f"{name}.log").unlink(missing_ok=True)
 
 
-class GuestChannel:
-    """The lab guest's command channel on a domain's second serial port: a UNIX socket QEMU connects to.
-
-    Speaks the protocol of scripts/guest-init.sh, as `vhostmap.lab.qemu.QemuGuest` does for its own QEMU.
-    """
-
-    def __init__(self, path: Path, details: Callable[[], str]) -> None:
-        self.path = path
-        self.details = details
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(1)
-        self._conn: socket.socket | None = None
-        self._buffer = b""
-        self._seq = 0
-
-    def serial_element(self) -> ET.Element:
-        """The ``<serial>`` that connects the domain's ttyS1 to this channel."""
-        serial = ET.Element("serial", type="unix")
-        ET.SubElement(serial, "source", mode="connect", path=str(self.path))
-        ET.SubElement(serial, "target", port="1")
-        return serial
-
-    def _receive(self, timeout: float) -> None:
-        """Accept QEMU's connection, or append what the guest sent; waits up to ``timeout`` for either."""
-        sock = self._conn if self._conn is not None else self._listener
-        readable, _, _ = select.select([sock], [], [], timeout)
-        if not readable:
-            return
-        if self._conn is None:
-            self._conn, _ = self._listener.accept()
-            return
-        data = self._conn.recv(65536)
-        if not data:
-            raise AssertionError(f"the guest's command channel closed\n{self.details()}")
-        self._buffer += data
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until the guest's /init says it is up."""
-
-        def ready() -> bool:
-            self._receive(0.1)
-            at = self._buffer.find(READY_MARKER)
-            if at < 0:
-                return False
-            self._buffer = self._buffer[at + len(READY_MARKER) :]
-            return True
-
-        wait_until(ready, timeout, "the domain's guest to boot", interval=0.01, details=self.details)
-
-    def run(self, cmd: str, timeout: float = 30.0, *, check: bool = False) -> CompletedCommand:
-        """Run ``cmd`` with the guest's /bin/sh: its exit status and output."""
-        assert self._conn is not None, "wait_ready() first"
-        self._seq += 1
-        seq, guest_timeout = self._seq, max(1, math.ceil(timeout))
-        self._conn.settimeout(30)
-        self._conn.sendall(b"%d %d %s\n" % (seq, guest_timeout, base64.b64encode(cmd.encode())))
-        self._conn.setblocking(False)
-        header = b"@@VHM-OUT %d " % seq
-
-        def reply() -> tuple[str, bytes] | None:
-            self._receive(0.05)
-            start = self._buffer.find(header)
-            end_of_header = self._buffer.find(b"@@\n", start) if start >= 0 else -1
-            if end_of_header < 0:
-                return None
-            length = int(self._buffer[start + len(header) : end_of_header])
-            body = end_of_header + 3
-            match = _RC.match(self._buffer, body + length)
-            if match is None:
-                return None
-            output = self._buffer[body : body + length]
-            self._buffer = self._buffer[match.end() :]
-            return match.group(2).decode(), output
-
-        status, raw = wait_until(
-            reply, guest_timeout + 15, f"the guest to answer {cmd!r}", interval=0.01, details=self.details
-        )
-        output = raw.decode(errors="replace")
-        assert status != "timeout", f"guest command {cmd!r} timed out:\n{output}\n{self.details()}"
-        result = CompletedCommand(cmd=cmd, rc=int(status), output=output)
-        return result.check() if check else result
-
-    def ping(self, addr: str, count: int = 3, *, size: int = 56, interval: float = 0.2) -> float:
-        """Ping ``addr`` from the guest; the loss in %."""
-        output = self.run(f"ping -c {count} -s {size} -i {interval} -W 2 {addr}").output
-        match = _LOSS.search(output)
-        assert match is not None, f"ping printed no loss figure:\n{output}"
-        return float(match.group(1))
-
-    def wait_carrier(self, dev: str = "eth0", timeout: float = 30.0) -> None:
-        """Wait until ``dev`` has carrier (vhostmap has started the device)."""
-        script = f'while [ "$(cat /sys/class/net/{dev}/carrier 2>/dev/null)" != 1 ]; do usleep 50000; done'
-        self.run(script, timeout=timeout, check=True)
-
-    def close(self) -> None:
-        """Close the sockets and remove the listening one."""
-        for sock in (self._conn, self._listener):
-            if sock is not None:
-                sock.close()
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+def serial_element(channel: CommandChannel) -> ET.Element:
+    """The ``<serial>`` that connects a domain's ttyS1 (the guest's command channel) to ``channel``."""
+    serial = ET.Element("serial", type="unix")
+    ET.SubElement(serial, "source", mode="connect", path=str(channel.path))
+    ET.SubElement(serial, "target", port="1")
+    return serial
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +152,7 @@ def lab_guest_b(
     return QemuGuest([nic], kernel=kernel, workdir=sock_dir / "qb")
 
 
-def boot_id(channel: GuestChannel) -> str:
+def boot_id(channel: CommandChannel) -> str:
     """The guest kernel's boot id: another one means the guest rebooted."""
     return channel.run("cat /proc/sys/kernel/random/boot_id", check=True).output.strip()
 
@@ -311,10 +202,10 @@ def test_domain_from_vm_xml_boots_and_pings_a_lab_guest_through_a_link(
         props = {p.get("name"): p.get("value") for p in device.iter(f"{{{QEMU_NS}}}property")}
         assert props == {"vectors": "0", "host_mtu": "9000"}
         with (
-            GuestChannel(sock_dir / "chan-a.sock", details) as a,
+            CommandChannel(sock_dir / "chan-a.sock", details) as a,
             lab_guest_b(guest_kernel, sock_dir, 9000) as b,
         ):
-            find(domain, "devices").append(a.serial_element())
+            find(domain, "devices").append(serial_element(a))
             domains.define_and_start(domain)
             a.wait_ready()
             b.wait_ready()
@@ -357,8 +248,11 @@ def test_hot_plugged_interface_becomes_a_working_port_and_unplugs_cleanly(
             console_log=str(console),
         )
         domain = domain_element(spec, [])
-        with GuestChannel(sock_dir / "chan-hp.sock", details) as a, lab_guest_b(guest_kernel, sock_dir) as b:
-            find(domain, "devices").append(a.serial_element())
+        with (
+            CommandChannel(sock_dir / "chan-hp.sock", details) as a,
+            lab_guest_b(guest_kernel, sock_dir) as b,
+        ):
+            find(domain, "devices").append(serial_element(a))
             dom = domains.define_and_start(domain)
             a.wait_ready()
             b.wait_ready()
@@ -421,9 +315,9 @@ def test_vhostmap_restart_under_a_running_domain_resumes_traffic_without_reboot(
         )
         domain = ET.fromstring(xml)
         assert find(domain, "devices/interface/source").get("mode") == "server"
-        channel = GuestChannel(sock_dir / "chan-srv.sock", details)
+        channel = CommandChannel(sock_dir / "chan-srv.sock", details)
         with channel as a, lab_guest_b(guest_kernel, sock_dir, mode="server") as b:
-            find(domain, "devices").append(a.serial_element())
+            find(domain, "devices").append(serial_element(a))
             host.define(to_xml(domain))
             vhostmap("vm", "start", name)
             dom = host.domain(name)

@@ -23,6 +23,7 @@ from vhostmap.daemon import Daemon
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.wait import wait_until
 from vhostmap.vhost_user.device import VhostUserNetDevice
+from vhostmap.vhost_user.kernels import REFERENCE_ENV
 from vhostmap.vhost_user.server import Endpoint
 
 
@@ -179,3 +180,14 @@ def start_daemon(
         gc.collect()
         leaked = {fd: target for fd, target in open_fds().items() if fds_before.get(fd) != target}
         assert not leaked, f"file descriptors leaked: {leaked}"
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The datapath every switch and port a test makes runs, chosen as in production: by the environment
+    (``pytestmark = pytest.mark.usefixtures("datapath")`` runs a module's tests with both)."""
+    if request.param == "reference":
+        monkeypatch.setenv(REFERENCE_ENV, "1")
+    else:
+        monkeypatch.delenv(REFERENCE_ENV, raising=False)
+    return str(request.param)

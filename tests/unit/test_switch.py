@@ -19,7 +19,6 @@ from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.frames import RxFill, SlotFrames
 from vhostmap.netmap.kring import Kring
 from vhostmap.switch import CompiledMacTable, MacTable, Switch
-from vhostmap.vhost_user.kernels import REFERENCE_ENV
 
 PARAMS = AllocatorParams(if_num=16, ring_num=96, ring_size=4096, buf_num=4096)
 BUF = PARAMS.buf_size
@@ -132,14 +131,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(autouse=True, params=["compiled", "reference"])
-def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The switch implementation every switch a test makes runs, chosen as the daemon's are."""
-    if request.param == "reference":
-        monkeypatch.setenv(REFERENCE_ENV, "1")
-    else:
-        monkeypatch.delenv(REFERENCE_ENV, raising=False)
-    return str(request.param)
+pytestmark = pytest.mark.usefixtures("datapath")  # every test with both datapaths (conftest)
 
 
 @pytest.fixture

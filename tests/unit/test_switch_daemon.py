@@ -22,21 +22,13 @@ from vhostmap.control import ControlError, call
 from vhostmap.hostbridge import HostBridge
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.netns import Tap, VethPair, ip
-from vhostmap.vhost_user.kernels import REFERENCE_ENV
 
 ETH_P_EXPERIMENTAL = 0x88B5
 BROADCAST = "ff:ff:ff:ff:ff:ff"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates TAP and veth devices (needs root)")
 
 
-@pytest.fixture(autouse=True, params=["compiled", "reference"])
-def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The datapath the daemon's switches and ports run, chosen as in production: by the environment."""
-    if request.param == "reference":
-        monkeypatch.setenv(REFERENCE_ENV, "1")
-    else:
-        monkeypatch.delenv(REFERENCE_ENV, raising=False)
-    return str(request.param)
+pytestmark = pytest.mark.usefixtures("datapath")  # every test with both datapaths (conftest)
 
 
 def mac(n: int) -> str:

@@ -1,24 +1,25 @@
 """The lab: QEMU guests, dpdk-testpmd peers and host network plumbing for tests, the demo and benchmarks.
 
 One idea per module: `guestkernel` (where the guest kernel and initramfs are), `qemu` (boot a guest with
-vhost-user NICs and run commands in it), `testpmd` (dpdk-testpmd as front-end or back-end, with counters),
-`netns` (namespaces, veths, TAPs) and `wait` (waiting on conditions with deadlines).
+vhost-user NICs), `channel` (run commands in a lab guest), `testpmd` (dpdk-testpmd as front-end or back-end,
+with counters), `netns` (namespaces, veths, TAPs) and `wait` (waiting on conditions with deadlines).
 """
 
-from vhostmap.lab.guestkernel import GuestKernel, GuestKernelMissing
-from vhostmap.lab.netns import Netns, NetnsError, Tap, VethPair, unique_name
-from vhostmap.lab.qemu import (
+from vhostmap.lab.channel import (
+    CommandChannel,
     CompletedCommand,
     GuestCommandFailed,
     GuestCommandTimeout,
     GuestError,
-    Nic,
-    QemuGuest,
 )
+from vhostmap.lab.guestkernel import GuestKernel, GuestKernelMissing
+from vhostmap.lab.netns import Netns, NetnsError, Tap, VethPair, unique_name
+from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.testpmd import PortStats, Testpmd, TestpmdError, VhostPort, VirtioUserPort
 from vhostmap.lab.wait import WaitTimeout, wait_until
 
 __all__ = [
+    "CommandChannel",
     "CompletedCommand",
     "GuestCommandFailed",
     "GuestCommandTimeout",

@@ -4,21 +4,14 @@
 guest RAM in a shared memfd (vhost-user maps it), one virtio-net-pci device per `Nic` with ``vectors=0``
 (QEMU 7.2 under TCG segfaults when vhost-user starts with MSI-X; the guest then uses INTx, which also serves
 multiqueue devices). Two serial ports: ttyS0 is the kernel console, written to ``console.log``; ttyS1 is the
-command channel, a UNIX socket this class listens on and QEMU connects to before the guest runs, so no byte
-of it is lost. Its protocol (see scripts/guest-init.sh): the host sends ``"<id> <timeout> <base64 script>"``
-and the guest answers ``"@@VHM-OUT <id> <length>@@"``, exactly <length> bytes of output, then
-``"@@VHM-RC <id> <status>@@"``.
+command channel (`vhostmap.lab.channel`), a UNIX socket this class listens on and QEMU connects to before the
+guest runs.
 """
 
 from __future__ import annotations
 
-import base64
-import math
 import os
-import re
-import select
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,32 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from vhostmap.lab.channel import CommandChannel, CompletedCommand, GuestError
 from vhostmap.lab.guestkernel import GuestKernel
-from vhostmap.lab.wait import WaitTimeout, tail, wait_until
+from vhostmap.lab.wait import tail, wait_until
 
 QEMU = "qemu-system-x86_64"
 UNIX_PATH_MAX = 108
-READY_MARKER = b"@@VHM-READY@@\n"
-_RC = re.compile(rb"@@VHM-RC (\d+) (\S+)@@\n")
-_LOSS = re.compile(r"(\d+(?:\.\d+)?)% packet loss")
-# Seconds the host waits past a command's own timeout: the guest's watchdog fires first and reports it.
-REPLY_GRACE = 15.0
-
-
-class GuestError(RuntimeError):
-    """QEMU or the guest did not do what was asked; the message ends with the logs' tails."""
-
-
-class GuestCommandTimeout(GuestError, TimeoutError):
-    """A guest command outlived its timeout. ``output`` holds what it printed, if the guest reported it."""
-
-    def __init__(self, message: str, output: str = "") -> None:
-        super().__init__(message)
-        self.output = output
-
-
-class GuestCommandFailed(GuestError):
-    """A command run with ``check=True`` exited non-zero."""
 
 
 @dataclass(frozen=True)
@@ -74,21 +47,6 @@ class Nic:
     ip: str | None = None
     reconnect: int | None = None
     options: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class CompletedCommand:
-    """What a guest command did: its shell exit status and its stdout and stderr, interleaved."""
-
-    cmd: str
-    rc: int
-    output: str
-
-    def check(self) -> CompletedCommand:
-        """Return self, or raise `GuestCommandFailed` if the command exited non-zero."""
-        if self.rc != 0:
-            raise GuestCommandFailed(f"guest command {self.cmd!r} exited {self.rc}:\n{tail(self.output)}")
-        return self
 
 
 def _qemu_path(path: str | Path, what: str) -> str:
@@ -156,11 +114,8 @@ class QemuGuest:
             _unix_path(nic.socket, "vhost-user socket")
         _unix_path(self.channel_path, "command channel socket")
         self._proc: subprocess.Popen[bytes] | None = None
-        self._listener: socket.socket | None = None
-        self._channel: socket.socket | None = None
-        self._buffer = b""
+        self._channel: CommandChannel | None = None
         self._ready = False
-        self._seq = 0
         self._started_at = 0.0
         self.boot_seconds: float | None = None
 
@@ -237,27 +192,12 @@ class QemuGuest:
             # A stale socket file from a crashed run would make QEMU's listen fail.
             if nic.mode == "server" and Path(nic.socket).is_socket():
                 Path(nic.socket).unlink()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(self.channel_path))
-        self._listener.listen(1)
-        self._listener.setblocking(False)
+        self._channel = CommandChannel(self.channel_path, self.diagnostics, self._check_alive)
         self._started_at = time.monotonic()
         with open(self.qemu_log, "wb") as log:
             self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        self._channel = wait_until(
-            self._accept_channel, 30, "QEMU to connect the command channel", details=self.diagnostics
-        )
-        self._channel.setblocking(False)
+        self._channel.wait_connected(30)
         return self
-
-    def _accept_channel(self) -> socket.socket | None:
-        self._check_alive()
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except BlockingIOError:
-            return None
-        return conn
 
     def wait_ready(self, timeout: float | None = None) -> float:
         """Wait until the guest's /init says it is up (NICs configured); return seconds since start."""
@@ -266,22 +206,7 @@ class QemuGuest:
             return self.boot_seconds
         if self._channel is None:
             raise GuestError("guest not started (use it as a context manager or call start())")
-
-        def ready() -> bool:
-            self._receive(0.1)
-            at = self._buffer.find(READY_MARKER)
-            if at < 0:
-                return False
-            self._buffer = self._buffer[at + len(READY_MARKER) :]
-            return True
-
-        wait_until(
-            ready,
-            self.boot_timeout if timeout is None else timeout,
-            "the guest to boot",
-            interval=0.01,
-            details=self.diagnostics,
-        )
+        self._channel.wait_ready(self.boot_timeout if timeout is None else timeout)
         self._ready = True
         self.boot_seconds = time.monotonic() - self._started_at
         return self.boot_seconds
@@ -291,7 +216,8 @@ class QemuGuest:
         if not self.alive:
             return
         self.wait_ready()
-        self._send(self._next_seq(), 5, "poweroff -f")
+        assert self._channel is not None
+        self._channel.post("poweroff -f")
         try:
             wait_until(
                 lambda: not self.alive, timeout, "QEMU to exit after poweroff", details=self.diagnostics
@@ -314,10 +240,9 @@ class QemuGuest:
     def close(self) -> None:
         """Kill QEMU and remove every file this guest created."""
         self.kill()
-        for sock in (self._channel, self._listener):
-            if sock is not None:
-                sock.close()
-        self._channel = self._listener = None
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         created = [self.channel_path]
         if not self.keep_logs:
             created += [self.console_log, self.channel_log, self.qemu_log]
@@ -352,108 +277,25 @@ class QemuGuest:
     # --- commands --------------------------------------------------------------------------------------
 
     def run(self, cmd: str, timeout: float = 30.0, *, check: bool = False) -> CompletedCommand:
-        """Run ``cmd`` with the guest's /bin/sh and return its exit status and output.
-
-        Waits for the guest to be ready first. Raises `GuestCommandTimeout` if it runs longer than
-        ``timeout`` (the guest then kills its process group, so later commands still work) and
-        `GuestCommandFailed` if ``check`` and it exited non-zero.
-        """
-        self.wait_ready()
-        seq = self._next_seq()
-        guest_timeout = max(1, math.ceil(timeout))
-        self._send(seq, guest_timeout, cmd)
-        header = b"@@VHM-OUT %d " % seq
-
-        def reply() -> tuple[str, bytes] | None:
-            self._receive(0.05)
-            start = self._buffer.find(header)
-            if start < 0:
-                return None
-            end_of_header = self._buffer.find(b"@@\n", start)
-            if end_of_header < 0:
-                return None
-            length = int(self._buffer[start + len(header) : end_of_header])
-            body = end_of_header + 3
-            match = _RC.match(self._buffer, body + length)
-            if match is None:
-                return None
-            if int(match.group(1)) != seq:
-                raise GuestError(f"command channel out of step: reply {match.group(0)!r} to request {seq}")
-            output = self._buffer[body : body + length]
-            self._buffer = self._buffer[match.end() :]
-            return match.group(2).decode(), output
-
-        try:
-            status, raw = wait_until(
-                reply,
-                guest_timeout + REPLY_GRACE,
-                f"the guest to answer {cmd!r}",
-                interval=0.01,
-                details=self.diagnostics,
-            )
-        except WaitTimeout as e:
-            raise GuestCommandTimeout(str(e)) from None
-        output = raw.decode(errors="replace")
-        if status == "timeout":
-            raise GuestCommandTimeout(
-                f"guest command {cmd!r} ran past its {guest_timeout} s timeout and was killed; its output:\n"
-                f"{tail(output)}\n{self.diagnostics()}",
-                output,
-            )
-        result = CompletedCommand(cmd=cmd, rc=int(status), output=output)
-        return result.check() if check else result
+        """Run ``cmd`` with the guest's /bin/sh once it is ready (`CommandChannel.run`)."""
+        return self._ready_channel().run(cmd, timeout, check=check)
 
     def ping(
         self, addr: str, count: int = 3, *, size: int = 56, interval: float = 0.2, timeout: float = 30.0
     ) -> float:
-        """Ping ``addr`` from the guest ``count`` times with ``size``-byte payloads; return the loss in %."""
-        result = self.run(f"ping -c {count} -s {size} -i {interval} -W 2 {addr}", timeout=timeout)
-        match = _LOSS.search(result.output)
-        if match is None:
-            raise GuestError(f"ping printed no loss figure (exit {result.rc}):\n{result.output}")
-        return float(match.group(1))
+        """Ping ``addr`` from the guest; the loss in % (`CommandChannel.ping`)."""
+        return self._ready_channel().ping(addr, count, size=size, interval=interval, timeout=timeout)
 
     def wait_carrier(self, dev: str = "eth0", timeout: float = 30.0) -> None:
-        """Wait until ``dev`` in the guest has carrier (its vhost-user backend has started the device)."""
-        script = f'while [ "$(cat /sys/class/net/{dev}/carrier 2>/dev/null)" != 1 ]; do usleep 50000; done'
-        try:
-            self.run(script, timeout=timeout, check=True)
-        except GuestCommandTimeout as e:
-            raise GuestCommandTimeout(
-                f"{dev} in the guest got no carrier within {timeout:g} s\n{e}"
-            ) from None
+        """Wait until ``dev`` in the guest has carrier (`CommandChannel.wait_carrier`)."""
+        self._ready_channel().wait_carrier(dev, timeout)
 
     # --- plumbing --------------------------------------------------------------------------------------
 
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
-    def _send(self, seq: int, timeout: int, cmd: str) -> None:
-        if self._channel is None:
-            raise GuestError("guest not started")
-        line = b"%d %d %s\n" % (seq, timeout, base64.b64encode(cmd.encode()))
-        # The guest's UART takes bytes as fast as TCG runs it; a blocking send with a deadline is enough.
-        self._channel.settimeout(30)
-        try:
-            self._channel.sendall(line)
-        except OSError as e:
-            raise GuestError(f"cannot send to the guest's command channel: {e}\n{self.diagnostics()}") from e
-        finally:
-            self._channel.setblocking(False)
-
-    def _receive(self, timeout: float) -> None:
-        """Append whatever the command channel has to the buffer, waiting up to ``timeout`` for some."""
+    def _ready_channel(self) -> CommandChannel:
+        self.wait_ready()
         assert self._channel is not None
-        readable, _, _ = select.select([self._channel], [], [], timeout)
-        if not readable:
-            self._check_alive()
-            return
-        data = self._channel.recv(65536)
-        if not data:
-            self._check_alive()
-            raise GuestError(f"the guest's command channel closed\n{self.diagnostics()}")
-        self._buffer += data
+        return self._channel
 
     def _check_alive(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
