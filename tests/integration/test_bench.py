@@ -82,6 +82,7 @@ def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
     assert rates["vhostmap"]["ratio_to_dpdk"] == pytest.approx(
         rates["vhostmap"]["mpps"][0] / rates["dpdk"]["mpps"][0]
     )
+    assert rates["vhostmap"]["round_ratios"] == [pytest.approx(rates["vhostmap"]["ratio_to_dpdk"])]
     assert "P1 dequeue" in out and "vhostmap/DPDK" in out
     if importlib.util.find_spec("matplotlib") is None:
         assert "matplotlib is missing" in err

@@ -373,30 +373,40 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                     say(f"{label}: {pps / 1e6:.3f} Mpps")
 
 
-def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
-    """For each vhostmap series: the median over rounds of its rate over DPDK's rate in the same round."""
+def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+    """For each vhostmap series: its rate over DPDK's in the same round, for each round both measured."""
     dpdk = {(s.scenario, s.size): s for s in results if s.backend == DPDK}
-    out: dict[tuple[str, int, str], float | None] = {}
+    out: dict[tuple[str, int, str], list[float]] = {}
     for s in results:
         ref = dpdk.get((s.scenario, s.size))
         if s.backend == DPDK or ref is None:
             continue
-        pairs = [v / d for v, d in zip(s.mpps, ref.mpps, strict=False) if v is not None and d]
-        out[s.scenario, s.size, s.backend] = statistics.median(pairs) if pairs else None
+        out[s.scenario, s.size, s.backend] = [
+            v / d for v, d in zip(s.mpps, ref.mpps, strict=False) if v is not None and d
+        ]
     return out
 
 
+def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
+    """For each vhostmap series: the median over rounds of its rate over DPDK's in the same round."""
+    return {key: statistics.median(r) if r else None for key, r in round_ratios(results).items()}
+
+
 def table(results: Sequence[Series], runs: int) -> str:
-    """The results as a text table: Mpps per run, median, and the median vhostmap/DPDK ratio."""
-    ratio = ratios(results)
+    """The results as a text table: Mpps per run, median, the median vhostmap/DPDK ratio and the range of
+    the rounds' ratios (how much this machine's noise moved them)."""
+    ratio, rounds = ratios(results), round_ratios(results)
     width = max(7 * runs, 14)
     head = f"{'scenario':<14} {'size':>5}  {'backend':<16} {'Mpps per run':<{width}} {'median':>7}"
-    lines = [f"{head}  vhostmap/DPDK"]
+    lines = [f"{head}  vhostmap/DPDK  rounds"]
     for s in results:
         per_run = " ".join(f"{m:6.3f}" if m is not None else f"{'n/a':>6}" for m in s.mpps)
         median = f"{s.median:7.3f}" if s.median is not None else f"{'n/a':>7}"
-        r = ratio.get((s.scenario, s.size, s.backend))
+        key = (s.scenario, s.size, s.backend)
+        r, each = ratio.get(key), rounds.get(key, [])
         rtext = "" if s.backend == DPDK else f"{r:13.3f}" if r is not None else f"{'n/a':>13}"
+        if len(each) > 1:
+            rtext += f"  {min(each):.2f}-{max(each):.2f}"
         name = f"{s.scenario} {SCENARIOS[s.scenario]}"
         lines.append(f"{name:<14} {s.size:>5}  {s.backend:<16} {per_run:<{width}} {median}  {rtext}".rstrip())
         for note in dict.fromkeys(s.notes):
@@ -407,7 +417,7 @@ def table(results: Sequence[Series], runs: int) -> str:
 
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
     """Everything measured, for the JSON file."""
-    ratio = ratios(results)
+    ratio, rounds = ratios(results), round_ratios(results)
     return {
         "settings": asdict(settings),
         "machine": {
@@ -426,6 +436,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
                 "mpps": s.mpps,
                 "median_mpps": s.median,
                 "ratio_to_dpdk": ratio.get((s.scenario, s.size, s.backend)),
+                "round_ratios": rounds.get((s.scenario, s.size, s.backend)),
                 "notes": s.notes,
             }
             for s in results
