@@ -49,13 +49,14 @@ CLIENT_RING_SLOTS = 512
 
 
 def allocator_params(config: DaemonConfig) -> AllocatorParams:
-    """An allocator big enough for every ring of every port (one buffer per slot) and its buffer stash, room
-    for CLIENT_PORTS application switch ports (a pipe: four rings) and spares."""
+    """An allocator big enough for every ring of every port (one buffer per slot) and the buffer stash of
+    every vhost-user port, room for CLIENT_PORTS application switch ports (a pipe: four rings) and spares."""
     rings = sum(2 * (p.queues + 1) for p in config.ports)
+    stashes = sum(p.type == "vhost-user" for p in config.ports)
     return AllocatorParams(
         ring_num=rings + 4 * CLIENT_PORTS,
         buf_num=rings * PORT_RING_SLOTS
-        + len(config.ports) * STASH_BUFFERS
+        + stashes * STASH_BUFFERS
         + 4 * CLIENT_PORTS * CLIENT_RING_SLOTS
         + SPARE_BUFFERS,
     )

@@ -21,8 +21,8 @@ ffibuilder.set_source(
     '#include "kernels.h"',
     sources=[str(p.relative_to(ROOT)) for p in sorted(HERE.glob("*.c"))],
     include_dirs=[str(HERE.relative_to(ROOT))],
-    # -fno-semantic-interposition: calls between the kernels stay direct and inlinable (no PLT), as in a
-    # static build; nothing outside this module replaces them.
+    # -fno-semantic-interposition: calls within a source file are direct and may be inlined (not through the
+    # PLT, as if another library could replace them: nothing does).
     extra_compile_args=[
         "-O3",
         "-std=gnu11",

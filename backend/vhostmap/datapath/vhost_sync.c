@@ -78,7 +78,8 @@ int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 
 int32_t vhu_queue_txsync(const struct vhu_queue *q)
 {
-    int32_t status = vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->stash, q->scratch, q->out);
+    int32_t status =
+        vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->stash, q->scratch, q->out);
     if (status == VQ_OK) {
         q->stats->tx_packets += q->out->packets;
         q->stats->tx_bytes += q->out->bytes;
