@@ -51,6 +51,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vhostmap.packets import ETH_HLEN, MAX_FRAME, MIN_FRAME
 from vhostmap.worker import check_cpu
 
 DEFAULT_RUN_DIR = "/run/vhostmap"
@@ -121,6 +122,7 @@ class PortConfig:
     perm: int | None = None  # its permission bits, e.g. 0o660
     host: str | None = None  # TAP the port's host rings are bound to (created if missing)
     ifname: str | None = None  # the interface a generic port attaches to
+    generate: int | None = None  # length of the frames the port's guest receives from a built-in generator
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -156,6 +158,20 @@ class PortConfig:
             raise ConfigError(f"{where}: perm must be octal permission bits like 0660, not {self.perm:o}")
         if self.group is not None:
             resolve_group(self.group, where)  # an unknown group is a configuration error, found now
+        if self.generate is not None:
+            self._check_generate(where)
+
+    def _check_generate(self, where: str) -> None:
+        longest = min(MAX_FRAME, self.mtu + ETH_HLEN)
+        if self.type != "vhost-user":
+            raise ConfigError(f"{where}: generate= is for vhost-user ports")
+        if not MIN_FRAME <= self.generate <= longest:  # type: ignore[operator]
+            raise ConfigError(
+                f"{where}: generate= is a frame length of {MIN_FRAME}..{longest} bytes (mtu {self.mtu}), "
+                f"not {self.generate}"
+            )
+        if self.host is not None:
+            raise ConfigError(f"{where}: generate= and host= both feed the port's guest; choose one")
 
     def _check_generic(self, where: str) -> None:
         if not self.ifname:
@@ -266,6 +282,11 @@ class DaemonConfig:
                 raise ConfigError(
                     f"port {p.name!r}: host= cannot be combined with a link (put both ports on a switch)"
                 )
+            if p.generate is not None and (p.name in linked or p.name in on_switch):
+                raise ConfigError(
+                    f"port {p.name!r}: a port with generate= feeds its guest alone, "
+                    "not in a link or on a switch"
+                )
 
     def _check_interfaces(self) -> None:
         taps = [p.host for p in self.ports if p.host is not None]
@@ -294,7 +315,9 @@ class DaemonConfig:
 
 
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
-    known = {"type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname"}
+    known = {
+        "type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname", "generate"
+    }  # fmt: skip
     unknown = set(values) - known
     if unknown:
         raise ConfigError(
@@ -302,7 +325,7 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
         )
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key in ("queues", "mtu"):
+        if key in ("queues", "mtu", "generate"):
             try:
                 kwargs[key] = int(value)
             except (TypeError, ValueError):

@@ -23,7 +23,7 @@ from vhostmap import __version__
 from vhostmap.clients import ClientSession, PortClients
 from vhostmap.config import DaemonConfig, PortConfig, SwitchConfig, format_mac
 from vhostmap.control import Connection, ControlServer
-from vhostmap.forward import Link, Sink
+from vhostmap.forward import Link, Sink, Source
 from vhostmap.hostbridge import HostBridge
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
@@ -140,10 +140,16 @@ class Daemon:
                 raise
         return adapter
 
-    @staticmethod
-    def _solo(adapter: NetmapAdapter) -> Forwarder:
-        """The forwarder of a port attached to nothing: its TAP if it has host rings, else a sink."""
-        return HostBridge(adapter) if adapter.host_port is not None else Sink(adapter)
+    def _solo(self, adapter: NetmapAdapter) -> Forwarder:
+        """The forwarder of a port attached to nothing: its TAP if it has host rings, its generator if it has
+        ``generate=``, else a sink."""
+        if adapter.host_port is not None:
+            return HostBridge(adapter)
+        length = self.config.port(adapter.name).generate if adapter.name in self.ports else None
+        if length is not None:
+            assert isinstance(adapter, VhostUserPort)
+            return Source(adapter, length)
+        return Sink(adapter)
 
     async def run(self, handle_signals: bool = True) -> None:
         """Serve until ``stop()``, or SIGINT/SIGTERM when ``handle_signals`` (main thread only)."""
@@ -284,6 +290,10 @@ class Daemon:
                 raise ValueError(f"port {port!r} is already attached to switch {current.name!r}")
             if isinstance(current, Link):
                 raise ValueError(f"port {port!r} is in a link ({current.name}); links are fixed at start")
+            if isinstance(current, Source):
+                raise ValueError(
+                    f"port {port!r} feeds its guest from a generator (generate=); not on a switch"
+                )
             sw = self.switches.get(switch)
             if sw is None:
                 SwitchConfig(switch)  # a valid name, or ConfigError (a ValueError)

@@ -17,6 +17,7 @@ from vhostmap.datapath import ffi, lib
 from vhostmap.netmap.abi import NS_MOREFRAG, RingView
 from vhostmap.netmap.adapter import NetmapAdapter, swap_buffers
 from vhostmap.netmap.kring import Kring
+from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user.port import FastQueues, VhostUserPort
 
 
@@ -220,3 +221,63 @@ class Sink:
                 self.port.count_dropped(i, frames)
                 got += frames
         return got > 0
+
+
+class Source(Sink):
+    """A port whose guest receives generated frames as fast as it takes them (``generate=LEN``), as
+    testpmd's txonly mode does on DPDK's side: a traffic source for guest receive benchmarks. What the guest
+    sends is dropped and counted, as by a Sink.
+
+    Every buffer of the port's TX rings holds the same UDP frame (`vhostmap.packets.udp_frame`, to the
+    guest's MAC), written once: the syncs copy from the buffers and never change them (no stash here), so
+    each pass only hands the ring's free slots back to it and syncs. Nothing is handed while the guest has no
+    receive queue running, so no frame is counted as dropped for want of a guest.
+    """
+
+    def __init__(self, port: VhostUserPort, length: int) -> None:
+        super().__init__(port)
+        self.name = f"source {port.name} ({length} B)"
+        self._tx_plan: _Pass | None = None
+        self._tx_outcome = PassOutcome()
+        self.frame = np.frombuffer(udp_frame(length, Addresses(dst_mac=port.config.mac)), dtype=np.uint8)
+        for kring in port.tx_rings:
+            slots = kring.ring.slots
+            for buf_idx in slots["buf_idx"]:
+                port.memory.buf_view(int(buf_idx))[: len(self.frame)] = self.frame
+            slots["len"] = len(self.frame)
+            slots["flags"] = 0
+
+    def run(self) -> bool:
+        """Drop what arrived, then give the guest every frame its TX rings have room for; True when
+        anything moved."""
+        got = super().run()
+        plan = self._compiled_tx()
+        if plan is not None:
+            out = self._tx_outcome
+            sent = lib.vhu_source_pass(plan.c, plan.n, out.failed, out.status)
+            return out.check(plan) or got or sent > 0
+        port = self.port
+        assert isinstance(port, VhostUserPort)
+        moved = False
+        for i, kring in enumerate(port.tx_rings):
+            if not port.carrier(i):
+                continue
+            ring = kring.ring
+            ring.head = ring.cur = ring.tail
+            before = kring.nr_hwcur
+            port.txsync(i)
+            moved = moved or kring.nr_hwcur != before
+        return got or moved
+
+    def _compiled_tx(self) -> _Pass | None:
+        """vhu_source_pass over the TX rings that have a guest receive queue, or None (the Python path)."""
+        q = fast_queues(self.port)
+        if q is None:
+            return None
+        plan = self._tx_plan
+        if plan is None or plan.versions != (q.version,):
+            assert isinstance(self.port, VhostUserPort)
+            rings = sorted(q.tx)
+            sides: list[Side] = [(self.port, self.port.tx_rings[i], False) for i in rings]
+            self._tx_plan = plan = _Pass((q,), "struct vhu_queue", [q.tx[i] for i in rings], sides)
+        return plan

@@ -29,51 +29,22 @@ import numpy.typing as npt
 from vhostmap.netmap.abi import NS_BUF_CHANGED
 from vhostmap.netmap.checksum import inet_checksum
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, UserRing
+from vhostmap.packets import (
+    ETH_HLEN,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    IP_HLEN,
+    IPPROTO_ICMP,
+    MAX_FRAME,
+    MIN_FRAME,
+    Addresses,
+    ether_header,
+    ipv4_header,
+    udp_frame,
+)
 
-ETH_P_IP = 0x0800
-IPPROTO_ICMP = 1
-IPPROTO_UDP = 17
-ICMP_ECHO_REQUEST = 8
-ICMP_ECHO_REPLY = 0
-ETH_HLEN = 14
-IP_HLEN = 20
-MIN_FRAME = 60  # Ethernet's 64-byte minimum without the FCS
-MAX_FRAME = 2048  # one netmap buffer (the default 2 KiB) at most
 PING_PAYLOAD = struct.Struct("!QI")  # send time (ns, monotonic) and pkt-gen's run id
 DEFAULT_BATCH = 512
-
-
-@dataclass(frozen=True)
-class Addresses:
-    """Who the generated frames are from and to (netmap pkt-gen's defaults)."""
-
-    src_mac: bytes = bytes.fromhex("020000000001")
-    dst_mac: bytes = b"\xff" * 6
-    src_ip: bytes = bytes([10, 0, 0, 1])
-    dst_ip: bytes = bytes([10, 1, 0, 1])
-    src_port: int = 1234
-    dst_port: int = 4321
-
-
-def _ipv4(addr: Addresses, proto: int, payload_len: int, ident: int = 0) -> bytes:
-    hdr = struct.pack(
-        "!BBHHHBBH4s4s", 0x45, 0, IP_HLEN + payload_len, ident, 0x4000, 64, proto, 0, addr.src_ip, addr.dst_ip
-    )
-    return hdr[:10] + struct.pack("!H", inet_checksum(hdr)) + hdr[12:]
-
-
-def _ether(addr: Addresses) -> bytes:
-    return addr.dst_mac + addr.src_mac + struct.pack("!H", ETH_P_IP)
-
-
-def udp_frame(length: int, addr: Addresses = Addresses()) -> bytes:
-    """An Ethernet/IPv4/UDP frame of ``length`` bytes (without FCS); the UDP checksum is left 0 (allowed)."""
-    if not MIN_FRAME <= length <= MAX_FRAME:
-        raise ValueError(f"frame length {length} outside {MIN_FRAME}..{MAX_FRAME}")
-    payload = bytes(range(256)) * (length // 256 + 1)
-    udp_len = length - ETH_HLEN - IP_HLEN
-    udp = struct.pack("!HHHH", addr.src_port, addr.dst_port, udp_len, 0) + payload[: udp_len - 8]
-    return _ether(addr) + _ipv4(addr, IPPROTO_UDP, udp_len) + udp
 
 
 def echo_request(length: int, seq: int, ident: int, sent_ns: int, run_id: int, addr: Addresses) -> bytes:
@@ -82,7 +53,7 @@ def echo_request(length: int, seq: int, ident: int, sent_ns: int, run_id: int, a
     body = PING_PAYLOAD.pack(sent_ns, run_id).ljust(icmp_len - 8, b"\0")
     icmp = struct.pack("!BBHHH", ICMP_ECHO_REQUEST, 0, 0, ident, seq & 0xFFFF) + body
     icmp = icmp[:2] + struct.pack("!H", inet_checksum(icmp)) + icmp[4:]
-    return _ether(addr) + _ipv4(addr, IPPROTO_ICMP, icmp_len, seq & 0xFFFF) + icmp
+    return ether_header(addr) + ipv4_header(addr, IPPROTO_ICMP, icmp_len, seq & 0xFFFF) + icmp
 
 
 @dataclass

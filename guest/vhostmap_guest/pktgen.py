@@ -6,7 +6,7 @@
 Modes: ``native`` and ``generic`` open the interface with `vhostmap_guest.open` (``auto`` picks as it does);
 ``socket`` is the guest kernel's plain path, one AF_PACKET send() or recv() per frame, for comparison; and
 ``client`` runs the very same loops on the host, over a vhostmap port through the client library (``-i``
-names the port). The frames are vhostmap pkt-gen's UDP frames (`vhostmap.pktgen.udp_frame`).
+names the port). The frames are vhostmap pkt-gen's UDP frames (`vhostmap.packets.udp_frame`).
 
 The loops are the host's `vhostmap.pktgen.transmit` and `receive`, which know only the NetmapPort API:
 buffers are filled once (`UserRing.prefill`) and every batch is one head move. ``--seq`` numbers the frames
@@ -34,18 +34,8 @@ import numpy as np
 
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
-from vhostmap.pktgen import (
-    ETH_HLEN,
-    IP_HLEN,
-    MAX_FRAME,
-    MIN_FRAME,
-    Addresses,
-    Limits,
-    Result,
-    receive,
-    transmit,
-    udp_frame,
-)
+from vhostmap.packets import ETH_HLEN, IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
+from vhostmap.pktgen import Limits, Result, receive, transmit
 
 MODES = ("auto", "native", "generic", "socket", "client")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.

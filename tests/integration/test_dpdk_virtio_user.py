@@ -139,3 +139,22 @@ def test_testpmd_frames_reach_a_driver_byte_for_byte(sock_dir: Path) -> None:
             del header.chksum
             assert IP(bytes(header)).chksum == pkt[IP].chksum
         assert _totals(daemon, "b")["tx_packets"] == count
+
+
+@pytest.mark.parametrize("size", [64, 1500])
+def test_a_generating_port_feeds_testpmd_rxonly_without_drops(sock_dir: Path, size: int) -> None:
+    """A port with generate= is a traffic source for a guest's receive path, as net_vhost's txonly is: every
+    frame vhostmap counts as delivered is one testpmd received, of the right length, and none is dropped."""
+    with (
+        VhostmapDaemon(sock_dir, [f"a=vhost-user,path={sock_dir}/a.sock,generate={size}"]) as daemon,
+        Testpmd([VirtioUserPort(sock_dir / "a.sock")], forward_mode="rxonly", **_testpmd_args(size)) as rx,
+    ):
+        rx.start()
+        rx.wait_for_packets(10_000, timeout=60)
+        got = rx.stop()[0]
+        # Stopped, the front-end takes nothing more: the daemon delivered what testpmd received plus at most
+        # what fills the receive queue testpmd stopped polling (its size: 256 entries by default).
+        totals = _totals(daemon, "a")
+        assert got.rx_bytes == got.rx_packets * size
+        assert 0 <= totals["tx_packets"] - got.rx_packets <= 256
+        assert totals["tx_dropped"] == totals["errors"] == 0

@@ -33,7 +33,8 @@ from vhostmap.lab.wait import wait_until
 from vhostmap.netmap import client
 from vhostmap.netmap.client import ClientPort
 from vhostmap.netmap.user import POLLIN, POLLOUT
-from vhostmap.pktgen import Addresses, echo_replies, udp_frame
+from vhostmap.packets import Addresses, udp_frame
+from vhostmap.pktgen import echo_replies
 from vhostmap_guest.pktgen import numbered
 
 pytestmark = pytest.mark.slow

@@ -16,6 +16,7 @@ from vhostmap.forward import Link
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
 from vhostmap.netmap.allocator import AllocatorParams
 from vhostmap.netmap.stash import BufferStash
+from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user.messages import U64, Request, VringState
 from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
 from vhostmap.virtio.spec import (
@@ -381,3 +382,20 @@ def test_a_link_receives_into_the_buffers_its_last_deliveries_freed_and_loses_no
         assert newest(b.stash, k) == freed
         after = held()
     assert after == before and max(after.values()) == 1  # buffers only moved: none lost, none twice
+
+
+def test_a_generating_port_gives_its_guest_every_frame_it_has_room_for_and_drops_none(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": "generate=60,mac=52:54:00:00:00:0a"})
+    generated = udp_frame(60, Addresses(dst_mac=bytes.fromhex("52540000000a")))
+    fa = d.frontend("a")
+    for posted, total in ((16, 16), (8, 24)):  # the generator waits for receive buffers, then fills them
+        fa.post_receive_buffers(posted)
+        assert fa.receive(posted) == [generated] * posted
+        d.wait(lambda n=total: d.totals("a")["tx_packets"] == n, f"{total} frames counted")
+    assert d.totals("a")["tx_dropped"] == 0
+    fa.transmit([frame(60, 1)])  # what the guest sends is dropped, counted, as by a sink
+    d.wait(lambda: d.totals("a")["rx_dropped"] == 1, "the guest's frame dropped")
+    with pytest.raises(ValueError, match="feeds its guest from a generator"):
+        d.daemon.attach("vale0", "a")

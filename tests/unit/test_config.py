@@ -180,3 +180,35 @@ def test_socket_owner_applies_to_server_sockets_and_unknown_users_are_refused() 
         parse_port_flag("a=vhost-user,path=/1,owner=no-such-user-x")
     with pytest.raises(ConfigError, match="apply to mode=server sockets"):
         parse_port_flag("a=vhost-user,path=/1,mode=client,owner=0")
+
+
+def test_a_generating_port_takes_a_frame_length() -> None:
+    assert parse_port_flag("vm0=vhost-user,path=/x,generate=64").generate == 64
+    assert parse_port_flag("vm0=vhost-user,path=/x,mtu=9000,generate=2048").generate == 2048
+    assert (
+        build_config({"ports": {"vm0": {"path": "/x", "generate": 1500}}}, [], []).port("vm0").generate
+        == 1500
+    )
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("vm0=vhost-user,path=/x,generate=59", "generate= is a frame length of 60..1514 bytes"),
+        ("vm0=vhost-user,path=/x,generate=1515", "generate= is a frame length of 60..1514 bytes"),
+        ("vm0=vhost-user,path=/x,mtu=9000,generate=2049", "60..2048 bytes"),
+        ("vm0=vhost-user,path=/x,generate=big", "generate must be a number"),
+        ("up=generic,ifname=veth0,generate=64", "generate= is for vhost-user ports"),
+        ("vm0=vhost-user,path=/x,generate=64,host=tap0", "generate= and host= both feed"),
+    ],
+)
+def test_bad_generate_options_say_what_is_wrong(flag: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_port_flag(flag)
+
+
+@pytest.mark.parametrize(("links", "switches"), [(["a,b"], []), ([], ["vale0=a,b"])], ids=["link", "switch"])
+def test_a_generating_port_stays_alone(links: list[str], switches: list[str]) -> None:
+    ports = ["a=vhost-user,path=/1,generate=64", "b=vhost-user,path=/2"]
+    with pytest.raises(ConfigError, match="port 'a': a port with generate= feeds its guest alone"):
+        build_config(None, ports, links, switch_flags=switches)

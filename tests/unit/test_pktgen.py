@@ -15,8 +15,8 @@ from scapy.layers.l2 import Ether
 from conftest import RunningDaemon, StartDaemon
 from vhostmap import cli
 from vhostmap.netmap import client
+from vhostmap.packets import Addresses, udp_frame
 from vhostmap.pktgen import (
-    Addresses,
     Limits,
     echo_replies,
     echo_request,
@@ -24,7 +24,6 @@ from vhostmap.pktgen import (
     pong,
     receive,
     transmit,
-    udp_frame,
 )
 
 

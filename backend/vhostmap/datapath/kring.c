@@ -151,3 +151,10 @@ uint32_t nm_release_received(struct nm_kring *rx, struct nm_stash *stash)
     ring_store(rx, NM_RING_CUR, tail);
     return frames;
 }
+
+void nm_hand_all(struct nm_kring *tx)
+{
+    uint32_t tail = ring_load(tx, NM_RING_TAIL);
+    ring_store(tx, NM_RING_HEAD, tail);
+    ring_store(tx, NM_RING_CUR, tail);
+}

@@ -134,6 +134,24 @@ uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *fail
     return frames;
 }
 
+uint64_t vhu_source_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *failed, int32_t *status)
+{
+    uint64_t sent = 0;
+    *failed = -1;
+    for (uint32_t k = 0; k < nqueues; k++) {
+        const struct vhu_queue *q = &queues[k];
+        nm_hand_all(q->kring);
+        int32_t st = vhu_queue_txsync(q);
+        if (st != VQ_OK) {
+            *failed = (int32_t)k;
+            *status = st;
+            return sent;
+        }
+        sent += q->out->packets;
+    }
+    return sent;
+}
+
 uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
                          struct vhu_queue *tx, uint32_t ntx, uint8_t *synced, double now, int32_t *failed,
                          int32_t *status)

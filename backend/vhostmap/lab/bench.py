@@ -8,9 +8,8 @@ processes.
 
 * P1 dequeue: the front-end transmits (txonly) into a lone back-end port, which drops what it receives.
   Rate: packets the back-end received (vhostmap's port counters, or the net_vhost port's RX counter).
-* P2 enqueue: the back-end transmits into the front-end (rxonly). vhostmap's side is ``vhostmap pkt-gen``, a
-  netmap application on the daemon's port, on the back-end's CPU; DPDK's is net_vhost in txonly mode.
-  Rate: what the front-end received.
+* P2 enqueue: the back-end transmits into the front-end (rxonly): a vhostmap port with ``generate=SIZE``
+  (the daemon's built-in source), or net_vhost in txonly mode. Rate: what the front-end received.
 * P3 forwarding: a front-end with two ports io-forwards (started with ``tx_first``) through the back-end and
   back: vhostmap's ports in a ``--link`` or on a ``--switch``, or testpmd io-forwarding two net_vhost
   ports. Rate: packets the front-end received, both ports together.
@@ -30,7 +29,6 @@ import platform
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -133,7 +131,7 @@ def _testpmd_rx(tp: Testpmd, ports: Sequence[int] = (0,)) -> Callable[[], int]:
     return lambda: sum(s.rx_packets for p, s in tp.stats().items() if p in ports)
 
 
-def _checker(*procs: Testpmd | VhostmapDaemon | subprocess.Popen[bytes]) -> Callable[[], None]:
+def _checker(*procs: Testpmd | VhostmapDaemon) -> Callable[[], None]:
     """Raises BenchError if any of ``procs`` exited (or, the daemon, stopped answering)."""
 
     def check() -> None:
@@ -141,13 +139,11 @@ def _checker(*procs: Testpmd | VhostmapDaemon | subprocess.Popen[bytes]) -> Call
             if isinstance(proc, Testpmd):
                 if not proc.alive:
                     raise BenchError(f"testpmd exited\n{proc.diagnostics()}")
-            elif isinstance(proc, VhostmapDaemon):
+            else:
                 try:
                     proc.status()
                 except ControlError as e:
                     raise BenchError(f"vhostmap stopped answering: {e}\n{proc.diagnostics()}") from None
-            elif proc.poll() is not None:
-                raise BenchError(f"pkt-gen exited with {proc.returncode} during the measurement")
 
     return check
 
@@ -158,21 +154,20 @@ class Bench:
     def __init__(self, settings: Settings, workdir: Path) -> None:
         self.settings = settings
         self.workdir = workdir
-        self._pktgen: bool | None = None
 
     # --- processes -----------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def daemon(
-        self, ports: Sequence[str], links: Sequence[str] = (), switch: str | None = None
+        self, ports: Sequence[str], links: Sequence[str] = (), switch: str | None = None, options: str = ""
     ) -> Iterator[VhostmapDaemon]:
-        """A running vhostmap polling on the back-end CPU, its control thread on the front-end's; stopped
-        on the way out, also when it fails to start."""
+        """A running vhostmap polling on the back-end CPU, its control thread on the front-end's, ``options``
+        added to every port; stopped on the way out, also when it fails to start."""
         s = self.settings
         extra = ["--poll", "--cpu", str(s.backend_cpu), "--control-cpu", str(s.frontend_cpu)]
         if switch is not None:
             extra += ["--switch", switch]
-        specs = [f"{p}=vhost-user,path={self.sock(p)}" for p in ports]
+        specs = [f"{p}=vhost-user,path={self.sock(p)}" + (f",{options}" if options else "") for p in ports]
         daemon = VhostmapDaemon(self.workdir, specs, links, extra)
         try:
             yield daemon.start(SETUP_TIMEOUT)
@@ -188,18 +183,6 @@ class Bench:
     def sock(self, name: str) -> Path:
         """The vhost-user socket of port ``name``."""
         return self.workdir / f"{name}.sock"
-
-    def has_pktgen(self) -> bool:
-        """Whether this vhostmap has the ``pkt-gen`` command P2 needs."""
-        if self._pktgen is None:
-            probe = subprocess.run(
-                [sys.executable, "-m", "vhostmap.cli", "pkt-gen", "--help"],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            self._pktgen = probe.returncode == 0
-        return self._pktgen
 
     # --- scenarios -----------------------------------------------------------------------------------------
 
@@ -245,41 +228,16 @@ class Bench:
             return measure(_testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe))
 
     def p2_vhostmap(self, size: int) -> float:
-        """``vhostmap pkt-gen`` on a daemon port, on the back-end CPU, into testpmd rxonly; testpmd's RX."""
+        """A vhostmap port generating ``size``-byte frames (``generate=``) into testpmd rxonly; testpmd's
+        RX."""
         s = self.settings
-        if not self.has_pktgen():
-            raise PktgenMissing("n/a (pkt-gen missing)")
         with (
-            self.daemon(["a"]) as daemon,
+            self.daemon(["a"], options=f"generate={size}") as daemon,
             self.testpmd([VirtioUserPort(self.sock("a"))], "rxonly", size, s.frontend_cpu) as fe,
         ):
             daemon.wait_connected("a", SETUP_TIMEOUT)
             fe.start()
-            with self.pktgen(daemon, "a", size) as gen:
-                return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe, gen))
-
-    @contextlib.contextmanager
-    def pktgen(self, daemon: VhostmapDaemon, port: str, size: int) -> Iterator[subprocess.Popen[bytes]]:
-        """``vhostmap pkt-gen -f tx`` on ``port`` pinned to the back-end CPU, for longer than a run lasts;
-        stopped (and reaped) on the way out."""
-        s = self.settings
-        # Long enough to cover its start-up, the wait for traffic, the warm-up and the measurement.
-        duration = s.seconds + s.warmup + SETUP_TIMEOUT
-        argv = [
-            "taskset", "-c", str(s.backend_cpu),
-            sys.executable, "-m", "vhostmap.cli", "pkt-gen",
-            "-i", port, "-f", "tx", "-l", str(size), "-D", f"{duration:g}",
-            "--control", daemon.control, "--json",
-        ]  # fmt: skip
-        log = open(self.workdir / "pkt-gen.log", "wb")  # noqa: SIM115 - the child writes to it
-        try:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        finally:
-            log.close()
-        try:
-            yield proc
-        finally:
-            _stop_process(proc)
+            return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe))
 
     def p2_dpdk(self, size: int) -> float:
         """net_vhost txonly into testpmd rxonly; the front-end's receive counter."""
@@ -324,21 +282,6 @@ class Bench:
             return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe))
 
 
-class PktgenMissing(BenchError):
-    """This vhostmap has no ``pkt-gen`` command: P2 cannot run on its side."""
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it does not go, and reap it."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # --- the whole invocation ----------------------------------------------------------------------------------
 
 
@@ -357,12 +300,6 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                     )
                     try:
                         pps = bench.run(scenario, backend, size)
-                    except PktgenMissing as e:
-                        ser.mpps.append(None)
-                        if str(e) not in ser.notes:
-                            ser.notes.append(str(e))
-                        say(f"{label}: {e}")
-                        continue
                     except (RuntimeError, OSError, ControlError) as e:
                         # BenchError, TestpmdError, a daemon that would not start; WaitTimeout is an OSError.
                         ser.mpps.append(None)

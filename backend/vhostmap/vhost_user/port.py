@@ -208,6 +208,10 @@ class VhostUserPort(NetmapAdapter):
         )
         return [*kicks, *super().wake_fds()]
 
+    def carrier(self, ring: int) -> bool:
+        """Whether TX kring ``ring`` has a guest receive queue to deliver into now."""
+        return self._rx_queue_for(ring) is not None
+
     def _queue(self, index: int) -> SplitVirtqueue | None:
         """The virtqueue with ``index`` if it may be processed now."""
         if self.device.broken or index >= len(self.device.vqs):
