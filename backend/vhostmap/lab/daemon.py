@@ -16,10 +16,11 @@ from types import TracebackType
 from typing import Any, Self
 
 from vhostmap.control import ControlError, call
+from vhostmap.lab.process import ChildProcess, end_process
 from vhostmap.lab.wait import tail, wait_until
 
 
-class VhostmapDaemon:
+class VhostmapDaemon(ChildProcess):
     """One ``vhostmap serve`` process, as a context manager.
 
     ``ports`` are ``--port`` values and ``links`` ``--link`` values; the control socket and the log live in
@@ -87,24 +88,10 @@ class VhostmapDaemon:
             details=self.diagnostics,
         )
 
-    @property
-    def pid(self) -> int | None:
-        """The process id while running."""
-        return self._proc.pid if self._proc is not None else None
-
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, then wait (SIGKILL if it hangs); returns the exit status."""
         proc, self._proc = self._proc, None
-        if proc is None:
-            return 0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        return proc.returncode
+        return 0 if proc is None else end_process(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would end it."""

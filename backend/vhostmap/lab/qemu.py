@@ -23,6 +23,7 @@ from typing import Literal, Self
 
 from vhostmap.lab.channel import CommandChannel, CompletedCommand, GuestError
 from vhostmap.lab.guestkernel import GuestKernel
+from vhostmap.lab.process import ChildProcess, end_process
 from vhostmap.lab.wait import tail, wait_until
 
 QEMU = "qemu-system-x86_64"
@@ -64,7 +65,7 @@ def _unix_path(path: str | Path, what: str) -> str:
     return text
 
 
-class QemuGuest:
+class QemuGuest(ChildProcess):
     """A QEMU TCG guest booted from the lab kernel, driven through its command channel.
 
     Use as a context manager: entering starts QEMU (without waiting for the guest), leaving kills it and
@@ -227,15 +228,8 @@ class QemuGuest:
 
     def kill(self) -> None:
         """Stop QEMU at once (SIGKILL if SIGTERM is not enough within a few seconds) and reap it."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self._proc is not None:
+            end_process(self._proc)
 
     def close(self) -> None:
         """Kill QEMU and remove every file this guest created."""
@@ -263,16 +257,6 @@ class QemuGuest:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the QEMU process is running."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """QEMU's process id, once started."""
-        return self._proc.pid if self._proc is not None else None
 
     # --- commands --------------------------------------------------------------------------------------
 

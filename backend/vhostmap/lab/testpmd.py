@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Self
 
+from vhostmap.lab.process import ChildProcess, end_process
 from vhostmap.lab.wait import WaitTimeout, tail, wait_until
 
 TESTPMD = "dpdk-testpmd"
@@ -188,7 +189,7 @@ def sweep_stale_files() -> list[Path]:
     return removed
 
 
-class Testpmd:
+class Testpmd(ChildProcess):
     """One interactive dpdk-testpmd with the given ports, as a context manager.
 
     Entering starts it and waits for its prompt and for all its ports to exist; forwarding starts with
@@ -343,15 +344,8 @@ class Testpmd:
 
     def kill(self) -> None:
         """Stop testpmd at once (SIGTERM, then SIGKILL) and reap it."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self._proc is not None:
+            end_process(self._proc)
 
     def close(self) -> None:
         """Quit (or kill) testpmd and remove every file it and this object created."""
@@ -393,16 +387,6 @@ class Testpmd:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the testpmd process is running."""
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """testpmd's process id, once started."""
-        return self._proc.pid if self._proc is not None else None
 
     # --- commands --------------------------------------------------------------------------------------
 
