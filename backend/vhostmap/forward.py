@@ -93,6 +93,23 @@ def fast_queues(port: NetmapAdapter) -> FastQueues | None:
     return port.fast_queues() if isinstance(port, VhostUserPort) else None
 
 
+def port_pass(port: NetmapAdapter, plan: _Pass | None, receive: bool, stash: bool) -> _Pass | None:
+    """The compiled pass over one port's running RX (``receive``) or TX queues, ``plan`` again while it holds,
+    or None when the port takes the Python path. ``stash``: the queues recycle buffers through the port's
+    stash (netmap/stash.py)."""
+    q = fast_queues(port)
+    if q is None:
+        return None
+    if plan is not None and plan.versions == (q.version,):
+        return plan
+    assert isinstance(port, VhostUserPort)
+    queues, krings = (q.rx, port.rx_rings) if receive else (q.tx, port.tx_rings)
+    rings = sorted(queues)
+    sides: list[Side] = [(port, krings[i], receive) for i in rings]
+    items = [with_stash(queues[i], port) if stash else queues[i] for i in rings]
+    return _Pass((q,), "struct vhu_queue", items, sides)
+
+
 class PassOutcome:
     """Where a compiled pass says which sync stopped it, and why."""
 
@@ -190,17 +207,8 @@ class Sink:
 
     def _compiled(self) -> _Pass | None:
         """vhu_sink_pass over the running queues of a vhost-user port, or None (the Python path)."""
-        q = fast_queues(self.port)
-        if q is None:
-            return None
-        plan = self._plan
-        if plan is None or plan.versions != (q.version,):
-            assert isinstance(self.port, VhostUserPort)
-            rings = sorted(q.rx)
-            sides: list[Side] = [(self.port, self.port.rx_rings[i], True) for i in rings]
-            items = [with_stash(q.rx[i], self.port) for i in rings]
-            self._plan = plan = _Pass((q,), "struct vhu_queue", items, sides)
-        return plan
+        self._plan = port_pass(self.port, self._plan, receive=True, stash=True)
+        return self._plan
 
     def wake_fds(self) -> list[int]:
         """Kicks of the port."""
@@ -270,14 +278,7 @@ class Source(Sink):
         return got or moved
 
     def _compiled_tx(self) -> _Pass | None:
-        """vhu_source_pass over the TX rings that have a guest receive queue, or None (the Python path)."""
-        q = fast_queues(self.port)
-        if q is None:
-            return None
-        plan = self._tx_plan
-        if plan is None or plan.versions != (q.version,):
-            assert isinstance(self.port, VhostUserPort)
-            rings = sorted(q.tx)
-            sides: list[Side] = [(self.port, self.port.tx_rings[i], False) for i in rings]
-            self._tx_plan = plan = _Pass((q,), "struct vhu_queue", [q.tx[i] for i in rings], sides)
-        return plan
+        """vhu_source_pass over the TX rings that have a guest receive queue, or None (the Python path). No
+        stash: the buffers keep the generated frame."""
+        self._tx_plan = port_pass(self.port, self._tx_plan, receive=False, stash=False)
+        return self._tx_plan

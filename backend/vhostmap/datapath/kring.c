@@ -108,7 +108,10 @@ static inline uint32_t nm_stash_idx(const struct nm_bufs *nm, const struct nm_sl
     return idx >= NM_RESERVED_BUFS && idx < nm->nbufs ? idx : 0;
 }
 
-void nm_stash_take(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first, uint32_t count)
+/* nm_stash_take (`take`: the cursor steps back to the newest buffer before each swap) and nm_stash_give (the
+ * slot's buffer takes the oldest's place, then the cursor steps past it). */
+static inline void nm_stash_swap(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first, uint32_t count,
+                                 int take)
 {
     if (!s->size || first >= nm->num_slots)
         return;
@@ -116,24 +119,23 @@ void nm_stash_take(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first,
         uint32_t idx = nm_stash_idx(nm, &nm->slots[i]);
         if (!idx)
             continue;
-        s->cursor = s->cursor ? s->cursor - 1 : s->size - 1;
+        if (take)
+            s->cursor = s->cursor ? s->cursor - 1 : s->size - 1;
         nm->slots[i].buf_idx = s->bufs[s->cursor];
         s->bufs[s->cursor] = idx;
+        if (!take)
+            s->cursor = s->cursor + 1 == s->size ? 0 : s->cursor + 1;
     }
+}
+
+void nm_stash_take(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first, uint32_t count)
+{
+    nm_stash_swap(s, nm, first, count, 1);
 }
 
 void nm_stash_give(struct nm_stash *s, const struct nm_bufs *nm, uint32_t first, uint32_t count)
 {
-    if (!s->size || first >= nm->num_slots)
-        return;
-    for (uint32_t k = 0, i = first; k < count; k++, i = i + 1 == nm->num_slots ? 0 : i + 1) {
-        uint32_t idx = nm_stash_idx(nm, &nm->slots[i]);
-        if (!idx)
-            continue;
-        nm->slots[i].buf_idx = s->bufs[s->cursor];
-        s->bufs[s->cursor] = idx;
-        s->cursor = s->cursor + 1 == s->size ? 0 : s->cursor + 1;
-    }
+    nm_stash_swap(s, nm, first, count, 0);
 }
 
 uint32_t nm_release_received(struct nm_kring *rx, struct nm_stash *stash)
