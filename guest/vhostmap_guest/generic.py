@@ -16,7 +16,7 @@ from vhostmap.netmap.abi import if_size, ring_size
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.generic import GENERIC_RING_SIZE, GenericAdapter
 from vhostmap.netmap.tap import link_is_up, set_link_up
-from vhostmap.netmap.user import POLLIN, PortSpec
+from vhostmap.netmap.user import POLLIN, POLLOUT, PortSpec
 from vhostmap_guest.port import AdapterPort
 
 # Spare buffers beyond one per slot, for applications that swap buffers in and out of slots.
@@ -67,8 +67,14 @@ def open_generic(ifname: str, spec: PortSpec, *, num_desc: int = GENERIC_RING_SI
     """
     memory = NetmapMemory(generic_params(num_desc), name=f"vhostmap-{ifname}")
     try:
+        # An application's frames wait in its ring while the guest's driver is busy, never dropped.
         adapter = GenericAdapter(
-            ifname[:15], memory, ifname, num_desc=num_desc, rx_queue_limit=GUEST_RX_QUEUE_LIMIT
+            ifname[:15],
+            memory,
+            ifname,
+            num_desc=num_desc,
+            rx_queue_limit=GUEST_RX_QUEUE_LIMIT,
+            tx_backpressure=True,
         )
     except BaseException:
         memory.close()
@@ -83,11 +89,13 @@ def open_generic(ifname: str, spec: PortSpec, *, num_desc: int = GENERIC_RING_SI
         memory.close()
         raise
     fds = list(adapter.wake_fds())
+    sock = [adapter.socket_fd]
 
     def wait(events: int, timeout: float) -> None:
-        # Sends complete at once (txsync reclaims everything it sent): only input is worth sleeping for.
-        if events & POLLIN:
-            select.select(fds, [], [], timeout)
+        # Frames left in a TX ring wait for room in the socket's send buffer: writable when the driver has
+        # completed some. (A full qdisc with room in the send buffer makes this return at once: txsync tries
+        # again while the guest's kernel drains it.)
+        select.select(fds if events & POLLIN else [], sock if events & POLLOUT else [], [], timeout)
 
     def release() -> None:
         try:

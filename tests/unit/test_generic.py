@@ -248,6 +248,61 @@ def test_a_frame_longer_than_the_mtu_is_dropped_counted_and_logged_once(
     assert "EMSGSIZE" in record.getMessage() and record.__dict__["ifname"] == wire.name
 
 
+def slow_interface(ifname: str) -> None:
+    """Give ``ifname`` a token-bucket qdisc much slower than a sender: its queue and the sender's socket
+    buffer fill, so sends fail with ENOBUFS or EAGAIN as on a guest NIC whose device is busy."""
+    tbf = ["tbf", "rate", "20mbit", "burst", "4kb", "limit", "8kb"]
+    subprocess.run(["tc", "qdisc", "add", "dev", ifname, "root", *tbf], check=True, capture_output=True)
+
+
+def send_all(
+    g: GenericAdapter, mem: NetmapMemory, frames: Sequence[bytes], far: socket.socket, timeout: float = 20.0
+) -> list[bytes]:
+    """Put ``frames`` into the TX ring as room appears and txsync, waiting for POLLOUT on the socket, until
+    the ring is empty; what ``far`` received meanwhile (read as it comes: its receive buffer is small)."""
+    ring = g.tx_rings[0].ring
+    sent = 0
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while sent < len(frames) or ring.tail != nm_prev(ring.head, ring.num_slots):
+        room = (ring.tail - ring.head) % ring.num_slots
+        put_frames(ring, mem, frames[sent : sent + room])
+        sent += min(room, len(frames) - sent)
+        g.txsync(0)
+        left = deadline - time.monotonic()
+        assert left > 0, f"the interface took {sent - g.tx_rings[0].pending()} of {len(frames)} frames"
+        readable, _, _ = select.select([far], [g.socket_fd], [], min(left, 0.5))
+        while readable:
+            got.append(far.recv(1 << 16))
+            readable, _, _ = select.select([far], [], [], 0)
+    return got
+
+
+def test_with_backpressure_frames_the_interface_has_no_room_for_wait_in_the_ring_and_none_is_lost(
+    wire: Wire, mem: NetmapMemory, make: Callable[..., GenericAdapter]
+) -> None:
+    g = make(num_desc=64, tx_backpressure=True)
+    slow_interface(wire.name)
+    sent = [frame(300, seq) for seq in range(600)]  # 1.4 Mbit: about 0.1 s at the qdisc's rate
+    got = send_all(g, mem, sent, wire.far)
+    assert got + recv_frames(wire.far, len(sent) - len(got)) == sent
+    assert (g.stats.tx_packets, g.stats.tx_drops, g.tx_rings[0].dropped) == (len(sent), 0, 0)
+
+
+def test_without_backpressure_frames_the_interface_has_no_room_for_are_dropped_and_counted(
+    wire: Wire, mem: NetmapMemory, make: Callable[..., GenericAdapter]
+) -> None:
+    g = make(num_desc=64)
+    slow_interface(wire.name)
+    sent = [frame(300, seq) for seq in range(600)]
+    got = send_all(g, mem, sent, wire.far)
+    s = g.stats
+    assert s.tx_drops > 0 and s.tx_packets + s.tx_drops == len(sent) and g.tx_rings[0].dropped == s.tx_drops
+    got += recv_frames(wire.far, s.tx_packets - len(got))
+    order = {f: i for i, f in enumerate(sent)}
+    assert [order[f] for f in got] == sorted(order[f] for f in got)  # what went out, in order, once each
+
+
 # --- lifetime -----------------------------------------------------------------------------------------------
 def test_a_missing_interface_is_a_typed_error(mem: NetmapMemory) -> None:
     with pytest.raises(InterfaceError) as e:

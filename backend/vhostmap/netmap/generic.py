@@ -14,9 +14,11 @@ one hardware ring pair (plus the host pair, left to the default or to a host por
   ``rx_queue_limit`` frames (the seed's 1024) and are dropped, counted, beyond it. Every block is given back
   on every rxsync, so the socket never stays readable for nothing and a level-triggered poller cannot spin.
 - transmit: one send()/sendmsg() per frame from the slots' buffers (gathering the slots of a multi-slot
-  frame). A send completes at once, so txsync reclaims everything it sent. When the socket has no room
-  (EAGAIN) the rest of the batch is dropped and counted, and ENOBUFS/ENETDOWN/EMSGSIZE drop the frame: txsync
-  never blocks and never retries in a loop.
+  frame). A send completes at once, so txsync reclaims everything it sent. When the interface has no room
+  (EAGAIN: the socket's send buffer is full of frames the driver has not completed; ENOBUFS: the qdisc is
+  full) the rest of the batch is dropped and counted, or, with ``tx_backpressure``, stays in the ring for
+  the next txsync, as the seed leaves slots when the driver is busy (an application waits for POLLOUT on
+  ``socket_fd``). ENETDOWN/EMSGSIZE drop the frame. txsync never blocks and never retries in a loop.
 - PACKET_IGNORE_OUTGOING keeps our own transmissions out of our receive ring; PACKET_ADD_MEMBERSHIP with
   PACKET_MR_PROMISC puts the interface in promiscuous mode for as long as the socket lives.
 
@@ -224,7 +226,9 @@ class GenericAdapter(NetmapAdapter):
     """A port over the existing interface ``ifname`` through AF_PACKET (one hardware ring pair).
 
     ``num_desc`` slots per ring; ``rx_queue_limit`` frames may wait for room in the RX ring; ``promisc``
-    receives frames for any MAC address. The socket is open (and frames queue in its ring) from construction
+    receives frames for any MAC address; ``tx_backpressure`` keeps frames the interface has no room for in
+    the TX ring (an application's txsync then loses nothing) instead of dropping them (a datapath that must
+    never wait for one port). The socket is open (and frames queue in its ring) from construction
     until ``close``. Raises InterfaceError (with the failing operation and errno) when the interface does not
     exist or the socket cannot be set up.
     """
@@ -239,6 +243,7 @@ class GenericAdapter(NetmapAdapter):
         rx_queue_limit: int = GENERIC_RX_QUEUE_LIMIT,
         promisc: bool = True,
         ring: PacketRingParams | None = None,
+        tx_backpressure: bool = False,
     ) -> None:
         if rx_queue_limit < 0:
             raise ValueError(f"rx_queue_limit {rx_queue_limit} < 0")
@@ -246,6 +251,7 @@ class GenericAdapter(NetmapAdapter):
         self.ifindex = if_index(ifname)
         self.params = ring if ring is not None else PacketRingParams()
         self.rx_queue_limit = rx_queue_limit
+        self.tx_backpressure = tx_backpressure
         self.stats = GenericStats()
         self._queue: deque[bytes] = deque()
         self._block = 0
@@ -302,6 +308,12 @@ class GenericAdapter(NetmapAdapter):
         return sock, mm
 
     # --- NetmapAdapter hooks --------------------------------------------------------------------------------
+    @property
+    def socket_fd(self) -> int:
+        """The packet socket (-1 once closed): readable when the kernel has handed over a block, writable
+        when its send buffer has room again."""
+        return self._sock.fileno()
+
     def wake_fds(self) -> Sequence[int]:
         """The packet socket: readable when the kernel has handed over a block."""
         own = [self._sock.fileno()] if self._sock.fileno() >= 0 else []
@@ -377,7 +389,8 @@ class GenericAdapter(NetmapAdapter):
         """Send the frames of [nr_hwcur, rhead); sends complete at once, so every slot sent is reclaimed.
 
         A trailing frame whose last slot is not handed over yet waits for the next txsync, unless it alone
-        takes every slot the user can hand over (it can never complete, and is dropped).
+        takes every slot the user can hand over (it can never complete, and is dropped). When the interface
+        has no room, the rest waits in the ring (``tx_backpressure``) or is dropped.
         """
         n = kring.nkr_num_slots
         count = kring.pending()
@@ -390,26 +403,32 @@ class GenericAdapter(NetmapAdapter):
             full = False
             for i in range(len(frames)):
                 if full or not frames.valid[i]:
-                    self._drop_tx(kring, "socket full" if full else "frame with an unusable slot")
+                    self._drop_tx(kring, "interface full" if full else "frame with an unusable slot")
                     continue
                 full = not self._send(kring, frames.payload(i), frames.lengths[i])
+                if full and self.tx_backpressure:
+                    consumed = frames.starts[i]  # this frame and the rest stay for the next txsync
+                    break
+                if full:
+                    self._drop_tx(kring, "interface full")
             kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
         kring.nr_hwtail = nm_prev(kring.nr_hwcur, n)
 
     def _send(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
-        """Send one frame; False when the socket is full (the caller drops the rest of the batch)."""
+        """Send one frame; False (nothing sent, nothing counted) when the interface has no room for it."""
         try:
             if len(payload) == 1:
                 self._sock.send(payload[0])
             else:
                 self._sock.sendmsg(payload)
         except BlockingIOError:
-            self._drop_tx(kring, "socket full")
-            return False
+            return False  # the send buffer is full of frames the driver has not completed
         except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                return False  # the qdisc is full
             if e.errno in (errno.ENXIO, errno.ENODEV):
                 raise PortBroken(self.name, f"interface {self.ifname} is gone") from None
-            # ENOBUFS (qdisc full), ENETDOWN, EMSGSIZE (longer than the MTU): this frame only.
+            # ENETDOWN, EMSGSIZE (longer than the MTU): this frame only.
             self._drop_tx(kring, f"send: {errno.errorcode.get(e.errno or 0, e.errno)}")
             return True
         self.stats.tx_packets += 1
