@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vhostmap import __version__
-from vhostmap.config import DEFAULT_CONTROL_SOCKET, ConfigError, build_config, load_toml
-from vhostmap.control import ControlError, call
+from vhostmap.control.client import DEFAULT_CONTROL_SOCKET, ControlError, call
 from vhostmap.vm import add_vm_parser, run_vm
 
 
@@ -131,9 +130,11 @@ def _add_pktgen_parser(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # The datapath imports numpy and the compiled kernels: only when serving.
-    from vhostmap.daemon import Daemon
-    from vhostmap.vhost_user.server import EndpointError
+    # The datapath imports numpy and the compiled kernels (the configuration checks against its limits):
+    # only when serving.
+    from vhostmap.daemon.config import ConfigError, build_config, load_toml
+    from vhostmap.daemon.daemon import Daemon
+    from vhostmap.system.unixsock import EndpointError
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -234,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "switch":
         return _switch(args)
     if args.command == "pkt-gen":
-        from vhostmap.pktgen import run as run_pktgen  # numpy and the client library: only when needed
+        from vhostmap.apps.pktgen_cli import (
+            run as run_pktgen,  # numpy and the client library: only when needed
+        )
 
         return run_pktgen(args)
     try:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-ETH_P_IP = 0x0800
+from vhostmap.ethernet import ETH_HLEN, ETH_P_IP, ETH_ZLEN
+
 IPPROTO_ICMP = 1
 IPPROTO_UDP = 17
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
-ETH_HLEN = 14
 IP_HLEN = 20
-MIN_FRAME = 60  # Ethernet's 64-byte minimum without the FCS
+MIN_FRAME = ETH_ZLEN
 MAX_FRAME = 2048  # one netmap buffer (the default 2 KiB) at most
 
 

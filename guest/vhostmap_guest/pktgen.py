@@ -8,7 +8,7 @@ Modes: ``native`` and ``generic`` open the interface with `vhostmap_guest.open` 
 ``client`` runs the very same loops on the host, over a vhostmap port through the client library (``-i``
 names the port). The frames are vhostmap pkt-gen's UDP frames (`vhostmap.packets.udp_frame`).
 
-The loops are the host's `vhostmap.pktgen.transmit` and `receive`, which know only the NetmapPort API:
+The loops are the host's `vhostmap.apps.pktgen.transmit` and `receive`, which know only the NetmapPort API:
 buffers are filled once (`UserRing.prefill`) and every batch is one head move. ``--seq`` numbers the frames
 (a big-endian u32 at the start of the UDP payload, written into the batch's buffers with one numpy store)
 and spreads batches over every TX ring; ``--check`` makes the receiver compare every frame with the
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from vhostmap.apps.pktgen import Limits, Result, receive, transmit
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import ETH_HLEN, IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
-from vhostmap.pktgen import Limits, Result, receive, transmit
 
 MODES = ("auto", "native", "generic", "socket", "client")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
@@ -129,7 +129,7 @@ def numbered(frame: bytes, seq: int) -> bytes:
 
 # --- netmap loops (any NetmapPort) --------------------------------------------------------------------------
 def transmit_numbered(port: NetmapPort, frame: bytes, limits: Limits, batch: int = DEFAULT_BATCH) -> Result:
-    """Like `vhostmap.pktgen.transmit`, with frame numbers 0, 1, ... and each batch spread over every TX
+    """Like `vhostmap.apps.pktgen.transmit`, with frame numbers 0, 1, ... and each batch spread over every TX
     ring: the numbers of a batch are one numpy store into its (prefilled) buffers; a buffer the port
     swapped for another (NS_BUF_CHANGED) is filled again first."""
     data = np.frombuffer(frame, np.uint8)
@@ -283,7 +283,7 @@ def socket_receive(ifname: str, frame: bytes, limits: Limits, check: bool, seq: 
 def open_port(args: argparse.Namespace) -> tuple[NetmapPort, str]:
     """The port ``args`` ask for, and the mode it was opened in."""
     if args.mode == "client":
-        from vhostmap.netmap import client
+        from vhostmap.apps import client
 
         control = [args.control] if args.control else []
         return client.open(args.interface, *control), "client"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from vhostmap.control import call
+from vhostmap.control.client import call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import (

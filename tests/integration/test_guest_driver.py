@@ -2,7 +2,7 @@
 
 The guest boots the Python image (scripts/guest-image) with eth0 on vhostmap port ``g`` (two queue pairs,
 1024-entry queues). On the host, this test is the consumer: it opens port ``g`` with the client library
-(vhostmap.netmap.client), so it receives exactly what the guest transmits and transmits what the guest
+(vhostmap.apps.client), so it receives exactly what the guest transmits and transmits what the guest
 must receive. The guest runs ``python -m vhostmap_guest.pktgen`` in the background (so the host can serve
 it meanwhile) and writes its result to the 9p share.
 
@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vhostmap.apps import client
+from vhostmap.apps.client import ClientPort
+from vhostmap.apps.pktgen import echo_replies
 from vhostmap.lab import guestbench
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestimage import MEMORY_MB, GuestImage, GuestImageMissing
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.wait import wait_until
-from vhostmap.netmap import client
-from vhostmap.netmap.client import ClientPort
 from vhostmap.netmap.user import POLLIN, POLLOUT
 from vhostmap.packets import Addresses, udp_frame
-from vhostmap.pktgen import echo_replies
 from vhostmap_guest.pktgen import numbered
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from vhostmap.control import call
+from vhostmap.control.client import call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.testpmd import Testpmd, VirtioUserPort
 from vhostmap.lab.wait import wait_until

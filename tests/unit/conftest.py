@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from vhostmap.config import build_config
-from vhostmap.daemon import Daemon
+from vhostmap.daemon.config import build_config
+from vhostmap.daemon.daemon import Daemon
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.wait import wait_until
 from vhostmap.vhost_user.device import VhostUserNetDevice

@@ -16,9 +16,9 @@ import pytest
 
 from conftest import RunningDaemon, StartDaemon
 from vhostmap.lab.frontend import FakeFrontend
+from vhostmap.system.unixsock import EndpointError
 from vhostmap.vhost_user import server
 from vhostmap.vhost_user.messages import U64, Request
-from vhostmap.vhost_user.server import EndpointError
 
 VHOSTMAP = str(Path(sys.executable).with_name("vhostmap"))
 FRAMES = [bytes([k]) * 100 for k in range(6)]

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from conftest import RunningDaemon, StartDaemon
-from vhostmap.forward import Link
+from vhostmap.forwarding.link import Link
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
 from vhostmap.netmap.allocator import AllocatorParams
 from vhostmap.netmap.stash import BufferStash

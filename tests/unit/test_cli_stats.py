@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostmap.control import ControlError, call
+from vhostmap.control.client import ControlError, call
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.wait import wait_until
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from vhostmap.config import ConfigError, build_config, format_mac, parse_mac, parse_port_flag
+from vhostmap.daemon.config import ConfigError, build_config, parse_mac, parse_port_flag
+from vhostmap.ethernet import format_mac
 
 
 def test_port_flag_with_every_option() -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vhostmap.apps.pktgen import Limits
 from vhostmap.lab.netns import VethPair, set_up
 from vhostmap.netmap.abi import NR_REG_ALL_NIC
 from vhostmap.netmap.adapter import LoopbackAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.packets import Addresses, udp_frame
-from vhostmap.pktgen import Limits
 from vhostmap_guest import open as guest_open
 from vhostmap_guest.driver import NativeUnavailable
 from vhostmap_guest.pktgen import (

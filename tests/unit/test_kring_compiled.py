@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forward import SWAP_ALL, count_frames, swap_slots
+from vhostmap.forwarding.rings import SWAP_ALL, count_frames, swap_slots
 from vhostmap.netmap.abi import NR_RX, NR_TIMESTAMP, NR_TX, NS_MOREFRAG, SLOT_DTYPE, NetmapRing, RingView
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.kring import Kring

@@ -1,4 +1,4 @@
-"""The netmap API for local applications (vhostmap.netmap.client) against a running daemon: switch ports of
+"""The netmap API for local applications (vhostmap.apps.client) against a running daemon: switch ports of
 applications, an existing port opened directly, ring selection by name, a client that corrupts its ring, and
 rings released when the client goes away (also when it is killed)."""
 
@@ -15,9 +15,9 @@ import pytest
 from test_switch_daemon import frame, mac
 
 from conftest import RunningDaemon, StartDaemon
-from vhostmap.control import ControlError
-from vhostmap.netmap import client
-from vhostmap.netmap.client import POLLIN, POLLOUT, ClientPort
+from vhostmap.apps import client
+from vhostmap.apps.client import POLLIN, POLLOUT, ClientPort
+from vhostmap.control.client import ControlError
 from vhostmap.netmap.user import PortSpec, parse_port_spec
 
 BROADCAST = "ff:ff:ff:ff:ff:ff"
@@ -195,7 +195,7 @@ def test_a_client_that_corrupts_its_ring_is_reinitialised_and_others_go_on(
 
 CHILD = """
 import os, sys
-from vhostmap.netmap import client
+from vhostmap.apps import client
 port = client.open(sys.argv[1], sys.argv[2])
 print(port.name, flush=True)
 os.kill(os.getpid(), 9)

@@ -14,9 +14,8 @@ from scapy.layers.l2 import Ether
 
 from conftest import RunningDaemon, StartDaemon
 from vhostmap import cli
-from vhostmap.netmap import client
-from vhostmap.packets import Addresses, udp_frame
-from vhostmap.pktgen import (
+from vhostmap.apps import client
+from vhostmap.apps.pktgen import (
     Limits,
     echo_replies,
     echo_request,
@@ -25,6 +24,7 @@ from vhostmap.pktgen import (
     receive,
     transmit,
 )
+from vhostmap.packets import Addresses, udp_frame
 
 
 def control_path(d: RunningDaemon) -> str:

@@ -22,9 +22,11 @@ from test_worker import CountingForwarder
 import conftest
 from conftest import RunningDaemon, StartDaemon
 from vhostmap.cli import main
-from vhostmap.config import ConfigError, build_config
+from vhostmap.daemon.config import ConfigError, build_config
+from vhostmap.daemon.worker import Worker
 from vhostmap.lab.frontend import FakeFrontend, FakeQueue
 from vhostmap.lab.wait import wait_until
+from vhostmap.system.cpu import format_cpu_list, online_cpus, parse_cpu_list
 from vhostmap.virtio.spec import (
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -32,7 +34,6 @@ from vhostmap.virtio.spec import (
     VRING_USED_F_NO_NOTIFY,
     bit,
 )
-from vhostmap.worker import Worker, format_cpu_list, online_cpus, parse_cpu_list
 
 # The CPUs this test may pin to: online and allowed to this process.
 USABLE_CPUS = sorted(online_cpus() & os.sched_getaffinity(0))

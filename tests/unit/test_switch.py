@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from vhostmap.hostbridge import HostBridge, move_frames
+from vhostmap.forwarding.hostbridge import HostBridge
+from vhostmap.forwarding.rings import move_frames
+from vhostmap.forwarding.switch import CompiledMacTable, MacTable, Switch
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_NO_LEARN, nm_prev
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.frames import RxFill, SlotFrames
 from vhostmap.netmap.kring import Kring
-from vhostmap.switch import CompiledMacTable, MacTable, Switch
 
 PARAMS = AllocatorParams(if_num=16, ring_num=96, ring_size=4096, buf_num=4096)
 BUF = PARAMS.buf_size

@@ -18,6 +18,7 @@ beyond the aging, ports detached and attached again, sweeps, heads a ring user m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vhostmap import switch as switch_module
+from vhostmap import datapath
 from vhostmap.datapath import ffi, lib
+from vhostmap.datapath.choice import REFERENCE_ENV, reference_selected
+from vhostmap.ethernet import ETH_HLEN
+from vhostmap.forwarding.switch import (
+    CompiledMacTable,
+    MacTable,
+    Switch,
+    SwitchPort,
+    SwitchPortStats,
+)
+from vhostmap.forwarding.switch import reference as reference_forwarder
 from vhostmap.netmap.abi import (
     NM_RESERVED_BUFS,
     NS_BUF_CHANGED,
@@ -44,15 +55,6 @@ from vhostmap.netmap.abi import (
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.kring import Kring
-from vhostmap.switch import (
-    ETH_HLEN,
-    CompiledMacTable,
-    MacTable,
-    Switch,
-    SwitchPort,
-    SwitchPortStats,
-    reference_selected,
-)
 
 PARAMS = AllocatorParams(if_num=8, ring_num=64, ring_size=4096, buf_size=256, buf_num=2048)
 BUF = PARAMS.buf_size
@@ -621,26 +623,26 @@ def test_c_constants_agree_with_python() -> None:
     )
     assert lib.NM_RESERVED_BUFS == NM_RESERVED_BUFS
     assert lib.SW_ETH_HLEN == ETH_HLEN
-    assert lib.SW_FLOOD == switch_module._FLOOD
+    assert lib.SW_FLOOD == reference_forwarder.FLOOD
     names = [name for name, _ in ffi.typeof("struct sw_stats").fields]
-    assert names == list(switch_module._STAT_FIELDS)
+    assert names == [f.name for f in dataclasses.fields(SwitchPortStats)]
 
 
 def test_the_environment_selects_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(switch_module.REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(REFERENCE_ENV, raising=False)
     assert not reference_selected() and not Switch("s").reference
     assert isinstance(Switch("s").table, CompiledMacTable)
     assert reference_selected(True) and Switch("s", reference=True).reference
-    monkeypatch.setenv(switch_module.REFERENCE_ENV, "1")
+    monkeypatch.setenv(REFERENCE_ENV, "1")
     assert Switch("s").reference and isinstance(Switch("s").table, MacTable)
     assert not Switch("s", reference=False).reference
-    monkeypatch.setenv(switch_module.REFERENCE_ENV, "0")
+    monkeypatch.setenv(REFERENCE_ENV, "0")
     assert not Switch("s").reference
 
 
 def test_the_kernel_releases_the_gil(tmp_path: Path) -> None:
     """cffi's API mode drops the GIL around every call of a C function it compiles: sw_forward's too."""
-    script = Path(switch_module.__file__).parent / "datapath" / "build.py"
+    script = Path(datapath.__file__).parent / "build.py"
     spec = importlib.util.spec_from_file_location("vhostmap_kernels_build", script)
     assert spec is not None and spec.loader is not None
     build = importlib.util.module_from_spec(spec)

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from vhostmap import cli, vm
-from vhostmap.config import ConfigError, build_config, parse_port_flag
+from vhostmap.daemon.config import ConfigError, build_config, parse_port_flag
 from vhostmap.lab.daemon import VhostmapDaemon
+from vhostmap.system.access import libvirt_access_problems, libvirt_qemu_identity, socket_access_problem
 from vhostmap.vhost_user.server import bind_listener
 from vhostmap.vm import (
     QEMU_NS,
@@ -31,9 +32,6 @@ from vhostmap.vm import (
     find_interface,
     interface_alias,
     interface_element,
-    libvirt_access_problems,
-    libvirt_qemu_identity,
-    socket_access_problem,
     tcg_hotplug_problem,
     to_xml,
 )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vhostmap.worker import Worker
+from vhostmap.daemon.worker import Worker
 
 
 class CountingForwarder:

@@ -38,11 +38,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vhostmap.control import ControlError
+from vhostmap.control.client import ControlError
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort
 from vhostmap.lab.wait import wait_until
-from vhostmap.worker import check_cpu
+from vhostmap.system.cpu import check_cpu
 
 SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding"}
 # The back-ends of each scenario, DPDK's last: one round runs each once, in this order.

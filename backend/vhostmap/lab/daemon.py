@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from vhostmap.control import ControlError, call
+from vhostmap.control.client import ControlError, call
 from vhostmap.lab.process import ChildProcess, end_process
 from vhostmap.lab.wait import tail, wait_until
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from vhostmap.control import call
+from vhostmap.control.client import call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.netns import namespace_behind_veth
 from vhostmap.lab.qemu import Nic, QemuGuest

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,6 +52,22 @@ from vhostmap.netmap.errors import BadRingId, PortBroken
 from vhostmap.netmap.kring import Kring
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FastQueues:
+    """What the compiled passes need of a port right now (``NetmapAdapter.fast_queues``): a C queue handle
+    (struct vhu_queue, datapath/vhost_sync.cdef) for each RX kring fed by a running queue and each TX kring
+    with a queue to deliver into, by ring index; ``stash``, the port's buffer stash (struct nm_stash, or
+    NULL) its forwarders' passes recycle buffers through (netmap/stash.py). Good while the port's
+    ``version`` is this one; ``keep`` holds the objects behind the pointers."""
+
+    version: int
+    rx: dict[int, Any]
+    tx: dict[int, Any]
+    stash: Any
+    keep: tuple[Any, ...]
+
 
 REG_MODES = {
     NR_REG_ALL_NIC: "NR_REG_ALL_NIC",
@@ -293,6 +309,22 @@ class NetmapAdapter(abc.ABC):
     def count_dropped(self, ring_index: int, frames: int) -> None:
         """Account ``frames`` that a consumer of RX ring ``ring_index`` discarded."""
         self._ring(self.rx_rings, ring_index, "RX").dropped += frames
+
+    def carrier(self, ring_index: int) -> bool:
+        """Whether TX ring ``ring_index`` has somewhere to deliver to now (a guest receive queue, a link)."""
+        return True
+
+    # --- the compiled datapath's seam ---------------------------------------------------------------------
+    def fast_queues(self) -> FastQueues | None:
+        """The C queue handles the compiled passes of the forwarders run over, or None when this port takes
+        the Python path (the default: its syncs are these Python hooks). A port that returns handles answers
+        for their syncs through ``fast_failed``."""
+        return None
+
+    def fast_failed(self, kring: Kring, receive: bool, status: int) -> None:
+        """A compiled pass over ``fast_queues`` stopped at ``kring`` (an RX kring when ``receive``) with the
+        kernel's ``status``: handle it as this port's own sync would (a fault, or the Python sync)."""
+        raise NotImplementedError(f"{self.name}: has no compiled queues")
 
     # --- registration ---------------------------------------------------------------------------------------
     def register(self, mode: int, ring_id: int = 0, flags: int = 0) -> Registration:

@@ -12,9 +12,8 @@ import struct
 
 import numpy as np
 
-ETH_HLEN = 14
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
+from vhostmap.ethernet import ETH_HLEN, ETH_P_IP, ETH_P_IPV6
+
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 # Where the checksum field is in each transport header.

@@ -2,7 +2,7 @@
 
 An application is written against `NetmapPort`: it gets TX and RX `UserRing`s, fills or reads slots in
 batches through numpy views, moves ``head``/``cur``, and calls ``txsync``/``rxsync``/``poll``. The same code
-runs on the host against a vhostmap port (`vhostmap.netmap.client.open`) and inside a guest against the
+runs on the host against a vhostmap port (`vhostmap.apps.client.open`) and inside a guest against the
 guest's own NIC (`vhostmap_guest.open`), the way a netmap program runs unchanged over any netmap adapter.
 
 Port names follow nm_open's syntax (see `parse_port_spec`): ``vm0`` binds every hardware ring of port vm0,

@@ -97,9 +97,17 @@ class DeviceError(Exception):
         self.reason = reason
 
 
+# The device's limits, which the configuration checks against too. MTU: IPv4's minimum (RFC 791) up to the
+# common jumbo size (a frame then spans several netmap buffers); queue pairs: one kring pair each.
+MIN_MTU = 68
+MAX_MTU = 9216
+MAX_QUEUE_PAIRS = 64
+
+
 @dataclass(frozen=True)
 class NetConfig:
-    """Static configuration of one virtio-net device."""
+    """Static configuration of one virtio-net device: its MAC, its MTU (MIN_MTU..MAX_MTU) and its queue
+    pairs (1..MAX_QUEUE_PAIRS)."""
 
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
@@ -108,10 +116,10 @@ class NetConfig:
     def __post_init__(self) -> None:
         if len(self.mac) != 6:
             raise ValueError("mac must be 6 bytes")
-        if not 68 <= self.mtu <= 65521:
-            raise ValueError(f"mtu {self.mtu} outside 68..65521")
-        if not 1 <= self.queue_pairs <= 256:
-            raise ValueError(f"queue_pairs {self.queue_pairs} outside 1..256")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ValueError(f"mtu {self.mtu} outside {MIN_MTU}..{MAX_MTU}")
+        if not 1 <= self.queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue_pairs {self.queue_pairs} outside 1..{MAX_QUEUE_PAIRS}")
 
 
 class DeviceListener(Protocol):

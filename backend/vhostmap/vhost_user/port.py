@@ -12,15 +12,13 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from vhostmap.config import PortConfig
 from vhostmap.datapath import ffi, lib
 from vhostmap.netmap.abi import NS_MOREFRAG
-from vhostmap.netmap.adapter import NetmapAdapter
+from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.stash import BufferStash
@@ -43,20 +41,9 @@ PORT_RING_SLOTS = 1024
 QUEUE_COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped", "errors")
 
 
-@dataclass(frozen=True)
-class FastQueues:
-    """What the compiled passes of a link or sink need of a port right now (``VhostUserPort.fast_queues``):
-    struct vhu_queue of each RX kring fed by a running transmit queue and each TX kring with a receive queue
-    to deliver into, by ring index. ``keep`` holds the objects behind their pointers."""
-
-    version: int
-    rx: dict[int, Any]
-    tx: dict[int, Any]
-    keep: tuple[Any, ...]
-
-
 class VhostUserPort(NetmapAdapter):
-    """One vhost-user virtio-net device as a netmap adapter with ``queues`` kring pairs.
+    """One vhost-user virtio-net device, ``name``, as a netmap adapter with a kring pair per queue pair of
+    ``net`` (the device's MAC, MTU and queue pairs).
 
     ``reference_datapath`` runs the pure-Python reference kernels instead of the compiled ones (None: as the
     VHOSTMAP_REFERENCE_DATAPATH environment variable says; see kernels.py). ``poll``: a polling worker
@@ -65,7 +52,8 @@ class VhostUserPort(NetmapAdapter):
 
     def __init__(
         self,
-        config: PortConfig,
+        name: str,
+        net: NetConfig,
         memory: NetmapMemory,
         lock: threading.RLock,
         on_change: Callable[[], None] = lambda: None,
@@ -73,18 +61,18 @@ class VhostUserPort(NetmapAdapter):
         poll: bool = False,
     ) -> None:
         super().__init__(
-            config.name,
+            name,
             memory,
-            num_tx_rings=config.queues,
-            num_rx_rings=config.queues,
+            num_tx_rings=net.queue_pairs,
+            num_rx_rings=net.queue_pairs,
             num_tx_desc=PORT_RING_SLOTS,
             num_rx_desc=PORT_RING_SLOTS,
         )
-        self.config = config
+        self.net = net
         self.lock = lock
         self._on_change = on_change
-        self.device = VhostUserNetDevice(config.name, NetConfig(config.mac, config.mtu, config.queues), self)
-        self.queue_stats = ffi.new("struct vhu_stats[]", config.queues)
+        self.device = VhostUserNetDevice(name, net, self)
+        self.queue_stats = ffi.new("struct vhu_stats[]", net.queue_pairs)
         # Bumped by every control-plane change; a FastQueues of another version is stale.
         self._version = 0
         self._fast: FastQueues | None = None
@@ -141,7 +129,7 @@ class VhostUserPort(NetmapAdapter):
                 q.hdr_len, q.mergeable = hdr_len, mergeable
                 ring[i] = q
                 keep += [kring, vq]
-        self._fast = FastQueues(self._version, rx, tx, tuple(keep))
+        self._fast = FastQueues(self._version, rx, tx, self.stash.c, tuple(keep))
         return self._fast
 
     def fast_failed(self, kring: Kring, receive: bool, status: int) -> None:
@@ -208,9 +196,9 @@ class VhostUserPort(NetmapAdapter):
         )
         return [*kicks, *super().wake_fds()]
 
-    def carrier(self, ring: int) -> bool:
-        """Whether TX kring ``ring`` has a guest receive queue to deliver into now."""
-        return self._rx_queue_for(ring) is not None
+    def carrier(self, ring_index: int) -> bool:
+        """Whether TX kring ``ring_index`` has a guest receive queue to deliver into now."""
+        return self._rx_queue_for(ring_index) is not None
 
     def _queue(self, index: int) -> SplitVirtqueue | None:
         """The virtqueue with ``index`` if it may be processed now."""

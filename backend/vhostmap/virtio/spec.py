@@ -18,6 +18,8 @@ import struct
 
 import numpy as np
 
+from vhostmap.ethernet import ETH_HLEN
+
 
 def bit(n: int) -> int:
     """The mask of feature bit number ``n``."""
@@ -296,8 +298,4 @@ PCI_CAP_ID_VNDR = 0x09
 PCI_STD_HEADER_SIZEOF = 0x40
 PCI_CFG_SPACE_SIZE = 0x100
 
-# Ethernet sizes the device speaks about.
-ETH_HLEN = 14
-ETH_ZLEN = 60
-ETH_DATA_LEN = 1500
 VIRTIO_NET_MAX_MTU = 65535 - ETH_HLEN

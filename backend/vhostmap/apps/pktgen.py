@@ -1,4 +1,5 @@
-"""``vhostmap pkt-gen``: netmap's pkt-gen over any port of a running daemon, through the client library.
+"""netmap's pkt-gen loops over any `NetmapPort`: a daemon's port through the client library (the ``vhostmap
+pkt-gen`` command, pktgen_cli.py) or a guest's NIC (vhostmap_guest.pktgen).
 
 Modes (``-f``): ``tx`` sends copies of one UDP frame as fast as allowed (``-R`` pps), ``rx`` counts what
 arrives, ``ping`` sends ICMP echo requests one at a time and measures the round trip of each reply (answered
@@ -14,8 +15,6 @@ rewrites a whole batch of requests into replies with numpy.
 
 from __future__ import annotations
 
-import argparse
-import json
 import struct
 import sys
 import time
@@ -35,12 +34,9 @@ from vhostmap.packets import (
     ICMP_ECHO_REQUEST,
     IP_HLEN,
     IPPROTO_ICMP,
-    MAX_FRAME,
-    MIN_FRAME,
     Addresses,
     ether_header,
     ipv4_header,
-    udp_frame,
 )
 
 PING_PAYLOAD = struct.Struct("!QI")  # send time (ns, monotonic) and pkt-gen's run id
@@ -311,46 +307,3 @@ def periodic_reporter(every: float, mode: str, out: Any = sys.stderr) -> Reporte
             state["t"], state["n"] = now, total
 
     return report
-
-
-def run(args: argparse.Namespace, port: NetmapPort | None = None) -> int:
-    """Run ``vhostmap pkt-gen`` (``port``: an already opened port, else ``args.port`` through the daemon)."""
-    from vhostmap.control import ControlError
-    from vhostmap.netmap import client
-
-    if not MIN_FRAME <= args.length <= MAX_FRAME:
-        print(f"vhostmap pkt-gen: -l {args.length} outside {MIN_FRAME}..{MAX_FRAME}", file=sys.stderr)
-        return 2
-    if args.batch < 1:
-        print(f"vhostmap pkt-gen: -b {args.batch} must be >= 1", file=sys.stderr)
-        return 2
-    addr = Addresses(args.src_mac, args.dst_mac, args.src_ip, args.dst_ip)
-    if port is None:
-        try:
-            opened: NetmapPort = client.open(args.port, args.control)
-        except (ControlError, ValueError) as e:
-            print(f"vhostmap pkt-gen: {e}", file=sys.stderr)
-            return 1
-    else:
-        opened = port
-    report = periodic_reporter(args.report, args.function) if args.report > 0 and not args.json else None
-    limits = Limits(args.count, args.duration, args.rate)
-    try:
-        with opened as port:
-            if args.function == "tx":
-                result = transmit(port, udp_frame(args.length, addr), limits, args.batch, report)
-            elif args.function == "rx":
-                result = receive(port, limits, report)
-            elif args.function == "ping":
-                result = ping(
-                    port, max(args.length, ETH_HLEN + IP_HLEN + 8 + PING_PAYLOAD.size), limits, addr
-                )
-            else:
-                result = pong(port, limits)
-    except KeyboardInterrupt:
-        return 130
-    except ConnectionError as e:
-        print(f"vhostmap pkt-gen: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(result.as_dict()) if args.json else result.summary(), flush=True)
-    return 0

@@ -1,12 +1,11 @@
-"""The daemon's control socket: one JSON object per line each way, over a UNIX stream socket.
+"""The daemon's side of its control socket: named commands served from the daemon's event loop.
 
-A request is ``{"cmd": NAME, ...arguments}``; the reply is ``{"ok": true, ...}`` or
-``{"ok": false, "error": TEXT}``. ``vhostmap stats`` and the other CLI commands are clients of it.
+The wire format is vhostmap.control.client's: one JSON object per line each way.
 
 Some commands belong to the connection they came on (`ConnectionHandler`): a netmap application's
 registration lives exactly as long as its control connection, so a client that dies (its socket closes)
 releases its rings. Such a command may answer with file descriptors, sent with the reply line in one
-SCM_RIGHTS message (`recv_reply` reads it).
+SCM_RIGHTS message (`vhostmap.control.client.request` reads it).
 """
 
 from __future__ import annotations
@@ -21,12 +20,12 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from vhostmap.control.client import MAX_REQUEST
+from vhostmap.system.unixsock import bind_listener
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
-MAX_REQUEST = 1 << 20
-# File descriptors one reply may carry.
-MAX_REPLY_FDS = 16
 
 
 class Connection:
@@ -55,10 +54,6 @@ class Connection:
 ConnectionHandler = Callable[[Mapping[str, Any], Connection], tuple[dict[str, Any], list[int]]]
 
 
-class ControlError(Exception):
-    """The daemon answered with an error, or could not be reached."""
-
-
 class ControlServer:
     """Serves named commands on a UNIX socket from the daemon's event loop."""
 
@@ -76,9 +71,6 @@ class ControlServer:
 
     async def start(self) -> None:
         """Bind the socket (a live one at the same path is an error) and start serving."""
-        # Imported here: the CLI's client commands use this module and must not load the datapath (numpy).
-        from vhostmap.vhost_user.server import bind_listener
-
         sock = bind_listener(self.path)
         self._bound = True
         self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=MAX_REQUEST)
@@ -153,51 +145,3 @@ def _peer_pid(sock: Any) -> int | None:
     except (OSError, AttributeError):
         return None
     return int(struct.unpack("3i", creds)[0])
-
-
-def connect(path: str, timeout: float | None = 10.0) -> socket.socket:
-    """A connection to the daemon's control socket at ``path`` (ControlError, with the likely cause)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except FileNotFoundError:
-        sock.close()
-        raise ControlError(f"no vhostmap daemon at {path} (is `vhostmap serve` running?)") from None
-    except ConnectionRefusedError:
-        sock.close()
-        raise ControlError(f"no vhostmap daemon listens on {path} (stale socket)") from None
-    except PermissionError:
-        sock.close()
-        raise ControlError(f"permission denied on {path}") from None
-    return sock
-
-
-def request(sock: socket.socket, cmd: str, **args: Any) -> tuple[dict[str, Any], list[int]]:
-    """Send one command on an open connection; its reply and the fds that came with it (the caller owns
-    them). Raises ControlError for an error reply (closing any fds) or a closed connection."""
-    sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-    data, fds = b"", []
-    while not data.endswith(b"\n"):
-        chunk, got, _, _ = socket.recv_fds(sock, 65536, MAX_REPLY_FDS)
-        fds += got
-        if not chunk:
-            for fd in fds:
-                os.close(fd)
-            raise ControlError("the daemon closed the control connection")
-        data += chunk
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        for fd in fds:
-            os.close(fd)
-        raise ControlError(reply.get("error", "unknown error"))
-    return dict(reply), fds
-
-
-def call(path: str, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Send one command to the daemon at ``path`` and return its reply (raises ControlError)."""
-    with connect(path, timeout) as sock:
-        reply, fds = request(sock, cmd, **args)
-    for fd in fds:  # a plain command has none; never leak what a confused daemon sent
-        os.close(fd)
-    return reply

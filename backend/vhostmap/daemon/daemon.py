@@ -3,10 +3,9 @@
 The control plane (vhost-user sockets, the control socket) runs on an asyncio loop in the main thread; the
 datapath runs in one worker thread. Both meet at the worker's lock.
 
-Every port is consumed by exactly one forwarder: the link it is in, the switch it is attached to, else a
-HostBridge (a port with host rings: it and its TAP are cross-connected) or a Sink. Switch ports attach and
-detach at run time (``switch`` control command), under the worker's lock, so the other ports' traffic never
-sees a half-made change.
+Which forwarder consumes which port, and what changes at run time (switch ports attached and detached,
+applications registering), is the topology's (topology.py); this module builds the ports, serves their
+sockets and the control socket, and answers the control commands.
 """
 
 from __future__ import annotations
@@ -20,32 +19,29 @@ from collections.abc import Mapping
 from typing import Any
 
 from vhostmap import __version__
-from vhostmap.clients import ClientSession, PortClients
-from vhostmap.config import DaemonConfig, PortConfig, SwitchConfig, format_mac
-from vhostmap.control import Connection, ControlServer
-from vhostmap.forward import Link, Sink, Source
-from vhostmap.hostbridge import HostBridge
+from vhostmap.control.server import Connection, ControlServer
+from vhostmap.daemon.config import DaemonConfig, PortConfig, SwitchConfig
+from vhostmap.daemon.topology import CLIENT_PORTS, CLIENT_RING_SLOTS, Topology
+from vhostmap.daemon.worker import Forwarder, Worker
+from vhostmap.ethernet import format_mac
+from vhostmap.forwarding.switch import Switch
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.generic import GenericAdapter
 from vhostmap.netmap.host import HostStack
-from vhostmap.netmap.pipe import PipeEnd, make_pipe
+from vhostmap.netmap.pipe import PipeEnd
 from vhostmap.netmap.stash import STASH_BUFFERS
-from vhostmap.netmap.user import parse_port_spec
-from vhostmap.switch import Switch
+from vhostmap.system.access import libvirt_access_problems
+from vhostmap.system.cpu import pin_current_thread
+from vhostmap.vhost_user.device import NetConfig
 from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
 from vhostmap.vhost_user.server import Endpoint, SocketMode
 from vhostmap.virtio.spec import feature_names
-from vhostmap.vm import libvirt_access_problems
-from vhostmap.worker import Forwarder, Worker, pin_current_thread
 
 log = logging.getLogger(__name__)
 
 # Buffers beyond the ports' own rings, for in-flight swaps.
 SPARE_BUFFERS = 4096
-# Switch ports applications may open at once (``vale0:app``), and the slots of each of their rings.
-CLIENT_PORTS = 8
-CLIENT_RING_SLOTS = 512
 
 
 def allocator_params(config: DaemonConfig) -> AllocatorParams:
@@ -80,21 +76,12 @@ class Daemon:
                 adapter.close()
             self.memory.close()
             raise
-        # The forwarder that consumes each port's rings.
-        self.serving: dict[str, Forwarder] = {}
-        for a, b in config.links:
-            self.serving[a] = self.serving[b] = Link(self.adapters[a], self.adapters[b])
-        self.switches: dict[str, Switch] = {}
-        for sc in config.switches:
-            sw = self.switches[sc.name] = Switch(sc.name, aging=sc.aging)
-            for name in sc.ports:
-                sw.attach(self.adapters[name])
-                self.serving[name] = sw
-        for name, adapter in self.adapters.items():
-            if name not in self.serving:
-                self.serving[name] = self._solo(adapter)
-        self.forwarders: list[Forwarder] = list(self.switches.values())
-        self.forwarders += [f for f in dict.fromkeys(self.serving.values()) if f not in self.forwarders]
+        generators = {pc.name: (pc.generate, pc.mac) for pc in config.ports if pc.generate is not None}
+        self.topology = Topology(
+            self.adapters, self.memory, self.worker, generators=generators, check_switch_name=SwitchConfig
+        )
+        switches = {sc.name: (list(sc.ports), sc.aging) for sc in config.switches}
+        self.forwarders: list[Forwarder] = self.topology.build(list(config.links), switches)
         self.endpoints = [
             Endpoint(
                 self.ports[pc.name],
@@ -107,9 +94,6 @@ class Daemon:
             for pc in config.ports
             if pc.name in self.ports
         ]
-        # Ports held by local applications (their forwarder), and the pipes of their switch ports.
-        self.clients: dict[str, PortClients] = {}
-        self.pipes: dict[str, tuple[PipeEnd, PipeEnd]] = {}
         self.control = ControlServer(
             config.control_socket,
             {"stats": self.stats, "status": self.status, "switch": self.switch},
@@ -126,8 +110,9 @@ class Daemon:
             assert pc.ifname is not None  # checked by PortConfig
             adapter = GenericAdapter(pc.name, self.memory, pc.ifname, num_desc=PORT_RING_SLOTS)
         else:
+            net = NetConfig(pc.mac, pc.mtu, pc.queues)
             port = VhostUserPort(
-                pc, self.memory, self.worker.lock, self.worker.refresh, poll=self.worker.poll
+                pc.name, net, self.memory, self.worker.lock, self.worker.refresh, poll=self.worker.poll
             )
             self.ports[pc.name] = port
             adapter = port
@@ -140,16 +125,24 @@ class Daemon:
                 raise
         return adapter
 
-    def _solo(self, adapter: NetmapAdapter) -> Forwarder:
-        """The forwarder of a port attached to nothing: its TAP if it has host rings, its generator if it has
-        ``generate=``, else a sink."""
-        if adapter.host_port is not None:
-            return HostBridge(adapter)
-        length = self.config.port(adapter.name).generate if adapter.name in self.ports else None
-        if length is not None:
-            assert isinstance(adapter, VhostUserPort)
-            return Source(adapter, length)
-        return Sink(adapter)
+    # --- the topology, as tests and commands look at it -----------------------------------------------------
+    @property
+    def serving(self) -> dict[str, Forwarder]:
+        """The forwarder consuming each port."""
+        return self.topology.serving
+
+    @property
+    def switches(self) -> dict[str, Switch]:
+        """The switches, by name."""
+        return self.topology.switches
+
+    def attach(self, switch: str, port: str) -> Switch:
+        """Attach ``port`` to ``switch`` at run time (Topology.attach)."""
+        return self.topology.attach(switch, port)
+
+    def detach(self, switch: str, port: str) -> None:
+        """Detach ``port`` from ``switch`` at run time (Topology.detach)."""
+        self.topology.detach(switch, port)
 
     async def run(self, handle_signals: bool = True) -> None:
         """Serve until ``stop()``, or SIGINT/SIGTERM when ``handle_signals`` (main thread only)."""
@@ -183,15 +176,7 @@ class Daemon:
             await self.control.close()
             self.worker.stop()
             with self.worker.lock:  # application connections may still be closing on this loop
-                for clients in self.clients.values():
-                    for session in clients.sessions:
-                        session.close()
-                self.clients.clear()
-                for adapter in self.adapters.values():
-                    adapter.close()
-                for _, slave in self.pipes.values():
-                    slave.close()
-                self.pipes.clear()
+                self.topology.close()
                 self.memory.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(ValueError):
@@ -239,7 +224,7 @@ class Daemon:
                     ports[name]["host"] = adapter.host_port.name
                 ports[name]["forwarder"] = self.serving[name].name
             switches = {name: [p.name for p in sw.ports] for name, sw in self.switches.items()}
-            clients = [s.stats() for c in self.clients.values() for s in c.sessions]
+            clients = [s.stats() for c in self.topology.clients.values() for s in c.sessions]
         return {
             "version": __version__,
             "ports": ports,
@@ -277,59 +262,7 @@ class Daemon:
             self.detach(name, port)
         return {"switch": name, "port": port, "ports": [p.name for p in self.switches[name].ports]}
 
-    def attach(self, switch: str, port: str) -> Switch:
-        """Attach ``port`` to ``switch`` (created if missing) at run time; the switch.
-
-        Raises LookupError for an unknown port, ValueError for a port already on a switch or in a link, or a
-        switch name that is not valid.
-        """
-        with self.worker.lock:
-            adapter = self._adapter(port)
-            current = self.serving.get(port)
-            if isinstance(current, Switch):
-                raise ValueError(f"port {port!r} is already attached to switch {current.name!r}")
-            if isinstance(current, Link):
-                raise ValueError(f"port {port!r} is in a link ({current.name}); links are fixed at start")
-            if isinstance(current, Source):
-                raise ValueError(
-                    f"port {port!r} feeds its guest from a generator (generate=); not on a switch"
-                )
-            sw = self.switches.get(switch)
-            if sw is None:
-                SwitchConfig(switch)  # a valid name, or ConfigError (a ValueError)
-                sw = Switch(switch)
-            sw.attach(adapter)
-            if switch not in self.switches:
-                self.switches[switch] = sw
-                self.worker.add(sw)
-            if current is not None:  # None: an application's new switch port
-                with contextlib.suppress(ValueError):  # the worker dropped it already (it had failed)
-                    self.worker.remove(current)
-            self.serving[port] = sw
-            self.worker.refresh()
-        log.info("port %s attached to switch %s", port, switch, extra={"port": port, "switch": switch})
-        return sw
-
-    def detach(self, switch: str, port: str) -> None:
-        """Detach ``port`` from ``switch`` at run time: it goes back to its TAP (host=) or to a sink.
-
-        Raises LookupError for an unknown switch or port, ValueError when the port is not on that switch.
-        """
-        with self.worker.lock:
-            sw = self.switches.get(switch)
-            if sw is None:
-                raise LookupError(f"no switch named {switch!r}")
-            adapter = self._adapter(port)
-            if self.serving[port] is not sw:
-                raise ValueError(f"port {port!r} is not attached to switch {switch!r}")
-            if port in self.pipes:
-                raise ValueError(f"port {port!r} belongs to an application and goes with it")
-            sw.detach(adapter)
-            solo = self.serving[port] = self._solo(adapter)
-            self.worker.add(solo)
-        log.info("port %s detached from switch %s", port, switch, extra={"port": port, "switch": switch})
-
-    # --- local applications (vhostmap.netmap.client) -----------------------------------------------------
+    # --- local applications (vhostmap.apps.client) -----------------------------------------------------
     def register_client(
         self, request: Mapping[str, Any], conn: Connection
     ) -> tuple[dict[str, Any], list[int]]:
@@ -345,29 +278,8 @@ class Daemon:
         flags = request.get("flags", 0)
         if not isinstance(name, str) or not isinstance(flags, int):
             raise ValueError('register: expected {"port": NAME[, "flags": INT]}')
-        spec = parse_port_spec(name)
-        with self.worker.lock:
-            adapter: NetmapAdapter | None = (
-                self._client_switch_port(str(spec), spec.switch, spec.port) if spec.switch else None
-            )
-            try:
-                if adapter is None:
-                    adapter = self._adapter(spec.port)
-                    current = self.serving.get(spec.port)
-                    if isinstance(current, Switch | Link):
-                        by = f"switch {current.name}" if isinstance(current, Switch) else current.name
-                        raise ValueError(
-                            f"port {spec.port!r} is served by {by}; open a switch port (SWITCH:NAME) "
-                            "or detach it first"
-                        )
-                session = self._add_session(adapter, spec.mode, spec.ring_id, flags, name, conn.peer_pid)
-            except BaseException:
-                if spec.switch:
-                    self._drop_client_switch_port(str(spec))
-                raise
-            self.worker.refresh()
-        assert adapter is not None
-        conn.on_close(lambda: self.release_client(session))
+        adapter, session = self.topology.register(name, flags, conn.peer_pid)
+        conn.on_close(lambda: self.topology.release_client(session))
         conn.state.setdefault("sessions", []).append(session)
         reg = session.reg
         log.info("application (pid %s) opened %s", conn.peer_pid, name, extra={"port": name})
@@ -387,86 +299,6 @@ class Daemon:
         """The ``client_stats`` command: the sessions of this connection (reinits, errors...)."""
         with self.worker.lock:
             return {"sessions": [s.stats() for s in conn.state.get("sessions", [])]}, []
-
-    def release_client(self, session: ClientSession) -> None:
-        """End ``session`` (its application closed the connection, or died)."""
-        with self.worker.lock:
-            adapter = session.reg.adapter
-            clients = self.clients.get(adapter.name)
-            if clients is None or session not in clients.sessions:  # the daemon has stopped already
-                return
-            clients.remove(session)
-            if not clients.sessions:
-                del self.clients[adapter.name]
-                self.worker.remove(clients)
-                master = adapter.peer if isinstance(adapter, PipeEnd) else None
-                if master is not None:
-                    self._drop_client_switch_port(master.name)
-                else:
-                    solo = self.serving[adapter.name] = self._solo(adapter)
-                    self.worker.add(solo)
-            self.worker.refresh()
-        log.info("application (pid %s) closed %s", session.pid, session.spec, extra={"port": session.spec})
-
-    def _add_session(
-        self, adapter: NetmapAdapter, mode: int, ring_id: int, flags: int, spec: str, pid: int | None
-    ) -> ClientSession:
-        """Register on ``adapter`` and serve the registration (the port leaves its sink or TAP bridge)."""
-        reg = adapter.register(mode, ring_id, flags)
-        clients = self.clients.get(adapter.name)
-        fresh = clients is None
-        if clients is None:
-            clients = PortClients(adapter)
-        try:
-            session = clients.add(reg, spec, pid)
-        except BaseException:
-            adapter.unregister(reg)
-            raise
-        if fresh:
-            self.clients[adapter.name] = clients
-            if adapter.name in self.serving:  # an existing port, not an application's pipe end
-                with contextlib.suppress(ValueError):
-                    self.worker.remove(self.serving[adapter.name])
-                self.serving[adapter.name] = clients
-            self.worker.add(clients)
-        return session
-
-    def _client_switch_port(self, name: str, switch: str, port: str) -> PipeEnd:
-        """An application's switch port ``SWITCH:PORT``: a pipe whose master is attached to the switch; the
-        slave end, which the application registers."""
-        if name in self.adapters:
-            raise ValueError(f"switch port {name!r} is already open")
-        if len(self.pipes) >= CLIENT_PORTS:
-            raise ValueError(f"{CLIENT_PORTS} application switch ports are open already")
-        master, slave = make_pipe(name, self.memory, num_desc=CLIENT_RING_SLOTS)
-        self.adapters[name] = master
-        self.pipes[name] = (master, slave)
-        try:
-            self.attach(switch, name)
-        except BaseException:
-            del self.adapters[name], self.pipes[name]
-            master.close()
-            slave.close()
-            raise
-        return slave
-
-    def _drop_client_switch_port(self, name: str) -> None:
-        pipe = self.pipes.pop(name, None)
-        if pipe is None:
-            return
-        master, slave = pipe
-        sw = self.serving.pop(name, None)
-        if isinstance(sw, Switch):
-            sw.detach(master)
-        del self.adapters[name]
-        master.close()
-        slave.close()
-
-    def _adapter(self, port: str) -> NetmapAdapter:
-        adapter = self.adapters.get(port)
-        if adapter is None:
-            raise LookupError(f"no port named {port!r}")
-        return adapter
 
 
 def port_stats(adapter: NetmapAdapter) -> dict[str, Any]:

@@ -51,18 +51,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vhostmap.packets import ETH_HLEN, MAX_FRAME, MIN_FRAME
-from vhostmap.worker import check_cpu
-
-DEFAULT_RUN_DIR = "/run/vhostmap"
-DEFAULT_CONTROL_SOCKET = f"{DEFAULT_RUN_DIR}/control.sock"
+from vhostmap import ethernet
+from vhostmap.control.client import DEFAULT_CONTROL_SOCKET
+from vhostmap.ethernet import ETH_HLEN
+from vhostmap.forwarding.switch.table import DEFAULT_AGING
+from vhostmap.packets import MAX_FRAME, MIN_FRAME
+from vhostmap.system.cpu import check_cpu
+from vhostmap.system.unixsock import UNIX_PATH_MAX
+from vhostmap.vhost_user.device import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-_MAC = re.compile(r"^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$")
 PORT_TYPES = ("vhost-user", "generic")
 # Linux interface names: 1..15 bytes, no '/', no ':', no whitespace.
 _IFNAME = re.compile(r"^[^/:\s]{1,15}$")
-DEFAULT_SWITCH_AGING = 300.0
 SOCKET_MODES = ("server", "client")
 
 
@@ -71,15 +72,11 @@ class ConfigError(ValueError):
 
 
 def parse_mac(text: str) -> bytes:
-    """``52:54:00:00:00:10`` -> 6 bytes; a clear error otherwise."""
-    if not _MAC.match(text):
-        raise ConfigError(f"bad MAC address {text!r} (expected six hex bytes like 52:54:00:12:34:56)")
-    return bytes(int(b, 16) for b in text.split(":"))
-
-
-def format_mac(mac: bytes) -> str:
-    """6 bytes -> ``52:54:00:00:00:10``."""
-    return ":".join(f"{b:02x}" for b in mac)
+    """``52:54:00:00:00:10`` -> 6 bytes; a ConfigError saying what was expected otherwise."""
+    try:
+        return ethernet.parse_mac(text)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _valid_ifname(name: str) -> bool:
@@ -140,12 +137,14 @@ class PortConfig:
             raise ConfigError(f"{where}: ifname= is for generic ports (type generic)")
         if self.host is not None and not _valid_ifname(self.host):
             raise ConfigError(f"{where}: host= must be an interface name of 1-15 bytes, not {self.host!r}")
-        if len(self.path.encode()) >= 108:
-            raise ConfigError(f"{where}: socket path is longer than the 107 bytes UNIX sockets allow")
-        if not 1 <= self.queues <= 64:
-            raise ConfigError(f"{where}: queues must be 1..64, not {self.queues}")
-        if not 68 <= self.mtu <= 9216:
-            raise ConfigError(f"{where}: mtu must be 68..9216, not {self.mtu}")
+        if len(self.path.encode()) >= UNIX_PATH_MAX:
+            raise ConfigError(
+                f"{where}: socket path is longer than the {UNIX_PATH_MAX - 1} bytes UNIX sockets allow"
+            )
+        if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
+            raise ConfigError(f"{where}: queues must be 1..{MAX_QUEUE_PAIRS}, not {self.queues}")
+        if not MIN_MTU <= self.mtu <= MAX_MTU:
+            raise ConfigError(f"{where}: mtu must be {MIN_MTU}..{MAX_MTU}, not {self.mtu}")
         if (
             self.owner is not None or self.group is not None or self.perm is not None
         ) and self.mode != "server":
@@ -209,7 +208,7 @@ class SwitchConfig:
 
     name: str
     ports: tuple[str, ...] = ()
-    aging: float = DEFAULT_SWITCH_AGING  # seconds a learnt address lives without traffic from it
+    aging: float = DEFAULT_AGING  # seconds a learnt address lives without traffic from it
 
     def __post_init__(self) -> None:
         where = f"switch {self.name!r}"
@@ -380,7 +379,7 @@ def parse_switch_flag(text: str) -> SwitchConfig:
     if not sep:
         raise ConfigError(f"--switch {text!r}: expected NAME=PORT,PORT,... (e.g. vale0=vm0,vm1,uplink)")
     ports: list[str] = []
-    aging = DEFAULT_SWITCH_AGING
+    aging = DEFAULT_AGING
     for item in rest.split(",") if rest else []:
         key, eq, value = item.partition("=")
         if not eq:
@@ -413,7 +412,7 @@ def _switch_from_mapping(name: str, values: Any) -> SwitchConfig:
     ports = values.get("ports", [])
     if not isinstance(ports, list) or not all(isinstance(p, str) for p in ports):
         raise ConfigError(f"{where}: ports must be a list of port names, not {ports!r}")
-    aging = _parse_aging(values["aging"], where) if "aging" in values else DEFAULT_SWITCH_AGING
+    aging = _parse_aging(values["aging"], where) if "aging" in values else DEFAULT_AGING
     return SwitchConfig(name, tuple(ports), aging)
 
 

@@ -1,4 +1,4 @@
-"""Local netmap applications on the daemon's ports: the daemon's half of `vhostmap.netmap.client`.
+"""Local netmap applications on the daemon's ports: the daemon's half of `vhostmap.apps.client`.
 
 An application registers (NIOCREGIF) through the control socket and gets the allocator's memfd plus two
 eventfds: ``kick`` (the application moved head: sync my rings) and ``irq`` (tail moved on one of your rings).

@@ -11,49 +11,8 @@ no room is dropped and counted by the host stack), so the worker never spins on 
 
 from __future__ import annotations
 
-import numpy as np
-
-from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG, RingView
+from vhostmap.forwarding.rings import move_frames
 from vhostmap.netmap.adapter import NetmapAdapter
-from vhostmap.switch import tx_room
-
-
-def move_frames(src: RingView, dst: RingView, nbufs: int) -> tuple[int, int]:
-    """Move the whole frames received in ``src`` (an RX ring, from head) that fit in ``dst`` (a TX ring,
-    from head) by swapping buffers; both heads advance. Returns (frames moved, slots dropped): fragments that
-    fill ``src`` without ending a frame, or a frame longer than ``dst`` can ever hold, are dropped."""
-    n = src.num_slots
-    count = (src.tail - src.head) % n
-    if count == 0:
-        return 0, 0
-    si = (src.head + np.arange(count)) % n
-    flags = src.slots["flags"][si]
-    ends = np.flatnonzero((flags & NS_MOREFRAG) == 0) + 1
-    if not ends.size:
-        if count < n - 1:
-            return 0, 0  # an unfinished frame: its last slot is still to come
-        dropped = count  # fragments that fill the ring can never end a frame
-    else:
-        dropped = int(ends[0]) if int(ends[0]) >= dst.num_slots else 0  # a frame that can never fit
-    if dropped:
-        src.head = src.cur = (src.head + dropped) % n
-        return 0, dropped
-    free = tx_room(dst.slots, dst.head, (dst.tail - dst.head) % dst.num_slots, nbufs)
-    k = int(np.searchsorted(ends, len(free), side="right"))  # whole frames that fit
-    if k == 0:
-        return 0, 0
-    total = int(ends[k - 1])
-    si = si[:total]
-    di = (dst.head + np.arange(total)) % dst.num_slots
-    s, d = src.slots, dst.slots
-    d["buf_idx"][di] = s["buf_idx"][si]
-    s["buf_idx"][si] = free[:total]
-    d["len"][di] = s["len"][si]
-    d["flags"][di] = (flags[:total] & NS_MOREFRAG) | NS_BUF_CHANGED
-    s["flags"][si] = NS_BUF_CHANGED
-    src.head = src.cur = (src.head + total) % n
-    dst.head = dst.cur = (dst.head + total) % dst.num_slots
-    return k, 0
 
 
 class HostBridge:

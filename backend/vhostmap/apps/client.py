@@ -1,6 +1,6 @@
 """The netmap API for local applications, over a running vhostmap daemon.
 
-    from vhostmap.netmap import client
+    from vhostmap.apps import client
 
     with client.open("vale0:app") as port:          # or "vm0", "vm0-1", "vm0^", ... (nm_open names)
         tx = port.tx_rings[0]
@@ -28,8 +28,8 @@ import time
 from types import TracebackType
 from typing import Any, Self
 
-from vhostmap import control
-from vhostmap.config import DEFAULT_CONTROL_SOCKET
+from vhostmap.control import client as control
+from vhostmap.control.client import DEFAULT_CONTROL_SOCKET
 from vhostmap.netmap.abi import NetmapIfView, Region, map_region
 from vhostmap.netmap.user import POLLIN, POLLOUT, UserRing, ready_events
 

@@ -1,0 +1,86 @@
+"""Compiled passes: a forwarder's whole round over ports with compiled queues, as one C call.
+
+A forwarder asks each port for its C queue handles (``NetmapAdapter.fast_queues``, None for a port that takes
+the Python path) and builds, once per control-plane change (the handles' ``version``), the C array its pass
+runs over (struct vhu_queue, vhu_lane or vhu_switch_source: datapath/vhost_sync.cdef). When the pass stops at
+a sync, ``PassOutcome`` hands that sync back to its port (``NetmapAdapter.fast_failed``): a driver fault marks
+that device broken, a ring the compiled prologue refused is synced the Python way, and nothing else stops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vhostmap.datapath import ffi
+from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
+from vhostmap.netmap.kring import Kring
+
+# (port, kring, whether it is an RX kring) of one sync of a pass, in the order the pass numbers them.
+Side = tuple[NetmapAdapter, Kring, bool]
+
+
+def struct_array(ctype: str, items: list[Any]) -> Any:
+    """A C array of ``ctype`` holding copies of the structs ``items`` point to (at least one element)."""
+    array = ffi.new(f"{ctype}[]", max(len(items), 1))
+    for k, item in enumerate(items):
+        array[k] = item[0]
+    return array
+
+
+def with_stash(q: Any, queues: FastQueues) -> Any:
+    """A copy of struct vhu_queue ``q`` whose syncs recycle buffers through the stash of the port ``queues``
+    came from: for the forwarders' passes, where the daemon is the ring user (netmap/stash.py)."""
+    copy = ffi.new("struct vhu_queue *", q[0])
+    copy.stash = queues.stash
+    return copy
+
+
+class CompiledPass:
+    """The compiled form of a forwarder's round: the C array it runs and, for each kring it syncs, who to
+    tell when that sync fails (``sides``). Good while the ports' FastQueues ``versions`` hold."""
+
+    def __init__(
+        self, queues: tuple[FastQueues, ...], ctype: str, items: list[Any], sides: list[Side]
+    ) -> None:
+        # The FastQueues hold the objects the items point into.
+        self.queues = queues
+        self.versions = tuple(q.version for q in queues)
+        self.n = len(items)
+        self.c = struct_array(ctype, items)
+        self.sides = sides
+
+
+def port_pass(
+    port: NetmapAdapter, plan: CompiledPass | None, receive: bool, stash: bool
+) -> CompiledPass | None:
+    """The compiled pass over one port's running RX (``receive``) or TX queues, ``plan`` again while it holds,
+    or None when the port takes the Python path. ``stash``: the queues recycle buffers through the port's
+    stash (netmap/stash.py)."""
+    q = port.fast_queues()
+    if q is None:
+        return None
+    if plan is not None and plan.versions == (q.version,):
+        return plan
+    queues, krings = (q.rx, port.rx_rings) if receive else (q.tx, port.tx_rings)
+    rings = sorted(queues)
+    sides: list[Side] = [(port, krings[i], receive) for i in rings]
+    items = [with_stash(queues[i], q) if stash else queues[i] for i in rings]
+    return CompiledPass((q,), "struct vhu_queue", items, sides)
+
+
+class PassOutcome:
+    """Where a compiled pass says which sync stopped it, and why."""
+
+    def __init__(self) -> None:
+        self.failed = ffi.new("int32_t *")
+        self.status = ffi.new("int32_t *")
+
+    def check(self, sides: list[Side]) -> bool:
+        """Hand a stopped sync to its port (fault, or the Python sync); True if one did stop. ``sides`` lists
+        the syncs of the pass in the order the pass numbers them."""
+        k = int(self.failed[0])
+        if k < 0:
+            return False
+        port, kring, receive = sides[k]
+        port.fast_failed(kring, receive, int(self.status[0]))
+        return True

@@ -1,0 +1,42 @@
+"""Sink: the consumer of a port with nothing attached, which receives everything and drops it, counted."""
+
+from __future__ import annotations
+
+from vhostmap.datapath import ffi, lib
+from vhostmap.forwarding.passes import CompiledPass, PassOutcome, port_pass
+from vhostmap.netmap.adapter import NetmapAdapter
+
+
+class Sink:
+    """The consumer of a port with nothing attached: receives everything and drops it, counted."""
+
+    def __init__(self, port: NetmapAdapter) -> None:
+        self.port = port
+        self.name = f"sink {port.name}"
+        self._plan: CompiledPass | None = None
+        self._outcome = PassOutcome()
+
+    def _compiled(self) -> CompiledPass | None:
+        """vhu_sink_pass over the running queues of a port with compiled queues, or None (the Python path)."""
+        self._plan = port_pass(self.port, self._plan, receive=True, stash=True)
+        return self._plan
+
+    def wake_fds(self) -> list[int]:
+        """Kicks of the port."""
+        return list(self.port.wake_fds())
+
+    def run(self) -> bool:
+        """Receive and release every ring once; True when anything arrived."""
+        plan = self._compiled()
+        if plan is not None:
+            out = self._outcome
+            frames = lib.vhu_sink_pass(plan.c, plan.n, out.failed, out.status)
+            return out.check(plan.sides) or frames > 0
+        got = 0
+        for i in range(self.port.num_rx_rings):
+            self.port.rxsync(i)
+            frames = lib.nm_release_received(self.port.rx_rings[i].c, ffi.NULL)
+            if frames:
+                self.port.count_dropped(i, frames)
+                got += frames
+        return got > 0

@@ -1,0 +1,257 @@
+"""The switch's compiled forwarding: its ports' rings as the kernels see them, and a whole round in C.
+
+``sw_forward`` (datapath/switch.c) forwards one source ring's batch in one call, the GIL released, over the
+struct sw_ring of every destination and the address table in C memory (CompiledMacTable). When every port
+has compiled queues (``NetmapAdapter.fast_queues``) and none is a host port, the whole round is one call:
+vhu_switch_pass = every source's rxsync, sw_forward, the txsync of each TX ring it touched, then the TX rings
+still holding frames. The structs are built on first use and dropped whenever the ports change (``reset``)
+or a port's queues do (their version).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vhostmap.datapath import ffi, lib
+from vhostmap.forwarding.passes import PassOutcome, Side, struct_array, with_stash
+from vhostmap.forwarding.switch.port import SwitchPort
+from vhostmap.forwarding.switch.table import CompiledMacTable
+from vhostmap.netmap.abi import RING_HEADER_SIZE, NetmapRing, RingView
+from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
+from vhostmap.netmap.allocator import NetmapMemory
+
+
+class CompiledSwitch:
+    """The compiled kernel's view of a switch's ``ports`` (``index``: each one's position), over ``table``.
+
+    ``forward`` runs sw_forward for one source ring; ``round`` runs a whole vhu_switch_pass when the ports
+    allow it (else returns None). ``reset`` after every attach or detach.
+    """
+
+    def __init__(self, table: CompiledMacTable) -> None:
+        self.table = table
+        self.ports: list[SwitchPort] = []
+        self.index: dict[SwitchPort, int] = {}
+        self._sources: dict[tuple[SwitchPort, int], _Source] = {}
+        self._targets: dict[int, _Targets] = {}
+        self._pools: dict[int, _Pool] = {}
+        self._pass: _SwitchPass | None = None
+        self._outcome = PassOutcome()
+
+    def reset(self, ports: list[SwitchPort], index: dict[SwitchPort, int]) -> None:
+        """The switch's ports are now ``ports``: every struct made for the old ones goes."""
+        self.ports, self.index = ports, index
+        self._sources.clear()
+        self._targets.clear()
+        self._pools.clear()
+        self._pass = None
+
+    def round(self, now: float) -> bool | None:
+        """One whole round as vhu_switch_pass (True when anything was received), or None when some port
+        takes the Python path this round."""
+        plan = self._compiled_pass()
+        if plan is None:
+            return None
+        out = self._outcome
+        received = lib.vhu_switch_pass(
+            self.table.c,
+            plan.sources,
+            plan.nsources,
+            plan.tx,
+            plan.ntx,
+            plan.synced,
+            now,
+            out.failed,
+            out.status,
+        )
+        return out.check(plan.sides) or received > 0
+
+    def _compiled_pass(self) -> _SwitchPass | None:
+        """The round as one vhu_switch_pass for the ports as they are now, or None (the Python round)."""
+        if not self.ports:
+            return None
+        queues: dict[NetmapAdapter, FastQueues] = {}
+        for p in self.ports:
+            if p.host:
+                return None
+            if p.adapter not in queues:
+                fast = p.adapter.fast_queues()
+                if fast is None:
+                    return None
+                queues[p.adapter] = fast
+        versions = tuple(q.version for q in queues.values())
+        plan = self._pass
+        if plan is not None and plan.versions == versions and plan.ports == self.ports:
+            return plan
+        tx_index: dict[tuple[SwitchPort, int], int] = {}
+        tx_items: list[Any] = []
+        sides: list[Side] = []
+        for p in self.ports:
+            for t in p.tx_rings:
+                d = queues[p.adapter].tx.get(t)
+                if d is None:
+                    return None  # nowhere to deliver: the Python round drops as a NIC without carrier
+                tx_index[(p, t)] = len(tx_items)
+                tx_items.append(with_stash(d, queues[p.adapter]))
+        src_items: list[Any] = []
+        keep: list[Any] = [list(queues.values())]
+        for p in self.ports:
+            for q, ring_index in enumerate(p.rx_rings):
+                source = self._sources.get((p, q))
+                if source is None:
+                    source = self._sources[(p, q)] = self._bind(p, q, ring_index)
+                item = ffi.new("struct vhu_switch_source *")
+                rx = queues[p.adapter].rx.get(ring_index)
+                if rx is not None:
+                    item.rx = with_stash(rx, queues[p.adapter])[0]
+                item.fwd = source.c
+                dest_tx = ffi.new("uint32_t[]", [tx_index[pair] for pair in source.targets.pairs])
+                item.dest_tx = dest_tx
+                keep += [source, dest_tx]
+                src_items.append(item)
+                sides.append((p.adapter, p.adapter.rx_rings[ring_index], True))
+        for p, t in tx_index:
+            sides.append((p.adapter, p.adapter.tx_rings[t], False))
+        self._pass = plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, keep)
+        return plan
+
+    def forward(
+        self, src: SwitchPort, q: int, ring_index: int, now: float
+    ) -> tuple[int, list[tuple[SwitchPort, int]]]:
+        """reference.forward in one call of the compiled kernel (sw_forward): the slots taken and the
+        destination (port, TX ring) pairs that were offered frames."""
+        source = self._sources.get((src, q))
+        if source is None:
+            source = self._sources[(src, q)] = self._bind(src, q, ring_index)
+        c = source.c
+        used = int(lib.sw_forward(self.table.c, c, now))
+        n = c.ntouched
+        if not n:
+            return used, []
+        targets = source.targets.pairs
+        return used, [targets[d] for d in ffi.unpack(c.touched, n)]
+
+    def _pool(self, memory: NetmapMemory) -> _Pool:
+        pool = self._pools.get(id(memory))
+        if pool is None:
+            pool = self._pools[id(memory)] = _Pool(memory, len(self._pools))
+        return pool
+
+    def _targets_for(self, q: int) -> _Targets:
+        """The TX ring of every port that frames from the ``q``-th RX ring of a source go to."""
+        targets = self._targets.get(q)
+        if targets is None:
+            targets = self._targets[q] = _Targets(self.ports, q, self._pool)
+        return targets
+
+    def _bind(self, src: SwitchPort, q: int, ring_index: int) -> _Source:
+        kring = src.adapter.rx_rings[ring_index]
+        return _Source(
+            kring.ring, self.index[src], self._targets_for(q), self._pool(src.adapter.memory), src.counters
+        )
+
+
+class _Pool:
+    """A buffer pool as the kernel sees it: ``memory``'s mapping held exported (it stays mapped while a kernel
+    may use it), its address, and a number shared by the ports of this allocator in one binding."""
+
+    __slots__ = ("address", "export", "id", "memory")
+
+    def __init__(self, memory: NetmapMemory, id: int) -> None:
+        self.memory = memory
+        self.id = id
+        region = memory.region
+        end = memory.buffers_offset + memory.nbufs * memory.buf_size
+        if end > region.size:
+            raise ValueError(f"buffer pool ends at {end}, past the region of {region.size} bytes")
+        self.export = ffi.from_buffer(region.array)
+        self.address = int(ffi.cast("uintptr_t", self.export))
+
+    def ring(self, out: Any, ring: RingView, stats: Any) -> None:
+        """Fill ``out`` (a struct sw_ring) with ``ring``, a ring of this pool's region (its view checked that
+        the header and ``num_slots`` slots lie inside), and ``stats``."""
+        m = self.memory
+        if ring.region is not m.region:
+            raise ValueError("ring outside its port's memory")
+        base = self.address + ring.offset
+        out.slots = ffi.cast("struct nm_slot *", base + RING_HEADER_SIZE)
+        out.head = ffi.cast("uint32_t *", base + NetmapRing.head.offset)
+        out.cur = ffi.cast("uint32_t *", base + NetmapRing.cur.offset)
+        out.tail = ffi.cast("uint32_t *", base + NetmapRing.tail.offset)
+        out.bufs = ffi.cast("uint8_t *", self.address + m.buffers_offset)
+        out.num_slots = ring.num_slots
+        out.nbufs = m.nbufs
+        out.mem = self.id
+        out.stats = stats
+
+
+class _SwitchPass:
+    """A switch round as vhu_switch_pass takes it: the sources, the TX queues, and who to tell when a sync
+    fails (``sides``: the sources, then the TX queues). Good while ``versions`` (of the ports' FastQueues)
+    and ``ports`` hold; ``keep`` holds what the structs point into."""
+
+    def __init__(
+        self,
+        versions: tuple[int, ...],
+        ports: list[SwitchPort],
+        sources: list[Any],
+        tx: list[Any],
+        sides: list[Side],
+        keep: list[Any],
+    ) -> None:
+        self.versions = versions
+        self.ports = ports
+        self.nsources, self.ntx = len(sources), len(tx)
+        self.sources = struct_array("struct vhu_switch_source", sources)
+        self.tx = struct_array("struct vhu_queue", tx)
+        self.synced = ffi.new("uint8_t[]", max(self.ntx, 1))
+        self.sides = sides
+        self.keep = keep
+
+
+class _Targets:
+    """``c``: a struct sw_ring per port, for the TX ring that frames from the ``q``-th RX ring of a source go
+    to; ``pairs``: the same as (port, TX ring index), for the caller's txsyncs."""
+
+    __slots__ = ("c", "keep", "pairs")
+
+    def __init__(self, ports: list[SwitchPort], q: int, pool: Callable[[NetmapMemory], _Pool]) -> None:
+        self.c = ffi.new("struct sw_ring[]", max(len(ports), 1))
+        self.pairs = [(p, p.tx_ring(q)) for p in ports]
+        self.keep: list[Any] = []  # what the structs point into: counters, exported mappings
+        for d, (p, tx) in enumerate(self.pairs):
+            memory = pool(p.adapter.memory)
+            memory.ring(self.c[d], p.adapter.tx_rings[tx].ring, p.counters)
+            self.keep += [p.counters, memory]
+
+
+class _Source:
+    """The struct sw_source of one RX ring of the switch port with index ``port``: the ring, its
+    destinations, the scratch arrays of its batches."""
+
+    __slots__ = ("c", "keep", "targets")
+
+    def __init__(self, ring: RingView, port: int, targets: _Targets, pool: _Pool, counters: Any) -> None:
+        n, nports = ring.num_slots, len(targets.pairs)
+        # The kernel addresses every pool with the source's buffer size (attach lets no other size in).
+        if any(p.adapter.memory.buf_size != pool.memory.buf_size for p, _ in targets.pairs):
+            raise ValueError("switch ports with different buffer sizes")
+        self.targets = targets
+        self.c = c = ffi.new("struct sw_source *")
+        pool.ring(c.rx, ring, counters)
+        c.ports = targets.c
+        c.nports = nports
+        c.port = port
+        c.buf_size = pool.memory.buf_size
+        self.keep = [
+            ffi.new("struct sw_slot[]", n),
+            ffi.new("struct sw_frame[]", n),
+            ffi.new("uint64_t[]", n),
+            ffi.new("uint32_t[]", n),
+            ffi.new("struct sw_dest[]", nports),
+            ffi.new("uint32_t[]", nports),
+            counters,
+            pool,
+        ]
+        c.snap, c.frames, c.macs, c.dbufs, c.dests, c.touched = self.keep[:6]

@@ -1,0 +1,1 @@
+"""What the daemon asks of the host: CPUs, UNIX sockets and who may reach them."""
