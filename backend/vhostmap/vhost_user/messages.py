@@ -4,15 +4,17 @@ Follows QEMU's docs/interop/vhost-user.rst: "Message Specification" (header and 
 features", "Front-end message types" and "Back-end message types". Every number is in the host's native
 byte order, as the spec says (both ends run on the same machine), so every layout below is a native
 ``struct`` format with explicit padding. Each layout is declared once, as the ``LAYOUT`` of its payload
-class; the parser (protocol.py) picks the class from ``REQUESTS`` and the device only sees typed payloads.
+class, whose fields follow the layout's order: one base class (``_Packed``) packs and unpacks them all,
+with small hooks where fields and wire values differ. The parser (protocol.py) picks the class from
+``REQUESTS`` and the device only sees typed payloads.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import ClassVar, Self
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Self
 
 from vhostmap.vhost_user.errors import PayloadError
 
@@ -145,58 +147,100 @@ def _expect_size(what: str, data: bytes, size: int) -> None:
 
 
 @dataclass(frozen=True)
-class Empty:
-    """No payload (size 0)."""
+class _Packed:
+    """A payload that is exactly its ``LAYOUT``: ``pack`` packs the dataclass fields in declaration order,
+    ``unpack`` checks the size and hands the unpacked values to the constructor (which validates them).
+
+    The field order is the wire order, so a payload only says its layout. One whose fields are not the
+    layout's values one for one (an encoded u64, a nested region) overrides the two conversion hooks,
+    ``_layout_values`` and ``_from_layout``.
+    """
+
+    LAYOUT: ClassVar[struct.Struct]
+    #: What a PayloadError calls the payload: "<WHAT> payload is 7 bytes, expected 8".
+    WHAT: ClassVar[str]
+
+    def _layout_values(self) -> tuple[Any, ...]:
+        """The values ``LAYOUT`` packs, in its order."""
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @classmethod
+    def _from_layout(cls, values: tuple[Any, ...]) -> Self:
+        """The payload holding ``values``, as ``LAYOUT`` unpacked them."""
+        return cls(*values)
 
     def pack(self) -> bytes:
-        return b""
+        return self.LAYOUT.pack(*self._layout_values())
 
     @classmethod
     def unpack(cls, data: bytes) -> Self:
-        _expect_size("empty", data, 0)
-        return cls()
+        _expect_size(cls.WHAT, data, cls.LAYOUT.size)
+        return cls._from_layout(cls.LAYOUT.unpack(data))
 
 
 @dataclass(frozen=True)
-class U64:
+class _PackedWithTail(_Packed):
+    """A payload whose ``LAYOUT`` is a header that says how many bytes follow it (a memory table's regions, a
+    config space's bytes). Its layout values are the header's, then the tail as bytes, so that one pair of
+    conversion hooks covers both parts; ``_tail_size`` reads the tail's length off the header."""
+
+    @classmethod
+    def _tail_size(cls, head: tuple[Any, ...]) -> tuple[str, int]:
+        """How many bytes follow a header holding ``head``, and what a size error calls such a payload.
+
+        Raises PayloadError for a header no tail can make valid: that is the error worth reporting, not the
+        size mismatch it usually brings along.
+        """
+        raise NotImplementedError
+
+    def pack(self) -> bytes:
+        *head, tail = self._layout_values()
+        return self.LAYOUT.pack(*head) + tail
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Self:
+        if len(data) < cls.LAYOUT.size:
+            raise PayloadError(f"{cls.WHAT} payload is {len(data)} bytes, shorter than its header")
+        head = cls.LAYOUT.unpack_from(data)
+        what, size = cls._tail_size(head)
+        _expect_size(what, data, cls.LAYOUT.size + size)
+        return cls._from_layout((*head, bytes(data[cls.LAYOUT.size :])))
+
+
+@dataclass(frozen=True)
+class Empty(_Packed):
+    """No payload (size 0)."""
+
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("=")
+    WHAT: ClassVar[str] = "empty"
+
+
+@dataclass(frozen=True)
+class U64(_Packed):
     """A single 64-bit integer: feature masks, counts, status, and the REPLY_ACK result (0 is success)."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=Q")
+    WHAT: ClassVar[str] = "u64"
     value: int
-
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.value)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("u64", data, cls.LAYOUT.size)
-        (value,) = cls.LAYOUT.unpack(data)
-        return cls(value)
 
 
 @dataclass(frozen=True)
-class VringState:
+class VringState(_Packed):
     """A vring state description (struct vhost_vring_state): a ring index and a number (size, base...)."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=II")
+    WHAT: ClassVar[str] = "vring state"
     index: int
     num: int
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.index, self.num)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("vring state", data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class VringAddr:
+class VringAddr(_Packed):
     """A vring address description (struct vhost_vring_addr). The three ring addresses are front-end virtual
     addresses; ``log_guest_addr`` is guest-physical and used when ``flags`` has bit VHOST_VRING_F_LOG."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=IIQQQQ")
+    WHAT: ClassVar[str] = "vring address"
     index: int
     flags: int
     desc_user_addr: int
@@ -209,27 +253,13 @@ class VringAddr:
         """Whether writes to the used ring must be logged (VHOST_VRING_F_LOG)."""
         return bool(self.flags & (1 << VHOST_VRING_F_LOG))
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(
-            self.index,
-            self.flags,
-            self.desc_user_addr,
-            self.used_user_addr,
-            self.avail_user_addr,
-            self.log_guest_addr,
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("vring address", data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class VringFile:
+class VringFile(_Packed):
     """The u64 of SET_VRING_KICK/CALL/ERR: a ring index and whether the message comes without an fd."""
 
     LAYOUT: ClassVar[struct.Struct] = U64.LAYOUT
+    WHAT: ClassVar[str] = "vring file"
     index: int
     nofd: bool = False
 
@@ -237,13 +267,13 @@ class VringFile:
         if not 0 <= self.index <= VHOST_USER_VRING_IDX_MASK:
             raise PayloadError(f"vring index {self.index} does not fit VHOST_USER_VRING_IDX_MASK")
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.index | (VHOST_USER_VRING_NOFD_MASK if self.nofd else 0))
+    # Both fields share the one u64: index in the low byte, nofd as a flag bit.
+    def _layout_values(self) -> tuple[Any, ...]:
+        return (self.index | (VHOST_USER_VRING_NOFD_MASK if self.nofd else 0),)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("vring file", data, cls.LAYOUT.size)
-        (value,) = cls.LAYOUT.unpack(data)
+    def _from_layout(cls, values: tuple[Any, ...]) -> Self:
+        (value,) = values
         reserved = value & ~(VHOST_USER_VRING_IDX_MASK | VHOST_USER_VRING_NOFD_MASK)
         if reserved:
             raise PayloadError(f"vring file u64 {value:#x} has reserved bits {reserved:#x} set")
@@ -251,31 +281,25 @@ class VringFile:
 
 
 @dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(_Packed):
     """A memory region description: guest-physical start, size, front-end virtual start, and the offset of
     the region in the fd that comes with it."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=QQQQ")
+    WHAT: ClassVar[str] = "memory region"
     guest_phys_addr: int
     memory_size: int
     userspace_addr: int
     mmap_offset: int
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.guest_phys_addr, self.memory_size, self.userspace_addr, self.mmap_offset)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("memory region", data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class MemoryTable:
+class MemoryTable(_PackedWithTail):
     """The multiple memory regions description of SET_MEM_TABLE: nregions u32, padding u32, then the regions
     (only those present: QEMU and DPDK send nregions regions, not the full array). One fd per region."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=I4x")
+    WHAT: ClassVar[str] = "memory table"
     regions: tuple[MemoryRegion, ...]
 
     def __post_init__(self) -> None:
@@ -285,138 +309,113 @@ class MemoryTable:
                 f"({VHOST_MEMORY_BASELINE_NREGIONS})"
             )
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(len(self.regions)) + b"".join(r.pack() for r in self.regions)
+    # The header holds the region count, not a field; the tail is the regions back to back.
+    def _layout_values(self) -> tuple[Any, ...]:
+        return len(self.regions), b"".join(r.pack() for r in self.regions)
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) < cls.LAYOUT.size:
-            raise PayloadError(f"memory table payload is {len(data)} bytes, shorter than its header")
-        (nregions,) = cls.LAYOUT.unpack_from(data)
+    def _tail_size(cls, head: tuple[Any, ...]) -> tuple[str, int]:
+        (nregions,) = head
         if nregions > VHOST_MEMORY_BASELINE_NREGIONS:
             raise PayloadError(
                 f"nregions {nregions} exceeds VHOST_MEMORY_BASELINE_NREGIONS "
                 f"({VHOST_MEMORY_BASELINE_NREGIONS})"
             )
-        _expect_size(f"memory table of {nregions} regions", data, cls.LAYOUT.size + nregions * _REGION_SIZE)
-        regions = tuple(
-            MemoryRegion(*MemoryRegion.LAYOUT.unpack_from(data, cls.LAYOUT.size + i * _REGION_SIZE))
-            for i in range(nregions)
-        )
-        return cls(regions)
-
-
-_REGION_SIZE = MemoryRegion.LAYOUT.size
-
-
-@dataclass(frozen=True)
-class SingleMemoryRegion:
-    """The single memory region description of ADD_MEM_REG and REM_MEM_REG: u64 padding, then the region."""
-
-    LAYOUT: ClassVar[struct.Struct] = struct.Struct("=8x")
-    region: MemoryRegion
-
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack() + self.region.pack()
+        return f"memory table of {nregions} regions", nregions * MemoryRegion.LAYOUT.size
 
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("single memory region", data, cls.LAYOUT.size + _REGION_SIZE)
-        return cls(MemoryRegion.unpack(data[cls.LAYOUT.size :]))
+    def _from_layout(cls, values: tuple[Any, ...]) -> Self:
+        _, tail = values
+        return cls(tuple(MemoryRegion._from_layout(v) for v in MemoryRegion.LAYOUT.iter_unpack(tail)))
 
 
 @dataclass(frozen=True)
-class LogDescriptor:
+class SingleMemoryRegion(_Packed):
+    """The single memory region description of ADD_MEM_REG and REM_MEM_REG: u64 padding, then the region."""
+
+    # The region's own layout after the padding, so that its field order stays declared in MemoryRegion.
+    LAYOUT: ClassVar[struct.Struct] = struct.Struct("=8x" + MemoryRegion.LAYOUT.format.removeprefix("="))
+    WHAT: ClassVar[str] = "single memory region"
+    region: MemoryRegion
+
+    def _layout_values(self) -> tuple[Any, ...]:
+        return self.region._layout_values()
+
+    @classmethod
+    def _from_layout(cls, values: tuple[Any, ...]) -> Self:
+        return cls(MemoryRegion._from_layout(values))
+
+
+@dataclass(frozen=True)
+class LogDescriptor(_Packed):
     """The log description of SET_LOG_BASE: size of the dirty bitmap and its offset in the fd (where the bit
     of guest-physical address 0 lives)."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    WHAT: ClassVar[str] = "log description"
     mmap_size: int
     mmap_offset: int
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.mmap_size, self.mmap_offset)
 
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("log description", data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
+def _check_config_size(size: int) -> None:
+    if size > VHOST_USER_MAX_CONFIG_SIZE:
+        raise PayloadError(f"config size {size} exceeds VHOST_USER_MAX_CONFIG_SIZE")
 
 
 @dataclass(frozen=True)
-class DeviceConfig:
+class DeviceConfig(_PackedWithTail):
     """The virtio device config space payload of GET_CONFIG/SET_CONFIG: ``size`` bytes at ``offset`` of the
     device's config space. ``data`` is always ``size`` bytes (zeros in a GET_CONFIG request)."""
 
+    # Header offset, size, flags; ``data`` is the tail.
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=III")
+    WHAT: ClassVar[str] = "config"
     offset: int
     size: int
     flags: int
     data: bytes
 
     def __post_init__(self) -> None:
-        if self.size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise PayloadError(f"config size {self.size} exceeds VHOST_USER_MAX_CONFIG_SIZE")
+        _check_config_size(self.size)
         if len(self.data) != self.size:
             raise PayloadError(f"config size {self.size} but {len(self.data)} bytes of data")
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.offset, self.size, self.flags) + self.data
-
     @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        if len(data) < cls.LAYOUT.size:
-            raise PayloadError(f"config payload is {len(data)} bytes, shorter than its header")
-        offset, size, flags = cls.LAYOUT.unpack_from(data)
-        if size > VHOST_USER_MAX_CONFIG_SIZE:
-            raise PayloadError(f"config size {size} exceeds VHOST_USER_MAX_CONFIG_SIZE")
-        _expect_size(f"config of {size} bytes", data, cls.LAYOUT.size + size)
-        return cls(offset, size, flags, bytes(data[cls.LAYOUT.size :]))
+    def _tail_size(cls, head: tuple[Any, ...]) -> tuple[str, int]:
+        _, size, _ = head
+        _check_config_size(size)
+        return f"config of {size} bytes", size
 
 
 @dataclass(frozen=True)
-class InflightDescriptor:
+class InflightDescriptor(_Packed):
     """The inflight description of GET/SET_INFLIGHT_FD (VhostUserInflight, 24 bytes with padding)."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=QQHH4x")
+    WHAT: ClassVar[str] = "inflight description"
     mmap_size: int
     mmap_offset: int
     num_queues: int
     queue_size: int
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("inflight description", data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
-class IotlbMsg:
+class IotlbMsg(_Packed):
     """An IOTLB message (struct vhost_iotlb_msg, 32 bytes with its tail padding)."""
 
     LAYOUT: ClassVar[struct.Struct] = struct.Struct("=QQQBB6x")
+    WHAT: ClassVar[str] = "IOTLB message"
     iova: int
     size: int
     uaddr: int
     perm: int
     type: int
 
-    def pack(self) -> bytes:
-        return self.LAYOUT.pack(self.iova, self.size, self.uaddr, self.perm, self.type)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> Self:
-        _expect_size("IOTLB message", data, cls.LAYOUT.size)
-        return cls(*cls.LAYOUT.unpack(data))
-
 
 @dataclass(frozen=True)
 class Raw:
     """The bytes of a payload vhostmap does not interpret (crypto sessions, shared objects, device state
-    transfer). Carried whole so the device can refuse the request by name."""
+    transfer). Carried whole so the device can refuse the request by name. No layout, hence no _Packed."""
 
     data: bytes
 
