@@ -1067,7 +1067,7 @@ def test_kernels_follow_a_remapped_queue_and_keep_no_guest_memory_alive() -> Non
         assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0)
         inst.vq.unmap()  # and none once the queue is unmapped
         assert inst.run(COMPILED, case, 2, 1)[:3] == ("fault", TX_QUEUE, "ring not mapped")
-        assert inst.vq._c.desc == ffi.NULL
+        assert inst.vq.c.desc == ffi.NULL
         mappings = list(inst.mem._mappings)
     finally:
         inst.close()

@@ -112,20 +112,20 @@ def _start(vq: SplitVirtqueue) -> Any:
         raise VirtqueueError(vq.index, "ring not mapped")
     if vq._pending_used:
         vq.flush_used()  # entries someone queued outside a batch go first, as the reference would send them
-    return vq._c
+    return vq.c
 
 
 def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
     """After a kernel call on ``vq`` that returned ``status``: raise the fault if there was one (its used
     entries queued for publication), notify, and count (``writable``: a receive queue)."""
-    out = vq._out
+    out = vq.out
     if out.log_missed:
         # The pages were skipped already; this only lets GuestMemory warn about them, once per log.
         mem.log_write(out.log_missed_addr, out.log_missed_len)
     if status != lib.VQ_OK:
         if status == lib.VQ_ERR_ARGUMENT:
             raise ValueError(f"virtqueue {vq.index}: kernel refused the ring or position it was given")
-        pending = vq._scratch
+        pending = vq.scratch
         for k in range(out.used):
             vq.push_used(pending[k].id, pending[k].len)
         raise _fault(vq, out, status, writable)
@@ -188,7 +188,7 @@ def dequeue(
 ) -> BatchResult:
     """rxtx.dequeue, then flush_used, call and enable_kicks, in one compiled call (vq_dequeue)."""
     q = _start(vq)
-    status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq._scratch, vq._out)
+    status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq.scratch, vq.out)
     return finish(vq, mem, status, False)
 
 
@@ -205,7 +205,7 @@ def enqueue(
     """rxtx.enqueue, then flush_used, call and enable_kicks, in one compiled call (vq_enqueue)."""
     q = _start(vq)
     status = lib.vq_enqueue(
-        q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq._scratch, vq._out
+        q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq.scratch, vq.out
     )
     return finish(vq, mem, status, True)
 
