@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from vhostmap.datapath import ffi, lib
+from vhostmap.datapath import choice, ffi, lib
 from vhostmap.netmap.abi import NS_MOREFRAG, SLOT_DTYPE
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.errors import GuestMemoryError
@@ -1005,13 +1005,13 @@ def test_c_constants_match_the_python_ones() -> None:
 
 
 def test_datapath_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(kernels.REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(choice.REFERENCE_ENV, raising=False)
     assert kernels.select_datapath() is COMPILED
     assert kernels.select_datapath(True) is REFERENCE
-    monkeypatch.setenv(kernels.REFERENCE_ENV, "1")
+    monkeypatch.setenv(choice.REFERENCE_ENV, "1")
     assert kernels.select_datapath() is REFERENCE
     assert kernels.select_datapath(False) is COMPILED
-    monkeypatch.setenv(kernels.REFERENCE_ENV, "0")
+    monkeypatch.setenv(choice.REFERENCE_ENV, "0")
     assert kernels.select_datapath() is COMPILED
 
 

@@ -1,5 +1,5 @@
 """The datapath of a vhost-user port: the compiled split-virtqueue kernels (datapath/virtio.c) behind the
-calls of the reference in rxtx.py, and the choice between the two (ARCHITECTURE.md: "Per-packet work lives
+calls of the reference in rxtx.py, and what is chosen between them (ARCHITECTURE.md: "Per-packet work lives
 in compiled kernels").
 
 A port runs a ``Datapath``: a ``dequeue`` and an ``enqueue`` with the arguments of rxtx.dequeue and
@@ -7,7 +7,7 @@ rxtx.enqueue, returning the same BatchResult, each finishing its batch as the po
 reference: used entries published (``flush_used``), the interrupt decided and sent (``call``), kicks re-armed
 (``enable_kicks``). ``COMPILED`` runs the whole batch in one C call, and lets a port run whole kring syncs and
 forwarding rounds in one call too (vhost_sync.cdef, VhostUserPort.fast_queues); ``REFERENCE`` is the
-pure-Python code.
+pure-Python code. ``select_datapath`` picks one as datapath/choice.py decides.
 
 The kernels work on the C state the objects keep for them: the SplitVirtqueue's struct vq_split (its indexes
 and ring addresses), the GuestMemory's struct vm_memory (its table and log), the Kring's struct nm_kring, so a
@@ -27,14 +27,15 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
+
+# REFERENCE_ENV is re-exported for switch.py, which imports it from here until it uses datapath/choice.py.
+from vhostmap.datapath.choice import REFERENCE_ENV as REFERENCE_ENV
+from vhostmap.datapath.choice import reference_selected
 from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.rxtx import BatchResult, Buffers
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, SplitVirtqueue, VirtqueueError
-
-#: Set to 1 to run the pure-Python reference datapath in every port.
-REFERENCE_ENV = "VHOSTMAP_REFERENCE_DATAPATH"
 
 DequeueFn = Callable[[SplitVirtqueue, GuestMemory, int, npt.NDArray[np.void], int, int, Buffers], BatchResult]
 EnqueueFn = Callable[
@@ -255,8 +256,6 @@ REFERENCE = Datapath("reference", reference_dequeue, reference_enqueue, False)
 
 
 def select_datapath(reference: bool | None = None) -> Datapath:
-    """REFERENCE if asked for (``reference``, else the VHOSTMAP_REFERENCE_DATAPATH environment variable set to
-    anything but 0), COMPILED otherwise."""
-    if reference is None:
-        reference = os.environ.get(REFERENCE_ENV, "0").strip() not in ("", "0")
-    return REFERENCE if reference else COMPILED
+    """REFERENCE if asked for (``reference``, else as datapath/choice.py reads the environment), COMPILED
+    otherwise."""
+    return REFERENCE if reference_selected(reference) else COMPILED
