@@ -20,10 +20,10 @@ import pytest
 
 from vhostmap.daemon.config import build_config
 from vhostmap.daemon.daemon import Daemon
+from vhostmap.datapath.choice import REFERENCE_ENV
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.wait import wait_until
 from vhostmap.vhost_user.device import VhostUserNetDevice
-from vhostmap.vhost_user.kernels import REFERENCE_ENV
 from vhostmap.vhost_user.server import Endpoint
 
 

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from vhostmap.datapath import ffi, lib
+from vhostmap.datapath import choice, ffi, lib
 from vhostmap.netmap.abi import NS_MOREFRAG, SLOT_DTYPE
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.errors import GuestMemoryError
@@ -1005,13 +1005,13 @@ def test_c_constants_match_the_python_ones() -> None:
 
 
 def test_datapath_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(kernels.REFERENCE_ENV, raising=False)
+    monkeypatch.delenv(choice.REFERENCE_ENV, raising=False)
     assert kernels.select_datapath() is COMPILED
     assert kernels.select_datapath(True) is REFERENCE
-    monkeypatch.setenv(kernels.REFERENCE_ENV, "1")
+    monkeypatch.setenv(choice.REFERENCE_ENV, "1")
     assert kernels.select_datapath() is REFERENCE
     assert kernels.select_datapath(False) is COMPILED
-    monkeypatch.setenv(kernels.REFERENCE_ENV, "0")
+    monkeypatch.setenv(choice.REFERENCE_ENV, "0")
     assert kernels.select_datapath() is COMPILED
 
 
@@ -1067,7 +1067,7 @@ def test_kernels_follow_a_remapped_queue_and_keep_no_guest_memory_alive() -> Non
         assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0)
         inst.vq.unmap()  # and none once the queue is unmapped
         assert inst.run(COMPILED, case, 2, 1)[:3] == ("fault", TX_QUEUE, "ring not mapped")
-        assert inst.vq._c.desc == ffi.NULL
+        assert inst.vq.c.desc == ffi.NULL
         mappings = list(inst.mem._mappings)
     finally:
         inst.close()

@@ -1,13 +1,12 @@
 """The datapath of a vhost-user port: the compiled split-virtqueue kernels (datapath/virtio.c) behind the
-calls of the reference in rxtx.py, and the choice between the two (ARCHITECTURE.md: "Per-packet work lives
-in compiled kernels").
+calls of the reference in rxtx.py (ARCHITECTURE.md: "Per-packet work lives in compiled kernels").
 
-A port runs a ``Datapath``: a ``dequeue`` and an ``enqueue`` with the arguments of rxtx.dequeue and
+A port runs a ``Datapath``: one ``dequeue`` and one ``enqueue`` with the arguments of rxtx.dequeue and
 rxtx.enqueue, returning the same BatchResult, each finishing its batch as the port used to after the
 reference: used entries published (``flush_used``), the interrupt decided and sent (``call``), kicks re-armed
 (``enable_kicks``). ``COMPILED`` runs the whole batch in one C call, and lets a port run whole kring syncs and
-forwarding rounds in one call too (vhost_sync.cdef, VhostUserPort.fast_queues); ``REFERENCE`` is the
-pure-Python code.
+forwarding rounds in one call too (vhost_sync.cdef, VhostUserPort.fast_queues); ``REFERENCE`` runs the
+pure-Python code. ``select_datapath`` picks one as datapath/choice.py decides.
 
 The kernels work on the C state the objects keep for them: the SplitVirtqueue's struct vq_split (its indexes
 and ring addresses), the GuestMemory's struct vm_memory (its table and log), the Kring's struct nm_kring, so a
@@ -20,45 +19,25 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.datapath.choice import reference_selected
 from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.rxtx import BatchResult, Buffers
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, SplitVirtqueue, VirtqueueError
 
-#: Set to 1 to run the pure-Python reference datapath in every port.
-REFERENCE_ENV = "VHOSTMAP_REFERENCE_DATAPATH"
-
-DequeueFn = Callable[[SplitVirtqueue, GuestMemory, int, npt.NDArray[np.void], int, int, Buffers], BatchResult]
-EnqueueFn = Callable[
-    [SplitVirtqueue, GuestMemory, int, bool, npt.NDArray[np.void], int, int, Buffers], BatchResult
-]
-
 _FAULT_REASONS = {
     lib.VM_FAULT_ADDRESS_SPACE: "range outside the 64-bit address space",
     lib.VM_FAULT_NO_REGIONS: "no memory regions",
     lib.VM_FAULT_NO_REGION: "guest address in no region",
 }
-
-
-class Datapath(NamedTuple):
-    """The batch functions a port runs; each finishes its batch (publish, notify, re-arm kicks).
-
-    ``compiled``: the port may also run whole kring syncs and forwarding rounds in C (vhost_sync.cdef, through
-    VhostUserPort.fast_queues); otherwise it runs NetmapAdapter's Python sync around ``dequeue``/``enqueue``.
-    """
-
-    name: str
-    dequeue: DequeueFn
-    enqueue: EnqueueFn
-    compiled: bool
 
 
 # --- the compiled kernels -----------------------------------------------------------------------------------
@@ -112,20 +91,20 @@ def _start(vq: SplitVirtqueue) -> Any:
         raise VirtqueueError(vq.index, "ring not mapped")
     if vq._pending_used:
         vq.flush_used()  # entries someone queued outside a batch go first, as the reference would send them
-    return vq._c
+    return vq.c
 
 
 def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
     """After a kernel call on ``vq`` that returned ``status``: raise the fault if there was one (its used
     entries queued for publication), notify, and count (``writable``: a receive queue)."""
-    out = vq._out
+    out = vq.out
     if out.log_missed:
         # The pages were skipped already; this only lets GuestMemory warn about them, once per log.
         mem.log_write(out.log_missed_addr, out.log_missed_len)
     if status != lib.VQ_OK:
         if status == lib.VQ_ERR_ARGUMENT:
             raise ValueError(f"virtqueue {vq.index}: kernel refused the ring or position it was given")
-        pending = vq._scratch
+        pending = vq.scratch
         for k in range(out.used):
             vq.push_used(pending[k].id, pending[k].len)
         raise _fault(vq, out, status, writable)
@@ -177,86 +156,77 @@ def _fault(vq: SplitVirtqueue, out: Any, status: int, writable: bool) -> Virtque
     return err
 
 
-def dequeue(
-    vq: SplitVirtqueue,
-    mem: GuestMemory,
-    hdr_len: int,
-    slots: npt.NDArray[np.void],
-    first: int,
-    space: int,
-    bufs: Buffers,
-) -> BatchResult:
-    """rxtx.dequeue, then flush_used, call and enable_kicks, in one compiled call (vq_dequeue)."""
-    q = _start(vq)
-    status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq._scratch, vq._out)
-    return finish(vq, mem, status, False)
+# --- the datapath a port runs: one piece of code for the compiled kernels and the reference -----------------
 
 
-def enqueue(
-    vq: SplitVirtqueue,
-    mem: GuestMemory,
-    hdr_len: int,
-    mergeable: bool,
-    slots: npt.NDArray[np.void],
-    first: int,
-    count: int,
-    bufs: Buffers,
-) -> BatchResult:
-    """rxtx.enqueue, then flush_used, call and enable_kicks, in one compiled call (vq_enqueue)."""
-    q = _start(vq)
-    status = lib.vq_enqueue(
-        q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq._scratch, vq._out
-    )
-    return finish(vq, mem, status, True)
+@dataclass(frozen=True, slots=True)
+class Datapath:
+    """The batch functions a port runs, compiled or reference; each finishes its batch (publish, notify,
+    re-arm kicks), so a port calls them the same way whichever it runs.
+
+    ``compiled``: each batch is one C call (vq_dequeue, vq_enqueue), and the port may also run whole kring
+    syncs and forwarding rounds in C (vhost_sync.cdef, through VhostUserPort.fast_queues); otherwise the
+    reference in rxtx.py runs, and the port runs NetmapAdapter's Python sync around ``dequeue``/``enqueue``.
+    """
+
+    compiled: bool
+
+    @property
+    def name(self) -> str:
+        """Which one this is, "compiled" or "reference" (for logs)."""
+        return "compiled" if self.compiled else "reference"
+
+    def dequeue(
+        self,
+        vq: SplitVirtqueue,
+        mem: GuestMemory,
+        hdr_len: int,
+        slots: npt.NDArray[np.void],
+        first: int,
+        space: int,
+        bufs: Buffers,
+    ) -> BatchResult:
+        """rxtx.dequeue, then flush_used, call and enable_kicks (compiled: all in one call, vq_dequeue)."""
+        if not self.compiled:
+            return _complete(vq, rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs))
+        q = _start(vq)
+        status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq.scratch, vq.out)
+        return finish(vq, mem, status, False)
+
+    def enqueue(
+        self,
+        vq: SplitVirtqueue,
+        mem: GuestMemory,
+        hdr_len: int,
+        mergeable: bool,
+        slots: npt.NDArray[np.void],
+        first: int,
+        count: int,
+        bufs: Buffers,
+    ) -> BatchResult:
+        """rxtx.enqueue, then flush_used, call and enable_kicks (compiled: all in one call, vq_enqueue)."""
+        if not self.compiled:
+            return _complete(vq, rxtx.enqueue(vq, mem, hdr_len, mergeable, slots, first, count, bufs))
+        q = _start(vq)
+        status = lib.vq_enqueue(
+            q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq.scratch, vq.out
+        )
+        return finish(vq, mem, status, True)
 
 
-# --- the reference, finished the same way -------------------------------------------------------------------
-
-
-def _complete(vq: SplitVirtqueue) -> None:
+def _complete(vq: SplitVirtqueue, res: BatchResult) -> BatchResult:
+    """Finish a reference batch as the kernels finish theirs: publish, notify, re-arm kicks."""
     vq.flush_used()
     vq.call()
     vq.enable_kicks()
-
-
-def reference_dequeue(
-    vq: SplitVirtqueue,
-    mem: GuestMemory,
-    hdr_len: int,
-    slots: npt.NDArray[np.void],
-    first: int,
-    space: int,
-    bufs: Buffers,
-) -> BatchResult:
-    """rxtx.dequeue, then flush_used, call and enable_kicks."""
-    res = rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs)
-    _complete(vq)
     return res
 
 
-def reference_enqueue(
-    vq: SplitVirtqueue,
-    mem: GuestMemory,
-    hdr_len: int,
-    mergeable: bool,
-    slots: npt.NDArray[np.void],
-    first: int,
-    count: int,
-    bufs: Buffers,
-) -> BatchResult:
-    """rxtx.enqueue, then flush_used, call and enable_kicks."""
-    res = rxtx.enqueue(vq, mem, hdr_len, mergeable, slots, first, count, bufs)
-    _complete(vq)
-    return res
-
-
-COMPILED = Datapath("compiled", dequeue, enqueue, True)
-REFERENCE = Datapath("reference", reference_dequeue, reference_enqueue, False)
+COMPILED = Datapath(compiled=True)
+REFERENCE = Datapath(compiled=False)
 
 
 def select_datapath(reference: bool | None = None) -> Datapath:
-    """REFERENCE if asked for (``reference``, else the VHOSTMAP_REFERENCE_DATAPATH environment variable set to
-    anything but 0), COMPILED otherwise."""
-    if reference is None:
-        reference = os.environ.get(REFERENCE_ENV, "0").strip() not in ("", "0")
-    return REFERENCE if reference else COMPILED
+    """REFERENCE if asked for (``reference``, else as datapath/choice.py reads the environment), COMPILED
+    otherwise."""
+    return REFERENCE if reference_selected(reference) else COMPILED

@@ -122,8 +122,8 @@ class VhostUserPort(NetmapAdapter):
                 if vq.log_dirty:
                     return None  # migrating: dirty pages are logged by the per-sync path
                 q = ffi.new("struct vhu_queue *")
-                q.kring, q.vq, q.mem = kring.c, vq._c, mem.c
-                q.scratch, q.out = vq._scratch, vq._out
+                q.kring, q.vq, q.mem = kring.c, vq.c, mem.c
+                q.scratch, q.out = vq.scratch, vq.out
                 q.stats = ffi.addressof(self.queue_stats[vq.index // 2])
                 q.call_fd = -1 if vq.call_fd is None else vq.call_fd
                 q.hdr_len, q.mergeable = hdr_len, mergeable

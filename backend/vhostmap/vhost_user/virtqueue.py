@@ -100,8 +100,9 @@ class SplitVirtqueue:
     costs the driver a system call per burst.
 
     Those and the negotiated ring features (``num``, ``event_idx``, ``indirect``, ``log_dirty``) live in the
-    C struct the compiled kernels work on (``_c``, struct vq_split in datapath/virtio.cdef), beside the ring
-    addresses ``map`` translated, so a batch needs no copying in and out.
+    C struct the compiled kernels work on (``c``, struct vq_split in datapath/virtio.cdef), beside the ring
+    addresses ``map`` translated, so a batch needs no copying in and out; ``scratch`` and ``out`` are the
+    kernels' other arguments.
     """
 
     index: int
@@ -121,26 +122,29 @@ class SplitVirtqueue:
     _used16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
     _mem: GuestMemory | None = field(default=None, repr=False)
     _pending_used: list[tuple[int, int]] = field(default_factory=list, repr=False)
-    _c: Any = field(init=False, repr=False, compare=False)
-    # Scratch of the kernels: used entries of a batch (num of them), and what a batch did.
-    _scratch: Any = field(init=False, repr=False, compare=False)
-    _out: Any = field(init=False, repr=False, compare=False)
+    # The C state the compiled kernels are handed (kernels.py, VhostUserPort.fast_queues), public for them:
+    # struct vq_split: the indexes, negotiated features and ring addresses the kernels read and advance.
+    c: Any = field(init=False, repr=False, compare=False)
+    # struct vq_used_elem[num]: where a kernel puts the used entries of its batch (NULL until set_num).
+    scratch: Any = field(init=False, repr=False, compare=False)
+    # struct vq_batch: what a kernel's batch did (counts, notify, the fault), read back by kernels.finish.
+    out: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self._c = ffi.new("struct vq_split *")
-        self._c.kicks = 1
-        self._scratch = ffi.NULL
-        self._out = ffi.new("struct vq_batch *")
+        self.c = ffi.new("struct vq_split *")
+        self.c.kicks = 1
+        self.scratch = ffi.NULL
+        self.out = ffi.new("struct vq_batch *")
 
     # --- the state in C -------------------------------------------------------------------------------
-    num = CField("Queue size (SET_VRING_NUM), 0 until set.", mask=0xFFFF_FFFF, struct="_c")
-    last_avail_idx = CField("The next available entry the device consumes.", mask=0xFFFF, struct="_c")
-    used_idx = CField("The device's shadow of used->idx.", mask=0xFFFF, struct="_c")
-    signalled_used = CField("used->idx at the last notification decision.", mask=0xFFFF, struct="_c")
-    event_idx = CFlag("VIRTIO_RING_F_EVENT_IDX negotiated.", struct="_c")
-    indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.", struct="_c")
-    log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).", struct="_c")
-    kicks = CFlag("Whether the driver is asked to kick (see the class docstring).", struct="_c")
+    num = CField("Queue size (SET_VRING_NUM), 0 until set.", mask=0xFFFF_FFFF)
+    last_avail_idx = CField("The next available entry the device consumes.", mask=0xFFFF)
+    used_idx = CField("The device's shadow of used->idx.", mask=0xFFFF)
+    signalled_used = CField("used->idx at the last notification decision.", mask=0xFFFF)
+    event_idx = CFlag("VIRTIO_RING_F_EVENT_IDX negotiated.")
+    indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.")
+    log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).")
+    kicks = CFlag("Whether the driver is asked to kick (see the class docstring).")
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:
@@ -150,7 +154,7 @@ class SplitVirtqueue:
         if num != self.num:
             # Ring views and addresses are for the old size until map() runs again.
             self.unmap()
-            self._scratch = ffi.new("struct vq_used_elem[]", num)
+            self.scratch = ffi.new("struct vq_used_elem[]", num)
         self.num = num
 
     def map(self, mem: GuestMemory) -> None:
@@ -172,7 +176,7 @@ class SplitVirtqueue:
         self._used16 = np.frombuffer(self._used, dtype="<u2")
         self._mem = mem
         # The views hold the mapping: the addresses stay good until the next map or unmap.
-        c = self._c
+        c = self.c
         c.desc = _address(self._desc)
         c.avail = _address(self._avail)
         c.used = _address(self._used)
@@ -184,7 +188,7 @@ class SplitVirtqueue:
         self._desc = self._avail = self._used = None
         self._avail16 = self._used16 = None
         self._mem = None
-        c = self._c
+        c = self.c
         c.desc = c.avail = c.used = ffi.NULL
 
     @property
