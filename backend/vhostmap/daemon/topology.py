@@ -245,9 +245,13 @@ class Topology:
         sw = self.serving.pop(name, None)
         if isinstance(sw, Switch):
             sw.detach(master)
-        del self.adapters[name]
-        master.close()
-        slave.close()
+        try:
+            master.close()
+            slave.close()
+        finally:
+            # Last: a port gone from the table has given every ring and buffer back (what `status` and
+            # the tests see without the datapath lock).
+            del self.adapters[name]
 
     def close(self) -> None:
         """The daemon stops: end every application session, then close every port and pipe end."""
