@@ -200,31 +200,26 @@ class TxStats(Protocol):
     tx_drops: int
 
 
-class HasTxStats(Protocol):
-    """A port whose ``stats`` count its transmit drops."""
-
-    @property
-    def stats(self) -> TxStats: ...
-
-
 class DropReport:
     """Counts a port's drops and logs one warning per kind of reason to ``log``; after that only the counters
     move, so that a down interface or a misbehaving user does not flood the logs.
 
-    ``port`` names the port in the records; ``ifname``, for a port over an interface, goes in the message
-    and the records too. The owner's ``stats`` are looked up at each drop, not kept.
+    ``stats`` are the port's counters (transmit drops are counted in them); ``port`` names the port in the
+    records; ``ifname``, for a port over an interface, goes in the message and the records too. The port
+    itself is not kept: a reference to it would make a cycle, and a port dropped without ``close`` would
+    keep its socket open until the garbage collector runs.
     """
 
-    def __init__(self, log: logging.Logger, owner: HasTxStats, port: str, ifname: str | None = None) -> None:
+    def __init__(self, log: logging.Logger, stats: TxStats, port: str, ifname: str | None = None) -> None:
         self.log = log
-        self.owner = owner
+        self.stats = stats
         self._where = "" if ifname is None else f" on {ifname}"
         self._extra = {"port": port} if ifname is None else {"port": port, "ifname": ifname}
         self._reported: set[str] = set()
 
     def tx(self, kring: Kring, reason: str) -> None:
         """Count a frame of TX ``kring`` that is not sent, and report why."""
-        self.owner.stats.tx_drops += 1
+        self.stats.tx_drops += 1
         kring.dropped += 1
         self.report(kring, reason)
 

@@ -254,7 +254,7 @@ class GenericAdapter(NetmapAdapter):
         self.stats = GenericStats()
         self._queue: deque[bytes] = deque()
         self._block = 0
-        self._drops = DropReport(log, self, name, ifname)
+        self._drops = DropReport(log, self.stats, name, ifname)
         super().__init__(
             name, memory, num_tx_rings=1, num_rx_rings=1, num_tx_desc=num_desc, num_rx_desc=num_desc
         )

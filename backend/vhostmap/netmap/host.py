@@ -106,7 +106,7 @@ class HostStack:
             self.tap.close()
             raise
         self._scratch = memoryview(bytearray(TAP_FRAME_MAX))
-        self._drops = DropReport(log, self, adapter.name)
+        self._drops = DropReport(log, self.stats, adapter.name)
         adapter.host_port = self
 
     @property
