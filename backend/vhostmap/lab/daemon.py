@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from vhostmap.control.client import ControlError, call
@@ -62,6 +61,9 @@ class VhostmapDaemon(ChildProcess):
         )
         return self
 
+    def _enter(self) -> Self:
+        return self.start()
+
     def _answers(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
             raise RuntimeError(f"vhostmap exited with {self._proc.returncode}\n{self.diagnostics()}")
@@ -93,8 +95,12 @@ class VhostmapDaemon(ChildProcess):
         proc, self._proc = self._proc, None
         return 0 if proc is None else end_process(proc, timeout)
 
+    def close(self) -> None:
+        """Stop the daemon (`stop`), as leaving the context does."""
+        self.stop()
+
     def kill(self) -> None:
-        """SIGKILL, as a crash would end it."""
+        """SIGKILL, as a crash would end it (other lab processes are asked to end first)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -106,11 +112,3 @@ class VhostmapDaemon(ChildProcess):
             return "vhostmap log:\n" + tail(self.log_path.read_text(errors="replace"), lines)
         except OSError:
             return "(no vhostmap log)"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()

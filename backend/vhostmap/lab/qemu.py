@@ -18,12 +18,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, Self
 
 from vhostmap.lab.channel import CommandChannel, CompletedCommand, GuestError
 from vhostmap.lab.guestkernel import GuestKernel
-from vhostmap.lab.process import ChildProcess, end_process
+from vhostmap.lab.process import ChildProcess
 from vhostmap.lab.wait import tail, wait_until
 
 QEMU = "qemu-system-x86_64"
@@ -226,11 +225,6 @@ class QemuGuest(ChildProcess):
         finally:
             self.kill()
 
-    def kill(self) -> None:
-        """Stop QEMU at once (SIGKILL if SIGTERM is not enough within a few seconds) and reap it."""
-        if self._proc is not None:
-            end_process(self._proc)
-
     def close(self) -> None:
         """Kill QEMU and remove every file this guest created."""
         self.kill()
@@ -246,17 +240,8 @@ class QemuGuest(ChildProcess):
         if self._own_workdir and not self.keep_logs:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _enter(self) -> Self:
+        return self.start()
 
     # --- commands --------------------------------------------------------------------------------------
 

@@ -30,10 +30,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Literal, Self
 
-from vhostmap.lab.process import ChildProcess, end_process
+from vhostmap.lab.process import ChildProcess
 from vhostmap.lab.wait import WaitTimeout, tail, wait_until
 
 TESTPMD = "dpdk-testpmd"
@@ -342,11 +341,6 @@ class Testpmd(ChildProcess):
             self.kill()
             raise
 
-    def kill(self) -> None:
-        """Stop testpmd at once (SIGTERM, then SIGKILL) and reap it."""
-        if self._proc is not None:
-            end_process(self._proc)
-
     def close(self) -> None:
         """Quit (or kill) testpmd and remove every file it and this object created."""
         try:
@@ -376,17 +370,8 @@ class Testpmd(ChildProcess):
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.open()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _enter(self) -> Self:
+        return self.open()
 
     # --- commands --------------------------------------------------------------------------------------
 

@@ -4,16 +4,21 @@ Shared by the host rings (host.py) and the generic adapter (generic.py). A frame
 NS_MOREFRAG on all but its last (netmap.h). ``SlotFrames`` reads the slots of a batch once into a snapshot,
 checks every buffer index of it with numpy (the check buf_view makes, done once per batch), and then copies
 through memoryview slices of the region at offsets computed from the checked indexes only: a user rewriting a
-slot meanwhile can confuse itself, never reach outside a buffer. ``RxFill`` is the import half of an rxsync.
+slot meanwhile can confuse itself, never reach outside a buffer. ``RxFill`` is the import half of an rxsync;
+``send_frames`` is the export half of a txsync whose sends complete at once, and ``DropReport`` counts and
+logs what either side drops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
-from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_MOREFRAG
+from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_MOREFRAG, nm_prev
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
 
@@ -186,3 +191,86 @@ class RxFill:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- txsync: frames out, drops reported ---------------------------------------------------------------------
+class TxStats(Protocol):
+    """Counters with a count of frames that could not be sent (GenericStats, HostStats)."""
+
+    tx_drops: int
+
+
+class DropReport:
+    """Counts a port's drops and logs one warning per kind of reason to ``log``; after that only the counters
+    move, so that a down interface or a misbehaving user does not flood the logs.
+
+    ``stats`` are the port's counters (transmit drops are counted in them); ``port`` names the port in the
+    records; ``ifname``, for a port over an interface, goes in the message and the records too. The port
+    itself is not kept: a reference to it would make a cycle, and a port dropped without ``close`` would
+    keep its socket open until the garbage collector runs.
+    """
+
+    def __init__(self, log: logging.Logger, stats: TxStats, port: str, ifname: str | None = None) -> None:
+        self.log = log
+        self.stats = stats
+        self._where = "" if ifname is None else f" on {ifname}"
+        self._extra = {"port": port} if ifname is None else {"port": port, "ifname": ifname}
+        self._reported: set[str] = set()
+
+    def tx(self, kring: Kring, reason: str) -> None:
+        """Count a frame of TX ``kring`` that is not sent, and report why."""
+        self.stats.tx_drops += 1
+        kring.dropped += 1
+        self.report(kring, reason)
+
+    def report(self, kring: Kring, reason: str) -> None:
+        """Log ``reason`` on ``kring`` the first time it happens."""
+        if reason in self._reported:
+            return
+        self._reported.add(reason)
+        self.log.warning(
+            "%s: %s%s (further occurrences only counted)",
+            kring.name,
+            reason,
+            self._where,
+            extra={**self._extra, "ring": kring.name, "reason": reason},
+        )
+
+
+# send(kring, payload, length): True when the frame is done with (sent, or dropped and counted by the sender),
+# False when the interface has no room for it now (nothing sent, nothing counted).
+SendFrame = Callable[[Kring, list[memoryview], int], bool]
+
+
+def send_frames(
+    kring: Kring, memory: NetmapMemory, send: SendFrame, drops: DropReport, *, backpressure: bool = False
+) -> None:
+    """txsync of a TX ``kring`` whose sends complete at once: ``send`` the frames of [nr_hwcur, rhead) and
+    reclaim every slot consumed (nr_hwcur and nr_hwtail advance past them).
+
+    Frames with an unusable slot are dropped. A trailing frame whose last slot is not handed over yet waits
+    for the next txsync, unless it alone takes every slot the user can hand over (it can never complete, and
+    is dropped). Once ``send`` finds no room, that frame and the rest of the batch stay in the ring for the
+    next txsync with ``backpressure``, and are dropped without it.
+    """
+    n = kring.nkr_num_slots
+    count = kring.pending()
+    if count:
+        frames = SlotFrames(kring, memory, kring.nr_hwcur, count)
+        consumed = frames.slots
+        if consumed == 0 and count == n - 1:
+            drops.tx(kring, "a frame spans the whole ring")
+            consumed = count
+        full = False
+        for i in range(len(frames)):
+            if full or not frames.valid[i]:
+                drops.tx(kring, "interface full" if full else "frame with an unusable slot")
+                continue
+            full = not send(kring, frames.payload(i), frames.lengths[i])
+            if full and backpressure:
+                consumed = frames.starts[i]  # this frame and the rest stay for the next txsync
+                break
+            if full:
+                drops.tx(kring, "interface full")
+        kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
+    kring.nr_hwtail = nm_prev(kring.nr_hwcur, n)

@@ -40,12 +40,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.netmap.abi import nm_prev
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.checksum import complete_l4_checksum
 from vhostmap.netmap.errors import InterfaceError, PortBroken
-from vhostmap.netmap.frames import RxFill, SlotFrames
+from vhostmap.netmap.frames import DropReport, RxFill, send_frames
 from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.tap import if_index
 
@@ -255,7 +254,7 @@ class GenericAdapter(NetmapAdapter):
         self.stats = GenericStats()
         self._queue: deque[bytes] = deque()
         self._block = 0
-        self._reported: set[str] = set()
+        self._drops = DropReport(log, self.stats, name, ifname)
         super().__init__(
             name, memory, num_tx_rings=1, num_rx_rings=1, num_tx_desc=num_desc, num_rx_desc=num_desc
         )
@@ -351,7 +350,7 @@ class GenericAdapter(NetmapAdapter):
         max_frame = (kring.nkr_num_slots - 1) * fill.cap
         for _ in range(num_pkts):
             if not base <= off <= end - _FRAME_HDR.size:
-                self._report(kring, f"frame header at {off - base} outside its block")
+                self._drops.report(kring, f"frame header at {off - base} outside its block")
                 return
             next_off, snaplen, length, status, mac, vlan_tci, vlan_tpid = unpack(ring, off)
             start = off + mac
@@ -390,29 +389,9 @@ class GenericAdapter(NetmapAdapter):
 
         A trailing frame whose last slot is not handed over yet waits for the next txsync, unless it alone
         takes every slot the user can hand over (it can never complete, and is dropped). When the interface
-        has no room, the rest waits in the ring (``tx_backpressure``) or is dropped.
+        has no room, the rest waits in the ring (``tx_backpressure``) or is dropped (``send_frames``).
         """
-        n = kring.nkr_num_slots
-        count = kring.pending()
-        if count:
-            frames = SlotFrames(kring, self.memory, kring.nr_hwcur, count)
-            consumed = frames.slots
-            if consumed == 0 and count == n - 1:
-                self._drop_tx(kring, "a frame spans the whole ring")
-                consumed = count
-            full = False
-            for i in range(len(frames)):
-                if full or not frames.valid[i]:
-                    self._drop_tx(kring, "interface full" if full else "frame with an unusable slot")
-                    continue
-                full = not self._send(kring, frames.payload(i), frames.lengths[i])
-                if full and self.tx_backpressure:
-                    consumed = frames.starts[i]  # this frame and the rest stay for the next txsync
-                    break
-                if full:
-                    self._drop_tx(kring, "interface full")
-            kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
-        kring.nr_hwtail = nm_prev(kring.nr_hwcur, n)
+        send_frames(kring, self.memory, self._send, self._drops, backpressure=self.tx_backpressure)
 
     def _send(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
         """Send one frame; False (nothing sent, nothing counted) when the interface has no room for it."""
@@ -429,29 +408,11 @@ class GenericAdapter(NetmapAdapter):
             if e.errno in (errno.ENXIO, errno.ENODEV):
                 raise PortBroken(self.name, f"interface {self.ifname} is gone") from None
             # ENETDOWN, EMSGSIZE (longer than the MTU): this frame only.
-            self._drop_tx(kring, f"send: {errno.errorcode.get(e.errno or 0, e.errno)}")
+            self._drops.tx(kring, f"send: {errno.errorcode.get(e.errno or 0, e.errno)}")
             return True
         self.stats.tx_packets += 1
         self.stats.tx_bytes += length
         return True
-
-    def _drop_tx(self, kring: Kring, reason: str) -> None:
-        self.stats.tx_drops += 1
-        kring.dropped += 1
-        self._report(kring, reason)
-
-    def _report(self, kring: Kring, reason: str) -> None:
-        # One line per kind of trouble; after that only the counters move.
-        if reason in self._reported:
-            return
-        self._reported.add(reason)
-        log.warning(
-            "%s: %s on %s (further occurrences only counted)",
-            kring.name,
-            reason,
-            self.ifname,
-            extra={"port": self.name, "ring": kring.name, "ifname": self.ifname, "reason": reason},
-        )
 
     # --- state ----------------------------------------------------------------------------------------------
     @property

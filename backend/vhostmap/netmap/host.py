@@ -17,7 +17,8 @@ rxsync drains it (importing what fits, dropping the rest), so a level-triggered 
 on the adapter's host syncs, its transparent mode and its wake-up fds go through it, and closing the adapter
 closes it. Without a host port the adapter's host rings keep the default behaviour (adapter.py).
 
-Frames are read from and written to slots with ``SlotFrames`` and ``RxFill`` (frames.py).
+Frames are read from and written to slots with ``SlotFrames``, ``send_frames`` and ``RxFill``, and drops are
+reported with ``DropReport`` (frames.py, shared with the generic adapter).
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from vhostmap.netmap.abi import (
     NS_BUF_CHANGED,
     NS_FORWARD,
     NS_MOREFRAG,
-    nm_prev,
 )
 from vhostmap.netmap.adapter import NetmapAdapter
-from vhostmap.netmap.frames import RxFill, SlotFrames
+from vhostmap.netmap.frames import DropReport, RxFill, SlotFrames, send_frames
 from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.tap import TapDevice
 
@@ -106,7 +106,7 @@ class HostStack:
             self.tap.close()
             raise
         self._scratch = memoryview(bytearray(TAP_FRAME_MAX))
-        self._reported: set[str] = set()
+        self._drops = DropReport(log, self.stats, adapter.name)
         adapter.host_port = self
 
     @property
@@ -129,22 +129,8 @@ class HostStack:
         A trailing frame whose last slot is not handed over yet is kept for the next sync, unless it alone
         takes every slot the user can hand over: it can never complete, and is dropped.
         """
-        n = kring.nkr_num_slots
-        count = kring.pending()
-        if count:
-            frames = SlotFrames(kring, self.memory, kring.nr_hwcur, count)
-            consumed = frames.slots
-            if consumed == 0 and count == n - 1:
-                self._drop_tx(kring, "a frame spans the whole ring")
-                consumed = count
-            for i in range(len(frames)):
-                if frames.valid[i]:
-                    self._write(kring, frames.payload(i), frames.lengths[i])
-                else:
-                    self._drop_tx(kring, "frame with an unusable slot")
-            kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
         # Writes to a TAP complete at once: everything sent is reclaimed (netmap_txsync_to_host).
-        kring.nr_hwtail = nm_prev(kring.nr_hwcur, n)
+        send_frames(kring, self.memory, self._write_frame, self._drops)
 
     def send_up(self, kring: Kring) -> int:
         """Transparent mode, NIC -> host: write to the TAP the frames released with NS_FORWARD among
@@ -169,16 +155,16 @@ class HostStack:
             os.writev(self.tap.fd, payload)
         except OSError as e:
             # EIO: the TAP is down; EAGAIN/ENOBUFS: no room in the stack. Counted, never retried.
-            self._drop_tx(kring, f"write to {self.tap.name}: {errno.errorcode.get(e.errno or 0, e.errno)}")
+            self._drops.tx(kring, f"write to {self.tap.name}: {errno.errorcode.get(e.errno or 0, e.errno)}")
             return False
         self.stats.tx_packets += 1
         self.stats.tx_bytes += length
         return True
 
-    def _drop_tx(self, kring: Kring, reason: str) -> None:
-        self.stats.tx_drops += 1
-        kring.dropped += 1
-        self._report(kring, reason)
+    def _write_frame(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
+        # A failed write is a counted drop, never a reason to keep the frame in the ring.
+        self._write(kring, payload, length)
+        return True
 
     # --- host RX: stack -> ring -----------------------------------------------------------------------------
     def rxsync(self, kring: Kring, flags: int) -> None:
@@ -207,7 +193,7 @@ class HostStack:
             except BlockingIOError:
                 return
             except OSError as e:
-                self._report(
+                self._drops.report(
                     kring, f"read from {self.tap.name}: {errno.errorcode.get(e.errno or 0, e.errno)}"
                 )
                 return
@@ -229,18 +215,6 @@ class HostStack:
         self.stats.rx_drops += 1
         kring.dropped += 1
         log.debug("%s: dropped a frame from %s: %s", kring.name, self.tap.name, reason)
-
-    def _report(self, kring: Kring, reason: str) -> None:
-        # One line per kind of trouble; after that only the counters move, so a down TAP does not flood logs.
-        if reason in self._reported:
-            return
-        self._reported.add(reason)
-        log.warning(
-            "%s: %s (further occurrences only counted)",
-            kring.name,
-            reason,
-            extra={"port": self.adapter.name, "ring": kring.name, "reason": reason},
-        )
 
     # --- lifetime -------------------------------------------------------------------------------------------
     def close(self) -> None:
