@@ -12,6 +12,7 @@ from typing import Any
 
 from vhostmap import __version__
 from vhostmap.control.client import DEFAULT_CONTROL_SOCKET, ControlError, call
+from vhostmap.ethernet import parse_mac
 from vhostmap.vm import add_vm_parser, run_vm
 
 
@@ -87,12 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _mac(text: str) -> bytes:
     try:
-        raw = bytes.fromhex(text.replace(":", ""))
-    except ValueError:
-        raw = b""
-    if len(raw) != 6:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address")
-    return raw
+        return parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _ipv4(text: str) -> bytes:

@@ -31,7 +31,7 @@ _MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
 def parse_mac(text: str) -> bytes:
     """``52:54:00:00:00:10`` (or with ``-``) -> 6 bytes; ValueError, saying what was expected, otherwise."""
     if not _MAC.match(text):
-        raise ValueError(f"bad MAC address {text!r} (expected six hex bytes like 52:54:00:12:34:56)")
+        raise ValueError(f"bad MAC address: {text!r} is not a MAC address (six hex bytes: 52:54:00:12:34:56)")
     return bytes.fromhex(text.replace(":", "").replace("-", ""))
 
 

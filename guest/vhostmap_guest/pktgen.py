@@ -32,10 +32,12 @@ from typing import Any
 
 import numpy as np
 
+from vhostmap import ethernet
 from vhostmap.apps.pktgen import Limits, Result, receive, transmit
+from vhostmap.ethernet import ETH_HLEN, ETH_P_ALL
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
-from vhostmap.packets import ETH_HLEN, IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
+from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
 
 MODES = ("auto", "native", "generic", "socket", "client")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
@@ -43,7 +45,6 @@ SEQ_OFFSET = ETH_HLEN + IP_HLEN + 8
 SEQ = struct.Struct(">I")
 # Frames per head move: as many as a ring takes (ring room bounds a batch anyway).
 DEFAULT_BATCH = 1024
-ETH_P_ALL = 0x0003
 
 
 @dataclass
@@ -58,11 +59,11 @@ class Check:
 
 
 def parse_mac(text: str) -> bytes:
-    """``52:54:00:00:00:01`` -> 6 bytes."""
-    raw = bytes.fromhex(text.replace(":", "").replace("-", ""))
-    if len(raw) != 6:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a MAC address")
-    return raw
+    """``52:54:00:00:00:01`` -> 6 bytes (an argparse type)."""
+    try:
+        return ethernet.parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_ip(text: str) -> bytes:

@@ -24,9 +24,9 @@ from vhostmap.lab.channel import CommandChannel, CompletedCommand, GuestError
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.process import ChildProcess
 from vhostmap.lab.wait import tail, wait_until
+from vhostmap.system.unixsock import UNIX_PATH_MAX
 
 QEMU = "qemu-system-x86_64"
-UNIX_PATH_MAX = 108
 
 
 @dataclass(frozen=True)

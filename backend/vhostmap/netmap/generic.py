@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import numpy.typing as npt
 
+from vhostmap.ethernet import ETH_P_8021Q, ETH_P_ALL
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.checksum import complete_l4_checksum
@@ -65,8 +66,6 @@ PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
 TPACKET_V3 = 2
 TPACKET_ALIGNMENT = 16
-ETH_P_ALL = 0x0003
-ETH_P_8021Q = 0x8100
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0

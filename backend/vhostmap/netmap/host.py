@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from vhostmap.ethernet import ETH_HLEN
 from vhostmap.netmap.abi import (
     NM_RESERVED_BUFS,
     NR_FORWARD,
@@ -51,7 +52,6 @@ HOST_RX_BUDGET = 1024
 # Largest frame a TAP read can return (MTU 65535 plus Ethernet and VLAN headers), rounded up.
 TAP_FRAME_MAX = 1 << 17
 # Shortest frame passed to the stack (an Ethernet header), as netmap_grab_packets requires.
-ETH_HLEN = 14
 
 
 # --- the host stack -----------------------------------------------------------------------------------------

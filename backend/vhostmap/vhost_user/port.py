@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.ethernet import BROADCAST, ETH_P_RARP, ETH_ZLEN
 from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
@@ -343,6 +344,6 @@ class VhostUserPort(NetmapAdapter):
 
 def rarp_frame(mac: bytes) -> bytes:
     """The reverse-ARP broadcast QEMU sends to announce a guest's MAC (RFC 903, "request reverse")."""
-    eth = b"\xff" * 6 + mac + (0x8035).to_bytes(2, "big")
+    eth = BROADCAST + mac + ETH_P_RARP.to_bytes(2, "big")
     rarp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
-    return (eth + rarp).ljust(60, b"\0")
+    return (eth + rarp).ljust(ETH_ZLEN, b"\0")
