@@ -4,9 +4,9 @@
     python -m vhostmap_guest.pktgen -i eth0 -f rx -n 100000 -D 30 --mode generic --check --seq
 
 Modes: ``native`` and ``generic`` open the interface with `vhostmap_guest.open` (``auto`` picks as it does);
-``socket`` is the guest kernel's plain path, one AF_PACKET send() or recv() per frame, for comparison; and
-``client`` runs the very same loops on the host, over a vhostmap port through the client library (``-i``
-names the port). The frames are vhostmap pkt-gen's UDP frames (`vhostmap.packets.udp_frame`).
+``socket`` is the guest kernel's plain path, one AF_PACKET send() or recv() per frame, for comparison. On the
+host, ``vhostmap pkt-gen`` runs the same loops over a daemon's port (the guest package never reaches the
+daemon's control socket). The frames are vhostmap pkt-gen's UDP frames (`vhostmap.packets.udp_frame`).
 
 The loops are the host's `vhostmap.apps.pktgen.transmit` and `receive`, which know only the NetmapPort API:
 buffers are filled once (`UserRing.prefill`) and every batch is one head move. ``--seq`` numbers the frames
@@ -39,7 +39,7 @@ from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
 
-MODES = ("auto", "native", "generic", "socket", "client")
+MODES = ("auto", "native", "generic", "socket")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
 SEQ_OFFSET = ETH_HLEN + IP_HLEN + 8
 SEQ = struct.Struct(">I")
@@ -113,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dst-mac", type=parse_mac, default=b"\xff" * 6)
     p.add_argument("--src-ip", type=parse_ip, default=parse_ip("10.0.0.1"))
     p.add_argument("--dst-ip", type=parse_ip, default=parse_ip("10.1.0.1"))
-    p.add_argument("--control", help="client mode: the daemon's control socket")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -283,11 +282,6 @@ def socket_receive(ifname: str, frame: bytes, limits: Limits, check: bool, seq: 
 # --- main ---------------------------------------------------------------------------------------------------
 def open_port(args: argparse.Namespace) -> tuple[NetmapPort, str]:
     """The port ``args`` ask for, and the mode it was opened in."""
-    if args.mode == "client":
-        from vhostmap.apps import client
-
-        control = [args.control] if args.control else []
-        return client.open(args.interface, *control), "client"
     import vhostmap_guest
 
     port = vhostmap_guest.open(args.interface, args.mode, pairs=args.pairs, interrupts=not args.busy)

@@ -378,10 +378,10 @@ def forward_both(w: World, port: int, q: int) -> None:
     w.save(w.before)
     rp, cp = w.ref.ports[port], w.comp.ports[port]
     ring_index = rp.rx_rings[q]
-    ref_used, ref_touched = w.ref._forward(rp, q, ring_index, w.now)
+    ref_used, ref_touched = w.ref.forward(rp, q, ring_index, w.now)
     w.save(w.after)
     w.restore(w.before)
-    used, touched = w.comp._forward(cp, q, ring_index, w.now)
+    used, touched = w.comp.forward(cp, q, ring_index, w.now)
     assert used == ref_used
     assert [(p.name, tx) for p, tx in touched] == [(p.name, tx) for p, tx in ref_touched]
     assert_same(w, w.after)

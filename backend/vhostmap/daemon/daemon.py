@@ -33,9 +33,7 @@ from vhostmap.netmap.pipe import PipeEnd
 from vhostmap.netmap.stash import STASH_BUFFERS
 from vhostmap.system.access import libvirt_access_problems
 from vhostmap.system.cpu import pin_current_thread
-from vhostmap.vhost_user.device import NetConfig
-from vhostmap.vhost_user.port import PORT_RING_SLOTS, VhostUserPort
-from vhostmap.vhost_user.server import Endpoint, SocketMode
+from vhostmap.vhost_user import PORT_RING_SLOTS, Endpoint, NetConfig, SocketMode, VhostUserPort
 from vhostmap.virtio.spec import feature_names
 
 log = logging.getLogger(__name__)

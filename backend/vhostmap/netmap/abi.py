@@ -1,7 +1,7 @@
 """The netmap binary interface shared with ring users, and the views a ring user reads it through.
 
-Layouts follow modern netmap.h (NETMAP_API 14, head/cur/tail rings); the seeds in shared/seeds show the
-older cur/avail pair. Every layout is declared once as a ctypes.Structure; the numpy dtypes used for batch
+Layouts follow modern netmap.h (NETMAP_API 14, head/cur/tail rings); older netmap sources
+show the cur/avail pair. Every layout is declared once as a ctypes.Structure; the numpy dtypes used for batch
 access are derived from it, so the two cannot drift apart. Fields are little-endian with natural alignment.
 
 ``struct netmap_slot`` (16 bytes, SLOT_DTYPE; the same as ``struct nm_slot`` in datapath/netmap.cdef)::

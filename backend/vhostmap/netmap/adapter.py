@@ -1,6 +1,6 @@
 """NetmapAdapter, the base class of every port, its registration (NIOCREGIF) and a loopback example port.
 
-Follows netmap.c (shared/seeds/netmap.c.txt: struct netmap_adapter, netmap_set_ringid, netmap_do_regif and
+Follows netmap.c (struct netmap_adapter, netmap_set_ringid, netmap_do_regif and
 the NIOCTXSYNC/NIOCRXSYNC paths), with the modern NR_REG_* registration modes.
 
 A port has ``num_tx_rings`` TX and ``num_rx_rings`` RX hardware krings plus one host kring per direction;

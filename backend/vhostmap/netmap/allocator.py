@@ -1,6 +1,6 @@
 """The netmap memory allocator: one shared region holding the netmap_if, netmap_ring and buffer pools.
 
-Follows netmap_mem2.c (shared/seeds/netmap_mem2.c.txt). The region is a sealed memfd mapped MAP_SHARED, so its
+Follows netmap's netmap_mem2.c. The region is a sealed memfd mapped MAP_SHARED, so its
 fd can be handed to another process (a client, a guest) that maps the same bytes. Inside it three pools sit
 back to back, each a whole number of page-multiple clusters::
 

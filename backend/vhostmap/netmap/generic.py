@@ -1,6 +1,6 @@
 """The generic adapter: netmap rings emulated over an unmodified interface through an AF_PACKET socket.
 
-Follows netmap_generic.c (shared/seeds/netmap_generic.c.txt). The seed steals frames from the driver's receive
+Follows netmap's netmap_generic.c. It steals frames from the driver's receive
 path into a per-ring queue capped at 1024 frames and copies them into the RX ring at nr_hwtail on rxsync; it
 copies TX slots into preallocated mbufs, hands them to the driver and reclaims slots as completions come
 back. Here the interface (veth, TAP, NIC) is reached through one AF_PACKET socket bound to it, so the port has

@@ -1,6 +1,6 @@
 """Host rings bound to a TAP device, and netmap's transparent mode between host and hardware rings.
 
-Follows netmap.c (shared/seeds/netmap.c.txt): netmap_transmit (frames the host stack sends enter the host RX
+Follows netmap.c: netmap_transmit (frames the host stack sends enter the host RX
 kring at nr_hwtail, dropped when it is full), netmap_txsync_to_host with netmap_grab_packets/netmap_send_up
 (what the user puts in the host TX kring goes to the stack, then the slots are reclaimed at once),
 netmap_rxsync_from_host, and transparent mode (NR_FORWARD on a ring, NS_FORWARD on slots) re-expressed with

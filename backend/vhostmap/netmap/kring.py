@@ -1,6 +1,6 @@
 """krings: the backend's private state of one netmap ring, and the checks every sync starts and ends with.
 
-Follows netmap.c (shared/seeds/netmap.c.txt: netmap_ring_reinit and the sync paths) re-expressed with the
+Follows netmap.c (netmap_ring_reinit and the sync paths) re-expressed with the
 modern head/cur/tail semantics of nm_txsync_prologue / nm_rxsync_prologue / nm_sync_finalize.
 
 The shared ring belongs to an untrusted user. The kring keeps what the backend knows for sure:

@@ -1,6 +1,6 @@
 """TAP devices and the few interface ioctls the host rings and the generic adapter need.
 
-For vhostmap a port's host stack is a TAP device (ARCHITECTURE.md, "Host rings"): the frames netmap's
+For vhostmap a port's host stack is a TAP device (docs/architecture.md, "Host rings"): the frames netmap's
 netmap_transmit would catch on their way out of the stack are the frames the stack sends into the TAP, and
 what netmap_send_up would hand to the stack is written to the TAP. This module only opens TAPs and talks to
 interfaces, with the ioctls of linux/if_tun.h and linux/sockios.h (no iproute2, no netlink):

@@ -1,5 +1,5 @@
 """The datapath of a vhost-user port: the compiled split-virtqueue kernels (datapath/virtio.c) behind the
-calls of the reference in rxtx.py (ARCHITECTURE.md: "Per-packet work lives in compiled kernels").
+calls of the reference in rxtx.py (docs/architecture.md: "Per-packet work lives in compiled kernels").
 
 A port runs a ``Datapath``: one ``dequeue`` and one ``enqueue`` with the arguments of rxtx.dequeue and
 rxtx.enqueue, returning the same BatchResult, each finishing its batch as the port used to after the

@@ -1,4 +1,4 @@
-"""A vhost-user connection seen as a netmap adapter (ARCHITECTURE.md, "Mapping virtio onto it").
+"""A vhost-user connection seen as a netmap adapter (docs/architecture.md, "Mapping virtio onto it").
 
 What the guest transmits lands in the port's RX krings (as a NIC receives from the wire); what the port's TX
 krings send is delivered into the guest's receive queue. Queue pair ``i`` (virtqueues ``2i`` receive and

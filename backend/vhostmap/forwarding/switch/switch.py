@@ -1,4 +1,4 @@
-"""A VALE-style learning switch whose ports are adapters (ARCHITECTURE.md, "Switch").
+"""A VALE-style learning switch whose ports are adapters (docs/architecture.md).
 
 Like netmap's VALE (netmap_vale.c: nm_bdg_preflush, nm_bdg_flush, the learning bridge lookup), the switch is a
 netmap *user* of its ports' rings: it takes what a port received from its RX rings a batch at a time, learns
@@ -11,23 +11,17 @@ A port of an adapter is its hardware rings; an adapter with a host port (a TAP, 
 host rings as a second switch port, named with a trailing ``^`` (netmap's name for a port's host rings), so
 frames from the host stack count as coming from that port's host side.
 
-Batches, not slots: the slots of a batch are read once into a numpy snapshot, frames (runs of NS_MOREFRAG
-slots, kept whole) are delimited and checked with numpy, and the destination and source MAC addresses of
-every frame are gathered from the buffers with one fancy index. Python runs once per *distinct* address of a
-batch (a dict lookup), and once per destination port. A unicast frame moves zero copy: its slots swap buffer
-indices with free slots of the destination TX ring (ports of the same allocator), and so does a flooded frame
-with a single destination (a switch of two ports); a frame flooded to several ports is copied into each
-destination's own buffers (whole buffers, by numpy). When the destination ring has no room for a
-frame, the frame is dropped for that destination and counted, as VALE does: one slow port never stalls the
-others, and the source ring is always released.
+A unicast frame moves zero copy (its slots swap buffer indices with free slots of the destination TX ring,
+ports of the same allocator), and so does a flooded frame with a single destination (a switch of two ports);
+a frame flooded to several ports is copied into each destination's own buffers. When the destination ring has
+no room for a frame, the frame is dropped for that destination and counted, as VALE does: one slow port never
+stalls the others, and the source ring is always released.
 
-Two implementations do the per-frame work of a batch (ARCHITECTURE.md: "Per-packet work lives in compiled
-kernels"): the compiled kernel ``sw_forward`` (datapath/switch.c, one C call per batch, the GIL released, the
-address table in C memory owned by the switch: CompiledMacTable) and the numpy/Python reference described
-above (``_forward_reference`` with MacTable), selected as the rest of the datapath is: the reference when
-VHOSTMAP_REFERENCE_DATAPATH is set to anything but 0. Both do the same thing, frame for frame and counter for
-counter (tests/unit/test_switch_differential.py); Python keeps the policy: which rings to sync and when, ports
-coming and going, statistics.
+This module is the switch itself: its ports coming and going, which rings to sync and when, statistics. The
+per-frame work of a batch is done by one of two forwarders, selected as the rest of the datapath is
+(vhostmap.datapath.choice): the compiled kernel (compiled.py, with the address table in C memory:
+CompiledMacTable) or the numpy/Python reference (reference.py, with MacTable). Both do the same thing, frame
+for frame and counter for counter (tests/unit/test_switch_differential.py).
 """
 
 from __future__ import annotations
@@ -191,7 +185,7 @@ class Switch:
         for src in self.ports:
             for q, ring_index in enumerate(src.rx_rings):
                 src.adapter.rxsync(ring_index)
-                slots, touched = self._forward(src, q, ring_index, now)
+                slots, touched = self.forward(src, q, ring_index, now)
                 received += slots
                 # Deliver at once: the next source finds the rings emptied as far as their peers take frames.
                 for dst, tx in touched:
@@ -205,7 +199,7 @@ class Switch:
                     p.adapter.txsync(tx)
         return received > 0
 
-    def _forward(
+    def forward(
         self, src: SwitchPort, q: int, ring_index: int, now: float
     ) -> tuple[int, list[tuple[SwitchPort, int]]]:
         """Forward the frames received on RX ring ``ring_index`` (the ``q``-th of ``src``) and release them,
