@@ -13,23 +13,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-import numpy as np
-import numpy.typing as npt
-
 from vhostmap.netmap.abi import NetmapIfView
-from vhostmap.netmap.adapter import NetmapAdapter, Registration
+from vhostmap.netmap.adapter import Registration
 from vhostmap.netmap.errors import PortBroken
 from vhostmap.netmap.user import POLLIN, POLLOUT, UserRing, ready_events
 
 # wait(events, timeout): sleep until the rings may have changed for ``events``, at most ``timeout`` seconds.
 Waiter = Callable[[int, float], None]
-
-
-def buffers_array(adapter: NetmapAdapter) -> npt.NDArray[np.uint8]:
-    """Every buffer of the adapter's memory as a (nbufs, buf_size) uint8 array (a view)."""
-    m = adapter.memory
-    start = m.buffers_offset
-    return m.array[start : start + m.nbufs * m.buf_size].reshape(m.nbufs, m.buf_size)
 
 
 class AdapterPort:
@@ -56,7 +46,7 @@ class AdapterPort:
         self._wait = wait
         self._release: Callable[[], None] | None = release
         nifp = NetmapIfView(self.adapter.memory.region, registration.nifp.offset)
-        buffers = buffers_array(self.adapter)
+        buffers = self.adapter.memory.buffer_rows()
         r = registration
         self.tx_rings = [UserRing(nifp.tx_rings[i], buffers) for i in range(r.tx_first, r.tx_last)]
         self.rx_rings = [UserRing(nifp.rx_rings[i], buffers) for i in range(r.rx_first, r.rx_last)]

@@ -13,7 +13,6 @@ import numpy.typing as npt
 
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, RingView
 from vhostmap.netmap.adapter import swap_buffers
-from vhostmap.netmap.allocator import NetmapMemory
 
 
 def ring_space(ring: RingView) -> int:
@@ -93,9 +92,3 @@ def tx_room(slots: npt.NDArray[np.void], head: int, space: int, nbufs: int) -> n
     bufs = slots["buf_idx"][(head + np.arange(space)) % n].astype(np.int64)
     bad = np.flatnonzero((bufs < NM_RESERVED_BUFS) | (bufs >= nbufs))
     return bufs[: int(bad[0])] if bad.size else bufs
-
-
-def buffer_rows(memory: NetmapMemory) -> npt.NDArray[np.uint8]:
-    """The buffer pool as a (nbufs, buf_size) array: row ``i`` is buffer ``i``."""
-    start = memory.buffers_offset
-    return memory.array[start : start + memory.nbufs * memory.buf_size].reshape(memory.nbufs, memory.buf_size)

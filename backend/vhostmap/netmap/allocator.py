@@ -376,6 +376,11 @@ class NetmapMemory:
         start = self.buf_offset(int(idx))
         return self.region.array[start : start + self.buf_size]
 
+    def buffer_rows(self) -> npt.NDArray[np.uint8]:
+        """Every buffer as a (nbufs, buf_size) array, a view: row ``i`` is buffer ``i`` (for batch copies)."""
+        start = self.buffers_offset
+        return self.array[start : start + self.nbufs * self.buf_size].reshape(self.nbufs, self.buf_size)
+
     def alloc_buffers(self, n: int) -> npt.NDArray[np.uint32]:
         """Take ``n`` free buffers, all or none (AllocatorExhausted); never a reserved one."""
         with self._lock:

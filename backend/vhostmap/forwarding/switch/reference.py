@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.ethernet import ETH_ALEN, ETH_HLEN, MAC_GROUP_BIT
-from vhostmap.forwarding.rings import buffer_rows, tx_room
+from vhostmap.forwarding.rings import tx_room
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import AddressTable
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, NS_NO_LEARN
@@ -183,8 +183,8 @@ def deliver(
         # copy of len bytes leaves them).
         lens = batch.lens[rel][copy]
         width = int(lens.max())
-        dview = buffer_rows(dmem)
-        rows = buffer_rows(smem)[sbufs[copy], :width]  # fancy indexing copies
+        dview = dmem.buffer_rows()
+        rows = smem.buffer_rows()[sbufs[copy], :width]  # fancy indexing copies
         beyond = np.arange(width) >= lens[:, None]
         if beyond.any():
             rows[beyond] = dview[dbufs[copy], :width][beyond]
