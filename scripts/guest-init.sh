@@ -8,9 +8,12 @@
 #   vhostmap.cmd=TTY           the command channel (default ttyS1); the console (ttyS0) only logs
 #
 # Command channel protocol (one request at a time, host to guest, on a raw tty):
-#   request:  "<id> <timeout-seconds> <base64 of a sh script>\n"
+#   request:  "<id> <timeout-seconds> <length of the base64> <base64 of a sh script>\n"
 #   reply:    "@@VHM-OUT <id> <length>@@\n" then exactly <length> bytes of the script's stdout+stderr,
 #             then "@@VHM-RC <id> <exit status | timeout>@@\n"
+#   A request that arrives damaged (a field not a number, the base64 not of its length: the emulated UART
+#   has been seen to lose bytes under TCG) is not run: the reply is "@@VHM-BAD@@\n" and the host sends the
+#   request again.
 # The script runs in its own session with stdin from /dev/null; past its timeout its whole process group
 # is killed and the status reads "timeout", so the channel stays usable. "@@VHM-READY@@" says the guest is up.
 
@@ -117,8 +120,11 @@ run_one() { # run_one ID TIMEOUT BASE64: run one request and write its reply to 
 }
 
 serve() {
-    while read -r id timeout payload; do
-        [ -n "$id" ] && run_one "$id" "${timeout:-30}" "$payload"
+    while read -r id timeout size payload; do
+        case "$id.$timeout.$size" in
+        *[!0-9.]* | .* | *..* | *.) printf '@@VHM-BAD@@\n' ;;
+        *) if [ "${#payload}" = "$size" ]; then run_one "$id" "$timeout" "$payload"; else printf '@@VHM-BAD@@\n'; fi ;;
+        esac
     done
 }
 

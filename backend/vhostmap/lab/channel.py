@@ -23,6 +23,10 @@ from typing import Self
 from vhostmap.lab.wait import WaitTimeout, tail, wait_until
 
 READY_MARKER = b"@@VHM-READY@@\n"
+# The guest's answer to a request that arrived damaged (scripts/guest-init.sh): it ran nothing.
+BAD_MARKER = b"@@VHM-BAD@@\n"
+# Times a damaged request is sent again before the channel is declared broken.
+MAX_RESENDS = 3
 _RC = re.compile(rb"@@VHM-RC (\d+) (\S+)@@\n")
 _LOSS = re.compile(r"(\d+(?:\.\d+)?)% packet loss")
 # Seconds the host waits past a command's own timeout: the guest's watchdog fires first and reports it.
@@ -80,6 +84,7 @@ class CommandChannel:
         self._conn: socket.socket | None = None
         self._buffer = b""
         self._seq = 0
+        self._line = b""  # the last request sent, for sending it again
 
     @property
     def connected(self) -> bool:
@@ -113,7 +118,13 @@ class CommandChannel:
         if self._conn is None:
             raise GuestError("the guest has not connected its command channel")
         self._seq += 1
-        line = b"%d %d %s\n" % (self._seq, timeout, base64.b64encode(cmd.encode()))
+        payload = base64.b64encode(cmd.encode())
+        self._line = b"%d %d %d %s\n" % (self._seq, timeout, len(payload), payload)
+        self._send(self._line)
+        return self._seq
+
+    def _send(self, line: bytes) -> None:
+        assert self._conn is not None
         # The guest's UART takes bytes as fast as TCG runs it; a blocking send with a deadline is enough.
         self._conn.settimeout(30)
         try:
@@ -122,7 +133,6 @@ class CommandChannel:
             raise GuestError(f"cannot send to the guest's command channel: {e}\n{self.details()}") from e
         finally:
             self._conn.setblocking(False)
-        return self._seq
 
     def run(self, cmd: str, timeout: float = 30.0, *, check: bool = False) -> CompletedCommand:
         """Run ``cmd`` with the guest's /bin/sh and return its exit status and output.
@@ -133,9 +143,19 @@ class CommandChannel:
         guest_timeout = max(1, math.ceil(timeout))
         seq = self.post(cmd, guest_timeout)
         header = b"@@VHM-OUT %d " % seq
+        resends = 0
 
         def reply() -> tuple[str, bytes] | None:
+            nonlocal resends
             self._receive(0.05)
+            bad = self._buffer.find(BAD_MARKER)
+            if bad >= 0:  # the request arrived damaged and did not run: send it again
+                self._buffer = self._buffer[bad + len(BAD_MARKER) :]
+                resends += 1
+                if resends > MAX_RESENDS:
+                    raise GuestError(f"the guest received {cmd!r} damaged {resends} times\n{self.details()}")
+                self._send(self._line)
+                return None
             start = self._buffer.find(header)
             if start < 0:
                 return None
