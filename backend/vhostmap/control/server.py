@@ -6,6 +6,11 @@ Some commands belong to the connection they came on (`ConnectionHandler`): a net
 registration lives exactly as long as its control connection, so a client that dies (its socket closes)
 releases its rings. Such a command may answer with file descriptors, sent with the reply line in one
 SCM_RIGHTS message (`vhostmap.control.client.request` reads it).
+
+A client never stops the event loop it shares with every vhost-user port: nothing here blocks on its socket.
+Replies wait in the connection's transport buffer, and a client that lets them pile up beyond
+MAX_UNSENT_REPLY_BYTES (it sends requests and never reads the answers) is disconnected; a reply with fds,
+which must leave in one sendmsg after everything before it, waits at most SEND_TIMEOUT for the socket.
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ from vhostmap.control.client import MAX_REQUEST
 from vhostmap.system.unixsock import bind_listener
 
 log = logging.getLogger(__name__)
+
+#: Reply bytes a control client may leave unread (beyond its socket buffer) before it is disconnected; more
+#: than the largest reply (``stats`` of every port), so only a client that keeps asking and never reads
+#: reaches it.
+MAX_UNSENT_REPLY_BYTES = 4 << 20
+#: Seconds a reply with fds waits for the replies before it to leave, and for room in the socket.
+SEND_TIMEOUT = 5.0
+
+
+class SlowClient(Exception):
+    """A control client that does not read its replies."""
+
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
 
@@ -93,17 +110,16 @@ class ControlServer:
                 reply, fds = await self._answer(line, conn)
                 data = json.dumps(reply).encode() + b"\n"
                 if fds:
-                    # The stream has nothing buffered (one request at a time): the reply and its fds go out
-                    # in one sendmsg on a duplicate of the socket, which asyncio's transport does not offer.
-                    # The socket stays non-blocking (a flag the duplicate shares); a short reply fits its
-                    # empty send buffer.
-                    with writer.get_extra_info("socket").dup() as sock:
-                        socket.send_fds(sock, [data], fds)
+                    await _send_with_fds(writer, data, fds)
                 else:
+                    # No drain: it would wait as long as the client does not read. The buffer is bounded
+                    # instead.
                     writer.write(data)
-                    await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
-            log.warning("control client dropped: %s", e)
+                unsent = writer.transport.get_write_buffer_size()
+                if unsent > MAX_UNSENT_REPLY_BYTES:
+                    raise SlowClient(f"{unsent} bytes of replies unread, more than {MAX_UNSENT_REPLY_BYTES}")
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError, SlowClient) as e:
+            log.warning("control client (pid %s) dropped: %s", conn.peer_pid, e)
         finally:
             conn.close()
             writer.close()
@@ -136,6 +152,50 @@ class ControlServer:
         except (ValueError, KeyError, LookupError) as e:
             return {"ok": False, "error": str(e)}
         return {"ok": True, **result}
+
+
+async def _send_with_fds(writer: asyncio.StreamWriter, data: bytes, fds: list[int]) -> None:
+    """Send ``data`` with ``fds`` in one sendmsg, in order after what the transport still buffers, without
+    blocking: asyncio's transport cannot carry fds, so this writes on a duplicate of its socket (the
+    duplicate shares the non-blocking flag). Raises SlowClient when the client does not make room in
+    SEND_TIMEOUT."""
+    transport = writer.transport
+    try:
+        if transport.get_write_buffer_size():
+            # Earlier replies first: drain() waits until the buffer is empty with a low-water mark of 0.
+            transport.set_write_buffer_limits(high=0, low=0)
+            try:
+                await asyncio.wait_for(writer.drain(), SEND_TIMEOUT)
+            finally:
+                transport.set_write_buffer_limits()
+        loop = asyncio.get_running_loop()
+        with writer.get_extra_info("socket").dup() as sock:
+            while True:
+                try:
+                    sent = socket.send_fds(sock, [data], fds)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    await asyncio.wait_for(_writable(loop, sock), SEND_TIMEOUT)
+    except TimeoutError:
+        raise SlowClient(f"a reply with fds could not be sent in {SEND_TIMEOUT} s") from None
+    # The fds went with the first byte; what the socket did not take follows as plain stream.
+    if sent < len(data):
+        writer.write(data[sent:])
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    """Wait until ``sock`` (a duplicate, unknown to any transport) has room to write."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
 
 
 def _peer_pid(sock: Any) -> int | None:

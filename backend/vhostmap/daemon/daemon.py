@@ -33,6 +33,7 @@ from vhostmap.netmap.pipe import PipeEnd
 from vhostmap.netmap.stash import STASH_BUFFERS
 from vhostmap.system.access import libvirt_access_problems
 from vhostmap.system.cpu import pin_current_thread
+from vhostmap.system.limits import raise_fd_limit
 from vhostmap.vhost_user import PORT_RING_SLOTS, Endpoint, NetConfig, SocketMode, VhostUserPort
 from vhostmap.virtio.spec import feature_names
 
@@ -152,6 +153,13 @@ class Daemon:
                 loop.add_signal_handler(sig, self._stopping.set)
         started: list[Endpoint] = []
         try:
+            try:
+                old, new = raise_fd_limit()
+            except (OSError, ValueError) as e:  # a sandbox that forbids it: serve with what there is
+                log.warning("cannot raise the open file limit: %s", e)
+            else:
+                if new != old:
+                    log.info("open file limit raised from %d to %d", old, new)
             self.worker.start()  # in the try: a CPU the kernel refuses still gets everything cleaned up
             for fwd in self.forwarders:
                 self.worker.add(fwd)

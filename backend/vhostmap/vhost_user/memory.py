@@ -22,6 +22,7 @@ import logging
 import mmap
 import operator
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -89,17 +90,51 @@ def _alignment(fd: int) -> int:
     return granularity
 
 
+# libc's mmap, to map a front-end's fd over a reservation Python's mmap module owns (see _map_fd).
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_c_int = ctypes.c_int
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, _c_int, _c_int, _c_int, ctypes.c_long)
+MAP_FIXED = 0x10  # <sys/mman.h> (Python's mmap module does not export it)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
 def _map_fd(fd: int, offset: int, size: int, what: str) -> tuple[mmap.mmap, int]:
     """Map ``size`` bytes at ``offset`` of ``fd``, shared and writable. The offset need not be aligned (the
     spec allows any mmap_offset): the mapping starts at the aligned-down offset; returns it and the distance
-    from its start to ``offset``."""
-    delta = offset % _alignment(fd)
+    from its start to ``offset``.
+
+    ``mmap.mmap(fd, ...)`` keeps a duplicate of ``fd`` open as long as the mapping lives (for its size() and
+    resize(), which nothing here uses): one fd per region per front-end, for nothing. So Python's mmap
+    reserves the address range anonymously (no fd) and owns it (views, close), and libc's mmap puts the
+    front-end's file there with MAP_FIXED; the caller closes ``fd`` at once. The reservation has room to
+    align the start to a huge page (hugetlbfs refuses anything else); closing it unmaps everything.
+    """
+    align = _alignment(fd)
+    delta = offset % align
+    length = -(-(delta + size) // align) * align
     try:
-        mm = mmap.mmap(fd, delta + size, flags=mmap.MAP_SHARED, offset=offset - delta)
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
+            # Pages beyond the end of the file would SIGBUS on first touch.
+            raise ValueError(f"length is greater than file size ({st.st_size:#x} bytes)")
+        mm = mmap.mmap(-1, length + align - mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except (OSError, ValueError, OverflowError) as e:
-        # ValueError covers a range beyond the end of the file, which would SIGBUS on first touch.
         raise GuestMemoryError(offset, size, f"cannot map {what}: {e}") from e
-    return mm, delta
+    base = _host_address(mm)
+    start = -(-base // align) * align
+    try:
+        got = _libc.mmap(
+            start, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | MAP_FIXED, fd, offset - delta
+        )
+    except (ctypes.ArgumentError, OverflowError) as e:
+        mm.close()
+        raise GuestMemoryError(offset, size, f"cannot map {what}: {e}") from e
+    if got is None or got == _MAP_FAILED:
+        err = ctypes.get_errno()
+        mm.close()
+        raise GuestMemoryError(offset, size, f"cannot map {what}: {os.strerror(err)}")
+    return mm, start - base + delta
 
 
 def _host_address(mm: mmap.mmap) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # netmap ring size of every kring of a vhost-user port (virtqueues are 256 by default, up to 1024 in QEMU).
 PORT_RING_SLOTS = 1024
+#: RARP announcements a port holds while ring 0 has no room (SEND_RARP repeated; the oldest go first).
+MAX_PENDING_ANNOUNCEMENTS = 4
 
 
 # Counters of one queue pair (struct vhu_stats, which the compiled passes add to). rx: from the guest (its
@@ -82,7 +85,10 @@ class VhostUserPort(NetmapAdapter):
         self.stash = BufferStash.allocate(memory)
         self.datapath = select_datapath(reference_datapath)
         self.poll = poll
-        self._announcements: list[bytes] = []
+        # RARP frames waiting for room in RX kring 0, newest last. Bounded: a front-end repeating SEND_RARP
+        # while ring 0 cannot drain must not grow it, and an older announcement of a MAC says nothing a
+        # newer one does not.
+        self._announcements: deque[bytes] = deque(maxlen=MAX_PENDING_ANNOUNCEMENTS)
 
     # --- DeviceListener -----------------------------------------------------------------------------------
     def queues_changed(self) -> None:
@@ -149,10 +155,25 @@ class VhostUserPort(NetmapAdapter):
     def announce(self, mac: bytes) -> None:
         """SEND_RARP (after a migration): send a RARP broadcast from ``mac`` as if the guest had, so that
         switches and the host stack learn where it is now. It leaves with the next rxsync of ring 0."""
+        frame = rarp_frame(mac)
+        if frame in self._announcements:
+            log.debug("port %s: %s already waits to be announced", self.name, mac.hex(":"))
+            return
+        if len(self._announcements) == self._announcements.maxlen:
+            log.warning(
+                "port %s: %d RARP announcements already wait for ring 0; dropping the oldest",
+                self.name,
+                len(self._announcements),
+            )
         log.info("port %s: announcing %s (RARP)", self.name, mac.hex(":"))
-        self._announcements.append(rarp_frame(mac))
+        self._announcements.append(frame)
         self._changed()
         self._on_change()
+
+    @property
+    def pending_announcements(self) -> int:
+        """RARP frames announced and not yet in RX kring 0 (at most MAX_PENDING_ANNOUNCEMENTS)."""
+        return len(self._announcements)
 
     # --- MessageHandler (server.py) ----------------------------------------------------------------------
     def handle_message(self, msg: Message) -> Payload | None:
@@ -278,7 +299,7 @@ class VhostUserPort(NetmapAdapter):
         n = kring.nkr_num_slots
         slots = kring.ring.slots
         while self._announcements and (kring.nr_hwcur - kring.nr_hwtail - 1) % n:
-            frame = self._announcements.pop(0)
+            frame = self._announcements.popleft()
             i = kring.nr_hwtail
             self.memory.buf_view(int(slots["buf_idx"][i]))[: len(frame)] = np.frombuffer(
                 frame, dtype=np.uint8

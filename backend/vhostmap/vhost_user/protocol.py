@@ -12,7 +12,9 @@ seen from the reader's side: the kernel attaches fds to the first byte of the se
 ends a recvmsg() after the data carrying fds, so the fds of a message sent in one sendmsg() (as QEMU and DPDK
 send every message) arrive with a chunk whose last byte is in that message. The parser owns received fds
 until it hands them out in a Message; it closes the fds of every message it rejects, and all it holds when
-the stream breaks or ``close()`` is called.
+the stream breaks or ``close()`` is called. No message carries more than MAX_FDS fds, so more than that
+arriving for one unfinished message (a payload sent a byte at a time, fds on every byte) breaks the stream
+at once: what a peer makes the parser hold stays bounded.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Final
 from vhostmap.vhost_user.errors import PayloadError, ProtocolError
 from vhostmap.vhost_user.messages import (
     HEADER,
+    MAX_FDS,
     REQUESTS,
     U64,
     VHOST_USER_MAX_PAYLOAD_SIZE,
@@ -138,6 +141,39 @@ class _Framer:
         if fds:
             self._fds.append((end - 1 if data else end, list(fds)))
         self._buf += data
+        if fds:
+            self._check_held_fds()
+
+    def _check_held_fds(self) -> None:
+        """Break the stream when the first unfinished frame has collected more fds than any message takes."""
+        pos = 0  # offset in _buf of the first frame not complete yet
+        while len(self._buf) - pos >= HEADER.size:
+            size = HEADER.unpack_from(self._buf, pos)[2]
+            if size > VHOST_USER_MAX_PAYLOAD_SIZE or len(self._buf) - pos < HEADER.size + size:
+                break
+            pos += HEADER.size + size
+        first = self._start + pos
+        held = sum(len(batch) for at, batch in self._fds if at >= first)
+        if held > MAX_FDS:
+            self._broken = ProtocolError(
+                f"{held} fds attached to one unfinished message, more than any message takes ({MAX_FDS})",
+                fatal=True,
+            )
+            self.close()
+
+    def missing(self) -> int:
+        """Bytes still missing from the first unfinished frame: its header, then the payload it announces;
+        0 when a whole frame is buffered or the stream is broken (``next_frame`` has something to say)."""
+        if self._broken is not None:
+            return 0
+        if len(self._buf) < HEADER.size:
+            return HEADER.size - len(self._buf)
+        size = HEADER.unpack_from(self._buf)[2]
+        if size > VHOST_USER_MAX_PAYLOAD_SIZE:
+            # An absurd size is next_frame's to reject (fatally), from the header alone: waiting for a
+            # payload first would leave a front-end that sent only the header connected forever.
+            return 0
+        return max(HEADER.size + size - len(self._buf), 0)
 
     def next_frame(self) -> _Frame | None:
         if self._broken is not None:
@@ -216,6 +252,11 @@ class BackendConnection:
     def receive_data(self, data: bytes, fds: Sequence[int] = ()) -> None:
         """Buffer bytes read from the socket and the fds that came with them (the parser owns the fds now)."""
         self._framer.feed(data, fds)
+
+    def missing(self) -> int:
+        """How many bytes to read next: the rest of the message being received (0: call ``next_event``).
+        Reading no further than this keeps the fds of the next message out of this one's read."""
+        return self._framer.missing()
 
     def next_event(self) -> Message | NeedData:
         """The next complete request, or NEED_DATA; raises ProtocolError for a malformed one."""

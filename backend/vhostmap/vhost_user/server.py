@@ -5,6 +5,11 @@ Each ``Endpoint`` serves one port on one UNIX socket, in server mode (vhostmap l
 ``-chardev socket,path=``) or client mode (vhostmap connects to QEMU's ``server=on`` socket and reconnects
 whenever either side restarts). Messages are read header first, so the descriptors that arrive with a
 message's first byte are exactly that message's (a front-end sends one message per sendmsg).
+
+Nothing here blocks on a front-end: this thread serves every port and the control socket. Replies are sent
+without blocking; what the socket does not take waits in a bounded per-connection buffer, flushed when the
+socket is writable, and a front-end whose unsent replies exceed the bound (it does not read them) is
+disconnected. A listener that cannot accept for want of fds (EMFILE) pauses and retries, never spins.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -22,9 +28,7 @@ from vhostmap.system.unixsock import bind_listener, fds_from
 from vhostmap.vhost_user.device import DeviceError
 from vhostmap.vhost_user.errors import ProtocolError
 from vhostmap.vhost_user.messages import (
-    HEADER,
     MAX_FDS,
-    VHOST_USER_MAX_PAYLOAD_SIZE,
     Empty,
     Request,
     always_replies,
@@ -34,6 +38,15 @@ from vhostmap.vhost_user.protocol import BackendConnection, Message, NeedData, P
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL = 0.5  # seconds between connection attempts in client mode
+#: Seconds a listener pauses after accept() failed for want of resources (EMFILE...): the pending connection
+#: keeps the socket readable, so retrying at once would spin.
+ACCEPT_RETRY_INTERVAL = 0.1
+#: Reply bytes a front-end may leave unread beyond what its socket buffer holds. Replies are at most a few
+#: hundred bytes and a front-end waits for each before its next request, so only one that never reads (and
+#: keeps asking) reaches this; it is disconnected.
+MAX_UNSENT_REPLY_BYTES = 64 * 1024
+#: accept() errors that mean "no resources now", not "this listener is broken".
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -86,6 +99,8 @@ class Endpoint:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._lost: asyncio.Event | None = None
+        self._accept_paused: asyncio.TimerHandle | None = None
+        self._unsent = bytearray()  # reply bytes the socket has not taken yet
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +117,9 @@ class Endpoint:
         if self._task is not None:
             self._task.cancel()
         self._drop("shutting down")
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
         if self._listener is not None:
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
             self._listener.close()
@@ -119,13 +137,33 @@ class Endpoint:
         assert self._listener is not None
         try:
             sock, _ = self._listener.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                raise
+            # Out of fds (or memory): the other ports keep being served; this one tries again shortly.
+            log.error(
+                "port %s: cannot accept a front-end on %s: %s; retrying in %s s",
+                self.handler.name,
+                self.path,
+                e.strerror,
+                ACCEPT_RETRY_INTERVAL,
+            )
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._listener.fileno())
+            self._accept_paused = loop.call_later(ACCEPT_RETRY_INTERVAL, self._resume_accepting)
             return
         if self._conn is not None:
             log.warning("port %s: refusing a second front-end on %s", self.handler.name, self.path)
             sock.close()
             return
         self._attach(sock)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = None
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
 
     # --- client mode --------------------------------------------------------------------------------------
     async def _connect_forever(self) -> None:
@@ -152,8 +190,7 @@ class Endpoint:
         sock.setblocking(False)
         self._conn = sock
         self._parser = BackendConnection()
-        self._partial = b""
-        self._fds: list[int] = []
+        self._unsent = bytearray()
         log.info("port %s: front-end connected on %s", self.handler.name, self.path)
         self.handler.connected()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
@@ -162,50 +199,40 @@ class Endpoint:
         sock, self._conn = self._conn, None
         if sock is None:
             return
-        asyncio.get_running_loop().remove_reader(sock.fileno())
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        if self._unsent:
+            loop.remove_writer(sock.fileno())
+            self._unsent = bytearray()
         sock.close()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        self._parser.close()  # the fds of a message not complete yet
         log.info("port %s: front-end disconnected (%s)", self.handler.name, why)
         self.handler.disconnected()
         if self._lost is not None:
             self._lost.set()
 
-    def _want(self) -> int:
-        """Bytes still missing from the message being read: the header, then the payload it announces."""
-        if len(self._partial) < HEADER.size:
-            return HEADER.size - len(self._partial)
-        _, _, size = HEADER.unpack_from(self._partial)
-        if size > VHOST_USER_MAX_PAYLOAD_SIZE:
-            # An absurd size is the parser's to reject (fatally), from the header alone: waiting for a
-            # payload first would leave a front-end that sent only the header connected forever.
-            return 0
-        return max(HEADER.size + size - len(self._partial), 0)
-
     def _readable(self) -> None:
         sock = self._conn
         assert sock is not None
-        want = self._want()
+        # At most the rest of the current message: a recvmsg then never takes the fds of the next one.
+        want = self._parser.missing()
         try:
             data, ancdata, msg_flags, _ = sock.recvmsg(want, _ANCILLARY_SIZE)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self._drop(f"read failed: {e.strerror}")
             return
-        self._fds.extend(fds_from(ancdata))
+        fds = fds_from(ancdata)
         if msg_flags & socket.MSG_CTRUNC:
             log.error("port %s: too many fds in one message, truncated by the kernel", self.handler.name)
         if not data:
+            for fd in fds:
+                os.close(fd)
             self._drop("end of stream")
             return
-        self._partial += data
-        if self._want() > 0:
-            return
-        chunk, fds = self._partial, self._fds
-        self._partial, self._fds = b"", []
-        self._parser.receive_data(chunk, fds)
+        # The parser owns the fds from here, and bounds how many an unfinished message may collect.
+        self._parser.receive_data(data, fds)
         self._process()
 
     def _process(self) -> None:
@@ -251,12 +278,36 @@ class Endpoint:
             self._send(self._parser.ack(msg.request, ok=True))
 
     def _send(self, data: bytes) -> None:
+        """Queue a reply; never blocks. A front-end that leaves too much unread is disconnected."""
         sock = self._conn
         if sock is None:
             return
+        if not self._unsent:
+            try:
+                sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self._drop(f"write failed: {e.strerror}")
+                return
+            data = data[sent:]
+            if not data:
+                return
+            asyncio.get_running_loop().add_writer(sock.fileno(), self._writable)
+        self._unsent += data
+        if len(self._unsent) > MAX_UNSENT_REPLY_BYTES:
+            self._drop(f"it does not read its replies: more than {MAX_UNSENT_REPLY_BYTES} bytes unsent")
+
+    def _writable(self) -> None:
+        sock = self._conn
+        assert sock is not None
         try:
-            sock.setblocking(True)
-            sock.sendall(data)
-            sock.setblocking(False)
+            sent = sock.send(self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError as e:
             self._drop(f"write failed: {e.strerror}")
+            return
+        del self._unsent[:sent]
+        if not self._unsent:
+            asyncio.get_running_loop().remove_writer(sock.fileno())
