@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_short_soak_runs_every_action_and_loses_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    report = soak.run(tmp_path, minutes=1.2, every=5.0, sample_every=5.0, restart_every=5)
+    report = soak.run(sock_dir, minutes=1.2, every=5.0, sample_every=5.0, restart_every=5)
     with capsys.disabled():
         print("\n" + report.table())
     assert report.ok, report.problems
