@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import threading
 import time
 
 import pytest
 
-from vhostmap.daemon.worker import Worker
+from vhostmap.daemon.worker import Worker, _drain
 
 
 class CountingForwarder:
@@ -113,3 +114,51 @@ def _eventfd_empty(fd: int) -> bool:
         return True
     os.eventfd_write(fd, value)
     return False
+
+
+def test_an_fd_epoll_refuses_is_ignored_and_logged_and_the_thread_goes_on(
+    worker: Worker, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A regular file: epoll_ctl says EPERM. The forwarder that wants it still runs when its other fd fires,
+    # and every other forwarder runs on its kicks.
+    refused = os.open(tmp_path / "not-a-kick", os.O_RDWR | os.O_CREAT)
+    kick, other = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        odd = CountingForwarder([refused, kick])
+        good = CountingForwarder([other])
+        good.name = "good"
+        worker.add(odd)
+        worker.add(good)
+        wait_for(lambda: odd.runs >= 1 and good.runs >= 1)
+        wait_for(lambda: any(f"fd {refused} cannot be watched" in m for m in caplog.messages))
+        for fwd, fd in ((good, other), (odd, kick)):
+            before = fwd.runs
+            os.eventfd_write(fd, 1)
+            wait_for(lambda fwd=fwd, before=before: fwd.runs > before)  # type: ignore[misc]
+        assert worker._thread.is_alive()
+        worker.refresh()  # a rebuild with the same refused fd: logged once
+        before = good.runs
+        os.eventfd_write(other, 1)
+        wait_for(lambda: good.runs > before)
+        assert sum(f"fd {refused} cannot be watched" in m for m in caplog.messages) == 1
+    finally:
+        worker.stop()
+        for fd in (refused, kick, other):
+            os.close(fd)
+
+
+def test_the_drain_of_a_kick_never_sleeps(worker: Worker) -> None:
+    # The peer shares the kick: it can make it blocking and empty it between epoll's answer and our read.
+    kick = os.eventfd(0)  # blocking, empty
+    try:
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (_drain(kick), done.set()), daemon=True)
+        thread.start()
+        assert done.wait(5), "the drain of an empty, blocking eventfd slept"
+    finally:
+        if done.is_set():
+            os.close(kick)
+        else:
+            os.eventfd_write(kick, 1)  # wake the stuck read before closing
+            thread.join(5)
+            os.close(kick)

@@ -17,7 +17,6 @@ Two ways to run:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -25,6 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
+from vhostmap.datapath import eventfds, lib
 from vhostmap.system.cpu import check_cpu, pin_current_thread
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class Worker:
         self._epoll.register(self._wake, select.EPOLLIN)
         self._registered: dict[int, list[Forwarder]] = {}
         self._eventfds: set[int] = set()
+        # Fds epoll refused (already logged), and those refused by the rebuild under way.
+        self._refused: set[int] = set()
+        self._refused_now: set[int] = set()
         self._dirty = True
         self._again: set[Forwarder] = set()
         # What a polling worker runs, pass after pass: the forwarders as of the last refresh.
@@ -148,17 +151,33 @@ class Worker:
         epoll = select.epoll()
         try:
             epoll.register(self._wake, select.EPOLLIN)
-            for fd in wanted:
-                epoll.register(fd, select.EPOLLIN)
+            for fd in list(wanted):
+                try:
+                    epoll.register(fd, select.EPOLLIN)
+                except OSError as e:
+                    # epoll refuses regular files, memfds, /dev/null (EPERM), closed fds (EBADF): that fd
+                    # cannot wake anyone, but the thread and every other fd go on. Its forwarders still run
+                    # when their other fds fire; the port that handed it over is the one that stays quiet.
+                    self._refuse(fd, wanted.pop(fd), e)
         except BaseException:
             epoll.close()
             raise
         old, self._epoll = self._epoll, epoll
         old.close()
         self._registered = wanted
+        self._refused, self._refused_now = self._refused_now, set()
         # Kicks are eventfds, drained here; a TAP or a packet socket is drained by its forwarder reading it.
         self._eventfds = {fd for fd in wanted if _is_eventfd(fd)}
         self._polled = list(self._forwarders)
+
+    def _refuse(self, fd: int, forwarders: list[Forwarder], error: OSError) -> None:
+        """``fd`` cannot be watched: say so once (as long as it stays refused), naming who wanted it."""
+        self._refused_now.add(fd)
+        if fd in self._refused:
+            return
+        self._refused.add(fd)
+        names = ", ".join(f.name for f in forwarders)
+        log.error("%s: fd %d cannot be watched (%s): ignored, it wakes nobody", names, fd, error)
 
     def _run(self) -> None:
         try:
@@ -169,6 +188,8 @@ class Worker:
             return
         finally:
             self._started.set()
+        # Calls are signalled many times a wake-up: keep the write guard armed until the thread sleeps.
+        lib.vhu_eventfd_guard_hold(1)
         if self.poll:
             self._run_polling()
         else:
@@ -201,6 +222,9 @@ class Worker:
                     self._rebuild()
                     ready.update(self._forwarders)
             else:
+                if not ready:
+                    # About to sleep: no signal of the guard must wake it (a system call, only if it runs).
+                    lib.vhu_eventfd_guard_disarm()
                 try:
                     # Forwarders that were still busy run again right away, after a look at the fds.
                     events = self._epoll.poll(0 if ready else -1)
@@ -241,11 +265,12 @@ class Worker:
 
 def _is_eventfd(fd: int) -> bool:
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        return os.readlink(f"/proc/self/fd/{fd}") == eventfds.EVENTFD_LINK
     except OSError:
         return False
 
 
 def _drain(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.eventfd_read(fd)
+    # Never a plain read(): a front-end (or application) shares the kick and may have made it blocking and
+    # emptied it between epoll's answer and this read, which would then sleep with every port waiting.
+    eventfds.drain(fd)

@@ -12,6 +12,7 @@
 #include "virtio.cdef"
 #include "switch.cdef"
 #include "kring.cdef"
+#include "eventfd.cdef"
 #include "vhost_sync.cdef"
 
 #endif

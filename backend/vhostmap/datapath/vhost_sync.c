@@ -1,6 +1,5 @@
 /* A vhost-user port's kring syncs in one call each (see vhost_sync.cdef). */
 #include <string.h>
-#include <unistd.h>
 
 #include "kernels.h"
 
@@ -53,15 +52,13 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     return status;
 }
 
-/* The interrupt the driver asked for (kernels.finish does the same for the calls above). */
-static void vhu_notify(const struct vhu_queue *q)
+/* The interrupt the driver asked for (kernels.finish does the same for the calls above): VQ_OK, or the
+ * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). */
+static int32_t vhu_notify(const struct vhu_queue *q)
 {
-    if (q->out->notify && q->call_fd >= 0) {
-        uint64_t one = 1;
-        /* An eventfd write only fails when the counter would overflow: the driver has that many pending. */
-        ssize_t ignored = write(q->call_fd, &one, sizeof one);
-        (void)ignored;
-    }
+    if (q->out->notify && q->call_fd >= 0)
+        return vhu_eventfd_signal(q->call_fd);
+    return VQ_OK;
 }
 
 int32_t vhu_queue_rxsync(const struct vhu_queue *q)
@@ -71,7 +68,7 @@ int32_t vhu_queue_rxsync(const struct vhu_queue *q)
         q->stats->rx_packets += q->out->packets;
         q->stats->rx_bytes += q->out->bytes;
         q->stats->rx_dropped += q->out->dropped;
-        vhu_notify(q);
+        status = vhu_notify(q);
     }
     return status;
 }
@@ -84,7 +81,7 @@ int32_t vhu_queue_txsync(const struct vhu_queue *q)
         q->stats->tx_packets += q->out->packets;
         q->stats->tx_bytes += q->out->bytes;
         q->stats->tx_dropped += q->out->dropped;
-        vhu_notify(q);
+        status = vhu_notify(q);
     }
     return status;
 }

@@ -30,6 +30,8 @@ def swap_slots(src: RingView, dst: RingView, limit: int | None = None) -> int:
     Returns how many slots moved; both rings' head and cur advance by that much. The reference of the
     compiled nm_swap_slots the forwarders use (datapath/kring.cdef).
     """
+    if src.head >= src.num_slots or dst.head >= dst.num_slots:
+        return 0  # a head the ring's user wrote past the ring: nothing moves (as nm_swap_slots)
     n = min(ring_space(src), ring_space(dst))
     if limit is not None:
         n = min(n, limit)

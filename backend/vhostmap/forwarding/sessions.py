@@ -11,12 +11,16 @@ reinitialised (logged, counted in ``reinits``/``errors``) and nothing else is af
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
+from vhostmap.datapath import eventfds
 from vhostmap.netmap.adapter import REG_MODES, NetmapAdapter, Registration
 from vhostmap.netmap.errors import BadRingId
 from vhostmap.netmap.kring import Kring
+
+log = logging.getLogger(__name__)
 
 
 class ClientSession:
@@ -33,6 +37,8 @@ class ClientSession:
         except BaseException:
             os.close(self.kick)
             raise
+        # Why the application is not interrupted any more (its irq eventfd made a write sleep), or None.
+        self.irq_refused: str | None = None
 
     @property
     def closed(self) -> bool:
@@ -51,9 +57,27 @@ class ClientSession:
         self.reg.rxsync()
         if [k.rtail for k in self.krings] == before:
             return False
-        with contextlib.suppress(BlockingIOError):  # saturated counter: the application has a wake-up already
-            os.eventfd_write(self.irq, 1)
+        if self.irq_refused is None:
+            self._interrupt()
         return True
+
+    def _interrupt(self) -> None:
+        """Signal the irq eventfd, never waiting for the application: it shares the eventfd and may have made
+        it blocking and full."""
+        result = eventfds.signal(self.irq)
+        # A full counter is a wake-up the application has not consumed yet: nothing is lost.
+        if result in (eventfds.Signal.OK, eventfds.Signal.FULL):
+            return
+        # It made the write sleep (or broke the fd): no more interrupts for it, rather than a millisecond of
+        # every port's datapath per sync. Its rings still sync on every kick: a polling application goes on.
+        self.irq_refused = eventfds.SIGNAL_FAILURES[result]
+        log.error(
+            "application %s (pid %s) on %s: irq eventfd refused, no more interrupts: %s",
+            self.spec,
+            self.pid,
+            self.reg.adapter.name,
+            self.irq_refused,
+        )
 
     def stats(self) -> dict[str, Any]:
         """What the session is and what its rings went through."""
@@ -65,6 +89,7 @@ class ClientSession:
             "rings": [k.name for k in self.krings],
             "reinits": sum(k.reinits for k in self.krings),
             "errors": sum(k.errors for k in self.krings),
+            "irq_refused": self.irq_refused,
         }
 
     def close(self) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from typing import Protocol
 
+from vhostmap.datapath import eventfds
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import MAX_MEM_SLOTS, GuestMemory
 from vhostmap.vhost_user.messages import (
@@ -84,8 +84,6 @@ OFFERED_PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | bit(ProtocolFeature.STATUS)
 )
-
-_EVENTFD_VALUE = struct.Struct("=Q")
 
 
 class DeviceError(Exception):
@@ -183,8 +181,16 @@ class VhostUserNetDevice:
         self.broken = reason
         err_fd = self.vqs[queue].err_fd if queue is not None and 0 <= queue < len(self.vqs) else None
         if err_fd is not None:
-            # QEMU reports a write to the error eventfd as "vhost vring error in virtqueue N".
-            os.write(err_fd, _EVENTFD_VALUE.pack(1))
+            # QEMU reports a write to the error eventfd as "vhost vring error in virtqueue N". Guarded: the
+            # front-end shares it and may have made it blocking and full; then it just does not hear of it.
+            result = eventfds.signal(err_fd)
+            if result != eventfds.Signal.OK:
+                log.warning(
+                    "port %s: queue %d: err eventfd not signalled: %s",
+                    self.name,
+                    queue,
+                    eventfds.SIGNAL_FAILURES[result],
+                )
         self.listener.queues_changed()
 
     def reset(self) -> None:
@@ -375,17 +381,32 @@ class VhostUserNetDevice:
         return VringState(vq.index, vq.last_avail_idx)
 
     def _vring_fd(self, msg: Message) -> tuple[SplitVirtqueue, int | None]:
-        assert isinstance(msg.payload, VringFile)
-        vq = self._vq(msg.request, msg.payload.index)
-        fd = None if msg.payload.nofd else msg.fds[0]
-        return vq, fd
+        """The queue and the eventfd of SET_VRING_KICK/CALL/ERR (None: ``nofd``).
 
-    def _set_vring_kick(self, msg: Message) -> None:
+        The fd must be an eventfd (of counter mode for a kick, which the worker drains): the datapath waits
+        for kicks in epoll and signals calls and errors without ever blocking, which only eventfds allow. A
+        front-end that sends anything else gets the request refused (a failure ack under REPLY_ACK) and the
+        device marked broken, so that the mistake is seen (NEEDS_RESET, the err eventfd, ``vhostmap status``)
+        rather than a queue that silently never runs: QEMU does not ask for an ack of these requests.
+        """
+        assert isinstance(msg.payload, VringFile)
         try:
-            vq, fd = self._vring_fd(msg)
+            vq = self._vq(msg.request, msg.payload.index)
         except DeviceError:
             _close_all(msg.fds)
             raise
+        fd = None if msg.payload.nofd else msg.fds[0]
+        if fd is not None:
+            why = eventfds.check_eventfd(fd, readable=msg.request is Request.SET_VRING_KICK)
+            if why is not None:
+                _close_all(msg.fds)
+                reason = f"queue {vq.index}: {why}"
+                self.mark_broken(f"{msg.request.name} {reason}", queue=vq.index)
+                raise DeviceError(msg.request, reason)
+        return vq, fd
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        vq, fd = self._vring_fd(msg)
         if fd is None:
             raise DeviceError(msg.request, "polling a ring without a kick fd is not supported")
         if vq.kick_fd is not None:
@@ -403,22 +424,14 @@ class VhostUserNetDevice:
         return None
 
     def _set_vring_call(self, msg: Message) -> None:
-        try:
-            vq, fd = self._vring_fd(msg)
-        except DeviceError:
-            _close_all(msg.fds)
-            raise
+        vq, fd = self._vring_fd(msg)
         if vq.call_fd is not None:
             os.close(vq.call_fd)
         vq.call_fd = fd
         return None
 
     def _set_vring_err(self, msg: Message) -> None:
-        try:
-            vq, fd = self._vring_fd(msg)
-        except DeviceError:
-            _close_all(msg.fds)
-            raise
+        vq, fd = self._vring_fd(msg)
         if vq.err_fd is not None:
             os.close(vq.err_fd)
         vq.err_fd = fd

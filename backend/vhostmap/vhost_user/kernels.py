@@ -17,7 +17,6 @@ queue's pending used list.
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -25,13 +24,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.datapath import ffi, lib
+from vhostmap.datapath import eventfds, ffi, lib
 from vhostmap.datapath.choice import reference_selected
 from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.rxtx import BatchResult, Buffers
-from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, SplitVirtqueue, VirtqueueError
+from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, CallRefused, SplitVirtqueue, VirtqueueError
+
+# What a compiled sync returns when the batch went through but the call eventfd refused its interrupt.
+_CALL_STATUSES = frozenset(s.value for s in eventfds.Signal if s != eventfds.Signal.OK)
 
 _FAULT_REASONS = {
     lib.VM_FAULT_ADDRESS_SPACE: "range outside the 64-bit address space",
@@ -101,6 +103,9 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
     if out.log_missed:
         # The pages were skipped already; this only lets GuestMemory warn about them, once per log.
         mem.log_write(out.log_missed_addr, out.log_missed_len)
+    if status in _CALL_STATUSES:
+        # The batch went through (published and counted); only its interrupt was refused.
+        raise CallRefused(vq.index, eventfds.Signal(status))
     if status != lib.VQ_OK:
         if status == lib.VQ_ERR_ARGUMENT:
             raise ValueError(f"virtqueue {vq.index}: kernel refused the ring or position it was given")
@@ -108,9 +113,14 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
         for k in range(out.used):
             vq.push_used(pending[k].id, pending[k].len)
         raise _fault(vq, out, status, writable)
+    res = BatchResult(out.slots, out.packets, out.bytes, out.dropped)
     if out.notify and vq.call_fd is not None:
-        os.eventfd_write(vq.call_fd, 1)
-    return BatchResult(out.slots, out.packets, out.bytes, out.dropped)
+        result = eventfds.signal(vq.call_fd)
+        if result != eventfds.Signal.OK:
+            refused = CallRefused(vq.index, result)
+            refused.batch = res
+            raise refused
+    return res
 
 
 def _fault(vq: SplitVirtqueue, out: Any, status: int, writable: bool) -> VirtqueueError:
@@ -217,8 +227,13 @@ class Datapath:
 def _complete(vq: SplitVirtqueue, res: BatchResult) -> BatchResult:
     """Finish a reference batch as the kernels finish theirs: publish, notify, re-arm kicks."""
     vq.flush_used()
-    vq.call()
-    vq.enable_kicks()
+    try:
+        vq.call()
+    except CallRefused as e:
+        e.batch = res
+        raise
+    finally:
+        vq.enable_kicks()
     return res
 
 

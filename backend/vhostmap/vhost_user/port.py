@@ -30,7 +30,7 @@ from vhostmap.vhost_user.kernels import select_datapath
 from vhostmap.vhost_user.messages import ProtocolFeature
 from vhostmap.vhost_user.protocol import Message, Payload
 from vhostmap.vhost_user.rxtx import Buffers
-from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError
+from vhostmap.vhost_user.virtqueue import CallRefused, SplitVirtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,10 @@ class VhostUserPort(NetmapAdapter):
                 space,
                 self._bufs,
             )
+        except CallRefused as e:
+            # The batch went through, only its interrupt did not: count it, and the device is broken.
+            self._fault(kring, e)
+            res = e.batch
         except VirtqueueError as e:
             self._fault(kring, e)
             return
@@ -338,6 +342,9 @@ class VhostUserPort(NetmapAdapter):
                     count,
                     self._bufs,
                 )
+            except CallRefused as e:
+                self._fault(kring, e)  # delivered: counted, and the device is broken
+                res = e.batch
             except VirtqueueError as e:
                 self._fault(kring, e)
                 return

@@ -34,7 +34,15 @@ class Buffers:
     size: int
 
     def view(self, idx: int, length: int) -> npt.NDArray[np.uint8]:
-        """The first ``length`` bytes of buffer ``idx`` (the caller validated ``idx``)."""
+        """The first ``length`` bytes of buffer ``idx``, read as the kernels read a slot (nm_slot_buf and the
+        enqueue's gather, datapath/virtio.c): an index past the pool names buffer 0, the scratch buffer, and a
+        length past the buffer is 0. The kring checked the slots a sync takes, but whoever can write the ring
+        (an application maps every ring of the allocator) may rewrite a slot afterwards, or one the sync fills
+        without taking: then only that frame suffers, never the forwarder running the sync."""
+        if not 0 <= idx < (len(self.region) - self.base) // self.size:
+            idx = 0
+        if length > self.size:
+            length = 0
         start = self.base + idx * self.size
         return self.region[start : start + length]
 

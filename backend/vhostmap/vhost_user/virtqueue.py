@@ -11,15 +11,13 @@ both are translated by ``GuestMemory``, the one security boundary for addresses.
 
 from __future__ import annotations
 
-import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.datapath import ffi
+from vhostmap.datapath import eventfds, ffi
 from vhostmap.datapath.cfield import CField, CFlag
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
@@ -39,8 +37,6 @@ from vhostmap.virtio.spec import (
     vring_need_event,
     vring_used_size,
 )
-
-_EVENTFD_VALUE = struct.Struct("=Q")
 
 # A chain longer than this many descriptors is a loop or an abuse; Linux never builds chains longer than
 # MAX_SKB_FRAGS + 2 (19) for virtio-net, indirect tables included.
@@ -63,6 +59,18 @@ class VirtqueueError(Exception):
         super().__init__(f"virtqueue {queue}: {reason}")
         self.queue = queue
         self.reason = reason
+
+
+class CallRefused(VirtqueueError):
+    """The call eventfd refused an interrupt (`eventfds.signal` returned ``result``): the front-end does not
+    take its interrupts, so the device is marked broken rather than the datapath made to wait for it.
+
+    The batch itself went through (used entries published): ``batch`` is its result for the caller to count,
+    attached by whoever ran the batch (None when no batch was being finished)."""
+
+    def __init__(self, queue: int, result: eventfds.Signal) -> None:
+        super().__init__(queue, f"call eventfd refused the interrupt: {eventfds.SIGNAL_FAILURES[result]}")
+        self.batch: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +353,9 @@ class SplitVirtqueue:
             return False
         self.signalled_used = self.used_idx
         if self.call_fd is not None:
-            os.write(self.call_fd, _EVENTFD_VALUE.pack(1))
+            # Guarded: the front-end shares the eventfd and may have made it blocking and filled it.
+            result = eventfds.signal(self.call_fd)
+            if result != eventfds.Signal.OK:
+                raise CallRefused(self.index, result)
             return True
         return False
