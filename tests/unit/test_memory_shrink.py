@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from vhostmap.control.client import ControlError, call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
 from vhostmap.lab.wait import wait_until
+from vhostmap.vhost_user.errors import GuestMemoryError
+from vhostmap.vhost_user.memory import GuestMemory
+from vhostmap.vhost_user.messages import MemoryRegion, MemoryTable
 from vhostmap.virtio.spec import (
     VHOST_F_LOG_ALL,
     VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -26,9 +30,9 @@ from vhostmap.virtio.spec import (
     bit,
 )
 
-pytestmark = pytest.mark.usefixtures("datapath")
-
 RX, TX = 0, 1
+PAGE = 4096
+UVA = 0x7F00_0000_0000
 FRAME = bytes(range(60))
 REGION_GONE = (
     r"virtqueue 1: guest memory region 0 \(gpa 0x0\+0x[0-9a-f]+\) shrank under the backend \(SIGBUS\)"
@@ -53,6 +57,7 @@ def assert_daemon_lives(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) ->
     assert set(status["ports"]) >= {"a", "b", "c", "e"}
 
 
+@pytest.mark.usefixtures("datapath")
 def test_shrunk_guest_memory_breaks_only_its_port(
     start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -76,6 +81,7 @@ def test_shrunk_guest_memory_breaks_only_its_port(
     d.wait(lambda: d.totals("a")["tx_dropped"] == 1, "b's frame for a to be dropped")
 
 
+@pytest.mark.usefixtures("datapath")
 def test_shrunk_dirty_log_breaks_only_its_port(
     start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -117,6 +123,7 @@ class _Unguarded(VhostmapDaemon):
         return [sys.executable, "-c", UNGUARDED, *args[3:]]
 
 
+@pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
 def test_shrunk_guest_memory_in_a_daemon_process(sock_dir: Path, guarded: bool) -> None:
     """The same front-end against ``vhostmap serve``: with the guard its port breaks and the daemon serves
@@ -158,3 +165,77 @@ def test_shrunk_guest_memory_in_a_daemon_process(sock_dir: Path, guarded: bool) 
             call(daemon.control, "status", timeout=5)
         except (ControlError, OSError) as e:  # pragma: no cover (the assertion says it)
             pytest.fail(f"the control socket stopped answering: {e}")
+
+
+# --- the guard itself ---------------------------------------------------------------------------------------
+
+
+def memfd(size: int) -> int:
+    fd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_region_beyond_its_file_is_refused() -> None:
+    fd = memfd(PAGE)
+    try:
+        with GuestMemory() as mem, pytest.raises(GuestMemoryError, match="beyond the end of its file"):
+            mem.set_table(MemoryTable((MemoryRegion(0, 2 * PAGE, UVA, 0),)), [os.dup(fd)])
+    finally:
+        os.close(fd)
+
+
+def test_a_shrunk_region_reads_zeros_is_named_and_a_new_table_clears_it() -> None:
+    fd = memfd(4 * PAGE)
+    with GuestMemory() as mem:
+        mem.set_table(MemoryTable((MemoryRegion(0, 4 * PAGE, UVA, 0),)), [os.dup(fd)])
+        mem.write(3 * PAGE, b"guest")
+        assert not mem.gone and mem.gone_reason() is None
+        os.ftruncate(fd, PAGE)
+        # SIGBUS, caught: the whole region is zero pages now, the first page too.
+        assert mem.read(3 * PAGE, 5) == bytes(5)
+        assert mem.read(0, 1) == b"\0"
+        assert mem.gone
+        assert mem.gone_reason() == "guest memory region 0 (gpa 0x0+0x4000) shrank under the backend (SIGBUS)"
+        os.ftruncate(fd, 4 * PAGE)
+        mem.set_table(MemoryTable((MemoryRegion(0, 4 * PAGE, UVA, 0),)), [os.dup(fd)])
+        assert not mem.gone
+        assert mem.read(3 * PAGE, 5) == bytes(5)  # the file's own pages, zero after the truncation
+    os.close(fd)
+
+
+# A SIGBUS that is not in guest memory: with the guard installed (a region mapped), the process must still
+# die of it, after faulthandler's traceback when faulthandler was enabled before or after the guard.
+REAL_BUG = """
+import faulthandler, mmap, os, sys
+from vhostmap.vhost_user.memory import GuestMemory
+from vhostmap.vhost_user.messages import MemoryRegion, MemoryTable
+if sys.argv[1] == "before":
+    faulthandler.enable()
+fd = os.memfd_create("guest"); os.ftruncate(fd, 4096)
+mem = GuestMemory(); mem.set_table(MemoryTable((MemoryRegion(0, 4096, 1 << 40, 0),)), [fd])
+if sys.argv[1] == "after":
+    faulthandler.enable()
+    fd = os.memfd_create("guest"); os.ftruncate(fd, 4096)
+    mem.set_table(MemoryTable((MemoryRegion(0, 4096, 1 << 40, 0),)), [fd])  # installs the guard again
+bug = os.memfd_create("not-guest"); os.ftruncate(bug, 8192)
+mm = mmap.mmap(bug, 8192); os.ftruncate(bug, 0)
+print("reached", flush=True)
+mm[100]
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("faulthandler", ["off", "before", "after"])
+def test_a_sigbus_outside_guest_memory_still_kills(faulthandler: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", REAL_BUG, faulthandler],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGBUS, proc.stderr
+    assert proc.stdout == "reached\n"
+    tracebacks = proc.stderr.count("Fatal Python error: Bus error")
+    assert tracebacks == (0 if faulthandler == "off" else 1), proc.stderr

@@ -68,9 +68,9 @@ class _Guarded:
         self.slot = lib.vm_guard_add(start, extent, gone)
         if self.slot < 0:
             raise GuestMemoryError(0, extent, f"already {lib.VM_GUARD_MAX} guarded mappings (VM_GUARD_MAX)")
-        # ``gone`` is an argument: the handler may write it as long as the slot is registered.
-        self._forget = weakref.finalize(mm, lib.vm_guard_remove, self.slot)
-        self._gone = gone
+        # ``gone`` is an argument, kept alive with it: the handler may write it while the slot is registered,
+        # which can be after the GuestMemory that owns it is gone (a view held the mapping).
+        self._forget = weakref.finalize(mm, _unregister, self.slot, gone)
 
     @property
     def replaced(self) -> bool:
@@ -85,6 +85,11 @@ class _Guarded:
             return False
         self._forget()
         return True
+
+
+def _unregister(slot: int, gone: Any) -> None:
+    """Take ``slot`` out of the SIGBUS guard (its mapping is unmapped); ``gone`` was kept alive until now."""
+    lib.vm_guard_remove(slot)
 
 
 _guard_installed = False
