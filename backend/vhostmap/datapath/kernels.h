@@ -9,6 +9,7 @@
 
 #include "netmap.cdef"
 #include "memory.cdef"
+#include "guard.cdef"
 #include "virtio.cdef"
 #include "switch.cdef"
 #include "kring.cdef"

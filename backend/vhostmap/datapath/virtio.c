@@ -365,9 +365,9 @@ static void vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint3
     nm_close_slot(slot, filled, 0);
 }
 
-int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                   uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_used_elem *pending,
-                   struct vq_batch *out)
+static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_used_elem *pending,
+                                struct vq_batch *out)
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first;
@@ -531,9 +531,9 @@ static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem
     return VQ_OK;
 }
 
-int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                   uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
-                   struct vq_used_elem *pending, struct vq_batch *out)
+static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
+                                struct vq_used_elem *pending, struct vq_batch *out)
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first, done = 0;
@@ -610,4 +610,43 @@ fault:
     out->slots = done;
     out->used = n_used;
     return out->status;
+}
+
+/* --- the entry points: a batch over memory that vanished counts for nothing ------------------------------ */
+
+/* Whether the front-end shrank a file behind `mem` (guard.c replaced it with zero pages). */
+static inline int vm_gone(const struct vm_memory *mem)
+{
+    return mem->gone && __atomic_load_n(mem->gone, __ATOMIC_ACQUIRE);
+}
+
+/* The batch read zeros where the guest's rings and buffers were (or the memory was gone before it started):
+ * nothing it did may reach a kring or the used ring, so it reports no slots and nothing pending, and the port
+ * marks the device broken. The virtqueue's indexes are left wherever the batch took them: a broken device
+ * runs no batch until it is reset, which sets them again. */
+static int32_t vq_gone(struct vq_batch *out)
+{
+    vq_batch_init(out);
+    out->status = VQ_ERR_MEMORY_GONE;
+    return VQ_ERR_MEMORY_GONE;
+}
+
+int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                   uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_used_elem *pending,
+                   struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vq_dequeue_batch(vq, mem, nm, hdr_len, first, space, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                   uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
+                   struct vq_used_elem *pending, struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vq_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
 }

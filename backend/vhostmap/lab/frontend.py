@@ -147,6 +147,7 @@ class FakeFrontend:
         self.features = 0
         self.protocol_features = 0
         self.rx_errors = 0
+        self.log_fd = -1  # the dirty log's memfd (set_log_base), kept so a test can shrink it
 
     # --- connection -------------------------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:
@@ -337,10 +338,28 @@ class FakeFrontend:
             os.ftruncate(fd, size)
             bitmap = mmap.mmap(fd, size)
             reply = self.call(Request.SET_LOG_BASE, LogDescriptor(size, 0), (fd,)).payload
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+        self.log_fd = fd
         assert isinstance(reply, U64) and reply.value == 0
         return bitmap
+
+    # --- a front-end that takes its memory back -----------------------------------------------------------
+    def shrink_memory(self, size: int = 0) -> None:
+        """Truncate the guest memory memfd to ``size`` bytes after the back-end mapped it, as a careless
+        DPDK application or a hugetlbfs-backed guest can (its file is not sealed against shrinking): every
+        page of it past ``size`` is gone for the back-end and for this front-end alike, so the caller must
+        not touch the rings or buffers there again (``close`` is fine)."""
+        os.ftruncate(self.memfd, size)
+
+    def shrink_log(self, size: int = 0) -> None:
+        """Truncate the dirty log's memfd (``set_log_base``) to ``size`` bytes: the bitmap it returned is
+        gone past ``size`` too."""
+        assert self.log_fd >= 0, "no dirty log (set_log_base)"
+        os.ftruncate(self.log_fd, size)
 
     def close(self) -> None:
         """Disconnect and free everything (idempotent)."""
@@ -357,6 +376,9 @@ class FakeFrontend:
         self.mem.close()
         os.close(self.memfd)
         self.memfd = -1
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+            self.log_fd = -1
 
     def __enter__(self) -> FakeFrontend:
         return self

@@ -13,11 +13,16 @@ and ring addresses), the GuestMemory's struct vm_memory (its table and log), the
 batch copies nothing in or out. A driver fault raises the VirtqueueError the reference raises, with
 the same message, and leaves the same state: the chains completed before the fault stay unpublished in the
 queue's pending used list.
+
+Guest memory the front-end shrank under us (GuestMemory.gone: the SIGBUS guard replaced it with zero pages)
+is a driver fault too, in both datapaths: the batch that saw it counts for nothing and raises a
+VirtqueueError naming the region, so the port marks that device broken and nothing else stops.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +112,9 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
         # The batch went through (published and counted); only its interrupt was refused.
         raise CallRefused(vq.index, eventfds.Signal(status))
     if status != lib.VQ_OK:
+        if status == lib.VQ_ERR_MEMORY_GONE:
+            # Nothing of the batch counts (it read zero pages): no used entries to queue.
+            raise memory_gone(vq, mem)
         if status == lib.VQ_ERR_ARGUMENT:
             raise ValueError(f"virtqueue {vq.index}: kernel refused the ring or position it was given")
         pending = vq.scratch
@@ -121,6 +129,11 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
             refused.batch = res
             raise refused
     return res
+
+
+def memory_gone(vq: SplitVirtqueue, mem: GuestMemory) -> VirtqueueError:
+    """The fault of a batch on ``vq`` that ran while (or after) the front-end shrank ``mem`` under us."""
+    return VirtqueueError(vq.index, mem.gone_reason() or "guest memory shrank under the backend (SIGBUS)")
 
 
 def _fault(vq: SplitVirtqueue, out: Any, status: int, writable: bool) -> VirtqueueError:
@@ -198,7 +211,7 @@ class Datapath:
     ) -> BatchResult:
         """rxtx.dequeue, then flush_used, call and enable_kicks (compiled: all in one call, vq_dequeue)."""
         if not self.compiled:
-            return _complete(vq, rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs))
+            return _reference(vq, mem, lambda: rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs))
         q = _start(vq)
         status = lib.vq_dequeue(q, mem.c, _ring(slots, bufs), hdr_len, first, space, vq.scratch, vq.out)
         return finish(vq, mem, status, False)
@@ -216,12 +229,32 @@ class Datapath:
     ) -> BatchResult:
         """rxtx.enqueue, then flush_used, call and enable_kicks (compiled: all in one call, vq_enqueue)."""
         if not self.compiled:
-            return _complete(vq, rxtx.enqueue(vq, mem, hdr_len, mergeable, slots, first, count, bufs))
+            return _reference(
+                vq, mem, lambda: rxtx.enqueue(vq, mem, hdr_len, mergeable, slots, first, count, bufs)
+            )
         q = _start(vq)
         status = lib.vq_enqueue(
             q, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, vq.scratch, vq.out
         )
         return finish(vq, mem, status, True)
+
+
+def _reference(vq: SplitVirtqueue, mem: GuestMemory, batch: Callable[[], BatchResult]) -> BatchResult:
+    """Run a reference batch and finish it (``_complete``), unless the memory is or went ``gone``: the
+    Python code cannot catch SIGBUS, but the guard let its accesses complete on zero pages, so this looks
+    at ``gone`` before and after, and whatever the batch did or raised on that memory is replaced by the
+    fault that says why (as VQ_ERR_MEMORY_GONE does for the kernels)."""
+    if mem.gone:
+        raise memory_gone(vq, mem)
+    try:
+        res = _complete(vq, batch())
+    except Exception as e:
+        if mem.gone:
+            raise memory_gone(vq, mem) from e
+        raise
+    if mem.gone:
+        raise memory_gone(vq, mem)
+    return res
 
 
 def _complete(vq: SplitVirtqueue, res: BatchResult) -> BatchResult:

@@ -12,6 +12,14 @@ memory blocks QEMU turns into regions; a chain of descriptors covers what is lar
 Not thread-safe: the caller keeps datapath threads away while the table changes. A view handed out stays
 usable after its region is removed (the mapping lives until the last view is released), so a stale view
 never faults, but it no longer is guest memory the front-end knows about.
+
+A front-end may shrink the file behind a region or the log after we mapped it (QEMU seals its memfds against
+that, DPDK's virtio-user and hugetlbfs-backed guests cannot): an access past the new end raises SIGBUS.
+Mapping refuses a range beyond the end of its file; after that, every mapping is registered with the
+SIGBUS guard (datapath/guard.cdef), which replaces a mapping that faulted with zero pages, wherever the access
+came from (a compiled kernel or Python), and raises ``gone``: the batch kernels then return
+VQ_ERR_MEMORY_GONE and the port marks that device broken (``gone_reason`` says which region). The process and
+every other port go on.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import mmap
 import operator
 import os
 import stat
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,6 +57,56 @@ ADDRESS_LIMIT = 1 << 64
 REGION_DTYPE = np.dtype([("gpa", "=u8"), ("size", "=u8"), ("uva", "=u8"), ("host", "=u8")])
 
 
+class _Guarded:
+    """A mapping of a front-end's file, [start, start + extent) inside the reservation ``mm`` owns (see
+    _map_fd), registered with the SIGBUS guard (datapath/guard.cdef) for as long as it is mapped: until
+    ``release`` unmaps it, or, when views still hold it, until the mmap object goes."""
+
+    def __init__(self, mm: mmap.mmap, start: int, extent: int, gone: Any) -> None:
+        _install_guard()
+        self.mm = mm
+        self.slot = lib.vm_guard_add(start, extent, gone)
+        if self.slot < 0:
+            raise GuestMemoryError(0, extent, f"already {lib.VM_GUARD_MAX} guarded mappings (VM_GUARD_MAX)")
+        # ``gone`` is an argument, kept alive with it: the handler may write it while the slot is registered,
+        # which can be after the GuestMemory that owns it is gone (a view held the mapping).
+        self._forget = weakref.finalize(mm, _unregister, self.slot, gone)
+
+    @property
+    def replaced(self) -> bool:
+        """Whether the front-end shrank the file under this mapping and the guard replaced it."""
+        return bool(lib.vm_guard_state(self.slot) != lib.VM_GUARD_INTACT)
+
+    def release(self) -> bool:
+        """Unmap; False when views still hold the mapping (it goes, and leaves the guard, with the last)."""
+        try:
+            self.mm.close()
+        except BufferError:
+            return False
+        self._forget()
+        return True
+
+
+def _unregister(slot: int, gone: Any) -> None:
+    """Take ``slot`` out of the SIGBUS guard (its mapping is unmapped); ``gone`` was kept alive until now."""
+    lib.vm_guard_remove(slot)
+
+
+_guard_installed = False
+
+
+def _install_guard() -> None:
+    """Make sure the SIGBUS handler is the process's (see guard.cdef): installed on the first mapping, and
+    again if something (faulthandler.enable(), signal.signal) took SIGBUS over since."""
+    global _guard_installed
+    installed = lib.vm_guard_install()
+    if installed < 0:
+        raise OSError(ffi.errno, f"cannot install the SIGBUS handler: {os.strerror(ffi.errno)}")
+    if installed and _guard_installed:
+        log.warning("the SIGBUS handler for guest memory had been replaced; installed again (chained)")
+    _guard_installed = True
+
+
 @dataclass(eq=False)
 class _Mapping:
     """One region mapped into this process. ``buf`` covers exactly the region's bytes."""
@@ -56,6 +115,7 @@ class _Mapping:
     mm: mmap.mmap
     buf: memoryview
     host: int
+    guard: _Guarded
 
     @property
     def gpa(self) -> int:
@@ -71,9 +131,7 @@ class _Mapping:
 
     def release(self) -> None:
         self.buf.release()
-        try:
-            self.mm.close()
-        except BufferError:
+        if not self.guard.release():
             # Someone still holds a view: the mapping goes when the last view does, so nothing dangles.
             log.debug(
                 "region %#x+%#x: views still held, unmapped when they are released", self.gpa, self.size
@@ -99,10 +157,11 @@ MAP_FIXED = 0x10  # <sys/mman.h> (Python's mmap module does not export it)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-def _map_fd(fd: int, offset: int, size: int, what: str) -> tuple[mmap.mmap, int]:
-    """Map ``size`` bytes at ``offset`` of ``fd``, shared and writable. The offset need not be aligned (the
-    spec allows any mmap_offset): the mapping starts at the aligned-down offset; returns it and the distance
-    from its start to ``offset``.
+def _map_fd(fd: int, offset: int, size: int, what: str, gone: Any) -> tuple[_Guarded, int]:
+    """Map ``size`` bytes at ``offset`` of ``fd``, shared and writable, registered with the SIGBUS guard
+    (setting ``gone`` if it ever faults). The offset need not be aligned (the spec allows any mmap_offset):
+    the mapping starts at the aligned-down offset; returns it and the distance from the start of its mmap
+    to ``offset``. A range beyond the end of the file is refused: its first touch would raise SIGBUS.
 
     ``mmap.mmap(fd, ...)`` keeps a duplicate of ``fd`` open as long as the mapping lives (for its size() and
     resize(), which nothing here uses): one fd per region per front-end, for nothing. So Python's mmap
@@ -134,7 +193,13 @@ def _map_fd(fd: int, offset: int, size: int, what: str) -> tuple[mmap.mmap, int]
         err = ctypes.get_errno()
         mm.close()
         raise GuestMemoryError(offset, size, f"cannot map {what}: {os.strerror(err)}")
-    return mm, start - base + delta
+    try:
+        # The file's whole extent, as the kernel mapped it: on hugetlbfs whole huge pages, and the guard can
+        # only replace it whole.
+        return _Guarded(mm, start, length, gone), start - base + delta
+    except BaseException:
+        mm.close()
+        raise
 
 
 def _host_address(mm: mmap.mmap) -> int:
@@ -164,12 +229,13 @@ def _overlap(mappings: Sequence[_Mapping], region: MemoryRegion) -> _Mapping | N
     return None
 
 
-def _map_region(region: MemoryRegion, fd: int) -> _Mapping:
-    mm, delta = _map_fd(
-        fd, region.mmap_offset, region.memory_size, f"region at gpa {region.guest_phys_addr:#x}"
+def _map_region(region: MemoryRegion, fd: int, gone: Any) -> _Mapping:
+    guard, delta = _map_fd(
+        fd, region.mmap_offset, region.memory_size, f"region at gpa {region.guest_phys_addr:#x}", gone
     )
+    mm = guard.mm
     buf = memoryview(mm)[delta : delta + region.memory_size]
-    return _Mapping(region, mm, buf, _host_address(mm) + delta)
+    return _Mapping(region, mm, buf, _host_address(mm) + delta, guard)
 
 
 def _close_fds(fds: Sequence[int]) -> None:
@@ -181,14 +247,14 @@ def _close_fds(fds: Sequence[int]) -> None:
 class _Log:
     """The mapped dirty bitmap; ``ptr`` points at the bit of guest-physical page 0 and pins the mapping."""
 
-    mm: mmap.mmap
+    guard: _Guarded
     anchor: Any  # cffi buffer of the whole mapping
     ptr: Any  # uint8_t * into it
     size: int
 
     def release(self) -> None:
         ffi.release(self.anchor)
-        self.mm.close()
+        self.guard.release()
 
 
 def log_dirty_reference(bitmap: bytearray, gpa: int, length: int) -> int:
@@ -224,6 +290,10 @@ class GuestMemory:
         self.c = ffi.new("struct vm_memory *")
         self.c.regions = ffi.NULL
         self.c.log = ffi.NULL
+        # Set by the SIGBUS guard when it replaced one of our mappings (the front-end shrank its file);
+        # recomputed for the mappings in use whenever they change.
+        self._gone = ffi.new("uint32_t *")
+        self.c.gone = self._gone
 
     def __enter__(self) -> GuestMemory:
         return self
@@ -268,7 +338,7 @@ class GuestMemory:
                     region.memory_size,
                     f"overlaps the region at {clash.gpa:#x}+{clash.size:#x}",
                 )
-            mapping = _map_region(region, fd)
+            mapping = _map_region(region, fd, self._gone)
         finally:
             os.close(fd)
         i = bisect.bisect_left(self._starts, mapping.gpa)
@@ -315,7 +385,7 @@ class GuestMemory:
                         region.memory_size,
                         f"overlaps the region at {clash.gpa:#x}+{clash.size:#x}",
                     )
-                mapping = _map_region(region, fd)
+                mapping = _map_region(region, fd, self._gone)
                 new.insert(bisect.bisect_left([m.gpa for m in new], mapping.gpa), mapping)
         except BaseException:
             for m in new:
@@ -337,6 +407,33 @@ class GuestMemory:
         c.regions = ffi.cast("struct vm_region *", table.ctypes.data) if len(table) else ffi.NULL
         c.nregions = len(table)
         self.table = table
+        self._update_gone()
+
+    # --- memory the front-end took away -----------------------------------------------------------------
+
+    def _update_gone(self) -> None:
+        """``gone`` for the mappings in use now (a replaced region that was removed no longer counts)."""
+        log_gone = self._log is not None and self._log.guard.replaced
+        self._gone[0] = int(log_gone or any(m.guard.replaced for m in self._mappings))
+
+    @property
+    def gone(self) -> bool:
+        """Whether the front-end shrank the file behind a region or the log since it was mapped (the SIGBUS
+        guard replaced it with zero pages): nothing read from this memory since means anything."""
+        return bool(self._gone[0])
+
+    def gone_reason(self) -> str | None:
+        """Why this memory is ``gone``, naming the region or the log; None if it is not."""
+        if not self._gone[0]:
+            return None
+        for i, m in enumerate(self._mappings):
+            if m.guard.replaced:
+                return (
+                    f"guest memory region {i} (gpa {m.gpa:#x}+{m.size:#x}) shrank under the backend (SIGBUS)"
+                )
+        if self._log is not None and self._log.guard.replaced:
+            return f"the dirty log ({self._log.size:#x} bytes) shrank under the backend (SIGBUS)"
+        return "guest memory shrank under the backend (SIGBUS)"
 
     # --- translation: the security boundary -------------------------------------------------------------
 
@@ -427,16 +524,17 @@ class GuestMemory:
                 or desc.mmap_offset + desc.mmap_size > ADDRESS_LIMIT
             ):
                 raise GuestMemoryError(desc.mmap_offset, desc.mmap_size, "empty or wrapping dirty log")
-            mm, delta = _map_fd(fd, desc.mmap_offset, desc.mmap_size, "the dirty log")
+            guard, delta = _map_fd(fd, desc.mmap_offset, desc.mmap_size, "the dirty log", self._gone)
         finally:
             os.close(fd)
-        anchor = ffi.from_buffer("uint8_t[]", mm, require_writable=True)
-        new = _Log(mm, anchor, anchor + delta, desc.mmap_size)
+        anchor = ffi.from_buffer("uint8_t[]", guard.mm, require_writable=True)
+        new = _Log(guard, anchor, anchor + delta, desc.mmap_size)
         old, self._log = self._log, new
         self._log_warned = False
         self.c.log, self.c.log_size = new.ptr, new.size
         if old is not None:
             old.release()
+        self._update_gone()
 
     def log_write(self, address: SupportsIndex, size: SupportsIndex) -> None:
         """Mark the pages of guest-physical [gpa, gpa + length) dirty. Pages beyond the log are skipped, with
@@ -472,6 +570,7 @@ class GuestMemory:
         self.c.log, self.c.log_size = ffi.NULL, 0
         if current is not None:
             current.release()
+        self._update_gone()
 
 
 def _region_key(region: MemoryRegion) -> tuple[int, int, int, int]:
