@@ -28,7 +28,22 @@ from vhostmap.vhost_user.server import Endpoint
 
 
 def open_fds() -> dict[int, str]:
-    """This process's open file descriptors and what they point at."""
+    """This process's open file descriptors and what they point at: a table two reads in a row agree on.
+
+    Other threads open and close fds meanwhile (the worker swaps its epoll set on every refresh, the control
+    thread reads fdinfo), and a read that raced with that counts one too few or too many: a baseline one too
+    low made the hostile tests flaky.
+    """
+    last = _read_fds()
+    for _ in range(100):
+        now = _read_fds()
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def _read_fds() -> dict[int, str]:
     fds = {}
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the fd listdir itself used, closed by now

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 from enum import Enum
 from typing import Protocol
@@ -155,10 +156,23 @@ class Endpoint:
             self._accept_paused = loop.call_later(ACCEPT_RETRY_INTERVAL, self._resume_accepting)
             return
         if self._conn is not None:
+            # The front-end may have hung up already with its last bytes still queued (a QEMU reconnecting
+            # at once): take those and the hang-up first, so that it is not its successor that is refused.
+            self._catch_up()
+        if self._conn is not None:
             log.warning("port %s: refusing a second front-end on %s", self.handler.name, self.path)
             sock.close()
             return
         self._attach(sock)
+
+    def _catch_up(self, rounds: int = 64) -> None:
+        """Read what the attached front-end has queued, a bounded number of reads (one that keeps talking
+        cannot hold the loop), so that a hang-up behind it is seen now."""
+        for _ in range(rounds):
+            sock = self._conn
+            if sock is None or not select.select([sock], [], [], 0)[0]:
+                return
+            self._readable()
 
     def _resume_accepting(self) -> None:
         self._accept_paused = None
@@ -196,7 +210,7 @@ class Endpoint:
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
     def _drop(self, why: str) -> None:
-        sock, self._conn = self._conn, None
+        sock = self._conn
         if sock is None:
             return
         loop = asyncio.get_running_loop()
@@ -208,6 +222,8 @@ class Endpoint:
         self._parser.close()  # the fds of a message not complete yet
         log.info("port %s: front-end disconnected (%s)", self.handler.name, why)
         self.handler.disconnected()
+        # Last: whoever sees the endpoint disconnected (status, another thread) sees it cleaned up and logged.
+        self._conn = None
         if self._lost is not None:
             self._lost.set()
 
