@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -23,7 +24,9 @@ class VhostmapDaemon(ChildProcess):
     """One ``vhostmap serve`` process, as a context manager.
 
     ``ports`` are ``--port`` values and ``links`` ``--link`` values; the control socket and the log live in
-    ``workdir``. Server-mode sockets are waited for before ``start`` returns.
+    ``workdir``. Server-mode sockets are waited for before ``start`` returns (the daemon starts its vhost-user
+    endpoints before its control socket answers a first request). `restart` kills it as a crash would and
+    starts a new process with the same command line: same ports, sockets and control socket.
     """
 
     def __init__(
@@ -41,6 +44,8 @@ class VhostmapDaemon(ChildProcess):
         self.control = str(self.workdir / f"{name}-ctl.sock")
         self.log_path = self.workdir / f"{name}.log"
         self._proc: subprocess.Popen[bytes] | None = None
+        # time.monotonic() when the running process was first seen ready (its control socket answered).
+        self.ready_at: float | None = None
 
     def command_line(self) -> list[str]:
         """The argv that starts the daemon."""
@@ -59,7 +64,20 @@ class VhostmapDaemon(ChildProcess):
         wait_until(
             self._answers, timeout, "vhostmap to answer on its control socket", details=self.diagnostics
         )
+        self.ready_at = time.monotonic()
         return self
+
+    def restart(self, timeout: float = 30.0) -> float:
+        """SIGKILL the daemon (`kill`) and start a new process with the same configuration and socket paths
+        (`start`); return ``ready_at`` of the new one, the moment it answered on its control socket.
+
+        The front-ends notice on their own: a QEMU with ``reconnect=N`` retries every N seconds, a listening
+        front-end (QEMU ``server=on``, testpmd ``server=1``) gets connected to again at once.
+        """
+        self.kill()
+        self.start(timeout)
+        assert self.ready_at is not None
+        return self.ready_at
 
     def _enter(self) -> Self:
         return self.start()
@@ -80,6 +98,17 @@ class VhostmapDaemon(ChildProcess):
     def status(self) -> dict[str, Any]:
         """Ports, connection state and memory (``vhostmap status``)."""
         return call(self.control, "status")
+
+    def switches(self) -> dict[str, Any]:
+        """Every switch with its ports, counters and learnt addresses (``vhostmap switch list --json``)."""
+        return dict(call(self.control, "switch", op="list")["switches"])
+
+    def learnt_port(self, switch: str, mac: str) -> str | None:
+        """The port of ``switch`` on which ``mac`` ("52:54:00:00:00:0a") was learnt, or None."""
+        for entry in self.switches()[switch]["addresses"]:
+            if entry["mac"] == mac.lower():
+                return str(entry["port"])
+        return None
 
     def wait_connected(self, port: str, timeout: float = 30.0) -> None:
         """Wait until a front-end is connected to ``port``."""
@@ -102,6 +131,7 @@ class VhostmapDaemon(ChildProcess):
     def kill(self) -> None:
         """SIGKILL, as a crash would end it (other lab processes are asked to end first)."""
         proc, self._proc = self._proc, None
+        self.ready_at = None
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()

@@ -5,11 +5,18 @@ guest RAM in a shared memfd (vhost-user maps it), one virtio-net-pci device per 
 (QEMU 7.2 under TCG segfaults when vhost-user starts with MSI-X; the guest then uses INTx, which also serves
 multiqueue devices). Two serial ports: ttyS0 is the kernel console, written to ``console.log``; ttyS1 is the
 command channel (`vhostmap.lab.channel`), a UNIX socket this class listens on and QEMU connects to before the
-guest runs.
+guest runs. A QMP monitor listens on ``qmp.sock`` (`QemuGuest.qmp`, through the qemu.qmp library).
+
+Live migration on one host: a guest made with ``incoming=True`` does not boot; its QEMU waits on
+``migration.sock`` for the state of another (same memory backend type, same devices; its NICs may be on other
+vhost-user sockets). ``source.migrate(destination)`` moves the running guest there over QMP; the destination
+then runs it, and its command channel, which QEMU connected at start, carries the guest's commands from then
+on (the guest's /init keeps serving the same serial port and never says READY again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,7 +25,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vhostmap.lab.channel import CommandChannel, CompletedCommand, GuestError
 from vhostmap.lab.guestkernel import GuestKernel
@@ -72,7 +81,8 @@ class QemuGuest(ChildProcess):
     directory if this object made it. ``workdir`` must be short: UNIX socket paths go in it. QEMU dies with
     the thread that started it, so start guests from a thread that outlives them (the main thread).
     ``cpus`` pins QEMU to host CPUs; ``share`` is a host directory mounted at /mnt/host in the guest (9p);
-    ``hugepages`` reserves 2 MiB pages in the guest and mounts hugetlbfs at /dev/hugepages.
+    ``hugepages`` reserves 2 MiB pages in the guest and mounts hugetlbfs at /dev/hugepages. ``incoming``
+    starts QEMU waiting for a live migration instead of booting (see the module docstring and `migrate`).
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class QemuGuest(ChildProcess):
         cmdline: str = "",
         extra_args: Sequence[str] = (),
         keep_logs: bool = False,
+        incoming: bool = False,
     ) -> None:
         self.nics = tuple(nics)
         self.kernel = kernel or GuestKernel.from_cache()
@@ -110,9 +121,15 @@ class QemuGuest(ChildProcess):
         self.channel_log = self.workdir / "channel.log"
         self.qemu_log = self.workdir / "qemu.log"
         self.channel_path = self.workdir / "channel.sock"
+        self.qmp_path = self.workdir / "qmp.sock"
+        self.migration_path = self.workdir / "migration.sock"
+        self.incoming = incoming
         for nic in self.nics:
             _unix_path(nic.socket, "vhost-user socket")
         _unix_path(self.channel_path, "command channel socket")
+        _unix_path(self.qmp_path, "QMP socket")
+        _unix_path(self.migration_path, "migration socket")
+        self._qmp: QEMUMonitorProtocol | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._channel: CommandChannel | None = None
         self._ready = False
@@ -147,7 +164,10 @@ class QemuGuest(ChildProcess):
             "-serial", f"file:{_qemu_path(self.console_log, 'console log')}",
             "-chardev", f"socket,id=channel,path={self.channel_path},logfile={self.channel_log}",
             "-serial", "chardev:channel",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
+        if self.incoming:
+            args += ["-incoming", f"unix:{self.migration_path}"]
         for i, nic in enumerate(self.nics):
             chardev = f"socket,id=vhu{i},path={nic.socket}"
             if nic.mode == "server":
@@ -206,6 +226,10 @@ class QemuGuest(ChildProcess):
             return self.boot_seconds
         if self._channel is None:
             raise GuestError("guest not started (use it as a context manager or call start())")
+        if self.incoming:
+            raise GuestError(
+                "this QEMU waits for an incoming migration: it runs a guest once one is migrated"
+            )
         self._channel.wait_ready(self.boot_timeout if timeout is None else timeout)
         self._ready = True
         self.boot_seconds = time.monotonic() - self._started_at
@@ -227,11 +251,15 @@ class QemuGuest(ChildProcess):
 
     def close(self) -> None:
         """Kill QEMU and remove every file this guest created."""
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):  # QEMU may be gone already; the connection goes anyway
+                self._qmp.close()
+            self._qmp = None
         self.kill()
         if self._channel is not None:
             self._channel.close()
             self._channel = None
-        created = [self.channel_path]
+        created = [self.channel_path, self.qmp_path, self.migration_path]
         if not self.keep_logs:
             created += [self.console_log, self.channel_log, self.qemu_log]
         created += [Path(nic.socket) for nic in self.nics if nic.mode == "server"]
@@ -242,6 +270,85 @@ class QemuGuest(ChildProcess):
 
     def _enter(self) -> Self:
         return self.start()
+
+    # --- the monitor and live migration ---------------------------------------------------------------
+
+    def qmp(self) -> QEMUMonitorProtocol:
+        """The QMP connection to this QEMU (made on first use, capabilities negotiated; closed by `close`)."""
+        if self._qmp is None:
+            if not self.alive:
+                raise GuestError(f"QEMU is not running\n{self.diagnostics()}")
+            wait_until(
+                self.qmp_path.is_socket, 30, "QEMU to listen on its QMP socket", details=self.diagnostics
+            )
+            qmp = QEMUMonitorProtocol(str(self.qmp_path))
+            qmp.connect(negotiate=True)
+            qmp.settimeout(30.0)
+            self._qmp = qmp
+        return self._qmp
+
+    def monitor(self, command: str, **arguments: Any) -> Any:
+        """Run QMP ``command`` with ``arguments`` and return its result; a QMP error raises GuestError."""
+        try:
+            return self.qmp().cmd(command, **arguments)
+        except Exception as e:  # qemu.qmp raises ExecuteError, or OSError/EOFError on a dead QEMU
+            raise GuestError(f"QMP {command} {arguments or ''} failed: {e}\n{self.diagnostics()}") from e
+
+    def run_state(self) -> str:
+        """QEMU's run state (``query-status``): "running", "inmigrate", "postmigrate", "paused", ..."""
+        return str(self.monitor("query-status")["status"])
+
+    def migrate(
+        self, destination: QemuGuest, timeout: float = 60.0, *, downtime_ms: int = 300
+    ) -> dict[str, Any]:
+        """Live-migrate this running guest into ``destination`` (a guest made with ``incoming=True`` and
+        started) and return the source's final ``query-migrate`` (``total-time``, ``downtime``, ``ram``).
+
+        Bandwidth is not limited (QEMU's default is 32 MiB/s, for networks shared with guests; a migration
+        on one host has no reason to wait); ``downtime_ms`` is the pause QEMU may aim for at the switch-over.
+        When this returns the destination runs the guest and takes its commands; this QEMU is paused in
+        "postmigrate" and may be closed. Raises GuestError if the migration fails or outlasts ``timeout``.
+        """
+        if not destination.incoming or not destination.alive:
+            raise GuestError("the destination must be a started QemuGuest(incoming=True)")
+        self.wait_ready()
+        self.monitor(
+            "migrate-set-parameters", **{"max-bandwidth": 0x7FFF_FFFF, "downtime-limit": downtime_ms}
+        )
+        self.monitor("migrate", uri=f"unix:{destination.migration_path}")
+
+        def finished() -> dict[str, Any] | None:
+            info: dict[str, Any] = self.monitor("query-migrate")
+            status = info.get("status")
+            if status in ("failed", "cancelled"):
+                raise GuestError(
+                    f"migration {status}: {info.get('error-desc', '')}\n{self.diagnostics()}\n"
+                    f"--- destination ---\n{destination.diagnostics()}"
+                )
+            return info if status == "completed" else None
+
+        info = wait_until(
+            finished,
+            timeout,
+            "the live migration to complete",
+            interval=0.05,
+            details=lambda: f"{self.diagnostics()}\n--- destination ---\n{destination.diagnostics()}",
+        )
+        wait_until(
+            lambda: destination.run_state() == "running",
+            timeout,
+            "the destination QEMU to run the migrated guest",
+            details=destination.diagnostics,
+        )
+        destination._adopt(self)
+        return info
+
+    def _adopt(self, source: QemuGuest) -> None:
+        """Take over the guest just migrated here from ``source``: it is up, and its /init serves commands
+        on this QEMU's command channel (QEMU connected it at start)."""
+        self.incoming = False
+        self._ready = True
+        self.boot_seconds = source.boot_seconds if source.boot_seconds is not None else 0.0
 
     # --- commands --------------------------------------------------------------------------------------
 

@@ -1,0 +1,368 @@
+"""vhostmap killed and restarted under running front-ends, and a QEMU guest live-migrated between two of its
+ports, with the times measured.
+
+Restart: vhostmap dies by SIGKILL (a crash: no GET_VRING_BASE, nothing flushed) and a new process starts with
+the same configuration and socket paths. The time from the new daemon being ready (`VhostmapDaemon.restart`:
+its control socket answers, its endpoints are listening or connecting) until traffic flows again is measured
+and printed; frames may be lost during the outage, but none may reach an application twice.
+
+Why none can (vhost_user/kernels.py, datapath/virtio.c vq_complete): a batch taken from a guest's transmit
+queue is marked used (entries, then used->idx with a release store) inside the same call that copied it out,
+before any of its frames is handed to a forwarder. A front-end that lost its back-end without GET_VRING_BASE
+resumes from used->idx (QEMU: virtio_queue_restore_last_avail_idx; DPDK's virtio-user: SET_VRING_BASE 0,
+which vhostmap, like DPDK's vhost library, replaces by used->idx at SET_VRING_ADDR), so a frame the old daemon
+may have handed on is never offered to the new one; a frame copied out but not yet marked used was never
+handed on either. On the receive side a frame counts once the guest sees used->idx move past it, so one the
+old daemon wrote but did not publish is simply lost, and its buffer is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+
+from vhostmap.lab.daemon import VhostmapDaemon
+from vhostmap.lab.guestkernel import GuestKernel
+from vhostmap.lab.netns import Netns, ip, namespace_behind_veth
+from vhostmap.lab.qemu import Nic, QemuGuest
+from vhostmap.lab.testpmd import Testpmd, VirtioUserPort
+from vhostmap.lab.wait import wait_until
+
+pytestmark = pytest.mark.slow
+
+RESTARTS = 3  # restarts per test run, each measured
+RECOVERY_LIMIT = 1.0  # seconds from a cause we control to traffic flowing again
+GUEST_MAC = "52:54:00:00:00:0a"
+GUEST_ADDR, PEER_ADDR = "10.0.0.1", "10.0.0.2"
+# testpmd's lcores share CPU 0, leaving CPU 1 to vhostmap.
+TESTPMD_CPU = 0
+PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) packets received(?:, (\d+) duplicates)?")
+
+
+def _since(start: float) -> float:
+    return time.monotonic() - start
+
+
+def _measure(condition: Callable[[], object], what: str, timeout: float = 15.0) -> float:
+    """Poll ``condition`` every few milliseconds until it holds; the time.monotonic() at which it did."""
+    wait_until(condition, timeout, what, interval=0.005)
+    return time.monotonic()
+
+
+def _report(title: str, rows: list[dict[str, float]]) -> str:
+    lines = [title]
+    for i, row in enumerate(rows, 1):
+        lines.append(f"  restart {i}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in row.items()))
+    return "\n".join(lines)
+
+
+# --- 1a: dpdk-testpmd front-ends listening, vhostmap connects and reconnects --------------------------------
+
+
+def test_restart_under_testpmd_traffic_resumes_within_a_second(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """testpmd txonly (port a) -> link -> testpmd rxonly (port b); both virtio-user ports listen (server=1)
+    and vhostmap, in client mode, connects to them. Killed and restarted, it is connected again and frames
+    reach the receiver again within a second of the new daemon being ready; the receiver never gets more
+    than was sent, and the new daemon delivers exactly what it takes in."""
+    ports = [f"{n}=vhost-user,path={sock_dir}/{n}.sock,mode=client" for n in ("a", "b")]
+    rows = []
+    with ExitStack() as stack:
+        # virtio-user with server=1 blocks in accept() until its back-end connects: vhostmap comes first.
+        daemon = stack.enter_context(VhostmapDaemon(sock_dir, ports, ["a,b"]))
+        rx = stack.enter_context(
+            Testpmd(
+                [VirtioUserPort(sock_dir / "b.sock", server=True)], forward_mode="rxonly", cpu=TESTPMD_CPU
+            )
+        )
+        tx = stack.enter_context(
+            Testpmd(
+                [VirtioUserPort(sock_dir / "a.sock", server=True)], forward_mode="txonly", cpu=TESTPMD_CPU
+            )
+        )
+        rx.start()
+        tx.start()
+        rx.wait_for_packets(10_000, timeout=30)
+        for _ in range(RESTARTS):
+            daemon.kill()
+            # Whatever vhostmap had delivered is counted by now (rxonly polls without pause), and nothing
+            # more can arrive: the receiver's count can only move again through the new daemon.
+            received = rx.stats()[0].rx_packets
+            ready = daemon.restart()
+
+            def moving(before: int = received) -> bool:
+                return rx.stats()[0].rx_packets > before
+
+            connected = _measure(
+                lambda: all(p["connected"] for p in daemon.status()["ports"].values()),
+                "vhostmap to be connected to both testpmds again",
+            )
+            flowing = _measure(moving, "frames to reach testpmd's receiver again")
+            rows.append({"connected": connected - ready, "flowing": flowing - ready})
+            assert flowing - ready < RECOVERY_LIMIT, _report("too slow:", rows)
+            rx.wait_for_packets(received + 10_000, timeout=30)
+        # Quiesce: the sender stops, the receiver takes the last frames the daemon delivers.
+        sent = tx.stop()[0].tx_packets
+
+        def settled() -> dict[str, int] | None:
+            a, b = (daemon.stats()[n]["totals"] for n in ("a", "b"))
+            # A link never drops, but a frame that finds no receive queue running (the daemon connects to
+            # the sender before the receiver's queue starts) is dropped as a NIC without carrier drops.
+            return (
+                {"in": a["rx_packets"], "out": b["tx_packets"], "no carrier": b["tx_dropped"]}
+                if a["rx_packets"] == b["tx_packets"] + b["tx_dropped"]
+                else None
+            )
+
+        wait_until(
+            settled,
+            30,
+            "the new daemon to deliver or drop everything it took from the sender",
+            details=lambda: str(daemon.stats()),
+        )
+        got = rx.stop()[0].rx_packets
+        assert daemon.stats()["a"]["totals"]["errors"] == daemon.stats()["b"]["totals"]["errors"] == 0
+        assert got <= sent, f"the receiver got {got} frames, {got - sent} more than were sent"
+    with capsys.disabled():
+        print("\n" + _report("testpmd (vhostmap in client mode), from the new daemon ready:", rows))
+        print(f"  sent {sent}, received {got}, lost during the outages {sent - got}")
+
+
+# --- 1b: QEMU guests connecting with reconnect=1, vhostmap listens -----------------------------------------
+
+
+@contextmanager
+def guest_behind_vhostmap(
+    kernel: GuestKernel, workdir: Path, *, reconnect: int | None = None
+) -> Iterator[tuple[VhostmapDaemon, QemuGuest, Netns]]:
+    """vhostmap listening on port a (a QEMU guest, 10.0.0.1) linked to a generic port on a veth whose peer is
+    in a namespace (10.0.0.2); both ends know the other's MAC for good (no ARP during the outages)."""
+    with ExitStack() as stack:
+        ns, veth = stack.enter_context(namespace_behind_veth(f"{PEER_ADDR}/24"))
+        ports = [f"a=vhost-user,path={workdir}/a.sock,mode=server", f"up=generic,ifname={veth.name}"]
+        daemon = stack.enter_context(VhostmapDaemon(workdir, ports, ["a,up"]))
+        guest = stack.enter_context(
+            QemuGuest(
+                [Nic(workdir / "a.sock", GUEST_MAC, reconnect=reconnect, ip=f"{GUEST_ADDR}/24")],
+                kernel=kernel,
+                workdir=workdir / "qa",
+            )
+        )
+        guest.wait_ready()
+        guest.wait_carrier("eth0")
+        peer_mac = ns.run(["cat", f"/sys/class/net/{veth.peer}/address"]).stdout.strip()
+        guest.run(f"arp -i eth0 -s {PEER_ADDR} {peer_mac}", check=True)  # permanent
+        ip(
+            "neigh",
+            "replace",
+            GUEST_ADDR,
+            "lladdr",
+            GUEST_MAC,
+            "dev",
+            veth.peer,
+            "nud",
+            "permanent",
+            netns=ns.name,
+        )
+        yield daemon, guest, ns
+        guest.poweroff()
+
+
+def test_restart_under_a_qemu_guest_resumes_and_delivers_no_echo_twice(
+    guest_kernel: GuestKernel, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A guest pings the namespace every 20 ms all along (numbered frames both ways: ICMP sequence numbers,
+    and busybox ping reports any reply it gets twice); vhostmap is killed and restarted three times. QEMU
+    (``reconnect=1``) connects again, and both directions flow within a second of that; its retry timer
+    alone may add up to a second after the daemon is ready, which is QEMU's, so the total is bounded by the
+    reconnect period plus that second."""
+    rows = []
+    with guest_behind_vhostmap(guest_kernel, sock_dir, reconnect=1) as (daemon, guest, _ns):
+        assert guest.ping(PEER_ADDR, count=2) == 0.0
+        boot_id = guest.run("cat /proc/sys/kernel/random/boot_id", check=True).output
+        guest.run(f"ping -i 0.02 {PEER_ADDR} > /tmp/ping.log 2>&1 &", check=True)
+        wait_until(
+            lambda: daemon.stats()["a"]["totals"]["tx_packets"] >= 20, 30, "replies to the guest's pings"
+        )
+        for _ in range(RESTARTS):
+            ready = daemon.restart()
+            connected = _measure(
+                lambda: daemon.status()["ports"]["a"]["connected"], "QEMU to connect again", timeout=10
+            )
+
+            def both_ways() -> bool:
+                totals = daemon.stats()["a"]["totals"]
+                # rx: echo requests from the guest; tx: the namespace's replies delivered into the guest.
+                return bool(totals["rx_packets"] and totals["tx_packets"])
+
+            flowing = _measure(both_ways, "echo requests and replies through the new daemon")
+            rows.append(
+                {
+                    "QEMU connected": connected - ready,
+                    "flowing": flowing - ready,
+                    "flowing after connect": flowing - connected,
+                }
+            )
+            assert flowing - connected < RECOVERY_LIMIT, _report("too slow:", rows)
+            assert flowing - ready < 1 + RECOVERY_LIMIT, _report("too slow:", rows)
+            wait_until(lambda: daemon.stats()["a"]["totals"]["tx_packets"] >= 20, 30, "more replies")
+        assert guest.run("pidof ping").rc == 0, "the guest's ping ended during the restarts"
+        guest.run("kill -INT $(pidof ping)", check=True)  # ping prints its statistics and exits
+        stats = wait_until(
+            lambda: PING_STATS.search(guest.run("cat /tmp/ping.log").output), 30, "ping's statistics"
+        )
+        log = guest.run("cat /tmp/ping.log").output
+        sent, received = int(stats.group(1)), int(stats.group(2))
+        duplicates = int(stats.group(3) or 0)
+        assert duplicates == 0 and "DUP!" not in log, f"replies received twice:\n{stats.group(0)}"
+        # Echoes are lost only while the daemon is away (about two seconds per restart at 50 a second).
+        assert 0 < received <= sent, stats.group(0)
+        # The same guest all along: it never rebooted.
+        assert guest.run("cat /proc/sys/kernel/random/boot_id", check=True).output == boot_id
+    with capsys.disabled():
+        print("\n" + _report("QEMU guest (reconnect=1, vhostmap listens), from the new daemon ready:", rows))
+        print(f"  guest ping: {stats.group(0)}")
+
+
+# --- 2: live migration of a guest between two ports of a switch, a download running -------------------------
+
+# Streams TOTAL bytes of numbered 8-byte records over HTTP/1.0 at RATE bytes/s, from the namespace.
+STREAMER = r"""
+import socket, struct, sys, time
+total, rate, port = map(int, sys.argv[1:4])
+body = b"".join(struct.pack("!Q", i) for i in range(total // 8))
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", port))
+server.listen(1)
+print("listening", flush=True)
+conn, _ = server.accept()
+conn.recv(4096)
+conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+start = time.monotonic()
+for offset in range(0, total, 4096):
+    delay = start + offset / rate - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    conn.sendall(body[offset : offset + 4096])
+conn.close()
+print("sent", total, flush=True)
+"""
+STREAM_BYTES, STREAM_RATE, STREAM_PORT = 6 * 2**20, 384 * 2**10, 9000
+STREAM_ARGS = (STREAM_BYTES, STREAM_RATE, STREAM_PORT)
+
+
+def _stream_body() -> bytes:
+    return b"".join(struct.pack("!Q", i) for i in range(STREAM_BYTES // 8))
+
+
+@contextmanager
+def streamer(ns: Netns) -> Iterator[subprocess.Popen[str]]:
+    """The STREAMER in ``ns``, once it listens; ended on exit."""
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, sys.executable, "-c", STREAMER, *map(str, STREAM_ARGS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line == "listening\n", line + proc.stdout.read()
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
+    guest_kernel: GuestKernel, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A guest on port m0 of switch vale0 downloads a paced, numbered stream from a namespace (port up) and
+    is live-migrated meanwhile into a QEMU whose NIC is on port m1: the migration completes, the destination
+    runs the same guest (same boot id), the download completes byte for byte, and the switch has learnt the
+    guest's MAC on m1 (QEMU's SEND_RARP or the guest's own announcement)."""
+    with ExitStack() as stack:
+        ns, veth = stack.enter_context(namespace_behind_veth(f"{PEER_ADDR}/24"))
+        # One MSS per frame from the namespace's TCP: the generic port drops frames larger than a buffer.
+        ip("link", "set", "dev", veth.peer, "gso_max_segs", "1", netns=ns.name)
+        ports = [
+            f"m0=vhost-user,path={sock_dir}/m0.sock,mode=server",
+            f"m1=vhost-user,path={sock_dir}/m1.sock,mode=server",
+            f"up=generic,ifname={veth.name}",
+        ]
+        daemon = stack.enter_context(
+            VhostmapDaemon(sock_dir, ports, extra_args=["--switch", "vale0=m0,m1,up"])
+        )
+        source = stack.enter_context(
+            QemuGuest(
+                [Nic(sock_dir / "m0.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
+                kernel=guest_kernel,
+                workdir=sock_dir / "src",
+            )
+        )
+        source.wait_ready()
+        source.wait_carrier("eth0")
+        destination = stack.enter_context(
+            QemuGuest(
+                [Nic(sock_dir / "m1.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
+                kernel=guest_kernel,
+                workdir=sock_dir / "dst",
+                incoming=True,
+            )
+        )
+        daemon.wait_connected("m1")
+        assert source.ping(PEER_ADDR, count=2) == 0.0
+        assert daemon.learnt_port("vale0", GUEST_MAC) == "m0"
+        boot_id = source.run("cat /proc/sys/kernel/random/boot_id", check=True).output
+        feed = stack.enter_context(streamer(ns))
+        source.run(
+            f"wget -q -O /tmp/stream http://{PEER_ADDR}:{STREAM_PORT}/stream > /tmp/wget.log 2>&1 &",
+            check=True,
+        )
+
+        def received(guest: QemuGuest) -> int:
+            out = guest.run("wc -c < /tmp/stream 2>/dev/null || echo 0").output.strip()
+            return int(out or 0)
+
+        before = wait_until(
+            lambda: (n := received(source)) >= 256 * 1024 and n, 30, "the download to be under way"
+        )
+        started = time.monotonic()
+        info = source.migrate(destination, timeout=60)
+        migrated = _since(started)
+        after = received(destination)
+        assert destination.run_state() == "running"
+        source.close()  # the source QEMU is paused after the migration; its port goes away
+        assert destination.run("cat /proc/sys/kernel/random/boot_id", check=True).output == boot_id
+        wait_until(
+            lambda: daemon.learnt_port("vale0", GUEST_MAC) == "m1", 15, f"vale0 to learn {GUEST_MAC} on m1"
+        )
+        wait_until(lambda: received(destination) >= STREAM_BYTES, 60, "the download to complete")
+        wait_until(lambda: feed.poll() is not None, 15, "the streamer to finish")
+        assert feed.stdout is not None
+        assert feed.stdout.read() == f"sent {STREAM_BYTES}\n"
+        digest = destination.run("md5sum /tmp/stream", check=True).output.split()[0]
+        assert digest == hashlib.md5(_stream_body()).hexdigest(), "the download arrived damaged"
+        assert after < STREAM_BYTES, "the download finished before the migration did: it proved nothing"
+        stats = daemon.stats()
+        assert stats["m1"]["broken"] is None and stats["m1"]["totals"]["tx_packets"] > 0
+        assert destination.ping(PEER_ADDR, count=3) == 0.0
+        destination.poweroff()
+    with capsys.disabled():
+        print(
+            f"\nlive migration m0 -> m1: {migrated:.2f} s (QEMU: total {info.get('total-time')} ms, "
+            f"downtime {info.get('downtime')} ms, {info['ram']['transferred'] // 2**20} MiB sent); "
+            f"download at {before // 1024} KiB when it began, {after // 1024} KiB when it ended, "
+            f"{STREAM_BYTES // 1024} KiB intact at the destination"
+        )
