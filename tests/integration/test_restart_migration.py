@@ -309,6 +309,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
                 [Nic(sock_dir / "m0.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
                 kernel=guest_kernel,
                 workdir=sock_dir / "src",
+                cmdline="idle=halt",
             )
         )
         source.wait_ready()
@@ -318,6 +319,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
                 [Nic(sock_dir / "m1.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
                 kernel=guest_kernel,
                 workdir=sock_dir / "dst",
+                cmdline="idle=halt",
                 incoming=True,
             )
         )

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from vhostmap.control.client import call
 from vhostmap.daemon.config import build_config
 from vhostmap.daemon.daemon import Daemon
 from vhostmap.datapath.choice import REFERENCE_ENV
@@ -49,6 +50,25 @@ def _read_fds() -> dict[int, str]:
         with contextlib.suppress(OSError):  # the fd listdir itself used, closed by now
             fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
     return fds
+
+
+FRAME = bytes(range(60))
+
+
+def exchange(x: FakeFrontend, y: FakeFrontend, n: int = 10) -> None:
+    """``n`` frames from x to y, byte-exact."""
+    frames = [bytes([k]) * 60 + FRAME for k in range(n)]
+    y.post_receive_buffers(n)
+    x.transmit(frames)
+    assert y.receive(n) == frames
+
+
+def still_serving(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) -> None:
+    """While a peer misbehaves elsewhere: the link of ``fc`` and ``fe`` forwards both ways, and a fresh
+    control connection is answered within 2 s."""
+    exchange(fc, fe)
+    exchange(fe, fc)
+    assert "ports" in call(str(d.workdir / "control.sock"), "stats", timeout=2.0)
 
 
 class RunningDaemon:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import RunningDaemon, StartDaemon
+from conftest import FRAME, StartDaemon, exchange
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH
 from vhostmap.virtio.spec import (
@@ -28,7 +28,6 @@ from vhostmap.virtio.spec import (
 
 RX, TX = 0, 1
 NO_INDIRECT = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_RING_F_EVENT_IDX)
-FRAME = bytes(range(60))
 
 
 @dataclass(frozen=True)
@@ -234,14 +233,6 @@ ATTACKS = [
 ]
 
 
-def exchange(d: RunningDaemon, x: FakeFrontend, y: FakeFrontend, n: int = 10) -> None:
-    """``n`` frames from x to y, byte-exact."""
-    frames = [bytes([k]) * 60 + FRAME for k in range(n)]
-    y.post_receive_buffers(n)
-    x.transmit(frames)
-    assert y.receive(n) == frames
-
-
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
 def test_hostile_descriptor_breaks_only_its_device_until_reset(
     start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture, attack: Attack
@@ -250,7 +241,7 @@ def test_hostile_descriptor_breaks_only_its_device_until_reset(
     options = {} if attack.features is None else {"features": attack.features}
     fa = d.frontend("a", queue_size=attack.queue_size, **options)
     fb, fc, fe = d.frontend("b"), d.frontend("c"), d.frontend("e")
-    exchange(d, fa, fb, 3)
+    exchange(fa, fb, 3)
 
     attack.run(fa)
     if attack.queue == RX:
@@ -266,8 +257,8 @@ def test_hostile_descriptor_breaks_only_its_device_until_reset(
         d.wait(lambda: d.totals("a")["tx_dropped"] == 1, "the frame for a to be dropped")
 
     # Meanwhile: the other link of the daemon, and a's peer, are untouched.
-    exchange(d, fc, fe)
-    exchange(d, fe, fc)
+    exchange(fc, fe)
+    exchange(fe, fc)
     assert [d.device(p).broken for p in "bce"] == [None, None, None]
     assert fb.get_status() == DRIVER_OK_STATUS
 
@@ -275,8 +266,8 @@ def test_hostile_descriptor_breaks_only_its_device_until_reset(
     fa.restart()
     assert fa.get_status() == DRIVER_OK_STATUS
     assert d.device("a").broken is None
-    exchange(d, fa, fb)
-    exchange(d, fb, fa)
+    exchange(fa, fb)
+    exchange(fb, fa)
     assert d.stats("a")["broken"] is None
 
 
@@ -289,8 +280,8 @@ def test_reconnecting_front_end_gets_a_working_device(start_daemon: StartDaemon)
     d.wait(lambda: d.device("a").broken is None, "a disconnect to reset the device")
     assert not d.endpoint("a").is_connected
     fa2 = d.frontend("a")
-    exchange(d, fa2, fb)
-    exchange(d, fb, fa2)
+    exchange(fa2, fb)
+    exchange(fb, fa2)
 
 
 def test_a_second_fault_while_broken_logs_once(
@@ -321,5 +312,5 @@ def test_reset_with_status_before_ring_stop_does_not_reread_the_bad_chain(start_
     fa.restart(status_first=True, between=peer_traffic)
     assert d.device("a").broken is None
     assert fa.get_status() == DRIVER_OK_STATUS
-    exchange(d, fa, fb)
-    exchange(d, fb, fa)
+    exchange(fa, fb)
+    exchange(fb, fa)

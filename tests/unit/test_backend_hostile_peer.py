@@ -15,7 +15,7 @@ import struct
 
 import pytest
 
-from conftest import RunningDaemon, StartDaemon, open_fds
+from conftest import RunningDaemon, StartDaemon, exchange, open_fds
 from vhostmap.control.client import call, connect, request
 from vhostmap.control.server import MAX_UNSENT_REPLY_BYTES as MAX_UNSENT_CONTROL
 from vhostmap.lab.frontend import FakeFrontend
@@ -32,21 +32,11 @@ from vhostmap.vhost_user.port import MAX_PENDING_ANNOUNCEMENTS
 from vhostmap.vhost_user.protocol import FrontendConnection
 from vhostmap.vhost_user.server import MAX_UNSENT_REPLY_BYTES
 
-FRAME = bytes(range(60))
-
 
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     """Disconnections are logged at INFO: capture them."""
     caplog.set_level(logging.INFO, logger="vhostmap")
-
-
-def exchange(x: FakeFrontend, y: FakeFrontend, n: int = 4) -> None:
-    """``n`` frames from x to y, byte-exact."""
-    frames = [bytes([k]) * 60 + FRAME for k in range(n)]
-    y.post_receive_buffers(n)
-    x.transmit(frames)
-    assert y.receive(n) == frames
 
 
 def control_answers(d: RunningDaemon) -> None:

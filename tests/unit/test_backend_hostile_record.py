@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import RunningDaemon, StartDaemon, open_fds
-from vhostmap.control.client import call
+from conftest import RunningDaemon, StartDaemon, exchange, open_fds, still_serving
 from vhostmap.lab.frontend import UVA_BASE, FakeFrontend
 from vhostmap.vhost_user.messages import (
     HEADER,
@@ -40,23 +39,7 @@ from vhostmap.vhost_user.messages import (
 )
 from vhostmap.vhost_user.protocol import FrontendConnection, encode
 
-FRAME = bytes(range(60))
 ASK = VHOST_USER_VERSION | VHOST_USER_NEED_REPLY_MASK
-
-
-def exchange(x: FakeFrontend, y: FakeFrontend, n: int = 4) -> None:
-    """``n`` frames from x to y, byte-exact."""
-    frames = [bytes([k]) * 60 + FRAME for k in range(n)]
-    y.post_receive_buffers(n)
-    x.transmit(frames)
-    assert y.receive(n) == frames
-
-
-def still_serving(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) -> None:
-    """The unrelated link forwards both ways and a fresh control connection is answered."""
-    exchange(fc, fe)
-    exchange(fe, fc)
-    assert "ports" in call(str(d.workdir / "control.sock"), "stats", timeout=2.0)
 
 
 @pytest.fixture

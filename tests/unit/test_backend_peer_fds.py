@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_backend_hostile import FRAME, RX, TX, exchange
+from test_backend_hostile import RX, TX
 
-from conftest import RunningDaemon, StartDaemon
+from conftest import FRAME, RunningDaemon, StartDaemon, exchange
 from vhostmap.apps import client
 from vhostmap.control import client as control
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
@@ -38,8 +38,8 @@ def control_path(d: RunningDaemon) -> str:
 
 def others_unaffected(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) -> None:
     """The other link forwards both ways and the control socket answers."""
-    exchange(d, fc, fe)
-    exchange(d, fe, fc)
+    exchange(fc, fe)
+    exchange(fe, fc)
     assert control.call(control_path(d), "stats", timeout=5.0)["ports"]["c"]["broken"] is None
     assert d.daemon.worker._thread.is_alive()
 
@@ -97,7 +97,7 @@ def test_an_fd_that_is_no_usable_eventfd_is_refused_and_breaks_only_its_port(
 ) -> None:
     d = start_daemon({"a": "", "b": "", "c": "", "e": ""}, links=["a,b", "c,e"])
     fa, fb, fc, fe = (d.frontend(p) for p in "abce")
-    exchange(d, fa, fb, 3)
+    exchange(fa, fb, 3)
 
     fd = bad_fds(kind)
     accepted = fa.checked(request_, VringFile(TX, False), (fd,))
@@ -112,8 +112,8 @@ def test_an_fd_that_is_no_usable_eventfd_is_refused_and_breaks_only_its_port(
 
     # A reset with proper eventfds brings the port back.
     fa.restart()
-    exchange(d, fa, fb)
-    exchange(d, fb, fa)
+    exchange(fa, fb)
+    exchange(fb, fa)
 
 
 @pytest.mark.usefixtures("datapath")
@@ -123,7 +123,7 @@ def test_a_saturated_call_eventfd_breaks_only_its_port(
 ) -> None:
     d = start_daemon({"a": "", "b": "", "c": "", "e": ""}, links=["a,b", "c,e"])
     fa, fb, fc, fe = (d.frontend(p) for p in "abce")
-    exchange(d, fb, fa, 3)
+    exchange(fb, fa, 3)
 
     # The front-end fills its call eventfd to the top (and makes it blocking: it shares the open file),
     # then asks for an interrupt on the next frame it receives.
@@ -149,8 +149,8 @@ def test_a_saturated_call_eventfd_breaks_only_its_port(
     assert os.eventfd_read(call) == EVENTFD_MAX
     set_nonblocking(call)
     fa.restart()
-    exchange(d, fb, fa)
-    exchange(d, fa, fb)
+    exchange(fb, fa)
+    exchange(fa, fb)
 
 
 # A front-end that kicks, then reads its own kick back a moment later, at random: sooner or later between the
@@ -183,7 +183,7 @@ def sleeping_in_read(tid: int) -> bool:
 def test_a_front_end_that_reads_its_kick_back_never_stalls_the_datapath(start_daemon: StartDaemon) -> None:
     d = start_daemon({"a": "", "b": "", "c": "", "e": ""}, links=["a,b", "c,e"])
     fa, fb, fc, fe = (d.frontend(p) for p in "abce")
-    exchange(d, fa, fb, 3)
+    exchange(fa, fb, 3)
     kick = fa.queues[TX].kick
     set_blocking(kick)
     worker = d.daemon.worker.native_id
@@ -203,7 +203,7 @@ def test_a_front_end_that_reads_its_kick_back_never_stalls_the_datapath(start_da
         thief.wait()
     others_unaffected(d, fc, fe)
     set_nonblocking(kick)
-    exchange(d, fa, fb)
+    exchange(fa, fb)
 
 
 def test_an_application_that_saturates_its_irq_eventfd_stops_only_its_interrupts(
@@ -238,7 +238,7 @@ def test_a_bad_buf_idx_an_application_writes_into_a_link_ring_does_not_stop_the_
     # down, nor the other link.
     d = start_daemon({"a": "", "b": "", "c": "", "e": "", "x": ""}, links=["a,b", "c,e"])
     fa, fb, fc, fe = (d.frontend(p) for p in "abce")
-    exchange(d, fa, fb, 3)
+    exchange(fa, fb, 3)
     ring = d.daemon.ports["a"].rx_rings[0].ring
     with client.open("x", control_path(d)) as app:
         slots = np.frombuffer(
@@ -259,5 +259,5 @@ def test_a_bad_buf_idx_an_application_writes_into_a_link_ring_does_not_stop_the_
             m.startswith("b TX0: ring reinit: slot ") and "buf_idx 4294967040 >= nbufs" in m
             for m in caplog.messages
         )
-        exchange(d, fb, fa)
+        exchange(fb, fa)
         assert [d.device(p).broken for p in "abce"] == [None] * 4

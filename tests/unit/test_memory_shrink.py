@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RunningDaemon, StartDaemon
+from conftest import FRAME, RunningDaemon, StartDaemon, exchange
 from vhostmap.control.client import ControlError, call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
@@ -33,19 +33,10 @@ from vhostmap.virtio.spec import (
 RX, TX = 0, 1
 PAGE = 4096
 UVA = 0x7F00_0000_0000
-FRAME = bytes(range(60))
 REGION_GONE = (
     r"virtqueue 1: guest memory region 0 \(gpa 0x0\+0x[0-9a-f]+\) shrank under the backend \(SIGBUS\)"
 )
 LOG_GONE = r"virtqueue 0: the dirty log \(0x[0-9a-f]+ bytes\) shrank under the backend \(SIGBUS\)"
-
-
-def exchange(x: FakeFrontend, y: FakeFrontend, n: int = 10) -> None:
-    """``n`` frames from x to y, byte-exact."""
-    frames = [bytes([k]) * 60 + FRAME for k in range(n)]
-    y.post_receive_buffers(n)
-    x.transmit(frames)
-    assert y.receive(n) == frames
 
 
 def assert_daemon_lives(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) -> None:
