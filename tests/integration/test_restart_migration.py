@@ -285,6 +285,11 @@ def streamer(ns: Netns) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
+# The destination kernel panicked in 2 of 8 migrations under TCG (rb_insert_color in an interrupt taken in
+# amd_e400_idle, the idle routine qemu64's AMD model selects); with plain HLT idling it did not in any run.
+MIGRATION_CMDLINE = "idle=halt"
+
+
 def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
     guest_kernel: GuestKernel, sock_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -309,7 +314,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
                 [Nic(sock_dir / "m0.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
                 kernel=guest_kernel,
                 workdir=sock_dir / "src",
-                cmdline="idle=halt",
+                cmdline=MIGRATION_CMDLINE,
             )
         )
         source.wait_ready()
@@ -319,7 +324,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
                 [Nic(sock_dir / "m1.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
                 kernel=guest_kernel,
                 workdir=sock_dir / "dst",
-                cmdline="idle=halt",
+                cmdline=MIGRATION_CMDLINE,
                 incoming=True,
             )
         )
