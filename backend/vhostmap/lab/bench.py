@@ -521,6 +521,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if busy > 0.2:
         say(f"the CPUs are {busy:.0%} busy before starting: expect low and noisy numbers")
     signal.signal(signal.SIGTERM, _terminate)
+    # Ctrl-C must stop the benchmark with its testpmds, even when it was started from the background of a
+    # script, which leaves SIGINT ignored: the testpmds (DPDK installs its own handler) died on an interrupt
+    # while the benchmark, ignoring it, went on to the next run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     results: list[Series] = []
     interrupted = False
     workdir = Path(tempfile.mkdtemp(prefix="vhm-b", dir="/tmp"))  # short: socket paths
