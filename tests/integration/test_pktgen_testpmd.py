@@ -26,7 +26,9 @@ def pktgen(daemon: VhostmapDaemon, *args: str, timeout: float = 120) -> dict[str
     argv = [sys.executable, "-m", "vhostmap.cli", "pkt-gen", "--control", daemon.control, "--json", *args]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"pkt-gen failed ({proc.returncode}): {proc.stderr}"
-    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+    result = json.loads(proc.stdout)
+    result["stderr"] = proc.stderr
+    return result  # type: ignore[no-any-return]
 
 
 def switch_ports(daemon: VhostmapDaemon) -> dict[str, Any]:
@@ -52,11 +54,13 @@ def test_pktgen_sends_exactly_what_testpmd_receives(sock_dir: Path, size: int) -
         tp.start()
         for r in range(1, rounds + 1):
             result = pktgen(daemon, "-i", "vale0:pg", "-f", "tx", "-l", str(size), "-n", str(count))
-            assert result["packets"] == count and result["bytes"] == count * size
+            assert result["packets"] == count and result["bytes"] == count * size, result
             try:
                 got = tp.wait_for_packets(r * count, timeout=30)
             except Exception as e:
-                raise AssertionError(f"round {r}: switch counters {switch_ports(daemon)}") from e
+                raise AssertionError(
+                    f"round {r}: switch counters {switch_ports(daemon)}\n{daemon.diagnostics()}"
+                ) from e
         assert got.rx_packets == rounds * count and got.rx_bytes == rounds * count * size
         t = daemon.stats()["t"]["totals"]
         assert t["tx_packets"] == rounds * count and t["tx_dropped"] == 0

@@ -188,6 +188,7 @@ class Topology:
                 self.worker.remove(clients)
                 master = adapter.peer if isinstance(adapter, PipeEnd) else None
                 if master is not None:
+                    self._flush_client_switch_port(master.name)
                     self._drop_client_switch_port(master.name)
                 else:
                     solo = self.serving[adapter.name] = self.solo(adapter)
@@ -236,6 +237,18 @@ class Topology:
             slave.close()
             raise
         return slave
+
+    def _flush_client_switch_port(self, name: str) -> None:
+        """Forward what the application's pipe still holds, before the port goes.
+
+        VALE forwards in the sender's own txsync: once an application's TX slots are back, its frames have
+        left. Here the pipe takes them (the slots come back at once) and the switch forwards from the
+        worker, later: an application that waited for its TX ring to empty and closed (pkt-gen does) lost
+        the frames still in the pipe. One more round of the switch sends them on, or drops them, counted.
+        """
+        sw = self.serving.get(name)
+        if isinstance(sw, Switch):
+            sw.run()
 
     def _drop_client_switch_port(self, name: str) -> None:
         pipe = self.pipes.pop(name, None)
