@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -350,6 +351,47 @@ def test_delete_if_frees_the_buffers_the_slots_hold_now(mem: NetmapMemory) -> No
     mem.delete_if(b)
     assert mem.buf_pool.objfree == mem.nbufs - 2 - lost == np.count_nonzero(mem.buf_pool.free)
     assert not mem.buf_pool.free[:2].any()
+
+
+def test_restock_gives_back_the_buffers_users_overwrote_before_taking_free_ones(mem: NetmapMemory) -> None:
+    initial = mem.buf_pool.objfree
+    a = mem.create_if("a", 1, 1, 8, 8)
+    slots = NetmapIfView(mem.region, a.offset).tx_rings[0].slots
+    private = mem.alloc_buffers(2)  # a caller's: never taken as lost
+    stash = mem.alloc_buffers(3)
+    mem.hold(stash)  # held outside the rings: not lost either
+    overwritten = slots["buf_idx"][:3].copy()
+    slots["buf_idx"][:3] = [0, 1, 10**6]
+    stash[0], slots["buf_idx"][3] = slots["buf_idx"][3], stash[0]  # a swap: nothing lost
+    free = mem.buf_pool.objfree
+    assert mem.restock(slots, np.arange(3)) == 3
+    assert sorted(slots["buf_idx"][:3]) == sorted(overwritten) and mem.buf_pool.objfree == free
+    assert not mem._lost().any()
+
+    def move_to_holder(i: int) -> npt.NDArray[np.uint32]:
+        held = np.array([slots["buf_idx"][i]], dtype=np.uint32)
+        mem.hold(held)
+        slots["buf_idx"][i] = 0
+        return held
+
+    moved = [move_to_holder(4)]  # nothing lost: a free buffer
+    assert mem.restock(slots, np.array([4])) == 1 and mem.buf_pool.objfree == free - 1
+    assert len(set(slots["buf_idx"].tolist())) == 8 and not mem._lost().any()
+    # A dry pool: what was lost still comes back; else the slot keeps buffer 0 until a buffer is free.
+    rest = mem.alloc_buffers(mem.buf_pool.objfree)
+    slots["buf_idx"][:2] = 0
+    assert mem.restock(slots, np.array([0, 1])) == 2
+    moved.append(move_to_holder(2))
+    assert mem.restock(slots, np.array([2])) == 0 and slots["buf_idx"][2] == 0
+    mem.free_buffers(rest[:1])
+    assert mem.restock(slots, np.array([2])) == 1 and slots["buf_idx"][2] == rest[0]
+    # Everything comes back when the interface goes: as many free as before it was made.
+    mem.free_buffers(np.concatenate([rest[1:], private]))
+    for held in (stash, *moved):
+        mem.release_held(held)
+        mem.unhold(held)
+    mem.delete_if(a)
+    assert mem.buf_pool.objfree == initial
 
 
 def test_close_is_idempotent_and_closes_the_fd() -> None:

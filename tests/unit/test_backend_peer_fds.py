@@ -249,8 +249,8 @@ def test_a_bad_buf_idx_an_application_writes_into_a_link_ring_does_not_stop_the_
         fb.post_receive_buffers(4)
         fa.transmit(frames)
         # Those frames went to the scratch buffer and were dropped by a ring reinit; the link is still there,
-        # and the other link and the control socket never noticed. (The buffers whose indexes were overwritten
-        # are lost to that ring, as in netmap: its user must put buffers back, which a link does not do yet.)
+        # and the other link and the control socket never noticed. (The reinit gives each repaired slot a
+        # buffer back: test_client_reinit.py.)
         d.wait(lambda: d.totals("a")["rx_packets"] == 7, "a's guest frames to be taken")
         others_unaffected(d, fc, fe)
         assert not any("failed; removed from the datapath" in m for m in caplog.messages)

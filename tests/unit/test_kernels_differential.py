@@ -843,6 +843,23 @@ def test_dirty_log_of_receive_buffers_and_used_ring(log_size: int | None) -> Non
     run_both(case, check)
 
 
+@pytest.mark.parametrize("writable", [False, True])
+@pytest.mark.parametrize(("event_idx", "kicks"), [(True, True), (False, True), (False, False)])
+def test_kick_rearm_without_used_entries_is_logged(writable: bool, event_idx: bool, kicks: bool) -> None:
+    """A batch that publishes nothing still writes avail_event (or the used flags): that page is logged."""
+    case = make_case(writable, num=256, event_idx=event_idx, kicks=kicks, log_dirty=True, log_size=64)
+    case.batches = [(0, 15)]  # nothing available: nothing used
+
+    def check(o: Outcome) -> None:
+        assert o.results[0][1] == 0
+        written = USED_GPA + (4 + 8 * case.num if event_idx else 0)
+        log = bytearray(64)
+        log[written // 4096 // 8] |= 1 << (written // 4096 % 8)
+        assert o.instance.log() == bytes(log)
+
+    run_both(case, check)
+
+
 def test_enqueue_frame_over_more_segments_than_the_kernel_keeps() -> None:
     """More than VQ_MAX_CHAIN_LENGTH segments reserved for one frame: the kernel walks the last chains again
     when it writes them (38 chains through one shared indirect table of 32 one-byte buffers)."""

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.netmap.abi import NR_RX, NR_TX, SLOT_DTYPE, RingView, nm_in_range
+from vhostmap.netmap.abi import NM_RESERVED_BUFS, NR_RX, NR_TX, SLOT_DTYPE, RingView, nm_in_range
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.kring import RX_MAX_LEN, Kring, slots_check_reference
 
@@ -194,6 +194,30 @@ def test_reinit_repairs_every_bad_slot_in_the_ring(mem: NetmapMemory) -> None:
     assert (int(k.ring.slots["buf_idx"][12]), int(k.ring.slots["len"][12])) == (0, 0)
     assert int(k.ring.slots["len"][13]) == 0
     assert (k.errors, k.reinits) == (2, 1)
+
+
+def test_reinit_restocks_bad_slots_and_logs_at_most_one_line_per_interval(
+    mem: NetmapMemory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    k = make_kring(mem, NR_TX)
+    k.restock = mem.restock
+    clock = [100.0]
+    monkeypatch.setattr("vhostmap.netmap.kring.time.monotonic", lambda: clock[0])
+    for i in range(10):  # a user that makes every sync fail
+        k.ring.slots["buf_idx"][i] = 0xFFFF_FFFF
+        k.ring_reinit(f"try {i}")
+        assert (k.ring.slots["buf_idx"] >= NM_RESERVED_BUFS).all()
+    assert k.reinits == 10 and len(set(k.ring.slots["buf_idx"].tolist())) == N
+    assert [r.getMessage() for r in caplog.records] == [
+        "p0 TX0: ring reinit: try 0; 1 slot(s) repaired, 1 given a new buffer, 0 left without; "
+        f"head=cur=0 tail={N - 1}"
+    ]
+    clock[0] += k.REINIT_LOG_INTERVAL
+    k.ring_reinit("later")
+    assert (
+        len(caplog.records) == 2
+        and "(9 more reinit(s) since the last line)" in caplog.records[1].getMessage()
+    )
 
 
 def test_overwritten_tail_is_restored_without_a_reinit(

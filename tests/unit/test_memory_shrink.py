@@ -36,7 +36,8 @@ UVA = 0x7F00_0000_0000
 REGION_GONE = (
     r"virtqueue 1: guest memory region 0 \(gpa 0x0\+0x[0-9a-f]+\) shrank under the backend \(SIGBUS\)"
 )
-LOG_GONE = r"virtqueue 0: the dirty log \(0x[0-9a-f]+ bytes\) shrank under the backend \(SIGBUS\)"
+# Any of b's queues: a batch that takes nothing logs its used ring's flags / avail_event write too.
+LOG_GONE = r"virtqueue [01]: the dirty log \(0x[0-9a-f]+ bytes\) shrank under the backend \(SIGBUS\)"
 
 
 def assert_daemon_lives(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) -> None:

@@ -20,14 +20,29 @@ static int guard_usable;
 /* 0: this thread has not tried yet; 1: it has its timer; -1: it cannot have one. */
 static __thread int guard_state;
 static __thread timer_t guard_timer;
-/* Whether the timer runs now, and whether the thread asked to keep it running between writes. */
-static __thread int guard_armed;
+/* Whether the timer runs now, whether the thread asked to keep it running between writes, and whether it is
+ * inside vhu_eventfd_signal. The handler runs on this thread (SIGEV_THREAD_ID) and reads or clears them
+ * between any two instructions: volatile, and signal fences where the order matters. */
+static __thread volatile sig_atomic_t guard_armed;
 static __thread int guard_held;
+static __thread volatile sig_atomic_t guard_in_write;
+static __thread volatile uint32_t guard_expiries;
 
 static void guard_handler(int signo)
 {
-    /* Nothing to do: being delivered is the point, as it makes the sleeping write() return EINTR. */
+    /* Being delivered is the point: it makes a sleeping write() return EINTR. An expiry outside a write means
+     * the writes are over for now (a held guard between bursts, or a polling thread that never sleeps, which
+     * used to take one signal per period for ever): disarm; the next write arms again. timer_settime is
+     * async-signal-safe. */
     (void)signo;
+    int saved_errno = errno;
+    guard_expiries = guard_expiries + 1;
+    if (!guard_in_write && guard_armed) {
+        static const struct itimerspec disarm = {{0, 0}, {0, 0}};
+        timer_settime(guard_timer, 0, &disarm, NULL);
+        guard_armed = 0;
+    }
+    errno = saved_errno;
 }
 
 static void guard_destroy(void *p)
@@ -86,6 +101,19 @@ int32_t vhu_eventfd_guard_signal(void)
     return GUARD_SIGNAL;
 }
 
+int32_t vhu_eventfd_guard_armed(void)
+{
+    struct itimerspec now;
+    if (guard_state <= 0 || timer_gettime(guard_timer, &now) != 0)
+        return 0;
+    return now.it_value.tv_sec != 0 || now.it_value.tv_nsec != 0;
+}
+
+uint32_t vhu_eventfd_guard_expiries(void)
+{
+    return guard_expiries;
+}
+
 int32_t vhu_eventfd_guarded(void)
 {
     return guard_thread();
@@ -114,17 +142,25 @@ int32_t vhu_eventfd_signal(int32_t fd)
         .it_interval = {0, VHU_EVENTFD_GUARD_NS},
         .it_value = {0, VHU_EVENTFD_GUARD_NS},
     };
-    if (guard_thread() && !guard_armed)
+    int guarded = guard_thread();
+    /* In the write from here on: an expiry leaves the timer armed. Set before looking at guard_armed, so that
+     * an expiry in between cannot disarm a timer this write counts on. */
+    guard_in_write = 1;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    if (guarded && !guard_armed)
         guard_armed = timer_settime(guard_timer, 0, &arm, NULL) == 0;
     if (!guard_armed) {
         struct pollfd p = {.fd = fd, .events = POLLOUT, .revents = 0};
-        if (poll(&p, 1, 0) < 0 || (p.revents & POLLNVAL))
-            return VHU_EVENTFD_FAILED;
-        if (!(p.revents & POLLOUT))
-            return VHU_EVENTFD_FULL;
+        int bad = poll(&p, 1, 0) < 0 || (p.revents & POLLNVAL);
+        if (bad || !(p.revents & POLLOUT)) {
+            guard_in_write = 0;
+            return bad ? VHU_EVENTFD_FAILED : VHU_EVENTFD_FULL;
+        }
     }
     ssize_t r = write(fd, &one, sizeof one);
     int err = errno;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    guard_in_write = 0;
     if (!guard_held)
         vhu_eventfd_guard_disarm();
     if (r == (ssize_t)sizeof one)

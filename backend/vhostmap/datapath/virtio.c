@@ -311,14 +311,18 @@ static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const 
      * device asks for none, as DPDK's does: a kick costs the driver a system call per burst. With EVENT_IDX
      * (where the flag means nothing) it just stops moving avail_event, which the driver passes once per 2^16
      * entries. */
+    uint32_t written = UINT32_MAX; /* offset in the used ring of the u16 written, if any */
     if (vq->kicks) {
-        if (vq->event_idx)
-            store16(vq->used, vq_avail_event_offset(vq), vq->last_avail_idx);
-        else
-            store16(vq->used, 0, 0);
+        written = vq->event_idx ? vq_avail_event_offset(vq) : 0;
+        store16(vq->used, written, vq->event_idx ? vq->last_avail_idx : 0);
     } else if (!vq->event_idx) {
+        written = 0;
         store16(vq->used, 0, VRING_USED_F_NO_NOTIFY);
     }
+    /* Logged even when no used entry was published (a batch that took nothing): the destination of a
+     * migration must see the avail_event it was asked for, or its device waits for a kick that never comes. */
+    if (written != UINT32_MAX && vq->log_dirty && vq->log_used)
+        vq_log_write(mem, vq->log_used_addr + written, 2, out);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 

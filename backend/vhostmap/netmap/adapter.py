@@ -205,6 +205,7 @@ class NetmapAdapter(abc.ABC):
             nbufs=m.nbufs,
             buf_size=m.buf_size,
             host=r.host,
+            restock=m.restock,
         )
 
     @property

@@ -19,6 +19,12 @@ leaves a gap is rejected (AllocatorConfigError names nearby sizes that work).
 
 ``create_if`` allocates an interface the way netmap_if_new does (the netmap_if, then each ring with one buffer
 per slot) and, if any pool runs dry midway, gives everything back before raising AllocatorExhausted.
+
+A ring user can overwrite a slot's buf_idx with nonsense, and the buffer it named is then in no ring: lost,
+in netmap until the allocator is reset (netmap_ring_reinit leaves buffer 0 in the slot). Here ``restock``,
+which a ring reinit calls, gives such a slot a lost buffer back when there is one (a buffer allocated for the
+rings and held by no live ring and no registered holder, ``hold``), else a free one; so the buffers come back
+to the pool when the ports close, however often a user wrote nonsense.
 """
 
 from __future__ import annotations
@@ -324,6 +330,10 @@ class NetmapMemory:
         self.region = Region(mm)
         self._lock = threading.Lock()
         self._ifs: dict[int, IfLayout] = {}
+        # Arrays of buffer indexes held outside the rings (stashes): their buffers are not lost.
+        self._holders: dict[int, npt.NDArray[np.uint32]] = {}
+        # Buffers alloc_buffers handed to a caller that did not register them (hold): never taken as lost.
+        self._private: npt.NDArray[np.bool_] = np.zeros(self.buf_pool.objtotal, dtype=np.bool_)
 
     # --- geometry -------------------------------------------------------------------------------------------
     @property
@@ -382,9 +392,58 @@ class NetmapMemory:
         return self.array[start : start + self.nbufs * self.buf_size].reshape(self.nbufs, self.buf_size)
 
     def alloc_buffers(self, n: int) -> npt.NDArray[np.uint32]:
-        """Take ``n`` free buffers, all or none (AllocatorExhausted); never a reserved one."""
+        """Take ``n`` free buffers, all or none (AllocatorExhausted); never a reserved one. They are the
+        caller's (never taken as lost by ``restock``) until freed, or registered with ``hold``."""
         with self._lock:
-            return self.buf_pool.alloc(n)
+            idx = self.buf_pool.alloc(n)
+            self._private[idx] = True
+            return idx
+
+    def hold(self, bufs: npt.NDArray[np.uint32]) -> None:
+        """Register ``bufs``, an array of buffer indexes kept outside the rings (a stash), whose contents may
+        change in place: what it holds at any time is not lost (``restock``), whatever ring it came from."""
+        with self._lock:
+            self._holders[id(bufs)] = bufs
+            valid = bufs[bufs < self.nbufs]
+            self._private[valid] = False
+
+    def unhold(self, bufs: npt.NDArray[np.uint32]) -> None:
+        """Forget an array registered with ``hold`` (give its buffers back first: release_held)."""
+        with self._lock:
+            self._holders.pop(id(bufs), None)
+
+    def restock(self, slots: npt.NDArray[np.void], positions: npt.NDArray[np.int64]) -> int:
+        """Give the slots of ``slots`` at ``positions`` (slots of a live ring whose buf_idx is unusable) a
+        buffer each: lost ones first, then free ones; how many got one (fewer when the pool is dry, the rest
+        keep theirs). A lost buffer is one allocated for the rings that no live ring, no holder and no caller
+        of alloc_buffers has: the one a ring user overwrote. Writes buf_idx under the lock, so that two
+        restocks never take the same lost buffer.
+
+        A ring user moving a buffer between its slots at this very moment (it holds the index in a register)
+        may see it taken as lost and end up sharing it; harmless to the daemon, whose every buffer access is
+        bounds-checked, as is a user writing the same index into two slots.
+        """
+        want = len(positions)
+        if not want:
+            return 0
+        with self._lock:
+            lost = np.flatnonzero(self._lost())[:want].astype(np.uint32)
+            fresh = min(want - len(lost), self.buf_pool.objfree)
+            bufs = np.concatenate([lost, self.buf_pool.alloc(fresh)]) if fresh else lost
+            slots["buf_idx"][positions[: len(bufs)]] = bufs
+            return len(bufs)
+
+    def _lost(self) -> npt.NDArray[np.bool_]:
+        """Per buffer: allocated, yet in no live ring, no holder and not a caller's (under the lock)."""
+        nbufs = self.nbufs
+        held = [self._slots(r)["buf_idx"] for layout in self._ifs.values() for r in layout.rings]
+        held += list(self._holders.values())
+        lost = ~self.buf_pool.free & ~self._private
+        lost[: self.buf_pool.reserved] = False
+        if held:
+            idx = np.concatenate(held)
+            lost[idx[idx < nbufs]] = False
+        return lost
 
     def free_buffers(self, idx: npt.ArrayLike) -> None:
         """Give buffers back. A reserved, out-of-range, already free or repeated index raises
@@ -396,6 +455,7 @@ class NetmapMemory:
         with self._lock:
             self.buf_pool.check_release(arr)
             self.buf_pool.release(arr)
+            self._private[arr] = False
 
     # --- interfaces -----------------------------------------------------------------------------------------
     def create_if(
@@ -512,7 +572,9 @@ class NetmapMemory:
     def _release_held(self, idx: npt.ArrayLike) -> None:
         bufs = np.unique(np.asarray(idx).ravel().astype(np.int64))
         bufs = bufs[(bufs >= NM_RESERVED_BUFS) & (bufs < self.nbufs)]
-        self.buf_pool.release(bufs[~self.buf_pool.free[bufs]])
+        bufs = bufs[~self.buf_pool.free[bufs]]
+        self.buf_pool.release(bufs)
+        self._private[bufs] = False
 
     def live_ifs(self) -> list[IfLayout]:
         """Interfaces created and not yet deleted."""

@@ -95,10 +95,10 @@ class RxFill:
     """Puts frames into an RX kring from nr_hwtail, keeping one slot empty (the import half of an rxsync).
 
     The buffers of the free slots are read and checked once, when the filler is made: a slot holding buffer 0
-    (what ring_reinit leaves) stops the fill there quietly; any other unusable index is nonsense and
-    reinitialises the ring. Frames longer than a slot span several, NS_MOREFRAG on all but the last. Slot
-    lengths and flags are written, and nr_hwtail advanced, once per batch by ``flush`` (``close`` and the
-    context manager flush too), so use it as ``with RxFill(kring, memory) as fill:``.
+    (what ring_reinit leaves when the pool is dry) stops the fill there quietly; any other unusable index is
+    nonsense and reinitialises the ring. Frames longer than a slot span several, NS_MOREFRAG on all but the
+    last. Slot lengths and flags are written, and nr_hwtail advanced, once per batch by ``flush`` (``close``
+    and the context manager flush too), so use it as ``with RxFill(kring, memory) as fill:``.
     """
 
     def __init__(self, kring: Kring, memory: NetmapMemory) -> None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import time
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -71,14 +73,23 @@ def slots_check_reference(
 
 _U32 = 0xFFFF_FFFF
 
+# Gives the slots at the given positions a usable buffer each; how many got one (NetmapMemory.restock).
+Restock = Callable[[npt.NDArray[np.void], npt.NDArray[np.int64]], int]
+
 
 class Kring:
     """One ring of a port as the backend sees it: the shared ``ring`` plus private, trusted state.
 
     ``name`` is "<port> TX<i>" / "<port> RX<i>" (host rings: "<port> host TX" / "<port> host RX").
     Counters: ``reinits`` (ring_reinit calls), ``errors`` (slots repaired by them), ``dropped`` (frames a
-    hook discarded). ``users`` counts the registrations that bind this ring.
+    hook discarded). ``users`` counts the registrations that bind this ring. ``restock`` gives the slots a
+    reinit finds without a usable buffer a buffer again; without one they are left with buffer 0, as netmap
+    does.
     """
+
+    # A user can make every sync reinitialise its ring: at most one log line per ring per this many seconds,
+    # the next one saying how many reinits went unlogged (all are counted in ``reinits``).
+    REINIT_LOG_INTERVAL = 1.0
 
     # The backend's state, kept in `c` (a value outside the ring wraps to one that sync_finalize refuses).
     nr_hwcur = CField("First slot the backend has not consumed (TX: to send; RX: not given back).", mask=_U32)
@@ -97,6 +108,7 @@ class Kring:
         nbufs: int,
         buf_size: int,
         host: bool = False,
+        restock: Restock | None = None,
     ) -> None:
         if direction not in (NR_TX, NR_RX):
             raise ValueError(f"direction {direction} is neither NR_TX nor NR_RX")
@@ -126,8 +138,11 @@ class Kring:
         self.nr_hwtail = self.nkr_num_slots - 1 if direction == NR_TX else 0
         self.rhead = self.rcur = 0
         self.rtail = self.nr_hwtail
+        self.restock = restock
         self.reinits = 0
         self.errors = 0
+        self._logged_at: float | None = None
+        self._unlogged = 0
         self.dropped = 0
         self.users = 0
 
@@ -209,10 +224,12 @@ class Kring:
     def ring_reinit(self, reason: str) -> None:
         """Bring the shared ring back to what the kring knows (netmap_ring_reinit).
 
-        Every slot is checked: a reserved or out-of-range buf_idx becomes buffer 0 with len 0 (the user must
-        put a buffer there again), a len above buf_size becomes 0. Then head = cur = hwcur and tail = hwtail,
-        which also hands back to the user any slot it had given us and not yet consumed. Logs one line with
-        the port, the ring and ``reason`` (which names the offending field and value).
+        Every slot is checked: a reserved or out-of-range buf_idx gets a usable buffer from ``restock``
+        (netmap leaves buffer 0 there, and the user had to put a buffer back; a user that did not made every
+        later sync of the ring fail), len 0; buffer 0 only when there is no restock or the pool is dry. A len
+        above buf_size becomes 0. Then head = cur = hwcur and tail = hwtail, which also hands back to the user
+        any slot it had given us and not yet consumed. Logs one line with the port, the ring and ``reason``
+        (which names the offending field and value), at most one per REINIT_LOG_INTERVAL.
         """
         slots = self.ring.slots
         idx = slots["buf_idx"]
@@ -221,6 +238,8 @@ class Kring:
         repaired = int(np.count_nonzero(bad_buf & ((idx != 0) | (slots["len"] != 0))))
         slots["buf_idx"][bad_buf] = 0
         slots["len"][bad_buf] = 0
+        empty = np.flatnonzero(bad_buf)
+        restocked = self.restock(slots, empty) if self.restock is not None and empty.size else 0
         bad_len = slots["len"] > self.buf_size
         repaired += int(np.count_nonzero(bad_len))
         slots["len"][bad_len] = 0
@@ -228,13 +247,22 @@ class Kring:
         self.ring.tail = self.rtail = self.nr_hwtail
         self.reinits += 1
         self.errors += repaired
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.REINIT_LOG_INTERVAL:
+            self._unlogged += 1
+            return
+        self._logged_at, unlogged, self._unlogged = now, self._unlogged, 0
         log.warning(
-            "%s: ring reinit: %s; %d slot(s) repaired; head=cur=%d tail=%d",
+            "%s: ring reinit: %s; %d slot(s) repaired, %d given a new buffer, %d left without; "
+            "head=cur=%d tail=%d%s",
             self.name,
             reason,
             repaired,
+            restocked,
+            empty.size - restocked,
             self.nr_hwcur,
             self.nr_hwtail,
+            f" ({unlogged} more reinit(s) since the last line)" if unlogged else "",
             extra={"port": self.port, "ring": self.name, "reason": reason},
         )
 

@@ -40,7 +40,8 @@ STASH_BUFFERS = 256
 
 class BufferStash:
     """The buffers ``bufs`` in a last-in-first-out ring (``c``: the struct nm_stash the compiled passes use),
-    given back to ``memory`` by close(). An empty stash does nothing."""
+    registered with ``memory`` as held (NetmapMemory.hold) and given back to it by close(). An empty stash
+    does nothing."""
 
     cursor = CField("Where the next given buffer goes; the newest is just before.", mask=0xFFFF_FFFF)
 
@@ -50,6 +51,8 @@ class BufferStash:
         self.c: Any = ffi.new("struct nm_stash *")
         self.c.bufs = ffi.from_buffer("uint32_t[]", self.bufs)
         self.c.size = len(self.bufs)
+        if memory is not None:
+            memory.hold(self.bufs)  # buffers here are not lost to a ring reinit (NetmapMemory.restock)
 
     @classmethod
     def allocate(cls, memory: NetmapMemory, size: int = STASH_BUFFERS) -> BufferStash:
@@ -94,5 +97,6 @@ class BufferStash:
         """Give the buffers back to the allocator (the port is going away); the stash is empty after."""
         if self.memory is not None:
             self.memory.release_held(self.bufs)
+            self.memory.unhold(self.bufs)
         self.c.size = self.c.cursor = 0
         self.bufs = self.bufs[:0]

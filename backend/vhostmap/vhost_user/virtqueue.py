@@ -308,14 +308,19 @@ class SplitVirtqueue:
         self._pending_used.clear()
         used16[1] = idx
         self.used_idx = idx
+        self._log_used(0, vring_used_size(self.num))
+        return n
+
+    def _log_used(self, offset: int, size: int) -> None:
+        """Mark ``size`` bytes at ``offset`` in the used ring dirty, when logging (VHOST_F_LOG_ALL) and the
+        ring asked for it (VHOST_VRING_F_LOG)."""
         if (
             self.log_dirty
             and self.addresses is not None
             and self.addresses.log_used
             and self._mem is not None
         ):
-            self._mem.log_write(self.addresses.log_guest_addr, vring_used_size(self.num))
-        return n
+            self._mem.log_write(self.addresses.log_guest_addr + offset, size)
 
     # --- notifications --------------------------------------------------------------------------------
     def enable_kicks(self) -> None:
@@ -327,13 +332,18 @@ class SplitVirtqueue:
         used16 = self._used16
         if used16 is None:
             return
+        written: int | None = None  # offset in the used ring of the u16 written
         if not self.kicks:
             if not self.event_idx:
-                used16[0] = VRING_USED_F_NO_NOTIFY
+                written, used16[0] = 0, VRING_USED_F_NO_NOTIFY
         elif self.event_idx:
-            used16[(VRING_USED_HEADER + VRING_USED_ELEM.size * self.num) // 2] = self.last_avail_idx
+            written = VRING_USED_HEADER + VRING_USED_ELEM.size * self.num
+            used16[written // 2] = self.last_avail_idx
         else:
-            used16[0] = 0
+            written, used16[0] = 0, 0
+        # Logged even when flush_used published nothing: a migration's destination must see it.
+        if written is not None:
+            self._log_used(written, 2)
 
     def needs_call(self) -> bool:
         """Whether the driver wants an interrupt for the used entries published since the last call."""
