@@ -65,6 +65,12 @@ TARGETS = {
         Target("prologue", "kring sync prologue/finalize, swap, release", harness="kring.c", mode=0),
         Target("stash", "buffer stash take/give", harness="kring.c", mode=1),
         Target("sync", "a port's whole rxsync/txsync (vhu_rxsync/vhu_txsync)", harness="kring.c", mode=2),
+        Target(
+            "onecopy",
+            "guest to guest through slots that refer (vq_dequeue_refs, vq_enqueue_refs, settle, publish)",
+            harness="kring.c",
+            mode=3,
+        ),
         Target("switch", "learning switch forwarding (sw_forward)", harness="switch.c", mode=0),
     )
 }

@@ -2,8 +2,11 @@
  * (datapath/vhost_sync.c): FUZZ_MODE 0 the sync prologue and finalize with the ring user's head, cur, tail
  * and slots from the input, then the forwarders' buffer swap and the sink's release; 1 the buffer stash (take
  * and give in any order over any slots); 2 the whole rxsync / txsync of a port (prologue, dequeue or enqueue,
- * stash, finalize) on a kring and a virtqueue from the input. */
+ * stash, finalize) on a kring and a virtqueue from the input; 3 one copy between two guests' queues, as the
+ * link and switch passes run it (vq_dequeue_refs, vq_enqueue_refs, vq_refs_settle, vq_publish), with the
+ * ring user rewriting slots (and their tickets) in between. */
 #include "harness.h"
+#include "refs.h"
 
 #ifndef FUZZ_MODE
 #error "FUZZ_MODE must be defined"
@@ -192,6 +195,76 @@ static void port_sync(struct reader *r)
     fz_guest_free(&g);
 }
 
+/* Whether [p, p + len) lies inside one of the guest's regions. */
+static int in_guest(const struct fz_guest *g, const uint8_t *p, uint32_t len)
+{
+    for (uint32_t i = 0; i < g->mem.nregions; i++) {
+        const uint8_t *base = (const uint8_t *)(uintptr_t)g->regions[i].host;
+        if (p >= base && len <= g->regions[i].size && (uint64_t)(p - base) <= g->regions[i].size - len)
+            return 1;
+    }
+    return 0;
+}
+
+static void one_copy(struct reader *r)
+{
+    struct fz_guest g, h;
+    struct fz_vq src, dst;
+    fz_guest_build(&g, r);
+    fz_vq_build(&src, &g, r);
+    fz_guest_build(&h, r);
+    fz_vq_build(&dst, &h, r);
+    struct fz_ring ring;
+    fz_ring_build(&ring, r);
+    uint32_t n = ring.nm.num_slots;
+    struct vq_refs refs = {.cap = rd_range(r, 1, n), .gen = rd_u64(r) >> VQ_REF_BITS};
+    refs.refs = calloc(refs.cap, sizeof *refs.refs);
+    refs.min_head = rd_u8(r) & 1 ? SW_ETH_HLEN : 0;
+    uint32_t hdr_len = rd_u8(r) & 1 ? 10 : 12;
+    int32_t mergeable = rd_u8(r) & 1;
+    for (uint32_t round = rd_range(r, 1, 3); round; round--) {
+        struct vq_batch out, delivered;
+        uint32_t first = rd_range(r, 0, n - 1), space = rd_range(r, 0, n);
+        int32_t status = vq_dequeue_refs(&src.vq, &g.mem, &ring.nm, hdr_len, first, space, &refs, src.pending,
+                                         &out);
+        CHECK(status >= VQ_OK && status <= VQ_ERR_MEMORY_GONE);
+        CHECK(refs.count <= refs.cap);
+        for (uint32_t i = 0; i < refs.count; i++)
+            CHECK(refs.refs[i].len && refs.refs[i].len <= ring.nm.buf_size &&
+                  in_guest(&g, refs.refs[i].host, refs.refs[i].len));
+        if (status == VQ_OK) {
+            CHECK(out.slots <= space);
+            /* The ring user rewrites slots: tickets of other generations or indexes, flags, lengths. */
+            for (uint32_t k = rd_range(r, 0, 3); k; k--) {
+                struct nm_slot *slot = &ring.nm.slots[rd_range(r, 0, n - 1)];
+                slot->ptr = rd_u8(r) & 1 ? vq_ref_ticket(&refs, rd_range(r, 0, refs.cap)) : rd_u64(r);
+                slot->flags = rd_u16(r);
+                slot->len = rd_u16(r);
+            }
+            uint32_t count = out.slots ? rd_range(r, 0, out.slots) : 0;
+            int32_t st = vq_enqueue_refs(&dst.vq, &h.mem, &ring.nm, hdr_len, mergeable, first, count, &refs,
+                                         dst.pending, &delivered);
+            CHECK(st >= VQ_OK && st <= VQ_ERR_MEMORY_GONE);
+            vq_refs_settle(&refs, &ring.nm, first, out.slots);
+            /* Nothing refers once settled (a flag the user set with a void ticket refers to nothing). */
+            for (uint32_t k = 0, i = first; k < out.slots; k++, i = (i + 1) % n)
+                CHECK(!(ring.nm.slots[i].flags & NS_INDIRECT) || !vq_ref_at(&refs, ring.nm.slots[i].ptr));
+            status = vq_publish(&src.vq, &g.mem, src.pending, &out);
+            CHECK(status == VQ_OK || status == VQ_ERR_MEMORY_GONE);
+        }
+        vq_refs_reset(&refs);
+        CHECK(refs.count == 0);
+        uint16_t avail_idx = (uint16_t)(src.vq.last_avail_idx + rd_range(r, 0, src.vq.num));
+        memcpy(src.avail + 2, &avail_idx, 2);
+    }
+    free(refs.refs);
+    fz_ring_free(&ring);
+    fz_vq_free(&dst);
+    fz_guest_free(&h);
+    fz_vq_free(&src);
+    fz_guest_free(&g);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct reader r = {data, size};
@@ -202,8 +275,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     case 1:
         stash(&r);
         break;
-    default:
+    case 2:
         port_sync(&r);
+        break;
+    default:
+        one_copy(&r);
         break;
     }
     return 0;

@@ -85,7 +85,9 @@ uint32_t nm_swap_slots(struct nm_kring *rx, struct nm_kring *tx, uint32_t limit)
         d->buf_idx = s->buf_idx;
         s->buf_idx = spare;
         d->len = s->len;
-        d->flags = (uint16_t)((s->flags & NS_MOREFRAG) | NS_BUF_CHANGED);
+        /* A slot that refers to guest memory (one-copy passes: virtio.cdef) keeps referring. */
+        d->ptr = s->ptr;
+        d->flags = (uint16_t)((s->flags & (NS_MOREFRAG | NS_INDIRECT)) | NS_BUF_CHANGED);
         s->flags = NS_BUF_CHANGED;
         if (++si == rn)
             si = 0;

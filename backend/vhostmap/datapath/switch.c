@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "refs.h"
 
 #define SW_MAC_BITS 48
 #define SW_MAC_MASK (((uint64_t)1 << SW_MAC_BITS) - 1)
@@ -240,6 +241,7 @@ static void sw_deliver(struct sw_source *s, const struct sw_frame *f, uint32_t d
         uint32_t rel = f->start + k;
         const struct sw_slot *sl = &s->snap[rel];
         struct nm_slot *ds = &r->slots[j];
+        uint16_t flags = (uint16_t)((sl->flags & NS_MOREFRAG) | (swap ? NS_BUF_CHANGED : 0));
         if (swap) {
             uint32_t si = rx_first + rel;
             if (si >= rx->num_slots)
@@ -247,13 +249,19 @@ static void sw_deliver(struct sw_source *s, const struct sw_frame *f, uint32_t d
             STORE(&ds->buf_idx, sl->buf_idx);
             STORE(&rx->slots[si].buf_idx, s->dbufs[k]);
             STORE(&rx->slots[si].flags, (uint16_t)NS_BUF_CHANGED);
-        } else {
+        }
+        if (sl->ref != SW_NO_REF) {
+            /* Refers to the source guest's memory: the destination's enqueue copies from there (a flood: each
+             * destination's does), and its own buffer stays for vq_refs_settle. */
+            STORE(&ds->ptr, vq_ref_ticket(s->refs, sl->ref));
+            flags |= NS_INDIRECT;
+        } else if (!swap) {
             /* Both indexes were checked against their pools, len against buf_size (sw_batch). memmove: a
              * hostile user may have named the same buffer on both sides. */
             memmove(r->bufs + s->dbufs[k] * bs, rx->bufs + sl->buf_idx * bs, sl->len);
         }
         STORE(&ds->len, sl->len);
-        STORE(&ds->flags, (uint16_t)((sl->flags & NS_MOREFRAG) | (swap ? NS_BUF_CHANGED : 0)));
+        STORE(&ds->flags, flags);
         if (++j == r->num_slots)
             j = 0;
     }
@@ -292,7 +300,9 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
         f->dest = SW_FLOOD;
         if (valid) {
             uint8_t hdr[2 * SW_ETH_ALEN];
-            memcpy(hdr, rx->bufs + (size_t)head->buf_idx * bs, sizeof hdr);
+            const uint8_t *data = head->ref != SW_NO_REF ? s->refs->refs[head->ref].host
+                                                         : rx->bufs + (size_t)head->buf_idx * bs;
+            memcpy(hdr, data, sizeof hdr);
             f->dst = mac_from(hdr);
             f->src = mac_from(hdr + SW_ETH_ALEN);
         } else {
@@ -405,12 +415,22 @@ uint32_t sw_forward(struct sw_table *t, struct sw_source *s, double now)
      * the cache meanwhile: parsing reads it next, and a buffer another thread filled is rarely in ours. */
     for (uint32_t i = 0, j = first; i < count; i++) {
         const struct nm_slot *sl = &rx->slots[j];
+        struct sw_slot *sn = &s->snap[i];
         uint32_t b = LOAD(&sl->buf_idx);
-        s->snap[i].buf_idx = b;
-        s->snap[i].len = LOAD(&sl->len);
-        s->snap[i].flags = LOAD(&sl->flags);
-        if (b < rx->nbufs)
-            __builtin_prefetch(rx->bufs + (size_t)b * s->buf_size);
+        sn->buf_idx = b;
+        sn->len = LOAD(&sl->len);
+        sn->flags = LOAD(&sl->flags);
+        const struct vq_ref *ref = sn->flags & NS_INDIRECT ? vq_ref_at(s->refs, LOAD(&sl->ptr)) : NULL;
+        if (ref) {
+            sn->ref = (uint32_t)(ref - s->refs->refs);
+            if (sn->len > ref->len)
+                sn->len = (uint16_t)ref->len;
+            __builtin_prefetch(ref->host);
+        } else {
+            sn->ref = SW_NO_REF;
+            if (b < rx->nbufs)
+                __builtin_prefetch(rx->bufs + (size_t)b * s->buf_size);
+        }
         if (++j == n)
             j = 0;
     }

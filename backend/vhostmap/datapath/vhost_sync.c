@@ -3,8 +3,11 @@
 
 #include "kernels.h"
 
-int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
-                   struct nm_stash *stash, struct vq_used_elem *pending, struct vq_batch *out)
+/* vhu_rxsync; with `refs`, into slots that refer to the guest's buffers, nothing completed
+ * (vq_dequeue_refs). */
+static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem,
+                               uint32_t hdr_len, struct nm_stash *stash, struct vq_refs *refs,
+                               struct vq_used_elem *pending, struct vq_batch *out)
 {
     if (nm_sync_prologue(k))
         return VHU_REJECT;
@@ -17,7 +20,9 @@ int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
         uint32_t take = vq_pending(vq);
         nm_stash_take(stash, &k->bufs, k->nr_hwtail, take < space ? take : space);
     }
-    int32_t status = vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, pending, out);
+    int32_t status = refs
+                         ? vq_dequeue_refs(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, refs, pending, out)
+                         : vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, pending, out);
     if (status == VQ_OK)
         k->nr_hwtail = (k->nr_hwtail + out->slots) % n;
     nm_sync_finalize(k);
@@ -26,9 +31,16 @@ int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     return status;
 }
 
-int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
-                   int32_t mergeable, struct nm_stash *stash, struct vq_used_elem *pending,
-                   struct vq_batch *out)
+int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
+                   struct nm_stash *stash, struct vq_used_elem *pending, struct vq_batch *out)
+{
+    return vhu_rxsync_refs(k, vq, mem, hdr_len, stash, NULL, pending, out);
+}
+
+/* vhu_txsync, delivering what slots of `refs` (may be NULL) refer to (vq_enqueue_refs). */
+static int32_t vhu_txsync_refs(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem,
+                               uint32_t hdr_len, int32_t mergeable, struct nm_stash *stash,
+                               const struct vq_refs *refs, struct vq_used_elem *pending, struct vq_batch *out)
 {
     if (nm_sync_prologue(k))
         return VHU_REJECT;
@@ -36,7 +48,8 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     uint32_t count = (k->rhead + n - k->nr_hwcur) % n;
     int32_t status = VQ_OK;
     if (count) {
-        status = vq_enqueue(vq, mem, &k->bufs, hdr_len, mergeable, k->nr_hwcur, count, pending, out);
+        status =
+            vq_enqueue_refs(vq, mem, &k->bufs, hdr_len, mergeable, k->nr_hwcur, count, refs, pending, out);
         if (status == VQ_OK) {
             /* Delivered slots were copied out: they are free again at once. */
             if (stash)
@@ -52,6 +65,13 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     return status;
 }
 
+int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
+                   int32_t mergeable, struct nm_stash *stash, struct vq_used_elem *pending,
+                   struct vq_batch *out)
+{
+    return vhu_txsync_refs(k, vq, mem, hdr_len, mergeable, stash, NULL, pending, out);
+}
+
 /* The interrupt the driver asked for (kernels.finish does the same for the calls above): VQ_OK, or the
  * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). */
 static int32_t vhu_notify(const struct vhu_queue *q)
@@ -61,22 +81,72 @@ static int32_t vhu_notify(const struct vhu_queue *q)
     return VQ_OK;
 }
 
+/* The counters and the interrupt of a receive batch that went through and was published. */
+static int32_t vhu_received(const struct vhu_queue *q)
+{
+    q->stats->rx_packets += q->out->packets;
+    q->stats->rx_bytes += q->out->bytes;
+    q->stats->rx_dropped += q->out->dropped;
+    return vhu_notify(q);
+}
+
 int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 {
     int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->stash, q->scratch, q->out);
-    if (status == VQ_OK) {
-        q->stats->rx_packets += q->out->packets;
-        q->stats->rx_bytes += q->out->bytes;
-        q->stats->rx_dropped += q->out->dropped;
-        status = vhu_notify(q);
-    }
-    return status;
+    return status == VQ_OK ? vhu_received(q) : status;
 }
 
-int32_t vhu_queue_txsync(const struct vhu_queue *q)
+/* The rxsync of a one-copy pass: with `refs`, its slots refer to the guest's buffers and its used entries
+ * wait in q->scratch for vhu_queue_publish (nothing counted or signalled yet); without, vhu_queue_rxsync. */
+static int32_t vhu_queue_rxsync_refs(const struct vhu_queue *q, struct vq_refs *refs)
 {
-    int32_t status =
-        vhu_txsync(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->stash, q->scratch, q->out);
+    if (!refs)
+        return vhu_queue_rxsync(q);
+    return vhu_rxsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->stash, refs, q->scratch, q->out);
+}
+
+/* The ring head its user wrote, or UINT32_MAX if outside the ring. */
+static uint32_t vhu_user_head(const struct nm_kring *k)
+{
+    const uint32_t *word = (const uint32_t *)(const void *)(k->ring + NM_RING_HEAD);
+    uint32_t head = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+    return head < k->bufs.num_slots ? head : UINT32_MAX;
+}
+
+static uint32_t vhu_dist(uint32_t first, uint32_t last, uint32_t n)
+{
+    return last >= first ? last - first : last + n - first;
+}
+
+/* Settle what refers to guest memory among the received slots its user has not released ([head, hwtail)). */
+static void vhu_settle_rx(const struct nm_kring *k, const struct vq_refs *refs)
+{
+    uint32_t head = vhu_user_head(k);
+    if (head != UINT32_MAX && k->nr_hwtail < k->bufs.num_slots)
+        vq_refs_settle(refs, &k->bufs, head, vhu_dist(head, k->nr_hwtail, k->bufs.num_slots));
+}
+
+/* Settle what refers to guest memory among the slots handed to a TX kring and not sent ([hwcur, head)). */
+static void vhu_settle_tx(const struct nm_kring *k, const struct vq_refs *refs)
+{
+    uint32_t head = vhu_user_head(k);
+    if (head != UINT32_MAX && k->nr_hwcur < k->bufs.num_slots)
+        vq_refs_settle(refs, &k->bufs, k->nr_hwcur, vhu_dist(k->nr_hwcur, head, k->bufs.num_slots));
+}
+
+/* After the frames of a vhu_queue_rxsync_refs were delivered or settled: publish the used entries, count,
+ * interrupt; the tickets are void from now on. */
+static int32_t vhu_queue_publish(const struct vhu_queue *q, struct vq_refs *refs)
+{
+    vq_refs_reset(refs);
+    int32_t status = vq_publish(q->vq, q->mem, q->scratch, q->out);
+    return status == VQ_OK ? vhu_received(q) : status;
+}
+
+static int32_t vhu_queue_txsync_refs(const struct vhu_queue *q, const struct vq_refs *refs)
+{
+    int32_t status = vhu_txsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->stash, refs,
+                                     q->scratch, q->out);
     if (status == VQ_OK) {
         q->stats->tx_packets += q->out->packets;
         q->stats->tx_bytes += q->out->bytes;
@@ -86,26 +156,43 @@ int32_t vhu_queue_txsync(const struct vhu_queue *q)
     return status;
 }
 
-uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed, int32_t *status)
+int32_t vhu_queue_txsync(const struct vhu_queue *q)
+{
+    return vhu_queue_txsync_refs(q, NULL);
+}
+
+uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *refs, int32_t *failed,
+                       int32_t *status)
 {
     uint64_t moved = 0;
     *failed = -1;
     for (uint32_t k = 0; k < nlanes; k++) {
         const struct vhu_queue *src = &lanes[k].src, *dst = &lanes[k].dst;
-        int32_t st;
+        int32_t st_src = VQ_OK, st_dst;
+        int deferred = 0;
         if (src->kring) {
-            st = vhu_queue_rxsync(src);
-            if (st != VQ_OK) {
+            st_src = vhu_queue_rxsync_refs(src, refs);
+            if (st_src != VQ_OK) {
+                if (refs)
+                    vq_refs_reset(refs); /* the slots it filled were not published */
                 *failed = (int32_t)(2 * k);
-                *status = st;
+                *status = st_src;
                 return moved;
             }
+            deferred = refs != NULL;
             moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         }
-        st = vhu_queue_txsync(dst);
-        if (st != VQ_OK) {
-            *failed = (int32_t)(2 * k + 1);
-            *status = st;
+        st_dst = vhu_queue_txsync_refs(dst, deferred ? refs : NULL);
+        if (deferred) {
+            /* Whatever the destination did not take (no receive buffers yet, or its fault) stays, in the
+             * slots' own buffers, before the source may reuse its transmit buffers. */
+            vhu_settle_rx(src->kring, refs);
+            vhu_settle_tx(dst->kring, refs);
+            st_src = vhu_queue_publish(src, refs);
+        }
+        if (st_dst != VQ_OK || st_src != VQ_OK) {
+            *failed = (int32_t)(st_dst != VQ_OK ? 2 * k + 1 : 2 * k);
+            *status = st_dst != VQ_OK ? st_dst : st_src;
             return moved;
         }
     }
@@ -150,8 +237,8 @@ uint64_t vhu_source_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *fa
 }
 
 uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
-                         struct vhu_queue *tx, uint32_t ntx, uint8_t *synced, double now, int32_t *failed,
-                         int32_t *status)
+                         struct vhu_queue *tx, uint32_t ntx, uint8_t *synced, struct vq_refs *refs, double now,
+                         int32_t *failed, int32_t *status)
 {
     uint64_t received = 0;
     int32_t st;
@@ -159,21 +246,46 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
     memset(synced, 0, ntx);
     for (uint32_t k = 0; k < nsources; k++) {
         const struct vhu_switch_source *s = &sources[k];
-        if (s->rx.kring && (st = vhu_queue_rxsync(&s->rx)) != VQ_OK) {
-            *failed = (int32_t)k;
-            *status = st;
-            return received;
-        }
-        received += sw_forward(t, s->fwd, now);
-        /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. */
-        for (uint32_t i = 0; i < s->fwd->ntouched; i++) {
-            uint32_t d = s->dest_tx[s->fwd->touched[i]];
-            if ((st = vhu_queue_txsync(&tx[d])) != VQ_OK) {
-                *failed = (int32_t)(nsources + d);
+        int deferred = 0;
+        if (s->rx.kring) {
+            if ((st = vhu_queue_rxsync_refs(&s->rx, refs)) != VQ_OK) {
+                if (refs)
+                    vq_refs_reset(refs); /* the slots it filled were not published */
+                *failed = (int32_t)k;
                 *status = st;
                 return received;
             }
+            deferred = refs != NULL;
+        }
+        s->fwd->refs = deferred ? refs : NULL;
+        received += sw_forward(t, s->fwd, now);
+        s->fwd->refs = NULL;
+        /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. */
+        int32_t fail_at = -1, fail_st = VQ_OK;
+        for (uint32_t i = 0; i < s->fwd->ntouched; i++) {
+            uint32_t d = s->dest_tx[s->fwd->touched[i]];
+            if ((st = vhu_queue_txsync_refs(&tx[d], deferred ? refs : NULL)) != VQ_OK) {
+                fail_at = (int32_t)(nsources + d);
+                fail_st = st;
+                break;
+            }
             synced[d] = 1;
+        }
+        if (deferred) {
+            /* What a destination kept (no receive buffers, or its fault), and an unfinished run left in the
+             * source ring, go to the slots' own buffers before the source may reuse its transmit buffers. */
+            vhu_settle_rx(s->rx.kring, refs);
+            for (uint32_t i = 0; i < s->fwd->ntouched; i++)
+                vhu_settle_tx(tx[s->dest_tx[s->fwd->touched[i]]].kring, refs);
+            if ((st = vhu_queue_publish(&s->rx, refs)) != VQ_OK && fail_at < 0) {
+                fail_at = (int32_t)k;
+                fail_st = st;
+            }
+        }
+        if (fail_at >= 0) {
+            *failed = fail_at;
+            *status = fail_st;
+            return received;
         }
     }
     for (uint32_t d = 0; d < ntx; d++) {

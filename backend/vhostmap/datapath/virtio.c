@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "refs.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio 1.x rings are little-endian and read natively here"
@@ -369,15 +370,73 @@ static void vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint3
     nm_close_slot(slot, filled, 0);
 }
 
+/* The slots a frame takes when they refer to its segments minus the first `skip` bytes (one per piece of at
+ * most buf_size bytes), or 0 when it is to be copied instead: more slots than `space` or than `refs` has left
+ * (a chain of many small segments), or a first piece shorter than refs->min_head. */
+static uint32_t vq_ref_slots(const struct nm_bufs *nm, const struct vq_refs *refs, const struct vq_seg *segs,
+                             uint32_t nseg, uint64_t skip, uint32_t space)
+{
+    uint32_t limit = refs->cap - refs->count, n = 0;
+    if (space < limit)
+        limit = space;
+    for (uint32_t k = 0; k < nseg; k++) {
+        if (skip >= segs[k].len) {
+            skip -= segs[k].len;
+            continue;
+        }
+        uint32_t len = segs[k].len - (uint32_t)skip;
+        if (n == 0 && len < refs->min_head)
+            return 0;
+        skip = 0;
+        n += (len + nm->buf_size - 1) / nm->buf_size;
+        if (n > limit)
+            return 0;
+    }
+    return n;
+}
+
+/* vq_ref_slots > 0: fill the slots from `pos` with tickets for the segments minus the first `skip` bytes. */
+static void vq_refer(const struct nm_bufs *nm, struct vq_refs *refs, const struct vq_seg *segs, uint32_t nseg,
+                     uint64_t skip, uint32_t pos)
+{
+    struct nm_slot *slot = NULL;
+    uint32_t filled = 0;
+    for (uint32_t k = 0; k < nseg; k++) {
+        if (skip >= segs[k].len) {
+            skip -= segs[k].len;
+            continue;
+        }
+        const uint8_t *src = segs[k].host + skip;
+        uint32_t left = segs[k].len - (uint32_t)skip;
+        skip = 0;
+        while (left) {
+            if (slot) {
+                nm_close_slot(slot, filled, NS_INDIRECT | NS_MOREFRAG);
+                if (++pos == nm->num_slots)
+                    pos = 0;
+            }
+            filled = left < nm->buf_size ? left : nm->buf_size;
+            uint32_t index = refs->count++;
+            refs->refs[index] = (struct vq_ref){src, filled};
+            slot = nm_slot_at(nm, pos);
+            slot->ptr = vq_ref_ticket(refs, index);
+            src += filled;
+            left -= filled;
+        }
+    }
+    nm_close_slot(slot, filled, NS_INDIRECT);
+}
+
+/* vq_dequeue; with `refs`, vq_dequeue_refs (the frames refer to their chains, nothing is completed). */
 static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                                uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_used_elem *pending,
-                                struct vq_batch *out)
+                                uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_refs *refs,
+                                struct vq_used_elem *pending, struct vq_batch *out)
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first;
 
     vq_batch_init(out);
-    if (!vq_args_ok(vq, nm, first, space))
+    if (!vq_args_ok(vq, nm, first, space) || (refs && (refs->count > refs->cap || refs->cap > VQ_REF_MAX)))
         return vq_fail(out, VQ_ERR_ARGUMENT, 0);
     uint16_t npending = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
     if (npending > vq->num) {
@@ -401,11 +460,16 @@ static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem
             continue;
         }
         uint32_t need = (uint32_t)((length + nm->buf_size - 1) / nm->buf_size);
-        if (need > space) {
+        uint32_t nref = refs ? vq_ref_slots(nm, refs, segs, chain.nseg, hdr_len, space) : 0;
+        if (nref) {
+            vq_refer(nm, refs, segs, chain.nseg, hdr_len, pos);
+            need = nref;
+        } else if (need > space) {
             vq->last_avail_idx--; /* unpop: it goes first next time */
             break;
+        } else {
+            vq_gather(nm, segs, chain.nseg, hdr_len, pos);
         }
-        vq_gather(nm, segs, chain.nseg, hdr_len, pos);
         pending[n_used++] = (struct vq_used_elem){chain.head, 0};
         pos = (pos + need) % nm->num_slots;
         space -= need;
@@ -413,7 +477,10 @@ static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem
         out->packets++;
         out->bytes += length;
     }
-    vq_complete(vq, mem, pending, n_used, out);
+    if (refs)
+        out->used = n_used; /* for vq_publish, once the frames were copied */
+    else
+        vq_complete(vq, mem, pending, n_used, out);
     return VQ_OK;
 fault:
     out->used = n_used;
@@ -452,6 +519,7 @@ static int vq_frame_at(const struct nm_bufs *nm, uint32_t pos, uint32_t avail, u
 /* The bytes a frame delivers: the virtio-net header, then the buffers of its slots. */
 struct vq_source {
     const struct nm_bufs *nm;
+    const struct vq_refs *refs; /* may be NULL */
     const uint8_t *p;
     uint32_t left;  /* bytes at p */
     uint32_t slot;  /* next slot */
@@ -470,8 +538,16 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
                 break;
             const struct nm_slot *slot = nm_slot_at(src->nm, src->slot);
             uint16_t slot_len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
-            src->p = nm_slot_buf(src->nm, slot);
-            src->left = slot_len <= src->nm->buf_size ? slot_len : 0;
+            const struct vq_ref *ref = NULL;
+            if (src->refs && (__atomic_load_n(&slot->flags, __ATOMIC_RELAXED) & NS_INDIRECT))
+                ref = vq_ref_at(src->refs, __atomic_load_n(&slot->ptr, __ATOMIC_RELAXED));
+            if (ref) {
+                src->p = ref->host;
+                src->left = slot_len <= ref->len ? slot_len : ref->len;
+            } else {
+                src->p = nm_slot_buf(src->nm, slot);
+                src->left = slot_len <= src->nm->buf_size ? slot_len : 0;
+            }
             src->frags--;
             if (++src->slot == src->nm->num_slots)
                 src->slot = 0;
@@ -491,11 +567,11 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
  * the other, their counts in chains[k].len; the others are walked again (validated again) into `segs`. Sets
  * chains[k].len to the bytes written into chain k. */
 static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                          uint32_t hdr_len, uint32_t pos, uint32_t nfrag, uint64_t frame_len,
-                          struct vq_used_elem *chains, uint32_t nchains, uint32_t stored, struct vq_seg *segs,
-                          struct vq_batch *out)
+                          const struct vq_refs *refs, uint32_t hdr_len, uint32_t pos, uint32_t nfrag,
+                          uint64_t frame_len, struct vq_used_elem *chains, uint32_t nchains, uint32_t stored,
+                          struct vq_seg *segs, struct vq_batch *out)
 {
-    struct vq_source src = {.nm = nm, .slot = pos, .frags = nfrag};
+    struct vq_source src = {.nm = nm, .refs = refs, .slot = pos, .frags = nfrag};
     uint16_t num_buffers = (uint16_t)nchains;
     uint32_t hdr_bytes = hdr_len < VIRTIO_NET_HDR_SIZE ? hdr_len : VIRTIO_NET_HDR_SIZE;
     uint64_t remaining = hdr_bytes + frame_len;
@@ -537,7 +613,7 @@ static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem
 
 static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
                                 uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
-                                struct vq_used_elem *pending, struct vq_batch *out)
+                                const struct vq_refs *refs, struct vq_used_elem *pending, struct vq_batch *out)
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first, done = 0;
@@ -596,8 +672,8 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
                 chains[k].len = 0;
             out->dropped++;
         } else {
-            if (vq_scatter(vq, mem, nm, hdr_len, pos, nfrag, frame_len, chains, nchains, stored, segs, out) !=
-                VQ_OK)
+            if (vq_scatter(vq, mem, nm, refs, hdr_len, pos, nfrag, frame_len, chains, nchains, stored, segs,
+                           out) != VQ_OK)
                 goto fault;
             out->packets++;
             out->bytes += frame_len;
@@ -641,8 +717,56 @@ int32_t vq_dequeue(struct vq_split *vq, const struct vm_memory *mem, const struc
 {
     if (vm_gone(mem))
         return vq_gone(out);
-    int32_t status = vq_dequeue_batch(vq, mem, nm, hdr_len, first, space, pending, out);
+    int32_t status = vq_dequeue_batch(vq, mem, nm, hdr_len, first, space, NULL, pending, out);
     return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vq_dequeue_refs(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                        uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_refs *refs,
+                        struct vq_used_elem *pending, struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vq_dequeue_batch(vq, mem, nm, hdr_len, first, space, refs, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vq_publish(struct vq_split *vq, const struct vm_memory *mem, const struct vq_used_elem *pending,
+                   struct vq_batch *out)
+{
+    /* The frames were read from this memory since the batch: if it went, they were zeros (see vq_gone). */
+    if (vm_gone(mem))
+        return vq_gone(out);
+    vq_complete(vq, mem, pending, out->used, out);
+    return VQ_OK;
+}
+
+void vq_refs_settle(const struct vq_refs *refs, const struct nm_bufs *nm, uint32_t first, uint32_t count)
+{
+    if (!refs->count || first >= nm->num_slots)
+        return;
+    if (count > nm->num_slots)
+        count = nm->num_slots;
+    for (uint32_t k = 0, i = first; k < count; k++, i = i + 1 == nm->num_slots ? 0 : i + 1) {
+        struct nm_slot *slot = nm_slot_at(nm, i);
+        uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
+        if (!(flags & NS_INDIRECT))
+            continue;
+        const struct vq_ref *ref = vq_ref_at(refs, __atomic_load_n(&slot->ptr, __ATOMIC_RELAXED));
+        if (ref) {
+            uint32_t len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
+            if (len > ref->len)
+                len = ref->len; /* a ref is at most buf_size long */
+            memcpy(nm_slot_buf(nm, slot), ref->host, len);
+        }
+        __atomic_store_n(&slot->flags, (uint16_t)(flags & ~NS_INDIRECT), __ATOMIC_RELAXED);
+    }
+}
+
+void vq_refs_reset(struct vq_refs *refs)
+{
+    refs->count = 0;
+    refs->gen = (refs->gen + 1) & (UINT64_MAX >> VQ_REF_BITS);
 }
 
 int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
@@ -651,6 +775,16 @@ int32_t vq_enqueue(struct vq_split *vq, const struct vm_memory *mem, const struc
 {
     if (vm_gone(mem))
         return vq_gone(out);
-    int32_t status = vq_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, pending, out);
+    int32_t status = vq_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, NULL, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vq_enqueue_refs(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                        uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
+                        const struct vq_refs *refs, struct vq_used_elem *pending, struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vq_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, refs, pending, out);
     return vm_gone(mem) ? vq_gone(out) : status;
 }

@@ -2,7 +2,8 @@
 
 A netmap user of both ports' rings, like netmap's bridge application: received slots are handed to the other
 port's TX ring by swapping buffer indices (zero copy, one allocator). Between two ports with compiled queues
-a round is one C call (vhu_link_pass); otherwise one ring at a time through the ports' syncs.
+a round is one C call (vhu_link_pass), which copies each frame once, from guest to guest (passes.OneCopy);
+otherwise one ring at a time through the ports' syncs.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forwarding.passes import CompiledPass, PassOutcome, Side, with_stash
+from vhostmap.forwarding.passes import CompiledPass, OneCopy, PassOutcome, Side, with_stash
 from vhostmap.forwarding.rings import SWAP_ALL
 from vhostmap.netmap.adapter import NetmapAdapter
 
@@ -27,6 +28,7 @@ class Link:
         self.a, self.b = a, b
         self.name = f"link {a.name}<->{b.name}"
         self._plan: CompiledPass | None = None
+        self._refs: OneCopy | None = None
         self._outcome = PassOutcome()
 
     def wake_fds(self) -> list[int]:
@@ -39,7 +41,8 @@ class Link:
         if plan is None:
             return (self._one_way(self.a, self.b) + self._one_way(self.b, self.a)) > 0
         out = self._outcome
-        moved = lib.vhu_link_pass(plan.c, plan.n, out.failed, out.status)
+        assert self._refs is not None
+        moved = lib.vhu_link_pass(plan.c, plan.n, self._refs.c, out.failed, out.status)
         # Side 2k is lane k's source, 2k + 1 its destination: the index vhu_link_pass reports.
         return out.check(plan.sides) or moved > 0
 
@@ -53,6 +56,7 @@ class Link:
             return plan
         lanes: list[Any] = []
         sides: list[Side] = []
+        cap = 1
         for src, qs, dst, qd in ((self.a, qa, self.b, qb), (self.b, qb, self.a, qa)):
             for i in range(src.num_rx_rings):
                 j = i % dst.num_tx_rings
@@ -64,9 +68,12 @@ class Link:
                 lane = ffi.new("struct vhu_lane *")
                 if s is not None:
                     lane.src = with_stash(s, qs)[0]
+                    cap = max(cap, src.rx_rings[i].ring.num_slots)
                 lane.dst = with_stash(d, qd)[0]
                 lanes.append(lane)
                 sides += [(src, src.rx_rings[i], True), (dst, dst.tx_rings[j], False)]
+        if self._refs is None or self._refs.c.cap < cap:
+            self._refs = OneCopy(cap)
         self._plan = plan = CompiledPass((qa, qb), "struct vhu_lane", lanes, sides)
         return plan
 

@@ -5,13 +5,17 @@ the Python path) and builds, once per control-plane change (the handles' ``versi
 runs over (struct vhu_queue, vhu_lane or vhu_switch_source: datapath/vhost_sync.cdef). When the pass stops at
 a sync, ``PassOutcome`` hands that sync back to its port (``NetmapAdapter.fast_failed``): a driver fault marks
 that device broken, a ring the compiled prologue refused is synced the Python way, and nothing else stops.
+
+The link and switch passes copy each frame once, from the source guest's transmit buffers into the
+destination guest's receive buffers: the source's slots refer to guest memory through the pass's private
+table of references (``OneCopy``, struct vq_refs in datapath/virtio.cdef) while the pass runs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from vhostmap.datapath import ffi
+from vhostmap.datapath import ffi, lib
 from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.kring import Kring
 
@@ -33,6 +37,20 @@ def with_stash(q: Any, queues: FastQueues) -> Any:
     copy = ffi.new("struct vhu_queue *", q[0])
     copy.stash = queues.stash
     return copy
+
+
+class OneCopy:
+    """The table of references to guest memory a one-copy pass (vhu_link_pass, vhu_switch_pass) hands out
+    tickets into: ``cap`` entries, one per slot a source sync may fill (its kring's size at most), allocated
+    once per plan. ``min_head``: bytes the first slot of a frame must refer to, else it is copied (the switch
+    reads the Ethernet header there)."""
+
+    def __init__(self, cap: int, min_head: int = 0) -> None:
+        if not 0 < cap <= lib.VQ_REF_MAX:
+            raise ValueError(f"{cap} references: at most {lib.VQ_REF_MAX}")
+        self.entries = ffi.new("struct vq_ref[]", cap)
+        self.c = ffi.new("struct vq_refs *")
+        self.c.refs, self.c.cap, self.c.min_head = self.entries, cap, min_head
 
 
 class CompiledPass:

@@ -43,6 +43,7 @@ from vhostmap.netmap.abi import (
     NR_REG_SW,
     NR_TIMESTAMP,
     NS_BUF_CHANGED,
+    NS_INDIRECT,
     NS_MOREFRAG,
     RingView,
     nm_prev,
@@ -429,8 +430,9 @@ def move_slots(tx: Kring, rx: Kring) -> int:
 
 
 def swap_buffers(src: RingView, first_src: int, dst: RingView, first_dst: int, n: int) -> None:
-    """Give ``n`` slots of ``dst`` from ``first_dst`` the buffers, lengths and NS_MOREFRAG of ``n`` slots of
-    ``src`` from ``first_src``, and the source slots the destination's spare buffers (zero copy; both rings
+    """Give ``n`` slots of ``dst`` from ``first_dst`` the buffers, lengths, NS_MOREFRAG, and NS_INDIRECT with
+    ``ptr`` of ``n`` slots of ``src`` from ``first_src`` (a slot of a compiled one-copy pass refers to guest
+    memory: datapath/virtio.cdef), and the source slots the destination's spare buffers (zero copy; both rings
     share an allocator). Both sides get NS_BUF_CHANGED. Indexes wrap; nothing else moves."""
     si = (first_src + np.arange(n)) % src.num_slots
     di = (first_dst + np.arange(n)) % dst.num_slots
@@ -439,5 +441,6 @@ def swap_buffers(src: RingView, first_src: int, dst: RingView, first_dst: int, n
     d["buf_idx"][di] = s["buf_idx"][si]
     s["buf_idx"][si] = spare
     d["len"][di] = s["len"][si]
-    d["flags"][di] = (s["flags"][si] & NS_MOREFRAG) | NS_BUF_CHANGED
+    d["ptr"][di] = s["ptr"][si]
+    d["flags"][di] = (s["flags"][si] & (NS_MOREFRAG | NS_INDIRECT)) | NS_BUF_CHANGED
     s["flags"][si] = NS_BUF_CHANGED

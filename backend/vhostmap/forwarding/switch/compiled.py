@@ -4,8 +4,9 @@
 struct sw_ring of every destination and the address table in C memory (CompiledMacTable). When every port
 has compiled queues (``NetmapAdapter.fast_queues``) and none is a host port, the whole round is one call:
 vhu_switch_pass = every source's rxsync, sw_forward, the txsync of each TX ring it touched, then the TX rings
-still holding frames. The structs are built on first use and dropped whenever the ports change (``reset``)
-or a port's queues do (their version).
+still holding frames; each frame copied once per destination, from guest to guest (passes.OneCopy). The
+structs are built on first use and dropped whenever the ports change (``reset``) or a port's queues do (their
+version).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forwarding.passes import PassOutcome, Side, struct_array, with_stash
+from vhostmap.ethernet import ETH_HLEN
+from vhostmap.forwarding.passes import OneCopy, PassOutcome, Side, struct_array, with_stash
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import CompiledMacTable
 from vhostmap.netmap.abi import RING_HEADER_SIZE, NetmapRing, RingView
@@ -61,6 +63,7 @@ class CompiledSwitch:
             plan.tx,
             plan.ntx,
             plan.synced,
+            plan.refs.c,
             now,
             out.failed,
             out.status,
@@ -96,6 +99,7 @@ class CompiledSwitch:
                 tx_items.append(with_stash(d, queues[p.adapter]))
         src_items: list[Any] = []
         keep: list[Any] = [list(queues.values())]
+        cap = 1
         for p in self.ports:
             for q, ring_index in enumerate(p.rx_rings):
                 source = self._sources.get((p, q))
@@ -105,6 +109,7 @@ class CompiledSwitch:
                 rx = queues[p.adapter].rx.get(ring_index)
                 if rx is not None:
                     item.rx = with_stash(rx, queues[p.adapter])[0]
+                    cap = max(cap, p.adapter.rx_rings[ring_index].ring.num_slots)
                 item.fwd = source.c
                 dest_tx = ffi.new("uint32_t[]", [tx_index[pair] for pair in source.targets.pairs])
                 item.dest_tx = dest_tx
@@ -113,7 +118,8 @@ class CompiledSwitch:
                 sides.append((p.adapter, p.adapter.rx_rings[ring_index], True))
         for p, t in tx_index:
             sides.append((p.adapter, p.adapter.tx_rings[t], False))
-        self._pass = plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, keep)
+        refs = OneCopy(cap, ETH_HLEN)
+        self._pass = plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, refs, keep)
         return plan
 
     def forward(
@@ -187,9 +193,9 @@ class _Pool:
 
 
 class _SwitchPass:
-    """A switch round as vhu_switch_pass takes it: the sources, the TX queues, and who to tell when a sync
-    fails (``sides``: the sources, then the TX queues). Good while ``versions`` (of the ports' FastQueues)
-    and ``ports`` hold; ``keep`` holds what the structs point into."""
+    """A switch round as vhu_switch_pass takes it: the sources, the TX queues, who to tell when a sync
+    fails (``sides``: the sources, then the TX queues), and the references of its one-copy frames. Good while
+    ``versions`` (of the ports' FastQueues) and ``ports`` hold; ``keep`` holds what the structs point into."""
 
     def __init__(
         self,
@@ -198,6 +204,7 @@ class _SwitchPass:
         sources: list[Any],
         tx: list[Any],
         sides: list[Side],
+        refs: OneCopy,
         keep: list[Any],
     ) -> None:
         self.versions = versions
@@ -207,6 +214,7 @@ class _SwitchPass:
         self.tx = struct_array("struct vhu_queue", tx)
         self.synced = ffi.new("uint8_t[]", max(self.ntx, 1))
         self.sides = sides
+        self.refs = refs
         self.keep = keep
 
 
