@@ -100,9 +100,13 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, int32_t *failed,
                 *status = st;
                 return moved;
             }
-            moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         }
+        /* The destination may be filled by another thread's lane too (VALE's rule, as one short section). */
+        vhu_lock(dst->lock);
+        if (src->kring)
+            moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         st = vhu_queue_txsync(dst);
+        vhu_unlock(dst->lock);
         if (st != VQ_OK) {
             *failed = (int32_t)(2 * k + 1);
             *status = st;
@@ -156,7 +160,6 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
     uint64_t received = 0;
     int32_t st;
     *failed = -1;
-    memset(synced, 0, ntx);
     for (uint32_t k = 0; k < nsources; k++) {
         const struct vhu_switch_source *s = &sources[k];
         if (s->rx.kring && (st = vhu_queue_rxsync(&s->rx)) != VQ_OK) {
@@ -168,7 +171,10 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
         /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. */
         for (uint32_t i = 0; i < s->fwd->ntouched; i++) {
             uint32_t d = s->dest_tx[s->fwd->touched[i]];
-            if ((st = vhu_queue_txsync(&tx[d])) != VQ_OK) {
+            vhu_lock(tx[d].lock);
+            st = vhu_queue_txsync(&tx[d]);
+            vhu_unlock(tx[d].lock);
+            if (st != VQ_OK) {
                 *failed = (int32_t)(nsources + d);
                 *status = st;
                 return received;
@@ -178,9 +184,12 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
     }
     for (uint32_t d = 0; d < ntx; d++) {
         const struct nm_kring *k = tx[d].kring;
-        if (synced[d] || k->rhead == k->nr_hwcur)
+        if (synced[d])
             continue;
-        if ((st = vhu_queue_txsync(&tx[d])) != VQ_OK) {
+        vhu_lock(tx[d].lock);
+        st = k->rhead == k->nr_hwcur ? VQ_OK : vhu_queue_txsync(&tx[d]);
+        vhu_unlock(tx[d].lock);
+        if (st != VQ_OK) {
             *failed = (int32_t)(nsources + d);
             *status = st;
             return received;

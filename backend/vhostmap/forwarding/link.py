@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forwarding.passes import CompiledPass, PassOutcome, Side, with_stash
-from vhostmap.forwarding.rings import SWAP_ALL
+from vhostmap.forwarding.passes import CompiledPass, Owns, PassOutcome, Side, owned, with_stash
+from vhostmap.forwarding.rings import SWAP_ALL, ring_lock
 from vhostmap.netmap.adapter import NetmapAdapter
 
 
@@ -21,13 +21,26 @@ class Link:
     Between two ports with compiled queues a round is one compiled call (vhu_link_pass: for every queue both
     ways, the source's rxsync, the buffer swap, the destination's txsync), as long as neither port needs the
     Python path (NetmapAdapter.fast_queues); otherwise it is the calls below, one ring at a time.
+
+    A lane (a receive queue of one port and the TX ring it feeds) is the unit several datapath threads share
+    a link by: ``part`` makes a link that runs only the lanes whose receive queue ``owns`` names. A TX ring
+    fed by lanes of two threads (ports with different queue counts) is filled and synced under its lock.
     """
 
-    def __init__(self, a: NetmapAdapter, b: NetmapAdapter) -> None:
+    def __init__(self, a: NetmapAdapter, b: NetmapAdapter, owns: Owns = None) -> None:
         self.a, self.b = a, b
         self.name = f"link {a.name}<->{b.name}"
+        self.owns = owns
         self._plan: CompiledPass | None = None
         self._outcome = PassOutcome()
+
+    def rx_queues(self) -> list[tuple[NetmapAdapter, int]]:
+        """The receive queues (port, RX ring) of both ports: one lane each."""
+        return [(p, i) for p in (self.a, self.b) for i in range(p.num_rx_rings)]
+
+    def part(self, owns: Owns) -> Link:
+        """The same link running only the lanes whose receive queue ``owns`` names (one thread's)."""
+        return Link(self.a, self.b, owns)
 
     def wake_fds(self) -> list[int]:
         """Kicks of both ports."""
@@ -55,6 +68,8 @@ class Link:
         sides: list[Side] = []
         for src, qs, dst, qd in ((self.a, qa, self.b, qb), (self.b, qb, self.a, qa)):
             for i in range(src.num_rx_rings):
+                if not owned(self.owns, src, i):
+                    continue
                 j = i % dst.num_tx_rings
                 s, d = qs.rx.get(i), qd.tx.get(j)
                 if d is None:
@@ -70,13 +85,15 @@ class Link:
         self._plan = plan = CompiledPass((qa, qb), "struct vhu_lane", lanes, sides)
         return plan
 
-    @staticmethod
-    def _one_way(src: NetmapAdapter, dst: NetmapAdapter) -> int:
+    def _one_way(self, src: NetmapAdapter, dst: NetmapAdapter) -> int:
         moved = 0
         ntx = dst.num_tx_rings
         for i in range(src.num_rx_rings):
+            if not owned(self.owns, src, i):
+                continue
             j = i % ntx
             src.rxsync(i)
-            moved += lib.nm_swap_slots(src.rx_rings[i].c, dst.tx_rings[j].c, SWAP_ALL)
-            dst.txsync(j)
+            with ring_lock(dst, j):
+                moved += lib.nm_swap_slots(src.rx_rings[i].c, dst.tx_rings[j].c, SWAP_ALL)
+                dst.txsync(j)
         return moved

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vhostmap.datapath import ffi
 from vhostmap.netmap.abi import (
     NETMAP_DO_RX_POLL,
     NETMAP_NO_TX_POLL,
@@ -191,6 +192,8 @@ class NetmapAdapter(abc.ABC):
         self.broken: str | None = None
         self.registrations: list[Registration] = []
         self.host_port: HostPort | None = None
+        # The lock words of the TX rings (tx_lock), host ring included.
+        self.tx_locks: Any = ffi.new("uint32_t[]", len(self.tx_rings))
 
     def _kring(self, r: RingLayout) -> Kring:
         m = self.memory
@@ -309,6 +312,13 @@ class NetmapAdapter(abc.ABC):
     def count_dropped(self, ring_index: int, frames: int) -> None:
         """Account ``frames`` that a consumer of RX ring ``ring_index`` discarded."""
         self._ring(self.rx_rings, ring_index, "RX").dropped += frames
+
+    def tx_lock(self, ring_index: int) -> Any:
+        """The lock word (datapath/locks.cdef) of TX ring ``ring_index``: held by whoever fills or txsyncs it
+        while other datapath threads may too (several receive queues forwarding into it). One per ring here;
+        a port whose TX rings can share what a txsync writes into answers with one word for those."""
+        self._ring(self.tx_rings, ring_index, "TX")
+        return self.tx_locks + ring_index
 
     def carrier(self, ring_index: int) -> bool:
         """Whether TX ring ``ring_index`` has somewhere to deliver to now (a guest receive queue, a link)."""
