@@ -30,6 +30,21 @@ def owned(owns: Owns, port: NetmapAdapter, ring_index: int) -> bool:
     return owns is None or owns(port, ring_index)
 
 
+def owned_wake_fds(owns: Owns, ports: list[NetmapAdapter], rx_rings: list[list[int]]) -> list[int]:
+    """The fds a part wakes on: every fd of ``ports`` for the whole forwarder (``owns`` None), else those of
+    the receive queues it serves (NetmapAdapter.queue_wake_fds; ``rx_rings[k]``: the RX rings of
+    ``ports[k]`` the forwarder reads). An eventfd is drained by the thread that wakes on it: one only."""
+    fds: list[int] = []
+    for port, rings in zip(ports, rx_rings, strict=True):
+        wanted = (
+            port.wake_fds()
+            if owns is None
+            else [fd for r in rings if owns(port, r) for fd in port.queue_wake_fds(r)]
+        )
+        fds += [fd for fd in wanted if fd not in fds]
+    return fds
+
+
 def struct_array(ctype: str, items: list[Any]) -> Any:
     """A C array of ``ctype`` holding copies of the structs ``items`` point to (at least one element)."""
     array = ffi.new(f"{ctype}[]", max(len(items), 1))

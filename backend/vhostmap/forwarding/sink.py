@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forwarding.passes import CompiledPass, Owns, PassOutcome, owned, port_pass
+from vhostmap.forwarding.passes import CompiledPass, Owns, PassOutcome, owned, owned_wake_fds, port_pass
 from vhostmap.netmap.adapter import NetmapAdapter
 
 
@@ -34,8 +34,8 @@ class Sink:
         return self._plan
 
     def wake_fds(self) -> list[int]:
-        """Kicks of the port."""
-        return list(self.port.wake_fds())
+        """Kicks of the port (of the queues it serves)."""
+        return owned_wake_fds(self.owns, [self.port], [list(range(self.port.num_rx_rings))])
 
     def run(self) -> bool:
         """Receive and release every ring once; True when anything arrived."""

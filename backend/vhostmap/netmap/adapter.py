@@ -257,6 +257,16 @@ class NetmapAdapter(abc.ABC):
         (kick eventfds, a socket) to ``super().wake_fds()``."""
         return list(self.host_port.wake_fds()) if self.host_port is not None else []
 
+    def queue_wake_fds(self, ring_index: int) -> Sequence[int]:
+        """The fds of ``wake_fds`` that the datapath thread serving RX ring ``ring_index`` watches, when
+        several threads share the port's queues: each fd goes to one queue only (two threads draining one
+        eventfd could each take the other's kick). Here the host port's to the host RX ring, the rest to
+        ring 0; a thread serving RX ring i also flushes TX ring i (see Switch.run)."""
+        host = list(self.host_port.wake_fds()) if self.host_port is not None else []
+        if ring_index == self.num_rx_rings:
+            return host
+        return [fd for fd in self.wake_fds() if fd not in host] if ring_index == 0 else []
+
     # --- syncs ----------------------------------------------------------------------------------------------
     def txsync(self, ring_index: int, flags: int = 0) -> None:
         """NIOCTXSYNC on one TX kring (``num_tx_rings`` is the host ring): prologue, hook, finalize."""

@@ -226,6 +226,16 @@ class VhostUserPort(NetmapAdapter):
         vq = self._rx_queue_for(ring_index) if ring_index < self.num_tx_rings else None
         return super().tx_lock(ring_index if vq is None else vq.index // 2)
 
+    def queue_wake_fds(self, ring_index: int) -> list[int]:
+        """The kicks of queue pair ``ring_index`` (its transmit queue fills RX ring i, its receive queue
+        drains TX ring i), or the host port's fds for the host RX ring."""
+        if ring_index >= self.num_rx_rings:
+            return list(super().queue_wake_fds(ring_index))
+        if self.device.broken:
+            return []
+        vqs = self.device.vqs[2 * ring_index : 2 * ring_index + 2]
+        return [vq.kick_fd for vq in vqs if vq.ready and vq.kick_fd is not None]
+
     def carrier(self, ring_index: int) -> bool:
         """Whether TX kring ``ring_index`` has a guest receive queue to deliver into now."""
         return self._rx_queue_for(ring_index) is not None

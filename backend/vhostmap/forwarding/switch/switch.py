@@ -33,7 +33,7 @@ from dataclasses import asdict
 
 from vhostmap.datapath.choice import reference_selected
 from vhostmap.ethernet import format_mac
-from vhostmap.forwarding.passes import Owns, owned
+from vhostmap.forwarding.passes import Owns, owned, owned_wake_fds
 from vhostmap.forwarding.rings import ring_lock
 from vhostmap.forwarding.switch import reference
 from vhostmap.forwarding.switch.compiled import CompiledSwitch, flushes
@@ -172,17 +172,12 @@ class Switch:
         return SwitchPart(self, owns)
 
     def wake_fds(self, owns: Owns = None) -> list[int]:
-        """Every attached adapter's fds (kicks, its TAP or socket), or with ``owns`` those of the adapters
-        with a receive queue it names. Every run syncs every RX ring it serves, host rings included, so fds
+        """Every attached adapter's fds (kicks, its TAP or socket), or with ``owns`` those of the receive
+        queues it names. Every run syncs every RX ring it serves, host rings included, so fds
         that are not eventfds are always drained."""
-        fds: list[int] = []
-        for adapter in self.adapters:
-            if owns is not None:
-                rings = [r for p in self.ports if p.adapter is adapter for r in p.rx_rings]
-                if not any(owns(adapter, r) for r in rings):
-                    continue
-            fds += [fd for fd in adapter.wake_fds() if fd not in fds]
-        return fds
+        adapters = self.adapters
+        rings = [[r for p in self.ports if p.adapter is a for r in p.rx_rings] for a in adapters]
+        return owned_wake_fds(owns, adapters, rings)
 
     def run(self, owns: Owns = None) -> bool:
         """One round: every RX ring of every port once (those ``owns`` names); True when anything was
