@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="busy-poll the datapath instead of sleeping on kicks (burns a core; pin it with --cpu)",
     )
-    serve.add_argument("--cpu", type=int, metavar="N", help="pin the datapath thread to CPU N")
+    serve.add_argument(
+        "--cpu",
+        metavar="LIST",
+        help="one datapath thread pinned to each CPU of LIST (N, or a list like 0-1 or 2,4-5; "
+        "receive queues round-robin over them unless a port pins them with rxq_affinity=QUEUE:CPU,...)",
+    )
     serve.add_argument("--control-cpu", type=int, metavar="N", help="pin the control (main) thread to CPU N")
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections and negotiation too")
 

@@ -149,7 +149,8 @@ def start_daemon(
     sock_dir: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> Iterator[StartDaemon]:
     """Start an in-process daemon: ``start_daemon({"a": "queues=4", "b": ""}, links=["a,b"])``; also
-    ``switches=["vale0=a,b"]`` (``--switch`` values) and ``other_ports`` (complete ``--port`` values).
+    ``switches=["vale0=a,b"]`` (``--switch`` values), ``other_ports`` (complete ``--port`` values), ``cpu``
+    (``--cpu``: a list runs several datapath threads) and ``poll``.
 
     Port values are extra ``--port`` options (``mode=client``, ``queues=``, ``mac=``, ``mtu=``); every socket
     lives in ``sock_dir``. Teardown fails the test if the daemon thread raised, or if a socket file or a file
@@ -164,6 +165,8 @@ def start_daemon(
         *,
         switches: Sequence[str] = (),
         other_ports: Sequence[str] = (),
+        cpu: str | None = None,
+        poll: bool | None = None,
     ) -> RunningDaemon:
         flags = []
         for name, options in ports.items():
@@ -171,7 +174,10 @@ def start_daemon(
                 f"{name}=vhost-user,path={sock_dir}/{name}.sock" + (f",{options}" if options else "")
             )
         flags += other_ports  # complete --port values (generic ports)
-        config = build_config(None, flags, links, f"{sock_dir}/control.sock", switch_flags=switches)
+        threads = {k: v for k, v in (("cpu", cpu), ("poll", poll)) if v is not None}
+        config = build_config(
+            None, flags, links, f"{sock_dir}/control.sock", switch_flags=switches, **threads
+        )
         daemon = Daemon(config)
 
         def serve() -> None:

@@ -41,7 +41,7 @@ def others_unaffected(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) -> N
     exchange(fc, fe)
     exchange(fe, fc)
     assert control.call(control_path(d), "stats", timeout=5.0)["ports"]["c"]["broken"] is None
-    assert d.daemon.worker._thread.is_alive()
+    assert d.daemon.worker.workers[0]._thread.is_alive()
 
 
 def set_blocking(fd: int) -> None:

@@ -156,9 +156,9 @@ def test_config_takes_poll_and_cpus_from_toml_and_flags_override_them() -> None:
     cpu = USABLE_CPUS[-1]
     toml = {"poll": True, "cpu": cpu, "control_cpu": USABLE_CPUS[0]}
     config = build_config(toml, ["a=vhost-user,path=/tmp/a.sock"])
-    assert (config.poll, config.cpu, config.control_cpu) == (True, cpu, USABLE_CPUS[0])
+    assert (config.poll, config.cpu, config.control_cpu) == (True, (cpu,), USABLE_CPUS[0])
     config = build_config(dict(toml), ["a=vhost-user,path=/tmp/a.sock"], poll=False, cpu=USABLE_CPUS[0])
-    assert (config.poll, config.cpu) == (False, USABLE_CPUS[0])
+    assert (config.poll, config.cpu) == (False, (USABLE_CPUS[0],))
     default = build_config(None, ["a=vhost-user,path=/tmp/a.sock"])
     assert (default.poll, default.cpu, default.control_cpu) == (False, None, None)
 
@@ -169,7 +169,8 @@ def test_config_takes_poll_and_cpus_from_toml_and_flags_override_them() -> None:
         ({"cpu": MISSING_CPU}, {}, f"cpu: datapath CPU {MISSING_CPU} does not exist"),
         ({}, {"control_cpu": MISSING_CPU}, f"control_cpu: control CPU {MISSING_CPU} does not exist"),
         ({"poll": "yes"}, {}, "poll must be true or false"),
-        ({"cpu": "1"}, {}, "cpu must be a CPU number"),
+        ({"cpu": "one"}, {}, "cpu must be a CPU number or a CPU list"),
+        ({"cpu": True}, {}, "cpu must be a CPU number or a CPU list"),
         ({"control_cpu": True}, {}, "control_cpu must be a CPU number"),
     ],
 )

@@ -37,7 +37,14 @@ libvirt runs it) may connect: ``group=libvirt-qemu,perm=0660`` per port, or ``--
 
 The datapath thread busy-polls instead of sleeping on kicks with ``--poll`` (TOML ``poll = true``) and is
 pinned to a CPU with ``--cpu N`` (``cpu = N``); ``--control-cpu N`` (``control_cpu = N``) pins the control
-thread.
+thread. A CPU list (``--cpu 2-5``, ``--cpu 2,4-5``; TOML ``cpu = "2-5"``) runs one datapath thread per CPU,
+each pinned to its own; receive queues are given to them round-robin, or pinned per port with
+``rxq_affinity`` (QUEUE:CPU pairs, as OVS's pmd-rxq-affinity; every CPU must be in the list)::
+
+    --cpu 0-1 --port vm0=vhost-user,path=/tmp/vm0.sock,queues=2,rxq_affinity=0:1,1:0
+
+    [ports.vm0]
+    rxq_affinity = "0:1,1:0"
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ from vhostmap.control.client import DEFAULT_CONTROL_SOCKET
 from vhostmap.ethernet import ETH_HLEN
 from vhostmap.forwarding.switch.table import DEFAULT_AGING
 from vhostmap.packets import MAX_FRAME, MIN_FRAME
-from vhostmap.system.cpu import check_cpu
+from vhostmap.system.cpu import check_cpu, parse_cpu_list
 from vhostmap.system.unixsock import UNIX_PATH_MAX
 from vhostmap.vhost_user.device import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU
 
@@ -120,6 +127,8 @@ class PortConfig:
     host: str | None = None  # TAP the port's host rings are bound to (created if missing)
     ifname: str | None = None  # the interface a generic port attaches to
     generate: int | None = None  # length of the frames the port's guest receives from a built-in generator
+    # (RX queue, CPU) pairs: the datapath thread on that CPU serves that receive queue (rxq_affinity).
+    rxq_affinity: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -159,6 +168,14 @@ class PortConfig:
             resolve_group(self.group, where)  # an unknown group is a configuration error, found now
         if self.generate is not None:
             self._check_generate(where)
+        queues = [q for q, _ in self.rxq_affinity]
+        for q in queues:
+            if not 0 <= q < self.queues:
+                raise ConfigError(
+                    f"{where}: rxq_affinity names queue {q}; the port has queues 0..{self.queues - 1}"
+                )
+            if queues.count(q) > 1:
+                raise ConfigError(f"{where}: rxq_affinity pins queue {q} twice")
 
     def _check_generate(self, where: str) -> None:
         longest = min(MAX_FRAME, self.mtu + ETH_HLEN)
@@ -229,17 +246,30 @@ class DaemonConfig:
     links: tuple[tuple[str, str], ...] = ()
     control_socket: str = DEFAULT_CONTROL_SOCKET
     switches: tuple[SwitchConfig, ...] = ()
-    poll: bool = False  # the datapath thread busy-polls instead of sleeping on kicks
-    cpu: int | None = None  # the CPU the datapath thread is pinned to
+    poll: bool = False  # the datapath threads busy-poll instead of sleeping on kicks
+    cpu: tuple[int, ...] | None = (
+        None  # one datapath thread pinned to each of these CPUs (None: one, unpinned)
+    )
     control_cpu: int | None = None  # the CPU the control (main) thread is pinned to
 
     def __post_init__(self) -> None:
-        for value, what in ((self.cpu, "cpu: datapath CPU"), (self.control_cpu, "control_cpu: control CPU")):
-            if value is not None:
-                try:
-                    check_cpu(value, what)
-                except ValueError as e:
-                    raise ConfigError(str(e)) from None
+        cpus = list(self.cpu or ()) + ([self.control_cpu] if self.control_cpu is not None else [])
+        for k, value in enumerate(cpus):
+            what = "control_cpu: control CPU" if k == len(self.cpu or ()) else "cpu: datapath CPU"
+            try:
+                check_cpu(value, what)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        if self.cpu is not None and len(set(self.cpu)) != len(self.cpu):
+            raise ConfigError(f"cpu: CPU list {self.cpu} names a CPU twice")
+        for p in self.ports:
+            for q, cpu in p.rxq_affinity:
+                if cpu not in (self.cpu or ()):
+                    listed = ",".join(map(str, self.cpu)) if self.cpu else "none given"
+                    raise ConfigError(
+                        f"port {p.name!r}: rxq_affinity pins queue {q} to CPU {cpu}, which runs no datapath "
+                        f"thread (datapath CPUs, --cpu / cpu: {listed})"
+                    )
         names = [p.name for p in self.ports]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -315,7 +345,8 @@ class DaemonConfig:
 
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
     known = {
-        "type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname", "generate"
+        "type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname",
+        "generate", "rxq_affinity",
     }  # fmt: skip
     unknown = set(values) - known
     if unknown:
@@ -333,6 +364,8 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
             kwargs["mac"] = parse_mac(str(value))
         elif key == "perm":
             kwargs["perm"] = parse_perm(value, f"port {name!r}: perm")
+        elif key == "rxq_affinity":
+            kwargs["rxq_affinity"] = parse_rxq_affinity(value, f"port {name!r}: rxq_affinity")
         else:
             kwargs[key] = str(value)
     return PortConfig(name=name, **kwargs)
@@ -348,6 +381,30 @@ def parse_perm(value: Any, what: str) -> int:
         raise ConfigError(f"{what} must be octal permission bits like 0660, not {value!r}") from None
 
 
+def parse_rxq_affinity(value: Any, what: str) -> tuple[tuple[int, int], ...]:
+    """``"0:1,1:0"`` (QUEUE:CPU pairs, OVS's pmd-rxq-affinity syntax) -> ((0, 1), (1, 0))."""
+    pairs: list[tuple[int, int]] = []
+    for item in str(value).split(","):
+        queue, sep, cpu = item.strip().partition(":")
+        if not sep or not queue.isdigit() or not cpu.isdigit():
+            raise ConfigError(f"{what}: expected QUEUE:CPU pairs like 0:1,1:0, not {value!r}")
+        pairs.append((int(queue), int(cpu)))
+    return tuple(pairs)
+
+
+def parse_cpu_key(value: Any, what: str) -> tuple[int, ...] | None:
+    """A CPU number or a CPU list (``"2-5"``, ``"2,4-5"``) -> the CPUs in ascending order; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, str) and re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value.strip()):
+        cpus = parse_cpu_list(value)
+        if cpus:
+            return tuple(sorted(cpus))
+    raise ConfigError(f"{what} must be a CPU number or a CPU list like 2-5 or 2,4-5, not {value!r}")
+
+
 def parse_port_flag(text: str) -> PortConfig:
     """``NAME=TYPE,key=value,...`` as given to ``--port``."""
     name, sep, rest = text.partition("=")
@@ -359,6 +416,9 @@ def parse_port_flag(text: str) -> PortConfig:
     values: dict[str, Any] = {"type": kind}
     for opt in options:
         key, sep, value = opt.partition("=")
+        if not sep and re.fullmatch(r"\d+:\d+", opt) and "rxq_affinity" in values:
+            values["rxq_affinity"] += f",{opt}"  # rxq_affinity=0:1,1:0: its pairs are comma-separated too
+            continue
         if not sep:
             raise ConfigError(f"--port {text!r}: option {opt!r} is not key=value")
         values[key] = value
@@ -437,14 +497,14 @@ def build_config(
     switch_flags: Iterable[str] = (),
     socket_owner: str | None = None,
     poll: bool | None = None,
-    cpu: int | None = None,
+    cpu: int | str | None = None,
     control_cpu: int | None = None,
 ) -> DaemonConfig:
     """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
 
     ``socket_group`` and ``socket_mode`` (or TOML ``socket_group``/``socket_mode``) apply to every server-mode
     port that sets neither ``group`` nor ``perm`` itself. ``poll``, ``cpu`` and ``control_cpu`` (TOML keys of
-    the same names) override the file's when given.
+    the same names) override the file's when given; ``cpu`` is a CPU number or a CPU list (``"0-1"``).
     """
     toml = dict(toml or {})
     ports = [_port_from_mapping(name, v) for name, v in dict(toml.pop("ports", {})).items()]
@@ -485,7 +545,8 @@ def build_config(
     file_poll = toml.pop("poll", False)
     if not isinstance(file_poll, bool):
         raise ConfigError(f"poll must be true or false, not {file_poll!r}")
-    file_cpu, file_control_cpu = _cpu_key(toml, "cpu"), _cpu_key(toml, "control_cpu")
+    file_cpu = parse_cpu_key(toml.pop("cpu", None), "cpu")
+    file_control_cpu = _cpu_key(toml, "control_cpu")
     if toml:
         raise ConfigError(
             f"unknown configuration key {sorted(toml)[0]!r} (known: ports, links, switches, control_socket, "
@@ -497,7 +558,7 @@ def build_config(
         control,
         tuple(switches),
         poll=file_poll if poll is None else poll,
-        cpu=file_cpu if cpu is None else cpu,
+        cpu=file_cpu if cpu is None else parse_cpu_key(cpu, "--cpu"),
         control_cpu=file_control_cpu if control_cpu is None else control_cpu,
     )
 

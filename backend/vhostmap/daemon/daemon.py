@@ -1,7 +1,8 @@
 """``vhostmap serve``: builds the ports and forwarders of a configuration and runs them until stopped.
 
 The control plane (vhost-user sockets, the control socket) runs on an asyncio loop in the main thread; the
-datapath runs in one worker thread. Both meet at the worker's lock.
+datapath runs in one worker thread per datapath CPU (one, unpinned, without ``--cpu``). They meet at the
+datapath's lock (every thread's, taken in order: worker.DatapathLock).
 
 Which forwarder consumes which port, and what changes at run time (switch ports attached and detached,
 applications registering), is the topology's (topology.py); this module builds the ports, serves their
@@ -22,7 +23,7 @@ from vhostmap import __version__
 from vhostmap.control.server import Connection, ControlServer
 from vhostmap.daemon.config import DaemonConfig, PortConfig, SwitchConfig
 from vhostmap.daemon.topology import CLIENT_PORTS, CLIENT_RING_SLOTS, Topology
-from vhostmap.daemon.worker import Forwarder, Worker
+from vhostmap.daemon.worker import Datapath, Forwarder, RxQueue
 from vhostmap.ethernet import format_mac
 from vhostmap.forwarding.switch import Switch
 from vhostmap.netmap.adapter import NetmapAdapter
@@ -63,7 +64,9 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.memory = NetmapMemory(allocator_params(config))
-        self.worker = Worker(poll=config.poll, cpu=config.cpu)
+        pinned = {pc.name: dict(pc.rxq_affinity) for pc in config.ports if pc.rxq_affinity}
+        # The datapath threads (named `worker` since there was one).
+        self.worker = Datapath(config.cpu, poll=config.poll, pinned=pinned)
         # Every port, by name; ``ports`` holds the vhost-user ones (the sockets' handlers).
         self.adapters: dict[str, NetmapAdapter] = {}
         self.ports: dict[str, VhostUserPort] = {}
@@ -75,6 +78,9 @@ class Daemon:
                 adapter.close()
             self.memory.close()
             raise
+        # Round-robin in the order of the configuration, as OVS assigns a port's queues in turn.
+        for queue in self.rx_queues():
+            self.worker.assignment.owner(*queue)
         generators = {pc.name: (pc.generate, pc.mac) for pc in config.ports if pc.generate is not None}
         self.topology = Topology(
             self.adapters, self.memory, self.worker, generators=generators, check_switch_name=SwitchConfig
@@ -123,6 +129,16 @@ class Daemon:
                 self.ports.pop(pc.name, None)
                 raise
         return adapter
+
+    def rx_queues(self) -> list[RxQueue]:
+        """Every receive queue of every port (the unit the datapath threads share): its RX rings, and its host
+        RX ring when it has one."""
+        queues: list[RxQueue] = []
+        for name, adapter in self.adapters.items():
+            queues += [(name, i) for i in range(adapter.num_rx_rings)]
+            if adapter.host_port is not None:
+                queues.append((name, adapter.num_rx_rings))
+        return queues
 
     # --- the topology, as tests and commands look at it -----------------------------------------------------
     @property
@@ -231,12 +247,15 @@ class Daemon:
                 ports[name]["forwarder"] = self.serving[name].name
             switches = {name: [p.name for p in sw.ports] for name, sw in self.switches.items()}
             clients = [s.stats() for c in self.topology.clients.values() for s in c.sessions]
+            threads = self.worker.assignment.show(self.rx_queues())
         return {
             "version": __version__,
             "ports": ports,
             "switches": switches,
             "clients": clients,
             "memory": self.memory.stats(),
+            # Which thread serves each receive queue (ovs-appctl dpif-netdev/pmd-rxq-show).
+            "datapath": {"poll": self.worker.poll, "threads": threads},
         }
 
     def switch(self, request: Mapping[str, Any]) -> dict[str, Any]:

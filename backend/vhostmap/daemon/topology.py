@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 
-from vhostmap.daemon.worker import Forwarder, Worker
+from vhostmap.daemon.worker import Datapath, Forwarder
 from vhostmap.forwarding.hostbridge import HostBridge
 from vhostmap.forwarding.link import Link
 from vhostmap.forwarding.sessions import ClientSession, PortClients
@@ -44,7 +44,7 @@ class Topology:
         self,
         adapters: dict[str, NetmapAdapter],
         memory: NetmapMemory,
-        worker: Worker,
+        worker: Datapath,
         *,
         generators: Mapping[str, tuple[int, bytes]],
         check_switch_name: Callable[[str], object],

@@ -17,12 +17,13 @@ Two ways to run:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from vhostmap.datapath import eventfds, lib
 from vhostmap.system.cpu import check_cpu, pin_current_thread
@@ -274,3 +275,181 @@ def _drain(fd: int) -> None:
     # Never a plain read(): a front-end (or application) shares the kick and may have made it blocking and
     # emptied it between epoll's answer and this read, which would then sleep with every port waiting.
     eventfds.drain(fd)
+
+
+# --- several datapath threads -------------------------------------------------------------------------------
+
+# A receive queue: (port name, RX ring index; the port's host RX ring is index num_rx_rings).
+RxQueue = tuple[str, int]
+
+
+class DatapathLock:
+    """The control plane's lock on the whole datapath: every thread's lock, taken in the threads' order.
+
+    A datapath thread holds only its own lock (while one of its forwarders runs), so the control plane, which
+    takes them all in one fixed order, cannot deadlock with it; once it holds them all, no thread uses any
+    ring. Reentrant, like each thread's lock.
+    """
+
+    def __init__(self, locks: Sequence[threading.RLock]) -> None:
+        self._locks = list(locks)
+
+    def acquire(self) -> None:
+        """Take every thread's lock, first to last."""
+        for k, lock in enumerate(self._locks):
+            try:
+                lock.acquire()
+            except BaseException:
+                for held in reversed(self._locks[:k]):
+                    held.release()
+                raise
+
+    def release(self) -> None:
+        """Release them, last to first."""
+        for lock in reversed(self._locks):
+            lock.release()
+
+    def __enter__(self) -> DatapathLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Assignment:
+    """Which datapath thread serves each receive queue: pinned in the configuration (``pinned``: port name ->
+    {RX ring index: CPU}, like OVS's pmd-rxq-affinity), else round-robin over the threads in the order the
+    queues are first asked about (the daemon asks for its configured ports in order at start). ``cpus``: the
+    CPU of each thread (None: not pinned). Never changes a queue's thread once given.
+    """
+
+    def __init__(self, cpus: Sequence[int | None], pinned: Mapping[str, Mapping[int, int]]) -> None:
+        self.cpus = list(cpus)
+        self._owner: dict[RxQueue, int] = {}
+        self.pinned: set[RxQueue] = set()
+        for port, queues in pinned.items():
+            for queue, cpu in queues.items():
+                if cpu not in self.cpus:
+                    listed = ", ".join(str(c) for c in self.cpus if c is not None) or "none"
+                    raise ValueError(
+                        f"port {port!r}: rxq_affinity pins queue {queue} to CPU {cpu}, which runs no "
+                        f"datapath thread (datapath CPUs, --cpu: {listed})"
+                    )
+                self._owner[(port, queue)] = self.cpus.index(cpu)
+                self.pinned.add((port, queue))
+        self._next = 0
+        self._lock = threading.Lock()  # datapath threads ask too (a new switch port's queues)
+
+    def owner(self, port: str, ring: int) -> int:
+        """The thread (index) serving RX ring ``ring`` of ``port``, given now if it had none."""
+        key = (port, ring)
+        k = self._owner.get(key)
+        if k is None:
+            with self._lock:
+                k = self._owner.get(key)
+                if k is None:
+                    k = self._owner[key] = self._next % len(self.cpus)
+                    self._next += 1
+        return k
+
+    def show(self, queues: Sequence[RxQueue]) -> list[dict[str, Any]]:
+        """Each thread with its CPU and the ``queues`` it serves (``ovs-appctl dpif-netdev/pmd-rxq-show``)."""
+        threads: list[dict[str, Any]] = [
+            {"thread": k, "cpu": cpu, "rx_queues": []} for k, cpu in enumerate(self.cpus)
+        ]
+        for port, ring in queues:
+            entry = {"port": port, "queue": ring, "pinned": (port, ring) in self.pinned}
+            threads[self.owner(port, ring)]["rx_queues"].append(entry)
+        return threads
+
+
+class Datapath:
+    """The datapath threads: one Worker per CPU of ``cpus`` (None or empty: one thread, not pinned, as
+    before), each serving the receive queues ``assignment`` gives it.
+
+    A forwarder with a ``part(owns)`` method (a link, a switch, a sink) is split: every thread runs a part
+    that serves the receive queues it owns (and their lanes, sources, TX flushes); a TX ring fed by several
+    threads is reserved, filled and synced under its lock (datapath/locks.cdef). Any other forwarder (a
+    generator, a TAP bridge, application sessions: the only users of their port's rings) runs whole on the
+    thread of its first receive queue (``rx_queues()``). With one thread nothing is split.
+
+    ``lock`` is the control plane's (DatapathLock): held, no thread is in a forwarder.
+    """
+
+    def __init__(
+        self,
+        cpus: Sequence[int] | None = None,
+        *,
+        poll: bool = False,
+        pinned: Mapping[str, Mapping[int, int]] | None = None,
+    ) -> None:
+        slots: list[int | None] = list(cpus) if cpus else [None]
+        self.assignment = Assignment(slots, pinned or {})
+        self.poll = poll
+        self.workers = [
+            Worker(
+                threading.RLock(),
+                "vhostmap-datapath" if len(slots) == 1 else f"vhostmap-datapath{k}",
+                poll=poll,
+                cpu=cpu,
+            )
+            for k, cpu in enumerate(slots)
+        ]
+        self.lock = DatapathLock([w.lock for w in self.workers])
+        self._placed: dict[Forwarder, list[tuple[Worker, Forwarder]]] = {}
+
+    @property
+    def native_id(self) -> int | None:
+        """The first thread's kernel thread id once started."""
+        return self.workers[0].native_id
+
+    def start(self) -> None:
+        """Start every thread (pinned to its CPU); what pinning one raised, after stopping the others."""
+        try:
+            for w in self.workers:
+                w.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every thread (idempotent)."""
+        for w in self.workers:
+            w.stop()
+
+    def refresh(self) -> None:
+        """Queues changed: every thread rebuilds its wake-up set and runs its forwarders once."""
+        for w in self.workers:
+            w.refresh()
+
+    def add(self, forwarder: Forwarder) -> None:
+        """Serve ``forwarder`` from now on, split between the threads or whole on one."""
+        with self.lock:
+            placed = self._placed[forwarder] = self._place(forwarder)
+            for w, f in placed:
+                w.add(f)
+
+    def remove(self, forwarder: Forwarder) -> None:
+        """Stop serving ``forwarder``; ValueError if it is not served."""
+        with self.lock:
+            placed = self._placed.pop(forwarder, None)
+            if placed is None:
+                raise ValueError(f"{forwarder.name} is not served")
+            for w, f in placed:
+                with contextlib.suppress(ValueError):  # that part failed and was dropped already
+                    w.remove(f)
+
+    def _owns(self, k: int) -> Callable[[Any, int], bool]:
+        assignment = self.assignment
+        return lambda port, ring: assignment.owner(port.name, ring) == k
+
+    def _place(self, forwarder: Forwarder) -> list[tuple[Worker, Forwarder]]:
+        if len(self.workers) == 1:
+            return [(self.workers[0], forwarder)]
+        part = getattr(forwarder, "part", None)
+        if callable(part):
+            return [(w, part(self._owns(k))) for k, w in enumerate(self.workers)]
+        queues: list[tuple[Any, int]] = getattr(forwarder, "rx_queues", list)()
+        k = self.assignment.owner(queues[0][0].name, queues[0][1]) if queues else 0
+        return [(self.workers[k], forwarder)]

@@ -10,6 +10,7 @@
 #include "netmap.cdef"
 #include "memory.cdef"
 #include "guard.cdef"
+#include "locks.cdef"
 #include "virtio.cdef"
 #include "switch.cdef"
 #include "kring.cdef"

@@ -250,11 +250,17 @@ static void sw_deliver(struct sw_source *s, const struct sw_frame *f, uint32_t d
             STORE(&rx->slots[si].buf_idx, s->dbufs[k]);
             STORE(&rx->slots[si].flags, (uint16_t)NS_BUF_CHANGED);
         }
-        if (sl->ref != SW_NO_REF) {
+        if (sl->ref != SW_NO_REF && !r->lock) {
             /* Refers to the source guest's memory: the destination's enqueue copies from there (a flood: each
              * destination's does), and its own buffer stays for vq_refs_settle. */
             STORE(&ds->ptr, vq_ref_ticket(s->refs, sl->ref));
             flags |= NS_INDIRECT;
+        } else if (sl->ref != SW_NO_REF) {
+            /* A ring other datapath threads fill too: no ticket may outlive its lock (their syncs cannot read
+             * it), so the frame is copied into the buffer the slot gets now (sw_batch bounded len by the
+             * piece's). */
+            uint32_t b = swap ? sl->buf_idx : s->dbufs[k];
+            memcpy(r->bufs + (size_t)b * bs, s->refs->refs[sl->ref].host, sl->len);
         } else if (!swap) {
             /* Both indexes were checked against their pools, len against buf_size (sw_batch). memmove: a
              * hostile user may have named the same buffer on both sides. */
@@ -315,6 +321,10 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     st->rx_bytes += rx_bytes;
     st->dropped += invalid;
 
+    /* The table is shared by every datapath thread running a source of this switch: learning and lookups
+     * hold its lock (no ring lock is taken meanwhile). */
+    vhu_lock(&t->lock);
+
     /* Learning, before any lookup: each distinct unicast source address of the batch once, in ascending order
      * (which addresses make it into a table that fills up depends on the order). */
     uint32_t nmacs = 0;
@@ -367,34 +377,45 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
             st->forwarded++;
     }
 
-    /* Delivery, frame by frame: each destination ring takes the frames offered to it in order. */
-    for (uint32_t d = 0; d < s->nports; d++)
-        s->dests[d].touched = 0;
+    vhu_unlock(&t->lock);
+
+    /* Delivery, destination by destination: each ring takes the frames offered to it in order, under its
+     * lock (another thread's source may fill it too), from the snapshot of its head and tail taken then to
+     * the head published before the lock goes. */
+    uint8_t want[s->nports];
+    int flood = 0;
+    memset(want, 0, s->nports);
     for (uint32_t k = 0; k < nframes; k++) {
         const struct sw_frame *f = &s->frames[k];
-        if (!f->valid)
-            continue;
-        if (f->dest == SW_FLOOD) {
-            /* With two ports the flood has one destination, which takes it as a unicast frame. */
-            for (uint32_t d = 0; d < s->nports; d++)
-                if (d != s->port)
-                    sw_deliver(s, f, d, s->nports == 2, first);
-        } else if ((uint32_t)f->dest != s->port) {
-            sw_deliver(s, f, (uint32_t)f->dest, 1, first);
-        }
+        if (f->valid && f->dest == SW_FLOOD)
+            flood = 1;
+        else if (f->valid)
+            want[f->dest] = 1;
     }
     for (uint32_t d = 0; d < s->nports; d++) {
-        const struct sw_dest *ds = &s->dests[d];
-        if (!ds->touched)
+        struct sw_dest *ds = &s->dests[d];
+        ds->touched = 0;
+        if (d == s->port || !(flood || want[d]))
             continue;
-        s->touched[s->ntouched++] = d;
+        struct sw_ring *r = &s->ports[d];
+        vhu_lock(r->lock);
+        for (uint32_t k = 0; k < nframes; k++) {
+            const struct sw_frame *f = &s->frames[k];
+            /* With two ports the flood has one destination, which takes it as a unicast frame. */
+            if (f->valid && f->dest == SW_FLOOD)
+                sw_deliver(s, f, d, s->nports == 2, first);
+            else if (f->valid && (uint32_t)f->dest == d)
+                sw_deliver(s, f, d, 1, first);
+        }
         if (ds->taken) {
             /* Release: the filled slots must be visible to whoever sees the new head. */
-            struct sw_ring *r = &s->ports[d];
             uint32_t h = (uint32_t)(((uint64_t)ds->head + ds->taken) % r->num_slots);
             __atomic_store_n(r->head, h, __ATOMIC_RELEASE);
             __atomic_store_n(r->cur, h, __ATOMIC_RELEASE);
         }
+        vhu_unlock(r->lock);
+        if (ds->touched)
+            s->touched[s->ntouched++] = d;
     }
 }
 

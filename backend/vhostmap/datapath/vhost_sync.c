@@ -180,14 +180,21 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *
                 return moved;
             }
             deferred = refs != NULL;
-            moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         }
+        /* The destination may be filled by another thread's lane too (VALE's rule, as one short section).
+         * What it did not take is settled before the lock goes: another thread's sync of that ring must never
+         * meet this pass's tickets. */
+        vhu_lock(dst->lock);
+        if (src->kring)
+            moved += nm_swap_slots(src->kring, dst->kring, UINT32_MAX);
         st_dst = vhu_queue_txsync_refs(dst, deferred ? refs : NULL);
+        if (deferred)
+            vhu_settle_tx(dst->kring, refs);
+        vhu_unlock(dst->lock);
         if (deferred) {
             /* Whatever the destination did not take (no receive buffers yet, or its fault) stays, in the
              * slots' own buffers, before the source may reuse its transmit buffers. */
             vhu_settle_rx(src->kring, refs);
-            vhu_settle_tx(dst->kring, refs);
             st_src = vhu_queue_publish(src, refs);
         }
         if (st_dst != VQ_OK || st_src != VQ_OK) {
@@ -243,7 +250,6 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
     uint64_t received = 0;
     int32_t st;
     *failed = -1;
-    memset(synced, 0, ntx);
     for (uint32_t k = 0; k < nsources; k++) {
         const struct vhu_switch_source *s = &sources[k];
         int deferred = 0;
@@ -260,23 +266,31 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
         s->fwd->refs = deferred ? refs : NULL;
         received += sw_forward(t, s->fwd, now);
         s->fwd->refs = NULL;
-        /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. */
+        /* Deliver at once: the next source finds the rings emptied as far as their guests take frames. What a
+         * destination kept (no receive buffers, or a fault) is settled before its lock goes, so that another
+         * thread's sync never meets this pass's tickets (a ring other threads fill got none: sw_forward). */
         int32_t fail_at = -1, fail_st = VQ_OK;
         for (uint32_t i = 0; i < s->fwd->ntouched; i++) {
             uint32_t d = s->dest_tx[s->fwd->touched[i]];
-            if ((st = vhu_queue_txsync_refs(&tx[d], deferred ? refs : NULL)) != VQ_OK) {
-                fail_at = (int32_t)(nsources + d);
-                fail_st = st;
-                break;
+            vhu_lock(tx[d].lock);
+            if (fail_at < 0) {
+                if ((st = vhu_queue_txsync_refs(&tx[d], deferred ? refs : NULL)) != VQ_OK) {
+                    fail_at = (int32_t)(nsources + d);
+                    fail_st = st;
+                } else {
+                    synced[d] = 1;
+                }
             }
-            synced[d] = 1;
+            if (deferred)
+                vhu_settle_tx(tx[d].kring, refs);
+            vhu_unlock(tx[d].lock);
+            if (fail_at >= 0 && !deferred)
+                break;
         }
         if (deferred) {
-            /* What a destination kept (no receive buffers, or its fault), and an unfinished run left in the
-             * source ring, go to the slots' own buffers before the source may reuse its transmit buffers. */
+            /* An unfinished run left in the source ring goes to the slots' own buffers too, before the source
+             * may reuse its transmit buffers. */
             vhu_settle_rx(s->rx.kring, refs);
-            for (uint32_t i = 0; i < s->fwd->ntouched; i++)
-                vhu_settle_tx(tx[s->dest_tx[s->fwd->touched[i]]].kring, refs);
             if ((st = vhu_queue_publish(&s->rx, refs)) != VQ_OK && fail_at < 0) {
                 fail_at = (int32_t)k;
                 fail_st = st;
@@ -290,9 +304,12 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
     }
     for (uint32_t d = 0; d < ntx; d++) {
         const struct nm_kring *k = tx[d].kring;
-        if (synced[d] || k->rhead == k->nr_hwcur)
+        if (synced[d])
             continue;
-        if ((st = vhu_queue_txsync(&tx[d])) != VQ_OK) {
+        vhu_lock(tx[d].lock);
+        st = k->rhead == k->nr_hwcur ? VQ_OK : vhu_queue_txsync(&tx[d]);
+        vhu_unlock(tx[d].lock);
+        if (st != VQ_OK) {
             *failed = (int32_t)(nsources + d);
             *status = st;
             return received;

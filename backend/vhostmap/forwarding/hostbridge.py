@@ -25,6 +25,11 @@ class HostBridge:
         self.name = f"host bridge {adapter.name}<->{adapter.host_port.name}"
         self.dropped = 0
 
+    def rx_queues(self) -> list[tuple[NetmapAdapter, int]]:
+        """Its port's first receive queue: the whole bridge runs on the datapath thread that owns it (it is
+        the only user of the port's rings, so it needs no lock)."""
+        return [(self.adapter, 0)]
+
     def wake_fds(self) -> list[int]:
         """The port's kicks and its TAP."""
         return list(self.adapter.wake_fds())

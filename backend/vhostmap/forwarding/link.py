@@ -11,8 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forwarding.passes import CompiledPass, OneCopy, PassOutcome, Side, with_stash
-from vhostmap.forwarding.rings import SWAP_ALL
+from vhostmap.forwarding.passes import (
+    CompiledPass,
+    OneCopy,
+    Owns,
+    PassOutcome,
+    Side,
+    owned,
+    owned_wake_fds,
+    with_stash,
+)
+from vhostmap.forwarding.rings import SWAP_ALL, ring_lock
 from vhostmap.netmap.adapter import NetmapAdapter
 
 
@@ -22,18 +31,42 @@ class Link:
     Between two ports with compiled queues a round is one compiled call (vhu_link_pass: for every queue both
     ways, the source's rxsync, the buffer swap, the destination's txsync), as long as neither port needs the
     Python path (NetmapAdapter.fast_queues); otherwise it is the calls below, one ring at a time.
+
+    A lane (a receive queue of one port and the TX ring it feeds) is the unit several datapath threads share
+    a link by: ``part`` makes a link that runs only the lanes whose receive queue ``owns`` names. A TX ring
+    fed by lanes of two threads (ports with different queue counts) is filled and synced under its lock.
     """
 
-    def __init__(self, a: NetmapAdapter, b: NetmapAdapter) -> None:
+    def __init__(self, a: NetmapAdapter, b: NetmapAdapter, owns: Owns = None) -> None:
         self.a, self.b = a, b
         self.name = f"link {a.name}<->{b.name}"
+        self.owns = owns
         self._plan: CompiledPass | None = None
         self._refs: OneCopy | None = None
         self._outcome = PassOutcome()
 
+    def rx_queues(self) -> list[tuple[NetmapAdapter, int]]:
+        """The receive queues (port, RX ring) of both ports: one lane each."""
+        return [(p, i) for p in (self.a, self.b) for i in range(p.num_rx_rings)]
+
+    def part(self, owns: Owns) -> Link:
+        """The same link running only the lanes whose receive queue ``owns`` names (one thread's)."""
+        return Link(self.a, self.b, owns)
+
     def wake_fds(self) -> list[int]:
-        """Kicks of both ports."""
-        return [*self.a.wake_fds(), *self.b.wake_fds()]
+        """Kicks of both ports (of the receive queues it serves)."""
+        ports = [self.a, self.b]
+        return owned_wake_fds(self.owns, ports, [list(range(p.num_rx_rings)) for p in ports])
+
+    def _flushed(self, dst: NetmapAdapter, fed: set[int]) -> list[int]:
+        """The TX rings of ``dst`` this part syncs though none of its lanes feeds them: those of the RX rings
+        it serves (whose kicks wake it, a guest's new receive buffers among them), so that frames another
+        thread left there for want of room go out."""
+        if self.owns is None:
+            return []
+        return [
+            j for j in range(dst.num_tx_rings) if j not in fed and j < dst.num_rx_rings and self.owns(dst, j)
+        ]
 
     def run(self) -> bool:
         """One round both ways; True when any slot moved."""
@@ -58,9 +91,13 @@ class Link:
         sides: list[Side] = []
         cap = 1
         for src, qs, dst, qd in ((self.a, qa, self.b, qb), (self.b, qb, self.a, qa)):
-            for i in range(src.num_rx_rings):
-                j = i % dst.num_tx_rings
-                s, d = qs.rx.get(i), qd.tx.get(j)
+            pairs: list[tuple[int | None, int]] = [
+                (i, i % dst.num_tx_rings) for i in range(src.num_rx_rings) if owned(self.owns, src, i)
+            ]
+            # A lane without a source only delivers what waits in its TX ring.
+            pairs += [(None, j) for j in self._flushed(dst, {j for _, j in pairs})]
+            for i, j in pairs:
+                s, d = (None if i is None else qs.rx.get(i)), qd.tx.get(j)
                 if d is None:
                     if s is not None:
                         return None  # frames but no receive queue: the Python path drops them, counted
@@ -68,22 +105,30 @@ class Link:
                 lane = ffi.new("struct vhu_lane *")
                 if s is not None:
                     lane.src = with_stash(s, qs)[0]
-                    cap = max(cap, src.rx_rings[i].ring.num_slots)
+                    cap = max(cap, src.rx_rings[i or 0].ring.num_slots)
                 lane.dst = with_stash(d, qd)[0]
                 lanes.append(lane)
-                sides += [(src, src.rx_rings[i], True), (dst, dst.tx_rings[j], False)]
+                # (A lane without a source never fails on its side 2k: any kring names it.)
+                sides += [(src, src.rx_rings[i or 0], True), (dst, dst.tx_rings[j], False)]
         if self._refs is None or self._refs.c.cap < cap:
             self._refs = OneCopy(cap)
         self._plan = plan = CompiledPass((qa, qb), "struct vhu_lane", lanes, sides)
         return plan
 
-    @staticmethod
-    def _one_way(src: NetmapAdapter, dst: NetmapAdapter) -> int:
+    def _one_way(self, src: NetmapAdapter, dst: NetmapAdapter) -> int:
         moved = 0
         ntx = dst.num_tx_rings
+        fed: set[int] = set()
         for i in range(src.num_rx_rings):
+            if not owned(self.owns, src, i):
+                continue
             j = i % ntx
+            fed.add(j)
             src.rxsync(i)
-            moved += lib.nm_swap_slots(src.rx_rings[i].c, dst.tx_rings[j].c, SWAP_ALL)
-            dst.txsync(j)
+            with ring_lock(dst, j):
+                moved += lib.nm_swap_slots(src.rx_rings[i].c, dst.tx_rings[j].c, SWAP_ALL)
+                dst.txsync(j)
+        for j in self._flushed(dst, fed):
+            with ring_lock(dst, j):
+                dst.txsync(j)
         return moved

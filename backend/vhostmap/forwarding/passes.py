@@ -13,14 +13,40 @@ table of references (``OneCopy``, struct vq_refs in datapath/virtio.cdef) while 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.forwarding.rings import ring_lock
 from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.kring import Kring
 
 # (port, kring, whether it is an RX kring) of one sync of a pass, in the order the pass numbers them.
 Side = tuple[NetmapAdapter, Kring, bool]
+
+# Which receive queues (port, RX ring index) a part of a forwarder serves, when several datapath threads
+# share the forwarder's queues (vhostmap.daemon.worker.Datapath); None: all of them (one thread).
+Owns = Callable[[NetmapAdapter, int], bool] | None
+
+
+def owned(owns: Owns, port: NetmapAdapter, ring_index: int) -> bool:
+    """Whether RX ring ``ring_index`` of ``port`` is served by the part ``owns`` describes."""
+    return owns is None or owns(port, ring_index)
+
+
+def owned_wake_fds(owns: Owns, ports: list[NetmapAdapter], rx_rings: list[list[int]]) -> list[int]:
+    """The fds a part wakes on: every fd of ``ports`` for the whole forwarder (``owns`` None), else those of
+    the receive queues it serves (NetmapAdapter.queue_wake_fds; ``rx_rings[k]``: the RX rings of
+    ``ports[k]`` the forwarder reads). An eventfd is drained by the thread that wakes on it: one only."""
+    fds: list[int] = []
+    for port, rings in zip(ports, rx_rings, strict=True):
+        wanted = (
+            port.wake_fds()
+            if owns is None
+            else [fd for r in rings if owns(port, r) for fd in port.queue_wake_fds(r)]
+        )
+        fds += [fd for fd in wanted if fd not in fds]
+    return fds
 
 
 def struct_array(ctype: str, items: list[Any]) -> Any:
@@ -69,18 +95,18 @@ class CompiledPass:
 
 
 def port_pass(
-    port: NetmapAdapter, plan: CompiledPass | None, receive: bool, stash: bool
+    port: NetmapAdapter, plan: CompiledPass | None, receive: bool, stash: bool, owns: Owns = None
 ) -> CompiledPass | None:
     """The compiled pass over one port's running RX (``receive``) or TX queues, ``plan`` again while it holds,
     or None when the port takes the Python path. ``stash``: the queues recycle buffers through the port's
-    stash (netmap/stash.py)."""
+    stash (netmap/stash.py). ``owns``: only the receive queues it names."""
     q = port.fast_queues()
     if q is None:
         return None
     if plan is not None and plan.versions == (q.version,):
         return plan
     queues, krings = (q.rx, port.rx_rings) if receive else (q.tx, port.tx_rings)
-    rings = sorted(queues)
+    rings = sorted(i for i in queues if not receive or owned(owns, port, i))
     sides: list[Side] = [(port, krings[i], receive) for i in rings]
     items = [with_stash(queues[i], q) if stash else queues[i] for i in rings]
     return CompiledPass((q,), "struct vhu_queue", items, sides)
@@ -100,5 +126,10 @@ class PassOutcome:
         if k < 0:
             return False
         port, kring, receive = sides[k]
-        port.fast_failed(kring, receive, int(self.status[0]))
+        if receive:
+            port.fast_failed(kring, receive, int(self.status[0]))
+        else:
+            # Another thread may sync that TX ring too: its fault is read and handled under the ring's lock.
+            with ring_lock(port, kring.ring_id):
+                port.fast_failed(kring, receive, int(self.status[0]))
         return True

@@ -8,11 +8,37 @@ forms; the compiled passes do the same in C (datapath/kring.c), and the tests ho
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
+from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, RingView
-from vhostmap.netmap.adapter import swap_buffers
+from vhostmap.netmap.adapter import NetmapAdapter, swap_buffers
+
+
+class WordLock:
+    """A lock word of datapath/locks.cdef as a context manager: the Python paths take the same short locks as
+    the compiled passes (a destination ring, a switch's address table). Hold it for one ring's work only, and
+    never across a blocking call or while taking another."""
+
+    __slots__ = ("word",)
+
+    def __init__(self, word: Any) -> None:
+        self.word = word
+
+    def __enter__(self) -> None:
+        lib.vhu_lock(self.word)
+
+    def __exit__(self, *exc: object) -> None:
+        lib.vhu_unlock(self.word)
+
+
+def ring_lock(port: NetmapAdapter, ring_index: int) -> WordLock:
+    """The lock of TX ring ``ring_index`` of ``port`` (NetmapAdapter.tx_lock), held by whoever fills or
+    txsyncs it while another datapath thread may too."""
+    return WordLock(port.tx_lock(ring_index))
 
 
 def ring_space(ring: RingView) -> int:

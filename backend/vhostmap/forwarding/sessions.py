@@ -126,6 +126,10 @@ class PortClients:
         self.sessions.remove(session)
         session.close()
 
+    def rx_queues(self) -> list[tuple[NetmapAdapter, int]]:
+        """The port's first receive queue: every session runs on the datapath thread that owns it."""
+        return [(self.adapter, 0)]
+
     def wake_fds(self) -> list[int]:
         """Kicks of the sessions and the port's own fds; the host stack's only if a session binds the host
         rings (an unread TAP would keep the worker awake)."""

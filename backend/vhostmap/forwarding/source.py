@@ -35,6 +35,10 @@ class Source(Sink):
             slots["len"] = len(self.frame)
             slots["flags"] = 0
 
+    # Not split between datapath threads: its TX rings are fed by this forwarder alone, and all of it runs on
+    # the thread of the port's first receive queue (vhostmap.daemon.worker.Datapath).
+    part = None  # type: ignore[assignment]
+
     def run(self) -> bool:
         """Drop what arrived, then give the guest every frame its TX rings have room for; True when
         anything moved."""

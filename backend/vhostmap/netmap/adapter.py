@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vhostmap.datapath import ffi
 from vhostmap.netmap.abi import (
     NETMAP_DO_RX_POLL,
     NETMAP_NO_TX_POLL,
@@ -192,6 +193,8 @@ class NetmapAdapter(abc.ABC):
         self.broken: str | None = None
         self.registrations: list[Registration] = []
         self.host_port: HostPort | None = None
+        # The lock words of the TX rings (tx_lock), host ring included.
+        self.tx_locks: Any = ffi.new("uint32_t[]", len(self.tx_rings))
 
     def _kring(self, r: RingLayout) -> Kring:
         m = self.memory
@@ -256,6 +259,16 @@ class NetmapAdapter(abc.ABC):
         (kick eventfds, a socket) to ``super().wake_fds()``."""
         return list(self.host_port.wake_fds()) if self.host_port is not None else []
 
+    def queue_wake_fds(self, ring_index: int) -> Sequence[int]:
+        """The fds of ``wake_fds`` that the datapath thread serving RX ring ``ring_index`` watches, when
+        several threads share the port's queues: each fd goes to one queue only (two threads draining one
+        eventfd could each take the other's kick). Here the host port's to the host RX ring, the rest to
+        ring 0; a thread serving RX ring i also flushes TX ring i (see Switch.run)."""
+        host = list(self.host_port.wake_fds()) if self.host_port is not None else []
+        if ring_index == self.num_rx_rings:
+            return host
+        return [fd for fd in self.wake_fds() if fd not in host] if ring_index == 0 else []
+
     # --- syncs ----------------------------------------------------------------------------------------------
     def txsync(self, ring_index: int, flags: int = 0) -> None:
         """NIOCTXSYNC on one TX kring (``num_tx_rings`` is the host ring): prologue, hook, finalize."""
@@ -311,6 +324,13 @@ class NetmapAdapter(abc.ABC):
     def count_dropped(self, ring_index: int, frames: int) -> None:
         """Account ``frames`` that a consumer of RX ring ``ring_index`` discarded."""
         self._ring(self.rx_rings, ring_index, "RX").dropped += frames
+
+    def tx_lock(self, ring_index: int) -> Any:
+        """The lock word (datapath/locks.cdef) of TX ring ``ring_index``: held by whoever fills or txsyncs it
+        while other datapath threads may too (several receive queues forwarding into it). One per ring here;
+        a port whose TX rings can share what a txsync writes into answers with one word for those."""
+        self._ring(self.tx_rings, ring_index, "TX")
+        return self.tx_locks + ring_index
 
     def carrier(self, ring_index: int) -> bool:
         """Whether TX ring ``ring_index`` has somewhere to deliver to now (a guest receive queue, a link)."""

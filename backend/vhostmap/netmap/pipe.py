@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Sequence
 
 from vhostmap.netmap.adapter import NetmapAdapter, move_slots
@@ -38,16 +39,23 @@ class PipeEnd(NetmapAdapter):
             host_rings=False,
         )
         self.event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Shared by both ends (make_pipe): a sync of one end moves the other's krings, and the two ends may
+        # be served by different datapath threads (a switch's, an application's session).
+        self.lock = threading.Lock()
 
     def nm_txsync(self, kring: Kring, flags: int) -> None:
         """Move what fits into the peer's RX ring of the same index; tell the peer."""
-        if move_slots(kring, self.peer.rx_rings[kring.ring_id]):
+        with self.lock:
+            moved = move_slots(kring, self.peer.rx_rings[kring.ring_id])
+        if moved:
             self.peer.notify()
 
     def nm_rxsync(self, kring: Kring, flags: int) -> None:
         """Take back released slots, then pull what the peer could not move for lack of room."""
         kring.nr_hwcur = kring.rhead
-        if move_slots(self.peer.tx_rings[kring.ring_id], kring):
+        with self.lock:
+            moved = move_slots(self.peer.tx_rings[kring.ring_id], kring)
+        if moved:
             self.peer.notify()  # its TX ring has room again
 
     def notify(self) -> None:
@@ -79,4 +87,5 @@ def make_pipe(
         master.close()
         raise
     master.peer, slave.peer = slave, master
+    slave.lock = master.lock
     return master, slave

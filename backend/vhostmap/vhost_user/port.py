@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ class VhostUserPort(NetmapAdapter):
         name: str,
         net: NetConfig,
         memory: NetmapMemory,
-        lock: threading.RLock,
+        lock: AbstractContextManager[Any],
         on_change: Callable[[], None] = lambda: None,
         reference_datapath: bool | None = None,
         poll: bool = False,
@@ -134,6 +134,8 @@ class VhostUserPort(NetmapAdapter):
                 q.stats = ffi.addressof(self.queue_stats[vq.index // 2])
                 q.call_fd = -1 if vq.call_fd is None else vq.call_fd
                 q.hdr_len, q.mergeable = hdr_len, mergeable
+                if ring is tx:
+                    q.lock = self.tx_lock(i)
                 ring[i] = q
                 keep += [kring, vq]
         self._fast = FastQueues(self._version, rx, tx, self.stash.c, tuple(keep))
@@ -217,6 +219,22 @@ class VhostUserPort(NetmapAdapter):
             else [vq.kick_fd for vq in self.device.vqs if vq.ready and vq.kick_fd is not None]
         )
         return [*kicks, *super().wake_fds()]
+
+    def tx_lock(self, ring_index: int) -> Any:
+        """The lock of the guest receive queue TX kring ``ring_index`` delivers into now (its own pair's, or
+        the running pair it falls back on): krings that share a virtqueue share its word."""
+        vq = self._rx_queue_for(ring_index) if ring_index < self.num_tx_rings else None
+        return super().tx_lock(ring_index if vq is None else vq.index // 2)
+
+    def queue_wake_fds(self, ring_index: int) -> list[int]:
+        """The kicks of queue pair ``ring_index`` (its transmit queue fills RX ring i, its receive queue
+        drains TX ring i), or the host port's fds for the host RX ring."""
+        if ring_index >= self.num_rx_rings:
+            return list(super().queue_wake_fds(ring_index))
+        if self.device.broken:
+            return []
+        vqs = self.device.vqs[2 * ring_index : 2 * ring_index + 2]
+        return [vq.kick_fd for vq in vqs if vq.ready and vq.kick_fd is not None]
 
     def carrier(self, ring_index: int) -> bool:
         """Whether TX kring ``ring_index`` has a guest receive queue to deliver into now."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from vhostmap.datapath import ffi, lib
 from vhostmap.ethernet import ETH_HLEN
-from vhostmap.forwarding.passes import OneCopy, PassOutcome, Side, struct_array, with_stash
+from vhostmap.forwarding.passes import OneCopy, Owns, PassOutcome, Side, owned, struct_array, with_stash
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import CompiledMacTable
 from vhostmap.netmap.abi import RING_HEADER_SIZE, NetmapRing, RingView
@@ -28,7 +28,8 @@ class CompiledSwitch:
     """The compiled kernel's view of a switch's ``ports`` (``index``: each one's position), over ``table``.
 
     ``forward`` runs sw_forward for one source ring; ``round`` runs a whole vhu_switch_pass when the ports
-    allow it (else returns None). ``reset`` after every attach or detach.
+    allow it (else returns None). ``reset`` after every attach or detach. A round may be one datapath
+    thread's part of the switch (``owns``: its receive queues); each part has its own pass.
     """
 
     def __init__(self, table: CompiledMacTable) -> None:
@@ -36,26 +37,28 @@ class CompiledSwitch:
         self.ports: list[SwitchPort] = []
         self.index: dict[SwitchPort, int] = {}
         self._sources: dict[tuple[SwitchPort, int], _Source] = {}
-        self._targets: dict[int, _Targets] = {}
         self._pools: dict[int, _Pool] = {}
-        self._pass: _SwitchPass | None = None
-        self._outcome = PassOutcome()
+        self._passes: dict[Owns, _SwitchPass] = {}
+        self._outcomes: dict[Owns, PassOutcome] = {}
 
     def reset(self, ports: list[SwitchPort], index: dict[SwitchPort, int]) -> None:
         """The switch's ports are now ``ports``: every struct made for the old ones goes."""
         self.ports, self.index = ports, index
         self._sources.clear()
-        self._targets.clear()
         self._pools.clear()
-        self._pass = None
+        self._passes.clear()
 
-    def round(self, now: float) -> bool | None:
+    def round(self, now: float, owns: Owns = None) -> bool | None:
         """One whole round as vhu_switch_pass (True when anything was received), or None when some port
-        takes the Python path this round."""
-        plan = self._compiled_pass()
+        takes the Python path this round. ``owns``: the receive queues of this thread's part."""
+        plan = self._compiled_pass(owns)
         if plan is None:
             return None
-        out = self._outcome
+        out = self._outcomes.get(owns)
+        if out is None:
+            out = self._outcomes[owns] = PassOutcome()
+        # The TX rings other threads' parts flush start as synced (vhu_switch_pass).
+        ffi.memmove(plan.synced, plan.flush, plan.ntx)
         received = lib.vhu_switch_pass(
             self.table.c,
             plan.sources,
@@ -70,7 +73,7 @@ class CompiledSwitch:
         )
         return out.check(plan.sides) or received > 0
 
-    def _compiled_pass(self) -> _SwitchPass | None:
+    def _compiled_pass(self, owns: Owns) -> _SwitchPass | None:
         """The round as one vhu_switch_pass for the ports as they are now, or None (the Python round)."""
         if not self.ports:
             return None
@@ -84,27 +87,35 @@ class CompiledSwitch:
                     return None
                 queues[p.adapter] = fast
         versions = tuple(q.version for q in queues.values())
-        plan = self._pass
+        plan = self._passes.get(owns)
         if plan is not None and plan.versions == versions and plan.ports == self.ports:
             return plan
         tx_index: dict[tuple[SwitchPort, int], int] = {}
         tx_items: list[Any] = []
+        flush: list[int] = []
         sides: list[Side] = []
         for p in self.ports:
-            for t in p.tx_rings:
+            for k, t in enumerate(p.tx_rings):
                 d = queues[p.adapter].tx.get(t)
                 if d is None:
                     return None  # nowhere to deliver: the Python round drops as a NIC without carrier
                 tx_index[(p, t)] = len(tx_items)
                 tx_items.append(with_stash(d, queues[p.adapter]))
+                flush.append(0 if flushes(owns, p, k) else 1)
         src_items: list[Any] = []
         keep: list[Any] = [list(queues.values())]
         cap = 1
         for p in self.ports:
             for q, ring_index in enumerate(p.rx_rings):
+                if not owned(owns, p.adapter, ring_index):
+                    continue
                 source = self._sources.get((p, q))
                 if source is None:
                     source = self._sources[(p, q)] = self._bind(p, q, ring_index)
+                # A TX ring's lock follows the queue it delivers into, which a control-plane change (a new
+                # version) may have remapped. A switch served whole by one thread needs none: its rings
+                # then take the frames' tickets (one copy, sw_deliver).
+                source.targets.relock(shared=owns is not None)
                 item = ffi.new("struct vhu_switch_source *")
                 rx = queues[p.adapter].rx.get(ring_index)
                 if rx is not None:
@@ -119,7 +130,9 @@ class CompiledSwitch:
         for p, t in tx_index:
             sides.append((p.adapter, p.adapter.tx_rings[t], False))
         refs = OneCopy(cap, ETH_HLEN)
-        self._pass = plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, refs, keep)
+        plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, refs, keep)
+        plan.flush = ffi.new("uint8_t[]", flush or [0])
+        self._passes[owns] = plan
         return plan
 
     def forward(
@@ -130,6 +143,7 @@ class CompiledSwitch:
         source = self._sources.get((src, q))
         if source is None:
             source = self._sources[(src, q)] = self._bind(src, q, ring_index)
+        source.targets.relock()  # the Python round follows no version: read the locks afresh
         c = source.c
         used = int(lib.sw_forward(self.table.c, c, now))
         n = c.ntouched
@@ -144,18 +158,11 @@ class CompiledSwitch:
             pool = self._pools[id(memory)] = _Pool(memory, len(self._pools))
         return pool
 
-    def _targets_for(self, q: int) -> _Targets:
-        """The TX ring of every port that frames from the ``q``-th RX ring of a source go to."""
-        targets = self._targets.get(q)
-        if targets is None:
-            targets = self._targets[q] = _Targets(self.ports, q, self._pool)
-        return targets
-
     def _bind(self, src: SwitchPort, q: int, ring_index: int) -> _Source:
         kring = src.adapter.rx_rings[ring_index]
-        return _Source(
-            kring.ring, self.index[src], self._targets_for(q), self._pool(src.adapter.memory), src.counters
-        )
+        counters = src.rx_counters[q]
+        targets = _Targets(self.ports, q, self._pool, self.index[src], counters)
+        return _Source(kring.ring, self.index[src], targets, self._pool(src.adapter.memory), counters)
 
 
 class _Pool:
@@ -213,25 +220,43 @@ class _SwitchPass:
         self.sources = struct_array("struct vhu_switch_source", sources)
         self.tx = struct_array("struct vhu_queue", tx)
         self.synced = ffi.new("uint8_t[]", max(self.ntx, 1))
+        self.flush: Any = None  # set by the caller: the initial `synced` of each round
         self.sides = sides
         self.refs = refs
         self.keep = keep
 
 
 class _Targets:
-    """``c``: a struct sw_ring per port, for the TX ring that frames from the ``q``-th RX ring of a source go
-    to; ``pairs``: the same as (port, TX ring index), for the caller's txsyncs."""
+    """``c``: a struct sw_ring per port, for the TX ring that frames from the ``q``-th RX ring of source
+    ``src`` (a port index) go to, with that ring's counters and lock; the source's own entry carries its RX
+    ring's counters (``counters``) instead, what the kernel counts the source's frames in. ``pairs``: the same
+    as (port, TX ring index), for the caller's txsyncs."""
 
     __slots__ = ("c", "keep", "pairs")
 
-    def __init__(self, ports: list[SwitchPort], q: int, pool: Callable[[NetmapMemory], _Pool]) -> None:
+    def __init__(
+        self,
+        ports: list[SwitchPort],
+        q: int,
+        pool: Callable[[NetmapMemory], _Pool],
+        src: int,
+        counters: Any,
+    ) -> None:
         self.c = ffi.new("struct sw_ring[]", max(len(ports), 1))
         self.pairs = [(p, p.tx_ring(q)) for p in ports]
         self.keep: list[Any] = []  # what the structs point into: counters, exported mappings
         for d, (p, tx) in enumerate(self.pairs):
             memory = pool(p.adapter.memory)
-            memory.ring(self.c[d], p.adapter.tx_rings[tx].ring, p.counters)
-            self.keep += [p.counters, memory]
+            stats = counters if d == src else p.tx_counters[tx]
+            memory.ring(self.c[d], p.adapter.tx_rings[tx].ring, stats)
+            self.keep += [stats, memory]
+        self.relock()
+
+    def relock(self, shared: bool = True) -> None:
+        """Point every destination at the lock of its TX ring as the ports map them now (tx_lock); or at none
+        when not ``shared`` (one thread serves the whole switch)."""
+        for d, (p, tx) in enumerate(self.pairs):
+            self.c[d].lock = p.adapter.tx_lock(tx) if shared else ffi.NULL
 
 
 class _Source:
@@ -263,3 +288,10 @@ class _Source:
             pool,
         ]
         c.snap, c.frames, c.macs, c.dbufs, c.dests, c.touched = self.keep[:6]
+
+
+def flushes(owns: Owns, port: SwitchPort, k: int) -> bool:
+    """Whether the part ``owns`` describes flushes the ``k``-th TX ring of ``port`` (syncs it when it still
+    holds frames): the part of the port's RX ring of that position (modulo their number), so that exactly one
+    thread does it, the one a kick of that port wakes."""
+    return owned(owns, port.adapter, port.rx_rings[k % len(port.rx_rings)])

@@ -38,26 +38,31 @@ class SwitchPort:
 
     ``rx_rings`` are the adapter's RX ring indexes the switch reads; a frame from the ``q``-th of them goes to
     TX ring ``tx_ring(q)`` of its destination.
+
+    The counters live in C memory (struct sw_stats) that both implementations update, one struct per ring so
+    that each has a single writer when several datapath threads run the switch: ``rx_counters[q]`` the
+    source-side fields of the ``q``-th RX ring (written by the thread that owns it), ``tx_counters[t]`` the
+    destination-side fields of TX ring index ``t`` (written under that ring's lock). ``stats`` adds them up.
     """
 
     def __init__(self, adapter: NetmapAdapter, host: bool = False) -> None:
         self.adapter = adapter
         self.host = host
         self.name = f"{adapter.name}^" if host else adapter.name
-        # The counters live in C memory (struct sw_stats) that both implementations update.
-        self.counters: Any = ffi.new("struct sw_stats *")
         if host:
             self.rx_rings = [adapter.num_rx_rings]
             self.tx_rings = [adapter.num_tx_rings]
         else:
             self.rx_rings = list(range(adapter.num_rx_rings))
             self.tx_rings = list(range(adapter.num_tx_rings))
+        self.rx_counters: list[Any] = [ffi.new("struct sw_stats *") for _ in self.rx_rings]
+        self.tx_counters: dict[int, Any] = {t: ffi.new("struct sw_stats *") for t in self.tx_rings}
 
     @property
     def stats(self) -> SwitchPortStats:
-        """A snapshot of the port's counters."""
-        c = self.counters
-        return SwitchPortStats(*(int(getattr(c, name)) for name in _STAT_FIELDS))
+        """A snapshot of the port's counters (every ring's, added up)."""
+        structs = [*self.rx_counters, *self.tx_counters.values()]
+        return SwitchPortStats(*(sum(int(getattr(c, name)) for c in structs) for name in _STAT_FIELDS))
 
     def tx_ring(self, q: int) -> int:
         """The TX ring index that frames from the ``q``-th RX ring of a source go to."""

@@ -11,11 +11,13 @@ destination's own buffers. A destination ring without room loses the frame, coun
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
 from vhostmap.ethernet import ETH_ALEN, ETH_HLEN, MAC_GROUP_BIT
-from vhostmap.forwarding.rings import tx_room
+from vhostmap.forwarding.rings import ring_lock, tx_room
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import AddressTable
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, NS_NO_LEARN
@@ -103,7 +105,7 @@ def forward(
     if ring.tail == ring.head:
         return 0, []
     batch = Batch(src, ring_index)
-    st = src.counters
+    st = src.rx_counters[q]
     touched: list[tuple[SwitchPort, int]] = []
     if batch.stuck:
         st.dropped += 1
@@ -112,17 +114,19 @@ def forward(
         st.rx_frames += len(batch)
         st.rx_bytes += int(batch.lengths.sum())
         st.dropped += len(batch) - int(np.count_nonzero(valid))
-        # Learning: one dict update per distinct unicast source address of the batch.
-        learn = valid & ((batch.src & MAC_GROUP_BIT) == 0) & (batch.src != 0) & ~batch.no_learn
-        if learn.any():
-            for mac in np.unique(batch.src[learn]).tolist():
-                table.learn(mac, src, now)
-        # Lookup: one per distinct destination address; group addresses flood.
-        uniq, inverse = np.unique(batch.dst, return_inverse=True)
-        codes = np.empty(len(uniq), dtype=np.int64)
-        for j, mac in enumerate(uniq.tolist()):
-            port = None if mac & MAC_GROUP_BIT else table.lookup(mac, now)
-            codes[j] = FLOOD if port is None else index[port]
+        # Other datapath threads may run sources of this switch: learning and lookups hold the table's lock.
+        with table.lock:
+            # Learning: one dict update per distinct unicast source address of the batch.
+            learn = valid & ((batch.src & MAC_GROUP_BIT) == 0) & (batch.src != 0) & ~batch.no_learn
+            if learn.any():
+                for mac in np.unique(batch.src[learn]).tolist():
+                    table.learn(mac, src, now)
+            # Lookup: one per distinct destination address; group addresses flood.
+            uniq, inverse = np.unique(batch.dst, return_inverse=True)
+            codes = np.empty(len(uniq), dtype=np.int64)
+            for j, mac in enumerate(uniq.tolist()):
+                port = None if mac & MAC_GROUP_BIT else table.lookup(mac, now)
+                codes[j] = FLOOD if port is None else index[port]
         dest = codes[inverse]
         s = index[src]
         flood = valid & (dest == FLOOD)
@@ -137,7 +141,9 @@ def forward(
             sel = np.flatnonzero(flood | (valid & (dest == d)))
             if sel.size:
                 tx = dst.tx_ring(q)
-                deliver(src, batch, sel, (dest[sel] == d) | lone, dst, tx)
+                # Another datapath thread may fill this ring too: reserve, fill and publish under its lock.
+                with ring_lock(dst.adapter, tx):
+                    deliver(src, batch, sel, (dest[sel] == d) | lone, dst, tx, st)
                 touched.append((dst, tx))
     batch.release()
     return batch.used, touched
@@ -150,10 +156,12 @@ def deliver(
     unicast: npt.NDArray[np.bool_],
     dst: SwitchPort,
     tx: int,
+    src_counters: Any,
 ) -> None:
     """Put frames ``sel`` of ``batch`` in TX ring ``tx`` of ``dst``, in order, as far as they fit whole;
     the rest are dropped and counted. ``unicast[i]`` says frame ``sel[i]`` goes only there: it moves zero
-    copy when both ports share an allocator. The ring's head advances; the caller txsyncs."""
+    copy when both ports share an allocator. The ring's head advances; the caller txsyncs. ``src_counters``:
+    the source ring's counters (SwitchPort.rx_counters)."""
     ring = dst.adapter.tx_rings[tx].ring
     dn = ring.num_slots
     head = ring.head
@@ -164,8 +172,8 @@ def deliver(
     take = int(np.searchsorted(cum, len(free), side="right"))  # frames that fit whole, in order
     missed = len(sel) - take
     if missed:
-        dst.counters.tx_dropped += missed
-        src.counters.dropped += missed
+        dst.tx_counters[tx].tx_dropped += missed
+        src_counters.dropped += missed
     if take == 0:
         return
     total = int(cum[take - 1])
@@ -198,5 +206,5 @@ def deliver(
     slots["len"][d_idx] = batch.lens[rel]
     slots["flags"][d_idx] = (batch.flags[rel] & NS_MOREFRAG) | np.where(swap, NS_BUF_CHANGED, 0)
     ring.head = ring.cur = (head + total) % dn
-    dst.counters.tx_frames += take
-    dst.counters.tx_bytes += int(batch.lengths[sel[:take]].sum())
+    dst.tx_counters[tx].tx_frames += take
+    dst.tx_counters[tx].tx_bytes += int(batch.lengths[sel[:take]].sum())

@@ -33,8 +33,10 @@ from dataclasses import asdict
 
 from vhostmap.datapath.choice import reference_selected
 from vhostmap.ethernet import format_mac
+from vhostmap.forwarding.passes import Owns, owned, owned_wake_fds
+from vhostmap.forwarding.rings import ring_lock
 from vhostmap.forwarding.switch import reference
-from vhostmap.forwarding.switch.compiled import CompiledSwitch
+from vhostmap.forwarding.switch.compiled import CompiledSwitch, flushes
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import (
     DEFAULT_AGING,
@@ -161,22 +163,32 @@ class Switch:
             self._compiled.reset(self.ports, self._index)
 
     # --- the forwarder --------------------------------------------------------------------------------------
-    def wake_fds(self) -> list[int]:
-        """Every attached adapter's fds (kicks, its TAP or socket). Every run syncs every RX ring of every
-        port, host rings included, so fds that are not eventfds are always drained."""
-        fds: list[int] = []
-        for adapter in self.adapters:
-            fds += [fd for fd in adapter.wake_fds() if fd not in fds]
-        return fds
+    def rx_queues(self) -> list[tuple[NetmapAdapter, int]]:
+        """The receive queues (port, RX ring) of every switch port: the sources of the switch."""
+        return [(p.adapter, r) for p in self.ports for r in p.rx_rings]
 
-    def run(self) -> bool:
-        """One round: every RX ring of every port once; True when anything was received.
+    def part(self, owns: Owns) -> SwitchPart:
+        """The forwarder of one datapath thread's share of the switch: the sources ``owns`` names."""
+        return SwitchPart(self, owns)
+
+    def wake_fds(self, owns: Owns = None) -> list[int]:
+        """Every attached adapter's fds (kicks, its TAP or socket), or with ``owns`` those of the receive
+        queues it names. Every run syncs every RX ring it serves, host rings included, so fds
+        that are not eventfds are always drained."""
+        adapters = self.adapters
+        rings = [[r for p in self.ports if p.adapter is a for r in p.rx_rings] for a in adapters]
+        return owned_wake_fds(owns, adapters, rings)
+
+    def run(self, owns: Owns = None) -> bool:
+        """One round: every RX ring of every port once (those ``owns`` names); True when anything was
+        received.
 
         When every port has compiled queues (and none is a host port), the whole round is one call
-        (vhu_switch_pass: the syncs and sw_forward, in the order below); otherwise the calls below.
+        (vhu_switch_pass: the syncs and sw_forward, in the order below); otherwise the calls below. A TX ring
+        is synced under its lock: sources of other datapath threads may fill it at the same time.
         """
         if self._compiled is not None and self.ports:
-            done = self._compiled.round(self.clock())
+            done = self._compiled.round(self.clock(), owns)
             if done is not None:
                 return done
         now = self.clock()
@@ -184,19 +196,25 @@ class Switch:
         synced: set[tuple[SwitchPort, int]] = set()
         for src in self.ports:
             for q, ring_index in enumerate(src.rx_rings):
+                if not owned(owns, src.adapter, ring_index):
+                    continue
                 src.adapter.rxsync(ring_index)
                 slots, touched = self.forward(src, q, ring_index, now)
                 received += slots
                 # Deliver at once: the next source finds the rings emptied as far as their peers take frames.
                 for dst, tx in touched:
-                    dst.adapter.txsync(tx)
+                    with ring_lock(dst.adapter, tx):
+                        dst.adapter.txsync(tx)
                     synced.add((dst, tx))
         # Frames still waiting in a TX ring (a guest had no receive buffers a moment ago) go out as soon as
-        # there is room, whichever fd woke us.
+        # there is room, whichever fd woke us; each ring by one thread.
         for p in self.ports:
-            for tx in p.tx_rings:
-                if (p, tx) not in synced and p.adapter.tx_rings[tx].pending():
-                    p.adapter.txsync(tx)
+            for k, tx in enumerate(p.tx_rings):
+                if (p, tx) in synced or not flushes(owns, p, k):
+                    continue
+                with ring_lock(p.adapter, tx):
+                    if p.adapter.tx_rings[tx].pending():
+                        p.adapter.txsync(tx)
         return received > 0
 
     def forward(
@@ -223,3 +241,21 @@ class Switch:
             ],
             "not_learnt": self.table.not_learnt,
         }
+
+
+class SwitchPart:
+    """One datapath thread's share of a switch (Switch.part): the sources ``owns`` names, and the flushing of
+    the TX rings that go with them. The switch itself (ports, table, counters) stays one."""
+
+    def __init__(self, switch: Switch, owns: Owns) -> None:
+        self.switch = switch
+        self.owns = owns
+        self.name = f"switch {switch.name}"
+
+    def wake_fds(self) -> list[int]:
+        """The fds of the ports with a receive queue of this part."""
+        return self.switch.wake_fds(self.owns)
+
+    def run(self) -> bool:
+        """One round of this part's sources."""
+        return self.switch.run(self.owns)

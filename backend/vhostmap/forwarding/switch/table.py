@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import ffi, lib
+from vhostmap.forwarding.rings import WordLock
 from vhostmap.forwarding.switch.port import SwitchPort
 
 # Learnt addresses are forgotten after this many seconds without a frame from them (VALE and Linux bridges
@@ -46,6 +49,11 @@ class AddressTable(Protocol):
     @property
     def not_learnt(self) -> int:
         """New addresses that found the table full."""
+        ...
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]:
+        """Held by a forwarder while it learns and looks up a batch (datapath threads share the table)."""
         ...
 
     def __len__(self) -> int: ...
@@ -97,6 +105,7 @@ class MacTable:
         self.max_entries = max_entries
         self._entries: dict[int, tuple[SwitchPort, float]] = {}
         self.not_learnt = 0
+        self.lock: AbstractContextManager[Any] = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -168,6 +177,8 @@ class CompiledMacTable:
         t.capacity = capacity
         t.max_entries = max_entries
         t.seed = int.from_bytes(os.urandom(8), "little")
+        # The word sw_forward holds while it learns and looks up.
+        self.lock: AbstractContextManager[Any] = WordLock(ffi.addressof(t, "lock"))
         t.aging = aging
         t.swept_at = math.nan
         self._ports: list[SwitchPort] = []
