@@ -247,9 +247,8 @@ class DaemonConfig:
     control_socket: str = DEFAULT_CONTROL_SOCKET
     switches: tuple[SwitchConfig, ...] = ()
     poll: bool = False  # the datapath threads busy-poll instead of sleeping on kicks
-    cpu: tuple[int, ...] | None = (
-        None  # one datapath thread pinned to each of these CPUs (None: one, unpinned)
-    )
+    # One datapath thread pinned to each of these CPUs (None: one thread, unpinned).
+    cpu: tuple[int, ...] | None = None
     control_cpu: int | None = None  # the CPU the control (main) thread is pinned to
 
     def __post_init__(self) -> None:
