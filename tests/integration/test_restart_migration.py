@@ -285,6 +285,17 @@ def streamer(ns: Netns) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
+@contextmanager
+def daemon_log_on_failure(daemon: VhostmapDaemon, lines: int = 120) -> Iterator[None]:
+    """Add the tail of the daemon's log to whatever fails inside: it lives in the test's temporary directory,
+    which is gone once the test ends, and a guest's failure is often the back-end's doing."""
+    try:
+        yield
+    except Exception as e:
+        e.add_note(daemon.diagnostics(lines))
+        raise
+
+
 # The destination kernel panicked in 2 of 8 migrations under TCG (rb_insert_color in an interrupt taken in
 # amd_e400_idle, the idle routine qemu64's AMD model selects); with plain HLT idling it did not in any run.
 MIGRATION_CMDLINE = "idle=halt"
@@ -309,6 +320,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
         daemon = stack.enter_context(
             VhostmapDaemon(sock_dir, ports, extra_args=["--switch", "vale0=m0,m1,up"])
         )
+        stack.enter_context(daemon_log_on_failure(daemon))
         source = stack.enter_context(
             QemuGuest(
                 [Nic(sock_dir / "m0.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
