@@ -33,7 +33,7 @@ import pytest
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import Netns, ip, namespace_behind_veth
-from vhostmap.lab.qemu import Nic, QemuGuest
+from vhostmap.lab.qemu import MigrationLostMemory, Nic, QemuGuest
 from vhostmap.lab.testpmd import Testpmd, VirtioUserPort
 from vhostmap.lab.wait import wait_until
 
@@ -298,6 +298,13 @@ def daemon_log_on_failure(daemon: VhostmapDaemon, lines: int = 120) -> Iterator[
 
 # The destination kernel panicked in 2 of 8 migrations under TCG (rb_insert_color in an interrupt taken in
 # amd_e400_idle, the idle routine qemu64's AMD model selects); with plain HLT idling it did not in any run.
+# It still did now and then, and the guest's virtio_net once saw "output.0:id 0 is not a head!": QEMU 7.2's
+# TCG migration itself loses guest memory. Compared before the destination runs (QemuGuest.migrate's
+# check_memory), the source's RAM and the destination's differ by a few to a few dozen pages in more than half
+# the migrations of a busy guest with no NIC at all (private or shared memory, one or several TCG threads),
+# and in about 1 in 6 of this test's: kernel stacks and per-CPU data, written by the vCPU, never by a
+# back-end. The destination then crashed within milliseconds, before its vhost-user rings moved at all. Such a
+# migration proves nothing about vhostmap, so the test gives up on it (xfail) instead of failing.
 MIGRATION_CMDLINE = "idle=halt"
 
 
@@ -358,7 +365,10 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
             lambda: (n := received(source)) >= 256 * 1024 and n, 30, "the download to be under way"
         )
         started = time.monotonic()
-        info = source.migrate(destination, timeout=60)
+        try:
+            info = source.migrate(destination, timeout=60, check_memory=True)
+        except MigrationLostMemory as e:
+            pytest.xfail(f"QEMU's TCG migration lost guest memory, not a vhostmap fault: {e}")
         migrated = _since(started)
         after = received(destination)
         assert destination.run_state() == "running"
