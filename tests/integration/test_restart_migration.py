@@ -33,7 +33,7 @@ import pytest
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import Netns, ip, namespace_behind_veth
-from vhostmap.lab.qemu import Nic, QemuGuest
+from vhostmap.lab.qemu import MigrationLostMemory, Nic, QemuGuest
 from vhostmap.lab.testpmd import Testpmd, VirtioUserPort
 from vhostmap.lab.wait import wait_until
 
@@ -285,8 +285,26 @@ def streamer(ns: Netns) -> Iterator[subprocess.Popen[str]]:
         proc.wait()
 
 
+@contextmanager
+def daemon_log_on_failure(daemon: VhostmapDaemon, lines: int = 120) -> Iterator[None]:
+    """Add the tail of the daemon's log to whatever fails inside: it lives in the test's temporary directory,
+    which is gone once the test ends, and a guest's failure is often the back-end's doing."""
+    try:
+        yield
+    except Exception as e:
+        e.add_note(daemon.diagnostics(lines))
+        raise
+
+
 # The destination kernel panicked in 2 of 8 migrations under TCG (rb_insert_color in an interrupt taken in
 # amd_e400_idle, the idle routine qemu64's AMD model selects); with plain HLT idling it did not in any run.
+# It still did now and then, and the guest's virtio_net once saw "output.0:id 0 is not a head!": QEMU 7.2's
+# TCG migration itself loses guest memory. Compared before the destination runs (QemuGuest.migrate's
+# check_memory), the source's RAM and the destination's differ by a few to a few dozen pages in more than half
+# the migrations of a busy guest with no NIC at all (private or shared memory, one or several TCG threads),
+# and in about 1 in 6 of this test's: kernel stacks and per-CPU data, written by the vCPU, never by a
+# back-end. The destination then crashed within milliseconds, before its vhost-user rings moved at all. Such a
+# migration proves nothing about vhostmap, so the test gives up on it (xfail) instead of failing.
 MIGRATION_CMDLINE = "idle=halt"
 
 
@@ -309,6 +327,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
         daemon = stack.enter_context(
             VhostmapDaemon(sock_dir, ports, extra_args=["--switch", "vale0=m0,m1,up"])
         )
+        stack.enter_context(daemon_log_on_failure(daemon))
         source = stack.enter_context(
             QemuGuest(
                 [Nic(sock_dir / "m0.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
@@ -346,7 +365,10 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
             lambda: (n := received(source)) >= 256 * 1024 and n, 30, "the download to be under way"
         )
         started = time.monotonic()
-        info = source.migrate(destination, timeout=60)
+        try:
+            info = source.migrate(destination, timeout=60, check_memory=True)
+        except MigrationLostMemory as e:
+            pytest.xfail(f"QEMU's TCG migration lost guest memory, not a vhostmap fault: {e}")
         migrated = _since(started)
         after = received(destination)
         assert destination.run_state() == "running"
