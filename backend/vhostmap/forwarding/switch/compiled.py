@@ -40,6 +40,9 @@ class CompiledSwitch:
         self._pools: dict[int, _Pool] = {}
         self._passes: dict[Owns, _SwitchPass] = {}
         self._outcomes: dict[Owns, PassOutcome] = {}
+        # Several datapath threads run parts of this switch (Switch.part): its TX rings take their locks, and
+        # a frame's tickets never stay in one (sw_deliver). With one thread, none: one copy everywhere.
+        self.threaded = False
 
     def reset(self, ports: list[SwitchPort], index: dict[SwitchPort, int]) -> None:
         """The switch's ports are now ``ports``: every struct made for the old ones goes."""
@@ -113,9 +116,8 @@ class CompiledSwitch:
                 if source is None:
                     source = self._sources[(p, q)] = self._bind(p, q, ring_index)
                 # A TX ring's lock follows the queue it delivers into, which a control-plane change (a new
-                # version) may have remapped. A switch served whole by one thread needs none: its rings
-                # then take the frames' tickets (one copy, sw_deliver).
-                source.targets.relock(shared=owns is not None)
+                # version) may have remapped.
+                source.targets.relock(self.threaded)
                 item = ffi.new("struct vhu_switch_source *")
                 rx = queues[p.adapter].rx.get(ring_index)
                 if rx is not None:
@@ -143,7 +145,7 @@ class CompiledSwitch:
         source = self._sources.get((src, q))
         if source is None:
             source = self._sources[(src, q)] = self._bind(src, q, ring_index)
-        source.targets.relock()  # the Python round follows no version: read the locks afresh
+        source.targets.relock(self.threaded)  # the Python round follows no version: read the locks afresh
         c = source.c
         used = int(lib.sw_forward(self.table.c, c, now))
         n = c.ntouched
@@ -250,9 +252,9 @@ class _Targets:
             stats = counters if d == src else p.tx_counters[tx]
             memory.ring(self.c[d], p.adapter.tx_rings[tx].ring, stats)
             self.keep += [stats, memory]
-        self.relock()
+        # The locks: relock, by whoever binds it (none until then).
 
-    def relock(self, shared: bool = True) -> None:
+    def relock(self, shared: bool) -> None:
         """Point every destination at the lock of its TX ring as the ports map them now (tx_lock); or at none
         when not ``shared`` (one thread serves the whole switch)."""
         for d, (p, tx) in enumerate(self.pairs):

@@ -169,6 +169,8 @@ class Switch:
 
     def part(self, owns: Owns) -> SwitchPart:
         """The forwarder of one datapath thread's share of the switch: the sources ``owns`` names."""
+        if self._compiled is not None:
+            self._compiled.threaded = True
         return SwitchPart(self, owns)
 
     def wake_fds(self, owns: Owns = None) -> list[int]:
