@@ -335,6 +335,17 @@ static void nm_close_slot(struct nm_slot *slot, uint32_t len, uint16_t flags)
     slot->flags = flags;
 }
 
+/* The first of segs[0..nseg) with bytes left once the first `skip` bytes (the virtio-net header) are passed
+ * over, and in *offset where they start in it; nseg when none is. */
+static uint32_t vq_seg_skip(const struct vq_seg *segs, uint32_t nseg, uint64_t skip, uint32_t *offset)
+{
+    uint32_t k = 0;
+    while (k < nseg && skip >= segs[k].len)
+        skip -= segs[k++].len;
+    *offset = (uint32_t)skip;
+    return k;
+}
+
 /* rxtx._gather: copy the segments minus their first `skip` bytes into consecutive slots from `pos`. */
 static void vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint32_t nseg, uint64_t skip,
                       uint32_t pos)
@@ -343,14 +354,10 @@ static void vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint3
     uint8_t *dst = nm_slot_buf(nm, slot);
     uint32_t filled = 0;
 
-    for (uint32_t k = 0; k < nseg; k++) {
-        if (skip >= segs[k].len) {
-            skip -= segs[k].len;
-            continue;
-        }
-        const uint8_t *src = segs[k].host + skip;
-        uint32_t left = segs[k].len - (uint32_t)skip;
-        skip = 0;
+    uint32_t off;
+    for (uint32_t k = vq_seg_skip(segs, nseg, skip, &off); k < nseg; k++, off = 0) {
+        const uint8_t *src = segs[k].host + off;
+        uint32_t left = segs[k].len - off;
         while (left) {
             if (filled == nm->buf_size) {
                 nm_close_slot(slot, filled, NS_MOREFRAG);
@@ -379,15 +386,13 @@ static uint32_t vq_ref_slots(const struct nm_bufs *nm, const struct vq_refs *ref
     uint32_t limit = refs->cap - refs->count, n = 0;
     if (space < limit)
         limit = space;
-    for (uint32_t k = 0; k < nseg; k++) {
-        if (skip >= segs[k].len) {
-            skip -= segs[k].len;
+    uint32_t off;
+    for (uint32_t k = vq_seg_skip(segs, nseg, skip, &off); k < nseg; k++, off = 0) {
+        uint32_t len = segs[k].len - off;
+        if (!len)
             continue;
-        }
-        uint32_t len = segs[k].len - (uint32_t)skip;
         if (n == 0 && len < refs->min_head)
             return 0;
-        skip = 0;
         n += (len + nm->buf_size - 1) / nm->buf_size;
         if (n > limit)
             return 0;
@@ -401,14 +406,10 @@ static void vq_refer(const struct nm_bufs *nm, struct vq_refs *refs, const struc
 {
     struct nm_slot *slot = NULL;
     uint32_t filled = 0;
-    for (uint32_t k = 0; k < nseg; k++) {
-        if (skip >= segs[k].len) {
-            skip -= segs[k].len;
-            continue;
-        }
-        const uint8_t *src = segs[k].host + skip;
-        uint32_t left = segs[k].len - (uint32_t)skip;
-        skip = 0;
+    uint32_t off;
+    for (uint32_t k = vq_seg_skip(segs, nseg, skip, &off); k < nseg; k++, off = 0) {
+        const uint8_t *src = segs[k].host + off;
+        uint32_t left = segs[k].len - off;
         while (left) {
             if (slot) {
                 nm_close_slot(slot, filled, NS_INDIRECT | NS_MOREFRAG);
