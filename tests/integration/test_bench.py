@@ -83,6 +83,10 @@ def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
         rates["vhostmap"]["mpps"][0] / rates["dpdk"]["mpps"][0]
     )
     assert rates["vhostmap"]["round_ratios"] == [pytest.approx(rates["vhostmap"]["ratio_to_dpdk"])]
+    # How much of the measured interval vhostmap's datapath thread had work (DPDK's is not known).
+    busy = rates["vhostmap"]["datapath_busy"]
+    assert len(busy) == 1 and 0 < busy[0] <= 1 and rates["dpdk"]["datapath_busy"] is None
+    assert "datapath busy per run:" in out
     assert "P1 dequeue" in out and "vhostmap/DPDK" in out
     if importlib.util.find_spec("matplotlib") is None:
         assert "matplotlib is missing" in err

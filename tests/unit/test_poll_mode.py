@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,42 @@ def test_a_polling_daemon_asks_drivers_not_to_kick(
             assert avail_event == (0 if poll else fq.avail_idx)
         else:
             assert flags == (VRING_USED_F_NO_NOTIFY if poll else 0)
+
+
+def _busy(worker: Worker, window: float) -> float:
+    """The share of ``window`` seconds in which ``worker`` had work (its idle_ns against the clock)."""
+    idle0, clock0 = worker.idle_ns(), time.perf_counter_ns()
+    time.sleep(window)  # a measurement window, not synchronisation
+    idle1, clock1 = worker.idle_ns(), time.perf_counter_ns()
+    return 1 - (idle1 - idle0) / (clock1 - clock0)
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+def test_a_worker_says_how_much_of_its_time_was_work(poll: bool) -> None:
+    # What `vhostmap status` shows per datapath thread and scripts/bench reports per run (datapath busy).
+    worker = Worker(poll=poll)
+    worker.start()
+    try:
+        idle = CountingForwarder([])
+        worker.add(idle)
+        assert _busy(worker, 0.3) < 0.2, "a worker with nothing to do is idle (asleep, or in empty passes)"
+        worker.remove(idle)
+        if poll:
+            busy = CountingForwarder([], budget=10**9)  # moves something on every pass
+            worker.add(busy)
+            assert _busy(worker, 0.3) > 0.9, "a polling worker whose every pass moves something is busy"
+            worker.remove(busy)
+    finally:
+        worker.stop()
+
+
+def test_status_shows_each_threads_idle_time(start_polling: StartPolling) -> None:
+    d = start_polling({"a": ""}, poll=False)
+    first = d.daemon.status({})["datapath"]
+    second = wait_until(
+        lambda: (s := d.daemon.status({})["datapath"])["clock_ns"] > first["clock_ns"] and s,
+        5,
+        "the clock to move",
+    )
+    idle = [t["idle_ns"] for t in (first["threads"][0], second["threads"][0])]
+    assert 0 <= idle[0] <= idle[1] <= second["clock_ns"]

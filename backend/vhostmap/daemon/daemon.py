@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -248,14 +249,17 @@ class Daemon:
             switches = {name: [p.name for p in sw.ports] for name, sw in self.switches.items()}
             clients = [s.stats() for c in self.topology.clients.values() for s in c.sessions]
             threads = self.worker.assignment.show(self.rx_queues())
+            for entry, worker in zip(threads, self.worker.workers, strict=True):
+                entry["idle_ns"] = worker.idle_ns()
         return {
             "version": __version__,
             "ports": ports,
             "switches": switches,
             "clients": clients,
             "memory": self.memory.stats(),
-            # Which thread serves each receive queue (ovs-appctl dpif-netdev/pmd-rxq-show).
-            "datapath": {"poll": self.worker.poll, "threads": threads},
+            # Which thread serves each receive queue (ovs-appctl dpif-netdev/pmd-rxq-show), and how long each
+            # had nothing to do: between two readings, busy = 1 - (idle_ns delta) / (clock_ns delta).
+            "datapath": {"poll": self.worker.poll, "threads": threads, "clock_ns": time.perf_counter_ns()},
         }
 
     def switch(self, request: Mapping[str, Any]) -> dict[str, Any]:

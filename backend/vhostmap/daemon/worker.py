@@ -22,6 +22,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -86,6 +87,9 @@ class Worker:
         # What a polling worker runs, pass after pass: the forwarders as of the last refresh.
         self._polled: list[Forwarder] = []
         self._stop = False
+        # (Nanoseconds this thread had nothing to do so far, when the sleep under way began or 0): one tuple,
+        # replaced whole, so that idle_ns() reads a consistent pair from another thread.
+        self._idle = (0, 0)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -102,6 +106,13 @@ class Worker:
     def native_id(self) -> int | None:
         """The thread's kernel thread id (``/proc/self/task/ID``) once started."""
         return self._thread.native_id
+
+    def idle_ns(self) -> int:
+        """Nanoseconds the thread had nothing to do so far (asleep in epoll, the sleep under way included,
+        or polling passes that moved nothing): against the wall clock (time.perf_counter_ns), how busy it
+        is. A polling thread is on its CPU all the time; this says how much of it was work."""
+        idle, since = self._idle
+        return idle + (time.perf_counter_ns() - since if since else 0)
 
     def stop(self) -> None:
         """Stop the thread and release its fds (idempotent)."""
@@ -206,12 +217,15 @@ class Worker:
                 with self.lock:
                     self._dirty = False
                     self._rebuild()
+            started, moved = time.perf_counter_ns(), False
             for fwd in self._polled:
                 with self.lock:
                     if self._stop:
                         return
                     if fwd in self._forwarders:
-                        self._run_once(fwd)
+                        moved = self._run_once(fwd) or moved
+            if not moved:
+                self._idle = (self._idle[0] + time.perf_counter_ns() - started, 0)
 
     def _run_interrupts(self) -> None:
         """Sleep in epoll until a kick (or a TAP, or a refresh) says there is work."""
@@ -226,11 +240,15 @@ class Worker:
                 if not ready:
                     # About to sleep: no signal of the guard must wake it (a system call, only if it runs).
                     lib.vhu_eventfd_guard_disarm()
+                self._idle = (self._idle[0], time.perf_counter_ns())
                 try:
                     # Forwarders that were still busy run again right away, after a look at the fds.
                     events = self._epoll.poll(0 if ready else -1)
                 except InterruptedError:
                     continue
+                finally:
+                    idle, since = self._idle
+                    self._idle = (idle + time.perf_counter_ns() - since, 0)
                 for fd, _ in events:
                     if fd == self._wake:
                         _drain(fd)

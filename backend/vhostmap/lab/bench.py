@@ -83,6 +83,8 @@ class Series:
     size: int
     backend: str
     mpps: list[float | None] = field(default_factory=list)  # None: the run failed or could not run
+    # vhostmap's: the share of the measured interval its datapath thread had work (None: DPDK, or unknown).
+    busy: list[float | None] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -100,10 +102,25 @@ def say(text: str) -> None:
 # --- measuring ---------------------------------------------------------------------------------------------
 
 
-def measure(counter: Callable[[], int], seconds: float, warmup: float, alive: Callable[[], None]) -> float:
+@dataclass(frozen=True)
+class Rate:
+    """What one run measured: packets per second, and for vhostmap the share of the interval its datapath
+    thread had work (1.0: the back-end is the bottleneck; well below: the front-end is)."""
+
+    pps: float
+    busy: float | None = None
+
+
+def measure(
+    counter: Callable[[], int],
+    seconds: float,
+    warmup: float,
+    alive: Callable[[], None],
+    idle: Callable[[], tuple[int, int]] | None = None,
+) -> Rate:
     """Packets per second of a cumulative ``counter`` over ``seconds``, once traffic flows and ``warmup``
     seconds passed. ``alive`` raises if a process of the run died (checked while waiting for traffic, and
-    after the measurement)."""
+    after the measurement). ``idle``: the back-end's idle and clock nanoseconds, read with the counter."""
 
     def flowing() -> bool:
         alive()
@@ -111,13 +128,29 @@ def measure(counter: Callable[[], int], seconds: float, warmup: float, alive: Ca
 
     wait_until(flowing, SETUP_TIMEOUT, "traffic to start", interval=0.05)
     time.sleep(warmup)  # a settling interval before measuring, not synchronisation
+    load0 = idle() if idle else None
     first, t0 = _sample(counter)
     time.sleep(seconds)  # the measurement interval itself
     last, t1 = _sample(counter)
+    load1 = idle() if idle else None
     alive()
     if last <= first:
         raise BenchError(f"no packets in {t1 - t0:.1f} s (counter stayed at {first})")
-    return (last - first) / (t1 - t0)
+    busy = None
+    if load0 is not None and load1 is not None and load1[1] > load0[1]:
+        busy = 1 - (load1[0] - load0[0]) / (load1[1] - load0[1])
+    return Rate((last - first) / (t1 - t0), busy)
+
+
+def _datapath_idle(daemon: VhostmapDaemon) -> Callable[[], tuple[int, int]]:
+    """The daemon's datapath: nanoseconds its threads had nothing to do, and its clock (``vhostmap
+    status``)."""
+
+    def read() -> tuple[int, int]:
+        d = daemon.status()["datapath"]
+        return sum(int(t["idle_ns"]) for t in d["threads"]), int(d["clock_ns"])
+
+    return read
 
 
 def _sample(counter: Callable[[], int]) -> tuple[int, float]:
@@ -186,9 +219,9 @@ class Bench:
 
     # --- scenarios -----------------------------------------------------------------------------------------
 
-    def run(self, scenario: str, backend: str, size: int) -> float:
-        """One run: packets per second."""
-        runner: dict[tuple[str, str], Callable[[int], float]] = {
+    def run(self, scenario: str, backend: str, size: int) -> Rate:
+        """One run: packets per second (and how busy vhostmap's datapath was)."""
+        runner: dict[tuple[str, str], Callable[[int], Rate]] = {
             ("P1", "vhostmap"): self.p1_vhostmap,
             ("P1", DPDK): self.p1_dpdk,
             ("P2", "vhostmap"): self.p2_vhostmap,
@@ -199,7 +232,7 @@ class Bench:
         }
         return runner[scenario, backend](size)
 
-    def p1_vhostmap(self, size: int) -> float:
+    def p1_vhostmap(self, size: int) -> Rate:
         """testpmd txonly into a lone vhostmap port; vhostmap's receive counter."""
         s = self.settings
         with (
@@ -213,9 +246,10 @@ class Bench:
                 s.seconds,
                 s.warmup,
                 _checker(daemon, fe),
+                _datapath_idle(daemon),
             )
 
-    def p1_dpdk(self, size: int) -> float:
+    def p1_dpdk(self, size: int) -> Rate:
         """testpmd txonly into net_vhost rxonly; net_vhost's receive counter."""
         s = self.settings
         with (
@@ -227,7 +261,7 @@ class Bench:
             fe.start()
             return measure(_testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe))
 
-    def p2_vhostmap(self, size: int) -> float:
+    def p2_vhostmap(self, size: int) -> Rate:
         """A vhostmap port generating ``size``-byte frames (``generate=``) into testpmd rxonly; testpmd's
         RX."""
         s = self.settings
@@ -237,9 +271,9 @@ class Bench:
         ):
             daemon.wait_connected("a", SETUP_TIMEOUT)
             fe.start()
-            return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe))
+            return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe), _datapath_idle(daemon))
 
-    def p2_dpdk(self, size: int) -> float:
+    def p2_dpdk(self, size: int) -> Rate:
         """net_vhost txonly into testpmd rxonly; the front-end's receive counter."""
         s = self.settings
         with (
@@ -251,7 +285,7 @@ class Bench:
             be.start()
             return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(be, fe))
 
-    def p3_vhostmap(self, size: int, switch: bool) -> float:
+    def p3_vhostmap(self, size: int, switch: bool) -> Rate:
         """Two front-end ports io-forwarding through a vhostmap link (or switch); the front-end's RX."""
         s = self.settings
         ports = [VirtioUserPort(self.sock("a")), VirtioUserPort(self.sock("b"))]
@@ -262,9 +296,10 @@ class Bench:
             daemon.wait_connected("a", SETUP_TIMEOUT)
             daemon.wait_connected("b", SETUP_TIMEOUT)
             fe.start(tx_first=TX_FIRST_BURSTS)
-            return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(daemon, fe))
+            rx, alive = _testpmd_rx(fe, (0, 1)), _checker(daemon, fe)
+            return measure(rx, s.seconds, s.warmup, alive, _datapath_idle(daemon))
 
-    def p3_dpdk(self, size: int) -> float:
+    def p3_dpdk(self, size: int) -> Rate:
         """The same front-end through testpmd io-forwarding two net_vhost ports."""
         s = self.settings
         with (
@@ -299,15 +334,18 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                         f"{scenario} {SCENARIOS[scenario]} {size} B, {backend}, run {round_}/{settings.runs}"
                     )
                     try:
-                        pps = bench.run(scenario, backend, size)
+                        rate = bench.run(scenario, backend, size)
                     except (RuntimeError, OSError, ControlError) as e:
                         # BenchError, TestpmdError, a daemon that would not start; WaitTimeout is an OSError.
                         ser.mpps.append(None)
+                        ser.busy.append(None)
                         ser.notes.append(f"run {round_}: {e}")
                         say(f"{label}: FAILED: {e}")
                         continue
-                    ser.mpps.append(pps / 1e6)
-                    say(f"{label}: {pps / 1e6:.3f} Mpps")
+                    ser.mpps.append(rate.pps / 1e6)
+                    ser.busy.append(rate.busy)
+                    busy = "" if rate.busy is None else f" (datapath busy {rate.busy:.0%})"
+                    say(f"{label}: {rate.pps / 1e6:.3f} Mpps{busy}")
 
 
 def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
@@ -346,6 +384,9 @@ def table(results: Sequence[Series], runs: int) -> str:
             rtext += f"  {min(each):.2f}-{max(each):.2f}"
         name = f"{s.scenario} {SCENARIOS[s.scenario]}"
         lines.append(f"{name:<14} {s.size:>5}  {s.backend:<16} {per_run:<{width}} {median}  {rtext}".rstrip())
+        if any(b is not None for b in s.busy):
+            shown = " ".join(f"{b:.0%}" if b is not None else "n/a" for b in s.busy)
+            lines.append(f"{'':<22}  datapath busy per run: {shown}")
         for note in dict.fromkeys(s.notes):
             if "\n" not in note:
                 lines.append(f"{'':<22}  note: {note}")
@@ -374,6 +415,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
                 "median_mpps": s.median,
                 "ratio_to_dpdk": ratio.get((s.scenario, s.size, s.backend)),
                 "round_ratios": rounds.get((s.scenario, s.size, s.backend)),
+                "datapath_busy": s.busy if s.backend != DPDK else None,
                 "notes": s.notes,
             }
             for s in results
