@@ -16,6 +16,7 @@ from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import Netns, Tap, VethPair, add_address, link_exists, set_up
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.testpmd import Testpmd, VhostPort, VirtioUserPort, parse_forward_drops, parse_port_stats
+from vhostmap.lab.wait import WaitTimeout
 
 GUEST_MAC = "52:54:00:00:00:02"
 GUEST_IP = "10.0.0.1/24"
@@ -120,7 +121,11 @@ def test_guest_pings_testpmd_icmpecho_over_vhost_user(
     nic = Nic(sock, GUEST_MAC, mode=mode, queues=queues, ip=GUEST_IP, mtu=mtu)
     guest = QemuGuest([nic], kernel=guest_kernel, workdir=sock_dir, smp=queues)
     with backend, guest:
-        guest.wait_ready()
+        try:
+            guest.wait_ready()
+        except WaitTimeout as e:
+            # QEMU as the server starts the guest only once testpmd connected: say what testpmd was doing.
+            raise AssertionError(f"{e}\n{backend.diagnostics()}") from e
         # Forwarding busy-polls a CPU: start it only once the guest has booted.
         backend.start()
         backend.wait_for_link()
