@@ -15,7 +15,14 @@ from vhostmap.lab.channel import GuestCommandTimeout
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import Netns, Tap, VethPair, add_address, link_exists, set_up
 from vhostmap.lab.qemu import Nic, QemuGuest
-from vhostmap.lab.testpmd import Testpmd, VhostPort, VirtioUserPort, parse_forward_drops, parse_port_stats
+from vhostmap.lab.testpmd import (
+    Testpmd,
+    VhostPort,
+    VirtioUserPort,
+    parse_forward_drops,
+    parse_port_stats,
+    split_reply,
+)
 from vhostmap.lab.wait import WaitTimeout
 
 GUEST_MAC = "52:54:00:00:00:02"
@@ -66,6 +73,28 @@ def test_testpmd_port_stats_parse_per_port_despite_interleaved_events() -> None:
     assert (stats[0].rx_packets, stats[0].rx_missed, stats[0].rx_bytes) == (160, 2, 10240)
     assert (stats[0].rx_errors, stats[0].rx_nombuf, stats[0].tx_packets, stats[0].tx_bytes) == (1, 3, 7, 448)
     assert (stats[1].rx_packets, stats[1].tx_packets, stats[1].tx_bytes) == (0, 160, 10240)
+
+
+def test_testpmd_prompt_is_found_when_other_threads_print_inside_it() -> None:
+    # As captured in a soak run: the reconnect thread's log line and the link event landed inside the prompt.
+    output = (
+        b"show port info 0\nLink status: up\nDevice error handling mode: none\n"
+        b"tevirtio_user_dev_server_reconnect(): server mode virtio-user reconnection succeeds!\n"
+        b"\nPort 1: link state change event\nstpmd> "
+        b"\nPort 2: link state change event\nshow port stats all\n"
+    )
+    found = split_reply(output)
+    assert found is not None
+    reply, used = found
+    assert reply == "show port info 0\nLink status: up\nDevice error handling mode: none\n"
+    assert output[:used].endswith(b"stpmd> ")
+    assert split_reply(output[used:]) is None  # the next prompt has not come yet
+    # An event inside a reply line leaves the line whole; no prompt yet means no reply.
+    assert split_reply(b"Link sta\nPort 0: link state change event\ntus: up\ntestpm") is None
+    assert split_reply(b"Link sta\nPort 0: link state change event\ntus: up\ntestpmd> ") == (
+        "Link status: up\n",
+        len(b"Link sta\nPort 0: link state change event\ntus: up\ntestpmd> "),
+    )
 
 
 def test_testpmd_forward_stats_give_drops_per_port() -> None:

@@ -39,6 +39,16 @@ TESTPMD = "dpdk-testpmd"
 HUGEPAGES = Path("/dev/hugepages")
 DPDK_RUNTIME = Path("/var/run/dpdk")
 PROMPT = b"testpmd> "
+# What testpmd's other threads print while the command line prints a prompt or a reply: ethdev events
+# (printf'd with a leading newline) and DPDK log lines of the vhost and virtio-user PMDs. Each comes as one
+# whole write, but the prompt is written a character at a time, so one can land inside "testpmd> " (seen:
+# "te" + a reconnect log line + a link event + "stpmd> "). The function-name prefixes anchor a log line's
+# start, so the prompt's own letters in front of it are never taken for part of its name.
+_ASYNC_LINE = re.compile(
+    rb"\n?Port \d+: [^\n]* event\n"
+    rb"|(?:virtio|vhost|eth_vhost|rte_vhost)\w*\(\): [^\n]*\n"
+    rb"|VHOST_(?:CONFIG|DATA): [^\n]*\n"
+)
 ForwardMode = Literal["io", "mac", "macswap", "rxonly", "txonly", "icmpecho", "flowgen", "5tswap", "csum"]
 
 _ids = itertools.count()
@@ -130,6 +140,31 @@ class PortStats:
 # A block runs from its "#### NIC statistics for port N ####" title to the closing rule of the same character.
 _NIC_BLOCK = re.compile(r"NIC statistics for port (\d+)\s*#+\n(.*?)#{20,}", re.S)
 _FWD_BLOCK = re.compile(r"Forward statistics for port (\d+)\s*-+\n(.*?)-{20,}", re.S)
+
+
+def split_reply(output: bytes) -> tuple[str, int] | None:
+    """The reply before the first prompt in ``output``, and how many bytes of it reply and prompt took.
+
+    Asynchronous lines (`_ASYNC_LINE`) are taken out first, wherever they landed, so a prompt they split is
+    still found and a reply they interrupted reads whole. None when no complete prompt has arrived yet.
+    """
+    clean = bytearray()
+    cuts: list[tuple[int, int]] = []  # per asynchronous line: its offset in clean, where it ends in output
+    last = 0
+    for match in _ASYNC_LINE.finditer(output):
+        clean += output[last : match.start()]
+        last = match.end()
+        cuts.append((len(clean), last))
+    clean += output[last:]
+    at = clean.find(PROMPT)
+    if at < 0:
+        return None
+    end = at + len(PROMPT)
+    used = end
+    for offset, resume in cuts:
+        if offset < end:  # lines cut at or after the prompt's end belong to the next reply
+            used = resume + (end - offset)
+    return clean[:at].decode(errors="replace"), used
 
 
 def _counter(block: str, name: str) -> int:
@@ -465,11 +500,11 @@ class Testpmd(ChildProcess):
 
         def prompt() -> str | None:
             with self._changed:
-                at = self._output.find(PROMPT, self._consumed)
-                if at >= 0:
-                    reply = bytes(self._output[self._consumed : at])
-                    self._consumed = at + len(PROMPT)
-                    return reply.decode(errors="replace")
+                found = split_reply(bytes(self._output[self._consumed :]))
+                if found is not None:
+                    reply, used = found
+                    self._consumed += used
+                    return reply
                 if self._eof:
                     raise TestpmdError(f"testpmd exited while waiting for {what}\n{self.diagnostics()}")
                 self._changed.wait(0.1)
