@@ -306,6 +306,7 @@ def daemon_log_on_failure(daemon: VhostmapDaemon, lines: int = 120) -> Iterator[
 # back-end. The destination then crashed within milliseconds, before its vhost-user rings moved at all. Such a
 # migration proves nothing about vhostmap, so the test gives up on it (xfail) instead of failing.
 MIGRATION_CMDLINE = "idle=halt"
+MIGRATION_ATTEMPTS = 3  # migrations QEMU may spoil before the test gives up (xfail)
 
 
 def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
@@ -338,16 +339,21 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
         )
         source.wait_ready()
         source.wait_carrier("eth0")
-        destination = stack.enter_context(
-            QemuGuest(
-                [Nic(sock_dir / "m1.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
-                kernel=guest_kernel,
-                workdir=sock_dir / "dst",
-                cmdline=MIGRATION_CMDLINE,
-                incoming=True,
+
+        def new_destination(attempt: int) -> QemuGuest:
+            guest = stack.enter_context(
+                QemuGuest(
+                    [Nic(sock_dir / "m1.sock", GUEST_MAC, ip=f"{GUEST_ADDR}/24")],
+                    kernel=guest_kernel,
+                    workdir=sock_dir / f"dst{attempt}",
+                    cmdline=MIGRATION_CMDLINE,
+                    incoming=True,
+                )
             )
-        )
-        daemon.wait_connected("m1")
+            daemon.wait_connected("m1")
+            return guest
+
+        destination = new_destination(0)
         assert source.ping(PEER_ADDR, count=2) == 0.0
         assert daemon.learnt_port("vale0", GUEST_MAC) == "m0"
         boot_id = source.run("cat /proc/sys/kernel/random/boot_id", check=True).output
@@ -361,14 +367,30 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
             out = guest.run("wc -c < /tmp/stream 2>/dev/null || echo 0").output.strip()
             return int(out or 0)
 
+        def download_goes_on(guest: QemuGuest) -> None:
+            at = received(guest)
+            wait_until(lambda: received(guest) > at, 30, "the download to go on")
+
         before = wait_until(
             lambda: (n := received(source)) >= 256 * 1024 and n, 30, "the download to be under way"
         )
-        started = time.monotonic()
-        try:
-            info = source.migrate(destination, timeout=60, check_memory=True)
-        except MigrationLostMemory as e:
-            pytest.xfail(f"QEMU's TCG migration lost guest memory, not a vhostmap fault: {e}")
+        lost: list[str] = []
+        while True:
+            started = time.monotonic()
+            try:
+                info = source.migrate(destination, timeout=60, check_memory=True)
+                break
+            except MigrationLostMemory as e:
+                # QEMU's fault, not vhostmap's (see MIGRATION_CMDLINE): as an operator would, give up on
+                # that destination, resume the source (whose port takes its rings back) and migrate again.
+                lost.append(str(e))
+                if len(lost) == MIGRATION_ATTEMPTS:
+                    pytest.xfail(f"QEMU's TCG migration lost guest memory {len(lost)} times: {lost}")
+                destination.close()
+                wait_until(lambda: not daemon.status()["ports"]["m1"]["connected"], 15, "m1 to lose QEMU")
+                source.resume()
+                download_goes_on(source)
+                destination = new_destination(len(lost))
         migrated = _since(started)
         after = received(destination)
         assert destination.run_state() == "running"
@@ -394,4 +416,5 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
             f"downtime {info.get('downtime')} ms, {info['ram']['transferred'] // 2**20} MiB sent); "
             f"download at {before // 1024} KiB when it began, {after // 1024} KiB when it ended, "
             f"{STREAM_BYTES // 1024} KiB intact at the destination"
+            + "".join(f"\n  an earlier attempt, abandoned and the source resumed: {e}" for e in lost)
         )

@@ -334,6 +334,13 @@ class QemuGuest(ChildProcess):
         if not destination.incoming or not destination.alive:
             raise GuestError("the destination must be a started QemuGuest(incoming=True)")
         self.wait_ready()
+        # QEMU listens for the migration only once it has set its devices up (its vhost-user ones included).
+        wait_until(
+            destination.migration_path.is_socket,
+            timeout,
+            "the destination QEMU to listen for the migration",
+            details=destination.diagnostics,
+        )
         self.monitor(
             "migrate-set-parameters", **{"max-bandwidth": 0x7FFF_FFFF, "downtime-limit": downtime_ms}
         )
@@ -375,6 +382,17 @@ class QemuGuest(ChildProcess):
         )
         destination._adopt(self)
         return info
+
+    def resume(self, timeout: float = 30.0) -> None:
+        """Run this guest again after a migration whose destination was given up (``cont`` from
+        "postmigrate", as an operator would after MigrationLostMemory); its vhost-user rings restart."""
+        self.monitor("cont")
+        wait_until(
+            lambda: self.run_state() == "running",
+            timeout,
+            "the source QEMU to run again",
+            details=self.diagnostics,
+        )
 
     def _lost_pages(self, destination: QemuGuest) -> list[int]:
         """Guest-physical addresses of the 4 KiB pages whose contents differ between this (stopped) QEMU's
