@@ -87,6 +87,10 @@ def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
     busy = rates["vhostmap"]["datapath_busy"]
     assert len(busy) == 1 and 0 < busy[0] <= 1 and rates["dpdk"]["datapath_busy"] is None
     assert "datapath busy per run:" in out
+    # Frames per datapath round that moved frames: at least one (a round counts only if it moved some).
+    per_round = rates["vhostmap"]["frames_per_round"]
+    assert len(per_round) == 1 and per_round[0] >= 1 and rates["dpdk"]["frames_per_round"] is None
+    assert "frames per datapath round:" in out
     assert "P1 dequeue" in out and "vhostmap/DPDK" in out
     if importlib.util.find_spec("matplotlib") is None:
         assert "matplotlib is missing" in err

@@ -332,6 +332,11 @@ def test_a_worker_says_how_much_of_its_time_was_work(poll: bool) -> None:
         worker.add(idle)
         assert _busy(worker, 0.3) < 0.2, "a worker with nothing to do is idle (asleep, or in empty passes)"
         worker.remove(idle)
+        assert worker.rounds == 0, "rounds that moved nothing are not counted"
+        moves = CountingForwarder([], budget=5)  # moves something in each of its first 5 rounds
+        worker.add(moves)
+        wait_until(lambda: worker.rounds == 5 and moves.runs > 5, 5, "the 5 rounds that moved and one more")
+        worker.remove(moves)
         if poll:
             busy = CountingForwarder([], budget=10**9)  # moves something on every pass
             worker.add(busy)
@@ -351,3 +356,4 @@ def test_status_shows_each_threads_idle_time(start_polling: StartPolling) -> Non
     )
     idle = [t["idle_ns"] for t in (first["threads"][0], second["threads"][0])]
     assert 0 <= idle[0] <= idle[1] <= second["clock_ns"]
+    assert second["threads"][0]["rounds"] == 0, "nothing was sent: no round moved frames"

@@ -90,6 +90,9 @@ class Worker:
         # (Nanoseconds this thread had nothing to do so far, when the sleep under way began or 0): one tuple,
         # replaced whole, so that idle_ns() reads a consistent pair from another thread.
         self._idle = (0, 0)
+        # Forwarder rounds that moved frames: with the frames counted elsewhere, how much one round carries
+        # (a few frames a round means the per-round cost, Python's included, is paid per few frames).
+        self.rounds = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -273,13 +276,16 @@ class Worker:
     def _run_once(self, fwd: Forwarder) -> bool:
         """One round of ``fwd``, under the lock (held by the caller); whether it moved anything."""
         try:
-            return fwd.run()
+            moved = fwd.run()
         except Exception:
             # A forwarder bug must not kill the datapath of every other port.
             log.exception("forwarder %s failed; removed from the datapath", fwd.name)
             self._forwarders.remove(fwd)
             self._dirty = True
             return False
+        if moved:
+            self.rounds += 1
+        return moved
 
 
 def _is_eventfd(fd: int) -> bool:

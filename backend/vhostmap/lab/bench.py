@@ -85,6 +85,8 @@ class Series:
     mpps: list[float | None] = field(default_factory=list)  # None: the run failed or could not run
     # vhostmap's: the share of the measured interval its datapath thread had work (None: DPDK, or unknown).
     busy: list[float | None] = field(default_factory=list)
+    # vhostmap's: frames counted per datapath round that moved frames (None: DPDK, or unknown).
+    per_round: list[float | None] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -109,6 +111,7 @@ class Rate:
 
     pps: float
     busy: float | None = None
+    per_round: float | None = None  # frames counted per datapath round that moved frames
 
 
 def measure(
@@ -116,11 +119,12 @@ def measure(
     seconds: float,
     warmup: float,
     alive: Callable[[], None],
-    idle: Callable[[], tuple[int, int]] | None = None,
+    idle: Callable[[], tuple[int, int, int]] | None = None,
 ) -> Rate:
     """Packets per second of a cumulative ``counter`` over ``seconds``, once traffic flows and ``warmup``
     seconds passed. ``alive`` raises if a process of the run died (checked while waiting for traffic, and
-    after the measurement). ``idle``: the back-end's idle and clock nanoseconds, read with the counter."""
+    after the measurement). ``idle``: the back-end's idle and clock nanoseconds and its rounds that moved
+    frames, read with the counter."""
 
     def flowing() -> bool:
         alive()
@@ -136,19 +140,26 @@ def measure(
     alive()
     if last <= first:
         raise BenchError(f"no packets in {t1 - t0:.1f} s (counter stayed at {first})")
-    busy = None
+    busy = per_round = None
     if load0 is not None and load1 is not None and load1[1] > load0[1]:
         busy = 1 - (load1[0] - load0[0]) / (load1[1] - load0[1])
-    return Rate((last - first) / (t1 - t0), busy)
+        if load1[2] > load0[2]:
+            per_round = (last - first) / (load1[2] - load0[2])
+    return Rate((last - first) / (t1 - t0), busy, per_round)
 
 
-def _datapath_idle(daemon: VhostmapDaemon) -> Callable[[], tuple[int, int]]:
-    """The daemon's datapath: nanoseconds its threads had nothing to do, and its clock (``vhostmap
-    status``)."""
+def _datapath_idle(daemon: VhostmapDaemon) -> Callable[[], tuple[int, int, int]]:
+    """The daemon's datapath: nanoseconds its threads had nothing to do, its clock, and the rounds that moved
+    frames (``vhostmap status``)."""
 
-    def read() -> tuple[int, int]:
+    def read() -> tuple[int, int, int]:
         d = daemon.status()["datapath"]
-        return sum(int(t["idle_ns"]) for t in d["threads"]), int(d["clock_ns"])
+        threads = d["threads"]
+        return (
+            sum(int(t["idle_ns"]) for t in threads),
+            int(d["clock_ns"]),
+            sum(int(t["rounds"]) for t in threads),
+        )
 
     return read
 
@@ -339,12 +350,17 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                         # BenchError, TestpmdError, a daemon that would not start; WaitTimeout is an OSError.
                         ser.mpps.append(None)
                         ser.busy.append(None)
+                        ser.per_round.append(None)
                         ser.notes.append(f"run {round_}: {e}")
                         say(f"{label}: FAILED: {e}")
                         continue
                     ser.mpps.append(rate.pps / 1e6)
                     ser.busy.append(rate.busy)
-                    busy = "" if rate.busy is None else f" (datapath busy {rate.busy:.0%})"
+                    ser.per_round.append(rate.per_round)
+                    busy = "" if rate.busy is None else f" (datapath busy {rate.busy:.0%}"
+                    if rate.per_round is not None:
+                        busy += f", {rate.per_round:.1f} frames per round"
+                    busy += ")" if busy else ""
                     say(f"{label}: {rate.pps / 1e6:.3f} Mpps{busy}")
 
 
@@ -387,6 +403,9 @@ def table(results: Sequence[Series], runs: int) -> str:
         if any(b is not None for b in s.busy):
             shown = " ".join(f"{b:.0%}" if b is not None else "n/a" for b in s.busy)
             lines.append(f"{'':<22}  datapath busy per run: {shown}")
+        if any(r is not None for r in s.per_round):
+            shown = " ".join(f"{r:.1f}" if r is not None else "n/a" for r in s.per_round)
+            lines.append(f"{'':<22}  frames per datapath round: {shown}")
         for note in dict.fromkeys(s.notes):
             if "\n" not in note:
                 lines.append(f"{'':<22}  note: {note}")
@@ -416,6 +435,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
                 "ratio_to_dpdk": ratio.get((s.scenario, s.size, s.backend)),
                 "round_ratios": rounds.get((s.scenario, s.size, s.backend)),
                 "datapath_busy": s.busy if s.backend != DPDK else None,
+                "frames_per_round": s.per_round if s.backend != DPDK else None,
                 "notes": s.notes,
             }
             for s in results
