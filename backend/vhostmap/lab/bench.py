@@ -15,6 +15,10 @@ processes.
   ports. Rate: packets the front-end received, both ports together.
 
 The ratio of a run pair is vhostmap's rate over DPDK's in the same round; the table gives the median of those.
+``--baseline DIR`` adds, next to each vhostmap back-end, the same back-end run from another checkout (DIR, its
+kernels built: a git worktree of the commit to compare with), alternating within each round too, and the table
+gives this tree's rate over the baseline's per round: on a machine whose speed drifts between minutes, a
+change is judged by that ratio, not by two invocations' rates.
 Results go to a JSON file and, when matplotlib is there (the ``bench`` extra), a PNG chart. Every process,
 socket and hugepage file is removed at the end, also on Ctrl-C or SIGTERM.
 """
@@ -52,6 +56,7 @@ BACKENDS = {
     "P3": ("vhostmap-link", "vhostmap-switch", "dpdk"),
 }
 DPDK = "dpdk"
+BASELINE = "@baseline"  # the suffix of a back-end run from Settings.baseline
 # Bursts each front-end port sends with ``start tx_first`` in P3: enough to keep both directions' rings busy
 # (what does not fit is dropped by testpmd at once, and the rest circulates).
 TX_FIRST_BURSTS = 16
@@ -73,6 +78,7 @@ class Settings:
     only: tuple[str, ...] = ("P1", "P2", "P3")
     backend_cpu: int = 1
     frontend_cpu: int = 0
+    baseline: Path | None = None  # another checkout whose vhostmap runs as BACKEND@baseline too
 
 
 @dataclass
@@ -203,16 +209,23 @@ class Bench:
 
     @contextlib.contextmanager
     def daemon(
-        self, ports: Sequence[str], links: Sequence[str] = (), switch: str | None = None, options: str = ""
+        self,
+        tree: Path | None,
+        ports: Sequence[str],
+        links: Sequence[str] = (),
+        switch: str | None = None,
+        options: str = "",
     ) -> Iterator[VhostmapDaemon]:
-        """A running vhostmap polling on the back-end CPU, its control thread on the front-end's, ``options``
-        added to every port; stopped on the way out, also when it fails to start."""
+        """A running vhostmap (this one, or the checkout ``tree``'s) polling on the back-end CPU, its control
+        thread on the front-end's, ``options`` added to every port; stopped on the way out, also when it fails
+        to start."""
         s = self.settings
         extra = ["--poll", "--cpu", str(s.backend_cpu), "--control-cpu", str(s.frontend_cpu)]
         if switch is not None:
             extra += ["--switch", switch]
         specs = [f"{p}=vhost-user,path={self.sock(p)}" + (f",{options}" if options else "") for p in ports]
-        daemon = VhostmapDaemon(self.workdir, specs, links, extra)
+        env = {"PYTHONPATH": str(tree / "backend")} if tree is not None else None
+        daemon = VhostmapDaemon(self.workdir, specs, links, extra, env=env)
         try:
             yield daemon.start(SETUP_TIMEOUT)
         finally:
@@ -231,23 +244,26 @@ class Bench:
     # --- scenarios -----------------------------------------------------------------------------------------
 
     def run(self, scenario: str, backend: str, size: int) -> Rate:
-        """One run: packets per second (and how busy vhostmap's datapath was)."""
+        """One run: packets per second (and how busy vhostmap's datapath was). A vhostmap ``backend`` ending
+        in BASELINE runs from the baseline checkout."""
+        name, baseline, _ = backend.partition(BASELINE)
+        tree = self.settings.baseline if baseline else None
         runner: dict[tuple[str, str], Callable[[int], Rate]] = {
-            ("P1", "vhostmap"): self.p1_vhostmap,
+            ("P1", "vhostmap"): lambda n: self.p1_vhostmap(n, tree),
             ("P1", DPDK): self.p1_dpdk,
-            ("P2", "vhostmap"): self.p2_vhostmap,
+            ("P2", "vhostmap"): lambda n: self.p2_vhostmap(n, tree),
             ("P2", DPDK): self.p2_dpdk,
-            ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, switch=False),
-            ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, switch=True),
+            ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, tree, switch=False),
+            ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, tree, switch=True),
             ("P3", DPDK): self.p3_dpdk,
         }
-        return runner[scenario, backend](size)
+        return runner[scenario, name](size)
 
-    def p1_vhostmap(self, size: int) -> Rate:
+    def p1_vhostmap(self, size: int, tree: Path | None = None) -> Rate:
         """testpmd txonly into a lone vhostmap port; vhostmap's receive counter."""
         s = self.settings
         with (
-            self.daemon(["a"]) as daemon,
+            self.daemon(tree, ["a"]) as daemon,
             self.testpmd([VirtioUserPort(self.sock("a"))], "txonly", size, s.frontend_cpu) as fe,
         ):
             daemon.wait_connected("a", SETUP_TIMEOUT)
@@ -272,12 +288,12 @@ class Bench:
             fe.start()
             return measure(_testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe))
 
-    def p2_vhostmap(self, size: int) -> Rate:
+    def p2_vhostmap(self, size: int, tree: Path | None = None) -> Rate:
         """A vhostmap port generating ``size``-byte frames (``generate=``) into testpmd rxonly; testpmd's
         RX."""
         s = self.settings
         with (
-            self.daemon(["a"], options=f"generate={size}") as daemon,
+            self.daemon(tree, ["a"], options=f"generate={size}") as daemon,
             self.testpmd([VirtioUserPort(self.sock("a"))], "rxonly", size, s.frontend_cpu) as fe,
         ):
             daemon.wait_connected("a", SETUP_TIMEOUT)
@@ -296,12 +312,12 @@ class Bench:
             be.start()
             return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(be, fe))
 
-    def p3_vhostmap(self, size: int, switch: bool) -> Rate:
+    def p3_vhostmap(self, size: int, tree: Path | None = None, *, switch: bool) -> Rate:
         """Two front-end ports io-forwarding through a vhostmap link (or switch); the front-end's RX."""
         s = self.settings
         ports = [VirtioUserPort(self.sock("a")), VirtioUserPort(self.sock("b"))]
         with (
-            self.daemon(["a", "b"], [] if switch else ["a,b"], "sw0=a,b" if switch else None) as daemon,
+            self.daemon(tree, ["a", "b"], [] if switch else ["a,b"], "sw0=a,b" if switch else None) as daemon,
             self.testpmd(ports, "io", size, s.frontend_cpu) as fe,
         ):
             daemon.wait_connected("a", SETUP_TIMEOUT)
@@ -337,7 +353,7 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
     bench = Bench(settings, workdir)
     for scenario in settings.only:
         for size in settings.sizes:
-            series = {b: Series(scenario, size, b) for b in BACKENDS[scenario]}
+            series = {b: Series(scenario, size, b) for b in backends(scenario, settings.baseline is not None)}
             results += series.values()
             for round_ in range(1, settings.runs + 1):
                 for backend, ser in series.items():
@@ -364,6 +380,31 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                     say(f"{label}: {rate.pps / 1e6:.3f} Mpps{busy}")
 
 
+def backends(scenario: str, baseline: bool) -> list[str]:
+    """The back-ends one round of ``scenario`` runs, in order; with ``baseline``, each vhostmap one twice in a
+    row, this checkout's and the baseline's."""
+    order = []
+    for b in BACKENDS[scenario]:
+        order.append(b)
+        if baseline and b != DPDK:
+            order.append(b + BASELINE)
+    return order
+
+
+def baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+    """For each vhostmap series with a baseline twin: its rate over the twin's, per round both measured."""
+    twins = {(s.scenario, s.size, s.backend): s for s in results}
+    out: dict[tuple[str, int, str], list[float]] = {}
+    for s in results:
+        twin = twins.get((s.scenario, s.size, s.backend + BASELINE))
+        if s.backend == DPDK or twin is None:
+            continue
+        out[s.scenario, s.size, s.backend] = [
+            v / b for v, b in zip(s.mpps, twin.mpps, strict=False) if v is not None and b
+        ]
+    return out
+
+
 def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
     """For each vhostmap series: its rate over DPDK's in the same round, for each round both measured."""
     dpdk = {(s.scenario, s.size): s for s in results if s.backend == DPDK}
@@ -386,9 +427,10 @@ def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None
 def table(results: Sequence[Series], runs: int) -> str:
     """The results as a text table: Mpps per run, median, the median vhostmap/DPDK ratio and the range of
     the rounds' ratios (how much this machine's noise moved them)."""
-    ratio, rounds = ratios(results), round_ratios(results)
+    ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
     width = max(7 * runs, 14)
-    head = f"{'scenario':<14} {'size':>5}  {'backend':<16} {'Mpps per run':<{width}} {'median':>7}"
+    bw = max([16, *(len(s.backend) for s in results)])
+    head = f"{'scenario':<14} {'size':>5}  {'backend':<{bw}} {'Mpps per run':<{width}} {'median':>7}"
     lines = [f"{head}  vhostmap/DPDK  rounds"]
     for s in results:
         per_run = " ".join(f"{m:6.3f}" if m is not None else f"{'n/a':>6}" for m in s.mpps)
@@ -399,13 +441,21 @@ def table(results: Sequence[Series], runs: int) -> str:
         if len(each) > 1:
             rtext += f"  {min(each):.2f}-{max(each):.2f}"
         name = f"{s.scenario} {SCENARIOS[s.scenario]}"
-        lines.append(f"{name:<14} {s.size:>5}  {s.backend:<16} {per_run:<{width}} {median}  {rtext}".rstrip())
+        lines.append(
+            f"{name:<14} {s.size:>5}  {s.backend:<{bw}} {per_run:<{width}} {median}  {rtext}".rstrip()
+        )
         if any(b is not None for b in s.busy):
             shown = " ".join(f"{b:.0%}" if b is not None else "n/a" for b in s.busy)
             lines.append(f"{'':<22}  datapath busy per run: {shown}")
         if any(r is not None for r in s.per_round):
             shown = " ".join(f"{r:.1f}" if r is not None else "n/a" for r in s.per_round)
             lines.append(f"{'':<22}  frames per datapath round: {shown}")
+        if against.get(key):
+            each = against[key]
+            lines.append(
+                f"{'':<22}  over the baseline: {statistics.median(each):.3f}x median, per round "
+                + " ".join(f"{r:.2f}" for r in each)
+            )
         for note in dict.fromkeys(s.notes):
             if "\n" not in note:
                 lines.append(f"{'':<22}  note: {note}")
@@ -414,9 +464,9 @@ def table(results: Sequence[Series], runs: int) -> str:
 
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
     """Everything measured, for the JSON file."""
-    ratio, rounds = ratios(results), round_ratios(results)
+    ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
     return {
-        "settings": asdict(settings),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         "machine": {
             "kernel": platform.release(),
             "cpus": os.cpu_count(),
@@ -436,6 +486,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
                 "round_ratios": rounds.get((s.scenario, s.size, s.backend)),
                 "datapath_busy": s.busy if s.backend != DPDK else None,
                 "frames_per_round": s.per_round if s.backend != DPDK else None,
+                "baseline_round_ratios": against.get((s.scenario, s.size, s.backend)),
                 "notes": s.notes,
             }
             for s in results
@@ -533,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend-cpu", type=int, default=0, help="CPU of the testpmd front-end")
     p.add_argument("--json-out", type=Path, default=Path("bench-results/bench.json"), help="results file")
     p.add_argument("--png", type=Path, default=Path("bench-results/bench.png"), help="chart file")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. a git worktree of the commit to compare with, its kernels built) whose "
+        "vhostmap runs too, alternating with this one's in every round",
+    )
     return p
 
 
@@ -578,7 +635,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.only,
         backend_cpu=args.backend_cpu,
         frontend_cpu=args.frontend_cpu,
+        baseline=args.baseline.resolve() if args.baseline else None,
     )
+    if settings.baseline is not None and not any(
+        (settings.baseline / "backend/vhostmap/datapath").glob("_kernels*.so")
+    ):
+        print(
+            f"bench: {settings.baseline} is not a vhostmap checkout with its kernels built", file=sys.stderr
+        )
+        return 2
     busy = cpu_busy()
     if busy > 0.2:
         say(f"the CPUs are {busy:.0%} busy before starting: expect low and noisy numbers")

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -36,8 +36,10 @@ class VhostmapDaemon(ChildProcess):
         links: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         name: str = "vhostmap",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.env = dict(env or {})  # added to this process's environment (e.g. PYTHONPATH: another checkout)
         self.ports = list(ports)
         self.links = list(links)
         self.extra_args = list(extra_args)
@@ -59,7 +61,9 @@ class VhostmapDaemon(ChildProcess):
     def start(self, timeout: float = 30.0) -> Self:
         """Start the process and wait until its control socket answers."""
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child keeps writing to it)
-        self._proc = subprocess.Popen(self.command_line(), stdout=log, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            self.command_line(), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+        )
         log.close()
         wait_until(
             self._answers, timeout, "vhostmap to answer on its control socket", details=self.diagnostics
