@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -88,27 +89,45 @@ def test_stats_json_and_table_show_exact_counters(
         fa.post_receive_buffers(2)
         fb.transmit(to_a, pair=1)  # b's queue 1 reaches a's only queue
         assert fa.receive(2) == to_a
+        # What waits: receive buffers b posted and nothing filled, and a frame for a, which has none.
+        fb.post_receive_buffers(5)
+        fb.transmit([bytes(60)], pair=1)
 
-        result = vhostmap("stats", "--json", "--control", control)
-        assert result.returncode == 0 and result.stderr == ""
+        def stats_json() -> dict[str, Any]:
+            result = vhostmap("stats", "--json", "--control", control)
+            assert result.returncode == 0 and result.stderr == ""
+            return cast(dict[str, Any], json.loads(result.stdout))
+
+        stats = wait_until(
+            lambda: (s := stats_json())["ports"]["a"]["occupancy"][0]["held"] == 1 and s,
+            10,
+            "the frame for a to be held",
+        )
         counters = dict.fromkeys(
             ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped", "errors"), 0
         )
         a = {**counters, "rx_packets": 3, "rx_bytes": 180, "tx_packets": 2, "tx_bytes": 3028}
         b0 = {**counters, "tx_packets": 3, "tx_bytes": 180}
-        b1 = {**counters, "rx_packets": 2, "rx_bytes": 3028}
-        assert json.loads(result.stdout) == {
+        b1 = {**counters, "rx_packets": 3, "rx_bytes": 3088}
+        waiting = {"guest_tx_waiting": 0, "guest_rx_buffers": 0, "held": 0}
+        assert stats == {
             "ports": {
-                "a": {"queues": [{"queue": 0, **a}], "totals": a, "broken": None},
+                "a": {
+                    "queues": [{"queue": 0, **a}],
+                    "totals": a,
+                    "occupancy": [{"queue": 0, **waiting, "held": 1}],
+                    "broken": None,
+                },
                 "b": {
                     "queues": [{"queue": 0, **b0}, {"queue": 1, **b1}],
                     "totals": {
                         **counters,
-                        "rx_packets": 2,
-                        "rx_bytes": 3028,
+                        "rx_packets": 3,
+                        "rx_bytes": 3088,
                         "tx_packets": 3,
                         "tx_bytes": 180,
                     },
+                    "occupancy": [{"queue": 0, **waiting, "guest_rx_buffers": 5}, {"queue": 1, **waiting}],
                     "broken": None,
                 },
             }
@@ -120,7 +139,7 @@ def test_stats_json_and_table_show_exact_counters(
             "port         queue      rx pkts       rx bytes      tx pkts       tx bytes      drops   errors",
             "a                0            3            180            2           3028          0        0",
             "b                0            0              0            3            180          0        0",
-            "b                1            2           3028            0              0          0        0",
+            "b                1            3           3088            0              0          0        0",
         ]
 
 

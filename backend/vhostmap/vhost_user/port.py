@@ -385,7 +385,21 @@ class VhostUserPort(NetmapAdapter):
             for i, q in enumerate(self.queue_stats)
         ]
         totals = {name: sum(q[name] for q in queues) for name in QUEUE_COUNTERS}
-        return {"queues": queues, "totals": totals, "broken": self.device.broken}
+        occupancy = [{"queue": i, **self._occupancy(i)} for i in range(len(queues))]
+        return {"queues": queues, "totals": totals, "occupancy": occupancy, "broken": self.device.broken}
+
+    def _occupancy(self, pair: int) -> dict[str, int]:
+        """What waits in queue pair ``pair`` now: chains the guest queued for transmission and vhostmap has
+        not taken (``guest_tx_waiting``), receive buffers the guest posted and vhostmap has not filled
+        (``guest_rx_buffers``), and frames for the guest held in the port's TX ring until it posts some
+        (``held``). Where the frames of a busy path pile up says which side is slower."""
+        guest_rx, guest_tx = self.device.vqs[2 * pair], self.device.vqs[2 * pair + 1]
+        kring = self.tx_rings[pair] if pair < len(self.tx_rings) else None
+        return {
+            "guest_tx_waiting": int(lib.vq_pending(guest_tx.c)) if guest_tx.ready else 0,
+            "guest_rx_buffers": int(lib.vq_pending(guest_rx.c)) if guest_rx.ready else 0,
+            "held": kring.pending() if kring is not None else 0,
+        }
 
 
 def rarp_frame(mac: bytes) -> bytes:
