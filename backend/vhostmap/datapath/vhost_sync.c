@@ -3,10 +3,10 @@
 
 #include "kernels.h"
 
-/* vhu_rxsync; with `refs`, into slots that refer to the guest's buffers, nothing completed
- * (vq_dequeue_refs). */
+/* vhu_rxsync filling at most `burst` slots (0: all there is room for); with `refs`, into slots that refer to
+ * the guest's buffers, nothing completed (vq_dequeue_refs). */
 static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem,
-                               uint32_t hdr_len, struct nm_stash *stash, struct vq_refs *refs,
+                               uint32_t hdr_len, struct nm_stash *stash, struct vq_refs *refs, uint32_t burst,
                                struct vq_used_elem *pending, struct vq_batch *out)
 {
     if (nm_sync_prologue(k))
@@ -15,6 +15,8 @@ static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const st
     k->nr_hwcur = k->rhead;
     /* Fill [hwtail, hwcur - 1): one slot always stays empty. */
     uint32_t space = (k->nr_hwcur + n - k->nr_hwtail - 1) % n;
+    if (burst && space > burst)
+        space = burst;
     if (stash) {
         /* A slot per waiting chain (a frame larger than a buffer takes more: those use their own). */
         uint32_t take = vq_pending(vq);
@@ -34,7 +36,7 @@ static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const st
 int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
                    struct nm_stash *stash, struct vq_used_elem *pending, struct vq_batch *out)
 {
-    return vhu_rxsync_refs(k, vq, mem, hdr_len, stash, NULL, pending, out);
+    return vhu_rxsync_refs(k, vq, mem, hdr_len, stash, NULL, 0, pending, out);
 }
 
 /* vhu_txsync, delivering what slots of `refs` (may be NULL) refer to (vq_enqueue_refs). */
@@ -96,13 +98,16 @@ int32_t vhu_queue_rxsync(const struct vhu_queue *q)
     return status == VQ_OK ? vhu_received(q) : status;
 }
 
-/* The rxsync of a one-copy pass: with `refs`, its slots refer to the guest's buffers and its used entries
- * wait in q->scratch for vhu_queue_publish (nothing counted or signalled yet); without, vhu_queue_rxsync. */
-static int32_t vhu_queue_rxsync_refs(const struct vhu_queue *q, struct vq_refs *refs)
+/* The rxsync of a pass, at most `burst` slots (0: no limit): with `refs`, its slots refer to the guest's
+ * buffers and its used entries wait in q->scratch for vhu_queue_publish (nothing counted or signalled yet);
+ * without, as vhu_queue_rxsync. */
+static int32_t vhu_queue_rxsync_refs(const struct vhu_queue *q, struct vq_refs *refs, uint32_t burst)
 {
-    if (!refs)
-        return vhu_queue_rxsync(q);
-    return vhu_rxsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->stash, refs, q->scratch, q->out);
+    int32_t status =
+        vhu_rxsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->stash, refs, burst, q->scratch, q->out);
+    if (refs || status != VQ_OK)
+        return status;
+    return vhu_received(q);
 }
 
 /* The ring head its user wrote, or UINT32_MAX if outside the ring. */
@@ -161,17 +166,19 @@ int32_t vhu_queue_txsync(const struct vhu_queue *q)
     return vhu_queue_txsync_refs(q, NULL);
 }
 
-uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *refs, int32_t *failed,
-                       int32_t *status)
+/* One round of vhu_link_pass: every lane once. Returns the slots its sources took from their guests plus
+ * those it moved into destinations: a source whose destination is full still makes progress while its own
+ * ring has room (and its guest, having kicked once, may not kick again). */
+static uint64_t vhu_link_round(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *refs, uint32_t burst,
+                               int32_t *failed, int32_t *status)
 {
     uint64_t moved = 0;
-    *failed = -1;
     for (uint32_t k = 0; k < nlanes; k++) {
         const struct vhu_queue *src = &lanes[k].src, *dst = &lanes[k].dst;
         int32_t st_src = VQ_OK, st_dst;
         int deferred = 0;
         if (src->kring) {
-            st_src = vhu_queue_rxsync_refs(src, refs);
+            st_src = vhu_queue_rxsync_refs(src, refs, burst);
             if (st_src != VQ_OK) {
                 if (refs)
                     vq_refs_reset(refs); /* the slots it filled were not published */
@@ -180,6 +187,7 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *
                 return moved;
             }
             deferred = refs != NULL;
+            moved += src->out->slots;
         }
         /* The destination may be filled by another thread's lane too (VALE's rule, as one short section).
          * What it did not take is settled before the lock goes: another thread's sync of that ring must never
@@ -202,6 +210,20 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *
             *status = st_dst != VQ_OK ? st_dst : st_src;
             return moved;
         }
+    }
+    return moved;
+}
+
+uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *refs, uint32_t burst,
+                       uint32_t rounds, int32_t *failed, int32_t *status)
+{
+    uint64_t moved = 0;
+    *failed = -1;
+    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
+        uint64_t now = vhu_link_round(lanes, nlanes, refs, burst, failed, status);
+        moved += now;
+        if (*failed >= 0 || !now)
+            break;
     }
     return moved;
 }
@@ -243,18 +265,18 @@ uint64_t vhu_source_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *fa
     return sent;
 }
 
-uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
-                         struct vhu_queue *tx, uint32_t ntx, uint8_t *synced, struct vq_refs *refs, double now,
-                         int32_t *failed, int32_t *status)
+/* One round of vhu_switch_pass: every source once, then the TX queues left to flush. */
+static uint64_t vhu_switch_round(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
+                                 struct vhu_queue *tx, uint32_t ntx, uint8_t *synced, struct vq_refs *refs,
+                                 uint32_t burst, double now, int32_t *failed, int32_t *status)
 {
     uint64_t received = 0;
     int32_t st;
-    *failed = -1;
     for (uint32_t k = 0; k < nsources; k++) {
         const struct vhu_switch_source *s = &sources[k];
         int deferred = 0;
         if (s->rx.kring) {
-            if ((st = vhu_queue_rxsync_refs(&s->rx, refs)) != VQ_OK) {
+            if ((st = vhu_queue_rxsync_refs(&s->rx, refs, burst)) != VQ_OK) {
                 if (refs)
                     vq_refs_reset(refs); /* the slots it filled were not published */
                 *failed = (int32_t)k;
@@ -314,6 +336,24 @@ uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, 
             *status = st;
             return received;
         }
+    }
+    return received;
+}
+
+uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
+                         struct vhu_queue *tx, uint32_t ntx, const uint8_t *flush, uint8_t *synced,
+                         struct vq_refs *refs, uint32_t burst, uint32_t rounds, double now, int32_t *failed,
+                         int32_t *status)
+{
+    uint64_t received = 0;
+    *failed = -1;
+    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
+        memcpy(synced, flush, ntx);
+        uint64_t now_received = vhu_switch_round(t, sources, nsources, tx, ntx, synced, refs, burst, now,
+                                                 failed, status);
+        received += now_received;
+        if (*failed >= 0 || !now_received)
+            break;
     }
     return received;
 }

@@ -21,6 +21,14 @@ from vhostmap.forwarding.rings import ring_lock
 from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.kring import Kring
 
+# A link or switch pass takes at most BURST slots from a source per round, so that frames go out and the
+# source's used entries come back every BURST frames (DPDK's bursts are 32) rather than once per ring: a
+# driver whose transmit ring is full meanwhile drops (testpmd) or stops its queue. One call runs up to ROUNDS
+# rounds, while they move frames, so that entering C and the Python around it are paid once per
+# ROUNDS * BURST frames; the control plane waits for the datapath lock at most that long (well under a ms).
+BURST = 32
+ROUNDS = 8
+
 # (port, kring, whether it is an RX kring) of one sync of a pass, in the order the pass numbers them.
 Side = tuple[NetmapAdapter, Kring, bool]
 

@@ -16,7 +16,17 @@ from typing import Any
 
 from vhostmap.datapath import ffi, lib
 from vhostmap.ethernet import ETH_HLEN
-from vhostmap.forwarding.passes import OneCopy, Owns, PassOutcome, Side, owned, struct_array, with_stash
+from vhostmap.forwarding.passes import (
+    BURST,
+    ROUNDS,
+    OneCopy,
+    Owns,
+    PassOutcome,
+    Side,
+    owned,
+    struct_array,
+    with_stash,
+)
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import CompiledMacTable
 from vhostmap.netmap.abi import RING_HEADER_SIZE, NetmapRing, RingView
@@ -60,16 +70,18 @@ class CompiledSwitch:
         out = self._outcomes.get(owns)
         if out is None:
             out = self._outcomes[owns] = PassOutcome()
-        # The TX rings other threads' parts flush start as synced (vhu_switch_pass).
-        ffi.memmove(plan.synced, plan.flush, plan.ntx)
+        # The TX rings other threads' parts flush start each round as synced (vhu_switch_pass).
         received = lib.vhu_switch_pass(
             self.table.c,
             plan.sources,
             plan.nsources,
             plan.tx,
             plan.ntx,
+            plan.flush,
             plan.synced,
             plan.refs.c,
+            BURST,
+            ROUNDS,
             now,
             out.failed,
             out.status,
