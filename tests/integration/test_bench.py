@@ -115,3 +115,32 @@ def test_ctrl_c_stops_everything_and_keeps_what_was_measured(tmp_path: Path) -> 
     assert proc.returncode == 130, err
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["interrupted"]
+
+
+def test_a_baseline_checkout_runs_in_every_round_and_is_compared(tmp_path: Path) -> None:
+    # This checkout as its own baseline: both series are measured, and each round gives a ratio.
+    root = Path(__file__).resolve().parents[2]
+    proc = start_bench(tmp_path, *QUICK, "--runs", "2", "--baseline", str(root))
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+        assert_nothing_left(proc)
+    assert proc.returncode == 0, err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rates = {r["backend"]: r for r in report["results"]}
+    assert list(rates) == ["vhostmap", "vhostmap@baseline", "dpdk"]
+    assert all(len(r["mpps"]) == 2 and all(m > 0 for m in r["mpps"]) for r in rates.values())
+    ours, base = rates["vhostmap"]["mpps"], rates["vhostmap@baseline"]["mpps"]
+    assert rates["vhostmap"]["baseline_round_ratios"] == [
+        pytest.approx(a / b) for a, b in zip(ours, base, strict=True)
+    ]
+    assert report["settings"]["baseline"] == str(root)
+    assert "over the baseline:" in out
+
+
+def test_a_baseline_without_built_kernels_is_refused(tmp_path: Path) -> None:
+    proc = start_bench(tmp_path, *QUICK, "--baseline", str(tmp_path))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and out == ""
+    assert f"{tmp_path} is not a vhostmap checkout with its kernels built" in err
