@@ -17,6 +17,8 @@ import pytest
 
 from conftest import RunningDaemon, StartDaemon
 from vhostmap.datapath import lib
+from vhostmap.forwarding.link import Link
+from vhostmap.forwarding.passes import BURST, ROUNDS
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeFrontend
 from vhostmap.netmap.abi import NS_INDIRECT
 from vhostmap.vhost_user.port import VhostUserPort
@@ -250,6 +252,44 @@ def test_a_destination_fault_breaks_that_port_only_and_the_source_gets_its_buffe
     if where == "switch":
         still_switching(d, fa, d.frontend("c"))
     no_slot_refers(d, ["a"])
+
+
+def test_a_faulted_queue_is_left_alone_until_its_port_reports_the_fault(start_daemon: StartDaemon) -> None:
+    # With two datapath threads filling one guest receive queue, the other thread's pass can reach the queue
+    # between the pass that met its fault and the port's handling of it (after the ring lock went). Emulated
+    # in one thread: the link's pass runs twice before the port hears of the fault. The second leaves the
+    # fault and its pending used entries alone (VHU_FAULTED), and the port reports the first fault only.
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    link = d.daemon.serving["a"]
+    assert isinstance(link, Link)
+    with d.daemon.worker.lock:  # the worker waits: the passes below are the only ones
+        fb.post_receive_buffers(1)  # descriptor 0; then a chain whose second descriptor is outside memory
+        rx = fb.queues[0]
+        fb.write_desc(rx, 1, fb.buffer(rx, 1), 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2)
+        fb.write_desc(rx, 2, 1 << 50, 64, VRING_DESC_F_WRITE)
+        fb.publish(rx, [1])
+        fa.transmit([frame(mac(2), mac(1), 60, k) for k in range(3)])
+        plan, out, refs = link._compiled(), link._outcome, link._refs
+        assert plan is not None and refs is not None
+        vq = d.device("b").vqs[0]
+
+        def run() -> tuple[int, int]:
+            lib.vhu_link_pass(plan.c, plan.n, refs.c, BURST, ROUNDS, out.failed, out.status)
+            return out.failed[0], out.status[0]
+
+        assert run() == (1, lib.VQ_ERR_BUFFER_MEM)  # lane 0's destination: b's receive queue
+        fault = (vq.out.err_desc, vq.out.used, vq.scratch[0].id, vq.scratch[0].len)
+        assert fault == (2, 1, 0, 12 + 60)  # descriptor 2 faulted; the first frame's used entry waits
+        assert run() == (1, lib.VHU_FAULTED)
+        assert (vq.out.err_desc, vq.out.used, vq.scratch[0].id, vq.scratch[0].len) == fault
+        kring = d.daemon.adapters["b"].tx_rings[0]
+        port(d, "b").fast_failed(kring, False, lib.VHU_FAULTED)
+        assert d.device("b").broken is None, "VHU_FAULTED is not the fault: the pass that met it reports"
+        port(d, "b").fast_failed(kring, False, lib.VQ_ERR_BUFFER_MEM)
+        assert "buffer of descriptor 2" in str(d.device("b").broken)
+        assert vq._pending_used == [(0, 12 + 60)], "the first frame's used entry, queued once"
+    assert len(fa.wait_used(fa.queues[1], 3)) == 3 and d.device("a").broken is None
 
 
 @pytest.mark.parametrize("where", ["link", "switch"])

@@ -74,6 +74,15 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
     return vhu_txsync_refs(k, vq, mem, hdr_len, mergeable, stash, NULL, pending, out);
 }
 
+/* A sync's status for the pass: a fault of the guest's (a VQ_ERR_*) leaves the queue faulted (struct
+ * vq_split.faulted), so that no other pass touches what the fault left for the port to report. */
+static int32_t vhu_queue_status(const struct vhu_queue *q, int32_t status)
+{
+    if (status > VQ_OK)
+        q->vq->faulted = 1;
+    return status;
+}
+
 /* The interrupt the driver asked for (kernels.finish does the same for the calls above): VQ_OK, or the
  * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). */
 static int32_t vhu_notify(const struct vhu_queue *q)
@@ -94,8 +103,10 @@ static int32_t vhu_received(const struct vhu_queue *q)
 
 int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 {
+    if (q->vq->faulted)
+        return VHU_FAULTED;
     int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->stash, q->scratch, q->out);
-    return status == VQ_OK ? vhu_received(q) : status;
+    return status == VQ_OK ? vhu_received(q) : vhu_queue_status(q, status);
 }
 
 /* The rxsync of a pass, at most `burst` slots (0: no limit): with `refs`, its slots refer to the guest's
@@ -103,10 +114,12 @@ int32_t vhu_queue_rxsync(const struct vhu_queue *q)
  * without, as vhu_queue_rxsync. */
 static int32_t vhu_queue_rxsync_refs(const struct vhu_queue *q, struct vq_refs *refs, uint32_t burst)
 {
+    if (q->vq->faulted)
+        return VHU_FAULTED;
     int32_t status =
         vhu_rxsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->stash, refs, burst, q->scratch, q->out);
     if (refs || status != VQ_OK)
-        return status;
+        return vhu_queue_status(q, status);
     return vhu_received(q);
 }
 
@@ -145,13 +158,15 @@ static int32_t vhu_queue_publish(const struct vhu_queue *q, struct vq_refs *refs
 {
     vq_refs_reset(refs);
     int32_t status = vq_publish(q->vq, q->mem, q->scratch, q->out);
-    return status == VQ_OK ? vhu_received(q) : status;
+    return status == VQ_OK ? vhu_received(q) : vhu_queue_status(q, status);
 }
 
 static int32_t vhu_queue_txsync_refs(const struct vhu_queue *q, const struct vq_refs *refs)
 {
-    int32_t status = vhu_txsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable, q->stash, refs,
-                                     q->scratch, q->out);
+    if (q->vq->faulted)
+        return VHU_FAULTED;
+    int32_t status = vhu_queue_status(q, vhu_txsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable,
+                                                         q->stash, refs, q->scratch, q->out));
     if (status == VQ_OK) {
         q->stats->tx_packets += q->out->packets;
         q->stats->tx_bytes += q->out->bytes;

@@ -475,6 +475,8 @@ class VhostUserNetDevice:
             self.listener.queues_changed()
         if status == 0:
             self.broken = None
+            for vq in self.vqs:
+                vq.faulted = False  # a fault the passes met is the broken state just cleared
         self.status = status
         return None
 

@@ -144,6 +144,8 @@ class VhostUserPort(NetmapAdapter):
     def fast_failed(self, kring: Kring, receive: bool, status: int) -> None:
         """A compiled pass stopped at ``kring`` with ``status``: a driver fault marks the device broken, as
         the Python sync would; a ring the prologue refused is synced the Python way, which says why."""
+        if status == lib.VHU_FAULTED:
+            return  # the pass that met this queue's fault (another thread's, maybe) reports it
         index = kring.ring_id
         vq = self._queue(2 * index + 1) if receive else self._rx_queue_for(index)
         if status == lib.VHU_REJECT or vq is None:

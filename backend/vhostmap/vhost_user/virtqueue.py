@@ -153,6 +153,7 @@ class SplitVirtqueue:
     indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.")
     log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).")
     kicks = CFlag("Whether the driver is asked to kick (see the class docstring).")
+    faulted = CFlag("A compiled pass met a driver fault here: no pass syncs it until the device is reset.")
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:
