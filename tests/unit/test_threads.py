@@ -60,6 +60,24 @@ def test_rxq_affinity_pins_queues_and_the_others_go_round_robin(start_daemon: St
     assert pinned == [False, True, True, False]
 
 
+@needs_two_cpus
+def test_forwarders_that_cannot_be_split_run_whole_on_one_thread(start_daemon: StartDaemon) -> None:
+    # A generator feeds its guest's receive queues alone: one thread runs all of it, on both of the port's
+    # queue pairs, while a sink of a 2-queue port is split, each thread draining its own receive queue.
+    d = start_daemon({"g": "queues=2,generate=60", "s": "queues=2"}, cpu=TWO)
+    placed = {
+        name: [
+            k for k, w in enumerate(d.daemon.worker.workers) for f in w._forwarders if f.name.startswith(name)
+        ]
+        for name in ("source g", "sink s")
+    }
+    assert placed == {"source g": [0], "sink s": [0, 1]}
+    fg = d.frontend("g", queue_pairs=2)
+    for pair in (0, 1):
+        fg.post_receive_buffers(4, pair=pair)
+        assert len(fg.receive(4, pair=pair)) == 4
+
+
 def test_a_pinned_cpu_outside_the_cpu_list_is_refused_at_start(
     sock_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

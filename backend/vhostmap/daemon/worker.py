@@ -24,7 +24,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from vhostmap.datapath import eventfds, lib
 from vhostmap.system.cpu import check_cpu, pin_current_thread
@@ -50,6 +50,15 @@ class Forwarder(Protocol):
 
     def run(self) -> bool:
         """One bounded round of work under the datapath lock; True when something moved."""
+
+
+@runtime_checkable
+class Splittable(Forwarder, Protocol):
+    """A forwarder that several datapath threads share, each running the part that serves its receive
+    queues (links, switches and sinks; the others run whole on one thread)."""
+
+    def part(self, owns: Callable[[Any, int], bool]) -> Forwarder:
+        """The part serving the receive queues (port, RX ring index) ``owns`` accepts."""
 
 
 class Worker:
@@ -471,9 +480,8 @@ class Datapath:
     def _place(self, forwarder: Forwarder) -> list[tuple[Worker, Forwarder]]:
         if len(self.workers) == 1:
             return [(self.workers[0], forwarder)]
-        part = getattr(forwarder, "part", None)
-        if callable(part):
-            return [(w, part(self._owns(k))) for k, w in enumerate(self.workers)]
+        if isinstance(forwarder, Splittable):
+            return [(w, forwarder.part(self._owns(k))) for k, w in enumerate(self.workers)]
         queues: list[tuple[Any, int]] = getattr(forwarder, "rx_queues", list)()
         k = self.assignment.owner(queues[0][0].name, queues[0][1]) if queues else 0
         return [(self.workers[k], forwarder)]

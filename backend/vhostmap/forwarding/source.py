@@ -11,10 +11,12 @@ from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.packets import Addresses, udp_frame
 
 
-class Source(Sink):
+class Source:
     """A port whose guest receives generated frames as fast as it takes them (``generate=LEN``), as
     testpmd's txonly mode does on DPDK's side: a traffic source for guest receive benchmarks. What the guest
-    sends is dropped and counted, as by a Sink.
+    sends is dropped and counted by a Sink of the port. Not split between datapath threads (it has no
+    ``part``): its TX rings are fed by this forwarder alone, and all of it runs on the thread of the port's
+    first receive queue (vhostmap.daemon.worker.Datapath).
 
     Every buffer of the port's TX rings holds the same UDP frame (`vhostmap.packets.udp_frame`, to ``mac``,
     the guest's), written once: the syncs copy from the buffers and never change them (no stash here), so
@@ -23,7 +25,8 @@ class Source(Sink):
     """
 
     def __init__(self, port: NetmapAdapter, length: int, mac: bytes) -> None:
-        super().__init__(port)
+        self.port = port
+        self.sink = Sink(port)
         self.name = f"source {port.name} ({length} B)"
         self._tx_plan: CompiledPass | None = None
         self._tx_outcome = PassOutcome()
@@ -35,14 +38,18 @@ class Source(Sink):
             slots["len"] = len(self.frame)
             slots["flags"] = 0
 
-    # Not split between datapath threads: its TX rings are fed by this forwarder alone, and all of it runs on
-    # the thread of the port's first receive queue (vhostmap.daemon.worker.Datapath).
-    part = None  # type: ignore[assignment]
+    def rx_queues(self) -> list[tuple[NetmapAdapter, int]]:
+        """The receive queues (port, RX ring) it consumes: its sink's."""
+        return self.sink.rx_queues()
+
+    def wake_fds(self) -> list[int]:
+        """Kicks of the port."""
+        return self.sink.wake_fds()
 
     def run(self) -> bool:
         """Drop what arrived, then give the guest every frame its TX rings have room for; True when
         anything moved."""
-        got = super().run()
+        got = self.sink.run()
         plan = self._compiled_tx()
         if plan is not None:
             out = self._tx_outcome
