@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "receive queues round-robin over them unless a port pins them with rxq_affinity=QUEUE:CPU,...)",
     )
     serve.add_argument("--control-cpu", type=int, metavar="N", help="pin the control (main) thread to CPU N")
+    serve.add_argument(
+        "--no-rxq-isolate",
+        dest="rxq_isolate",
+        action="store_false",
+        default=None,
+        help="let threads that serve pinned queues (rxq_affinity) take round-robin queues too",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections and negotiation too")
 
     stats = sub.add_parser("stats", help="per-port and per-queue counters of the running daemon")
@@ -156,6 +163,7 @@ def _serve(args: argparse.Namespace) -> int:
             poll=args.poll,
             cpu=args.cpu,
             control_cpu=args.control_cpu,
+            rxq_isolate=args.rxq_isolate,
         )
     except ConfigError as e:
         print(f"vhostmap serve: {e}", file=sys.stderr)

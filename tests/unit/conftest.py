@@ -167,6 +167,7 @@ def start_daemon(
         other_ports: Sequence[str] = (),
         cpu: str | None = None,
         poll: bool | None = None,
+        rxq_isolate: bool | None = None,
     ) -> RunningDaemon:
         flags = []
         for name, options in ports.items():
@@ -174,7 +175,9 @@ def start_daemon(
                 f"{name}=vhost-user,path={sock_dir}/{name}.sock" + (f",{options}" if options else "")
             )
         flags += other_ports  # complete --port values (generic ports)
-        threads = {k: v for k, v in (("cpu", cpu), ("poll", poll)) if v is not None}
+        threads = {
+            k: v for k, v in (("cpu", cpu), ("poll", poll), ("rxq_isolate", rxq_isolate)) if v is not None
+        }
         config = build_config(
             None, flags, links, f"{sock_dir}/control.sock", switch_flags=switches, **threads
         )

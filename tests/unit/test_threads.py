@@ -53,11 +53,31 @@ def test_receive_queues_go_round_robin_and_status_shows_them(start_daemon: Start
 
 
 @needs_two_cpus
-def test_rxq_affinity_pins_queues_and_the_others_go_round_robin(start_daemon: StartDaemon) -> None:
-    d = start_daemon({"a": f"queues=2,rxq_affinity=0:{CPUS[1]},1:{CPUS[1]}", "b": "queues=2"}, cpu=TWO)
-    assert threads(d) == [[("b", 0)], [("a", 0), ("a", 1), ("b", 1)]]
-    pinned = [q["pinned"] for t in d.daemon.status({})["datapath"]["threads"] for q in t["rx_queues"]]
-    assert pinned == [False, True, True, False]
+@pytest.mark.parametrize("isolate", [True, False], ids=["isolated", "not-isolated"])
+def test_rxq_affinity_pins_queues_and_the_others_go_round_robin(
+    start_daemon: StartDaemon, isolate: bool
+) -> None:
+    # A thread serving pinned queues gets no other (OVS's pmd-rxq-isolate) unless told otherwise.
+    d = start_daemon(
+        {"a": f"queues=2,rxq_affinity=0:{CPUS[1]},1:{CPUS[1]}", "b": "queues=2"}, cpu=TWO, rxq_isolate=isolate
+    )
+    if isolate:
+        assert threads(d) == [[("b", 0), ("b", 1)], [("a", 0), ("a", 1)]]
+    else:
+        assert threads(d) == [[("b", 0)], [("a", 0), ("a", 1), ("b", 1)]]
+    shown = d.daemon.status({})["datapath"]["threads"]
+    assert [t["isolated"] for t in shown] == [False, isolate]
+    pinned = [q["pinned"] for t in shown for q in t["rx_queues"]]
+    assert sorted(pinned) == [False, False, True, True]
+
+
+@needs_two_cpus
+def test_when_every_thread_serves_pinned_queues_the_others_still_get_one(
+    start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = start_daemon({"a": f"queues=2,rxq_affinity=0:{CPUS[0]},1:{CPUS[1]}", "b": "queues=2"}, cpu=TWO)
+    assert threads(d) == [[("a", 0), ("b", 0)], [("a", 1), ("b", 1)]]
+    assert "every datapath thread serves pinned receive queues" in caplog.text
 
 
 @needs_two_cpus
@@ -107,6 +127,12 @@ def test_cpu_lists_and_rxq_affinity_parse_from_toml_and_flags() -> None:
         build_config(None, ["a=vhost-user,path=/tmp/a.sock,queues=2,rxq_affinity=2:0"])
     with pytest.raises(ConfigError, match="QUEUE:CPU pairs"):
         build_config(None, ["a=vhost-user,path=/tmp/a.sock,rxq_affinity=zero"])
+    # rxq_isolate: true unless the file says false; the flag (--no-rxq-isolate) wins over the file.
+    assert build_config({}).rxq_isolate is True
+    assert build_config({"rxq_isolate": False}).rxq_isolate is False
+    assert build_config({"rxq_isolate": True}, rxq_isolate=False).rxq_isolate is False
+    with pytest.raises(ConfigError, match="rxq_isolate must be true or false"):
+        build_config({"rxq_isolate": "no"})
 
 
 # --- exactness ----------------------------------------------------------------------------------------------

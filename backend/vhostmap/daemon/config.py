@@ -45,6 +45,10 @@ each pinned to its own; receive queues are given to them round-robin, or pinned 
 
     [ports.vm0]
     rxq_affinity = "0:1,1:0"
+
+A thread serving a pinned queue gets no other queue (OVS's pmd-rxq-isolate, true by default there too), so
+that a queue pinned for its own CPU shares it with nothing; ``--no-rxq-isolate`` (``rxq_isolate = false``)
+lets the round-robin use those threads as well.
 """
 
 from __future__ import annotations
@@ -250,6 +254,8 @@ class DaemonConfig:
     # One datapath thread pinned to each of these CPUs (None: one thread, unpinned).
     cpu: tuple[int, ...] | None = None
     control_cpu: int | None = None  # the CPU the control (main) thread is pinned to
+    # Threads serving pinned queues get no other queue (OVS's pmd-rxq-isolate).
+    rxq_isolate: bool = True
 
     def __post_init__(self) -> None:
         cpus = list(self.cpu or ()) + ([self.control_cpu] if self.control_cpu is not None else [])
@@ -498,12 +504,14 @@ def build_config(
     poll: bool | None = None,
     cpu: int | str | None = None,
     control_cpu: int | None = None,
+    rxq_isolate: bool | None = None,
 ) -> DaemonConfig:
     """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
 
     ``socket_group`` and ``socket_mode`` (or TOML ``socket_group``/``socket_mode``) apply to every server-mode
-    port that sets neither ``group`` nor ``perm`` itself. ``poll``, ``cpu`` and ``control_cpu`` (TOML keys of
-    the same names) override the file's when given; ``cpu`` is a CPU number or a CPU list (``"0-1"``).
+    port that sets neither ``group`` nor ``perm`` itself. ``poll``, ``cpu``, ``control_cpu`` and
+    ``rxq_isolate`` (TOML keys of the same names) override the file's when given; ``cpu`` is a CPU number or a
+    CPU list (``"0-1"``).
     """
     toml = dict(toml or {})
     ports = [_port_from_mapping(name, v) for name, v in dict(toml.pop("ports", {})).items()]
@@ -546,10 +554,13 @@ def build_config(
         raise ConfigError(f"poll must be true or false, not {file_poll!r}")
     file_cpu = parse_cpu_key(toml.pop("cpu", None), "cpu")
     file_control_cpu = _cpu_key(toml, "control_cpu")
+    file_isolate = toml.pop("rxq_isolate", True)
+    if not isinstance(file_isolate, bool):
+        raise ConfigError(f"rxq_isolate must be true or false, not {file_isolate!r}")
     if toml:
         raise ConfigError(
             f"unknown configuration key {sorted(toml)[0]!r} (known: ports, links, switches, control_socket, "
-            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu)"
+            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu, rxq_isolate)"
         )
     return DaemonConfig(
         tuple(ports),
@@ -559,6 +570,7 @@ def build_config(
         poll=file_poll if poll is None else poll,
         cpu=file_cpu if cpu is None else parse_cpu_key(cpu, "--cpu"),
         control_cpu=file_control_cpu if control_cpu is None else control_cpu,
+        rxq_isolate=file_isolate if rxq_isolate is None else rxq_isolate,
     )
 
 

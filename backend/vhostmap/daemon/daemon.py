@@ -67,7 +67,7 @@ class Daemon:
         self.memory = NetmapMemory(allocator_params(config))
         pinned = {pc.name: dict(pc.rxq_affinity) for pc in config.ports if pc.rxq_affinity}
         # The datapath threads (named `worker` since there was one).
-        self.worker = Datapath(config.cpu, poll=config.poll, pinned=pinned)
+        self.worker = Datapath(config.cpu, poll=config.poll, pinned=pinned, isolate=config.rxq_isolate)
         # Every port, by name; ``ports`` holds the vhost-user ones (the sockets' handlers).
         self.adapters: dict[str, NetmapAdapter] = {}
         self.ports: dict[str, VhostUserPort] = {}

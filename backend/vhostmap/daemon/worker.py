@@ -355,9 +355,14 @@ class Assignment:
     {RX ring index: CPU}, like OVS's pmd-rxq-affinity), else round-robin over the threads in the order the
     queues are first asked about (the daemon asks for its configured ports in order at start). ``cpus``: the
     CPU of each thread (None: not pinned). Never changes a queue's thread once given.
+
+    With ``isolate`` (OVS's pmd-rxq-isolate, true there by default too) the round-robin skips the threads that
+    serve pinned queues, unless every thread does (then it uses them all, and says so once).
     """
 
-    def __init__(self, cpus: Sequence[int | None], pinned: Mapping[str, Mapping[int, int]]) -> None:
+    def __init__(
+        self, cpus: Sequence[int | None], pinned: Mapping[str, Mapping[int, int]], isolate: bool = True
+    ) -> None:
         self.cpus = list(cpus)
         self._owner: dict[RxQueue, int] = {}
         self.pinned: set[RxQueue] = set()
@@ -371,6 +376,14 @@ class Assignment:
                     )
                 self._owner[(port, queue)] = self.cpus.index(cpu)
                 self.pinned.add((port, queue))
+        self.isolated = {self._owner[q] for q in self.pinned} if isolate else set()
+        self._round_robin = [k for k in range(len(self.cpus)) if k not in self.isolated]
+        if not self._round_robin:
+            log.warning(
+                "every datapath thread serves pinned receive queues: the others go round-robin over all of "
+                "them (add a CPU to --cpu to keep pinned queues alone, or give --no-rxq-isolate)"
+            )
+            self._round_robin = list(range(len(self.cpus)))
         self._next = 0
         self._lock = threading.Lock()  # datapath threads ask too (a new switch port's queues)
 
@@ -382,14 +395,15 @@ class Assignment:
             with self._lock:
                 k = self._owner.get(key)
                 if k is None:
-                    k = self._owner[key] = self._next % len(self.cpus)
+                    k = self._owner[key] = self._round_robin[self._next % len(self._round_robin)]
                     self._next += 1
         return k
 
     def show(self, queues: Sequence[RxQueue]) -> list[dict[str, Any]]:
         """Each thread with its CPU and the ``queues`` it serves (``ovs-appctl dpif-netdev/pmd-rxq-show``)."""
         threads: list[dict[str, Any]] = [
-            {"thread": k, "cpu": cpu, "rx_queues": []} for k, cpu in enumerate(self.cpus)
+            {"thread": k, "cpu": cpu, "isolated": k in self.isolated, "rx_queues": []}
+            for k, cpu in enumerate(self.cpus)
         ]
         for port, ring in queues:
             entry = {"port": port, "queue": ring, "pinned": (port, ring) in self.pinned}
@@ -416,9 +430,10 @@ class Datapath:
         *,
         poll: bool = False,
         pinned: Mapping[str, Mapping[int, int]] | None = None,
+        isolate: bool = True,
     ) -> None:
         slots: list[int | None] = list(cpus) if cpus else [None]
-        self.assignment = Assignment(slots, pinned or {})
+        self.assignment = Assignment(slots, pinned or {}, isolate)
         self.poll = poll
         self.workers = [
             Worker(
