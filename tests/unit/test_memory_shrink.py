@@ -17,7 +17,7 @@ import pytest
 from conftest import FRAME, RunningDaemon, StartDaemon, exchange
 from vhostmap.control.client import ControlError, call
 from vhostmap.lab.daemon import VhostmapDaemon
-from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
+from vhostmap.lab.frontend import DRIVER_OK_STATUS, HUGE_PAGE, FakeFrontend
 from vhostmap.lab.wait import wait_until
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
@@ -50,11 +50,15 @@ def assert_daemon_lives(d: RunningDaemon, fc: FakeFrontend, fe: FakeFrontend) ->
 
 
 @pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize("hugepages", [False, True], ids=["memfd", "hugetlbfs"])
 def test_shrunk_guest_memory_breaks_only_its_port(
-    start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture
+    start_daemon: StartDaemon, caplog: pytest.LogCaptureFixture, hugepages: bool
 ) -> None:
+    # hugetlbfs as QEMU's guest RAM on /dev/hugepages: the guard can only replace whole huge pages.
     d = start_daemon({"a": "", "b": "", "c": "", "e": ""}, links=["a,b", "c,e"])
-    fa, fb, fc, fe = (d.frontend(p) for p in "abce")
+    fa = d.frontend("a", hugepages=hugepages)
+    assert os.fstat(fa.memfd).st_blksize == (HUGE_PAGE if hugepages else PAGE)
+    fb, fc, fe = (d.frontend(p) for p in "bce")
     exchange(fa, fb, 3)
 
     fa.shrink_memory(0)

@@ -57,6 +57,7 @@ from vhostmap.virtio.spec import (
 
 _U16 = struct.Struct("<H")
 PAGE = 4096
+HUGE_PAGE = 2 << 20  # the x86-64 huge page of hugetlbfs
 # Where the fake guest's memory appears in the "front-end's" virtual address space: any value works, the
 # back-end only uses it to translate ring addresses.
 UVA_BASE = 0x7F00_0000_0000
@@ -113,7 +114,10 @@ class FakeFrontend:
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_RING_F_INDIRECT_DESC),
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        hugepages: bool = False,
     ) -> None:
+        """``hugepages``: the guest memory is a hugetlbfs memfd, as QEMU's with a memory-backend-file on
+        /dev/hugepages (its size whole huge pages)."""
         self.path = path
         self.queue_pairs = queue_pairs
         self.num = queue_size
@@ -123,8 +127,10 @@ class FakeFrontend:
         ring_bytes = _round(vring_desc_size(queue_size) + vring_avail_size(queue_size), PAGE) + _round(
             vring_used_size(queue_size), PAGE
         )
-        self.mem_size = _round(nq * (ring_bytes + queue_size * BUFFER_SIZE) + 64 * PAGE, 1 << 20)
-        self.memfd = os.memfd_create("fake-guest", os.MFD_CLOEXEC)
+        self.mem_size = _round(
+            nq * (ring_bytes + queue_size * BUFFER_SIZE) + 64 * PAGE, HUGE_PAGE if hugepages else 1 << 20
+        )
+        self.memfd = os.memfd_create("fake-guest", os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugepages else 0))
         os.ftruncate(self.memfd, self.mem_size)
         self.mem = mmap.mmap(self.memfd, self.mem_size)
         self.queues: list[FakeQueue] = []
