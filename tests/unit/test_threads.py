@@ -6,6 +6,7 @@ different queue counts, a switch with all-to-all traffic). Every traffic test ru
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,60 @@ def test_sixteen_ports_on_a_switch_all_to_all_with_two_polling_threads(start_dae
     names = [f"p{k}" for k in range(16)]
     d = start_daemon(dict.fromkeys(names, ""), switches=["vale0=" + ",".join(names)], cpu=TWO, poll=True)
     all_to_all(d, names, 64, per_pair=8, rounds=2)
+
+
+@needs_two_cpus
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize("poll", [False, True], ids=["interrupt", "poll"])
+def test_attach_detach_and_reconnects_under_two_thread_traffic_lose_nothing(
+    start_daemon: StartDaemon, poll: bool
+) -> None:
+    # While a and b, each on its own datapath thread, exchange frames through the switch, the control plane
+    # attaches and detaches c over and over and e's front-end reconnects: a and b get every frame once and in
+    # order, no port breaks, and c and e forward afterwards.
+    d = start_daemon({"a": "", "b": "", "c": "", "e": ""}, switches=["vale0=a,b,e"], cpu=TWO, poll=poll)
+    assert threads(d) == [[("a", 0), ("c", 0)], [("b", 0), ("e", 0)]]
+    fa, fb = d.frontend("a"), d.frontend("b")
+    for src, dst, n in ((fa, fb, 1), (fb, fa, 2)):  # each learns the other's address
+        dst.post_receive_buffers(1)
+        src.transmit([frame(mac(3 - n), mac(n), 64, 9, 0)])
+        assert len(dst.receive(1)) == 1
+    stop = threading.Event()
+    churned = [0, 0]
+
+    def churn() -> None:
+        while not stop.is_set():
+            d.daemon.attach("vale0", "c")
+            d.daemon.detach("vale0", "c")
+            churned[0] += 1
+            if churned[0] % 4 == 0:
+                d.frontend("e").close()  # connects, negotiates, leaves
+                churned[1] += 1
+
+    churner = threading.Thread(target=churn, name="churn")
+    churner.start()
+    try:
+        # Rounds of traffic until the control plane has churned enough meanwhile (a bound, not a wait).
+        per_round, rounds = 40, 0
+        got: dict[int, list[bytes]] = {1: [], 2: []}
+        while rounds < 10 or churned[0] < 20 or churned[1] < 3:
+            assert rounds < 5000, f"the control plane churned too little: {churned}"
+            r, rounds = rounds, rounds + 1
+            for src, dst, n in ((fa, fb, 1), (fb, fa, 2)):
+                dst.post_receive_buffers(per_round)
+                src.transmit([frame(mac(3 - n), mac(n), 64, n, r * per_round + k) for k in range(per_round)])
+            for src, dst, n in ((fa, fb, 1), (fb, fa, 2)):
+                reclaim(src, 0, per_round)
+                got[n] += dst.receive(per_round, timeout=10)
+    finally:
+        stop.set()
+        churner.join(30)
+    assert not churner.is_alive()
+    for n, frames in got.items():
+        assert [s for f, s in map(flow_seq, frames) if f == n] == list(range(per_round * rounds))
+    assert [d.device(p).broken for p in "abce"] == [None] * 4
+    d.daemon.attach("vale0", "c")
+    fc = d.frontend("c")
+    fc.post_receive_buffers(1)
+    fa.transmit([frame(b"\xff" * 6, mac(1), 64, 7, 0)])  # a broadcast reaches c on the switch again
+    assert [flow_seq(f) for f in fc.receive(1)] == [(7, 0)]
