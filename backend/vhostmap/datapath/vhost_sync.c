@@ -243,39 +243,53 @@ uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *
     return moved;
 }
 
-uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *failed, int32_t *status)
+uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, uint32_t burst, uint32_t rounds,
+                       int32_t *failed, int32_t *status)
 {
     uint64_t frames = 0;
     *failed = -1;
-    for (uint32_t k = 0; k < nqueues; k++) {
-        const struct vhu_queue *q = &queues[k];
-        int32_t st = vhu_queue_rxsync(q);
-        if (st != VQ_OK) {
-            *failed = (int32_t)k;
-            *status = st;
-            return frames;
+    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
+        uint64_t now = 0;
+        for (uint32_t k = 0; k < nqueues; k++) {
+            const struct vhu_queue *q = &queues[k];
+            int32_t st = vhu_queue_rxsync_refs(q, NULL, burst);
+            if (st != VQ_OK) {
+                *failed = (int32_t)k;
+                *status = st;
+                return frames + now;
+            }
+            uint32_t n = nm_release_received(q->kring, q->stash);
+            q->stats->rx_dropped += n;
+            now += n;
         }
-        uint32_t n = nm_release_received(q->kring, q->stash);
-        q->stats->rx_dropped += n;
-        frames += n;
+        frames += now;
+        if (!now)
+            break;
     }
     return frames;
 }
 
-uint64_t vhu_source_pass(struct vhu_queue *queues, uint32_t nqueues, int32_t *failed, int32_t *status)
+uint64_t vhu_source_pass(struct vhu_queue *queues, uint32_t nqueues, uint32_t rounds, int32_t *failed,
+                         int32_t *status)
 {
     uint64_t sent = 0;
     *failed = -1;
-    for (uint32_t k = 0; k < nqueues; k++) {
-        const struct vhu_queue *q = &queues[k];
-        nm_hand_all(q->kring);
-        int32_t st = vhu_queue_txsync(q);
-        if (st != VQ_OK) {
-            *failed = (int32_t)k;
-            *status = st;
-            return sent;
+    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
+        uint64_t now = 0;
+        for (uint32_t k = 0; k < nqueues; k++) {
+            const struct vhu_queue *q = &queues[k];
+            nm_hand_all(q->kring);
+            int32_t st = vhu_queue_txsync(q);
+            if (st != VQ_OK) {
+                *failed = (int32_t)k;
+                *status = st;
+                return sent + now;
+            }
+            now += q->out->packets;
         }
-        sent += q->out->packets;
+        sent += now;
+        if (!now)
+            break;
     }
     return sent;
 }

@@ -21,7 +21,7 @@ from vhostmap.forwarding.rings import ring_lock
 from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.kring import Kring
 
-# A link or switch pass takes at most BURST slots from a source per round, so that frames go out and the
+# A link, switch or sink pass takes at most BURST slots from a source per round, so that frames go out and the
 # source's used entries come back every BURST frames (DPDK's bursts are 32) rather than once per ring: a
 # driver whose transmit ring is full meanwhile drops (testpmd) or stops its queue. One call runs up to ROUNDS
 # rounds, while they move frames, so that entering C and the Python around it are paid once per

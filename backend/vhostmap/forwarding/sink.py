@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.forwarding.passes import CompiledPass, Owns, PassOutcome, owned, owned_wake_fds, port_pass
+from vhostmap.forwarding.passes import (
+    BURST,
+    ROUNDS,
+    CompiledPass,
+    Owns,
+    PassOutcome,
+    owned,
+    owned_wake_fds,
+    port_pass,
+)
 from vhostmap.netmap.adapter import NetmapAdapter
 
 
@@ -42,7 +51,7 @@ class Sink:
         plan = self._compiled()
         if plan is not None:
             out = self._outcome
-            frames = lib.vhu_sink_pass(plan.c, plan.n, out.failed, out.status)
+            frames = lib.vhu_sink_pass(plan.c, plan.n, BURST, ROUNDS, out.failed, out.status)
             return out.check(plan.sides) or frames > 0
         got = 0
         for i in range(self.port.num_rx_rings):

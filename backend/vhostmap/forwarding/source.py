@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from vhostmap.datapath import lib
-from vhostmap.forwarding.passes import CompiledPass, PassOutcome, port_pass
+from vhostmap.forwarding.passes import ROUNDS, CompiledPass, PassOutcome, port_pass
 from vhostmap.forwarding.sink import Sink
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.packets import Addresses, udp_frame
@@ -53,7 +53,7 @@ class Source:
         plan = self._compiled_tx()
         if plan is not None:
             out = self._tx_outcome
-            sent = lib.vhu_source_pass(plan.c, plan.n, out.failed, out.status)
+            sent = lib.vhu_source_pass(plan.c, plan.n, ROUNDS, out.failed, out.status)
             return out.check(plan.sides) or got or sent > 0
         port = self.port
         moved = False
