@@ -431,3 +431,21 @@ def test_a_link_hands_transmissions_back_every_burst(start_daemon: StartDaemon) 
         assert (_signals(tx.call), _signals(rx.call)) == (4, 4), "one publication per burst, both guests"
         assert fa.used(tx) == [(k, 0) for k in range(n)]
     assert fb.receive(n) == sent
+
+
+def test_a_sink_takes_a_guests_frames_a_burst_at_a_time_in_one_call(start_daemon: StartDaemon) -> None:
+    # A port with nothing attached drops what its guest sends: one call of its compiled sink takes them all,
+    # publishing the guest's transmissions every BURST frames (interrupts counted, as for the link).
+    features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)
+    d = start_daemon({"a": ""})
+    fa = d.frontend("a", features=features)
+    sink = d.daemon.serving["a"]
+    n = 2 * BURST + 1
+    tx = fa.queues[1]
+    with d.daemon.worker.lock:
+        _signals(tx.call)
+        fa.transmit([frame(60, k) for k in range(n)])
+        assert sink.run()
+        assert _signals(tx.call) == 3, "one publication per burst"
+        assert fa.used(tx) == [(k, 0) for k in range(n)]
+    assert d.totals("a")["rx_dropped"] == n
