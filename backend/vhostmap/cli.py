@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--control-cpu", type=int, metavar="N", help="pin the control (main) thread to CPU N")
     serve.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        help="serve Prometheus metrics over HTTP there (ADDR 127.0.0.1 unless given)",
+    )
+    serve.add_argument(
         "--no-rxq-isolate",
         dest="rxq_isolate",
         action="store_false",
@@ -164,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
             cpu=args.cpu,
             control_cpu=args.control_cpu,
             rxq_isolate=args.rxq_isolate,
+            metrics=args.metrics,
         )
     except ConfigError as e:
         print(f"vhostmap serve: {e}", file=sys.stderr)

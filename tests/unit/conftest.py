@@ -168,6 +168,7 @@ def start_daemon(
         cpu: str | None = None,
         poll: bool | None = None,
         rxq_isolate: bool | None = None,
+        metrics: str | None = None,
     ) -> RunningDaemon:
         flags = []
         for name, options in ports.items():
@@ -175,9 +176,8 @@ def start_daemon(
                 f"{name}=vhost-user,path={sock_dir}/{name}.sock" + (f",{options}" if options else "")
             )
         flags += other_ports  # complete --port values (generic ports)
-        threads = {
-            k: v for k, v in (("cpu", cpu), ("poll", poll), ("rxq_isolate", rxq_isolate)) if v is not None
-        }
+        options = (("cpu", cpu), ("poll", poll), ("rxq_isolate", rxq_isolate), ("metrics", metrics))
+        threads = {k: v for k, v in options if v is not None}
         config = build_config(
             None, flags, links, f"{sock_dir}/control.sock", switch_flags=switches, **threads
         )

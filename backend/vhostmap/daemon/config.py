@@ -256,6 +256,8 @@ class DaemonConfig:
     control_cpu: int | None = None  # the CPU the control (main) thread is pinned to
     # Threads serving pinned queues get no other queue (OVS's pmd-rxq-isolate).
     rxq_isolate: bool = True
+    # Where Prometheus metrics are served, (address, TCP port); None: not served.
+    metrics: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         cpus = list(self.cpu or ()) + ([self.control_cpu] if self.control_cpu is not None else [])
@@ -505,6 +507,7 @@ def build_config(
     cpu: int | str | None = None,
     control_cpu: int | None = None,
     rxq_isolate: bool | None = None,
+    metrics: str | None = None,
 ) -> DaemonConfig:
     """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
 
@@ -554,13 +557,14 @@ def build_config(
         raise ConfigError(f"poll must be true or false, not {file_poll!r}")
     file_cpu = parse_cpu_key(toml.pop("cpu", None), "cpu")
     file_control_cpu = _cpu_key(toml, "control_cpu")
+    file_metrics = toml.pop("metrics", None)
     file_isolate = toml.pop("rxq_isolate", True)
     if not isinstance(file_isolate, bool):
         raise ConfigError(f"rxq_isolate must be true or false, not {file_isolate!r}")
     if toml:
         raise ConfigError(
             f"unknown configuration key {sorted(toml)[0]!r} (known: ports, links, switches, control_socket, "
-            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu, rxq_isolate)"
+            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu, rxq_isolate, metrics)"
         )
     return DaemonConfig(
         tuple(ports),
@@ -571,7 +575,23 @@ def build_config(
         cpu=file_cpu if cpu is None else parse_cpu_key(cpu, "--cpu"),
         control_cpu=file_control_cpu if control_cpu is None else control_cpu,
         rxq_isolate=file_isolate if rxq_isolate is None else rxq_isolate,
+        metrics=parse_listen(file_metrics if metrics is None else metrics, "metrics"),
     )
+
+
+def parse_listen(value: Any, what: str) -> tuple[str, int] | None:
+    """``[ADDR:]PORT`` (a TOML integer for the port alone; ``[::1]:PORT`` for IPv6) as (address, port); the
+    address is 127.0.0.1 when not given: metrics name ports and guests, so exposing them is a choice."""
+    if value is None:
+        return None
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} must be [ADDR:]PORT, not {value!r}")
+    addr, sep, port = text.rpartition(":")
+    addr = addr.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536 or (sep and not addr):
+        raise ConfigError(f"{what} must be [ADDR:]PORT with PORT 1..65535, not {value!r}")
+    return addr, int(port)
 
 
 def _cpu_key(toml: dict[str, Any], key: str) -> int | None:

@@ -18,11 +18,16 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import start_http_server
 
 from vhostmap import __version__
 from vhostmap.control.server import Connection, ControlServer
 from vhostmap.daemon.config import DaemonConfig, PortConfig, SwitchConfig
+from vhostmap.daemon.metrics import registry
 from vhostmap.daemon.topology import CLIENT_PORTS, CLIENT_RING_SLOTS, Topology
 from vhostmap.daemon.worker import Datapath, Forwarder, RxQueue
 from vhostmap.ethernet import format_mac
@@ -107,6 +112,8 @@ class Daemon:
         )
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # prometheus_client's HTTP server and its thread while --metrics serves.
+        self._metrics: tuple[WSGIServer, threading.Thread] | None = None
         self.ready = threading.Event()
 
     def _make_port(self, pc: PortConfig) -> NetmapAdapter:
@@ -184,6 +191,10 @@ class Daemon:
                 # After the worker started: a thread starts on the CPUs of the thread that made it.
                 pin_current_thread(self.config.control_cpu, "control thread")
             await self.control.start()
+            if self.config.metrics is not None:
+                addr, port = self.config.metrics
+                self._metrics = start_http_server(port, addr, registry(self.counters, loop))
+                log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
             for ep in self.endpoints:
                 ep.start()
                 started.append(ep)
@@ -196,6 +207,12 @@ class Daemon:
         finally:
             for ep in started:
                 ep.close()
+            if self._metrics is not None:
+                server, thread = self._metrics
+                server.shutdown()
+                server.server_close()
+                thread.join()
+                self._metrics = None
             await self.control.close()
             self.worker.stop()
             with self.worker.lock:  # application connections may still be closing on this loop
@@ -221,6 +238,37 @@ class Daemon:
             if self.switches:
                 reply["switches"] = {name: sw.stats() for name, sw in self.switches.items()}
             return reply
+
+    def counters(self) -> dict[str, Any]:
+        """What the Prometheus metrics export (vhostmap.daemon.metrics), without the datapath lock: call it on
+        the control thread, the only one that changes ports and switches; the datapath threads' counters are
+        read as they are meanwhile, each one whole."""
+        ports: dict[str, Any] = {}
+        for name, adapter in self.adapters.items():
+            p = port_stats(adapter)
+            if isinstance(adapter, VhostUserPort):
+                features = ",".join(feature_names(adapter.device.features))
+                p["info"] = {"type": "vhost-user", "features": features}
+            elif isinstance(adapter, GenericAdapter):
+                p["info"] = {"type": "generic", "ifname": adapter.ifname}
+            else:
+                p["info"] = {"type": "application"}
+            ports[name] = p
+        switches = {
+            name: {"ports": {p.name: asdict(p.stats) for p in sw.ports}, "addresses": len(sw.table)}
+            for name, sw in self.switches.items()
+        }
+        pools = self.memory.stats()
+        threads = [
+            {"thread": k, "cpu": cpu, "idle_ns": w.idle_ns(), "rounds": w.rounds}
+            for k, (cpu, w) in enumerate(zip(self.worker.assignment.cpus, self.worker.workers, strict=True))
+        ]
+        return {
+            "ports": ports,
+            "switches": switches,
+            "memory": {k: v for k, v in pools.items() if isinstance(v, dict)},
+            "threads": threads,
+        }
 
     def status(self, request: Any) -> dict[str, Any]:
         """Ports, their sockets and connection state."""
