@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="per-port and per-queue counters of the running daemon")
     stats.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    inspect = sub.add_parser(
+        "inspect", help="a port's virtqueues and rings as they are now, and why traffic stands still"
+    )
+    inspect.add_argument("port", metavar="PORT")
+    inspect.add_argument("--queue", type=int, metavar="N", help="only queue pair N")
+    inspect.add_argument(
+        "--descriptors",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="K",
+        help="walk the first K chains waiting in each virtqueue (default 8) and show their buffers",
+    )
+    inspect.add_argument("--watch", action="store_true", help="show it again every second, until Ctrl-C")
+    inspect.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
 
     status = sub.add_parser("status", help="ports, sockets and connections of the running daemon")
     status.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
@@ -200,6 +219,63 @@ def _format_stats(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"port": args.port, "chains": args.descriptors}
+    if args.queue is not None:
+        request["queue"] = args.queue
+    try:
+        while True:
+            try:
+                reply = call(args.control, "inspect", **request)
+            except ControlError as e:
+                print(f"vhostmap inspect: {e}", file=sys.stderr)
+                return 1
+            reply.pop("ok", None)
+            text = json.dumps(reply, indent=2) if args.json else _format_inspect(reply)
+            if not args.watch:
+                print(text)
+                return 0
+            print("\033[H\033[2J" + text, flush=True)  # clear the terminal, as watch(1) does
+            time.sleep(1)  # the refresh period itself
+    except KeyboardInterrupt:
+        return 0
+
+
+def _format_inspect(reply: dict[str, Any]) -> str:
+    features = ", ".join(reply["features"]) or "none"
+    broken = f"broken: {reply['broken']}" if reply["broken"] else "not broken"
+    lines = [f"port {reply['port']}: status {reply['status']:#04x}, {broken}", f"  features: {features}"]
+    for q in reply["queues"]:
+        lines.append(f"queue pair {q['queue']}")
+        for key in ("guest_receive", "guest_transmit"):
+            vq = q[key]
+            state = ", ".join(k for k in ("started", "enabled", "mapped", "faulted") if vq[k])
+            line = f"  vq {vq['index']} ({vq['direction']}): size {vq['size']}, {state or 'stopped'}"
+            if vq["mapped"]:
+                line += (
+                    f"; avail idx {vq['avail_idx']}, taken {vq['last_avail_idx']}, waiting {vq['pending']}"
+                    f"; used idx {vq['used_idx']}"
+                    f"; flags avail {vq['avail_flags']:#x} used {vq['used_flags']:#x}"
+                )
+                if "used_event" in vq:
+                    line += f"; used_event {vq['used_event']} avail_event {vq['avail_event']}"
+            lines.append(line)
+            for chain in vq.get("chains", ()):
+                if "fault" in chain:
+                    lines.append(f"    chain {chain['head']}: FAULT {chain['fault']}")
+                else:
+                    segs = " ".join(f"{a:#x}+{n}" for a, n in chain["segments"])
+                    lines.append(f"    chain {chain['head']}: {chain['length']} bytes: {segs}")
+        for key in ("rx_kring", "tx_kring"):
+            k = q[key]
+            lines.append(
+                f"  {k['name']}: head {k['head']} cur {k['cur']} tail {k['tail']}, hwcur {k['hwcur']} "
+                f"hwtail {k['hwtail']}, {k['slots']} slots, reinits {k['reinits']}"
+            )
+        lines += [f"  STALLED: {why}" for why in q["stalled"]] or ["  moving (nothing stands still)"]
+    return "\n".join(lines)
+
+
 def _switch(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"op": args.op}
     if args.switch is not None:
@@ -251,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_vm(args)
     if args.command == "switch":
         return _switch(args)
+    if args.command == "inspect":
+        return _inspect(args)
     if args.command == "pkt-gen":
         from vhostmap.apps.pktgen_cli import (
             run as run_pktgen,  # numpy and the client library: only when needed

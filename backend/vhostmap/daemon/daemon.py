@@ -107,7 +107,7 @@ class Daemon:
         ]
         self.control = ControlServer(
             config.control_socket,
-            {"stats": self.stats, "status": self.status, "switch": self.switch},
+            {"stats": self.stats, "status": self.status, "switch": self.switch, "inspect": self.inspect},
             {"register": self.register_client, "client_stats": self.client_stats},
         )
         self._stopping: asyncio.Event | None = None
@@ -269,6 +269,19 @@ class Daemon:
             "memory": {k: v for k, v in pools.items() if isinstance(v, dict)},
             "threads": threads,
         }
+
+    def inspect(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``inspect`` control command, ``{"port": NAME[, "queue": N][, "chains": K]}``: a vhost-user
+        port's virtqueues, krings and stall reasons (VhostUserPort.inspect), read under the datapath lock."""
+        name = request.get("port")
+        adapter = self.adapters.get(name) if isinstance(name, str) else None
+        if not isinstance(adapter, VhostUserPort):
+            raise ValueError(f"no vhost-user port {name!r} (inspect shows vhost-user ports)")
+        queue, chains = request.get("queue"), request.get("chains", 0)
+        if (queue is not None and not isinstance(queue, int)) or not isinstance(chains, int) or chains < 0:
+            raise ValueError("queue must be a queue pair number and chains a count")
+        with self.worker.lock:
+            return adapter.inspect(queue, min(chains, 64))
 
     def status(self, request: Any) -> dict[str, Any]:
         """Ports, their sockets and connection state."""

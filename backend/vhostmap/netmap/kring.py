@@ -30,6 +30,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -150,6 +151,23 @@ class Kring:
     def is_tx(self) -> bool:
         """Whether this is a TX kring."""
         return self.direction == NR_TX
+
+    def snapshot(self) -> dict[str, Any]:
+        """The kring as ``vhostmap inspect`` shows it: the ring user's head/cur/tail as it wrote them, the
+        kernel side's hwcur/hwtail, and the counters."""
+        header = self.ring.header
+        return {
+            "name": self.name,
+            "slots": self.nkr_num_slots,
+            "head": int(header.head),
+            "cur": int(header.cur),
+            "tail": int(header.tail),
+            "hwcur": self.nr_hwcur,
+            "hwtail": self.nr_hwtail,
+            "pending": self.pending(),
+            "reinits": self.reinits,
+            "dropped": self.dropped,
+        }
 
     # --- what a hook works on -------------------------------------------------------------------------------
     def pending(self) -> int:

@@ -31,6 +31,7 @@ from vhostmap.vhost_user.messages import ProtocolFeature
 from vhostmap.vhost_user.protocol import Message, Payload
 from vhostmap.vhost_user.rxtx import Buffers
 from vhostmap.vhost_user.virtqueue import CallRefused, SplitVirtqueue, VirtqueueError
+from vhostmap.virtio.spec import feature_names
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +403,72 @@ class VhostUserPort(NetmapAdapter):
             "guest_rx_buffers": int(lib.vq_pending(guest_rx.c)) if guest_rx.ready else 0,
             "held": kring.pending() if kring is not None else 0,
         }
+
+    def inspect(self, pair: int | None = None, chains: int = 0) -> dict[str, Any]:
+        """What ``vhostmap inspect`` shows: the device, and per queue pair (all, or ``pair``) both
+        virtqueues (SplitVirtqueue.snapshot, with up to ``chains`` waiting chains walked), both krings, and
+        why traffic stands still there when it does (``stalled``). Read-only: safe on a hostile guest."""
+        dev = self.device
+        pairs = range(len(self.queue_stats)) if pair is None else [pair]
+        if pair is not None and not 0 <= pair < len(self.queue_stats):
+            raise ValueError(f"port {self.name} has queue pairs 0..{len(self.queue_stats) - 1}, not {pair}")
+        queues = []
+        for i in pairs:
+            guest_rx, guest_tx = (dev.vqs[2 * i].snapshot(chains), dev.vqs[2 * i + 1].snapshot(chains))
+            rx_kring, tx_kring = self.rx_rings[i].snapshot(), self.tx_rings[i].snapshot()
+            queues.append(
+                {
+                    "queue": i,
+                    "guest_receive": guest_rx,
+                    "guest_transmit": guest_tx,
+                    "rx_kring": rx_kring,
+                    "tx_kring": tx_kring,
+                    "stalled": _stalled(dev.broken, guest_rx, guest_tx, rx_kring, tx_kring),
+                }
+            )
+        return {
+            "port": self.name,
+            "broken": dev.broken,
+            "status": dev.status,
+            "features": feature_names(dev.features),
+            "queues": queues,
+        }
+
+
+def _stalled(
+    broken: str | None,
+    rx: dict[str, Any],
+    tx: dict[str, Any],
+    rx_kring: dict[str, Any],
+    tx_kring: dict[str, Any],
+) -> list[str]:
+    """Why frames stand still in one queue pair, as an engineer asks when a guest "has no network"."""
+    if broken:
+        return [f"the device is broken: {broken} (the driver must reset it)"]
+    why = []
+    for vq, what in ((rx, "receive"), (tx, "transmit")):
+        if not vq["started"] or not vq["enabled"] or not vq["mapped"]:
+            state = ", ".join(k for k in ("started", "enabled", "mapped") if not vq[k])
+            why.append(f"the guest's {what} queue is not running (not {state})")
+        elif vq["faulted"]:
+            why.append(f"the guest's {what} queue faulted (the port is being marked broken)")
+        elif vq["pending"] > vq["size"]:
+            why.append(f"the guest's {what} queue has an available index {vq['pending']} entries ahead")
+    if rx.get("pending") == 0 and tx_kring["pending"]:
+        why.append(f"no receive buffers: {tx_kring['pending']} frame(s) wait until the guest posts some")
+    if tx.get("pending") and _held(rx_kring) == rx_kring["slots"] - 1:
+        why.append("the guest's frames wait: the port's RX ring is full (its peer takes nothing)")
+    for vq, what in ((rx, "receive"), (tx, "transmit")):
+        for chain in vq.get("chains", ()):
+            if "fault" in chain:
+                why.append(f"the guest's {what} queue holds a bad chain: {chain['fault']}")
+                break
+    return why
+
+
+def _held(kring: dict[str, Any]) -> int:
+    """Slots of an RX kring received and not released by its user ([head, hwtail))."""
+    return (kring["hwtail"] - kring["head"]) % kring["slots"]
 
 
 def rarp_frame(mac: bytes) -> bytes:

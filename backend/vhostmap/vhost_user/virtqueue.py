@@ -284,6 +284,56 @@ class SplitVirtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(self.index, f"{what}: {e}") from e
 
+    # --- inspection ---------------------------------------------------------------------------------
+    def snapshot(self, chains: int = 0) -> dict[str, Any]:
+        """The queue as ``vhostmap inspect`` shows it, read-only: size and state, the device's indexes and
+        the driver's (avail and used rings as they are in guest memory), flags and event indexes, and the
+        first ``chains`` chains available and not taken yet, each walked with every check (nothing is
+        consumed; a chain that breaks a rule shows the fault instead of its segments)."""
+        out: dict[str, Any] = {
+            "index": self.index,
+            "direction": "guest receive" if self.index % 2 == 0 else "guest transmit",
+            "size": self.num,
+            "started": self.started,
+            "enabled": self.enabled,
+            "mapped": self._avail16 is not None,
+            "kick_fd": self.kick_fd is not None,
+            "call_fd": self.call_fd is not None,
+            "kicks_asked": self.kicks,
+            "faulted": self.faulted,
+            "last_avail_idx": self.last_avail_idx,
+            "used_idx": self.used_idx,
+        }
+        avail16, used16 = self._avail16, self._used16
+        if avail16 is None or used16 is None or self._desc is None or self._mem is None:
+            return out
+        avail_idx = int(avail16[1])
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        out |= {
+            "avail_idx": avail_idx,
+            "avail_flags": int(avail16[0]),
+            "used_idx_in_ring": int(used16[1]),
+            "used_flags": int(used16[0]),
+            "pending": pending,
+        }
+        if self.event_idx:
+            out["used_event"] = int(avail16[VRING_AVAIL_HEADER // 2 + self.num])
+            out["avail_event"] = int(used16[(VRING_USED_HEADER + VRING_USED_ELEM.size * self.num) // 2])
+        listed = []
+        for k in range(min(chains, pending, self.num)):
+            head = int(avail16[VRING_AVAIL_HEADER // 2 + (self.last_avail_idx + k) % self.num])
+            entry: dict[str, Any] = {"head": head}
+            try:
+                if head >= self.num:
+                    raise VirtqueueError(self.index, f"head {head} >= queue size {self.num}")
+                chain = self._walk(head, writable=self.index % 2 == 0)
+                entry |= {"length": chain.length, "segments": [list(s) for s in chain.segments]}
+            except VirtqueueError as e:
+                entry["fault"] = str(e)
+            listed.append(entry)
+        out["chains"] = listed
+        return out
+
     # --- used ring ------------------------------------------------------------------------------------
     def read_used_idx(self) -> int:
         """used->idx as it is in guest memory (to resume after the front-end lost track)."""
