@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
 
+    top = sub.add_parser("top", help="live rates per port and queue, and the datapath load (Ctrl-C ends it)")
+    top.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between views (1)")
+    top.add_argument("--once", action="store_true", help="print one view (over one interval) and exit")
+    top.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+
     status = sub.add_parser("status", help="ports, sockets and connections of the running daemon")
     status.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
 
@@ -219,6 +224,20 @@ def _format_stats(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _top(args: argparse.Namespace) -> int:
+    from vhostmap.control import top  # rich: only when needed
+
+    if args.interval <= 0:
+        print("vhostmap top: --interval must be positive", file=sys.stderr)
+        return 2
+    try:
+        top.run(args.control, args.interval, args.once)
+    except ControlError as e:
+        print(f"vhostmap top: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     request: dict[str, Any] = {"port": args.port, "chains": args.descriptors}
     if args.queue is not None:
@@ -329,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _switch(args)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "top":
+        return _top(args)
     if args.command == "pkt-gen":
         from vhostmap.apps.pktgen_cli import (
             run as run_pktgen,  # numpy and the client library: only when needed
