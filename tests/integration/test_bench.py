@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -64,15 +65,20 @@ def assert_nothing_left(proc: subprocess.Popen[str]) -> None:
     assert not files, f"DPDK files left behind: {files}"
 
 
-def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
-    proc = start_bench(tmp_path, *QUICK)
+def run_bench(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[str, str, dict[str, Any]]:
+    """Run the benchmark to its end: its stdout, stderr and JSON report, nothing of it left behind."""
+    proc = start_bench(tmp_path, *args)
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
         assert_nothing_left(proc)
     assert proc.returncode == 0, err
-    report = json.loads((tmp_path / "bench.json").read_text())
+    return out, err, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
+    out, err, report = run_bench(tmp_path, *QUICK)
     assert not report["interrupted"]
     rates = {r["backend"]: r for r in report["results"]}
     assert set(rates) == {"vhostmap", "dpdk"}
@@ -120,14 +126,7 @@ def test_ctrl_c_stops_everything_and_keeps_what_was_measured(tmp_path: Path) -> 
 def test_a_baseline_checkout_runs_in_every_round_and_is_compared(tmp_path: Path) -> None:
     # This checkout as its own baseline: both series are measured, and each round gives a ratio.
     root = Path(__file__).resolve().parents[2]
-    proc = start_bench(tmp_path, *QUICK, "--runs", "2", "--baseline", str(root))
-    try:
-        out, err = proc.communicate(timeout=180)
-    finally:
-        proc.kill()
-        assert_nothing_left(proc)
-    assert proc.returncode == 0, err
-    report = json.loads((tmp_path / "bench.json").read_text())
+    out, _, report = run_bench(tmp_path, *QUICK, "--runs", "2", "--baseline", str(root), timeout=180)
     rates = {r["backend"]: r for r in report["results"]}
     assert list(rates) == ["vhostmap", "vhostmap@baseline", "dpdk"]
     assert all(len(r["mpps"]) == 2 and all(m > 0 for m in r["mpps"]) for r in rates.values())

@@ -373,24 +373,19 @@ class QemuGuest(ChildProcess):
             lost = self._lost_pages(destination)
             if lost:
                 raise MigrationLostMemory(lost)
-        destination.monitor("cont")
-        wait_until(
-            lambda: destination.run_state() == "running",
-            timeout,
-            "the destination QEMU to run the migrated guest",
-            details=destination.diagnostics,
-        )
+        destination.resume(timeout)
         destination._adopt(self)
         return info
 
     def resume(self, timeout: float = 30.0) -> None:
-        """Run this guest again after a migration whose destination was given up (``cont`` from
-        "postmigrate", as an operator would after MigrationLostMemory); its vhost-user rings restart."""
+        """``cont``, and wait until the guest runs: a migration's destination once the RAM arrived, or a
+        source after a migration whose destination was given up ("postmigrate", as an operator would after
+        MigrationLostMemory; its vhost-user rings restart)."""
         self.monitor("cont")
         wait_until(
             lambda: self.run_state() == "running",
             timeout,
-            "the source QEMU to run again",
+            "QEMU to run the guest (cont)",
             details=self.diagnostics,
         )
 
