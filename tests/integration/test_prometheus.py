@@ -80,7 +80,7 @@ def query(port: int, expr: str) -> list[dict[str, object]]:
 
 
 def test_prometheus_scrapes_the_rates_while_testpmd_sends(
-    sock_dir: Path, prometheus: tuple[int, int]
+    sock_dir: Path, prometheus: tuple[int, int], capsys: pytest.CaptureFixture[str]
 ) -> None:
     web, target = prometheus
     with (
@@ -112,3 +112,8 @@ def test_prometheus_scrapes_the_rates_while_testpmd_sends(
         assert busy and 0 <= float(busy[0]["value"][1]) <= 1  # type: ignore[index]
         up = query(web, 'up{job="vhostmap"}')
         assert float(up[0]["value"][1]) == 1  # type: ignore[index]
+    with capsys.disabled():
+        print(
+            f"\nPrometheus: {rate} = {float(found[0]['value'][1]):.0f} while testpmd sent; "  # type: ignore[index]
+            f"{counted} = {sent} after it stopped (testpmd sent {sent})"
+        )
