@@ -259,9 +259,10 @@ class Daemon:
             for name, sw in self.switches.items()
         }
         pools = self.memory.stats()
+        cpus = self.worker.assignment.cpus
         threads = [
-            {"thread": k, "cpu": cpu, "idle_ns": w.idle_ns(), "rounds": w.rounds}
-            for k, (cpu, w) in enumerate(zip(self.worker.assignment.cpus, self.worker.workers, strict=True))
+            {"thread": k, "cpu": cpu, **load}
+            for k, (cpu, load) in enumerate(zip(cpus, self.worker.loads(), strict=True))
         ]
         return {
             "ports": ports,
@@ -310,9 +311,8 @@ class Daemon:
             switches = {name: [p.name for p in sw.ports] for name, sw in self.switches.items()}
             clients = [s.stats() for c in self.topology.clients.values() for s in c.sessions]
             threads = self.worker.assignment.show(self.rx_queues())
-            for entry, worker in zip(threads, self.worker.workers, strict=True):
-                entry["idle_ns"] = worker.idle_ns()
-                entry["rounds"] = worker.rounds
+            for entry, load in zip(threads, self.worker.loads(), strict=True):
+                entry |= load
         return {
             "version": __version__,
             "ports": ports,

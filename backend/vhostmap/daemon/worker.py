@@ -461,6 +461,11 @@ class Datapath:
             self.stop()
             raise
 
+    def loads(self) -> list[dict[str, int]]:
+        """Per thread, in order: the nanoseconds it had nothing to do (``idle_ns``) and its runs that moved
+        frames (``rounds``), as status and the metrics report them."""
+        return [{"idle_ns": w.idle_ns(), "rounds": w.rounds} for w in self.workers]
+
     def stop(self) -> None:
         """Stop every thread (idempotent)."""
         for w in self.workers:
