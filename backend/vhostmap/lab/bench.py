@@ -391,32 +391,31 @@ def backends(scenario: str, baseline: bool) -> list[str]:
     return order
 
 
-def baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
-    """For each vhostmap series with a baseline twin: its rate over the twin's, per round both measured."""
-    twins = {(s.scenario, s.size, s.backend): s for s in results}
+def _ratios_to(
+    results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]]
+) -> dict[tuple[str, int, str], list[float]]:
+    """For each vhostmap series whose reference series (the key ``reference`` names) was measured: its rate
+    over the reference's in the same round, for each round both measured."""
+    by_key = {(s.scenario, s.size, s.backend): s for s in results}
     out: dict[tuple[str, int, str], list[float]] = {}
     for s in results:
-        twin = twins.get((s.scenario, s.size, s.backend + BASELINE))
-        if s.backend == DPDK or twin is None:
+        ref = by_key.get(reference(s))
+        if s.backend == DPDK or ref is None:
             continue
         out[s.scenario, s.size, s.backend] = [
-            v / b for v, b in zip(s.mpps, twin.mpps, strict=False) if v is not None and b
+            v / r for v, r in zip(s.mpps, ref.mpps, strict=False) if v is not None and r
         ]
     return out
+
+
+def baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+    """For each vhostmap series with a baseline twin: its rate over the twin's, per round both measured."""
+    return _ratios_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE))
 
 
 def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
     """For each vhostmap series: its rate over DPDK's in the same round, for each round both measured."""
-    dpdk = {(s.scenario, s.size): s for s in results if s.backend == DPDK}
-    out: dict[tuple[str, int, str], list[float]] = {}
-    for s in results:
-        ref = dpdk.get((s.scenario, s.size))
-        if s.backend == DPDK or ref is None:
-            continue
-        out[s.scenario, s.size, s.backend] = [
-            v / d for v, d in zip(s.mpps, ref.mpps, strict=False) if v is not None and d
-        ]
-    return out
+    return _ratios_to(results, lambda s: (s.scenario, s.size, DPDK))
 
 
 def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
