@@ -107,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one view (over one interval) and exit")
     top.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
 
+    capture = sub.add_parser(
+        "capture",
+        help="the frames crossing a port, live, as pcapng (-w FILE, -w - for tcpdump -r -) or one line each",
+        description="Taps a port of the running daemon without stopping its traffic. PORT: a port (vm1), its "
+        "host rings (vm1^), both (vm1*), or an application's switch port (vale0:app). Direction: in, the "
+        "frames the port's peer (guest, NIC, host stack, application) sent; out, those delivered to it. "
+        "When the reader falls behind, the daemon drops frames from the capture (counted), never traffic.",
+    )
+    capture.add_argument("port", metavar="PORT")
+    capture.add_argument("-w", "--write", metavar="FILE", help="write pcapng to FILE, or to stdout with -")
+    capture.add_argument("--direction", choices=("in", "out", "both"), default="both", help="(both)")
+    capture.add_argument("-c", "--count", type=int, default=0, metavar="N", help="stop after N frames")
+    capture.add_argument(
+        "-s", "--snaplen", type=int, default=65535, metavar="BYTES", help="keep at most BYTES of a frame"
+    )
+    capture.add_argument(
+        "-B", "--buffer-size", type=int, default=1024, metavar="KiB", help="room per ring in KiB (1024)"
+    )
+    capture.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
+
     status = sub.add_parser("status", help="ports, sockets and connections of the running daemon")
     status.add_argument("--control", metavar="SOCK", default=DEFAULT_CONTROL_SOCKET, help="control socket")
 
@@ -350,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "top":
         return _top(args)
+    if args.command == "capture":
+        from vhostmap.apps.capture_cli import run as run_capture  # numpy and the kernels: only when needed
+
+        return run_capture(args)
     if args.command == "pkt-gen":
         from vhostmap.apps.pktgen_cli import (
             run as run_pktgen,  # numpy and the client library: only when needed

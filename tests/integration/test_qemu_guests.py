@@ -6,6 +6,9 @@ Guest A is 10.0.0.1 on port a, guest B 10.0.0.2 on port b, and the ports are lin
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -118,3 +121,70 @@ def test_restarted_vhostmap_resumes_traffic_without_guest_reboot(
         wait_until(lambda: a.ping("10.0.0.2", count=1) == 0.0, 30, "traffic to resume")
         assert a.ping("10.0.0.2", count=10) == 0.0
         assert [g.run("cat /proc/sys/kernel/random/boot_id", check=True).output for g in (a, b)] == boot_ids
+
+
+def test_a_ping_between_guests_captured_live_decodes_in_tcpdump_and_tshark(
+    guest_kernel: GuestKernel, sock_dir: Path
+) -> None:
+    """`vhostmap capture a -w - | tcpdump -r -` while guest A pings B, and `-w FILE` of port b for tshark:
+    both decode the ICMP exchange with the guests' addresses, each frame on its port and in its direction."""
+    with linked_guests(guest_kernel, sock_dir, "client") as (daemon, a, _):
+        capture = [sys.executable, "-m", "vhostmap.cli", "capture", "--control", daemon.control]
+        b_file = sock_dir / "b.pcapng"
+        with ExitStack() as stack:
+            on_a = stack.enter_context(
+                subprocess.Popen([*capture, "a", "-w", "-"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            )
+            assert on_a.stdout is not None and on_a.stderr is not None
+            tcpdump = stack.enter_context(
+                subprocess.Popen(
+                    ["tcpdump", "-n", "-r", "-"],
+                    stdin=on_a.stdout,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
+            on_a.stdout.close()  # tcpdump's now
+            on_b = stack.enter_context(
+                subprocess.Popen([*capture, "b", "-w", str(b_file)], stderr=subprocess.PIPE)
+            )
+            wait_until(lambda: len(daemon.status()["captures"]) == 2, 30, "both captures to start")
+            assert a.ping("10.0.0.2", count=3) == 0.0
+            for cap in (on_a, on_b):
+                cap.send_signal(signal.SIGINT)
+                assert cap.wait(30) == 0, cap.stderr.read() if cap.stderr else ""
+            decoded, _ = tcpdump.communicate(timeout=30)
+        print(decoded.decode())  # what the closing note quotes: tcpdump's view of the stream
+        icmp = [line.split(" ", 1)[1] for line in decoded.decode().splitlines() if "ICMP echo" in line]
+        assert [line.split(",")[0] for line in icmp] == [
+            "IP 10.0.0.1 > 10.0.0.2: ICMP echo request",
+            "IP 10.0.0.2 > 10.0.0.1: ICMP echo reply",
+        ] * 3, decoded.decode()
+        fields = ["frame.interface_name", "frame.packet_flags_direction", "ip.src", "ip.dst", "icmp.type"]
+        tshark = subprocess.run(
+            [
+                "tshark",
+                "-r",
+                str(b_file),
+                "-Y",
+                "icmp",
+                "-T",
+                "fields",
+                *(x for f in fields for x in ("-e", f)),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        print(tshark.stdout)
+        rows = [line.split("\t") for line in tshark.stdout.splitlines()]
+        # On port b the requests are delivered to guest B (out) and its replies come in.
+        assert (
+            rows
+            == [
+                ["b", "0x00000002", "10.0.0.1", "10.0.0.2", "8"],
+                ["b", "0x00000001", "10.0.0.2", "10.0.0.1", "0"],
+            ]
+            * 3
+        ), tshark.stdout
+        assert daemon.status()["captures"] == []

@@ -34,6 +34,7 @@ from vhostmap.ethernet import format_mac
 from vhostmap.forwarding.switch import Switch
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
+from vhostmap.netmap.capture import DEFAULT_RING_BYTES, MAX_SNAPLEN, CaptureRings, port_krings
 from vhostmap.netmap.generic import GenericAdapter
 from vhostmap.netmap.host import HostStack
 from vhostmap.netmap.pipe import PipeEnd
@@ -108,8 +109,10 @@ class Daemon:
         self.control = ControlServer(
             config.control_socket,
             {"stats": self.stats, "status": self.status, "switch": self.switch, "inspect": self.inspect},
-            {"register": self.register_client, "client_stats": self.client_stats},
+            {"register": self.register_client, "client_stats": self.client_stats, "capture": self.capture},
         )
+        # Live captures (vhostmap capture): the port spec and the client's pid of each.
+        self.captures: list[tuple[str, int | None, CaptureRings]] = []
         self._stopping: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # prometheus_client's HTTP server and its thread while --metrics serves.
@@ -310,6 +313,7 @@ class Daemon:
                 ports[name]["forwarder"] = self.serving[name].name
             switches = {name: [p.name for p in sw.ports] for name, sw in self.switches.items()}
             clients = [s.stats() for c in self.topology.clients.values() for s in c.sessions]
+            captures = [{"port": spec, "pid": pid, **rings.counts()} for spec, pid, rings in self.captures]
             threads = self.worker.assignment.show(self.rx_queues())
             for entry, load in zip(threads, self.worker.loads(), strict=True):
                 entry |= load
@@ -318,6 +322,7 @@ class Daemon:
             "ports": ports,
             "switches": switches,
             "clients": clients,
+            "captures": captures,
             "memory": self.memory.stats(),
             # Which thread serves each receive queue (ovs-appctl dpif-netdev/pmd-rxq-show), and how long each
             # had nothing to do: between two readings, busy = 1 - (idle_ns delta) / (clock_ns delta); rounds
@@ -386,6 +391,53 @@ class Daemon:
             "rx_rings": [reg.rx_first, reg.rx_last],
         }
         return reply, [self.memory.fd, session.kick, session.irq]
+
+    def capture(self, request: Mapping[str, Any], conn: Connection) -> tuple[dict[str, Any], list[int]]:
+        """The ``capture`` command (vhostmap capture): tap a port's krings while the connection lives.
+
+        ``{"port": "vm0" | "vm0^" | "vm0*" | "vale0:app", "direction": "in"|"out"|"both", "snaplen": BYTES,
+        "ring_bytes": BYTES}``. The reply lists the capture rings (interface, direction, kring, offset, size)
+        in the memfd that comes with it (netmap/capture.py). One capture at a time per kring.
+        """
+        spec, direction = request.get("port"), request.get("direction", "both")
+        snaplen = request.get("snaplen", MAX_SNAPLEN)
+        ring_bytes = request.get("ring_bytes", DEFAULT_RING_BYTES)
+        if not (isinstance(spec, str) and isinstance(direction, str)) or not (
+            isinstance(snaplen, int) and isinstance(ring_bytes, int)
+        ):
+            raise ValueError(
+                'capture: expected {"port": NAME[, "direction": ..., "snaplen": N, "ring_bytes": N]}'
+            )
+        adapter = self.topology.adapter(spec.rstrip("^*"))
+        rings = CaptureRings(port_krings(adapter, spec, direction), ring_bytes, snaplen)
+        entry = (spec, conn.peer_pid, rings)
+        try:
+            with self.worker.lock:
+                rings.install()
+                self.captures.append(entry)
+        except BaseException:
+            rings.close()
+            raise
+
+        def release() -> None:
+            with self.worker.lock:
+                rings.remove()
+                self.captures.remove(entry)
+            counts = rings.counts()
+            rings.close()
+            log.info(
+                "capture of %s (pid %s) ended: %d frames, %d dropped",
+                spec,
+                conn.peer_pid,
+                counts["frames"],
+                counts["dropped"],
+                extra={"port": adapter.name},
+            )
+
+        conn.on_close(release)
+        log.info("capture of %s (pid %s) started", spec, conn.peer_pid, extra={"port": adapter.name})
+        reply = {"memsize": rings.memsize, "snaplen": snaplen, "rings": [asdict(r) for r in rings.rings]}
+        return reply, [rings.fd]
 
     def client_stats(self, request: Mapping[str, Any], conn: Connection) -> tuple[dict[str, Any], list[int]]:
         """The ``client_stats`` command: the sessions of this connection (reinits, errors...)."""

@@ -14,6 +14,7 @@
 #include "virtio.cdef"
 #include "switch.cdef"
 #include "kring.cdef"
+#include "capture.cdef"
 #include "eventfd.cdef"
 #include "vhost_sync.cdef"
 

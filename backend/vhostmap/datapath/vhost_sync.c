@@ -25,8 +25,11 @@ static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const st
     int32_t status = refs
                          ? vq_dequeue_refs(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, refs, pending, out)
                          : vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, pending, out);
-    if (status == VQ_OK)
+    if (status == VQ_OK) {
+        if (k->tap && out->slots)
+            nm_tap_slots(k->tap, &k->bufs, k->nr_hwtail, out->slots, refs);
         k->nr_hwtail = (k->nr_hwtail + out->slots) % n;
+    }
     nm_sync_finalize(k);
     if (status == VQ_OK)
         nm_sync_timestamp(k);
@@ -53,6 +56,8 @@ static int32_t vhu_txsync_refs(struct nm_kring *k, struct vq_split *vq, const st
         status =
             vq_enqueue_refs(vq, mem, &k->bufs, hdr_len, mergeable, k->nr_hwcur, count, refs, pending, out);
         if (status == VQ_OK) {
+            if (k->tap && out->slots)
+                nm_tap_slots(k->tap, &k->bufs, k->nr_hwcur, out->slots, refs);
             /* Delivered slots were copied out: they are free again at once. */
             if (stash)
                 nm_stash_give(stash, &k->bufs, k->nr_hwcur, out->slots);

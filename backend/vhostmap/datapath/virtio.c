@@ -151,17 +151,6 @@ static inline struct nm_slot *nm_slot_at(const struct nm_bufs *nm, uint32_t i)
     return &nm->slots[i];
 }
 
-/* The buffer of `slot`, its buf_idx read once. An index out of range means buffer 0, the scratch buffer, as
- * netmap's NMB() does: the kring checks the slots it takes, but the ring user may rewrite one after that, and
- * then only its own frame suffers. */
-static inline uint8_t *nm_slot_buf(const struct nm_bufs *nm, const struct nm_slot *slot)
-{
-    uint32_t buf_idx = __atomic_load_n(&slot->buf_idx, __ATOMIC_RELAXED);
-    if (buf_idx >= nm->nbufs)
-        buf_idx = 0;
-    return nm->base + (size_t)buf_idx * nm->buf_size;
-}
-
 /* --- faults --------------------------------------------------------------------------------------------- */
 
 static int32_t vq_fail(struct vq_batch *out, int32_t status, uint32_t desc)
@@ -537,18 +526,7 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
         if (!src->left) {
             if (!src->frags)
                 break;
-            const struct nm_slot *slot = nm_slot_at(src->nm, src->slot);
-            uint16_t slot_len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
-            const struct vq_ref *ref = NULL;
-            if (src->refs && (__atomic_load_n(&slot->flags, __ATOMIC_RELAXED) & NS_INDIRECT))
-                ref = vq_ref_at(src->refs, __atomic_load_n(&slot->ptr, __ATOMIC_RELAXED));
-            if (ref) {
-                src->p = ref->host;
-                src->left = slot_len <= ref->len ? slot_len : ref->len;
-            } else {
-                src->p = nm_slot_buf(src->nm, slot);
-                src->left = slot_len <= src->nm->buf_size ? slot_len : 0;
-            }
+            src->left = nm_slot_data(src->nm, nm_slot_at(src->nm, src->slot), src->refs, &src->p);
             src->frags--;
             if (++src->slot == src->nm->num_slots)
                 src->slot = 0;

@@ -47,6 +47,7 @@ from vhostmap.netmap.abi import (
     NS_INDIRECT,
     NS_MOREFRAG,
     RingView,
+    nm_distance,
     nm_prev,
 )
 from vhostmap.netmap.allocator import IfLayout, NetmapMemory, RingLayout
@@ -167,6 +168,10 @@ class NetmapAdapter(abc.ABC):
     rings are bound to, if anything. ``close()`` closes the host port and frees the rings and their buffers.
     """
 
+    #: Whether the hooks themselves capture what they move (a kring's tap, netmap/capture.py) rather than
+    #: the syncs around them: ports whose frames move by move_slots, which a peer's sync may call too.
+    TAPS_IN_HOOKS = False
+
     def __init__(
         self,
         name: str,
@@ -275,7 +280,13 @@ class NetmapAdapter(abc.ABC):
         kring = self._ring(self.tx_rings, ring_index, "TX")
         if self.broken is not None or not kring.txsync_prologue():
             return
+        tap, first = (None if self.TAPS_IN_HOOKS else kring.tap), kring.nr_hwcur
+        if tap is not None:
+            # Before the hook, which may give the buffers away; published for the slots it sent.
+            tap.stage(first, kring.pending())
         self._run(self.host_txsync if kring.host else self.nm_txsync, kring, flags)
+        if tap is not None:
+            tap.commit(nm_distance(first, kring.nr_hwcur, kring.nkr_num_slots))
 
     def rxsync(self, ring_index: int, flags: int = 0) -> None:
         """NIOCRXSYNC on one RX kring (``num_rx_rings`` is the host ring): prologue, hook, finalize."""
@@ -289,7 +300,10 @@ class NetmapAdapter(abc.ABC):
             if self.host_port is not None and kring.ring.flags & NR_FORWARD and kring.pending():
                 # Transparent mode: NS_FORWARD slots being released go up first (netmap_grab_packets).
                 self.host_port.send_up(kring)
+        tap, first = (None if self.TAPS_IN_HOOKS else kring.tap), kring.nr_hwtail
         done = self._run(hook, kring, flags)
+        if tap is not None:
+            tap.capture(first, nm_distance(first, kring.nr_hwtail, kring.nkr_num_slots))
         if done and kring.ring.flags & NR_TIMESTAMP:
             self._timestamp(kring)
 
@@ -415,6 +429,8 @@ class LoopbackAdapter(NetmapAdapter):
     """What is sent on TX ring i comes back on RX ring i, zero copy: the TX slot and the next free RX slot
     swap buffers. A full RX ring holds the TX slots back until the user releases RX slots."""
 
+    TAPS_IN_HOOKS = True
+
     def __init__(self, name: str, memory: NetmapMemory, *, num_rings: int = 1, num_desc: int = 1024) -> None:
         super().__init__(
             name,
@@ -439,12 +455,18 @@ def move_slots(tx: Kring, rx: Kring) -> int:
     """Move what ``tx`` has pending ([nr_hwcur, rhead)) to the free part of ``rx`` (from nr_hwtail), zero
     copy: each TX slot swaps buffers with the RX slot it fills. Every moved TX slot is complete at once (its
     hwtail follows); what does not fit waits. Returns the slots moved. Both krings must share an allocator.
+    The taps of both krings capture what moved.
     """
     n = min(tx.pending(), rx.rx_space())
     if n:
-        swap_buffers(tx.ring, tx.nr_hwcur, rx.ring, rx.nr_hwtail, n)
+        first = rx.nr_hwtail
+        swap_buffers(tx.ring, tx.nr_hwcur, rx.ring, first, n)
         tx.nr_hwcur = (tx.nr_hwcur + n) % tx.nkr_num_slots
-        rx.nr_hwtail = (rx.nr_hwtail + n) % rx.nkr_num_slots
+        rx.nr_hwtail = (first + n) % rx.nkr_num_slots
+        # A capture of either side sees the frames where they are now (TAPS_IN_HOOKS).
+        for tap in (tx.tap, rx.tap):
+            if tap is not None:
+                tap.capture(first, n, rx)
     tx.nr_hwtail = nm_prev(tx.nr_hwcur, tx.nkr_num_slots)
     return n
 

@@ -29,7 +29,6 @@ to the pool when the ports close, however often a user wrote nonsense.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import threading
@@ -58,6 +57,7 @@ from vhostmap.netmap.abi import (
     ring_size,
 )
 from vhostmap.netmap.errors import AllocatorConfigError, AllocatorExhausted, BufferIndexError
+from vhostmap.system.memfd import sealed_memfd
 
 PAGE_SIZE = mmap.PAGESIZE
 # Objects are aligned (and sized) to a cache line (the seed's LINE_ROUND).
@@ -304,15 +304,7 @@ class NetmapMemory:
         )
         self.size = self.if_pool.memtotal + self.ring_pool.memtotal + self.buf_pool.memtotal
         if fd is None:
-            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-            try:
-                os.ftruncate(fd, self.size)
-                fcntl.fcntl(
-                    fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-                )
-            except BaseException:
-                os.close(fd)
-                raise
+            fd = sealed_memfd(name, self.size)
             map_size = self.size
         else:
             # A file given by the caller (e.g. on hugetlbfs, for a device to DMA into) is mapped whole: the

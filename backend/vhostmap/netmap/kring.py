@@ -30,7 +30,7 @@ import ctypes
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,9 @@ from vhostmap.datapath import ffi, lib
 from vhostmap.datapath.cfield import CField
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NR_RX, NR_TX, RingView, nm_distance, nm_in_range, nm_prev
 from vhostmap.netmap.errors import PortBroken
+
+if TYPE_CHECKING:
+    from vhostmap.netmap.capture import Tap
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,8 @@ class Kring:
         self._unlogged = 0
         self.dropped = 0
         self.users = 0
+        # A live capture's tap on what the syncs move (netmap/capture.py), or None.
+        self.tap: Tap | None = None
 
     @property
     def is_tx(self) -> bool:

@@ -27,6 +27,7 @@ class PipeEnd(NetmapAdapter):
     """One end of a pipe; `make_pipe` builds the pair. It has no host rings (netmap's pipes have none)."""
 
     peer: PipeEnd
+    TAPS_IN_HOOKS = True  # a move may happen in the peer's sync
 
     def __init__(self, name: str, memory: NetmapMemory, *, num_rings: int, num_desc: int) -> None:
         super().__init__(
