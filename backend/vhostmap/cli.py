@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="let threads that serve pinned queues (rxq_affinity) take round-robin queues too",
     )
+    serve.add_argument(
+        "--user",
+        metavar="USER[:GROUP]",
+        help="become USER with no privilege left once the sockets and TAPs exist (start as root)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log connections and negotiation too")
 
     stats = sub.add_parser("stats", help="per-port and per-queue counters of the running daemon")
@@ -193,11 +198,16 @@ def _serve(args: argparse.Namespace) -> int:
     # only when serving.
     from vhostmap.daemon.config import ConfigError, build_config, load_toml
     from vhostmap.daemon.daemon import Daemon
+    from vhostmap.system.service import journal_handler, stderr_is_journal
     from vhostmap.system.unixsock import EndpointError
 
+    # Under systemd, into the journal with each record's fields; else lines on stderr.
+    journal = journal_handler() if stderr_is_journal() else None
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # The journal keeps the time, the priority and the logger (LOGGER) itself.
+        format="%(message)s" if journal else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[journal] if journal else None,
     )
     try:
         config = build_config(
@@ -214,6 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
             control_cpu=args.control_cpu,
             rxq_isolate=args.rxq_isolate,
             metrics=args.metrics,
+            user=args.user,
         )
     except ConfigError as e:
         print(f"vhostmap serve: {e}", file=sys.stderr)

@@ -1,9 +1,12 @@
 """Configuration from flags and TOML: what is accepted, and the errors users see."""
 
+import grp
+
 import pytest
 
 from vhostmap.daemon.config import ConfigError, build_config, parse_mac, parse_port_flag
 from vhostmap.ethernet import format_mac
+from vhostmap.system.privileges import lookup
 
 
 def test_port_flag_with_every_option() -> None:
@@ -213,3 +216,19 @@ def test_a_generating_port_stays_alone(links: list[str], switches: list[str]) ->
     ports = ["a=vhost-user,path=/1,generate=64", "b=vhost-user,path=/2"]
     with pytest.raises(ConfigError, match="port 'a': a port with generate= feeds its guest alone"):
         build_config(None, ports, links, switch_flags=switches)
+
+
+def test_the_user_to_become_is_checked_when_the_config_is_built() -> None:
+    port = ["a=vhost-user,path=/tmp/a.sock"]
+    assert build_config({"user": "nobody"}, port).user == "nobody"
+    assert build_config({"user": "nobody"}, port, user="root:nogroup").user == "root:nogroup"
+    with pytest.raises(ConfigError, match="user: no user 'no-such-user'"):
+        build_config(None, port, user="no-such-user")
+    with pytest.raises(ConfigError, match="user: no group 'no-such-group'"):
+        build_config(None, port, user="nobody:no-such-group")
+
+
+def test_an_identity_names_its_groups() -> None:
+    who = lookup("nobody")
+    assert (who.name, who.gid) == ("nobody", grp.getgrnam("nogroup").gr_gid)
+    assert who.gid in who.groups and lookup(f"{who.uid}:0").gid == 0

@@ -68,6 +68,7 @@ from vhostmap.ethernet import ETH_HLEN
 from vhostmap.forwarding.switch.table import DEFAULT_AGING
 from vhostmap.packets import MAX_FRAME, MIN_FRAME
 from vhostmap.system.cpu import check_cpu, parse_cpu_list
+from vhostmap.system.privileges import lookup
 from vhostmap.system.unixsock import UNIX_PATH_MAX
 from vhostmap.vhost_user.device import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU
 
@@ -258,6 +259,8 @@ class DaemonConfig:
     rxq_isolate: bool = True
     # Where Prometheus metrics are served, (address, TCP port); None: not served.
     metrics: tuple[str, int] | None = None
+    # Who the daemon becomes once its sockets and TAPs exist (USER[:GROUP]); None: it stays who it is.
+    user: str | None = None
 
     def __post_init__(self) -> None:
         cpus = list(self.cpu or ()) + ([self.control_cpu] if self.control_cpu is not None else [])
@@ -508,6 +511,7 @@ def build_config(
     control_cpu: int | None = None,
     rxq_isolate: bool | None = None,
     metrics: str | None = None,
+    user: str | None = None,
 ) -> DaemonConfig:
     """Merge a TOML document and command-line flags (flags add to the file) into one checked config.
 
@@ -561,11 +565,18 @@ def build_config(
     file_isolate = toml.pop("rxq_isolate", True)
     if not isinstance(file_isolate, bool):
         raise ConfigError(f"rxq_isolate must be true or false, not {file_isolate!r}")
+    file_user = toml.pop("user", None)
     if toml:
         raise ConfigError(
             f"unknown configuration key {sorted(toml)[0]!r} (known: ports, links, switches, control_socket, "
-            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu, rxq_isolate, metrics)"
+            "socket_owner, socket_group, socket_mode, poll, cpu, control_cpu, rxq_isolate, metrics, user)"
         )
+    run_as = user if user is not None else file_user
+    if run_as is not None:
+        try:
+            lookup(str(run_as))
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"user: {e.args[0] if e.args else e}") from None
     return DaemonConfig(
         tuple(ports),
         tuple(links),
@@ -576,6 +587,7 @@ def build_config(
         control_cpu=file_control_cpu if control_cpu is None else control_cpu,
         rxq_isolate=file_isolate if rxq_isolate is None else rxq_isolate,
         metrics=parse_listen(file_metrics if metrics is None else metrics, "metrics"),
+        user=None if run_as is None else str(run_as),
     )
 
 

@@ -39,9 +39,11 @@ from vhostmap.netmap.generic import GenericAdapter
 from vhostmap.netmap.host import HostStack
 from vhostmap.netmap.pipe import PipeEnd
 from vhostmap.netmap.stash import STASH_BUFFERS
-from vhostmap.system.access import libvirt_access_problems
+from vhostmap.system.access import libvirt_access_problems, removal_problem
 from vhostmap.system.cpu import pin_current_thread
 from vhostmap.system.limits import raise_fd_limit
+from vhostmap.system.privileges import become, lookup
+from vhostmap.system.service import notify
 from vhostmap.vhost_user import PORT_RING_SLOTS, Endpoint, NetConfig, SocketMode, VhostUserPort
 from vhostmap.virtio.spec import feature_names
 
@@ -201,13 +203,17 @@ class Daemon:
             for ep in self.endpoints:
                 ep.start()
                 started.append(ep)
+            if self.config.user is not None:
+                self._become(self.config.user)
             log.info("vhostmap %s serving %d port(s)", __version__, len(self.ports))
             listening = {ep.handler.name: ep.path for ep in self.endpoints if ep.mode is SocketMode.SERVER}
             for problem in libvirt_access_problems(listening):
                 log.warning("%s", problem)
             self.ready.set()
+            notify("READY=1")
             await self._stopping.wait()
         finally:
+            notify("STOPPING=1")
             for ep in started:
                 ep.close()
             if self._metrics is not None:
@@ -224,6 +230,20 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(ValueError):
                     loop.remove_signal_handler(sig)
+
+    def _become(self, user: str) -> None:
+        """Give up root for ``user`` (config ``user``, system/privileges.py), once every socket, TAP and raw
+        socket exists; warn about sockets the user will not be able to remove when the daemon stops."""
+        who = lookup(user)
+        ours = [self.config.control_socket] + [
+            ep.path for ep in self.endpoints if ep.mode is SocketMode.SERVER
+        ]
+        for path in ours:
+            problem = removal_problem(path, who.uid, frozenset(who.groups))
+            if problem is not None:
+                log.warning("as %s, vhostmap cannot remove %s when it stops: %s", who.name, path, problem)
+        become(who)
+        log.info("running as %s, without privileges", who)
 
     def stop(self) -> None:
         """Ask ``run`` to return (from any thread); nothing to do once it has."""

@@ -95,6 +95,19 @@ def socket_access_problem(path: str, uid: int, gids: frozenset[int]) -> str | No
     return None
 
 
+def removal_problem(path: str, uid: int, gids: frozenset[int]) -> str | None:
+    """Why a process with ``uid`` and ``gids`` could not remove the file at ``path`` (what a daemon that gave
+    up root must still do with its sockets when it stops), or None: it needs write and search permission on
+    the directory."""
+    if uid == 0:
+        return None
+    directory = Path(os.path.abspath(path)).parent
+    st = os.stat(directory)
+    if not (_permits(st, uid, gids, 2) and _permits(st, uid, gids, 1)):
+        return f"directory {directory} is {_describe(st)}"
+    return None
+
+
 def libvirt_access_problems(sockets: Mapping[str, str], conf: Path = QEMU_CONF) -> list[str]:
     """For port name -> socket path vhostmap listens on: why QEMU run by libvirt could not connect.
 

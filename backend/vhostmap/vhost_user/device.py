@@ -177,7 +177,12 @@ class VhostUserNetDevice:
     def mark_broken(self, reason: str, queue: int | None = None) -> None:
         """The driver violated the spec: stop the datapath of this device until it is reset."""
         if self.broken is None:
-            log.error("port %s: device broken: %s", self.name, reason)
+            log.error(
+                "port %s: device broken: %s",
+                self.name,
+                reason,
+                extra={"port": self.name, "queue": queue, "reason": reason},
+            )
         self.broken = reason
         err_fd = self.vqs[queue].err_fd if queue is not None and 0 <= queue < len(self.vqs) else None
         if err_fd is not None:

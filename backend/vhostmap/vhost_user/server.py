@@ -95,6 +95,8 @@ class Endpoint:
         self.group = group  # server mode: the socket's group and permission bits (None: leave as created)
         self.perm = perm
         self.owner = owner
+        # What the log records of this endpoint are about (journal fields, system/service.py).
+        self._fields = {"port": handler.name}
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,7 +207,7 @@ class Endpoint:
         self._conn = sock
         self._parser = BackendConnection()
         self._unsent = bytearray()
-        log.info("port %s: front-end connected on %s", self.handler.name, self.path)
+        log.info("port %s: front-end connected on %s", self.handler.name, self.path, extra=self._fields)
         self.handler.connected()
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
 
@@ -220,7 +222,12 @@ class Endpoint:
             self._unsent = bytearray()
         sock.close()
         self._parser.close()  # the fds of a message not complete yet
-        log.info("port %s: front-end disconnected (%s)", self.handler.name, why)
+        log.info(
+            "port %s: front-end disconnected (%s)",
+            self.handler.name,
+            why,
+            extra={**self._fields, "reason": why},
+        )
         self.handler.disconnected()
         # Last: whoever sees the endpoint disconnected (status, another thread) sees it cleaned up and logged.
         self._conn = None
@@ -256,7 +263,12 @@ class Endpoint:
             try:
                 event = self._parser.next_event()
             except ProtocolError as e:
-                log.error("port %s: malformed message: %s", self.handler.name, e)
+                log.error(
+                    "port %s: malformed message: %s",
+                    self.handler.name,
+                    e,
+                    extra={**self._fields, "reason": e},
+                )
                 if e.fatal:
                     self._drop("protocol error")
                     return
@@ -277,7 +289,13 @@ class Endpoint:
         try:
             payload = self.handler.handle_message(msg)
         except DeviceError as e:
-            log.error("port %s: %s refused: %s", self.handler.name, e.request.name, e.reason)
+            log.error(
+                "port %s: %s refused: %s",
+                self.handler.name,
+                e.request.name,
+                e.reason,
+                extra={**self._fields, "reason": e.reason},
+            )
             if msg.request is Request.GET_CONFIG:
                 # The spec's failure answer to GET_CONFIG: a reply with an empty payload.
                 self._send(self._parser.reply(msg.request, Empty()))
