@@ -49,7 +49,7 @@ def test_a_scrape_gives_per_queue_counters_occupancy_and_the_datapath(start_daem
     assert m["vhostmap_port_rx_packets_total", a0] == 5
     assert m["vhostmap_port_rx_bytes_total", a0] == 5 * len(FRAME)
     assert m["vhostmap_port_tx_packets_total", b0] == 5
-    assert m["vhostmap_port_tx_dropped_total", b0] == 0
+    assert m["vhostmap_port_tx_dropped_total", (*b0, ("reason", "no_carrier"))] == 0
     assert m["vhostmap_port_guest_rx_buffers", b0] == 3
     assert m["vhostmap_port_broken", (("port", "a"),)] == 0
     info = [labels for (name, labels) in m if name == "vhostmap_port_info" and ("port", "a") in labels]
@@ -61,6 +61,35 @@ def test_a_scrape_gives_per_queue_counters_occupancy_and_the_datapath(start_daem
     assert m["vhostmap_process_open_fds", ()] > 0
     # No MAC address as a label anywhere.
     assert not any(v.count(":") == 5 for _, labels in m for _, v in labels)
+
+
+def test_drops_by_reason_kicks_calls_and_busy_time(start_daemon: StartDaemon) -> None:
+    d, port = start(start_daemon, links=["a,b"])  # b has no guest; nothing is attached to c
+    fa, fc = d.frontend("a"), d.frontend("c")
+    fa.transmit([FRAME] * 3)  # to b, which has no receive queue: no carrier
+    fa.transmit([b""])  # an empty frame: the guest's mistake
+    fc.transmit([FRAME] * 2)  # nowhere to go
+    d.wait(
+        lambda: (
+            (d.totals("b")["tx_dropped"], d.totals("a")["rx_dropped"], d.totals("c")["rx_dropped"])
+            == (3, 1, 2)
+        ),
+        "every frame to be dropped",
+    )
+    m = scrape(port)
+    a0, b0, c0 = ((("port", p), ("queue", "0")) for p in "abc")
+    assert m["vhostmap_port_tx_dropped_total", (*b0, ("reason", "no_carrier"))] == 3
+    assert m["vhostmap_port_tx_dropped_total", (*b0, ("reason", "too_big"))] == 0
+    assert m["vhostmap_port_rx_dropped_total", (*a0, ("reason", "invalid"))] == 1
+    assert m["vhostmap_port_rx_dropped_total", (*a0, ("reason", "unconnected"))] == 0
+    assert m["vhostmap_port_rx_dropped_total", (*c0, ("reason", "unconnected"))] == 2
+    # Each transmit kicked (one or more kicks read per wake-up), and a's completions were signalled.
+    assert 1 <= m["vhostmap_port_kicks_total", a0] <= 2 and m["vhostmap_port_kicks_total", b0] == 0
+    assert m["vhostmap_port_calls_total", a0] >= 1 and m["vhostmap_port_calls_total", b0] == 0
+    thread = (("cpu", ""), ("thread", "0"))
+    assert m["vhostmap_datapath_busy_seconds_total", thread] > 0
+    stats = d.stats("a")["queues"][0]
+    assert stats["kicks"] == m["vhostmap_port_kicks_total", a0] and stats["drops"]["rx"]["invalid"] == 1
 
 
 def test_switch_ports_are_counted_and_a_broken_port_shows(start_daemon: StartDaemon) -> None:

@@ -255,8 +255,9 @@ class Daemon:
     def stats(self, request: Any) -> dict[str, Any]:
         """Per-port and per-queue counters (host rings' too), and the switches' when there are any."""
         with self.worker.lock:
+            kicks = self.worker.kicks()
             reply: dict[str, Any] = {
-                "ports": {name: port_stats(adapter) for name, adapter in self.adapters.items()}
+                "ports": {name: port_stats(adapter, kicks) for name, adapter in self.adapters.items()}
             }
             if self.switches:
                 reply["switches"] = {name: sw.stats() for name, sw in self.switches.items()}
@@ -267,8 +268,9 @@ class Daemon:
         the control thread, the only one that changes ports and switches; the datapath threads' counters are
         read as they are meanwhile, each one whole."""
         ports: dict[str, Any] = {}
+        kicks = self.worker.kicks()
         for name, adapter in self.adapters.items():
-            p = port_stats(adapter)
+            p = port_stats(adapter, kicks)
             if isinstance(adapter, VhostUserPort):
                 features = ",".join(feature_names(adapter.device.features))
                 p["info"] = {"type": "vhost-user", "features": features}
@@ -465,12 +467,18 @@ class Daemon:
             return {"sessions": [s.stats() for s in conn.state.get("sessions", [])]}, []
 
 
-def port_stats(adapter: NetmapAdapter) -> dict[str, Any]:
+def port_stats(adapter: NetmapAdapter, kicks: Mapping[int, int] | None = None) -> dict[str, Any]:
     """The counters of one port in the shape of VhostUserPort.stats_dict (queues, totals, broken), plus the
-    generic adapter's own counters and its host rings' (``host``) when it has them."""
+    generic adapter's own counters and its host rings' (``host``) when it has them; per queue ``drops``, the
+    dropped frames by direction and reason. ``kicks``: Datapath.kicks."""
     out: dict[str, Any]
     if isinstance(adapter, VhostUserPort):
-        out = adapter.stats_dict()
+        out = adapter.stats_dict(kicks)
+        for q in out["queues"]:
+            q["drops"] = {
+                "rx": {"unconnected": q["rx_unconnected"], "invalid": q["rx_dropped"] - q["rx_unconnected"]},
+                "tx": {"no_carrier": q["tx_no_carrier"], "too_big": q["tx_dropped"] - q["tx_no_carrier"]},
+            }
     elif isinstance(adapter, GenericAdapter):
         g = adapter.counters()
         queue = {
@@ -482,7 +490,16 @@ def port_stats(adapter: NetmapAdapter) -> dict[str, Any]:
             "tx_dropped": g["tx_drops"],
             "errors": 0,
         }
-        out = {"queues": [{"queue": 0, **queue}], "totals": queue, "broken": adapter.broken, "generic": g}
+        drops = {
+            "rx": {"ring_full": g["rx_drops"], "oversize": g["rx_oversize"], "kernel": g["kernel_drops"]},
+            "tx": {"send_failed": g["tx_drops"]},
+        }
+        out = {
+            "queues": [{"queue": 0, **queue, "drops": drops}],
+            "totals": queue,
+            "broken": adapter.broken,
+            "generic": g,
+        }
     else:
         out = {"queues": [], "totals": {}, "broken": adapter.broken}
     if isinstance(adapter.host_port, HostStack):

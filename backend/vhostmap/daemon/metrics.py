@@ -24,11 +24,19 @@ from prometheus_client.registry import Collector, CollectorRegistry
 QUEUE_COUNTERS = (
     ("rx_packets", "Frames the port received from its guest or peer."),
     ("rx_bytes", "Bytes the port received from its guest or peer."),
-    ("rx_dropped", "Frames the port received and dropped (nowhere to go, or malformed)."),
     ("tx_packets", "Frames the port delivered to its guest or peer."),
     ("tx_bytes", "Bytes the port delivered to its guest or peer."),
-    ("tx_dropped", "Frames for the port it could not deliver (no room)."),
     ("errors", "Driver faults and refused interrupts on the queue."),
+    ("kicks", "Notifications from the guest on the queue pair's virtqueues (none while polled)."),
+    ("calls", "Interrupts signalled to the guest on the queue pair's virtqueues."),
+)
+# The drops of vhostmap stats' queues, by direction: rx (received, then dropped: reason unconnected when
+# nothing is attached to the port, invalid for a guest's empty or oversized frame; a generic port's
+# ring_full, oversize, kernel) and tx (for the port, not delivered: no_carrier while the guest has no
+# receive queue, too_big for its receive chains; a generic port's send_failed).
+DROPS = (
+    ("rx", "Frames the port received and dropped, by reason."),
+    ("tx", "Frames for the port that it could not deliver, by reason."),
 )
 # vhostmap stats' occupancy: what waits per queue pair now.
 OCCUPANCY = (
@@ -74,6 +82,10 @@ def families(c: dict[str, Any]) -> list[Metric]:
     """The metric families of the counters ``c`` (Daemon.counters)."""
     port_q = ["port", "queue"]
     queue = {n: CounterMetricFamily(f"vhostmap_port_{n}", text, labels=port_q) for n, text in QUEUE_COUNTERS}
+    drops = {
+        way: CounterMetricFamily(f"vhostmap_port_{way}_dropped", text, labels=[*port_q, "reason"])
+        for way, text in DROPS
+    }
     waiting = {n: GaugeMetricFamily(f"vhostmap_port_{n}", text, labels=port_q) for n, text in OCCUPANCY}
     broken = GaugeMetricFamily(
         "vhostmap_port_broken", "1 while the port is broken (its log says why).", labels=["port"]
@@ -81,8 +93,13 @@ def families(c: dict[str, Any]) -> list[Metric]:
     info = InfoMetricFamily("vhostmap_port", "What the port is, and what it negotiated.", labels=["port"])
     for port, p in c["ports"].items():
         for q in p["queues"]:
+            labels = [port, str(q["queue"])]
             for n, counter in queue.items():
-                counter.add_metric([port, str(q["queue"])], q[n])
+                if n in q:  # kicks and calls are a vhost-user port's
+                    counter.add_metric(labels, q[n])
+            for way, family in drops.items():
+                for reason, count in q["drops"][way].items():
+                    family.add_metric([*labels, reason], count)
         for q in p.get("occupancy", ()):
             for n, gauge in waiting.items():
                 gauge.add_metric([port, str(q["queue"])], q[n])
@@ -106,17 +123,32 @@ def families(c: dict[str, Any]) -> list[Metric]:
         free.add_metric([pool], counts["objfree"])
         total.add_metric([pool], counts["objtotal"])
 
-    # busy = 1 - rate(vhostmap_datapath_idle_seconds_total): the share of a thread's time that was work.
+    # rate(vhostmap_datapath_busy_seconds_total): the share of a thread's time that was work.
     thread = ["thread", "cpu"]
     idle = CounterMetricFamily("vhostmap_datapath_idle_seconds", "Time with nothing to do.", labels=thread)
+    busy = CounterMetricFamily("vhostmap_datapath_busy_seconds", "Time with work to do.", labels=thread)
     rounds = CounterMetricFamily(
         "vhostmap_datapath_rounds", "Forwarder runs that moved frames.", labels=thread
     )
     for t in c["threads"]:
         labels = [str(t["thread"]), "" if t["cpu"] is None else str(t["cpu"])]
         idle.add_metric(labels, t["idle_ns"] / 1e9)
+        busy.add_metric(labels, t["busy_ns"] / 1e9)
         rounds.add_metric(labels, t["rounds"])
-    return [*queue.values(), *waiting.values(), broken, info, *sw.values(), learnt, free, total, idle, rounds]
+    return [
+        *queue.values(),
+        *drops.values(),
+        *waiting.values(),
+        broken,
+        info,
+        *sw.values(),
+        learnt,
+        free,
+        total,
+        idle,
+        busy,
+        rounds,
+    ]
 
 
 def registry(read: Callable[[], dict[str, Any]], loop: asyncio.AbstractEventLoop) -> CollectorRegistry:

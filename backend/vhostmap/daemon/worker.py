@@ -99,9 +99,14 @@ class Worker:
         # (Nanoseconds this thread had nothing to do so far, when the sleep under way began or 0): one tuple,
         # replaced whole, so that idle_ns() reads a consistent pair from another thread.
         self._idle = (0, 0)
+        # When the thread started serving (time.perf_counter_ns), 0 before: busy = since then - idle.
+        self.running_since_ns = 0
         # Forwarder rounds that moved frames: with the frames counted elsewhere, how much one round carries
         # (a few frames a round means the per-round cost, Python's included, is paid per few frames).
         self.rounds = 0
+        # Kicks read from each eventfd this thread drains, by fd (entries go with their fd at a rebuild): the
+        # guests' notifications, which the metrics count per queue.
+        self.kicks: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = threading.Event()
         self._start_error: BaseException | None = None
@@ -192,6 +197,7 @@ class Worker:
         self._refused, self._refused_now = self._refused_now, set()
         # Kicks are eventfds, drained here; a TAP or a packet socket is drained by its forwarder reading it.
         self._eventfds = {fd for fd in wanted if _is_eventfd(fd)}
+        self.kicks = {fd: n for fd, n in self.kicks.items() if fd in self._eventfds}
         self._polled = list(self._forwarders)
 
     def _refuse(self, fd: int, forwarders: list[Forwarder], error: OSError) -> None:
@@ -214,6 +220,7 @@ class Worker:
             self._started.set()
         # Calls are signalled many times a wake-up: keep the write guard armed until the thread sleeps.
         lib.vhu_eventfd_guard_hold(1)
+        self.running_since_ns = time.perf_counter_ns()
         if self.poll:
             self._run_polling()
         else:
@@ -266,7 +273,7 @@ class Worker:
                         _drain(fd)
                         continue
                     if fd in self._eventfds:
-                        _drain(fd)
+                        self.kicks[fd] = self.kicks.get(fd, 0) + _drain(fd)
                     ready.update(self._registered.get(fd, ()))
             for fwd in ready:
                 self._run_forwarder(fwd)
@@ -304,10 +311,10 @@ def _is_eventfd(fd: int) -> bool:
         return False
 
 
-def _drain(fd: int) -> None:
+def _drain(fd: int) -> int:
     # Never a plain read(): a front-end (or application) shares the kick and may have made it blocking and
     # emptied it between epoll's answer and this read, which would then sleep with every port waiting.
-    eventfds.drain(fd)
+    return eventfds.drain(fd)
 
 
 # --- several datapath threads -------------------------------------------------------------------------------
@@ -462,9 +469,22 @@ class Datapath:
             raise
 
     def loads(self) -> list[dict[str, int]]:
-        """Per thread, in order: the nanoseconds it had nothing to do (``idle_ns``) and its runs that moved
-        frames (``rounds``), as status and the metrics report them."""
-        return [{"idle_ns": w.idle_ns(), "rounds": w.rounds} for w in self.workers]
+        """Per thread, in order: the nanoseconds it had nothing to do (``idle_ns``) and had work
+        (``busy_ns``) since it started, and its runs that moved frames (``rounds``), as status and the
+        metrics report them."""
+        loads = []
+        for w in self.workers:
+            idle, now = w.idle_ns(), time.perf_counter_ns()
+            busy = max(0, now - w.running_since_ns - idle) if w.running_since_ns else 0
+            loads.append({"idle_ns": idle, "busy_ns": busy, "rounds": w.rounds})
+        return loads
+
+    def kicks(self) -> dict[int, int]:
+        """Kicks read so far from each eventfd the threads drain (each fd is drained by one thread)."""
+        merged: dict[int, int] = {}
+        for w in self.workers:
+            merged.update(w.kicks)  # a copy under the GIL: the thread replaces or grows its dict meanwhile
+        return merged
 
     def stop(self) -> None:
         """Stop every thread (idempotent)."""

@@ -92,9 +92,12 @@ static int32_t vhu_queue_status(const struct vhu_queue *q, int32_t status)
  * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). */
 static int32_t vhu_notify(const struct vhu_queue *q)
 {
-    if (q->out->notify && q->call_fd >= 0)
-        return vhu_eventfd_signal(q->call_fd);
-    return VQ_OK;
+    if (!q->out->notify || q->call_fd < 0)
+        return VQ_OK;
+    int32_t status = vhu_eventfd_signal(q->call_fd);
+    if (status == VHU_EVENTFD_OK)
+        q->vq->calls++;
+    return status;
 }
 
 /* The counters and the interrupt of a receive batch that went through and was published. */
@@ -265,6 +268,7 @@ uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, uint32_t burs
             }
             uint32_t n = nm_release_received(q->kring, q->stash);
             q->stats->rx_dropped += n;
+            q->stats->rx_unconnected += n;
             now += n;
         }
         frames += now;

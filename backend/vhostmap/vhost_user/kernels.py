@@ -128,6 +128,7 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
             refused = CallRefused(vq.index, result)
             refused.batch = res
             raise refused
+        vq.c.calls += 1
     return res
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -43,7 +43,17 @@ MAX_PENDING_ANNOUNCEMENTS = 4
 
 # Counters of one queue pair (struct vhu_stats, which the compiled passes add to). rx: from the guest (its
 # transmissions); tx: to the guest.
-QUEUE_COUNTERS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped", "errors")
+QUEUE_COUNTERS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+    "errors",
+    "rx_unconnected",
+    "tx_no_carrier",
+)
 
 
 class VhostUserPort(NetmapAdapter):
@@ -349,6 +359,7 @@ class VhostUserPort(NetmapAdapter):
             idx = (kring.nr_hwcur + np.arange(count)) % n
             ends = np.flatnonzero((kring.ring.slots["flags"][idx] & NS_MOREFRAG) == 0)
             st.tx_dropped += int(ends.size)
+            st.tx_no_carrier += int(ends.size)
             consumed = int(ends[-1]) + 1 if ends.size else 0
         else:
             st = self.queue_stats[vq.index // 2]
@@ -380,16 +391,30 @@ class VhostUserPort(NetmapAdapter):
     def count_dropped(self, ring: int, frames: int) -> None:
         """A consumer discarded ``frames`` received on RX ring ``ring`` (no one to deliver them to)."""
         self.queue_stats[ring].rx_dropped += frames
+        self.queue_stats[ring].rx_unconnected += frames
 
-    def stats_dict(self) -> dict[str, Any]:
-        """Counters for ``vhostmap stats``."""
+    def stats_dict(self, kicks: Mapping[int, int] | None = None) -> dict[str, Any]:
+        """Counters for ``vhostmap stats``; per queue pair also ``calls`` (interrupts signalled on its two
+        virtqueues since they were set up) and ``kicks`` (the guest's notifications on them, from ``kicks``:
+        kick eventfd -> kicks the datapath read from it, Datapath.kicks)."""
         queues = [
-            {"queue": i, **{name: int(getattr(q, name)) for name in QUEUE_COUNTERS}}
+            {
+                "queue": i,
+                **{name: int(getattr(q, name)) for name in QUEUE_COUNTERS},
+                **self._notifications(i, kicks),
+            }
             for i, q in enumerate(self.queue_stats)
         ]
-        totals = {name: sum(q[name] for q in queues) for name in QUEUE_COUNTERS}
+        totals = {name: sum(q[name] for q in queues) for name in (*QUEUE_COUNTERS, "calls", "kicks")}
         occupancy = [{"queue": i, **self._occupancy(i)} for i in range(len(queues))]
         return {"queues": queues, "totals": totals, "occupancy": occupancy, "broken": self.device.broken}
+
+    def _notifications(self, pair: int, kicks: Mapping[int, int] | None) -> dict[str, int]:
+        vqs = self.device.vqs[2 * pair : 2 * pair + 2]
+        return {
+            "calls": sum(int(vq.c.calls) for vq in vqs),
+            "kicks": sum((kicks or {}).get(vq.kick_fd, 0) for vq in vqs if vq.kick_fd is not None),
+        }
 
     def _occupancy(self, pair: int) -> dict[str, int]:
         """What waits in queue pair ``pair`` now: chains the guest queued for transmission and vhostmap has

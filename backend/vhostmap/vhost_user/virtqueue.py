@@ -418,5 +418,6 @@ class SplitVirtqueue:
             result = eventfds.signal(self.call_fd)
             if result != eventfds.Signal.OK:
                 raise CallRefused(self.index, result)
+            self.c.calls += 1
             return True
         return False
