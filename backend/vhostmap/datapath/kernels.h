@@ -15,6 +15,7 @@
 #include "switch.cdef"
 #include "kring.cdef"
 #include "capture.cdef"
+#include "offload.cdef"
 #include "eventfd.cdef"
 #include "vhost_sync.cdef"
 

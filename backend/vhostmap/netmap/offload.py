@@ -1,0 +1,219 @@
+"""Completing a frame's offloads in software: what a port that did not negotiate an offload needs from a
+frame whose virtio-net header asks for one (netmap's VALE "mismatch datapath", netmap_offloadings.c; Linux's
+skb_checksum_help and GSO).
+
+A sender with VIRTIO_NET_F_CSUM leaves the TCP/UDP checksum to the device (NEEDS_CSUM: sum from csum_start to
+the end, store at csum_start + csum_offset; the field already holds the pseudo-header's sum); one with
+HOST_TSO4/6 or HOST_USO hands over up to 64 KiB of TCP or UDP payload at once (gso_type, gso_size: the
+payload of each segment). `complete` turns such a frame into frames with nothing left to do: the checksum
+filled in, or one frame per segment with the headers each needs (IPv4 total length, identification and
+header checksum, IPv6 payload length, TCP sequence number, FIN and PSH on the last segment only, CWR on the
+first only, UDP length, and the TCP or UDP checksum over the pseudo-header).
+
+The header comes from a guest and is checked like a descriptor (DPDK's CVE-2024-11614 was a csum_start beyond
+the frame): a checksum field outside the frame, a segmentation that does not match the frame (not TCP or UDP
+over IPv4 or IPv6 without extension headers or fragments, at most one 802.1Q tag), a gso_size of 0 or an
+hdr_len beyond the frame, and UFO (not offered) raise OffloadError with the reason it is dropped for.
+
+This is the pure-Python reference of the compiled kernel nm_offload_complete (datapath/offload.cdef); the
+differential tests compare them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from vhostmap.datapath import ffi, lib
+from vhostmap.ethernet import ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
+from vhostmap.virtio.spec import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
+)
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+VLAN_HLEN = 4
+IPV4_MIN_HLEN = 20
+IPV6_HLEN = 40
+TCP_MIN_HLEN = 20
+UDP_HLEN = 8
+TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
+IP_MAX_LEN = 0xFFFF
+# A UDP checksum that comes out 0 is sent as 0xffff (0 means "none"), as Linux's CSUM_MANGLED_0.
+CSUM_MANGLED_0 = 0xFFFF
+
+#: Why a frame is dropped instead (the kernel's NM_OFF_* statuses), for the counters.
+REASONS = {
+    int(lib.NM_OFF_BAD_CSUM): "checksum field outside the frame",
+    int(lib.NM_OFF_BAD_GSO): "segmentation the frame does not match",
+    int(lib.NM_OFF_BAD_SIZE): "gso_size 0, hdr_len beyond the frame, or segments too long for IP",
+    int(lib.NM_OFF_NO_ROOM): "more segments than there is room for",
+}
+
+
+class Layers(NamedTuple):
+    """Where a frame to segment has its IP header (``l3``, IPv4 or not) and transport header (``l4``, of
+    IP protocol ``proto``)."""
+
+    l3: int
+    ipv4: bool
+    l4: int
+    proto: int
+
+
+class OffloadError(Exception):
+    """The frame cannot be completed; ``status`` is the kernel's NM_OFF_* code (REASONS says why)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(REASONS[status])
+        self.status = status
+
+
+@dataclass(frozen=True)
+class VnetHeader:
+    """The fields of struct virtio_net_hdr that offloads use (virtio/spec.py VIRTIO_NET_HDR)."""
+
+    flags: int = 0
+    gso_type: int = VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+
+
+def ones_sum(data: bytes | bytearray | memoryview, total: int = 0) -> int:
+    """The ones' complement sum of ``data`` as big-endian 16-bit words (an odd byte padded), from ``total``,
+    folded to 16 bits."""
+    view = bytes(data)
+    if len(view) % 2:
+        view += b"\0"
+    total += sum(struct.unpack(f"!{len(view) // 2}H", view))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def complete(h: VnetHeader, frame: bytes, max_segs: int, cap: int) -> list[bytes]:
+    """The frames ``frame`` with header ``h`` becomes with its offloads done: itself (its checksum filled
+    in when asked), or its segments; at most ``max_segs`` frames of ``cap`` bytes in all (else
+    NM_OFF_NO_ROOM). OffloadError for a header the frame does not bear out."""
+    if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and h.csum_start + h.csum_offset + 2 > len(frame):
+        raise OffloadError(lib.NM_OFF_BAD_CSUM)
+    kind = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if kind == VIRTIO_NET_HDR_GSO_NONE:
+        if len(frame) > cap or max_segs < 1:
+            raise OffloadError(lib.NM_OFF_NO_ROOM)
+        if not h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            return [frame]
+        out = bytearray(frame)
+        at = h.csum_start + h.csum_offset
+        csum = ~ones_sum(out[h.csum_start :]) & 0xFFFF
+        struct.pack_into("!H", out, at, csum or CSUM_MANGLED_0)
+        return [bytes(out)]
+    if kind not in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4):
+        raise OffloadError(lib.NM_OFF_BAD_GSO)
+    if h.gso_size == 0 or h.hdr_len > len(frame):
+        raise OffloadError(lib.NM_OFF_BAD_SIZE)
+    l3, ipv4, l4, proto = _layers(frame, kind)
+    if proto == IPPROTO_TCP:
+        if len(frame) < l4 + TCP_MIN_HLEN or frame[l4 + 12] >> 4 < 5:
+            raise OffloadError(lib.NM_OFF_BAD_GSO)
+        hlen = l4 + 4 * (frame[l4 + 12] >> 4)
+    else:
+        hlen = l4 + UDP_HLEN
+    if len(frame) < hlen:
+        raise OffloadError(lib.NM_OFF_BAD_GSO)
+    payload = frame[hlen:]
+    if hlen - l3 + min(len(payload), h.gso_size) > IP_MAX_LEN:
+        raise OffloadError(lib.NM_OFF_BAD_SIZE)  # a segment's IP length would not fit its field
+    n = max(1, -(-len(payload) // h.gso_size))
+    if n > max_segs or n * hlen + len(payload) > cap:
+        raise OffloadError(lib.NM_OFF_NO_ROOM)
+    g, layers = h.gso_size, Layers(l3, ipv4, l4, proto)
+    return [_segment(frame[:hlen], payload[k * g : (k + 1) * g], k, n, g, layers) for k in range(n)]
+
+
+def _layers(frame: bytes, kind: int) -> tuple[int, bool, int, int]:
+    """(IP header offset, whether IPv4, transport header offset, IP protocol) of a frame to segment as
+    ``kind``; OffloadError(NM_OFF_BAD_GSO) when it is not that."""
+    bad = OffloadError(lib.NM_OFF_BAD_GSO)
+    if len(frame) < ETH_HLEN:
+        raise bad
+    l3, ethertype = ETH_HLEN, int.from_bytes(frame[12:14], "big")
+    if ethertype == ETH_P_8021Q:
+        if len(frame) < ETH_HLEN + VLAN_HLEN:
+            raise bad
+        l3, ethertype = ETH_HLEN + VLAN_HLEN, int.from_bytes(frame[16:18], "big")
+    want = IPPROTO_UDP if kind == VIRTIO_NET_HDR_GSO_UDP_L4 else IPPROTO_TCP
+    if ethertype == ETH_P_IP and kind != VIRTIO_NET_HDR_GSO_TCPV6:
+        if len(frame) < l3 + IPV4_MIN_HLEN or frame[l3] >> 4 != 4:
+            raise bad
+        ihl = 4 * (frame[l3] & 0x0F)
+        fragment = int.from_bytes(frame[l3 + 6 : l3 + 8], "big") & 0x3FFF
+        if ihl < IPV4_MIN_HLEN or len(frame) < l3 + ihl or frame[l3 + 9] != want or fragment:
+            raise bad
+        return l3, True, l3 + ihl, want
+    if ethertype == ETH_P_IPV6 and kind != VIRTIO_NET_HDR_GSO_TCPV4:
+        if len(frame) < l3 + IPV6_HLEN or frame[l3] >> 4 != 6 or frame[l3 + 6] != want:
+            raise bad
+        return l3, False, l3 + IPV6_HLEN, want
+    raise bad
+
+
+def _segment(headers: bytes, data: bytes, k: int, n: int, gso_size: int, at: Layers) -> bytes:
+    """Segment ``k`` of ``n``: ``headers`` (copied from the frame) fixed for ``data``."""
+    l3, ipv4, l4, proto = at
+    seg = bytearray(headers + data)
+    l4_len = len(seg) - l4
+    if ipv4:
+        ihl = l4 - l3
+        ident = (int.from_bytes(seg[l3 + 4 : l3 + 6], "big") + k) & 0xFFFF
+        struct.pack_into("!HH", seg, l3 + 2, len(seg) - l3, ident)
+        struct.pack_into("!H", seg, l3 + 10, 0)
+        struct.pack_into("!H", seg, l3 + 10, ~ones_sum(seg[l3 : l3 + ihl]) & 0xFFFF)
+        pseudo = bytes(seg[l3 + 12 : l3 + 20]) + struct.pack("!BBH", 0, proto, l4_len)
+    else:
+        struct.pack_into("!H", seg, l3 + 4, len(seg) - l3 - IPV6_HLEN)
+        pseudo = bytes(seg[l3 + 8 : l3 + 40]) + struct.pack("!IxxxB", l4_len, proto)
+    if proto == IPPROTO_TCP:
+        seq = (int.from_bytes(seg[l4 + 4 : l4 + 8], "big") + k * gso_size) & 0xFFFFFFFF
+        struct.pack_into("!I", seg, l4 + 4, seq)
+        if k < n - 1:
+            seg[l4 + 13] &= ~(TCP_FIN | TCP_PSH) & 0xFF
+        if k > 0:
+            seg[l4 + 13] &= ~TCP_CWR & 0xFF
+        where = l4 + 16
+    else:
+        struct.pack_into("!H", seg, l4 + 4, l4_len)
+        where = l4 + 6
+    struct.pack_into("!H", seg, where, 0)
+    csum = ~ones_sum(seg[l4:], ones_sum(pseudo)) & 0xFFFF
+    if proto == IPPROTO_UDP and csum == 0:
+        csum = CSUM_MANGLED_0
+    struct.pack_into("!H", seg, where, csum)
+    return bytes(seg)
+
+
+def complete_compiled(h: VnetHeader, frame: bytes, max_segs: int, cap: int) -> list[bytes]:
+    """`complete` by the compiled kernel (nm_offload_complete)."""
+    hdr = ffi.new(
+        "struct nm_vnet_hdr *", (h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset)
+    )
+    out = ffi.new("uint8_t[]", max(cap, 1))
+    lens = ffi.new("uint32_t[]", max(max_segs, 1))
+    n = ffi.new("uint32_t *")
+    src = ffi.from_buffer("uint8_t[]", frame)
+    status = lib.nm_offload_complete(hdr, src, len(frame), out, cap, lens, max_segs, n)
+    if status != lib.NM_OFF_OK:
+        raise OffloadError(status)
+    frames, at = [], 0
+    for k in range(n[0]):
+        frames.append(bytes(ffi.buffer(out + at, lens[k])))
+        at += lens[k]
+    return frames
