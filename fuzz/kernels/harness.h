@@ -193,6 +193,7 @@ static void fz_vq_build(struct fz_vq *q, const struct fz_guest *g, struct reader
         .log_dirty = (feat >> 2) & 1,
         .log_used = (feat >> 3) & 1,
         .kicks = (feat >> 4) & 1,
+        .host_offloads = (feat >> 5) & 1,
     };
 }
 

@@ -118,13 +118,20 @@ def test_stats_json_and_table_show_exact_counters(
                 "errors",
                 "rx_unconnected",
                 "tx_no_carrier",
+                "rx_bad_header",
+                "rx_offloaded",
             ),
             0,
         )
         a = {**counters, "rx_packets": 3, "rx_bytes": 180, "tx_packets": 2, "tx_bytes": 3028}
         b0 = {**counters, "tx_packets": 3, "tx_bytes": 180}
         b1 = {**counters, "rx_packets": 3, "rx_bytes": 3088}
-        drops = {"drops": {"rx": {"unconnected": 0, "invalid": 0}, "tx": {"no_carrier": 0, "too_big": 0}}}
+        drops = {
+            "drops": {
+                "rx": {"unconnected": 0, "bad_header": 0, "invalid": 0},
+                "tx": {"no_carrier": 0, "too_big": 0},
+            }
+        }
         waiting = {"guest_tx_waiting": 0, "guest_rx_buffers": 0, "held": 0}
         assert stats == {
             "ports": {

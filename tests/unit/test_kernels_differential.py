@@ -206,6 +206,7 @@ class Case:
     indirect: bool = True
     kicks: bool = True  # False: a polling device asks the driver not to kick
     log_dirty: bool = False
+    host_offloads: bool = False  # the guest's headers may ask for offloads (mostly nonsense ones here)
     log_size: int | None = None  # bytes of dirty bitmap; None: no SET_LOG_BASE
     log_used: bool = True
     last_avail: int = 0
@@ -293,6 +294,7 @@ class Instance:
         vq.addresses = VringAddresses(uva(DESC_GPA), uva(AVAIL_GPA), uva(USED_GPA), USED_GPA, case.log_used)
         vq.map(self.mem)
         vq.event_idx, vq.indirect, vq.log_dirty = case.event_idx, case.indirect, case.log_dirty
+        vq.host_offloads = case.host_offloads
         vq.kicks = case.kicks
         vq.last_avail_idx, vq.used_idx = case.last_avail & 0xFFFF, case.used_idx & 0xFFFF
         vq.signalled_used = case.signalled_used & 0xFFFF
@@ -485,6 +487,7 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
         indirect=draw(st.booleans()),
         kicks=draw(st.booleans()),
         log_dirty=draw(st.booleans()),
+        host_offloads=draw(st.booleans()),
         log_size=draw(st.sampled_from([None, 2, 64])),  # none, the first 64 KiB only, everything
         log_used=draw(st.booleans()),
         last_avail=draw(near_wrap),
@@ -649,7 +652,7 @@ def note_outcomes(results: list[tuple[Any, ...]]) -> None:
         if r[0] == "fault":
             event(f"{batch} fault: " + re.sub(r"\b(0x[0-9a-f]+|[0-9]+)\b", "N", str(r[2]).split(":")[0]))
         else:
-            _, slots, packets, _, dropped = r
+            _, slots, packets, _, dropped, *_ = r
             what = ["packets" if packets else "no packet"]
             what += ["drops"] * bool(dropped) + ["multi-slot"] * (slots > packets)
             event(f"{batch} ok: {', '.join(what)}")
@@ -659,9 +662,10 @@ def note_outcomes(results: list[tuple[Any, ...]]) -> None:
 
 
 def ok(results: list[tuple[Any, ...]]) -> list[tuple[int, int, int, int]]:
-    """(slots, packets, bytes, dropped) of each batch; every batch must have succeeded."""
-    assert all(r[0] == "ok" for r in results), results
-    return [r[1:] for r in results]
+    """(slots, packets, bytes, dropped) of each batch; every batch must have succeeded (and no frame asked
+    for offloads: test_offload_ingress.py is about those)."""
+    assert all(r[0] == "ok" and r[5:] == (0, 0) for r in results), results
+    return [r[1:5] for r in results]
 
 
 @pytest.mark.parametrize("segments", [1, 2, 3, 6, 8])
@@ -1049,7 +1053,7 @@ def test_dequeue_into_a_slot_rewritten_after_the_checks_uses_buffer_0() -> None:
     case.ring.slots[2]["buf_idx"] = 0xFFFF_FFFF  # the second frame's second slot
     frame = case.guest.read(case.guest.read_desc(1)[0] + HDR, 5000)
     with instances(case) as (_, got):
-        assert got.run(COMPILED, case, 0, 15) == ("ok", 5, 3, 5200, 0)
+        assert got.run(COMPILED, case, 0, 15) == ("ok", 5, 3, 5200, 0, 0, 0)
         assert got.state() == (3, 3, 3, [])
         base = case.ring.base
         assert got.region[base : base + 2048].tobytes() == frame[2048:4096]
@@ -1061,7 +1065,7 @@ def test_enqueue_stops_at_a_slot_rewritten_after_the_checks() -> None:
     case.ring.frames(0, [100, 100])
     case.ring.slots[1]["len"] = 4096  # more than buf_size
     res, state, _ = kernel_only(case, 0, 2)
-    assert res == ("ok", 1, 1, 100, 0) and state[0] == 1
+    assert res == ("ok", 1, 1, 100, 0, 0, 0) and state[0] == 1
 
 
 @pytest.mark.parametrize("writable", [False, True])
@@ -1079,9 +1083,9 @@ def test_kernels_follow_a_remapped_queue_and_keep_no_guest_memory_alive() -> Non
     case.finish()
     inst = Instance(case)
     try:
-        assert inst.run(COMPILED, case, 0, 1) == ("ok", 1, 1, 100, 0)
+        assert inst.run(COMPILED, case, 0, 1) == ("ok", 1, 1, 100, 0, 0, 0)
         inst.vq.map(inst.mem)  # new ring views: the kernel must use them, not the old addresses
-        assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0)
+        assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0, 0, 0)
         inst.vq.unmap()  # and none once the queue is unmapped
         assert inst.run(COMPILED, case, 2, 1)[:3] == ("fault", TX_QUEUE, "ring not mapped")
         assert inst.vq.c.desc == ffi.NULL

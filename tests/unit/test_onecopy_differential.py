@@ -17,6 +17,7 @@ frames of every chain taken, delivered or not, which no batching changes.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Any
 
@@ -86,7 +87,7 @@ def one_copy_batch(inst: Instance, case: Case, space: int, refs: OneCopy) -> tup
     except VirtqueueError as e:
         cause = e.__cause__
         return ("fault", e.queue, e.reason, type(cause).__name__, str(cause) if cause else None)
-    return ("ok", res.slots, res.packets, res.bytes, res.dropped)
+    return ("ok", *dataclasses.astuple(res))
 
 
 def drain(inst: Instance, case: Case, one_copy: bool, min_head: int) -> tuple[list[bytes], list[Any]]:
@@ -115,7 +116,7 @@ def drain(inst: Instance, case: Case, one_copy: bool, min_head: int) -> tuple[li
                 totals[2] + entries - len(taken),
             ]
             return frames, [*totals, r]
-        _, slots, packets, nbytes, dropped = r
+        _, slots, packets, nbytes, dropped, *_ = r
         batch = frames_in(inst.slots, inst.bufs, slots)
         assert (packets, nbytes) == (len(batch), sum(map(len, batch)))
         frames += batch

@@ -134,6 +134,8 @@ class PortConfig:
     generate: int | None = None  # length of the frames the port's guest receives from a built-in generator
     # (RX queue, CPU) pairs: the datapath thread on that CPU serves that receive queue (rxq_affinity).
     rxq_affinity: tuple[tuple[int, int], ...] = ()
+    # Offer the guest's transmit offloads (checksum, TSO, USO: completed in software as frames come in).
+    offloads: bool = True
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -356,7 +358,7 @@ class DaemonConfig:
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
     known = {
         "type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname",
-        "generate", "rxq_affinity",
+        "generate", "rxq_affinity", "offloads",
     }  # fmt: skip
     unknown = set(values) - known
     if unknown:
@@ -376,9 +378,20 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
             kwargs["perm"] = parse_perm(value, f"port {name!r}: perm")
         elif key == "rxq_affinity":
             kwargs["rxq_affinity"] = parse_rxq_affinity(value, f"port {name!r}: rxq_affinity")
+        elif key == "offloads":
+            kwargs["offloads"] = parse_switch(value, f"port {name!r}: offloads")
         else:
             kwargs[key] = str(value)
     return PortConfig(name=name, **kwargs)
+
+
+def parse_switch(value: Any, what: str) -> bool:
+    """on/off (a flag's word) or a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("on", "off"):
+        return str(value).lower() == "on"
+    raise ConfigError(f"{what} must be on or off, not {value!r}")
 
 
 def parse_perm(value: Any, what: str) -> int:

@@ -128,7 +128,7 @@ class Daemon:
             assert pc.ifname is not None  # checked by PortConfig
             adapter = GenericAdapter(pc.name, self.memory, pc.ifname, num_desc=PORT_RING_SLOTS)
         else:
-            net = NetConfig(pc.mac, pc.mtu, pc.queues)
+            net = NetConfig(pc.mac, pc.mtu, pc.queues, pc.offloads)
             port = VhostUserPort(
                 pc.name, net, self.memory, self.worker.lock, self.worker.refresh, poll=self.worker.poll
             )
@@ -475,8 +475,13 @@ def port_stats(adapter: NetmapAdapter, kicks: Mapping[int, int] | None = None) -
     if isinstance(adapter, VhostUserPort):
         out = adapter.stats_dict(kicks)
         for q in out["queues"]:
+            invalid = q["rx_dropped"] - q["rx_unconnected"] - q["rx_bad_header"]
             q["drops"] = {
-                "rx": {"unconnected": q["rx_unconnected"], "invalid": q["rx_dropped"] - q["rx_unconnected"]},
+                "rx": {
+                    "unconnected": q["rx_unconnected"],
+                    "bad_header": q["rx_bad_header"],
+                    "invalid": invalid,
+                },
                 "tx": {"no_carrier": q["tx_no_carrier"], "too_big": q["tx_dropped"] - q["tx_no_carrier"]},
             }
     elif isinstance(adapter, GenericAdapter):

@@ -29,9 +29,11 @@ QUEUE_COUNTERS = (
     ("errors", "Driver faults and refused interrupts on the queue."),
     ("kicks", "Notifications from the guest on the queue pair's virtqueues (none while polled)."),
     ("calls", "Interrupts signalled to the guest on the queue pair's virtqueues."),
+    ("rx_offloaded", "Frames from the guest whose checksum or segmentation vhostmap completed."),
 )
 # The drops of vhostmap stats' queues, by direction: rx (received, then dropped: reason unconnected when
-# nothing is attached to the port, invalid for a guest's empty or oversized frame; a generic port's
+# nothing is attached to the port, invalid for a guest's empty or oversized frame, bad_header for an offload
+# header the frame does not bear out; a generic port's
 # ring_full, oversize, kernel) and tx (for the port, not delivered: no_carrier while the guest has no
 # receive queue, too_big for its receive chains; a generic port's send_failed).
 DROPS = (

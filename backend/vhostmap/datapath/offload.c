@@ -18,13 +18,6 @@
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
 #define CSUM_MANGLED_0 0xffff
-/* virtio spec 5.1.6 (VIRTIO_NET_HDR_* in vhostmap/virtio/spec.py) */
-#define HDR_F_NEEDS_CSUM 1
-#define GSO_NONE 0
-#define GSO_TCPV4 1
-#define GSO_TCPV6 4
-#define GSO_UDP_L4 5
-#define GSO_ECN 0x80
 
 static inline uint16_t get16(const uint8_t *p)
 {
@@ -84,10 +77,10 @@ static int layers(const uint8_t *f, uint32_t len, uint8_t kind, uint32_t *l3, in
         at = ETH_HLEN + VLAN_HLEN;
         type = get16(f + 16);
     }
-    uint8_t want = kind == GSO_UDP_L4 ? IPPROTO_UDP : IPPROTO_TCP;
+    uint8_t want = kind == VIRTIO_NET_HDR_GSO_UDP_L4 ? IPPROTO_UDP : IPPROTO_TCP;
     *l3 = at;
     *proto = want;
-    if (type == ETH_P_IP && kind != GSO_TCPV6) {
+    if (type == ETH_P_IP && kind != VIRTIO_NET_HDR_GSO_TCPV6) {
         if (len < at + IPV4_MIN_HLEN || f[at] >> 4 != 4)
             return -1;
         uint32_t ihl = 4u * (f[at] & 0x0f);
@@ -97,7 +90,7 @@ static int layers(const uint8_t *f, uint32_t len, uint8_t kind, uint32_t *l3, in
         *l4 = at + ihl;
         return 0;
     }
-    if (type == ETH_P_IPV6 && kind != GSO_TCPV4) {
+    if (type == ETH_P_IPV6 && kind != VIRTIO_NET_HDR_GSO_TCPV4) {
         if (len < at + IPV6_HLEN || f[at] >> 4 != 6 || f[at + 6] != want)
             return -1;
         *ipv4 = 0;
@@ -146,14 +139,14 @@ int32_t nm_offload_complete(const struct nm_vnet_hdr *h, const uint8_t *frame, u
                             uint32_t cap, uint32_t *seg_lens, uint32_t max_segs, uint32_t *nsegs)
 {
     *nsegs = 0;
-    if ((h->flags & HDR_F_NEEDS_CSUM) && (uint32_t)h->csum_start + h->csum_offset + 2 > len)
+    if ((h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && (uint32_t)h->csum_start + h->csum_offset + 2 > len)
         return NM_OFF_BAD_CSUM;
-    uint8_t kind = h->gso_type & (uint8_t)~GSO_ECN;
-    if (kind == GSO_NONE) {
+    uint8_t kind = h->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN;
+    if (kind == VIRTIO_NET_HDR_GSO_NONE) {
         if (len > cap || max_segs < 1)
             return NM_OFF_NO_ROOM;
         memcpy(out, frame, len);
-        if (h->flags & HDR_F_NEEDS_CSUM) {
+        if (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
             uint32_t at = (uint32_t)h->csum_start + h->csum_offset;
             uint16_t csum = (uint16_t)~ones_fold(ones_add(out + h->csum_start, len - h->csum_start, 0));
             put16(out + at, csum ? csum : CSUM_MANGLED_0);
@@ -162,7 +155,7 @@ int32_t nm_offload_complete(const struct nm_vnet_hdr *h, const uint8_t *frame, u
         *nsegs = 1;
         return NM_OFF_OK;
     }
-    if (kind != GSO_TCPV4 && kind != GSO_TCPV6 && kind != GSO_UDP_L4)
+    if (kind != VIRTIO_NET_HDR_GSO_TCPV4 && kind != VIRTIO_NET_HDR_GSO_TCPV6 && kind != VIRTIO_NET_HDR_GSO_UDP_L4)
         return NM_OFF_BAD_GSO;
     if (h->gso_size == 0 || h->hdr_len > len)
         return NM_OFF_BAD_SIZE;

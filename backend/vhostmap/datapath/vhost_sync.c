@@ -14,9 +14,8 @@ static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const st
     uint32_t n = k->bufs.num_slots;
     k->nr_hwcur = k->rhead;
     /* Fill [hwtail, hwcur - 1): one slot always stays empty. */
-    uint32_t space = (k->nr_hwcur + n - k->nr_hwtail - 1) % n;
-    if (burst && space > burst)
-        space = burst;
+    uint32_t room = (k->nr_hwcur + n - k->nr_hwtail - 1) % n;
+    uint32_t space = burst && room > burst ? burst : room;
     if (stash) {
         /* A slot per waiting chain (a frame larger than a buffer takes more: those use their own). */
         uint32_t take = vq_pending(vq);
@@ -25,6 +24,12 @@ static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const st
     int32_t status = refs
                          ? vq_dequeue_refs(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, refs, pending, out)
                          : vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, pending, out);
+    if (status == VQ_OK && out->held && !out->slots && !out->used && space < room) {
+        /* The first chain needs more slots than a burst (a segmented 64 KiB frame): all the room there is,
+         * or it would wait for ever. */
+        status = refs ? vq_dequeue_refs(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, room, refs, pending, out)
+                      : vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, room, pending, out);
+    }
     if (status == VQ_OK) {
         if (k->tap && out->slots)
             nm_tap_slots(k->tap, &k->bufs, k->nr_hwtail, out->slots, refs);
@@ -106,6 +111,8 @@ static int32_t vhu_received(const struct vhu_queue *q)
     q->stats->rx_packets += q->out->packets;
     q->stats->rx_bytes += q->out->bytes;
     q->stats->rx_dropped += q->out->dropped;
+    q->stats->rx_bad_header += q->out->bad_headers;
+    q->stats->rx_offloaded += q->out->offloaded;
     return vhu_notify(q);
 }
 

@@ -13,6 +13,7 @@
  * chains of a frame are all reserved before any is written, so a fault or a shortage leaves nothing half
  * done.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -417,6 +418,96 @@ static void vq_refer(const struct nm_bufs *nm, struct vq_refs *refs, const struc
     nm_close_slot(slot, filled, NS_INDIRECT);
 }
 
+/* --- offloads the driver left to the device ------------------------------------------------------------- */
+
+/* Copy up to `n` bytes of the segments, from byte `skip` on, to `dst`; the bytes copied. */
+static uint32_t vq_seg_read(const struct vq_seg *segs, uint32_t nseg, uint64_t skip, uint8_t *dst, uint32_t n)
+{
+    uint32_t done = 0, off;
+    for (uint32_t k = vq_seg_skip(segs, nseg, skip, &off); k < nseg && done < n; k++, off = 0) {
+        uint32_t take = segs[k].len - off < n - done ? segs[k].len - off : n - done;
+        memcpy(dst + done, segs[k].host + off, take);
+        done += take;
+    }
+    return done;
+}
+
+/* The offload fields of the chain's virtio-net header (its first 10 bytes, over as many descriptors as they
+ * span: CVE-2022-2132 was a header split over descriptors read as if it were not); 1 when they ask for
+ * work. */
+static int vq_offload_header(const struct vq_seg *segs, uint32_t nseg, struct nm_vnet_hdr *h)
+{
+    /* Most frames ask for nothing: flags and gso_type, the first two bytes, say so without a copy. */
+    if (nseg && segs[0].len >= 2 && !segs[0].host[0] && !segs[0].host[1])
+        return 0;
+    uint8_t raw[10];
+    if (vq_seg_read(segs, nseg, 0, raw, sizeof raw) != sizeof raw)
+        return 0;
+    *h = (struct nm_vnet_hdr){raw[0], raw[1], (uint16_t)(raw[2] | raw[3] << 8), (uint16_t)(raw[4] | raw[5] << 8),
+                              (uint16_t)(raw[6] | raw[7] << 8), (uint16_t)(raw[8] | raw[9] << 8)};
+    return (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h->gso_type != VIRTIO_NET_HDR_GSO_NONE;
+}
+
+/* Where a datapath thread completes offloaded frames: the frame, its segments and their lengths (made on
+ * first use, kept for the thread's life). */
+#define VQ_OFFLOAD_OUT (256u << 10)
+#define VQ_OFFLOAD_SEGS 4096
+struct vq_offload_scratch {
+    uint8_t frame[VQ_MAX_FRAME];
+    uint8_t out[VQ_OFFLOAD_OUT];
+    uint32_t lens[VQ_OFFLOAD_SEGS];
+};
+static __thread struct vq_offload_scratch *vq_offload_scratch;
+
+/* Copy `len` bytes to the slots from `pos`, a buffer each at most (NS_MOREFRAG on all but the last). */
+static void vq_fill_slots(const struct nm_bufs *nm, uint32_t pos, const uint8_t *src, uint32_t len)
+{
+    do {
+        uint32_t n = len < nm->buf_size ? len : nm->buf_size;
+        struct nm_slot *slot = nm_slot_at(nm, pos);
+        memcpy(nm_slot_buf(nm, slot), src, n);
+        src += n;
+        len -= n;
+        nm_close_slot(slot, n, len ? NS_MOREFRAG : 0);
+        if (++pos == nm->num_slots)
+            pos = 0;
+    } while (len);
+}
+
+/* What vq_dequeue_offloaded did with a frame. */
+enum { VQ_OFFLOAD_DONE, VQ_OFFLOAD_DROPPED, VQ_OFFLOAD_LATER };
+
+/* Complete the offloads header `h` asks of the frame (the segments minus their first `skip` bytes, `length`
+ * bytes) and put what comes out into the slots from `pos`: DONE (*used slots filled, counted in `out`),
+ * DROPPED (a header the frame does not bear out, or more segments than the ring holds), or LATER (more slots
+ * than `space`). */
+static int vq_dequeue_offloaded(const struct nm_bufs *nm, const struct vq_seg *segs, uint32_t nseg,
+                                uint64_t skip, uint32_t length, const struct nm_vnet_hdr *h, uint32_t pos,
+                                uint32_t space, uint32_t *used, struct vq_batch *out)
+{
+    struct vq_offload_scratch *s = vq_offload_scratch;
+    if (!s && !(s = vq_offload_scratch = malloc(sizeof *s)))
+        return VQ_OFFLOAD_DROPPED;
+    uint32_t got = vq_seg_read(segs, nseg, skip, s->frame, length), n;
+    if (nm_offload_complete(h, s->frame, got, s->out, VQ_OFFLOAD_OUT, s->lens, VQ_OFFLOAD_SEGS, &n) != NM_OFF_OK)
+        return VQ_OFFLOAD_DROPPED;
+    uint32_t need = 0;
+    for (uint32_t k = 0; k < n; k++)
+        need += (s->lens[k] + nm->buf_size - 1) / nm->buf_size;
+    if (need > space)
+        return need >= nm->num_slots ? VQ_OFFLOAD_DROPPED : VQ_OFFLOAD_LATER;
+    const uint8_t *seg = s->out;
+    for (uint32_t k = 0; k < n; k++) {
+        vq_fill_slots(nm, pos, seg, s->lens[k]);
+        pos = (pos + (s->lens[k] + nm->buf_size - 1) / nm->buf_size) % nm->num_slots;
+        seg += s->lens[k];
+        out->packets++;
+        out->bytes += s->lens[k];
+    }
+    *used = need;
+    return VQ_OFFLOAD_DONE;
+}
+
 /* vq_dequeue; with `refs`, vq_dequeue_refs (the frames refer to their chains, nothing is completed). */
 static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
                                 uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_refs *refs,
@@ -449,6 +540,28 @@ static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem
             out->dropped++;
             continue;
         }
+        struct nm_vnet_hdr h;
+        if (vq->host_offloads && vq_offload_header(segs, chain.nseg, &h)) {
+            uint32_t used = 0;
+            int done = vq_dequeue_offloaded(nm, segs, chain.nseg, hdr_len, (uint32_t)length, &h, pos, space,
+                                            &used, out);
+            if (done == VQ_OFFLOAD_LATER) {
+                vq->last_avail_idx--; /* unpop: it goes first next time */
+                out->held = 1;
+                break;
+            }
+            pending[n_used++] = (struct vq_used_elem){chain.head, 0};
+            if (done == VQ_OFFLOAD_DROPPED) {
+                out->dropped++;
+                out->bad_headers++;
+                continue;
+            }
+            pos = (pos + used) % nm->num_slots;
+            space -= used;
+            out->slots += used;
+            out->offloaded++;
+            continue;
+        }
         uint32_t need = (uint32_t)((length + nm->buf_size - 1) / nm->buf_size);
         uint32_t nref = refs ? vq_ref_slots(nm, refs, segs, chain.nseg, hdr_len, space) : 0;
         if (nref) {
@@ -456,6 +569,7 @@ static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem
             need = nref;
         } else if (need > space) {
             vq->last_avail_idx--; /* unpop: it goes first next time */
+            out->held = 1;
             break;
         } else {
             vq_gather(nm, segs, chain.nseg, hdr_len, pos);

@@ -445,14 +445,23 @@ class FakeFrontend:
                 return out
             i = nxt
 
-    def transmit(self, frames: list[bytes], pair: int = 0) -> None:
-        """Queue ``frames`` on the transmit queue of ``pair``, header included; a frame larger than one
-        buffer becomes a chain of BUFFER_SIZE descriptors."""
+    def transmit(
+        self,
+        frames: list[bytes],
+        pair: int = 0,
+        *,
+        header: bytes = b"",
+        first: int = BUFFER_SIZE,
+    ) -> None:
+        """Queue ``frames`` on the transmit queue of ``pair``, each after a virtio-net header (``header``,
+        zero-padded to the negotiated size: an offload request); a frame larger than one buffer becomes a
+        chain of BUFFER_SIZE descriptors, the first ``first`` bytes long (a header split over descriptors)."""
         fq = self.queues[2 * pair + 1]
         heads: list[int] = []
         for frame in frames:
-            data = bytes(self.hdr_len) + frame
-            sizes = [min(BUFFER_SIZE, len(data) - off) for off in range(0, len(data), BUFFER_SIZE)]
+            data = header.ljust(self.hdr_len, b"\0")[: self.hdr_len] + frame
+            sizes = [min(first, len(data))]
+            sizes += [min(BUFFER_SIZE, len(data) - off) for off in range(sizes[0], len(data), BUFFER_SIZE)]
             head = self._chain(fq, sizes, 0)
             off = 0
             for addr, length in self.chain_segments(fq, head):

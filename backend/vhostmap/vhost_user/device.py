@@ -39,7 +39,12 @@ from vhostmap.virtio.spec import (
     VIRTIO_F_IN_ORDER,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_CONFIG,
+    VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_USO,
     VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF,
@@ -54,9 +59,8 @@ from vhostmap.virtio.spec import (
 
 log = logging.getLogger(__name__)
 
-# What vhostmap offers. No checksum or GSO offloads: nothing on the far side of a port (switch, TAP,
-# another guest) would carry them end to end yet, and advertising an offload that is then dropped corrupts
-# traffic silently.
+# What vhostmap offers every driver. No offload for the guest's receive path (GUEST_CSUM, GUEST_TSO*): nothing
+# hands a port offloaded frames yet.
 OFFERED_FEATURES = (
     bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_F_ANY_LAYOUT)
@@ -71,6 +75,17 @@ OFFERED_FEATURES = (
     | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
     | bit(VHOST_F_LOG_ALL)
     | bit(VHOST_USER_F_PROTOCOL_FEATURES)
+)
+
+# Offloads of the guest's transmit path, offered unless the port says offloads=off: the driver may leave
+# checksums and TCP/UDP segmentation to the device, and the dequeue completes them in software
+# (SplitVirtqueue.host_offloads) before the frames go anywhere.
+HOST_OFFLOADS = (
+    bit(VIRTIO_NET_F_CSUM)
+    | bit(VIRTIO_NET_F_HOST_TSO4)
+    | bit(VIRTIO_NET_F_HOST_TSO6)
+    | bit(VIRTIO_NET_F_HOST_ECN)
+    | bit(VIRTIO_NET_F_HOST_USO)
 )
 
 OFFERED_PROTOCOL_FEATURES = (
@@ -104,12 +119,13 @@ MAX_QUEUE_PAIRS = 64
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Static configuration of one virtio-net device: its MAC, its MTU (MIN_MTU..MAX_MTU) and its queue
-    pairs (1..MAX_QUEUE_PAIRS)."""
+    """Static configuration of one virtio-net device: its MAC, its MTU (MIN_MTU..MAX_MTU), its queue
+    pairs (1..MAX_QUEUE_PAIRS) and whether it offers the transmit offloads (HOST_OFFLOADS)."""
 
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
     queue_pairs: int = 1
+    offloads: bool = True  # offer HOST_OFFLOADS
 
     def __post_init__(self) -> None:
         if len(self.mac) != 6:
@@ -234,19 +250,27 @@ class VhostUserNetDevice:
             raise DeviceError(request, f"queue {index} does not exist (device has {len(self.vqs)})")
         return self.vqs[index]
 
+    @property
+    def offered_features(self) -> int:
+        """The virtio features this device offers: OFFERED_FEATURES, with HOST_OFFLOADS unless turned off."""
+        return OFFERED_FEATURES | (HOST_OFFLOADS if self.config.offloads else 0)
+
     def _get_features(self, msg: Message) -> Payload:
-        return U64(OFFERED_FEATURES)
+        return U64(self.offered_features)
 
     def _set_features(self, msg: Message) -> None:
         assert isinstance(msg.payload, U64)
         features = msg.payload.value
-        if features & ~OFFERED_FEATURES:
-            raise DeviceError(msg.request, f"features {features & ~OFFERED_FEATURES:#x} were never offered")
+        if features & ~self.offered_features:
+            raise DeviceError(
+                msg.request, f"features {features & ~self.offered_features:#x} were never offered"
+            )
         self.features = features
         for vq in self.vqs:
             vq.event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX)
             vq.indirect = self.has_feature(VIRTIO_RING_F_INDIRECT_DESC)
             vq.log_dirty = self.has_feature(VHOST_F_LOG_ALL)
+            vq.host_offloads = self.has_feature(VIRTIO_NET_F_CSUM)
         if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             # Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
             for vq in self.vqs:

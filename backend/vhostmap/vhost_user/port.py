@@ -53,6 +53,8 @@ QUEUE_COUNTERS = (
     "errors",
     "rx_unconnected",
     "tx_no_carrier",
+    "rx_bad_header",
+    "rx_offloaded",
 )
 
 
@@ -328,6 +330,8 @@ class VhostUserPort(NetmapAdapter):
         st.rx_packets += res.packets
         st.rx_bytes += res.bytes
         st.rx_dropped += res.dropped
+        st.rx_bad_header += res.bad_headers
+        st.rx_offloaded += res.offloaded
 
     def _import_announcements(self, kring: Kring) -> None:
         """Put queued RARP frames into free slots of RX kring 0, as received frames."""

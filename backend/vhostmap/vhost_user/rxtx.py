@@ -17,12 +17,22 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.netmap.abi import NS_MOREFRAG
+from vhostmap.netmap.offload import OffloadError, VnetHeader, complete
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.virtqueue import Chain, SplitVirtqueue, VirtqueueError
-from vhostmap.virtio.spec import VIRTIO_NET_HDR
+from vhostmap.virtio.spec import (
+    VIRTIO_NET_HDR,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_LEGACY_SIZE,
+)
 
-# The largest frame a guest may hand us (64 KiB GSO frames are not negotiated; jumbo frames are 9 KiB).
+# The largest frame a guest may hand us (a 64 KiB GSO frame; jumbo frames are 9 KiB).
 MAX_FRAME = 65535
+# What the compiled dequeue completes an offloaded frame into (datapath/virtio.c VQ_OFFLOAD_*): bytes and
+# segments at most.
+OFFLOAD_OUT = 256 << 10
+OFFLOAD_SEGS = 4096
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,16 @@ class Buffers:
 
 @dataclass
 class BatchResult:
-    """What one kernel call did. ``slots`` is how far the ring position moved."""
+    """What one kernel call did. ``slots`` is how far the ring position moved; ``bad_headers``, of the
+    dropped frames, those whose offload header they did not bear out; ``offloaded``, the frames whose
+    offloads were completed (their segments are in ``packets``)."""
 
     slots: int = 0
     packets: int = 0
     bytes: int = 0
     dropped: int = 0
+    bad_headers: int = 0
+    offloaded: int = 0
 
 
 def dequeue(
@@ -69,7 +83,10 @@ def dequeue(
     """Copy chains of the guest's transmit queue into up to ``space`` slots starting at ``first``.
 
     Each chain becomes one frame (its virtio-net header stripped) in one or more slots. A chain that does
-    not fit in the space left stays in the queue for the next call. Raises VirtqueueError on a driver fault.
+    not fit in the space left stays in the queue for the next call. With ``vq.host_offloads``, a frame whose
+    header asks for a checksum or segmentation is completed first (netmap/offload.py) and its frames fill the
+    slots; one whose header it does not bear out, or with more segments than the ring holds, is dropped and
+    counted in ``bad_headers`` too. Raises VirtqueueError on a driver fault.
     """
     num_slots = len(slots)
     res = BatchResult()
@@ -88,6 +105,31 @@ def dequeue(
             vq.push_used(chain.head, 0)
             res.dropped += 1
             continue
+        if vq.host_offloads:
+            h = _offload_header(mem, chain)
+            if h is not None:
+                frame = _read(mem, chain)[hdr_len:]
+                try:
+                    frames = complete(h, frame, OFFLOAD_SEGS, OFFLOAD_OUT)
+                except OffloadError:
+                    frames = None
+                need = sum(-(-len(f) // bufs.size) for f in frames or ())
+                if frames is not None and space < need < num_slots:
+                    vq.unpop()
+                    break
+                vq.push_used(chain.head, 0)
+                if frames is None or need >= num_slots:
+                    res.dropped += 1
+                    res.bad_headers += 1
+                    continue
+                for f in frames:
+                    pos = _fill(slots, pos, f, bufs)
+                    res.packets += 1
+                    res.bytes += len(f)
+                space -= need
+                res.slots += need
+                res.offloaded += 1
+                continue
         need = -(-length // bufs.size)
         if need > space:
             vq.unpop()
@@ -138,6 +180,33 @@ def _gather(
             left -= n
     _close_slot(slots, slot, filled, more=False)
     assert left == 0 and (slot - pos) % num_slots == nslots - 1
+
+
+def _read(mem: GuestMemory, chain: Chain) -> bytes:
+    """The bytes of ``chain``, header included."""
+    return b"".join(mem.read(gpa, n) for gpa, n in chain.segments)
+
+
+def _offload_header(mem: GuestMemory, chain: Chain) -> VnetHeader | None:
+    """The offload fields of the chain's virtio-net header (read across descriptors) when they ask for
+    work, else None."""
+    raw = _read(mem, chain)[:VIRTIO_NET_HDR_LEGACY_SIZE]
+    if len(raw) < VIRTIO_NET_HDR_LEGACY_SIZE:
+        return None
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = VIRTIO_NET_HDR.unpack(raw + bytes(2))
+    if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and gso_type == VIRTIO_NET_HDR_GSO_NONE:
+        return None
+    return VnetHeader(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
+
+
+def _fill(slots: npt.NDArray[np.void], pos: int, frame: bytes, bufs: Buffers) -> int:
+    """Copy ``frame`` into the slots from ``pos``, a buffer each at most; the position after them."""
+    for off in range(0, len(frame), bufs.size):
+        piece = frame[off : off + bufs.size]
+        bufs.view(int(slots[pos]["buf_idx"]), len(piece))[:] = np.frombuffer(piece, dtype=np.uint8)
+        _close_slot(slots, pos, len(piece), more=off + bufs.size < len(frame))
+        pos = (pos + 1) % len(slots)
+    return pos
 
 
 def _close_slot(slots: npt.NDArray[np.void], slot: int, length: int, more: bool) -> None:

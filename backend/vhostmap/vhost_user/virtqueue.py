@@ -154,6 +154,9 @@ class SplitVirtqueue:
     log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).")
     kicks = CFlag("Whether the driver is asked to kick (see the class docstring).")
     faulted = CFlag("A compiled pass met a driver fault here: no pass syncs it until the device is reset.")
+    host_offloads = CFlag(
+        "VIRTIO_NET_F_CSUM negotiated: transmitted frames may ask for offloads (rxtx.dequeue)."
+    )
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:

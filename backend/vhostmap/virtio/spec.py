@@ -68,6 +68,7 @@ VIRTIO_NET_F_CTRL_RX_EXTRA = 20
 VIRTIO_NET_F_GUEST_ANNOUNCE = 21
 VIRTIO_NET_F_MQ = 22
 VIRTIO_NET_F_CTRL_MAC_ADDR = 23
+VIRTIO_NET_F_HOST_USO = 56
 VIRTIO_NET_F_SPEED_DUPLEX = 63
 
 # --- Device status (spec 2.1) ---------------------------------------------------------------------------
