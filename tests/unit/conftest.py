@@ -23,6 +23,7 @@ from vhostmap.daemon.config import build_config
 from vhostmap.daemon.daemon import Daemon
 from vhostmap.datapath.choice import REFERENCE_ENV
 from vhostmap.lab.frontend import FakeFrontend
+from vhostmap.lab.netns import Tap, VethPair, disable_ipv6, ip
 from vhostmap.lab.wait import wait_until
 from vhostmap.vhost_user.device import VhostUserNetDevice
 from vhostmap.vhost_user.server import Endpoint
@@ -235,3 +236,23 @@ def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     else:
         monkeypatch.delenv(REFERENCE_ENV, raising=False)
     return str(request.param)
+
+
+@pytest.fixture
+def tap() -> Iterator[str]:
+    """A persistent TAP with IPv6 off (the kernel sends nothing on it of its own), up; deleted afterwards.
+    Request it before start_daemon, so that it outlives the daemon."""
+    with Tap() as t:
+        disable_ipv6(t.name)
+        ip("link", "set", "dev", t.name, "up")
+        yield t.name
+
+
+@pytest.fixture
+def veth() -> Iterator[VethPair]:
+    """A veth pair, both ends up with IPv6 off; request it before start_daemon."""
+    with VethPair() as v:
+        for end in (v.name, v.peer):
+            disable_ipv6(end)
+            ip("link", "set", "dev", end, "up")
+        yield v

@@ -17,13 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from test_netmap_client import open_port, receive, send
-from test_switch_daemon import frame, mac
+from test_switch_daemon import BROADCAST, frame, mac, needs_root, packet_socket, recv_frames
 
 from conftest import RunningDaemon, StartDaemon
 from vhostmap.apps import capture
 from vhostmap.apps.capture import CapturedFrame, CaptureReader
 from vhostmap.control import client as control
 from vhostmap.datapath import ffi
+from vhostmap.lab.netns import VethPair
 from vhostmap.netmap.abi import NR_RX, NS_MOREFRAG, SLOT_DTYPE, RingView
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.capture import (
@@ -269,3 +270,26 @@ def test_the_command_streams_pcapng_that_tshark_reads(start_daemon: StartDaemon)
     ] * 4 + [("a", 2)] * 2
     assert [r["eth.src"][0] for r in rows] == [mac(1)] * 4 + [mac(2)] * 2
     assert [r["frame.len"][0] for r in rows] == ["60"] * 6
+
+
+@needs_root
+def test_a_generic_port_and_a_tap_behind_host_rings_captured(
+    tap: str, veth: VethPair, start_daemon: StartDaemon
+) -> None:
+    d = start_daemon(
+        {"a": f"host={tap}"}, switches=["vale0=a,up"], other_ports=[f"up=generic,ifname={veth.name}"]
+    )
+    d.frontend("a")
+    with capture.open("up", control_path(d)) as up, capture.open("a^", control_path(d)) as host:
+        with packet_socket(veth.peer) as far, packet_socket(tap) as stack:
+            from_far = frame(BROADCAST, mac(0xD), seq=1)
+            far.send(from_far)  # into up, flooded to a and to a's host stack
+            assert recv_frames(stack, 1) == [from_far]
+            from_stack = frame(mac(0xD), mac(0xC), seq=2)
+            stack.send(from_stack)  # into a^, forwarded to up (mac 0xD learnt there)
+            assert recv_frames(far, 1) == [from_stack]
+        got_up = read_until(up, 2, "on up", d)
+        got_host = read_until(host, 2, "on a^", d)
+    assert [(f.direction, f.data) for f in got_up] == [("in", from_far), ("out", from_stack)]
+    assert [(f.direction, f.data) for f in got_host] == [("out", from_far), ("in", from_stack)]
+    assert {f.iface for f in got_host} == {"a^"}

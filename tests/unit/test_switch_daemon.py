@@ -10,7 +10,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from vhostmap import cli
 from vhostmap.control.client import ControlError, call
 from vhostmap.forwarding.hostbridge import HostBridge
 from vhostmap.lab.frontend import FakeFrontend
-from vhostmap.lab.netns import Tap, VethPair, ip
+from vhostmap.lab.netns import VethPair
 
 ETH_P_EXPERIMENTAL = 0x88B5
 BROADCAST = "ff:ff:ff:ff:ff:ff"
@@ -58,13 +57,6 @@ def nothing_received(fe: FakeFrontend) -> bool:
 
 def control(d: RunningDaemon, op: str, **args: str) -> dict[str, Any]:
     return call(str(d.workdir / "control.sock"), "switch", op=op, **args)
-
-
-def disable_ipv6(ifname: str) -> None:
-    """No router solicitations or MLD reports: the kernel then sends nothing of its own on ``ifname``."""
-    path = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
-    if path.exists():
-        path.write_text("1")
 
 
 def recv_frames(sock: socket.socket, count: int, timeout: float = 5.0) -> list[bytes]:
@@ -301,26 +293,6 @@ def test_the_switch_cli_attaches_detaches_and_lists(
 
 
 # --- host rings and generic ports ---------------------------------------------------------------------------
-@pytest.fixture
-def tap() -> Iterator[str]:
-    """A persistent TAP with IPv6 off (the kernel sends nothing on it of its own), up; deleted afterwards.
-    Request it before start_daemon, so that it outlives the daemon."""
-    with Tap() as t:
-        disable_ipv6(t.name)
-        ip("link", "set", "dev", t.name, "up")
-        yield t.name
-
-
-@pytest.fixture
-def veth() -> Iterator[VethPair]:
-    """A veth pair, both ends up with IPv6 off; request it before start_daemon."""
-    with VethPair() as v:
-        for end in (v.name, v.peer):
-            disable_ipv6(end)
-            ip("link", "set", "dev", end, "up")
-        yield v
-
-
 @needs_root
 def test_a_vm_on_a_tap_talks_to_the_host_stack(tap: str, start_daemon: StartDaemon) -> None:
     d = start_daemon({"a": f"host={tap}"})
