@@ -21,6 +21,10 @@ one hardware ring pair (plus the host pair, left to the default or to a host por
   ``socket_fd``). ENETDOWN/EMSGSIZE drop the frame. txsync never blocks and never retries in a loop.
 - PACKET_IGNORE_OUTGOING keeps our own transmissions out of our receive ring; PACKET_ADD_MEMBERSHIP with
   PACKET_MR_PROMISC puts the interface in promiscuous mode for as long as the socket lives.
+- PACKET_VNET_HDR: every frame comes with a virtio-net header, and goes with one. A frame the host stack
+  left a checksum or segmentation to (a veth or TAP peer with its offloads on: up to 64 KiB of TCP at once)
+  is completed in software on the way in (netmap/offload.py), so its peer needs no `ethtool -K ... off`;
+  what we send asks for nothing.
 
 Unlike the seed, AF_PACKET does not steal frames: the host stack of the interface still sees what arrives.
 """
@@ -43,11 +47,16 @@ import numpy.typing as npt
 from vhostmap.ethernet import ETH_P_8021Q, ETH_P_ALL
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
-from vhostmap.netmap.checksum import complete_l4_checksum
 from vhostmap.netmap.errors import InterfaceError, PortBroken
 from vhostmap.netmap.frames import DropReport, RxFill, send_frames
 from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.offload import VLAN_HLEN, Completer, OffloadError, VnetHeader
 from vhostmap.netmap.tap import if_index
+from vhostmap.virtio.spec import (
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_LEGACY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,11 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
+PACKET_VNET_HDR = 15
+# With PACKET_VNET_HDR, the header before every frame each way is the legacy struct virtio_net_hdr (no
+# num_buffers); the one we send asks for nothing.
+VNET_HDR = VIRTIO_NET_HDR_LEGACY
+NO_OFFLOADS = bytes(VNET_HDR.size)
 PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
 TPACKET_V3 = 2
@@ -69,7 +83,6 @@ TPACKET_ALIGNMENT = 16
 
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1 << 0
-TP_STATUS_CSUMNOTREADY = 1 << 3  # CHECKSUM_PARTIAL: the TCP/UDP checksum is still to be computed
 TP_STATUS_VLAN_VALID = 1 << 4
 TP_STATUS_VLAN_TPID_VALID = 1 << 6
 
@@ -208,13 +221,16 @@ class GenericStats:
     """Counters of a generic adapter. ``rx_drops``: frames dropped because the RX ring and the queue were
     full; ``rx_oversize``: frames the kernel truncated or that no ring could hold; ``kernel_drops``: frames
     the kernel dropped because every block was ours (PACKET_STATISTICS, read by ``counters``);
-    ``tx_drops``: frames that could not be sent."""
+    ``tx_drops``: frames that could not be sent; ``rx_bad_header``: frames whose offload header they did not
+    bear out (netmap/offload.py); ``rx_offloaded``: frames whose offloads were completed."""
 
     rx_packets: int = 0
     rx_bytes: int = 0
     rx_drops: int = 0
     rx_oversize: int = 0
     kernel_drops: int = 0
+    rx_bad_header: int = 0
+    rx_offloaded: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
     tx_drops: int = 0
@@ -254,6 +270,7 @@ class GenericAdapter(NetmapAdapter):
         self._queue: deque[bytes] = deque()
         self._block = 0
         self._drops = DropReport(log, self.stats, name, ifname)
+        self._complete = Completer()
         super().__init__(
             name, memory, num_tx_rings=1, num_rx_rings=1, num_tx_desc=num_desc, num_rx_desc=num_desc
         )
@@ -278,6 +295,8 @@ class GenericAdapter(NetmapAdapter):
         try:
             op = "PACKET_VERSION"
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            op = "PACKET_VNET_HDR"  # before the ring exists (EBUSY after)
+            sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             op = "PACKET_RX_RING"
             req = TpacketReq3(
                 p.block_size, p.block_nr, p.frame_size, p.size // p.frame_size, p.retire_tov_ms, 0, 0
@@ -353,31 +372,49 @@ class GenericAdapter(NetmapAdapter):
                 return
             next_off, snaplen, length, status, mac, vlan_tci, vlan_tpid = unpack(ring, off)
             start = off + mac
-            if snaplen < length or start + snaplen > end:
+            if snaplen < length or start + snaplen > end or start - VNET_HDR.size < off:
                 stats.rx_oversize += 1
                 kring.dropped += 1
-            else:
-                view = ring[start : start + snaplen]
-                data: bytes | memoryview = (
-                    _with_vlan_tag(view, vlan_tci, vlan_tpid, status)
-                    if status & TP_STATUS_VLAN_VALID
-                    else view
-                )
-                if status & TP_STATUS_CSUMNOTREADY:
-                    data = complete_l4_checksum(data)
-                size = len(data)
+                off += next_off
+                continue
+            view = ring[start : start + snaplen]
+            tagged = bool(status & TP_STATUS_VLAN_VALID)
+            data: bytes | memoryview = _with_vlan_tag(view, vlan_tci, vlan_tpid, status) if tagged else view
+            for frame in self._offloads_done(kring, ring[start - VNET_HDR.size : start], data, tagged):
+                size = len(frame)
                 if size > max_frame or size == 0:
                     stats.rx_oversize += 1
                     kring.dropped += 1
-                elif not queue and fill.put(data):
+                elif not queue and fill.put(frame):
                     stats.rx_packets += 1
                     stats.rx_bytes += size
                 elif len(queue) < limit:
-                    queue.append(bytes(data))
+                    queue.append(bytes(frame))
                 else:
                     stats.rx_drops += 1
                     kring.dropped += 1
             off += next_off
+
+    def _offloads_done(
+        self, kring: Kring, vnet: memoryview, frame: bytes | memoryview, tagged: bool
+    ) -> list[bytes | memoryview]:
+        """``frame`` with what its virtio-net header ``vnet`` (PACKET_VNET_HDR) leaves to do done: itself, its
+        checksum filled in, or its segments; none (counted) when the header does not fit it. ``tagged``: a
+        VLAN tag was put back, 4 bytes the kernel's offsets do not count."""
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(vnet)
+        if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and gso_type == VIRTIO_NET_HDR_GSO_NONE:
+            return [frame]
+        shift = VLAN_HLEN if tagged else 0
+        h = VnetHeader(flags, gso_type, hdr_len + shift, gso_size, csum_start + shift, csum_offset)
+        try:
+            frames: list[bytes | memoryview] = list(self._complete(h, frame))
+        except OffloadError as e:
+            self.stats.rx_bad_header += 1
+            kring.dropped += 1
+            self._drops.report(kring, f"offload header: {e}")
+            return []
+        self.stats.rx_offloaded += 1
+        return frames
 
     def _received(self, length: int) -> None:
         self.stats.rx_packets += 1
@@ -395,10 +432,7 @@ class GenericAdapter(NetmapAdapter):
     def _send(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
         """Send one frame; False (nothing sent, nothing counted) when the interface has no room for it."""
         try:
-            if len(payload) == 1:
-                self._sock.send(payload[0])
-            else:
-                self._sock.sendmsg(payload)
+            self._sock.sendmsg([NO_OFFLOADS, *payload])
         except BlockingIOError:
             return False  # the send buffer is full of frames the driver has not completed
         except OSError as e:

@@ -200,20 +200,35 @@ def _segment(headers: bytes, data: bytes, k: int, n: int, gso_size: int, at: Lay
     return bytes(seg)
 
 
+class Completer:
+    """The compiled kernel (nm_offload_complete) with its buffers made once: up to ``max_segs`` frames of
+    ``cap`` bytes in all per call."""
+
+    def __init__(self, max_segs: int = 4096, cap: int = 256 << 10) -> None:
+        self.max_segs, self.cap = max_segs, cap
+        self._hdr = ffi.new("struct nm_vnet_hdr *")
+        self._out = ffi.new("uint8_t[]", max(cap, 1))
+        self._lens = ffi.new("uint32_t[]", max(max_segs, 1))
+        self._n = ffi.new("uint32_t *")
+
+    def __call__(self, h: VnetHeader, frame: bytes | memoryview) -> list[bytes]:
+        """`complete`'s frames for ``frame`` with header ``h``; OffloadError as it."""
+        c = self._hdr
+        c.flags, c.gso_type, c.hdr_len = h.flags, h.gso_type, h.hdr_len
+        c.gso_size, c.csum_start, c.csum_offset = h.gso_size, h.csum_start, h.csum_offset
+        src = ffi.from_buffer("uint8_t[]", frame)
+        status = lib.nm_offload_complete(
+            c, src, len(frame), self._out, self.cap, self._lens, self.max_segs, self._n
+        )
+        if status != lib.NM_OFF_OK:
+            raise OffloadError(status)
+        frames, at = [], 0
+        for k in range(self._n[0]):
+            frames.append(bytes(ffi.buffer(self._out + at, self._lens[k])))
+            at += self._lens[k]
+        return frames
+
+
 def complete_compiled(h: VnetHeader, frame: bytes, max_segs: int, cap: int) -> list[bytes]:
     """`complete` by the compiled kernel (nm_offload_complete)."""
-    hdr = ffi.new(
-        "struct nm_vnet_hdr *", (h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset)
-    )
-    out = ffi.new("uint8_t[]", max(cap, 1))
-    lens = ffi.new("uint32_t[]", max(max_segs, 1))
-    n = ffi.new("uint32_t *")
-    src = ffi.from_buffer("uint8_t[]", frame)
-    status = lib.nm_offload_complete(hdr, src, len(frame), out, cap, lens, max_segs, n)
-    if status != lib.NM_OFF_OK:
-        raise OffloadError(status)
-    frames, at = [], 0
-    for k in range(n[0]):
-        frames.append(bytes(ffi.buffer(out + at, lens[k])))
-        at += lens[k]
-    return frames
+    return Completer(max_segs, cap)(h, frame)

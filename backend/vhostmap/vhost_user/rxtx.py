@@ -24,6 +24,7 @@ from vhostmap.virtio.spec import (
     VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_LEGACY,
     VIRTIO_NET_HDR_LEGACY_SIZE,
 )
 
@@ -193,7 +194,7 @@ def _offload_header(mem: GuestMemory, chain: Chain) -> VnetHeader | None:
     raw = _read(mem, chain)[:VIRTIO_NET_HDR_LEGACY_SIZE]
     if len(raw) < VIRTIO_NET_HDR_LEGACY_SIZE:
         return None
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = VIRTIO_NET_HDR.unpack(raw + bytes(2))
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VIRTIO_NET_HDR_LEGACY.unpack(raw)
     if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and gso_type == VIRTIO_NET_HDR_GSO_NONE:
         return None
     return VnetHeader(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)

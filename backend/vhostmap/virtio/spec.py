@@ -153,7 +153,10 @@ VIRTIO_NET_HDR_DTYPE = np.dtype(
         ("num_buffers", "<u2"),
     ]
 )
-VIRTIO_NET_HDR_LEGACY_SIZE = 10
+# The legacy header: the same without num_buffers (also the offload fields alone, and what a packet
+# socket with PACKET_VNET_HDR carries).
+VIRTIO_NET_HDR_LEGACY = struct.Struct("<BBHHHH")
+VIRTIO_NET_HDR_LEGACY_SIZE = VIRTIO_NET_HDR_LEGACY.size
 VIRTIO_NET_HDR_SIZE = VIRTIO_NET_HDR.size
 
 
