@@ -149,6 +149,9 @@ def test_accept_without_fds_left_pauses_and_retries(
     d = start_daemon({"a": "", "c": "", "e": ""}, links=["c,e"])
     fc, fe = bystanders(d)
     control = connect(str(d.workdir / "control.sock"), timeout=2.0)
+    # Answered once, so the daemon has accepted it: a connection still in the listen backlog when the fds
+    # run out would wait for the daemon's accept like the front-end's (it failed once that way).
+    assert "ports" in request(control, "status")[0]
     late = d.adopt(FakeFrontend(d.path("a")))  # its memory and eventfds now: no fd to spare later
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     filler: list[int] = []

@@ -5,9 +5,12 @@ with the compiled datapath and with the reference one (VHOSTMAP_REFERENCE_DATAPA
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +23,8 @@ from vhostmap import cli
 from vhostmap.control.client import ControlError, call
 from vhostmap.forwarding.hostbridge import HostBridge
 from vhostmap.lab.frontend import FakeFrontend
-from vhostmap.lab.netns import VethPair
+from vhostmap.lab.netns import Netns, Tap, VethPair, disable_ipv6, ip
+from vhostmap.lab.wait import wait_until
 
 ETH_P_EXPERIMENTAL = 0x88B5
 BROADCAST = "ff:ff:ff:ff:ff:ff"
@@ -367,3 +371,49 @@ def test_a_generic_port_on_a_veth_joins_a_switch(veth: VethPair, start_daemon: S
         assert fa.receive(1) == [frame(mac(0xA), mac(0xD), seq=3)]
     totals = d.daemon.stats({})["ports"]["up"]["totals"]
     assert (totals["rx_packets"], totals["tx_packets"]) == (1, 2)
+
+
+@needs_root
+def test_tcp_between_two_host_stacks_through_the_switch_with_their_offloads_on(
+    start_daemon: StartDaemon,
+) -> None:
+    """Two TAPs behind host rings on a switch, one of them moved into a namespace: the kernel hands the
+    TAPs partial checksums and 64 KiB GSO frames (IFF_VNET_HDR, TUNSETOFFLOAD), vhostmap completes them on
+    the way in, and a TCP stream crosses intact."""
+    with Netns() as ns, Tap() as ta, Tap() as tb:
+        for t in (ta, tb):
+            disable_ipv6(t.name)
+        d = start_daemon({"a": f"host={ta.name}", "b": f"host={tb.name}"}, switches=["vale0=a,b"])
+        # Attached first (a TAP is found by name in our namespace), then moved: the open file goes along.
+        ip("link", "set", "dev", tb.name, "netns", ns.name)
+        tb.netns = ns.name
+        ip("addr", "add", "10.78.0.1/24", "dev", ta.name)
+        ip("link", "set", "dev", ta.name, "up")
+        ip("addr", "add", "10.78.0.2/24", "dev", tb.name, netns=ns.name)
+        ip("link", "set", "dev", tb.name, "up", netns=ns.name)
+        blob = bytes(k % 253 for k in range(1 << 20))
+        serve = (
+            "import socket, hashlib; s = socket.create_server(('10.78.0.2', 7777)); c, _ = s.accept(); "
+            "h = hashlib.sha256(); d = c.recv(1 << 16)\nwhile d: h.update(d); d = c.recv(1 << 16)\n"
+            "print(h.hexdigest())"
+        )
+        cmd = ["ip", "netns", "exec", ns.name, sys.executable, "-c", serve]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
+            try:
+                c = wait_until(connected, 30, "the server in the namespace to listen")
+                with c:
+                    c.sendall(blob)
+                out, _ = server.communicate(timeout=60)
+            finally:
+                server.kill()
+        assert out.strip() == hashlib.sha256(blob).hexdigest()
+        host = d.stats("a")["host"]
+        assert host["rx_offloaded"] > 0 and host["rx_bad_header"] == 0, host
+
+
+def connected() -> socket.socket | None:
+    """A connection to the test's TCP server in the namespace, or None while it does not listen yet."""
+    try:
+        return socket.create_connection(("10.78.0.2", 7777), timeout=30)
+    except (ConnectionRefusedError, OSError):
+        return None

@@ -50,7 +50,7 @@ from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.errors import InterfaceError, PortBroken
 from vhostmap.netmap.frames import DropReport, RxFill, send_frames
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.offload import VLAN_HLEN, Completer, OffloadError, VnetHeader
+from vhostmap.netmap.offload import NO_OFFLOADS, VLAN_HLEN, Completer, OffloadError, VnetHeader
 from vhostmap.netmap.tap import if_index
 from vhostmap.virtio.spec import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -73,9 +73,8 @@ PACKET_STATISTICS = 6
 PACKET_VERSION = 10
 PACKET_VNET_HDR = 15
 # With PACKET_VNET_HDR, the header before every frame each way is the legacy struct virtio_net_hdr (no
-# num_buffers); the one we send asks for nothing.
+# num_buffers).
 VNET_HDR = VIRTIO_NET_HDR_LEGACY
-NO_OFFLOADS = bytes(VNET_HDR.size)
 PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_PROMISC = 1
 TPACKET_V3 = 2

@@ -34,6 +34,7 @@ from vhostmap.virtio.spec import (
     VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP_L4,
+    VIRTIO_NET_HDR_LEGACY,
 )
 
 IPPROTO_TCP = 6
@@ -47,6 +48,10 @@ TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
 IP_MAX_LEN = 0xFFFF
 # A UDP checksum that comes out 0 is sent as 0xffff (0 means "none"), as Linux's CSUM_MANGLED_0.
 CSUM_MANGLED_0 = 0xFFFF
+
+#: A legacy virtio-net header that asks for nothing: what goes before a frame written to a TAP or packet
+#: socket with a header each way (IFF_VNET_HDR, PACKET_VNET_HDR).
+NO_OFFLOADS = bytes(VIRTIO_NET_HDR_LEGACY.size)
 
 #: Why a frame is dropped instead (the kernel's NM_OFF_* statuses), for the counters.
 REASONS = {

@@ -39,6 +39,12 @@ IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 IFF_TUN_EXCL = 0x8000  # TUNSETIFF fails with EBUSY if the device already exists
+TUNSETOFFLOAD = 0x400454D0
+# What a reader with IFF_VNET_HDR takes: the stack may then hand over partial checksums and GSO frames.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
 
 # linux/sockios.h and linux/if.h
 SIOCGIFFLAGS = 0x8913
@@ -167,6 +173,14 @@ class TapDevice:
     def closed(self) -> bool:
         """Whether ``close`` ran."""
         return self.fd < 0
+
+    def set_offload(self, flags: int) -> None:
+        """TUNSETOFFLOAD: the TUN_F_* offloads this reader completes (the TAP must be open with
+        IFF_VNET_HDR)."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+        except OSError as e:
+            raise TapError(self.name, "TUNSETOFFLOAD", e.errno or errno.EIO) from None
 
     def set_up(self, up: bool = True) -> None:
         """Bring the device up (or down): writes to a TAP that is down fail with EIO."""
