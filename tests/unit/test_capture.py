@@ -293,3 +293,23 @@ def test_a_generic_port_and_a_tap_behind_host_rings_captured(
     assert [(f.direction, f.data) for f in got_up] == [("in", from_far), ("out", from_stack)]
     assert [(f.direction, f.data) for f in got_host] == [("out", from_far), ("in", from_stack)]
     assert {f.iface for f in got_host} == {"a^"}
+
+
+def test_without_w_the_command_prints_a_line_per_frame(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    argv = [sys.executable, "-m", "vhostmap.cli", "capture", "a", "-c", "2", "--direction", "in"]
+    with subprocess.Popen([*argv, "--control", control_path(d)], stdout=subprocess.PIPE, text=True) as cap:
+        d.wait(lambda: d.daemon.captures, "the capture to start")
+        sent = [frame(mac(2), mac(1), 60, k) for k in range(2)]
+        fb.post_receive_buffers(2)
+        fa.transmit(sent)
+        assert fb.receive(2) == sent
+        out, _ = cap.communicate(timeout=30)
+    assert cap.returncode == 0
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert all(
+        line.split(" ", 1)[1] == "a in  60 bytes 02:00:00:00:00:01 > 02:00:00:00:00:02 ethertype 0x88b5"
+        for line in lines
+    ), lines
