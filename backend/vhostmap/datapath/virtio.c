@@ -459,21 +459,6 @@ struct vq_offload_scratch {
 };
 static __thread struct vq_offload_scratch *vq_offload_scratch;
 
-/* Copy `len` bytes to the slots from `pos`, a buffer each at most (NS_MOREFRAG on all but the last). */
-static void vq_fill_slots(const struct nm_bufs *nm, uint32_t pos, const uint8_t *src, uint32_t len)
-{
-    do {
-        uint32_t n = len < nm->buf_size ? len : nm->buf_size;
-        struct nm_slot *slot = nm_slot_at(nm, pos);
-        memcpy(nm_slot_buf(nm, slot), src, n);
-        src += n;
-        len -= n;
-        nm_close_slot(slot, n, len ? NS_MOREFRAG : 0);
-        if (++pos == nm->num_slots)
-            pos = 0;
-    } while (len);
-}
-
 /* What vq_dequeue_offloaded did with a frame. */
 enum { VQ_OFFLOAD_DONE, VQ_OFFLOAD_DROPPED, VQ_OFFLOAD_LATER };
 
@@ -498,7 +483,9 @@ static int vq_dequeue_offloaded(const struct nm_bufs *nm, const struct vq_seg *s
         return need >= nm->num_slots ? VQ_OFFLOAD_DROPPED : VQ_OFFLOAD_LATER;
     const uint8_t *seg = s->out;
     for (uint32_t k = 0; k < n; k++) {
-        vq_fill_slots(nm, pos, seg, s->lens[k]);
+        /* A segment is one piece of memory: the gather of a one-segment chain puts it in the slots. */
+        struct vq_seg piece = {(uint8_t *)seg, 0, s->lens[k]};
+        vq_gather(nm, &piece, 1, 0, pos);
         pos = (pos + (s->lens[k] + nm->buf_size - 1) / nm->buf_size) % nm->num_slots;
         seg += s->lens[k];
         out->packets++;

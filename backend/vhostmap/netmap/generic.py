@@ -39,7 +39,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -52,11 +52,7 @@ from vhostmap.netmap.frames import DropReport, RxFill, send_frames
 from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.offload import NO_OFFLOADS, VLAN_HLEN, Completer, OffloadError, VnetHeader
 from vhostmap.netmap.tap import if_index
-from vhostmap.virtio.spec import (
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_LEGACY,
-)
+from vhostmap.virtio.spec import VIRTIO_NET_HDR_LEGACY
 
 log = logging.getLogger(__name__)
 
@@ -400,11 +396,12 @@ class GenericAdapter(NetmapAdapter):
         """``frame`` with what its virtio-net header ``vnet`` (PACKET_VNET_HDR) leaves to do done: itself, its
         checksum filled in, or its segments; none (counted) when the header does not fit it. ``tagged``: a
         VLAN tag was put back, 4 bytes the kernel's offsets do not count."""
-        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(vnet)
-        if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and gso_type == VIRTIO_NET_HDR_GSO_NONE:
+        h = VnetHeader.unpack(vnet)
+        if not h.asks_for_work:
             return [frame]
-        shift = VLAN_HLEN if tagged else 0
-        h = VnetHeader(flags, gso_type, hdr_len + shift, gso_size, csum_start + shift, csum_offset)
+        if tagged:
+            shift = VLAN_HLEN
+            h = replace(h, hdr_len=h.hdr_len + shift, csum_start=h.csum_start + shift)
         try:
             frames: list[bytes | memoryview] = list(self._complete(h, frame))
         except OffloadError as e:

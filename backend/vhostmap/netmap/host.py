@@ -44,7 +44,7 @@ from vhostmap.netmap.frames import DropReport, RxFill, SlotFrames, send_frames
 from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.offload import NO_OFFLOADS, Completer, OffloadError, VnetHeader
 from vhostmap.netmap.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TapDevice
-from vhostmap.virtio.spec import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_LEGACY
+from vhostmap.virtio.spec import VIRTIO_NET_HDR_LEGACY
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,8 @@ class HostStack:
                 return
             if length <= 0:
                 return
-            h = VnetHeader(*VIRTIO_NET_HDR_LEGACY.unpack(self._vnet))
-            if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM or h.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            h = VnetHeader.unpack(self._vnet)
+            if h.asks_for_work:
                 # The stack left work to do: the frame is gathered, completed, and its frames copied in.
                 head = fill.view()[: min(length, fill.cap)] if fill.room else memoryview(b"")
                 self._import_offloaded(kring, fill, h, bytes(head) + bytes(scratch[: length - len(head)]))

@@ -91,6 +91,17 @@ class VnetHeader:
     csum_start: int = 0
     csum_offset: int = 0
 
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray | memoryview) -> VnetHeader:
+        """The header at the start of ``raw`` (the legacy layout: its first VIRTIO_NET_HDR_LEGACY.size
+        bytes)."""
+        return cls(*VIRTIO_NET_HDR_LEGACY.unpack_from(raw))
+
+    @property
+    def asks_for_work(self) -> bool:
+        """Whether the sender left a checksum (NEEDS_CSUM) or a segmentation to the receiver."""
+        return bool(self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) or self.gso_type != VIRTIO_NET_HDR_GSO_NONE
+
 
 def ones_sum(data: bytes | bytearray | memoryview, total: int = 0) -> int:
     """The ones' complement sum of ``data`` as big-endian 16-bit words (an odd byte padded), from ``total``,

@@ -20,13 +20,7 @@ from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.offload import OffloadError, VnetHeader, complete
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.virtqueue import Chain, SplitVirtqueue, VirtqueueError
-from vhostmap.virtio.spec import (
-    VIRTIO_NET_HDR,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_LEGACY,
-    VIRTIO_NET_HDR_LEGACY_SIZE,
-)
+from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEGACY
 
 # The largest frame a guest may hand us (a 64 KiB GSO frame; jumbo frames are 9 KiB).
 MAX_FRAME = 65535
@@ -106,10 +100,11 @@ def dequeue(
             vq.push_used(chain.head, 0)
             res.dropped += 1
             continue
-        if vq.host_offloads:
-            h = _offload_header(mem, chain)
-            if h is not None:
-                frame = _read(mem, chain)[hdr_len:]
+        data = _read(mem, chain) if vq.host_offloads else b""
+        if len(data) >= VIRTIO_NET_HDR_LEGACY.size:
+            h = VnetHeader.unpack(data)
+            if h.asks_for_work:
+                frame = data[hdr_len:]
                 try:
                     frames = complete(h, frame, OFFLOAD_SEGS, OFFLOAD_OUT)
                 except OffloadError:
@@ -186,18 +181,6 @@ def _gather(
 def _read(mem: GuestMemory, chain: Chain) -> bytes:
     """The bytes of ``chain``, header included."""
     return b"".join(mem.read(gpa, n) for gpa, n in chain.segments)
-
-
-def _offload_header(mem: GuestMemory, chain: Chain) -> VnetHeader | None:
-    """The offload fields of the chain's virtio-net header (read across descriptors) when they ask for
-    work, else None."""
-    raw = _read(mem, chain)[:VIRTIO_NET_HDR_LEGACY_SIZE]
-    if len(raw) < VIRTIO_NET_HDR_LEGACY_SIZE:
-        return None
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VIRTIO_NET_HDR_LEGACY.unpack(raw)
-    if not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and gso_type == VIRTIO_NET_HDR_GSO_NONE:
-        return None
-    return VnetHeader(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
 
 
 def _fill(slots: npt.NDArray[np.void], pos: int, frame: bytes, bufs: Buffers) -> int:
