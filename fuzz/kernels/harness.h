@@ -194,6 +194,9 @@ static void fz_vq_build(struct fz_vq *q, const struct fz_guest *g, struct reader
         .log_used = (feat >> 3) & 1,
         .kicks = (feat >> 4) & 1,
         .host_offloads = (feat >> 5) & 1,
+        /* Every offload kept with its header (NS_VNET_HDR), or none; taken by the receiving driver, or not. */
+        .pass_offloads = (feat >> 6) & 1 ? 0xFF : 0,
+        .guest_offloads = (feat >> 7) & 1 ? 0xFF : 0,
     };
 }
 
@@ -231,7 +234,7 @@ static void fz_ring_build(struct fz_ring *ring, struct reader *r)
         uint8_t how = rd_u8(r);
         s->buf_idx = how < 0xF0 ? rd_range(r, 0, nbufs - 1) : rd_u32(r);
         s->len = how & 1 ? rd_u16(r) : (uint16_t)rd_range(r, 0, buf_size);
-        s->flags = rd_u8(r) & 0x3F;
+        s->flags = rd_u8(r) & 0xBF; /* netmap's flags, NS_VNET_HDR among them */
     }
 }
 

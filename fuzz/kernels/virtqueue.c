@@ -130,7 +130,9 @@ static void enqueue(struct fz_guest *g, struct fz_vq *q, struct fz_ring *ring, s
         if (status == VQ_OK) {
             check_published(q, used_before, &out);
             CHECK((uint16_t)(q->vq.last_avail_idx - last_before) == out.used);
-            CHECK(mergeable || out.packets + out.dropped == out.used);
+            /* One chain per frame without mergeable buffers; a header refused takes none. */
+            CHECK(out.bad_headers <= out.dropped);
+            CHECK(mergeable || out.packets + out.dropped - out.bad_headers == out.used);
         } else {
             CHECK(out.used <= q->vq.num);
             CHECK(q->vq.used_idx == used_before);

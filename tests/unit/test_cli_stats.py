@@ -120,6 +120,8 @@ def test_stats_json_and_table_show_exact_counters(
                 "tx_no_carrier",
                 "rx_bad_header",
                 "rx_offloaded",
+                "rx_offload_passed",
+                "tx_bad_header",
             ),
             0,
         )
@@ -129,7 +131,7 @@ def test_stats_json_and_table_show_exact_counters(
         drops = {
             "drops": {
                 "rx": {"unconnected": 0, "bad_header": 0, "invalid": 0},
-                "tx": {"no_carrier": 0, "too_big": 0},
+                "tx": {"no_carrier": 0, "bad_header": 0, "too_big": 0},
             }
         }
         waiting = {"guest_tx_waiting": 0, "guest_rx_buffers": 0, "held": 0}

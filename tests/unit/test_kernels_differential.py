@@ -31,7 +31,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from vhostmap.datapath import choice, ffi, lib
-from vhostmap.netmap.abi import NS_MOREFRAG, SLOT_DTYPE
+from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR, SLOT_DTYPE
+from vhostmap.netmap.offload import ALL_NEEDS, NEEDS_CSUM
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.kernels import COMPILED, REFERENCE, Datapath
@@ -207,6 +208,8 @@ class Case:
     kicks: bool = True  # False: a polling device asks the driver not to kick
     log_dirty: bool = False
     host_offloads: bool = False  # the guest's headers may ask for offloads (mostly nonsense ones here)
+    pass_offloads: int = 0  # of those, what may travel with the frame (NS_VNET_HDR) instead of being done
+    guest_offloads: int = 0  # what a receive queue's driver takes with a frame's header
     log_size: int | None = None  # bytes of dirty bitmap; None: no SET_LOG_BASE
     log_used: bool = True
     last_avail: int = 0
@@ -295,6 +298,7 @@ class Instance:
         vq.map(self.mem)
         vq.event_idx, vq.indirect, vq.log_dirty = case.event_idx, case.indirect, case.log_dirty
         vq.host_offloads = case.host_offloads
+        vq.pass_offloads, vq.guest_offloads = case.pass_offloads, case.guest_offloads
         vq.kicks = case.kicks
         vq.last_avail_idx, vq.used_idx = case.last_avail & 0xFFFF, case.used_idx & 0xFFFF
         vq.signalled_used = case.signalled_used & 0xFFFF
@@ -488,6 +492,8 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
         kicks=draw(st.booleans()),
         log_dirty=draw(st.booleans()),
         host_offloads=draw(st.booleans()),
+        pass_offloads=draw(st.sampled_from([0, ALL_NEEDS, NEEDS_CSUM]) | st.integers(0, 0xFF)),
+        guest_offloads=draw(st.sampled_from([0, ALL_NEEDS, NEEDS_CSUM]) | st.integers(0, 0xFF)),
         log_size=draw(st.sampled_from([None, 2, 64])),  # none, the first 64 KiB only, everything
         log_used=draw(st.booleans()),
         last_avail=draw(near_wrap),
@@ -538,7 +544,8 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
             for _ in range(num_slots)
         ]
         more = [draw(st.integers(0, 3)) == 0 for _ in range(num_slots)]
-        ring.fragments(0, lens, more, other_flags=draw(st.sampled_from([0, 0x0001, 0x0104])))
+        flags = [0, 0x0001, 0x0104, NS_VNET_HDR, NS_VNET_HDR | 0x0001]
+        ring.fragments(0, lens, more, other_flags=draw(st.sampled_from(flags)))
     first = draw(st.integers(0, num_slots - 1))
     case.batches = [(first, draw(st.integers(1, num_slots - 1)) if draw(rarely_zero) else 0)]
     if draw(st.booleans()):
@@ -664,7 +671,7 @@ def note_outcomes(results: list[tuple[Any, ...]]) -> None:
 def ok(results: list[tuple[Any, ...]]) -> list[tuple[int, int, int, int]]:
     """(slots, packets, bytes, dropped) of each batch; every batch must have succeeded (and no frame asked
     for offloads: test_offload_ingress.py is about those)."""
-    assert all(r[0] == "ok" and r[5:] == (0, 0) for r in results), results
+    assert all(r[0] == "ok" and r[5:] == (0, 0, 0) for r in results), results
     return [r[1:5] for r in results]
 
 
@@ -1053,7 +1060,7 @@ def test_dequeue_into_a_slot_rewritten_after_the_checks_uses_buffer_0() -> None:
     case.ring.slots[2]["buf_idx"] = 0xFFFF_FFFF  # the second frame's second slot
     frame = case.guest.read(case.guest.read_desc(1)[0] + HDR, 5000)
     with instances(case) as (_, got):
-        assert got.run(COMPILED, case, 0, 15) == ("ok", 5, 3, 5200, 0, 0, 0)
+        assert got.run(COMPILED, case, 0, 15) == ("ok", 5, 3, 5200, 0, 0, 0, 0)
         assert got.state() == (3, 3, 3, [])
         base = case.ring.base
         assert got.region[base : base + 2048].tobytes() == frame[2048:4096]
@@ -1065,7 +1072,7 @@ def test_enqueue_stops_at_a_slot_rewritten_after_the_checks() -> None:
     case.ring.frames(0, [100, 100])
     case.ring.slots[1]["len"] = 4096  # more than buf_size
     res, state, _ = kernel_only(case, 0, 2)
-    assert res == ("ok", 1, 1, 100, 0, 0, 0) and state[0] == 1
+    assert res == ("ok", 1, 1, 100, 0, 0, 0, 0) and state[0] == 1
 
 
 @pytest.mark.parametrize("writable", [False, True])
@@ -1083,9 +1090,9 @@ def test_kernels_follow_a_remapped_queue_and_keep_no_guest_memory_alive() -> Non
     case.finish()
     inst = Instance(case)
     try:
-        assert inst.run(COMPILED, case, 0, 1) == ("ok", 1, 1, 100, 0, 0, 0)
+        assert inst.run(COMPILED, case, 0, 1) == ("ok", 1, 1, 100, 0, 0, 0, 0)
         inst.vq.map(inst.mem)  # new ring views: the kernel must use them, not the old addresses
-        assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0, 0, 0)
+        assert inst.run(COMPILED, case, 1, 1) == ("ok", 1, 1, 200, 0, 0, 0, 0)
         inst.vq.unmap()  # and none once the queue is unmapped
         assert inst.run(COMPILED, case, 2, 1)[:3] == ("fault", TX_QUEUE, "ring not mapped")
         assert inst.vq.c.desc == ffi.NULL

@@ -545,7 +545,12 @@ def test_a_ring_of_fragments_that_never_end_is_dropped_whole() -> None:
 
 def fake_ports(n: int) -> list[SwitchPort]:
     return [
-        SwitchPort(cast(NetmapAdapter, SimpleNamespace(name=f"p{i}", num_rx_rings=1, num_tx_rings=1)))
+        SwitchPort(
+            cast(
+                NetmapAdapter,
+                SimpleNamespace(name=f"p{i}", num_rx_rings=1, num_tx_rings=1, carries_vnet_header=False),
+            )
+        )
         for i in range(n)
     ]
 

@@ -482,7 +482,11 @@ def port_stats(adapter: NetmapAdapter, kicks: Mapping[int, int] | None = None) -
                     "bad_header": q["rx_bad_header"],
                     "invalid": invalid,
                 },
-                "tx": {"no_carrier": q["tx_no_carrier"], "too_big": q["tx_dropped"] - q["tx_no_carrier"]},
+                "tx": {
+                    "no_carrier": q["tx_no_carrier"],
+                    "bad_header": q["tx_bad_header"],
+                    "too_big": q["tx_dropped"] - q["tx_no_carrier"] - q["tx_bad_header"],
+                },
             }
     elif isinstance(adapter, GenericAdapter):
         g = adapter.counters()

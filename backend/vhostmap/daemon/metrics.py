@@ -30,12 +30,14 @@ QUEUE_COUNTERS = (
     ("kicks", "Notifications from the guest on the queue pair's virtqueues (none while polled)."),
     ("calls", "Interrupts signalled to the guest on the queue pair's virtqueues."),
     ("rx_offloaded", "Frames from the guest whose checksum or segmentation vhostmap completed."),
+    ("rx_offload_passed", "Frames from the guest passed on with their offloads to guests that take them."),
 )
 # The drops of vhostmap stats' queues, by direction: rx (received, then dropped: reason unconnected when
 # nothing is attached to the port, invalid for a guest's empty or oversized frame, bad_header for an offload
 # header the frame does not bear out; a generic port's
 # ring_full, oversize, kernel) and tx (for the port, not delivered: no_carrier while the guest has no
-# receive queue, too_big for its receive chains; a generic port's send_failed).
+# receive queue, bad_header for a header the guest did not negotiate, too_big for its receive chains; a
+# generic port's send_failed).
 DROPS = (
     ("rx", "Frames the port received and dropped, by reason."),
     ("tx", "Frames for the port that it could not deliver, by reason."),

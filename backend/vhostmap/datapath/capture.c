@@ -15,15 +15,20 @@ static inline uint32_t next_slot(const struct nm_bufs *nm, uint32_t i)
     return i + 1 == nm->num_slots ? 0 : i + 1;
 }
 
-/* Copy `caplen` bytes of the frame in the `nslots` slots from `first` to `dst`; zeros where the slots
- * turn out shorter than when they were measured (the ring user rewrote one meanwhile). */
+/* Copy `caplen` bytes of the frame in the `nslots` slots from `first`, after its first `skip` bytes (its
+ * virtio-net header), to `dst`; zeros where the slots turn out shorter than when they were measured (the
+ * ring user rewrote one meanwhile). */
 static void tap_copy(uint8_t *dst, const struct nm_bufs *nm, uint32_t first, uint32_t nslots,
-                     const struct vq_refs *refs, uint32_t caplen)
+                     const struct vq_refs *refs, uint32_t skip, uint32_t caplen)
 {
     uint32_t done = 0;
     for (uint32_t k = 0, i = first; k < nslots && done < caplen; k++, i = next_slot(nm, i)) {
         const uint8_t *p;
         uint32_t n = nm_slot_data(nm, &nm->slots[i], refs, &p);
+        uint32_t off = skip < n ? skip : n;
+        skip -= off;
+        p += off;
+        n -= off;
         if (n > caplen - done)
             n = caplen - done;
         memcpy(dst + done, p, n);
@@ -35,7 +40,7 @@ static void tap_copy(uint8_t *dst, const struct nm_bufs *nm, uint32_t first, uin
 /* Write the record of one frame at tap->head if it fits in the room `tail` leaves (one wrap record first
  * when it would cross the end). Returns whether it was written. */
 static int tap_record(struct nm_tap *tap, const struct nm_bufs *nm, uint32_t first, uint32_t nslots,
-                      uint64_t len, const struct vq_refs *refs, uint64_t tail, uint64_t ts_ns)
+                      uint32_t hdr, uint64_t len, const struct vq_refs *refs, uint64_t tail, uint64_t ts_ns)
 {
     uint64_t size = tap->size, used = tap->head - tail;
     uint32_t caplen = len < tap->snaplen ? (uint32_t)len : tap->snaplen;
@@ -52,7 +57,7 @@ static int tap_record(struct nm_tap *tap, const struct nm_bufs *nm, uint32_t fir
     }
     struct nm_cap_record rec = {ts_ns, caplen, len < UINT32_MAX ? (uint32_t)len : UINT32_MAX};
     memcpy(tap->data + pos, &rec, sizeof rec);
-    tap_copy(tap->data + pos + sizeof rec, nm, first, nslots, refs, caplen);
+    tap_copy(tap->data + pos + sizeof rec, nm, first, nslots, refs, hdr, caplen);
     tap->head += skip + need;
     return 1;
 }
@@ -67,14 +72,16 @@ uint32_t nm_tap_stage(struct nm_tap *tap, const struct nm_bufs *nm, uint32_t fir
         return 0;
     uint64_t tail = __atomic_load_n(&tap->ring->tail, __ATOMIC_ACQUIRE);
     uint64_t len = 0;
-    uint32_t start = first, nslots = 0;
+    uint32_t start = first, nslots = 0, skip = 0;
     for (uint32_t k = 0, i = first; k < count && tap->staged < tap->cap; k++, i = next_slot(nm, i)) {
         const uint8_t *p;
+        uint16_t flags = __atomic_load_n(&nm->slots[i].flags, __ATOMIC_RELAXED);
+        if (!nslots++)
+            skip = flags & NS_VNET_HDR ? VIRTIO_NET_HDR_SIZE : 0; /* what is captured is the frame */
         len += nm_slot_data(nm, &nm->slots[i], refs, &p);
-        nslots++;
-        if (__atomic_load_n(&nm->slots[i].flags, __ATOMIC_RELAXED) & NS_MOREFRAG)
+        if (flags & NS_MOREFRAG)
             continue;
-        tap_record(tap, nm, start, nslots, len, refs, tail, ts_ns);
+        tap_record(tap, nm, start, nslots, skip, len > skip ? len - skip : 0, refs, tail, ts_ns);
         tap->ends[tap->staged] = tap->head;
         tap->slot_ends[tap->staged] = k + 1;
         tap->staged++;

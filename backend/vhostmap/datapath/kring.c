@@ -85,9 +85,10 @@ uint32_t nm_swap_slots(struct nm_kring *rx, struct nm_kring *tx, uint32_t limit)
         d->buf_idx = s->buf_idx;
         s->buf_idx = spare;
         d->len = s->len;
-        /* A slot that refers to guest memory (one-copy passes: virtio.cdef) keeps referring. */
+        /* A slot that refers to guest memory (one-copy passes: virtio.cdef) keeps referring; a frame that
+         * carries its virtio-net header keeps it. */
         d->ptr = s->ptr;
-        d->flags = (uint16_t)((s->flags & (NS_MOREFRAG | NS_INDIRECT)) | NS_BUF_CHANGED);
+        d->flags = (uint16_t)((s->flags & (NS_MOREFRAG | NS_INDIRECT | NS_VNET_HDR)) | NS_BUF_CHANGED);
         s->flags = NS_BUF_CHANGED;
         if (++si == rn)
             si = 0;

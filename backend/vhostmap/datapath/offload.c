@@ -135,14 +135,83 @@ static void fix_segment(uint8_t *seg, uint32_t seglen, uint32_t k, uint32_t n, u
     put16(seg + where, csum);
 }
 
+/* How a frame is to be segmented: its layers and the length of its headers (what each segment repeats). */
+struct plan {
+    uint32_t l3, l4, hlen;
+    int ipv4;
+    uint8_t proto;
+};
+
+/* The checks of nm_offload_check, and for a segmentation (NM_OFF_OK, *segment 1) its plan; `frame` holds
+ * the frame's headers at least (see offload.cdef), `len` is the whole frame's length. */
+static int32_t plan(const struct nm_vnet_hdr *h, const uint8_t *frame, uint32_t len, int *segment,
+                    struct plan *p)
+{
+    *segment = 0;
+    if ((h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && (uint32_t)h->csum_start + h->csum_offset + 2 > len)
+        return NM_OFF_BAD_CSUM;
+    uint8_t kind = h->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN;
+    if (kind == VIRTIO_NET_HDR_GSO_NONE)
+        return NM_OFF_OK;
+    if (kind != VIRTIO_NET_HDR_GSO_TCPV4 && kind != VIRTIO_NET_HDR_GSO_TCPV6 && kind != VIRTIO_NET_HDR_GSO_UDP_L4)
+        return NM_OFF_BAD_GSO;
+    if (h->gso_size == 0 || h->hdr_len > len)
+        return NM_OFF_BAD_SIZE;
+    if (layers(frame, len, kind, &p->l3, &p->ipv4, &p->l4, &p->proto))
+        return NM_OFF_BAD_GSO;
+    if (p->proto == IPPROTO_TCP) {
+        if (len < p->l4 + TCP_MIN_HLEN || frame[p->l4 + 12] >> 4 < 5)
+            return NM_OFF_BAD_GSO;
+        p->hlen = p->l4 + 4u * (frame[p->l4 + 12] >> 4);
+    } else {
+        p->hlen = p->l4 + UDP_HLEN;
+    }
+    if (len < p->hlen)
+        return NM_OFF_BAD_GSO;
+    uint32_t plen = len - p->hlen;
+    if (p->hlen - p->l3 + (plen < h->gso_size ? plen : h->gso_size) > 0xffff)
+        return NM_OFF_BAD_SIZE; /* a segment's IP length would not fit its field */
+    *segment = 1;
+    return NM_OFF_OK;
+}
+
+uint32_t nm_offload_needs(const struct nm_vnet_hdr *h)
+{
+    uint32_t needs = h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM ? NM_OFF_NEEDS_CSUM : 0;
+    switch (h->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN) {
+    case VIRTIO_NET_HDR_GSO_NONE:
+        break;
+    case VIRTIO_NET_HDR_GSO_TCPV4:
+        needs |= NM_OFF_NEEDS_TSO4;
+        break;
+    case VIRTIO_NET_HDR_GSO_TCPV6:
+        needs |= NM_OFF_NEEDS_TSO6;
+        break;
+    default: /* UDP_L4; any other type fails nm_offload_check */
+        needs |= NM_OFF_NEEDS_USO;
+    }
+    return needs | (h->gso_type & VIRTIO_NET_HDR_GSO_ECN ? NM_OFF_NEEDS_ECN : 0);
+}
+
+int32_t nm_offload_check(const struct nm_vnet_hdr *h, const uint8_t *head, uint32_t have, uint32_t len)
+{
+    int segment;
+    struct plan p;
+    if (have < len && have < NM_OFF_HEAD_MAX)
+        return NM_OFF_BAD_SIZE; /* the caller's mistake: nothing to judge the headers by */
+    return plan(h, head, len, &segment, &p);
+}
+
 int32_t nm_offload_complete(const struct nm_vnet_hdr *h, const uint8_t *frame, uint32_t len, uint8_t *out,
                             uint32_t cap, uint32_t *seg_lens, uint32_t max_segs, uint32_t *nsegs)
 {
     *nsegs = 0;
-    if ((h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) && (uint32_t)h->csum_start + h->csum_offset + 2 > len)
-        return NM_OFF_BAD_CSUM;
-    uint8_t kind = h->gso_type & (uint8_t)~VIRTIO_NET_HDR_GSO_ECN;
-    if (kind == VIRTIO_NET_HDR_GSO_NONE) {
+    int segment;
+    struct plan p;
+    int32_t status = plan(h, frame, len, &segment, &p);
+    if (status != NM_OFF_OK)
+        return status;
+    if (!segment) {
         if (len > cap || max_segs < 1)
             return NM_OFF_NO_ROOM;
         memcpy(out, frame, len);
@@ -155,27 +224,8 @@ int32_t nm_offload_complete(const struct nm_vnet_hdr *h, const uint8_t *frame, u
         *nsegs = 1;
         return NM_OFF_OK;
     }
-    if (kind != VIRTIO_NET_HDR_GSO_TCPV4 && kind != VIRTIO_NET_HDR_GSO_TCPV6 && kind != VIRTIO_NET_HDR_GSO_UDP_L4)
-        return NM_OFF_BAD_GSO;
-    if (h->gso_size == 0 || h->hdr_len > len)
-        return NM_OFF_BAD_SIZE;
-    uint32_t l3, l4, hlen;
-    int ipv4;
-    uint8_t proto;
-    if (layers(frame, len, kind, &l3, &ipv4, &l4, &proto))
-        return NM_OFF_BAD_GSO;
-    if (proto == IPPROTO_TCP) {
-        if (len < l4 + TCP_MIN_HLEN || frame[l4 + 12] >> 4 < 5)
-            return NM_OFF_BAD_GSO;
-        hlen = l4 + 4u * (frame[l4 + 12] >> 4);
-    } else {
-        hlen = l4 + UDP_HLEN;
-    }
-    if (len < hlen)
-        return NM_OFF_BAD_GSO;
+    uint32_t hlen = p.hlen;
     uint32_t plen = len - hlen, g = h->gso_size;
-    if (hlen - l3 + (plen < g ? plen : g) > 0xffff)
-        return NM_OFF_BAD_SIZE; /* a segment's IP length would not fit its field */
     uint32_t n = plen ? (plen + g - 1) / g : 1;
     if (n > max_segs || (uint64_t)n * hlen + plen > cap)
         return NM_OFF_NO_ROOM;
@@ -184,7 +234,7 @@ int32_t nm_offload_complete(const struct nm_vnet_hdr *h, const uint8_t *frame, u
         uint32_t take = plen - k * g < g ? plen - k * g : g;
         memcpy(seg, frame, hlen);
         memcpy(seg + hlen, frame + hlen + k * g, take);
-        fix_segment(seg, hlen + take, k, n, (uint16_t)g, l3, ipv4, l4, proto);
+        fix_segment(seg, hlen + take, k, n, (uint16_t)g, p.l3, p.ipv4, p.l4, p.proto);
         seg_lens[k] = hlen + take;
         seg += hlen + take;
     }

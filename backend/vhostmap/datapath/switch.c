@@ -227,6 +227,11 @@ static void sw_deliver(struct sw_source *s, const struct sw_frame *f, uint32_t d
     struct sw_ring *r = &s->ports[d];
     struct sw_dest *st = &s->dests[d];
 
+    if ((s->snap[f->start].flags & NS_VNET_HDR) && !r->vnet) {
+        r->stats->tx_dropped++;
+        s->ports[s->port].stats->dropped++;
+        return;
+    }
     if (!sw_room(s, f, d)) {
         st->full = 1;
         r->stats->tx_dropped++;
@@ -241,7 +246,7 @@ static void sw_deliver(struct sw_source *s, const struct sw_frame *f, uint32_t d
         uint32_t rel = f->start + k;
         const struct sw_slot *sl = &s->snap[rel];
         struct nm_slot *ds = &r->slots[j];
-        uint16_t flags = (uint16_t)((sl->flags & NS_MOREFRAG) | (swap ? NS_BUF_CHANGED : 0));
+        uint16_t flags = (uint16_t)((sl->flags & (NS_MOREFRAG | NS_VNET_HDR)) | (swap ? NS_BUF_CHANGED : 0));
         if (swap) {
             uint32_t si = rx_first + rel;
             if (si >= rx->num_slots)
@@ -287,20 +292,22 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     uint32_t bs = s->buf_size;
 
     /* Parse: a frame is valid when every slot has a usable buffer and length and its first slot holds a whole
-     * Ethernet header; its addresses are read once from that header. */
+     * Ethernet header (after the virtio-net header of a frame with NS_VNET_HDR); its addresses are read once
+     * from that header. What is counted is the frame, without the virtio-net header. */
     uint64_t rx_bytes = 0, invalid = 0;
     for (uint32_t k = 0; k < nframes; k++) {
         struct sw_frame *f = &s->frames[k];
         const struct sw_slot *head = &s->snap[f->start];
+        uint32_t at = head->flags & NS_VNET_HDR ? VIRTIO_NET_HDR_SIZE : 0;
         uint64_t bytes = 0;
-        int valid = head->len >= SW_ETH_HLEN;
+        int valid = head->len >= at + SW_ETH_HLEN;
         for (uint32_t i = f->start; i < f->start + f->nslots; i++) {
             const struct sw_slot *sl = &s->snap[i];
             bytes += sl->len;
             if (sl->buf_idx < NM_RESERVED_BUFS || sl->buf_idx >= rx->nbufs || sl->len < 1 || sl->len > bs)
                 valid = 0;
         }
-        f->bytes = bytes;
+        f->bytes = bytes >= at ? bytes - at : 0;
         f->valid = (uint8_t)valid;
         f->no_learn = (head->flags & NS_NO_LEARN) != 0;
         f->dest = SW_FLOOD;
@@ -308,14 +315,14 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
             uint8_t hdr[2 * SW_ETH_ALEN];
             const uint8_t *data = head->ref != SW_NO_REF ? s->refs->refs[head->ref].host
                                                          : rx->bufs + (size_t)head->buf_idx * bs;
-            memcpy(hdr, data, sizeof hdr);
+            memcpy(hdr, data + at, sizeof hdr);
             f->dst = mac_from(hdr);
             f->src = mac_from(hdr + SW_ETH_ALEN);
         } else {
             f->dst = f->src = 0;
             invalid++;
         }
-        rx_bytes += bytes;
+        rx_bytes += f->bytes;
     }
     st->rx_frames += nframes;
     st->rx_bytes += rx_bytes;
@@ -441,6 +448,8 @@ uint32_t sw_forward(struct sw_table *t, struct sw_source *s, double now)
         sn->buf_idx = b;
         sn->len = LOAD(&sl->len);
         sn->flags = LOAD(&sl->flags);
+        if (!rx->vnet)
+            sn->flags &= (uint16_t)~NS_VNET_HDR; /* a port whose frames never carry the header */
         const struct vq_ref *ref = sn->flags & NS_INDIRECT ? vq_ref_at(s->refs, LOAD(&sl->ptr)) : NULL;
         if (ref) {
             sn->ref = (uint32_t)(ref - s->refs->refs);

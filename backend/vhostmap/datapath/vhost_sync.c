@@ -113,6 +113,7 @@ static int32_t vhu_received(const struct vhu_queue *q)
     q->stats->rx_dropped += q->out->dropped;
     q->stats->rx_bad_header += q->out->bad_headers;
     q->stats->rx_offloaded += q->out->offloaded;
+    q->stats->rx_offload_passed += q->out->passed;
     return vhu_notify(q);
 }
 
@@ -186,6 +187,7 @@ static int32_t vhu_queue_txsync_refs(const struct vhu_queue *q, const struct vq_
         q->stats->tx_packets += q->out->packets;
         q->stats->tx_bytes += q->out->bytes;
         q->stats->tx_dropped += q->out->dropped;
+        q->stats->tx_bad_header += q->out->bad_headers;
         status = vhu_notify(q);
     }
     return status;

@@ -369,9 +369,9 @@ static void vq_gather(const struct nm_bufs *nm, const struct vq_seg *segs, uint3
 
 /* The slots a frame takes when they refer to its segments minus the first `skip` bytes (one per piece of at
  * most buf_size bytes), or 0 when it is to be copied instead: more slots than `space` or than `refs` has left
- * (a chain of many small segments), or a first piece shorter than refs->min_head. */
+ * (a chain of many small segments), or a first piece shorter than `min_head`. */
 static uint32_t vq_ref_slots(const struct nm_bufs *nm, const struct vq_refs *refs, const struct vq_seg *segs,
-                             uint32_t nseg, uint64_t skip, uint32_t space)
+                             uint32_t nseg, uint64_t skip, uint32_t min_head, uint32_t space)
 {
     uint32_t limit = refs->cap - refs->count, n = 0;
     if (space < limit)
@@ -381,7 +381,7 @@ static uint32_t vq_ref_slots(const struct nm_bufs *nm, const struct vq_refs *ref
         uint32_t len = segs[k].len - off;
         if (!len)
             continue;
-        if (n == 0 && len < refs->min_head)
+        if (n == 0 && len < min_head)
             return 0;
         n += (len + nm->buf_size - 1) / nm->buf_size;
         if (n > limit)
@@ -446,6 +446,16 @@ static int vq_offload_header(const struct vq_seg *segs, uint32_t nseg, struct nm
     *h = (struct nm_vnet_hdr){raw[0], raw[1], (uint16_t)(raw[2] | raw[3] << 8), (uint16_t)(raw[4] | raw[5] << 8),
                               (uint16_t)(raw[6] | raw[7] << 8), (uint16_t)(raw[8] | raw[9] << 8)};
     return (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h->gso_type != VIRTIO_NET_HDR_GSO_NONE;
+}
+
+/* Whether a frame of `length` bytes after the `skip` bytes of its header `h` may travel with the header as
+ * it is (nm_offload_check over its first bytes). */
+static int vq_offload_passes(const struct vq_seg *segs, uint32_t nseg, uint64_t skip, uint32_t length,
+                             const struct nm_vnet_hdr *h)
+{
+    uint8_t head[NM_OFF_HEAD_MAX];
+    uint32_t have = vq_seg_read(segs, nseg, skip, head, length < sizeof head ? length : sizeof head);
+    return nm_offload_check(h, head, have, length) == NM_OFF_OK;
 }
 
 /* Where a datapath thread completes offloaded frames: the frame, its segments and their lengths (made on
@@ -527,39 +537,63 @@ static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem
             out->dropped++;
             continue;
         }
+        /* The frame's slots get its bytes from `skip` on: without the header, or (NS_VNET_HDR) with it. */
+        uint64_t skip = hdr_len;
+        uint16_t mark = 0;
         struct nm_vnet_hdr h;
         if (vq->host_offloads && vq_offload_header(segs, chain.nseg, &h)) {
-            uint32_t used = 0;
-            int done = vq_dequeue_offloaded(nm, segs, chain.nseg, hdr_len, (uint32_t)length, &h, pos, space,
-                                            &used, out);
-            if (done == VQ_OFFLOAD_LATER) {
-                vq->last_avail_idx--; /* unpop: it goes first next time */
-                out->held = 1;
-                break;
-            }
-            pending[n_used++] = (struct vq_used_elem){chain.head, 0};
-            if (done == VQ_OFFLOAD_DROPPED) {
-                out->dropped++;
-                out->bad_headers++;
+            int pass = hdr_len == VIRTIO_NET_HDR_SIZE && !(nm_offload_needs(&h) & ~(uint32_t)vq->pass_offloads);
+            if (pass) {
+                if (!vq_offload_passes(segs, chain.nseg, hdr_len, (uint32_t)length, &h)) {
+                    pending[n_used++] = (struct vq_used_elem){chain.head, 0};
+                    out->dropped++;
+                    out->bad_headers++;
+                    continue;
+                }
+                skip = 0;
+                length += hdr_len;
+                mark = NS_VNET_HDR;
+            } else {
+                uint32_t used = 0;
+                int done = vq_dequeue_offloaded(nm, segs, chain.nseg, hdr_len, (uint32_t)length, &h, pos,
+                                                space, &used, out);
+                if (done == VQ_OFFLOAD_LATER) {
+                    vq->last_avail_idx--; /* unpop: it goes first next time */
+                    out->held = 1;
+                    break;
+                }
+                pending[n_used++] = (struct vq_used_elem){chain.head, 0};
+                if (done == VQ_OFFLOAD_DROPPED) {
+                    out->dropped++;
+                    out->bad_headers++;
+                    continue;
+                }
+                pos = (pos + used) % nm->num_slots;
+                space -= used;
+                out->slots += used;
+                out->offloaded++;
                 continue;
             }
-            pos = (pos + used) % nm->num_slots;
-            space -= used;
-            out->slots += used;
-            out->offloaded++;
-            continue;
         }
         uint32_t need = (uint32_t)((length + nm->buf_size - 1) / nm->buf_size);
-        uint32_t nref = refs ? vq_ref_slots(nm, refs, segs, chain.nseg, hdr_len, space) : 0;
+        uint32_t nref =
+            refs ? vq_ref_slots(nm, refs, segs, chain.nseg, skip, refs->min_head + (mark ? hdr_len : 0), space)
+                 : 0;
         if (nref) {
-            vq_refer(nm, refs, segs, chain.nseg, hdr_len, pos);
+            vq_refer(nm, refs, segs, chain.nseg, skip, pos);
             need = nref;
         } else if (need > space) {
             vq->last_avail_idx--; /* unpop: it goes first next time */
             out->held = 1;
             break;
         } else {
-            vq_gather(nm, segs, chain.nseg, hdr_len, pos);
+            vq_gather(nm, segs, chain.nseg, skip, pos);
+        }
+        if (mark) {
+            struct nm_slot *slot = nm_slot_at(nm, pos);
+            slot->flags |= mark;
+            length -= hdr_len; /* what the counters count is the frame */
+            out->passed++;
         }
         pending[n_used++] = (struct vq_used_elem){chain.head, 0};
         pos = (pos + need) % nm->num_slots;
@@ -615,6 +649,8 @@ struct vq_source {
     uint32_t left;  /* bytes at p */
     uint32_t slot;  /* next slot */
     uint32_t frags; /* slots not yet read */
+    const uint8_t *rest; /* while p is in hdr: the rest of the slot it was in (rest_left bytes) */
+    uint32_t rest_left;
     uint8_t hdr[VIRTIO_NET_HDR_SIZE];
 };
 
@@ -625,6 +661,12 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
     uint32_t done = 0;
     while (done < n) {
         if (!src->left) {
+            if (src->rest_left) {
+                src->p = src->rest;
+                src->left = src->rest_left;
+                src->rest_left = 0;
+                continue;
+            }
             if (!src->frags)
                 break;
             src->left = nm_slot_data(src->nm, nm_slot_at(src->nm, src->slot), src->refs, &src->p);
@@ -642,25 +684,55 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
     return done;
 }
 
-/* rxtx._scatter: write the header and the frame of `nfrag` slots from `pos` across the `nchains` reserved
- * chains, whose heads are in chains[k].id. The first `stored` chains have their segments in `segs`, one after
- * the other, their counts in chains[k].len; the others are walked again (validated again) into `segs`. Sets
- * chains[k].len to the bytes written into chain k. */
-static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                          const struct vq_refs *refs, uint32_t hdr_len, uint32_t pos, uint32_t nfrag,
-                          uint64_t frame_len, struct vq_used_elem *chains, uint32_t nchains, uint32_t stored,
-                          struct vq_seg *segs, struct vq_batch *out)
+/* The source of the frame of `nfrag` slots from `pos`, with the virtio-net header to write before it: the
+ * frame's own (NS_VNET_HDR on its first slot), which then comes off *frame_len, or one that asks for nothing.
+ * 0 when the frame's header is not to be written: shorter than the header, asking for what the driver did not
+ * negotiate (vq->guest_offloads), or failing the checks a transmitted frame's header passes (it is read once,
+ * here, and what is written is what was checked). */
+static int vq_source_open(const struct vq_split *vq, const struct nm_bufs *nm, const struct vq_refs *refs,
+                          uint32_t pos, uint32_t nfrag, uint64_t *frame_len, struct vq_source *src)
 {
-    struct vq_source src = {.nm = nm, .refs = refs, .slot = pos, .frags = nfrag};
+    *src = (struct vq_source){.nm = nm, .refs = refs, .slot = pos, .frags = nfrag};
+    memset(src->hdr, 0, sizeof src->hdr);
+    if (!(__atomic_load_n(&nm_slot_at(nm, pos)->flags, __ATOMIC_RELAXED) & NS_VNET_HDR))
+        return 1;
+    uint8_t raw[VIRTIO_NET_HDR_SIZE];
+    if (*frame_len < sizeof raw || vq_source_copy(src, raw, sizeof raw) != sizeof raw)
+        return 0;
+    *frame_len -= sizeof raw;
+    struct nm_vnet_hdr h = {raw[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM, raw[1], (uint16_t)(raw[2] | raw[3] << 8),
+                            (uint16_t)(raw[4] | raw[5] << 8), (uint16_t)(raw[6] | raw[7] << 8),
+                            (uint16_t)(raw[8] | raw[9] << 8)};
+    if (nm_offload_needs(&h) & ~(uint32_t)vq->guest_offloads)
+        return 0;
+    uint8_t head[NM_OFF_HEAD_MAX];
+    struct vq_source peek = *src;
+    uint32_t have = vq_source_copy(&peek, head, *frame_len < sizeof head ? (uint32_t)*frame_len : sizeof head);
+    if (nm_offload_check(&h, head, have, (uint32_t)*frame_len) != NM_OFF_OK)
+        return 0;
+    memcpy(src->hdr, raw, VIRTIO_NET_HDR_SIZE - 2);
+    src->hdr[0] = h.flags;
+    return 1;
+}
+
+/* rxtx._scatter: write the header of `src` and its frame across the `nchains` reserved chains, whose heads
+ * are in chains[k].id. The first `stored` chains have their segments in `segs`, one after the other, their
+ * counts in chains[k].len; the others are walked again (validated again) into `segs`. Sets chains[k].len to
+ * the bytes written into chain k. */
+static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem, struct vq_source *src,
+                          uint32_t hdr_len, uint64_t frame_len, struct vq_used_elem *chains, uint32_t nchains,
+                          uint32_t stored, struct vq_seg *segs, struct vq_batch *out)
+{
     uint16_t num_buffers = (uint16_t)nchains;
     uint32_t hdr_bytes = hdr_len < VIRTIO_NET_HDR_SIZE ? hdr_len : VIRTIO_NET_HDR_SIZE;
     uint64_t remaining = hdr_bytes + frame_len;
     uint32_t next_seg = 0;
 
-    memset(src.hdr, 0, sizeof src.hdr);
-    memcpy(src.hdr + VIRTIO_NET_HDR_SIZE - 2, &num_buffers, 2);
-    src.p = src.hdr;
-    src.left = hdr_bytes;
+    memcpy(src->hdr + VIRTIO_NET_HDR_SIZE - 2, &num_buffers, 2);
+    src->rest = src->p;
+    src->rest_left = src->left;
+    src->p = src->hdr;
+    src->left = hdr_bytes;
     for (uint32_t k = 0; k < nchains; k++) {
         const struct vq_seg *cs;
         uint32_t nseg;
@@ -680,7 +752,7 @@ static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem
         uint32_t written = 0;
         for (uint32_t j = 0; j < nseg && remaining; j++) {
             uint32_t n = cs[j].len < remaining ? cs[j].len : (uint32_t)remaining;
-            uint32_t copied = vq_source_copy(&src, cs[j].host, n);
+            uint32_t copied = vq_source_copy(src, cs[j].host, n);
             if (vq->log_dirty)
                 vq_log_write(mem, cs[j].gpa, copied, out);
             written += copied;
@@ -708,6 +780,15 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
         uint64_t frame_len;
         if (vq_frame_at(nm, pos, count - done, &nfrag, &frame_len, out) <= 0)
             break; /* its last fragment has not been published yet (or the ring user broke a slot) */
+
+        struct vq_source src;
+        if (!vq_source_open(vq, nm, refs, pos, nfrag, &frame_len, &src)) {
+            out->dropped++;
+            out->bad_headers++;
+            done += nfrag;
+            pos = (pos + nfrag) % nm->num_slots;
+            continue;
+        }
 
         /* rxtx._reserve: receive chains for header and frame; one chain without mergeable buffers. */
         if (!avail_read) {
@@ -752,8 +833,7 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
                 chains[k].len = 0;
             out->dropped++;
         } else {
-            if (vq_scatter(vq, mem, nm, refs, hdr_len, pos, nfrag, frame_len, chains, nchains, stored, segs,
-                           out) != VQ_OK)
+            if (vq_scatter(vq, mem, &src, hdr_len, frame_len, chains, nchains, stored, segs, out) != VQ_OK)
                 goto fault;
             out->packets++;
             out->bytes += frame_len;

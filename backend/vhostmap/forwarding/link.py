@@ -74,6 +74,7 @@ class Link:
         """One round both ways; True when any slot moved."""
         plan = self._compiled()
         if plan is None:
+            self._share_offloads()  # cheap beside the Python round, and features may have changed
             return (self._one_way(self.a, self.b) + self._one_way(self.b, self.a)) > 0
         out = self._outcome
         assert self._refs is not None
@@ -89,6 +90,7 @@ class Link:
         plan = self._plan
         if plan is not None and plan.versions == (qa.version, qb.version):
             return plan
+        self._share_offloads()  # a new version: features may have changed
         lanes: list[Any] = []
         sides: list[Side] = []
         cap = 1
@@ -116,6 +118,11 @@ class Link:
             self._refs = OneCopy(cap)
         self._plan = plan = CompiledPass((qa, qb), "struct vhu_lane", lanes, sides)
         return plan
+
+    def _share_offloads(self) -> None:
+        """Each port's frames keep the offloads the other takes (NetmapAdapter.pass_offloads)."""
+        self.a.pass_offloads(self.b.accepted_offloads)
+        self.b.pass_offloads(self.a.accepted_offloads)
 
     def _one_way(self, src: NetmapAdapter, dst: NetmapAdapter) -> int:
         moved = 0

@@ -535,8 +535,15 @@ class FakeFrontend:
         A buffer returned with less than a header (the device dropped a frame that did not fit) is
         skipped and counted in ``rx_errors``, as Linux's virtio_net counts rx_length_errors.
         """
+        return [frame for _, frame in self.receive_with_headers(count, pair, timeout)]
+
+    def receive_with_headers(
+        self, count: int, pair: int = 0, timeout: float = 5.0
+    ) -> list[tuple[tuple[int, ...], bytes]]:
+        """`receive`, each frame with the fields of its virtio-net header (VIRTIO_NET_HDR, num_buffers
+        last)."""
         fq = self.queues[2 * pair]
-        frames: list[bytes] = []
+        frames: list[tuple[tuple[int, ...], bytes]] = []
         pending: list[tuple[int, int]] = []
         deadline = time.monotonic() + timeout
         while len(frames) < count:
@@ -557,7 +564,7 @@ class FakeFrontend:
                 parts = pending[:nbuf]
                 del pending[:nbuf]
                 data = b"".join(self.read_chain(fq, h, n) for h, n in parts)
-                frames.append(data[self.hdr_len :])
+                frames.append((hdr, data[self.hdr_len :]))
         return frames
 
 

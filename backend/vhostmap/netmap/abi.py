@@ -78,6 +78,9 @@ NS_FORWARD = 0x0004  # on rings with NR_FORWARD: pass the slot on to the peer (h
 NS_NO_LEARN = 0x0008  # switch: do not learn the source of this frame
 NS_INDIRECT = 0x0010  # data is in a user buffer at slot.ptr
 NS_MOREFRAG = 0x0020  # more fragments of this frame follow in the next slot
+# vhostmap's own: the frame starts with a virtio-net header (VIRTIO_NET_HDR, 12 bytes) whose offloads travel
+# with it, as on a VALE port with NETMAP_BDG_VNET_HDR, but frame by frame (datapath/virtio.cdef).
+NS_VNET_HDR = 0x0080
 NS_PORT_SHIFT = 8
 NS_PORT_MASK = 0xFF << NS_PORT_SHIFT  # switch: destination port override
 

@@ -46,6 +46,7 @@ from vhostmap.netmap.abi import (
     NS_BUF_CHANGED,
     NS_INDIRECT,
     NS_MOREFRAG,
+    NS_VNET_HDR,
     RingView,
     nm_distance,
     nm_prev,
@@ -172,6 +173,10 @@ class NetmapAdapter(abc.ABC):
     #: the syncs around them: ports whose frames move by move_slots, which a peer's sync may call too.
     TAPS_IN_HOOKS = False
 
+    #: Whether frames of its hardware rings may start with their virtio-net header (NS_VNET_HDR), and frames
+    #: given to them may too: a port whose syncs write and check that header (a vhost-user port's).
+    carries_vnet_header = False
+
     def __init__(
         self,
         name: str,
@@ -200,6 +205,18 @@ class NetmapAdapter(abc.ABC):
         self.host_port: HostPort | None = None
         # The lock words of the TX rings (tx_lock), host ring included.
         self.tx_locks: Any = ffi.new("uint32_t[]", len(self.tx_rings))
+
+    @property
+    def accepted_offloads(self) -> int:
+        """The NEEDS_* (netmap/offload.py) a frame with its virtio-net header may ask of this port's peer
+        (its guest) and be given to it as it is: none but for ports that carry_vnet_header."""
+        return 0
+
+    def pass_offloads(self, needs: int) -> None:
+        """Frames this port receives may keep the offloads ``needs`` names (NS_VNET_HDR), because every
+        port they can go to accepts them; others are completed as they come in. A forwarder says so each
+        time its ports or their features change; ports that never carry the header ignore it."""
+        return None
 
     def _kring(self, r: RingLayout) -> Kring:
         m = self.memory
@@ -472,10 +489,10 @@ def move_slots(tx: Kring, rx: Kring) -> int:
 
 
 def swap_buffers(src: RingView, first_src: int, dst: RingView, first_dst: int, n: int) -> None:
-    """Give ``n`` slots of ``dst`` from ``first_dst`` the buffers, lengths, NS_MOREFRAG, and NS_INDIRECT with
-    ``ptr`` of ``n`` slots of ``src`` from ``first_src`` (a slot of a compiled one-copy pass refers to guest
-    memory: datapath/virtio.cdef), and the source slots the destination's spare buffers (zero copy; both rings
-    share an allocator). Both sides get NS_BUF_CHANGED. Indexes wrap; nothing else moves."""
+    """Give ``n`` slots of ``dst`` from ``first_dst`` the buffers, lengths, NS_MOREFRAG, NS_VNET_HDR, and
+    NS_INDIRECT with ``ptr`` of ``n`` slots of ``src`` from ``first_src`` (a slot of a compiled one-copy pass
+    refers to guest memory: datapath/virtio.cdef), and the source slots the destination's spare buffers (zero
+    copy; both rings share an allocator). Both sides get NS_BUF_CHANGED. Indexes wrap; nothing else moves."""
     si = (first_src + np.arange(n)) % src.num_slots
     di = (first_dst + np.arange(n)) % dst.num_slots
     s, d = src.slots, dst.slots
@@ -484,5 +501,5 @@ def swap_buffers(src: RingView, first_src: int, dst: RingView, first_dst: int, n
     s["buf_idx"][si] = spare
     d["len"][di] = s["len"][si]
     d["ptr"][di] = s["ptr"][si]
-    d["flags"][di] = (s["flags"][si] & (NS_MOREFRAG | NS_INDIRECT)) | NS_BUF_CHANGED
+    d["flags"][di] = (s["flags"][si] & (NS_MOREFRAG | NS_INDIRECT | NS_VNET_HDR)) | NS_BUF_CHANGED
     s["flags"][si] = NS_BUF_CHANGED

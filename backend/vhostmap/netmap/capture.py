@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from vhostmap.datapath import ffi, lib
-from vhostmap.netmap.abi import NS_MOREFRAG, Region, map_region
+from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR, Region, map_region
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.kring import Kring
 from vhostmap.system.memfd import sealed_memfd
+from vhostmap.virtio.spec import VIRTIO_NET_HDR
 
 #: Bytes from a capture ring's start to its records (struct nm_cap_ring and padding).
 CAP_HEADER = int(lib.NM_CAP_HEADER)
@@ -162,6 +163,7 @@ def tap_stage_reference(
     tail = int(ring["tail"])
     slots = kring.ring.slots
     pieces: list[bytes] = []
+    skip = 0
     for k in range(count):
         if len(state.ends) == n:
             break
@@ -169,10 +171,13 @@ def tap_stage_reference(
         length = int(slots["len"][i])
         idx = int(slots["buf_idx"][i])
         buf = kring.ring.buf(idx if idx < kring.nbufs else 0)
+        flags = int(slots["flags"][i])
+        if not pieces:
+            skip = VIRTIO_NET_HDR.size if flags & NS_VNET_HDR else 0  # what is captured is the frame
         pieces.append(bytes(buf[:length]) if length <= kring.buf_size else b"")
-        if int(slots["flags"][i]) & NS_MOREFRAG:
+        if flags & NS_MOREFRAG:
             continue
-        _record_reference(state, data, b"".join(pieces), snaplen, tail, ts_ns)
+        _record_reference(state, data, b"".join(pieces)[skip:], snaplen, tail, ts_ns)
         state.ends.append(state.head)
         state.slot_ends.append(k + 1)
         pieces = []

@@ -115,14 +115,79 @@ def ones_sum(data: bytes | bytearray | memoryview, total: int = 0) -> int:
     return total
 
 
+#: What a header asks of whoever receives its frame as it is (nm_offload_needs): the bits a destination must
+#: accept (see `accepted`).
+NEEDS_CSUM = int(lib.NM_OFF_NEEDS_CSUM)
+NEEDS_TSO4 = int(lib.NM_OFF_NEEDS_TSO4)
+NEEDS_TSO6 = int(lib.NM_OFF_NEEDS_TSO6)
+NEEDS_USO = int(lib.NM_OFF_NEEDS_USO)
+NEEDS_ECN = int(lib.NM_OFF_NEEDS_ECN)
+ALL_NEEDS = NEEDS_CSUM | NEEDS_TSO4 | NEEDS_TSO6 | NEEDS_USO | NEEDS_ECN
+#: The headers a check looks at are within a frame's first HEAD_MAX bytes.
+HEAD_MAX = int(lib.NM_OFF_HEAD_MAX)
+
+
+def needs(h: VnetHeader) -> int:
+    """The NEEDS_* bits of ``h``: what a destination must accept to take its frame unchanged."""
+    bits = NEEDS_CSUM if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM else 0
+    kind = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if kind == VIRTIO_NET_HDR_GSO_TCPV4:
+        bits |= NEEDS_TSO4
+    elif kind == VIRTIO_NET_HDR_GSO_TCPV6:
+        bits |= NEEDS_TSO6
+    elif kind != VIRTIO_NET_HDR_GSO_NONE:
+        bits |= NEEDS_USO  # UDP_L4; any other type fails `check`
+    return bits | (NEEDS_ECN if h.gso_type & VIRTIO_NET_HDR_GSO_ECN else 0)
+
+
+class _Plan(NamedTuple):
+    """How a frame is segmented: its layers and the length of the headers each segment repeats."""
+
+    layers: Layers
+    hlen: int
+
+
+def check(h: VnetHeader, head: bytes, length: int) -> None:
+    """OffloadError unless a frame of ``length`` bytes that starts with ``head`` (all of it, or at least
+    its first HEAD_MAX bytes) may travel with header ``h`` as it is: the checks of `complete`, without
+    segmenting (nm_offload_check)."""
+    if len(head) < min(length, HEAD_MAX):
+        raise OffloadError(lib.NM_OFF_BAD_SIZE)
+    _plan(h, head, length)
+
+
+def _plan(h: VnetHeader, frame: bytes, length: int) -> _Plan | None:
+    """The segmentation ``h`` asks of the ``length`` bytes starting with ``frame``, None for none, or
+    OffloadError."""
+    if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and h.csum_start + h.csum_offset + 2 > length:
+        raise OffloadError(lib.NM_OFF_BAD_CSUM)
+    kind = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+    if kind == VIRTIO_NET_HDR_GSO_NONE:
+        return None
+    if kind not in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4):
+        raise OffloadError(lib.NM_OFF_BAD_GSO)
+    if h.gso_size == 0 or h.hdr_len > length:
+        raise OffloadError(lib.NM_OFF_BAD_SIZE)
+    l3, ipv4, l4, proto = _layers(frame, length, kind)
+    if proto == IPPROTO_TCP:
+        if length < l4 + TCP_MIN_HLEN or frame[l4 + 12] >> 4 < 5:
+            raise OffloadError(lib.NM_OFF_BAD_GSO)
+        hlen = l4 + 4 * (frame[l4 + 12] >> 4)
+    else:
+        hlen = l4 + UDP_HLEN
+    if length < hlen:
+        raise OffloadError(lib.NM_OFF_BAD_GSO)
+    if hlen - l3 + min(length - hlen, h.gso_size) > IP_MAX_LEN:
+        raise OffloadError(lib.NM_OFF_BAD_SIZE)  # a segment's IP length would not fit its field
+    return _Plan(Layers(l3, ipv4, l4, proto), hlen)
+
+
 def complete(h: VnetHeader, frame: bytes, max_segs: int, cap: int) -> list[bytes]:
     """The frames ``frame`` with header ``h`` becomes with its offloads done: itself (its checksum filled
     in when asked), or its segments; at most ``max_segs`` frames of ``cap`` bytes in all (else
     NM_OFF_NO_ROOM). OffloadError for a header the frame does not bear out."""
-    if h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and h.csum_start + h.csum_offset + 2 > len(frame):
-        raise OffloadError(lib.NM_OFF_BAD_CSUM)
-    kind = h.gso_type & ~VIRTIO_NET_HDR_GSO_ECN
-    if kind == VIRTIO_NET_HDR_GSO_NONE:
+    plan = _plan(h, frame, len(frame))
+    if plan is None:
         if len(frame) > cap or max_segs < 1:
             raise OffloadError(lib.NM_OFF_NO_ROOM)
         if not h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
@@ -132,53 +197,38 @@ def complete(h: VnetHeader, frame: bytes, max_segs: int, cap: int) -> list[bytes
         csum = ~ones_sum(out[h.csum_start :]) & 0xFFFF
         struct.pack_into("!H", out, at, csum or CSUM_MANGLED_0)
         return [bytes(out)]
-    if kind not in (VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_HDR_GSO_UDP_L4):
-        raise OffloadError(lib.NM_OFF_BAD_GSO)
-    if h.gso_size == 0 or h.hdr_len > len(frame):
-        raise OffloadError(lib.NM_OFF_BAD_SIZE)
-    l3, ipv4, l4, proto = _layers(frame, kind)
-    if proto == IPPROTO_TCP:
-        if len(frame) < l4 + TCP_MIN_HLEN or frame[l4 + 12] >> 4 < 5:
-            raise OffloadError(lib.NM_OFF_BAD_GSO)
-        hlen = l4 + 4 * (frame[l4 + 12] >> 4)
-    else:
-        hlen = l4 + UDP_HLEN
-    if len(frame) < hlen:
-        raise OffloadError(lib.NM_OFF_BAD_GSO)
-    payload = frame[hlen:]
-    if hlen - l3 + min(len(payload), h.gso_size) > IP_MAX_LEN:
-        raise OffloadError(lib.NM_OFF_BAD_SIZE)  # a segment's IP length would not fit its field
+    hlen, payload = plan.hlen, frame[plan.hlen :]
     n = max(1, -(-len(payload) // h.gso_size))
     if n > max_segs or n * hlen + len(payload) > cap:
         raise OffloadError(lib.NM_OFF_NO_ROOM)
-    g, layers = h.gso_size, Layers(l3, ipv4, l4, proto)
-    return [_segment(frame[:hlen], payload[k * g : (k + 1) * g], k, n, g, layers) for k in range(n)]
+    g = h.gso_size
+    return [_segment(frame[:hlen], payload[k * g : (k + 1) * g], k, n, g, plan.layers) for k in range(n)]
 
 
-def _layers(frame: bytes, kind: int) -> tuple[int, bool, int, int]:
-    """(IP header offset, whether IPv4, transport header offset, IP protocol) of a frame to segment as
-    ``kind``; OffloadError(NM_OFF_BAD_GSO) when it is not that."""
+def _layers(frame: bytes, length: int, kind: int) -> Layers:
+    """Where the layers of a ``length``-byte frame starting with ``frame`` are, to segment it as ``kind``;
+    OffloadError(NM_OFF_BAD_GSO) when it is not that."""
     bad = OffloadError(lib.NM_OFF_BAD_GSO)
-    if len(frame) < ETH_HLEN:
+    if length < ETH_HLEN:
         raise bad
     l3, ethertype = ETH_HLEN, int.from_bytes(frame[12:14], "big")
     if ethertype == ETH_P_8021Q:
-        if len(frame) < ETH_HLEN + VLAN_HLEN:
+        if length < ETH_HLEN + VLAN_HLEN:
             raise bad
         l3, ethertype = ETH_HLEN + VLAN_HLEN, int.from_bytes(frame[16:18], "big")
     want = IPPROTO_UDP if kind == VIRTIO_NET_HDR_GSO_UDP_L4 else IPPROTO_TCP
     if ethertype == ETH_P_IP and kind != VIRTIO_NET_HDR_GSO_TCPV6:
-        if len(frame) < l3 + IPV4_MIN_HLEN or frame[l3] >> 4 != 4:
+        if length < l3 + IPV4_MIN_HLEN or frame[l3] >> 4 != 4:
             raise bad
         ihl = 4 * (frame[l3] & 0x0F)
         fragment = int.from_bytes(frame[l3 + 6 : l3 + 8], "big") & 0x3FFF
-        if ihl < IPV4_MIN_HLEN or len(frame) < l3 + ihl or frame[l3 + 9] != want or fragment:
+        if ihl < IPV4_MIN_HLEN or length < l3 + ihl or frame[l3 + 9] != want or fragment:
             raise bad
-        return l3, True, l3 + ihl, want
+        return Layers(l3, True, l3 + ihl, want)
     if ethertype == ETH_P_IPV6 and kind != VIRTIO_NET_HDR_GSO_TCPV4:
-        if len(frame) < l3 + IPV6_HLEN or frame[l3] >> 4 != 6 or frame[l3 + 6] != want:
+        if length < l3 + IPV6_HLEN or frame[l3] >> 4 != 6 or frame[l3 + 6] != want:
             raise bad
-        return l3, False, l3 + IPV6_HLEN, want
+        return Layers(l3, False, l3 + IPV6_HLEN, want)
     raise bad
 
 

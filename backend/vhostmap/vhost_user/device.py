@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vhostmap.datapath import eventfds
+from vhostmap.netmap.offload import NEEDS_CSUM, NEEDS_ECN, NEEDS_TSO4, NEEDS_TSO6, NEEDS_USO
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import MAX_MEM_SLOTS, GuestMemory
 from vhostmap.vhost_user.messages import (
@@ -41,6 +42,12 @@ from vhostmap.virtio.spec import (
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_ANNOUNCE,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_USO4,
+    VIRTIO_NET_F_GUEST_USO6,
     VIRTIO_NET_F_HOST_ECN,
     VIRTIO_NET_F_HOST_TSO4,
     VIRTIO_NET_F_HOST_TSO6,
@@ -59,8 +66,7 @@ from vhostmap.virtio.spec import (
 
 log = logging.getLogger(__name__)
 
-# What vhostmap offers every driver. No offload for the guest's receive path (GUEST_CSUM, GUEST_TSO*): nothing
-# hands a port offloaded frames yet.
+# What vhostmap offers every driver; the offloads below come on top unless the port says offloads=off.
 OFFERED_FEATURES = (
     bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_F_ANY_LAYOUT)
@@ -77,9 +83,9 @@ OFFERED_FEATURES = (
     | bit(VHOST_USER_F_PROTOCOL_FEATURES)
 )
 
-# Offloads of the guest's transmit path, offered unless the port says offloads=off: the driver may leave
-# checksums and TCP/UDP segmentation to the device, and the dequeue completes them in software
-# (SplitVirtqueue.host_offloads) before the frames go anywhere.
+# Offloads of the guest's transmit path: the driver may leave checksums and TCP/UDP segmentation to the
+# device. A frame that asks for them keeps them on its way to guests that take them (GUEST_OFFLOADS: the
+# forwarders set SplitVirtqueue.pass_offloads), and is completed in software as it is dequeued for any other.
 HOST_OFFLOADS = (
     bit(VIRTIO_NET_F_CSUM)
     | bit(VIRTIO_NET_F_HOST_TSO4)
@@ -87,6 +93,34 @@ HOST_OFFLOADS = (
     | bit(VIRTIO_NET_F_HOST_ECN)
     | bit(VIRTIO_NET_F_HOST_USO)
 )
+# Offloads of the guest's receive path: it takes frames whose checksum is left to it and up to 64 KiB of TCP
+# or UDP at once (SplitVirtqueue.guest_offloads), as another guest sent them.
+GUEST_OFFLOADS = (
+    bit(VIRTIO_NET_F_GUEST_CSUM)
+    | bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_ECN)
+    | bit(VIRTIO_NET_F_GUEST_USO4)
+    | bit(VIRTIO_NET_F_GUEST_USO6)
+)
+
+
+def accepted_offloads(features: int) -> int:
+    """The NEEDS_* bits (netmap/offload.py) of the frames a driver with ``features`` takes as they are: the
+    receive offloads it negotiated (segmentation only with GUEST_CSUM, which the spec makes them need)."""
+
+    def has(feature: int) -> bool:
+        return bool(features & bit(feature))
+
+    if not has(VIRTIO_NET_F_GUEST_CSUM):
+        return 0
+    needs = NEEDS_CSUM
+    needs |= NEEDS_TSO4 if has(VIRTIO_NET_F_GUEST_TSO4) else 0
+    needs |= NEEDS_TSO6 if has(VIRTIO_NET_F_GUEST_TSO6) else 0
+    needs |= NEEDS_USO if has(VIRTIO_NET_F_GUEST_USO4) and has(VIRTIO_NET_F_GUEST_USO6) else 0
+    needs |= NEEDS_ECN if has(VIRTIO_NET_F_GUEST_ECN) else 0
+    return needs
+
 
 OFFERED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ)
@@ -120,12 +154,12 @@ MAX_QUEUE_PAIRS = 64
 @dataclass(frozen=True)
 class NetConfig:
     """Static configuration of one virtio-net device: its MAC, its MTU (MIN_MTU..MAX_MTU), its queue
-    pairs (1..MAX_QUEUE_PAIRS) and whether it offers the transmit offloads (HOST_OFFLOADS)."""
+    pairs (1..MAX_QUEUE_PAIRS) and whether it offers offloads (HOST_OFFLOADS and GUEST_OFFLOADS)."""
 
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
     queue_pairs: int = 1
-    offloads: bool = True  # offer HOST_OFFLOADS
+    offloads: bool = True  # offer HOST_OFFLOADS and GUEST_OFFLOADS
 
     def __post_init__(self) -> None:
         if len(self.mac) != 6:
@@ -252,8 +286,13 @@ class VhostUserNetDevice:
 
     @property
     def offered_features(self) -> int:
-        """The virtio features this device offers: OFFERED_FEATURES, with HOST_OFFLOADS unless turned off."""
-        return OFFERED_FEATURES | (HOST_OFFLOADS if self.config.offloads else 0)
+        """The virtio features this device offers: OFFERED_FEATURES, with the offloads unless turned off."""
+        return OFFERED_FEATURES | (HOST_OFFLOADS | GUEST_OFFLOADS if self.config.offloads else 0)
+
+    @property
+    def accepted_offloads(self) -> int:
+        """accepted_offloads of the negotiated features."""
+        return accepted_offloads(self.features)
 
     def _get_features(self, msg: Message) -> Payload:
         return U64(self.offered_features)
@@ -271,6 +310,7 @@ class VhostUserNetDevice:
             vq.indirect = self.has_feature(VIRTIO_RING_F_INDIRECT_DESC)
             vq.log_dirty = self.has_feature(VHOST_F_LOG_ALL)
             vq.host_offloads = self.has_feature(VIRTIO_NET_F_CSUM)
+            vq.guest_offloads = accepted_offloads(features)
         if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             # Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
             for vq in self.vqs:

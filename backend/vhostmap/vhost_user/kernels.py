@@ -121,7 +121,9 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
         for k in range(out.used):
             vq.push_used(pending[k].id, pending[k].len)
         raise _fault(vq, out, status, writable)
-    res = BatchResult(out.slots, out.packets, out.bytes, out.dropped, out.bad_headers, out.offloaded)
+    res = BatchResult(
+        out.slots, out.packets, out.bytes, out.dropped, out.bad_headers, out.offloaded, out.passed
+    )
     if out.notify and vq.call_fd is not None:
         result = eventfds.signal(vq.call_fd)
         if result != eventfds.Signal.OK:

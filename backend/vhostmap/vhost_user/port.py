@@ -55,6 +55,8 @@ QUEUE_COUNTERS = (
     "tx_no_carrier",
     "rx_bad_header",
     "rx_offloaded",
+    "rx_offload_passed",
+    "tx_bad_header",
 )
 
 
@@ -102,6 +104,18 @@ class VhostUserPort(NetmapAdapter):
         # while ring 0 cannot drain must not grow it, and an older announcement of a MAC says nothing a
         # newer one does not.
         self._announcements: deque[bytes] = deque(maxlen=MAX_PENDING_ANNOUNCEMENTS)
+
+    carries_vnet_header = True
+
+    @property
+    def accepted_offloads(self) -> int:
+        """The receive offloads the guest negotiated (device.accepted_offloads)."""
+        return self.device.accepted_offloads
+
+    def pass_offloads(self, needs: int) -> None:
+        """Set the guest's transmit queues' pass_offloads (see NetmapAdapter)."""
+        for vq in self.device.vqs[1::2]:
+            vq.pass_offloads = needs
 
     # --- DeviceListener -----------------------------------------------------------------------------------
     def queues_changed(self) -> None:
@@ -332,6 +346,7 @@ class VhostUserPort(NetmapAdapter):
         st.rx_dropped += res.dropped
         st.rx_bad_header += res.bad_headers
         st.rx_offloaded += res.offloaded
+        st.rx_offload_passed += res.passed
 
     def _import_announcements(self, kring: Kring) -> None:
         """Put queued RARP frames into free slots of RX kring 0, as received frames."""
@@ -388,6 +403,7 @@ class VhostUserPort(NetmapAdapter):
             st.tx_packets += res.packets
             st.tx_bytes += res.bytes
             st.tx_dropped += res.dropped
+            st.tx_bad_header += res.bad_headers
         kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
         # Delivered slots were copied out: they are free again at once.
         kring.nr_hwtail = (kring.nr_hwcur - 1) % n

@@ -11,16 +11,16 @@ VIRTIO_NET_F_MRG_RXBUF a received frame may fill several receive chains, counted
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.netmap.abi import NS_MOREFRAG
-from vhostmap.netmap.offload import OffloadError, VnetHeader, complete
+from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
+from vhostmap.netmap.offload import HEAD_MAX, OffloadError, VnetHeader, check, complete, needs
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.virtqueue import Chain, SplitVirtqueue, VirtqueueError
-from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEGACY
+from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_LEGACY
 
 # The largest frame a guest may hand us (a 64 KiB GSO frame; jumbo frames are 9 KiB).
 MAX_FRAME = 65535
@@ -55,8 +55,9 @@ class Buffers:
 @dataclass
 class BatchResult:
     """What one kernel call did. ``slots`` is how far the ring position moved; ``bad_headers``, of the
-    dropped frames, those whose offload header they did not bear out; ``offloaded``, the frames whose
-    offloads were completed (their segments are in ``packets``)."""
+    dropped frames, those whose offload header they did not bear out (or, enqueued, that the driver did not
+    negotiate); ``offloaded``, the frames whose offloads were completed (their segments are in
+    ``packets``); ``passed``, the frames that kept their offloads and header (NS_VNET_HDR)."""
 
     slots: int = 0
     packets: int = 0
@@ -64,6 +65,7 @@ class BatchResult:
     dropped: int = 0
     bad_headers: int = 0
     offloaded: int = 0
+    passed: int = 0
 
 
 def dequeue(
@@ -79,9 +81,11 @@ def dequeue(
 
     Each chain becomes one frame (its virtio-net header stripped) in one or more slots. A chain that does
     not fit in the space left stays in the queue for the next call. With ``vq.host_offloads``, a frame whose
-    header asks for a checksum or segmentation is completed first (netmap/offload.py) and its frames fill the
-    slots; one whose header it does not bear out, or with more segments than the ring holds, is dropped and
-    counted in ``bad_headers`` too. Raises VirtqueueError on a driver fault.
+    header asks for a checksum or segmentation keeps header and offloads when it asks for no more than
+    ``vq.pass_offloads`` and the header is VIRTIO_NET_HDR (its slots then hold header and frame, NS_VNET_HDR
+    on the first); otherwise it is completed first (netmap/offload.py) and its frames fill the slots. One
+    whose header it does not bear out, or with more segments than the ring holds, is dropped and counted in
+    ``bad_headers`` too. Raises VirtqueueError on a driver fault.
     """
     num_slots = len(slots)
     res = BatchResult()
@@ -101,9 +105,19 @@ def dequeue(
             res.dropped += 1
             continue
         data = _read(mem, chain) if vq.host_offloads else b""
+        skip, mark = hdr_len, 0
         if len(data) >= VIRTIO_NET_HDR_LEGACY.size:
             h = VnetHeader.unpack(data)
-            if h.asks_for_work:
+            if h.asks_for_work and hdr_len == VIRTIO_NET_HDR.size and not needs(h) & ~vq.pass_offloads:
+                try:
+                    check(h, data[hdr_len : hdr_len + HEAD_MAX], length)
+                except OffloadError:
+                    vq.push_used(chain.head, 0)
+                    res.dropped += 1
+                    res.bad_headers += 1
+                    continue
+                skip, mark = 0, NS_VNET_HDR
+            elif h.asks_for_work:
                 frame = data[hdr_len:]
                 try:
                     frames = complete(h, frame, OFFLOAD_SEGS, OFFLOAD_OUT)
@@ -126,11 +140,13 @@ def dequeue(
                 res.slots += need
                 res.offloaded += 1
                 continue
-        need = -(-length // bufs.size)
+        need = -(-(length + hdr_len - skip) // bufs.size)
         if need > space:
             vq.unpop()
             break
-        _gather(mem, chain, hdr_len, slots, pos, need, bufs, length)
+        _gather(mem, chain, skip, slots, pos, need, bufs, length + hdr_len - skip)
+        slots[pos]["flags"] |= mark
+        res.passed += bool(mark)
         vq.push_used(chain.head, 0)
         pos = (pos + need) % num_slots
         space -= need
@@ -212,8 +228,10 @@ def enqueue(
 
     Stops early, leaving the rest for later, when the guest has no receive buffers left (backpressure) or
     the last frame's final slot is not among the ``count`` yet. A frame that cannot fit the guest's buffers
-    (without mergeable buffers, a chain too small) is dropped and counted. ``slots`` of the result is how
-    many slots were consumed.
+    (without mergeable buffers, a chain too small) is dropped and counted. A frame with its virtio-net header
+    (NS_VNET_HDR) is delivered with it when the driver takes what it asks (``vq.guest_offloads``) and it
+    passes the checks of a transmitted one; otherwise it is dropped, counted in ``bad_headers`` too.
+    ``slots`` of the result is how many slots were consumed.
     """
     num_slots = len(slots)
     res = BatchResult()
@@ -223,6 +241,16 @@ def enqueue(
         if frame is None:
             break  # its last fragment has not been published yet
         nfrag, length = frame
+        pos = (first + done) % num_slots
+        data = _frame_bytes(slots, pos, nfrag, bufs)
+        header = _header_for(vq, slots[pos], data)
+        if header is None:
+            res.dropped += 1
+            res.bad_headers += 1
+            done += nfrag
+            continue
+        if slots[pos]["flags"] & NS_VNET_HDR:
+            data, length = data[VIRTIO_NET_HDR.size :], length - VIRTIO_NET_HDR.size
         chains = _reserve(vq, hdr_len, hdr_len + length, mergeable)
         if chains is None:
             break  # the guest has no room now; its next kick brings us back
@@ -231,12 +259,42 @@ def enqueue(
                 vq.push_used(c.head, 0)
             res.dropped += 1
         else:
-            _scatter(vq, mem, chains, hdr_len, slots, (first + done) % num_slots, nfrag, length, bufs)
+            _scatter(vq, mem, chains, hdr_len, header, data)
             res.packets += 1
             res.bytes += length
         done += nfrag
     res.slots = done
     return res
+
+
+def _frame_bytes(slots: npt.NDArray[np.void], pos: int, nfrag: int, bufs: Buffers) -> npt.NDArray[np.uint8]:
+    """The bytes of the frame of ``nfrag`` slots from ``pos``."""
+    num_slots = len(slots)
+    return np.concatenate(
+        [
+            bufs.view(int(slots[(pos + k) % num_slots]["buf_idx"]), int(slots[(pos + k) % num_slots]["len"]))
+            for k in range(nfrag)
+        ]
+    )
+
+
+def _header_for(vq: SplitVirtqueue, first: np.void, data: npt.NDArray[np.uint8]) -> VnetHeader | None:
+    """The offloads of the header to write before ``data``, a frame whose first slot is ``first``: none, or
+    its own when it has one (NS_VNET_HDR) that the driver takes and that passes `check`; None otherwise."""
+    if not int(first["flags"]) & NS_VNET_HDR:
+        return VnetHeader()
+    if len(data) < VIRTIO_NET_HDR.size:
+        return None
+    raw = VnetHeader.unpack(data[: VIRTIO_NET_HDR.size].tobytes())
+    h = VnetHeader(raw.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, *astuple(raw)[1:])
+    frame = data[VIRTIO_NET_HDR.size :]
+    if needs(h) & ~vq.guest_offloads:
+        return None
+    try:
+        check(h, frame[:HEAD_MAX].tobytes(), len(frame))
+    except OffloadError:
+        return None
+    return h
 
 
 def _frame_at(slots: npt.NDArray[np.void], pos: int, available: int) -> tuple[int, int] | None:
@@ -283,21 +341,11 @@ def _scatter(
     mem: GuestMemory,
     chains: list[Chain],
     hdr_len: int,
-    slots: npt.NDArray[np.void],
-    pos: int,
-    nfrag: int,
-    length: int,
-    bufs: Buffers,
+    h: VnetHeader,
+    frame: npt.NDArray[np.uint8],
 ) -> None:
-    """Write the virtio-net header and the frame of ``nfrag`` slots across ``chains``."""
-    num_slots = len(slots)
-    header = VIRTIO_NET_HDR.pack(0, 0, 0, 0, 0, 0, len(chains))[:hdr_len]
-    frame = np.concatenate(
-        [
-            bufs.view(int(slots[(pos + k) % num_slots]["buf_idx"]), int(slots[(pos + k) % num_slots]["len"]))
-            for k in range(nfrag)
-        ]
-    )
+    """Write the virtio-net header (offloads ``h``) and ``frame`` across ``chains``."""
+    header = VIRTIO_NET_HDR.pack(*astuple(h), len(chains))[:hdr_len]
     data = np.concatenate([np.frombuffer(header, dtype=np.uint8), frame]) if hdr_len else frame
     off = 0
     for chain in chains:

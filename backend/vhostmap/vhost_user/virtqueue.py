@@ -157,6 +157,16 @@ class SplitVirtqueue:
     host_offloads = CFlag(
         "VIRTIO_NET_F_CSUM negotiated: transmitted frames may ask for offloads (rxtx.dequeue)."
     )
+    pass_offloads = CField(
+        "Transmit queue: the NEEDS_* (netmap/offload.py) its frames keep (NS_VNET_HDR) instead of being"
+        " completed, because every destination takes them; set by the forwarders.",
+        mask=0xFF,
+    )
+    guest_offloads = CField(
+        "Receive queue: the NEEDS_* the driver takes (device.accepted_offloads); a frame with its header that"
+        " asks for more is dropped.",
+        mask=0xFF,
+    )
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:

@@ -42,8 +42,10 @@ class CompiledSwitch:
     thread's part of the switch (``owns``: its receive queues); each part has its own pass.
     """
 
-    def __init__(self, table: CompiledMacTable) -> None:
+    def __init__(self, table: CompiledMacTable, share_offloads: Callable[[], None]) -> None:
         self.table = table
+        # Called whenever a pass is made for new ports or versions (their features may have changed).
+        self._share_offloads = share_offloads
         self.ports: list[SwitchPort] = []
         self.index: dict[SwitchPort, int] = {}
         self._sources: dict[tuple[SwitchPort, int], _Source] = {}
@@ -105,6 +107,7 @@ class CompiledSwitch:
         plan = self._passes.get(owns)
         if plan is not None and plan.versions == versions and plan.ports == self.ports:
             return plan
+        self._share_offloads()
         tx_index: dict[tuple[SwitchPort, int], int] = {}
         tx_items: list[Any] = []
         flush: list[int] = []
@@ -176,7 +179,8 @@ class CompiledSwitch:
         kring = src.adapter.rx_rings[ring_index]
         counters = src.rx_counters[q]
         targets = _Targets(self.ports, q, self._pool, self.index[src], counters)
-        return _Source(kring.ring, self.index[src], targets, self._pool(src.adapter.memory), counters)
+        memory = self._pool(src.adapter.memory)
+        return _Source(kring.ring, self.index[src], targets, memory, counters, src.vnet)
 
 
 class _Pool:
@@ -263,6 +267,7 @@ class _Targets:
             memory = pool(p.adapter.memory)
             stats = counters if d == src else p.tx_counters[tx]
             memory.ring(self.c[d], p.adapter.tx_rings[tx].ring, stats)
+            self.c[d].vnet = p.vnet
             self.keep += [stats, memory]
         # The locks: relock, by whoever binds it (none until then).
 
@@ -279,7 +284,9 @@ class _Source:
 
     __slots__ = ("c", "keep", "targets")
 
-    def __init__(self, ring: RingView, port: int, targets: _Targets, pool: _Pool, counters: Any) -> None:
+    def __init__(
+        self, ring: RingView, port: int, targets: _Targets, pool: _Pool, counters: Any, vnet: bool
+    ) -> None:
         n, nports = ring.num_slots, len(targets.pairs)
         # The kernel addresses every pool with the source's buffer size (attach lets no other size in).
         if any(p.adapter.memory.buf_size != pool.memory.buf_size for p, _ in targets.pairs):
@@ -287,6 +294,7 @@ class _Source:
         self.targets = targets
         self.c = c = ffi.new("struct sw_source *")
         pool.ring(c.rx, ring, counters)
+        c.rx.vnet = vnet
         c.ports = targets.c
         c.nports = nports
         c.port = port

@@ -49,6 +49,8 @@ class SwitchPort:
         self.adapter = adapter
         self.host = host
         self.name = f"{adapter.name}^" if host else adapter.name
+        # Its frames may start with their virtio-net header (NS_VNET_HDR), and it takes such frames.
+        self.vnet = adapter.carries_vnet_header and not host
         if host:
             self.rx_rings = [adapter.num_rx_rings]
             self.tx_rings = [adapter.num_tx_rings]

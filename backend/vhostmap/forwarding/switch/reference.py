@@ -20,7 +20,8 @@ from vhostmap.ethernet import ETH_ALEN, ETH_HLEN, MAC_GROUP_BIT
 from vhostmap.forwarding.rings import ring_lock, tx_room
 from vhostmap.forwarding.switch.port import SwitchPort
 from vhostmap.forwarding.switch.table import AddressTable
-from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, NS_NO_LEARN
+from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, NS_NO_LEARN, NS_VNET_HDR
+from vhostmap.virtio.spec import VIRTIO_NET_HDR
 
 # A destination code meaning "every port but the source".
 FLOOD = -1
@@ -31,8 +32,9 @@ class Batch:
 
     ``starts``/``nslots`` delimit frame ``i`` (slots relative to ``head``), ``used`` counts the slots the
     frames cover (a trailing unfinished frame stays in the ring), ``valid`` says whether every slot of a frame
-    holds a usable buffer and length and its first slot a whole Ethernet header, ``dst``/``src`` are the MAC
-    addresses (48-bit integers; 0 for invalid frames), ``lengths`` the frame lengths.
+    holds a usable buffer and length and its first slot a whole Ethernet header (after the virtio-net header
+    of a frame with NS_VNET_HDR, which only a ``vnet`` port's frames have), ``dst``/``src`` are the MAC
+    addresses (48-bit integers; 0 for invalid frames), ``lengths`` the frame lengths (without that header).
     """
 
     def __init__(self, port: SwitchPort, ring_index: int) -> None:
@@ -46,7 +48,7 @@ class Batch:
         snap = ring.slots[(self.head + np.arange(count)) % n]  # fancy indexing copies: our snapshot
         self.bufs = snap["buf_idx"].astype(np.int64)
         self.lens = snap["len"].astype(np.int64)
-        self.flags = snap["flags"]
+        self.flags = snap["flags"] if port.vnet else snap["flags"] & (0xFFFF ^ NS_VNET_HDR)
         ends = np.flatnonzero((self.flags & NS_MOREFRAG) == 0) + 1
         # Fragments that fill the whole ring without ending a frame can never complete: all are dropped.
         self.stuck = not ends.size and count == n - 1
@@ -60,12 +62,14 @@ class Batch:
             & (self.lens <= memory.buf_size)
         )
         if ends.size:
+            self.vnet = (self.flags[self.starts] & NS_VNET_HDR) != 0
+            at = np.where(self.vnet, VIRTIO_NET_HDR.size, 0)
             self.valid = np.logical_and.reduceat(usable[: int(ends[-1])], self.starts) & (
-                self.lens[self.starts] >= ETH_HLEN
+                self.lens[self.starts] >= at + ETH_HLEN
             )
-            self.lengths = np.add.reduceat(self.lens[: int(ends[-1])], self.starts)
+            self.lengths = np.maximum(np.add.reduceat(self.lens[: int(ends[-1])], self.starts) - at, 0)
             first = np.where(self.valid, self.bufs[self.starts], 0)
-            offsets = memory.buffers_offset + first * memory.buf_size
+            offsets = memory.buffers_offset + first * memory.buf_size + np.where(self.valid, at, 0)
             header = memory.array[offsets[:, None] + np.arange(2 * ETH_ALEN)]
             # Each address in the low 6 bytes of a big-endian u64: byte 0 of the MAC is the most significant.
             wide = np.zeros((len(first), 16), dtype=np.uint8)
@@ -76,7 +80,7 @@ class Batch:
             self.src = np.where(self.valid, macs[:, 1], 0)
             self.no_learn = (self.flags[self.starts] & NS_NO_LEARN) != 0
         else:
-            self.valid = np.zeros(0, dtype=bool)
+            self.valid = self.vnet = np.zeros(0, dtype=bool)
             self.lengths = self.dst = self.src = np.zeros(0, dtype=np.int64)
             self.no_learn = np.zeros(0, dtype=bool)
 
@@ -159,9 +163,16 @@ def deliver(
     src_counters: Any,
 ) -> None:
     """Put frames ``sel`` of ``batch`` in TX ring ``tx`` of ``dst``, in order, as far as they fit whole;
-    the rest are dropped and counted. ``unicast[i]`` says frame ``sel[i]`` goes only there: it moves zero
+    the rest are dropped and counted, and so are frames with their virtio-net header for a port that does not
+    take them (``vnet``). ``unicast[i]`` says frame ``sel[i]`` goes only there: it moves zero
     copy when both ports share an allocator. The ring's head advances; the caller txsyncs. ``src_counters``:
     the source ring's counters (SwitchPort.rx_counters)."""
+    if not dst.vnet:
+        refused = batch.vnet[sel]
+        if refused.any():
+            dst.tx_counters[tx].tx_dropped += int(np.count_nonzero(refused))
+            src_counters.dropped += int(np.count_nonzero(refused))
+            sel, unicast = sel[~refused], unicast[~refused]
     ring = dst.adapter.tx_rings[tx].ring
     dn = ring.num_slots
     head = ring.head
@@ -204,7 +215,8 @@ def deliver(
         batch.ring.slots["buf_idx"][s_idx] = dbufs[swap]
         batch.ring.slots["flags"][s_idx] = NS_BUF_CHANGED
     slots["len"][d_idx] = batch.lens[rel]
-    slots["flags"][d_idx] = (batch.flags[rel] & NS_MOREFRAG) | np.where(swap, NS_BUF_CHANGED, 0)
+    kept = batch.flags[rel] & (NS_MOREFRAG | NS_VNET_HDR)
+    slots["flags"][d_idx] = kept | np.where(swap, NS_BUF_CHANGED, 0)
     ring.head = ring.cur = (head + total) % dn
     dst.tx_counters[tx].tx_frames += take
     dst.tx_counters[tx].tx_bytes += int(batch.lengths[sel[:take]].sum())

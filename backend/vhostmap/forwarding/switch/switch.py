@@ -46,6 +46,7 @@ from vhostmap.forwarding.switch.table import (
     MacTable,
 )
 from vhostmap.netmap.adapter import NetmapAdapter
+from vhostmap.netmap.offload import ALL_NEEDS
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Switch:
         else:
             ctable = CompiledMacTable(aging, max_addresses)
             self.table = ctable
-            self._compiled = CompiledSwitch(ctable)
+            self._compiled = CompiledSwitch(ctable, self.share_offloads)
         self.clock = clock
         self.ports: list[SwitchPort] = []
         self._index: dict[SwitchPort, int] = {}
@@ -193,6 +194,7 @@ class Switch:
             done = self._compiled.round(self.clock(), owns)
             if done is not None:
                 return done
+        self.share_offloads()  # cheap beside the Python round, and features may have changed
         now = self.clock()
         received = 0
         synced: set[tuple[SwitchPort, int]] = set()
@@ -218,6 +220,18 @@ class Switch:
                     if p.adapter.tx_rings[tx].pending():
                         p.adapter.txsync(tx)
         return received > 0
+
+    def share_offloads(self) -> None:
+        """Each port's frames keep the offloads that every other port takes (NetmapAdapter.pass_offloads):
+        a frame may go to any of them, a flood to all."""
+        for p in self.ports:
+            if p.host:
+                continue
+            needs = ALL_NEEDS
+            for other in self.ports:
+                if other is not p:
+                    needs &= other.adapter.accepted_offloads if other.vnet else 0
+            p.adapter.pass_offloads(needs)
 
     def forward(
         self, src: SwitchPort, q: int, ring_index: int, now: float
