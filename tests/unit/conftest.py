@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,7 +24,7 @@ from vhostmap.daemon.config import build_config
 from vhostmap.daemon.daemon import Daemon
 from vhostmap.datapath.choice import REFERENCE_ENV
 from vhostmap.lab.frontend import FakeFrontend
-from vhostmap.lab.netns import Tap, VethPair, disable_ipv6, ip
+from vhostmap.lab.netns import Tap, VethPair, disable_ipv6, ip, wait_transmitting
 from vhostmap.lab.wait import wait_until
 from vhostmap.vhost_user.device import VhostUserNetDevice
 from vhostmap.vhost_user.server import Endpoint
@@ -200,6 +201,13 @@ def start_daemon(
             thread.join(10)
             running.remove(rd)
             raise rd.error
+        for options in ports.values():
+            for option in options.split(","):
+                key, _, tap = option.partition("=")
+                if key == "host" and admin_up(tap):
+                    # It got its carrier as the daemon opened it: what a test sends into it before the
+                    # kernel attached its qdisc would be dropped.
+                    wait_transmitting(tap)
         return rd
 
     yield start
@@ -238,6 +246,12 @@ def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return str(request.param)
 
 
+def admin_up(dev: str) -> bool:
+    """Whether interface ``dev`` exists here and was set up."""
+    shown = ip("-j", "link", "show", "dev", dev, check=False)
+    return shown.returncode == 0 and "UP" in json.loads(shown.stdout)[0]["flags"]
+
+
 @pytest.fixture
 def tap() -> Iterator[str]:
     """A persistent TAP with IPv6 off (the kernel sends nothing on it of its own), up; deleted afterwards.
@@ -255,4 +269,6 @@ def veth() -> Iterator[VethPair]:
         for end in (v.name, v.peer):
             disable_ipv6(end)
             ip("link", "set", "dev", end, "up")
+        for end in (v.name, v.peer):
+            wait_transmitting(end)
         yield v

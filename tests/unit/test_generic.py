@@ -25,7 +25,7 @@ from ringuser import ETH_P_EXPERIMENTAL, frame, release, sync_until, take_frames
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 
-from vhostmap.lab.netns import Netns, VethPair, ip, set_up, unique_name
+from vhostmap.lab.netns import Netns, VethPair, ip, set_up, unique_name, wait_transmitting
 from vhostmap.netmap.abi import NR_FORWARD, NS_FORWARD, NS_MOREFRAG, RingView, nm_prev
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.errors import InterfaceError
@@ -107,6 +107,8 @@ def wire() -> Iterator[Wire]:
                 path.write_text("1")
             set_up(pair.name, mtu=MTU)
             set_up(pair.peer, netns=ns.name, mtu=MTU)
+            wait_transmitting(pair.name)
+            wait_transmitting(pair.peer, netns=ns.name)
             with packet_socket_in(ns.name, pair.peer, ETH_P_EXPERIMENTAL) as far:
                 yield Wire(pair.name, pair.peer, ns.name, far)
         assert not pair.exists

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from vhostmap.apps.pktgen import Limits
-from vhostmap.lab.netns import VethPair, set_up
+from vhostmap.lab.netns import VethPair, set_up, wait_transmitting
 from vhostmap.netmap.abi import NR_REG_ALL_NIC
 from vhostmap.netmap.adapter import LoopbackAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
@@ -109,6 +109,8 @@ def veth() -> Iterator[VethPair]:
         for name in (pair.name, pair.peer):
             Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
             set_up(name)
+        for name in (pair.name, pair.peer):
+            wait_transmitting(name)
         yield pair
 
 

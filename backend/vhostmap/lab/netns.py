@@ -8,12 +8,15 @@ leftovers do not collide; Linux interface names are at most 15 bytes.
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from vhostmap.lab.wait import wait_until
 
 IFNAMSIZ = 16  # including the NUL: names are at most 15 bytes
 NETNS_DIR = Path("/var/run/netns")
@@ -57,6 +60,18 @@ def set_up(dev: str, *, netns: str | None = None, mtu: int | None = None) -> Non
     if mtu is not None:
         ip("link", "set", "dev", dev, "mtu", str(mtu), netns=netns)
     ip("link", "set", "dev", dev, "up", netns=netns)
+
+
+def wait_transmitting(dev: str, *, netns: str | None = None, timeout: float = 10.0) -> None:
+    """Wait until ``dev``, brought up, has its carrier and its queueing discipline: until the kernel's link
+    watch has run (it is deferred, by a second or more on a busy machine), the device has the noop qdisc,
+    which drops whatever is sent through it without an error."""
+
+    def ready() -> bool:
+        [link] = json.loads(ip("-j", "link", "show", "dev", dev, netns=netns).stdout)
+        return bool(link.get("operstate") == "UP" and link.get("qdisc") != "noop")
+
+    wait_until(ready, timeout, f"{dev} to be up with its qdisc attached")
 
 
 def add_address(dev: str, address: str, *, netns: str | None = None) -> None:
