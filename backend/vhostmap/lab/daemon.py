@@ -27,6 +27,10 @@ class VhostmapDaemon(ChildProcess):
     ``workdir``. Server-mode sockets are waited for before ``start`` returns (the daemon starts its vhost-user
     endpoints before its control socket answers a first request). `restart` kills it as a crash would and
     starts a new process with the same command line: same ports, sockets and control socket.
+
+    ``netns`` runs the daemon inside that network namespace (``ip netns exec``, which execs it: the pid is the
+    daemon's): its generic ports and TAPs are that namespace's interfaces. Its UNIX sockets are paths in the
+    file system, which every namespace shares, so QEMU and the control client reach them from anywhere.
     """
 
     def __init__(
@@ -37,8 +41,10 @@ class VhostmapDaemon(ChildProcess):
         extra_args: Sequence[str] = (),
         name: str = "vhostmap",
         env: Mapping[str, str] | None = None,
+        netns: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.netns = netns
         self.env = dict(env or {})  # added to this process's environment (e.g. PYTHONPATH: another checkout)
         self.ports = list(ports)
         self.links = list(links)
@@ -50,13 +56,14 @@ class VhostmapDaemon(ChildProcess):
         self.ready_at: float | None = None
 
     def command_line(self) -> list[str]:
-        """The argv that starts the daemon."""
+        """The argv that starts the daemon (through ``ip netns exec`` when it has a ``netns``)."""
         args = [sys.executable, "-m", "vhostmap.cli", "serve", "--verbose", "--control", self.control]
         for p in self.ports:
             args += ["--port", p]
         for link in self.links:
             args += ["--link", link]
-        return args + self.extra_args
+        args += self.extra_args
+        return ["ip", "netns", "exec", self.netns, *args] if self.netns else args
 
     def start(self, timeout: float = 30.0) -> Self:
         """Start the process and wait until its control socket answers."""
