@@ -14,6 +14,24 @@ processes.
   back: vhostmap's ports in a ``--link`` or on a ``--switch``, or testpmd io-forwarding two net_vhost
   ports. Rate: packets the front-end received, both ports together.
 
+* T1 guest TCP (`vhostmap.lab.tcpbench`; only when named, ``--only T1``: it boots two guests per run, a
+  round takes minutes): two stock Linux TCG guests, one NIC each, QEMU the client of the back-end's two
+  sockets; guest B fetches a random file of ``--file-mb`` MiB (``--sizes`` does not apply) from guest A's
+  busybox httpd with wget, md5-compared every time (a mismatch fails the run). Back-ends: vhostmap with
+  the ports in a link, the same with ``offloads=off`` on both ports (every guest segments at the MTU and
+  checksums in software), the ports on a switch, and testpmd io-forwarding two net_vhost ports with
+  ``tso=1`` (DPDK's vhost library passing the guests' TSO and checksum offloads). Rate: file bits over
+  the wget's wall time in guest B, in Mbit/s; ``--warmup`` seconds of fetches come first, unmeasured, then
+  fetches until their times add up to ``--seconds`` (at least one). Besides the ratio to DPDK, the table
+  gives the link's rate with offloads over its rate without, per round.
+
+  CPUs: the back-end gets the same core as in P1-P3 (vhostmap ``--poll --cpu``, testpmd's lcores pinned
+  there) and both guests' QEMUs are pinned together to the front-end's CPU, where they stand in for the
+  testpmd front-end. A polling back-end takes its core whole whether it is DPDK's or vhostmap's, so the
+  guests, which bound the rate under TCG (about a gigabit), get exactly the same CPU with every back-end;
+  letting QEMU float would hand the guests whatever a back-end leaves of its core, and measure that
+  instead. The numbers are therefore "two TCG guests sharing a core", not a guest's best.
+
 The ratio of a run pair is vhostmap's rate over DPDK's in the same round; the table gives the median of those.
 ``--baseline DIR`` adds, next to each vhostmap back-end, the same back-end run from another checkout (DIR, its
 kernels built: a git worktree of the commit to compare with), alternating within each round too, and the table
@@ -43,18 +61,26 @@ from types import FrameType
 from typing import Any
 
 from vhostmap.control.client import ControlError
+from vhostmap.lab import tcpbench
 from vhostmap.lab.daemon import VhostmapDaemon
+from vhostmap.lab.guestkernel import GuestKernel, GuestKernelMissing
 from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort
 from vhostmap.lab.wait import wait_until
 from vhostmap.system.cpu import check_cpu
 
-SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding"}
+SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding", "T1": "guest TCP"}
+# What runs without --only: T1 boots guests (minutes per round) and is run only when asked for.
+DEFAULT_SCENARIOS = ("P1", "P2", "P3")
+OFFLOADS_OFF = "-offloads-off"  # a T1 back-end: the one named before it with offloads=off on its ports
 # The back-ends of each scenario, DPDK's last: one round runs each once, in this order.
 BACKENDS = {
     "P1": ("vhostmap", "dpdk"),
     "P2": ("vhostmap", "dpdk"),
     "P3": ("vhostmap-link", "vhostmap-switch", "dpdk"),
+    "T1": ("vhostmap-link", "vhostmap-link" + OFFLOADS_OFF, "vhostmap-switch", "dpdk"),
 }
+# The unit of each scenario's rates.
+UNITS = {"P1": "Mpps", "P2": "Mpps", "P3": "Mpps", "T1": "Mbit/s"}
 DPDK = "dpdk"
 BASELINE = "@baseline"  # the suffix of a back-end run from Settings.baseline
 # Bursts each front-end port sends with ``start tx_first`` in P3: enough to keep both directions' rings busy
@@ -75,31 +101,59 @@ class Settings:
     seconds: float = 5.0
     warmup: float = 1.0
     sizes: tuple[int, ...] = (64, 1500)
-    only: tuple[str, ...] = ("P1", "P2", "P3")
+    only: tuple[str, ...] = DEFAULT_SCENARIOS
     backend_cpu: int = 1
-    frontend_cpu: int = 0
+    frontend_cpu: int = 0  # the testpmd front-end's, or T1's guests'
     baseline: Path | None = None  # another checkout whose vhostmap runs as BACKEND@baseline too
+    file_mb: int = 64  # T1: the file the guests copy, in MiB
+
+    def sizes_of(self, scenario: str) -> tuple[int, ...]:
+        """The sizes ``scenario`` runs at: frame sizes, or T1's one file size (MiB)."""
+        return (self.file_mb,) if scenario == "T1" else self.sizes
 
 
 @dataclass
 class Series:
-    """The runs of one back-end in one scenario at one frame size."""
+    """The runs of one back-end in one scenario at one frame size (T1: file size)."""
 
     scenario: str
     size: int
     backend: str
-    mpps: list[float | None] = field(default_factory=list)  # None: the run failed or could not run
+    # In the scenario's unit (UNITS); None: the run failed or could not run.
+    rates: list[float | None] = field(default_factory=list)
     # vhostmap's: the share of the measured interval its datapath thread had work (None: DPDK, or unknown).
     busy: list[float | None] = field(default_factory=list)
     # vhostmap's: frames counted per datapath round that moved frames (None: DPDK, or unknown).
     per_round: list[float | None] = field(default_factory=list)
+    # T1: the mean frame guest A sent, as the back-end counted it (None: P1-P3).
+    frame_bytes: list[float | None] = field(default_factory=list)
+    # T1: frames the back-end dropped during the measured fetches (a guest's full receive ring).
+    dropped: list[int | None] = field(default_factory=list)
+    # T1: the md5s of guest A's file and of guest B's copy, equal (a mismatch fails the run instead).
+    md5: list[tuple[str, str] | None] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str:
+        """The unit of the rates."""
+        return UNITS[self.scenario]
 
     @property
     def median(self) -> float | None:
         """The median of the runs that were measured."""
-        done = [m for m in self.mpps if m is not None]
+        done = [m for m in self.rates if m is not None]
         return statistics.median(done) if done else None
+
+    def record(self, rate: Rate | None, note: str = "") -> None:
+        """Append one run's result (None: it failed, ``note`` says why)."""
+        self.rates.append(rate.value if rate else None)
+        self.busy.append(rate.busy if rate else None)
+        self.per_round.append(rate.per_round if rate else None)
+        self.frame_bytes.append(rate.frame_bytes if rate else None)
+        self.dropped.append(rate.dropped if rate else None)
+        self.md5.append(rate.md5 if rate else None)
+        if note:
+            self.notes.append(note)
 
 
 def say(text: str) -> None:
@@ -112,12 +166,17 @@ def say(text: str) -> None:
 
 @dataclass(frozen=True)
 class Rate:
-    """What one run measured: packets per second, and for vhostmap the share of the interval its datapath
-    thread had work (1.0: the back-end is the bottleneck; well below: the front-end is)."""
+    """What one run measured: its rate in the scenario's unit (Mpps; T1: Mbit/s), and for vhostmap the share
+    of the interval its datapath thread had work (1.0: the back-end is the bottleneck; well below: the
+    front-end is)."""
 
-    pps: float
+    value: float
     busy: float | None = None
     per_round: float | None = None  # frames counted per datapath round that moved frames
+    frame_bytes: float | None = None  # T1: the mean frame guest A sent
+    dropped: int | None = None  # T1: frames the back-end dropped during the measured fetches
+    md5: tuple[str, str] | None = None  # T1: guest A's file's and guest B's copy's, equal
+    detail: str = ""  # for the progress line
 
 
 def measure(
@@ -127,7 +186,7 @@ def measure(
     alive: Callable[[], None],
     idle: Callable[[], tuple[int, int, int]] | None = None,
 ) -> Rate:
-    """Packets per second of a cumulative ``counter`` over ``seconds``, once traffic flows and ``warmup``
+    """Mpps of a cumulative packet ``counter`` over ``seconds``, once traffic flows and ``warmup``
     seconds passed. ``alive`` raises if a process of the run died (checked while waiting for traffic, and
     after the measurement). ``idle``: the back-end's idle and clock nanoseconds and its rounds that moved
     frames, read with the counter."""
@@ -151,7 +210,7 @@ def measure(
         busy = 1 - (load1[0] - load0[0]) / (load1[1] - load0[1])
         if load1[2] > load0[2]:
             per_round = (last - first) / (load1[2] - load0[2])
-    return Rate((last - first) / (t1 - t0), busy, per_round)
+    return Rate((last - first) / (t1 - t0) / 1e6, busy, per_round)
 
 
 def _datapath_idle(daemon: VhostmapDaemon) -> Callable[[], tuple[int, int, int]]:
@@ -241,6 +300,15 @@ class Bench:
         """The vhost-user socket of port ``name``."""
         return self.workdir / f"{name}.sock"
 
+    def guests(self, file_mb: int) -> tcpbench.GuestPair:
+        """T1's two guests on the sockets of ports a and b, both on the front-end's CPU (the module
+        docstring says why), guest A serving a ``file_mb`` MiB file (a context manager: entering boots)."""
+        sockets = [self.sock("a"), self.sock("b")]
+        for sock in sockets:
+            # QEMU connects once, at start (no reconnect): the back-end must listen before it does.
+            wait_until(sock.is_socket, SETUP_TIMEOUT, f"the back-end to listen on {sock}")
+        return tcpbench.GuestPair(sockets, self.workdir, cpus=[self.settings.frontend_cpu], file_mb=file_mb)
+
     # --- scenarios -----------------------------------------------------------------------------------------
 
     def run(self, scenario: str, backend: str, size: int) -> Rate:
@@ -256,6 +324,12 @@ class Bench:
             ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, tree, switch=False),
             ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, tree, switch=True),
             ("P3", DPDK): self.p3_dpdk,
+            ("T1", "vhostmap-link"): lambda n: self.t1_vhostmap(n, tree, switch=False),
+            ("T1", "vhostmap-link" + OFFLOADS_OFF): lambda n: self.t1_vhostmap(
+                n, tree, switch=False, offloads=False
+            ),
+            ("T1", "vhostmap-switch"): lambda n: self.t1_vhostmap(n, tree, switch=True),
+            ("T1", DPDK): self.t1_dpdk,
         }
         return runner[scenario, name](size)
 
@@ -343,6 +417,75 @@ class Bench:
             fe.start(tx_first=TX_FIRST_BURSTS)
             return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe))
 
+    def t1_vhostmap(
+        self, file_mb: int, tree: Path | None = None, *, switch: bool, offloads: bool = True
+    ) -> Rate:
+        """Guest B fetches guest A's file through a vhostmap link (or switch), the ports' offloads on or
+        off; Mbit/s of file in guest B's wget time."""
+        s = self.settings
+        with (
+            self.daemon(
+                tree,
+                ["a", "b"],
+                [] if switch else ["a,b"],
+                "sw0=a,b" if switch else None,
+                "" if offloads else "offloads=off",
+            ) as daemon,
+            self.guests(file_mb) as pair,
+        ):
+
+            def sent_by_a() -> tuple[int, int]:
+                totals = daemon.stats()["a"]["totals"]
+                return int(totals["rx_packets"]), int(totals["rx_bytes"])
+
+            def dropped() -> int:
+                ports = daemon.stats().values()
+                return sum(int(p["totals"]["rx_dropped"]) + int(p["totals"]["tx_dropped"]) for p in ports)
+
+            got = tcpbench.measure(
+                pair, s.seconds, s.warmup, _checker(daemon), _datapath_idle(daemon), sent_by_a, dropped
+            )
+            return _guest_rate(got)
+
+    def t1_dpdk(self, file_mb: int) -> Rate:
+        """The same guests through testpmd io-forwarding two net_vhost ports with TSO (``tso=1``)."""
+        s = self.settings
+        ports = [VhostPort(self.sock(n), options=("tso=1",)) for n in ("a", "b")]
+        with self.testpmd(ports, "io", 64, s.backend_cpu) as be:
+            be.start()  # forwarding before the guests come: their first frames find it running
+            with self.guests(file_mb) as pair:
+
+                def sent_by_a() -> tuple[int, int]:
+                    port = be.stats()[0]
+                    return port.rx_packets, port.rx_bytes
+
+                def dropped() -> int:
+                    # io mode frees what a port's transmit refused (the guest's receive ring was full).
+                    return sum(rx + tx for rx, tx in be.forward_drops().values())
+
+                got = tcpbench.measure(pair, s.seconds, s.warmup, _checker(be), None, sent_by_a, dropped)
+                return _guest_rate(got)
+
+
+def _guest_rate(got: tcpbench.Throughput) -> Rate:
+    """T1's measurement as a run's Rate (Mbit/s), with what the progress line says about it."""
+    detail = (
+        f"{got.fetches} fetch{'es' if got.fetches > 1 else ''}, {got.guest_seconds:.2f} s in guest B"
+        f" ({got.host_seconds:.2f} s host-side)"
+    )
+    if got.frame_bytes is not None:
+        detail += f", mean frame from A {got.frame_bytes:.0f} B"
+    if got.dropped is not None:
+        detail += f", {got.dropped} dropped"
+    return Rate(
+        got.mbit_s,
+        busy=got.busy,
+        frame_bytes=got.frame_bytes,
+        dropped=got.dropped,
+        md5=got.md5,
+        detail=detail,
+    )
+
 
 # --- the whole invocation ----------------------------------------------------------------------------------
 
@@ -352,32 +495,41 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
     benchmark still has what it measured)."""
     bench = Bench(settings, workdir)
     for scenario in settings.only:
-        for size in settings.sizes:
+        for size in settings.sizes_of(scenario):
             series = {b: Series(scenario, size, b) for b in backends(scenario, settings.baseline is not None)}
             results += series.values()
             for round_ in range(1, settings.runs + 1):
                 for backend, ser in series.items():
                     label = (
-                        f"{scenario} {SCENARIOS[scenario]} {size} B, {backend}, run {round_}/{settings.runs}"
+                        f"{scenario} {SCENARIOS[scenario]} {size_label(scenario, size)}, {backend}, "
+                        f"run {round_}/{settings.runs}"
                     )
                     try:
                         rate = bench.run(scenario, backend, size)
                     except (RuntimeError, OSError, ControlError) as e:
-                        # BenchError, TestpmdError, a daemon that would not start; WaitTimeout is an OSError.
-                        ser.mpps.append(None)
-                        ser.busy.append(None)
-                        ser.per_round.append(None)
-                        ser.notes.append(f"run {round_}: {e}")
+                        # BenchError, TestpmdError, GuestError, TransferCorrupt, a daemon that would not
+                        # start; WaitTimeout is an OSError.
+                        ser.record(None, f"run {round_}: {e}")
                         say(f"{label}: FAILED: {e}")
                         continue
-                    ser.mpps.append(rate.pps / 1e6)
-                    ser.busy.append(rate.busy)
-                    ser.per_round.append(rate.per_round)
-                    busy = "" if rate.busy is None else f" (datapath busy {rate.busy:.0%}"
+                    ser.record(rate)
+                    extra = [rate.detail] if rate.detail else []
+                    if rate.busy is not None:
+                        extra.append(f"datapath busy {rate.busy:.0%}")
                     if rate.per_round is not None:
-                        busy += f", {rate.per_round:.1f} frames per round"
-                    busy += ")" if busy else ""
-                    say(f"{label}: {rate.pps / 1e6:.3f} Mpps{busy}")
+                        extra.append(f"{rate.per_round:.1f} frames per round")
+                    shown = f" ({', '.join(extra)})" if extra else ""
+                    say(f"{label}: {_format(rate.value, ser.unit)} {ser.unit}{shown}")
+
+
+def size_label(scenario: str, size: int) -> str:
+    """A size as the scenario means it: a frame's bytes, or T1's file MiB."""
+    return f"{size} MiB" if scenario == "T1" else f"{size} B"
+
+
+def _format(value: float, unit: str, width: int = 0) -> str:
+    """A rate with the decimals its unit needs: Mpps to the thousandth, Mbit/s to the tenth."""
+    return f"{value:{width}.1f}" if unit == "Mbit/s" else f"{value:{width}.3f}"
 
 
 def backends(scenario: str, baseline: bool) -> list[str]:
@@ -403,7 +555,7 @@ def _ratios_to(
         if s.backend == DPDK or ref is None:
             continue
         out[s.scenario, s.size, s.backend] = [
-            v / r for v, r in zip(s.mpps, ref.mpps, strict=False) if v is not None and r
+            v / r for v, r in zip(s.rates, ref.rates, strict=False) if v is not None and r
         ]
     return out
 
@@ -411,6 +563,17 @@ def _ratios_to(
 def baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
     """For each vhostmap series with a baseline twin: its rate over the twin's, per round both measured."""
     return _ratios_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE))
+
+
+def offload_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+    """For each vhostmap series with an ``offloads=off`` twin (T1's link, and its baseline's): its rate over
+    the twin's, per round both measured."""
+
+    def twin(s: Series) -> tuple[str, int, str]:
+        name, at, baseline = s.backend.partition(BASELINE)
+        return s.scenario, s.size, name + OFFLOADS_OFF + at + baseline
+
+    return _ratios_to(results, twin)
 
 
 def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
@@ -424,31 +587,51 @@ def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None
 
 
 def table(results: Sequence[Series], runs: int) -> str:
-    """The results as a text table: Mpps per run, median, the median vhostmap/DPDK ratio and the range of
-    the rounds' ratios (how much this machine's noise moved them)."""
+    """The results as a text table: rates per run (Mpps; T1 Mbit/s, under a header of its own), median,
+    the median vhostmap/DPDK ratio and the range of the rounds' ratios (how much this machine's noise
+    moved them)."""
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
+    offloads = offload_ratios(results)
     width = max(7 * runs, 14)
-    bw = max([16, *(len(s.backend) for s in results)])
-    head = f"{'scenario':<14} {'size':>5}  {'backend':<{bw}} {'Mpps per run':<{width}} {'median':>7}"
-    lines = [f"{head}  vhostmap/DPDK  rounds"]
+    lines: list[str] = []
+    unit = None
+    bw = 16
     for s in results:
-        per_run = " ".join(f"{m:6.3f}" if m is not None else f"{'n/a':>6}" for m in s.mpps)
-        median = f"{s.median:7.3f}" if s.median is not None else f"{'n/a':>7}"
+        if s.unit != unit:  # a header for each unit's rows, their back-end column as wide as they need
+            unit = s.unit
+            bw = max([16, *(len(r.backend) for r in results if r.unit == unit)])
+            size_head, rates_head = "file" if s.scenario == "T1" else "size", f"{unit} per run"
+            head = f"{'scenario':<14} {size_head:>5}  {'backend':<{bw}} {rates_head:<{width}} {'median':>7}"
+            lines += [""] if lines else []
+            lines.append(f"{head}  vhostmap/DPDK  rounds")
+        per_run = " ".join(_format(m, unit, 6) if m is not None else f"{'n/a':>6}" for m in s.rates)
+        median = _format(s.median, unit, 7) if s.median is not None else f"{'n/a':>7}"
         key = (s.scenario, s.size, s.backend)
         r, each = ratio.get(key), rounds.get(key, [])
         rtext = "" if s.backend == DPDK else f"{r:13.3f}" if r is not None else f"{'n/a':>13}"
         if len(each) > 1:
             rtext += f"  {min(each):.2f}-{max(each):.2f}"
         name = f"{s.scenario} {SCENARIOS[s.scenario]}"
-        lines.append(
-            f"{name:<14} {s.size:>5}  {s.backend:<{bw}} {per_run:<{width}} {median}  {rtext}".rstrip()
-        )
+        size = f"{s.size}M" if s.scenario == "T1" else str(s.size)
+        lines.append(f"{name:<14} {size:>5}  {s.backend:<{bw}} {per_run:<{width}} {median}  {rtext}".rstrip())
         if any(b is not None for b in s.busy):
             shown = " ".join(f"{b:.0%}" if b is not None else "n/a" for b in s.busy)
             lines.append(f"{'':<22}  datapath busy per run: {shown}")
         if any(r is not None for r in s.per_round):
             shown = " ".join(f"{r:.1f}" if r is not None else "n/a" for r in s.per_round)
             lines.append(f"{'':<22}  frames per datapath round: {shown}")
+        if any(f is not None for f in s.frame_bytes):
+            shown = " ".join(f"{f:.0f}" if f is not None else "n/a" for f in s.frame_bytes)
+            lines.append(f"{'':<22}  mean frame from guest A per run (bytes): {shown}")
+        if any(d is not None for d in s.dropped):
+            shown = " ".join(str(d) if d is not None else "n/a" for d in s.dropped)
+            lines.append(f"{'':<22}  frames the back-end dropped per run: {shown}")
+        if offloads.get(key):
+            each = offloads[key]
+            lines.append(
+                f"{'':<22}  over offloads=off: {statistics.median(each):.3f}x median, per round "
+                + " ".join(f"{r:.2f}" for r in each)
+            )
         if against.get(key):
             each = against[key]
             lines.append(
@@ -461,9 +644,41 @@ def table(results: Sequence[Series], runs: int) -> str:
     return "\n".join(lines)
 
 
+# The JSON keys of a series' rates and their median, by unit.
+_RATE_KEYS = {"Mpps": ("mpps", "median_mpps"), "Mbit/s": ("mbit_s", "median_mbit_s")}
+
+
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
     """Everything measured, for the JSON file."""
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
+    offloads = offload_ratios(results)
+
+    def entry(s: Series) -> dict[str, Any]:
+        key = (s.scenario, s.size, s.backend)
+        rates, median = _RATE_KEYS[s.unit]
+        out: dict[str, Any] = {
+            "scenario": s.scenario,
+            "name": SCENARIOS[s.scenario],
+            "size": s.size,
+            "unit": s.unit,
+            "backend": s.backend,
+            rates: s.rates,
+            median: s.median,
+            "ratio_to_dpdk": ratio.get(key),
+            "round_ratios": rounds.get(key),
+            "datapath_busy": s.busy if s.backend != DPDK else None,
+            "frames_per_round": s.per_round if s.backend != DPDK else None,
+            "baseline_round_ratios": against.get(key),
+            "notes": s.notes,
+        }
+        if s.scenario == "T1":
+            out["file_mib"] = s.size
+            out["frame_bytes"] = s.frame_bytes
+            out["dropped"] = s.dropped
+            out["md5"] = [list(m) if m else None for m in s.md5]
+            out["offload_round_ratios"] = offloads.get(key)
+        return out
+
     return {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()},
         "machine": {
@@ -473,29 +688,13 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "python": platform.python_version(),
         },
         "interrupted": interrupted,
-        "results": [
-            {
-                "scenario": s.scenario,
-                "name": SCENARIOS[s.scenario],
-                "size": s.size,
-                "backend": s.backend,
-                "mpps": s.mpps,
-                "median_mpps": s.median,
-                "ratio_to_dpdk": ratio.get((s.scenario, s.size, s.backend)),
-                "round_ratios": rounds.get((s.scenario, s.size, s.backend)),
-                "datapath_busy": s.busy if s.backend != DPDK else None,
-                "frames_per_round": s.per_round if s.backend != DPDK else None,
-                "baseline_round_ratios": against.get((s.scenario, s.size, s.backend)),
-                "notes": s.notes,
-            }
-            for s in results
-        ],
+        "results": [entry(s) for s in results],
     }
 
 
 def chart(results: Sequence[Series], path: Path) -> bool:
     """A bar chart of the medians (runs as dots, vhostmap/DPDK ratios above the bars) per scenario and
-    size; False when matplotlib is missing."""
+    size, one panel per unit; False when matplotlib is missing."""
     try:
         import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
@@ -504,33 +703,42 @@ def chart(results: Sequence[Series], path: Path) -> bool:
     except ImportError:
         return False
     ratio = ratios(results)
-    groups = list(dict.fromkeys((s.scenario, s.size) for s in results))
+    units = list(dict.fromkeys(s.unit for s in results))
     backends = sorted({s.backend for s in results}, key=lambda b: (b == DPDK, b))
     color = {b: f"C{i}" for i, b in enumerate(backends)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * len(groups)), 4.5))
-    labelled: set[str] = set()
-    for g, key in enumerate(groups):
-        present = sorted(
-            (s for s in results if (s.scenario, s.size) == key and s.median is not None),
-            key=lambda s: backends.index(s.backend),
-        )
-        width = 0.8 / max(len(present), 1)
-        for i, s in enumerate(present):
-            assert s.median is not None
-            x = g - 0.4 + width * (i + 0.5)
-            label = None if s.backend in labelled else s.backend
-            labelled.add(s.backend)
-            ax.bar(x, s.median, width, color=color[s.backend], label=label)
-            runs = [m for m in s.mpps if m is not None]
-            ax.plot([x] * len(runs), runs, "k.", markersize=3)
-            r = ratio.get((s.scenario, s.size, s.backend))
-            if r is not None:
-                ax.annotate(f"{r:.2f}x", (x, max(runs)), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{sc} {SCENARIOS[sc]}\n{size} B" for sc, size in groups])
-    ax.set_ylabel("Mpps (bars: median, dots: runs)")
-    ax.set_title("vhostmap vs DPDK vhost (testpmd), one back-end core; ratios to DPDK")
-    ax.legend()
+    groups_of = {u: list(dict.fromkeys((s.scenario, s.size) for s in results if s.unit == u)) for u in units}
+    fig, axes = plt.subplots(
+        1,
+        len(units),
+        figsize=(max(6.0, 1.7 * sum(len(g) for g in groups_of.values())), 5.5),
+        width_ratios=[max(len(groups_of[u]), 1) for u in units],
+        squeeze=False,
+    )
+    for ax, unit in zip(axes[0], units, strict=True):
+        groups = groups_of[unit]
+        labelled: set[str] = set()  # each panel's legend names the back-ends in it
+        for g, key in enumerate(groups):
+            present = sorted(
+                (s for s in results if (s.scenario, s.size) == key and s.median is not None),
+                key=lambda s: backends.index(s.backend),
+            )
+            width = 0.8 / max(len(present), 1)
+            for i, s in enumerate(present):
+                assert s.median is not None
+                x = g - 0.4 + width * (i + 0.5)
+                label = None if s.backend in labelled else s.backend
+                labelled.add(s.backend)
+                ax.bar(x, s.median, width, color=color[s.backend], label=label)
+                runs = [m for m in s.rates if m is not None]
+                ax.plot([x] * len(runs), runs, "k.", markersize=3)
+                r = ratio.get((s.scenario, s.size, s.backend))
+                if r is not None:
+                    ax.annotate(f"{r:.2f}x", (x, max(runs)), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{sc} {SCENARIOS[sc]}\n{size_label(sc, size)}" for sc, size in groups])
+        ax.set_ylabel(f"{unit} (bars: median, dots: runs)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: bars stay visible
+    fig.suptitle("vhostmap vs DPDK vhost (testpmd), one back-end core; ratios to DPDK", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -568,19 +776,39 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``scripts/bench`` command line."""
     p = argparse.ArgumentParser(
         prog="scripts/bench",
-        description="vhostmap against DPDK's vhost back-end: P1 dequeue, P2 enqueue, P3 forwarding",
+        description="vhostmap against DPDK's vhost back-end: P1 dequeue, P2 enqueue, P3 forwarding, "
+        "and (only when named) T1 guest-to-guest TCP",
     )
     p.add_argument("--runs", type=int, default=3, help="runs of each back-end, alternating (default 3)")
-    p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per run (default 5)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=5.0,
+        help="measured seconds per run (default 5; T1: the file is fetched until its transfers add up to it)",
+    )
     p.add_argument(
         "--warmup", type=float, default=1.0, help="seconds of traffic before measuring (default 1)"
     )
-    p.add_argument("--sizes", type=_sizes, default=(64, 1500), help="frame sizes, e.g. 64,1500 (the default)")
     p.add_argument(
-        "--only", type=_scenarios, default=tuple(SCENARIOS), help="scenarios, e.g. P1,P3 (default all)"
+        "--sizes", type=_sizes, default=(64, 1500), help="frame sizes, e.g. 64,1500 (the default; not T1)"
+    )
+    p.add_argument(
+        "--only",
+        type=_scenarios,
+        default=DEFAULT_SCENARIOS,
+        help="scenarios, e.g. P1,P3 or T1 (default P1,P2,P3: T1 boots guests, minutes per round, and runs "
+        "only when named)",
+    )
+    p.add_argument(
+        "--file-mb",
+        type=int,
+        default=64,
+        help="T1: MiB of the file guest B fetches from guest A (default 64, at most 1024)",
     )
     p.add_argument("--backend-cpu", type=int, default=1, help="CPU of vhostmap's datapath / DPDK's back-end")
-    p.add_argument("--frontend-cpu", type=int, default=0, help="CPU of the testpmd front-end")
+    p.add_argument(
+        "--frontend-cpu", type=int, default=0, help="CPU of the testpmd front-end, or of both T1 guests"
+    )
     p.add_argument("--json-out", type=Path, default=Path("bench-results/bench.json"), help="results file")
     p.add_argument("--png", type=Path, default=Path("bench-results/bench.png"), help="chart file")
     p.add_argument(
@@ -614,8 +842,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/bench``; 0 when every run was measured (or could not run: n/a)."""
     args = build_parser().parse_args(argv)
-    if args.runs < 1 or args.seconds <= 0 or args.warmup < 0:
-        print("bench: --runs must be at least 1, --seconds positive, --warmup not negative", file=sys.stderr)
+    if args.runs < 1 or args.seconds <= 0 or args.warmup < 0 or not 1 <= args.file_mb <= 1024:
+        print(
+            "bench: --runs must be at least 1, --seconds positive, --warmup not negative, --file-mb 1..1024",
+            file=sys.stderr,
+        )
         return 2
     try:
         for cpu, what in ((args.backend_cpu, "--backend-cpu"), (args.frontend_cpu, "--frontend-cpu")):
@@ -626,6 +857,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("dpdk-testpmd") is None:
         print("bench: dpdk-testpmd is not installed (scripts/setup installs it)", file=sys.stderr)
         return 2
+    if "T1" in args.only:
+        try:
+            GuestKernel.from_cache()
+        except GuestKernelMissing as e:
+            print(f"bench: T1 needs the lab's guest: {e}", file=sys.stderr)
+            return 2
     settings = Settings(
         runs=args.runs,
         seconds=args.seconds,
@@ -635,6 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend_cpu=args.backend_cpu,
         frontend_cpu=args.frontend_cpu,
         baseline=args.baseline.resolve() if args.baseline else None,
+        file_mb=args.file_mb,
     )
     if settings.baseline is not None and not any(
         (settings.baseline / "backend/vhostmap/datapath").glob("_kernels*.so")
@@ -672,7 +910,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             say("no chart: matplotlib is missing (pip install -e '.[bench]')")
     if interrupted:
         return 130
-    failed = any(m is None and not any(n.startswith("n/a") for n in s.notes) for s in results for m in s.mpps)
+    failed = any(
+        m is None and not any(n.startswith("n/a") for n in s.notes) for s in results for m in s.rates
+    )
     return 1 if failed else 0
 
 

@@ -435,6 +435,11 @@ class Testpmd(ChildProcess):
             raise TestpmdError(f"cannot parse the stats of {len(self.ports)} ports from:\n{text}")
         return stats
 
+    def forward_drops(self) -> dict[int, tuple[int, int]]:
+        """Every port's forward-engine drops so far, (RX-dropped, TX-dropped), without stopping forwarding
+        (``show fwd stats all``): TX-dropped is what the PMD refused, e.g. a guest's full receive ring."""
+        return parse_forward_drops(self.command("show fwd stats all"))
+
     def clear_stats(self) -> None:
         """Zero every port's counters."""
         self.command("clear port stats all")
