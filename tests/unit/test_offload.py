@@ -7,6 +7,8 @@ only and CWR the first only."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from hypothesis import example, given
@@ -18,8 +20,11 @@ from scapy.packet import Packet, Raw
 
 from vhostmap.datapath import lib
 from vhostmap.netmap.offload import (
+    HEAD_MAX,
     OffloadError,
     VnetHeader,
+    check,
+    check_compiled,
     complete,
     complete_compiled,
     ones_sum,
@@ -250,3 +255,39 @@ def test_compiled_offloads_agree_with_the_reference(
     h: VnetHeader, frame: bytes, max_segs: int, cap: int
 ) -> None:
     assert outcome(complete_compiled, h, frame, max_segs, cap) == outcome(complete, h, frame, max_segs, cap)
+
+
+def check_outcome(fn: Callable[[VnetHeader, bytes, int], None], h: VnetHeader, head: bytes, n: int) -> int:
+    try:
+        fn(h, head, n)
+    except OffloadError as e:
+        return e.status
+    return int(lib.NM_OFF_OK)
+
+
+@given(h=headers, frame=frames(), cut=st.one_of(st.just(HEAD_MAX), st.integers(0, 300)))
+def test_compiled_check_agrees_with_the_reference(h: VnetHeader, frame: bytes, cut: int) -> None:
+    """What may travel with its header (nm_offload_check), judged on the frame's first ``cut`` bytes."""
+    head, n = frame[:cut], len(frame)
+    assert check_outcome(check_compiled, h, head, n) == check_outcome(check, h, head, n)
+
+
+@pytest.mark.parametrize("l3,l4", [("4", "tcp"), ("6", "tcp"), ("4", "udp")])
+def test_a_segmentation_travels_only_with_its_checksum_at_the_transport_header(l3: str, l4: str) -> None:
+    frame = bytes(super_frame(l3, l4, bytes(3000)))
+    start, field = 14 + (20 if l3 == "4" else 40), 16 if l4 == "tcp" else 6
+    kind = {"4tcp": VIRTIO_NET_HDR_GSO_TCPV4, "6tcp": VIRTIO_NET_HDR_GSO_TCPV6}.get(
+        l3 + l4, VIRTIO_NET_HDR_GSO_UDP_L4
+    )
+    good = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, start + 20, 1000, start, field)
+    for fn in (check, check_compiled):
+        fn(good, frame[:HEAD_MAX], len(frame))
+        for bad in (
+            replace(good, flags=0),
+            replace(good, csum_start=0),
+            replace(good, csum_offset=field + 2),
+        ):
+            with pytest.raises(OffloadError) as e:
+                fn(bad, frame[:HEAD_MAX], len(frame))
+            assert e.value.status == lib.NM_OFF_BAD_CSUM
+        complete(replace(good, flags=0, csum_start=0, csum_offset=0), frame, MAX_SEGS, CAP)  # need not

@@ -55,7 +55,10 @@ def gso(l3: str, l4: str, payload: int, gso_size: int) -> tuple[VnetHeader, byte
         ("4", "tcp"): VIRTIO_NET_HDR_GSO_TCPV4,
         ("6", "tcp"): VIRTIO_NET_HDR_GSO_TCPV6,
     }.get((l3, l4), VIRTIO_NET_HDR_GSO_UDP_L4)
-    return VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, len(frame) - payload, gso_size, 0, 0), frame
+    # As Linux fills it in: the checksum is left at the transport header (IPv4 or IPv6, no options).
+    start = 14 + (20 if l3 == "4" else 40)
+    offset = 16 if l4 == "tcp" else 6
+    return VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, len(frame) - payload, gso_size, start, offset), frame
 
 
 @pytest.mark.parametrize("l3,l4", [("4", "tcp"), ("6", "tcp"), ("4", "udp")])

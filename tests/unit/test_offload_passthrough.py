@@ -1,14 +1,27 @@
 """Offloads that travel with the frame (NS_VNET_HDR): a guest's checksum and segmentation requests reach a
 guest that negotiated the receive offloads as they were sent, header and 64 KiB frame unchanged, through a
-link and through a switch, with both datapaths; a switch with a port that does not take them completes them
-for everyone (a flood may reach any port), and a driver that takes none gets plain frames."""
+link and through a switch, with both datapaths, and reach the host stack through a generic port or a TAP the
+same way; a switch with a port that does not take them completes them for everyone (a flood may reach any
+port), and a driver that takes none gets plain frames."""
 
 from __future__ import annotations
 
+import select
+import socket
+import time
+from dataclasses import astuple
+
+import numpy as np
 import pytest
 from test_offload_ingress import OFFLOADING, gso, wire
+from test_pktgen import control_path
+from test_switch_daemon import needs_root
 
 from conftest import StartDaemon
+from vhostmap.apps import client
+from vhostmap.control.client import ControlError
+from vhostmap.lab.netns import VethPair
+from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.netmap.offload import complete
 from vhostmap.virtio.spec import (
     VIRTIO_NET_F_GUEST_CSUM,
@@ -21,6 +34,8 @@ from vhostmap.virtio.spec import (
 )
 
 pytestmark = pytest.mark.usefixtures("datapath")
+
+ETH_P_ALL = 0x0003
 
 # A driver that sends and takes every offload (Linux with its defaults, USO included).
 TAKING = (
@@ -88,3 +103,109 @@ def test_a_switch_completes_for_every_port_when_one_does_not_take_the_offload(
     assert fc.receive(len(want)) == want
     a = d.stats("a")["queues"][0]
     assert (a["rx_offloaded"], a["rx_offload_passed"]) == (1, 0)
+
+
+def receive_large(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:
+    """The first frame of at least ``size`` bytes ``sock`` receives (the stack may send small ones)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no frame of {size} bytes or more within {timeout} s")
+        data = sock.recv(1 << 17)
+        if len(data) >= size:
+            return data
+
+
+def sniffer(ifname: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL))
+    s.bind((ifname, ETH_P_ALL))
+    return s
+
+
+@needs_root
+@pytest.mark.parametrize("via", ["generic", "host"])
+def test_the_host_stack_gets_the_offloaded_frame_whole(
+    start_daemon: StartDaemon, veth: VethPair, tap: str, via: str
+) -> None:
+    """Through a generic port (PACKET_VNET_HDR) and through host rings (a TAP with IFF_VNET_HDR), the stack
+    takes the 64 KiB frame and its header as they are: a packet socket on the far side sees it unsegmented."""
+    if via == "generic":
+        d = start_daemon({"a": ""}, links=["a,up"], other_ports=[f"up=generic,ifname={veth.name}"])
+        far = veth.peer
+    else:
+        d = start_daemon({"a": f"host={tap}"})
+        far = tap
+    fa = d.frontend("a", features=TAKING)
+    h, frame = gso("4", "tcp", 40000, 1448)
+    with sniffer(far) as s:
+        fa.transmit([frame], header=wire(h))
+        assert receive_large(s, len(frame)) == frame
+    a = d.stats("a")["queues"][0]
+    assert (a["rx_offload_passed"], a["rx_offloaded"]) == (1, 0)
+
+
+def app_receive(port: client.ClientPort, frames: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
+    """``frames`` frames from the application's RX ring: the flags of each frame's first slot, its bytes."""
+    out: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    ring = port.rx_rings[0]
+    while len(out) < frames:
+        if not port.poll(client.POLLIN, max(0.0, deadline - time.monotonic())):
+            raise AssertionError(f"received {len(out)} of {frames} frames")
+        got = ring.receive()
+        ends = np.flatnonzero((got.flags & NS_MOREFRAG) == 0) + 1
+        if not ends.size:
+            continue  # the rest of a frame is on its way
+        starts = [0, *ends[:-1].tolist()]
+        out += [(int(got.flags[s]), f) for s, f in zip(starts, got.frames(), strict=False)]
+        ring.advance(int(ends[-1]))
+    return out
+
+
+def app_send(port: client.ClientPort, data: bytes, flags: int) -> None:
+    """Send ``data`` as one frame over as many slots as it takes, ``flags`` on the first."""
+    ring = port.tx_rings[0]
+    size = ring.buf_size
+    pieces = [data[k : k + size] for k in range(0, len(data), size)]
+    assert ring.space() >= len(pieces)
+    for k, piece in enumerate(pieces):
+        i = (ring.cur + k) % ring.num_slots
+        ring.buffers[ring.slots["buf_idx"][i], : len(piece)] = np.frombuffer(piece, np.uint8)
+        ring.slots["len"][i] = len(piece)
+        ring.slots["flags"][i] = (flags if k == 0 else 0) | (NS_MOREFRAG if k + 1 < len(pieces) else 0)
+    ring.advance(len(pieces))
+    port.txsync()
+
+
+def test_an_application_that_asks_for_the_header_gets_and_sends_offloaded_frames(
+    start_daemon: StartDaemon,
+) -> None:
+    """A switch port opened with vnet_hdr (netmap's NETMAP_REQ_PORT_HDR_SET): the guest's 64 KiB frame
+    arrives whole after its header; what the application sends with NS_VNET_HDR reaches the guest that way;
+    and an application that did not ask makes the switch complete offloads for everyone."""
+    d = start_daemon({"a": ""}, switches=["vale0=a"])
+    path = control_path(d)
+    fa = d.frontend("a", features=TAKING)
+    h, frame = gso("6", "tcp", 30000, 1448)
+    with client.open("vale0:app", path, vnet_hdr=True) as app:
+        fa.transmit([frame], header=wire(h))
+        [(flags, got)] = app_receive(app, 1)
+        assert flags & NS_VNET_HDR and got == wire(h) + frame
+        fb_header, back = gso("4", "tcp", 20000, 1000)
+        fa.post_receive_buffers(16)
+        app_send(app, wire(fb_header) + back, NS_VNET_HDR)
+        [(header, arrived)] = fa.receive_with_headers(1)
+        assert arrived == back and header[:6] == astuple(fb_header)
+        with client.open("vale0:plain", path) as plain:
+            d.wait(lambda: d.device("a").vqs[1].pass_offloads == 0, "the switch to stop passing offloads")
+            fa.transmit([frame], header=wire(h))
+            want = complete(h, frame, 4096, 1 << 18)
+            assert [f for _, f in app_receive(app, len(want))] == want
+            assert [f for _, f in app_receive(plain, len(want))] == want
+
+
+def test_only_switch_ports_carry_the_header(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": ""})
+    with pytest.raises(ControlError, match="switch ports"):
+        client.open("a", control_path(d), vnet_hdr=True)

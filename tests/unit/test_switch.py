@@ -94,6 +94,10 @@ class QueueHostPort:
     def name(self) -> str:
         return "stack0"
 
+    @property
+    def accepted_offloads(self) -> int:
+        return 0  # frames arrive complete
+
     def inject(self, frames: Sequence[bytes]) -> None:
         self.incoming.extend(frames)
 

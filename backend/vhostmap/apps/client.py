@@ -43,12 +43,14 @@ class DaemonGone(ConnectionError):
 class ClientPort:
     """A port opened through the daemon; implements `vhostmap.netmap.user.NetmapPort`."""
 
-    def __init__(self, name: str, control_socket: str = DEFAULT_CONTROL_SOCKET, flags: int = 0) -> None:
+    def __init__(
+        self, name: str, control_socket: str = DEFAULT_CONTROL_SOCKET, flags: int = 0, vnet_hdr: bool = False
+    ) -> None:
         self.name = name
         self._sock = control.connect(control_socket)
         fds: list[int] = []
         try:
-            reply, fds = control.request(self._sock, "register", port=name, flags=flags)
+            reply, fds = control.request(self._sock, "register", port=name, flags=flags, vnet_hdr=vnet_hdr)
             if len(fds) != 3:
                 raise control.ControlError(f"register: expected 3 fds from the daemon, got {len(fds)}")
             memfd, self._kick, self._irq = fds
@@ -147,10 +149,16 @@ class ClientPort:
             raise DaemonGone(f"{self.name}: the vhostmap daemon closed the connection")
 
 
-def open(name: str, control_socket: str = DEFAULT_CONTROL_SOCKET, flags: int = 0) -> ClientPort:
+def open(
+    name: str, control_socket: str = DEFAULT_CONTROL_SOCKET, flags: int = 0, vnet_hdr: bool = False
+) -> ClientPort:
     """Open port ``name`` (nm_open syntax, see vhostmap.netmap.user) of the daemon at ``control_socket``.
 
-    ``flags`` may hold NETMAP_NO_TX_POLL / NETMAP_DO_RX_POLL. Raises vhostmap.control.ControlError when the
-    daemon refuses (unknown or busy port, bad name) or cannot be reached.
+    ``flags`` may hold NETMAP_NO_TX_POLL / NETMAP_DO_RX_POLL. ``vnet_hdr`` (switch ports, ``vale0:app``, as
+    netmap's NETMAP_REQ_PORT_HDR_SET): frames keep their offloads, a frame that asks for some starting with
+    its virtio-net header (VIRTIO_NET_HDR, 12 bytes; NS_VNET_HDR on its first slot; up to 64 KiB of TCP over
+    several slots), and frames sent with that flag are taken the same way; without it every frame arrives
+    complete. Raises vhostmap.control.ControlError when the daemon refuses (unknown or busy port, bad name)
+    or cannot be reached.
     """
-    return ClientPort(name, control_socket, flags)
+    return ClientPort(name, control_socket, flags, vnet_hdr)

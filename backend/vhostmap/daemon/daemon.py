@@ -387,17 +387,19 @@ class Daemon:
     ) -> tuple[dict[str, Any], list[int]]:
         """The ``register`` command (NIOCGINFO + NIOCREGIF): bind the rings ``port`` names to the connection.
 
-        ``{"port": "vm0" | "vm0-1" | "vm0^" | "vm0*" | "vale0:app", "flags": NETMAP_NO_TX_POLL...}``. A plain
-        port must not be in a link or on a switch (it is taken from its sink or TAP while held); a
-        ``SWITCH:NAME`` port is made for the application and attached to SWITCH (made if missing). The reply
+        ``{"port": "vm0" | "vm0-1" | "vm0^" | "vm0*" | "vale0:app", "flags": NETMAP_NO_TX_POLL...,
+        "vnet_hdr": false}``. A plain port must not be in a link or on a switch (it is taken from its sink or
+        TAP while held); a ``SWITCH:NAME`` port is made for the application and attached to SWITCH (made if
+        missing), its frames with their virtio-net header when ``vnet_hdr`` (netmap/pipe.py). The reply
         says where the netmap_if is and which rings are bound; the fds are the allocator's memfd, the kick
         eventfd and the irq eventfd. Everything is released when the connection ends.
         """
         name = request.get("port")
         flags = request.get("flags", 0)
-        if not isinstance(name, str) or not isinstance(flags, int):
-            raise ValueError('register: expected {"port": NAME[, "flags": INT]}')
-        adapter, session = self.topology.register(name, flags, conn.peer_pid)
+        vnet_hdr = request.get("vnet_hdr", False)
+        if not isinstance(name, str) or not isinstance(flags, int) or not isinstance(vnet_hdr, bool):
+            raise ValueError('register: expected {"port": NAME[, "flags": INT][, "vnet_hdr": BOOL]}')
+        adapter, session = self.topology.register(name, flags, conn.peer_pid, vnet_hdr)
         conn.on_close(lambda: self.topology.release_client(session))
         conn.state.setdefault("sessions", []).append(session)
         reg = session.reg

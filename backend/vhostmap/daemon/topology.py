@@ -144,17 +144,22 @@ class Topology:
         log.info("port %s detached from switch %s", port, switch, extra={"port": port, "switch": switch})
 
     # --- local applications (vhostmap.apps.client) --------------------------------------------------------
-    def register(self, name: str, flags: int, pid: int | None) -> tuple[NetmapAdapter, ClientSession]:
+    def register(
+        self, name: str, flags: int, pid: int | None, vnet_hdr: bool = False
+    ) -> tuple[NetmapAdapter, ClientSession]:
         """Bind the rings ``name`` names (``vm0``, ``vm0-1``, ``vm0^``, ``vm0*``, ``vale0:app``) to a new
         application session; the adapter and the session.
 
         A plain port must not be in a link or on a switch (it is taken from its sink or TAP while held); a
-        ``SWITCH:NAME`` port is made for the application and attached to SWITCH (made if missing).
+        ``SWITCH:NAME`` port is made for the application and attached to SWITCH (made if missing), with
+        ``vnet_hdr`` one whose frames carry their virtio-net header and offloads (PipeEnd).
         """
         spec = parse_port_spec(name)
+        if vnet_hdr and not spec.switch:
+            raise ValueError(f"{name}: the virtio-net header is for switch ports (SWITCH:NAME)")
         with self.worker.lock:
             adapter: NetmapAdapter | None = (
-                self._client_switch_port(str(spec), spec.switch, spec.port) if spec.switch else None
+                self._client_switch_port(str(spec), spec.switch, spec.port, vnet_hdr) if spec.switch else None
             )
             try:
                 if adapter is None:
@@ -219,14 +224,14 @@ class Topology:
             self.worker.add(clients)
         return session
 
-    def _client_switch_port(self, name: str, switch: str, port: str) -> PipeEnd:
+    def _client_switch_port(self, name: str, switch: str, port: str, vnet: bool = False) -> PipeEnd:
         """An application's switch port ``SWITCH:PORT``: a pipe whose master is attached to the switch; the
-        slave end, which the application registers."""
+        slave end, which the application registers. ``vnet``: see PipeEnd."""
         if name in self.adapters:
             raise ValueError(f"switch port {name!r} is already open")
         if len(self.pipes) >= CLIENT_PORTS:
             raise ValueError(f"{CLIENT_PORTS} application switch ports are open already")
-        master, slave = make_pipe(name, self.memory, num_desc=CLIENT_RING_SLOTS)
+        master, slave = make_pipe(name, self.memory, num_desc=CLIENT_RING_SLOTS, vnet=vnet)
         self.adapters[name] = master
         self.pipes[name] = (master, slave)
         try:

@@ -14,6 +14,8 @@
 #define UDP_HLEN 8
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define TCP_CSUM_OFFSET 16 /* offsetof(struct tcphdr, check) */
+#define UDP_CSUM_OFFSET 6  /* offsetof(struct udphdr, check) */
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_CWR 0x80
@@ -199,7 +201,16 @@ int32_t nm_offload_check(const struct nm_vnet_hdr *h, const uint8_t *head, uint3
     struct plan p;
     if (have < len && have < NM_OFF_HEAD_MAX)
         return NM_OFF_BAD_SIZE; /* the caller's mistake: nothing to judge the headers by */
-    return plan(h, head, len, &segment, &p);
+    int32_t status = plan(h, head, len, &segment, &p);
+    if (status != NM_OFF_OK || !segment)
+        return status;
+    /* Whoever segments it relies on the checksum being left at the transport header (the spec: a driver
+     * MUST ask for it with segmentation; Linux's virtio_net_hdr_to_skb refuses the frame otherwise). The
+     * completion here computes it itself and does not care. */
+    uint32_t field = p.proto == IPPROTO_TCP ? TCP_CSUM_OFFSET : UDP_CSUM_OFFSET;
+    if (!(h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h->csum_start != p.l4 || h->csum_offset != field)
+        return NM_OFF_BAD_CSUM;
+    return NM_OFF_OK;
 }
 
 int32_t nm_offload_complete(const struct nm_vnet_hdr *h, const uint8_t *frame, uint32_t len, uint8_t *out,

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.datapath import lib
-from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, RingView
+from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_BUF_CHANGED, NS_MOREFRAG, NS_VNET_HDR, RingView
 from vhostmap.netmap.adapter import NetmapAdapter, swap_buffers
 
 
@@ -106,7 +106,7 @@ def move_frames(src: RingView, dst: RingView, nbufs: int) -> tuple[int, int]:
     d["buf_idx"][di] = s["buf_idx"][si]
     s["buf_idx"][si] = free[:total]
     d["len"][di] = s["len"][si]
-    d["flags"][di] = (flags[:total] & NS_MOREFRAG) | NS_BUF_CHANGED
+    d["flags"][di] = (flags[:total] & (NS_MOREFRAG | NS_VNET_HDR)) | NS_BUF_CHANGED
     s["flags"][si] = NS_BUF_CHANGED
     src.head = src.cur = (src.head + total) % n
     dst.head = dst.cur = (dst.head + total) % dst.num_slots

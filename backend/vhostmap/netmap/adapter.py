@@ -107,6 +107,11 @@ class HostPort(Protocol):
     def wake_fds(self) -> Sequence[int]:
         """Fds readable when the stack sent something."""
 
+    @property
+    def accepted_offloads(self) -> int:
+        """The NEEDS_* (netmap/offload.py) a frame with its virtio-net header (NS_VNET_HDR) in the host TX
+        ring may keep: the stack takes them."""
+
     def close(self) -> None:
         """Detach from the adapter and release the stack."""
 

@@ -18,9 +18,12 @@ from typing import Protocol
 
 import numpy as np
 
-from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_MOREFRAG, nm_prev
+from vhostmap.datapath import lib
+from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_MOREFRAG, NS_VNET_HDR, nm_prev
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.offload import HEAD_MAX, NO_OFFLOADS, OffloadError, VnetHeader, check, needs
+from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_F_NEEDS_CSUM
 
 # slot.len is 16 bits: no slot carries more, whatever the buffer size.
 SLOT_LEN_MAX = 0xFFFF
@@ -238,12 +241,65 @@ class DropReport:
 
 
 # send(kring, payload, length): True when the frame is done with (sent, or dropped and counted by the sender),
-# False when the interface has no room for it now (nothing sent, nothing counted).
-SendFrame = Callable[[Kring, list[memoryview], int], bool]
+# False when the interface has no room for it now (nothing sent, nothing counted). ``payload`` is the legacy
+# virtio-net header to write before the frame (NO_OFFLOADS, or the offloads it keeps), then the frame's
+# pieces; ``length`` counts the frame.
+SendFrame = Callable[[Kring, list[bytes | memoryview], int], bool]
+
+
+def split_header(payload: list[memoryview], offloads: int) -> tuple[bytes, list[memoryview]]:
+    """The frame of ``payload`` that starts with its virtio-net header (NS_VNET_HDR): the header as the
+    legacy struct virtio_net_hdr to write before it, and the frame's pieces. OffloadError when the header asks
+    for what is not in ``offloads`` (NEEDS_*) or fails `check`: the frame is to be dropped."""
+    size = VIRTIO_NET_HDR.size
+    head = bytearray()
+    for piece in payload:
+        head += piece[: size + HEAD_MAX - len(head)]
+        if len(head) == size + HEAD_MAX:
+            break
+    if len(head) < size:
+        raise OffloadError(int(lib.NM_OFF_BAD_SIZE))
+    raw = VnetHeader.unpack(head)
+    h = VnetHeader(
+        raw.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        raw.gso_type,
+        raw.hdr_len,
+        raw.gso_size,
+        raw.csum_start,
+        raw.csum_offset,
+    )
+    if needs(h) & ~offloads:
+        raise OffloadError(int(lib.NM_OFF_BAD_GSO))
+    frame, skip = [], size
+    for piece in payload:
+        if skip >= len(piece):
+            skip -= len(piece)
+            continue
+        frame.append(piece[skip:])
+        skip = 0
+    check(h, bytes(head[size:]), sum(len(p) for p in frame))
+    return h.legacy(), frame
+
+
+def frame_out(frames: SlotFrames, i: int, offloads: int) -> tuple[list[bytes | memoryview], int]:
+    """Frame ``i`` of ``frames`` as it is written to the stack with a virtio-net header each: the header
+    (NO_OFFLOADS, or the frame's own, NS_VNET_HDR: `split_header`) and the frame's pieces; and the frame's
+    length. OffloadError as split_header."""
+    payload = frames.payload(i)
+    if not frames.first_flags[i] & NS_VNET_HDR:
+        return [NO_OFFLOADS, *payload], frames.lengths[i]
+    header, rest = split_header(payload, offloads)
+    return [header, *rest], frames.lengths[i] - VIRTIO_NET_HDR.size
 
 
 def send_frames(
-    kring: Kring, memory: NetmapMemory, send: SendFrame, drops: DropReport, *, backpressure: bool = False
+    kring: Kring,
+    memory: NetmapMemory,
+    send: SendFrame,
+    drops: DropReport,
+    *,
+    backpressure: bool = False,
+    offloads: int = 0,
 ) -> None:
     """txsync of a TX ``kring`` whose sends complete at once: ``send`` the frames of [nr_hwcur, rhead) and
     reclaim every slot consumed (nr_hwcur and nr_hwtail advance past them).
@@ -251,7 +307,9 @@ def send_frames(
     Frames with an unusable slot are dropped. A trailing frame whose last slot is not handed over yet waits
     for the next txsync, unless it alone takes every slot the user can hand over (it can never complete, and
     is dropped). Once ``send`` finds no room, that frame and the rest of the batch stay in the ring for the
-    next txsync with ``backpressure``, and are dropped without it.
+    next txsync with ``backpressure``, and are dropped without it. A frame with its virtio-net header
+    (NS_VNET_HDR) goes with it when the interface takes what it asks (``offloads``, NEEDS_*) and it passes the
+    checks of `split_header`; otherwise it is dropped, with the reason.
     """
     n = kring.nkr_num_slots
     count = kring.pending()
@@ -266,7 +324,12 @@ def send_frames(
             if full or not frames.valid[i]:
                 drops.tx(kring, "interface full" if full else "frame with an unusable slot")
                 continue
-            full = not send(kring, frames.payload(i), frames.lengths[i])
+            try:
+                payload, length = frame_out(frames, i, offloads)
+            except OffloadError as e:
+                drops.tx(kring, f"offload header: {e}")
+                continue
+            full = not send(kring, payload, length)
             if full and backpressure:
                 consumed = frames.starts[i]  # this frame and the rest stay for the next txsync
                 break

@@ -50,7 +50,7 @@ from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.errors import InterfaceError, PortBroken
 from vhostmap.netmap.frames import DropReport, RxFill, send_frames
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.offload import NO_OFFLOADS, VLAN_HLEN, Completer, OffloadError, VnetHeader
+from vhostmap.netmap.offload import STACK_OFFLOADS, VLAN_HLEN, Completer, OffloadError, VnetHeader
 from vhostmap.netmap.tap import if_index
 from vhostmap.virtio.spec import VIRTIO_NET_HDR_LEGACY
 
@@ -242,6 +242,14 @@ class GenericAdapter(NetmapAdapter):
     exist or the socket cannot be set up.
     """
 
+    # Frames from a guest may keep checksum and TCP segmentation: the socket has PACKET_VNET_HDR.
+    carries_vnet_header = True
+
+    @property
+    def accepted_offloads(self) -> int:
+        """What the stack takes with a frame sent on the socket (STACK_OFFLOADS)."""
+        return STACK_OFFLOADS
+
     def __init__(
         self,
         name: str,
@@ -423,12 +431,20 @@ class GenericAdapter(NetmapAdapter):
         takes every slot the user can hand over (it can never complete, and is dropped). When the interface
         has no room, the rest waits in the ring (``tx_backpressure``) or is dropped (``send_frames``).
         """
-        send_frames(kring, self.memory, self._send, self._drops, backpressure=self.tx_backpressure)
+        send_frames(
+            kring,
+            self.memory,
+            self._send,
+            self._drops,
+            backpressure=self.tx_backpressure,
+            offloads=STACK_OFFLOADS,
+        )
 
-    def _send(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
-        """Send one frame; False (nothing sent, nothing counted) when the interface has no room for it."""
+    def _send(self, kring: Kring, payload: list[bytes | memoryview], length: int) -> bool:
+        """Send one frame (``payload`` starts with its virtio-net header); False (nothing sent, nothing
+        counted) when the interface has no room for it."""
         try:
-            self._sock.sendmsg([NO_OFFLOADS, *payload])
+            self._sock.sendmsg(payload)
         except BlockingIOError:
             return False  # the send buffer is full of frames the driver has not completed
         except OSError as e:

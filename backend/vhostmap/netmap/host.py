@@ -40,9 +40,9 @@ from vhostmap.netmap.abi import (
     NS_MOREFRAG,
 )
 from vhostmap.netmap.adapter import NetmapAdapter
-from vhostmap.netmap.frames import DropReport, RxFill, SlotFrames, send_frames
+from vhostmap.netmap.frames import DropReport, RxFill, SlotFrames, frame_out, send_frames
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.offload import NO_OFFLOADS, Completer, OffloadError, VnetHeader
+from vhostmap.netmap.offload import STACK_OFFLOADS, Completer, OffloadError, VnetHeader
 from vhostmap.netmap.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TapDevice
 from vhostmap.virtio.spec import VIRTIO_NET_HDR_LEGACY
 
@@ -141,7 +141,12 @@ class HostStack:
         takes every slot the user can hand over: it can never complete, and is dropped.
         """
         # Writes to a TAP complete at once: everything sent is reclaimed (netmap_txsync_to_host).
-        send_frames(kring, self.memory, self._write_frame, self._drops)
+        send_frames(kring, self.memory, self._write_frame, self._drops, offloads=self.accepted_offloads)
+
+    @property
+    def accepted_offloads(self) -> int:
+        """The offloads a frame may keep on its way into the stack (a TAP with IFF_VNET_HDR takes them)."""
+        return STACK_OFFLOADS
 
     def send_up(self, kring: Kring) -> int:
         """Transparent mode, NIC -> host: write to the TAP the frames released with NS_FORWARD among
@@ -153,17 +158,24 @@ class HostStack:
             if not frames.first_flags[i] & NS_FORWARD:
                 continue
             frames.clear_flags(i, NS_FORWARD)
-            if frames.valid[i] and frames.lengths[i] >= ETH_HLEN:
-                if self._write(kring, frames.payload(i), frames.lengths[i]):
-                    sent += 1
-            else:
+            if not frames.valid[i] or frames.lengths[i] < ETH_HLEN:
                 self.stats.forward_drops += 1
+                continue
+            try:
+                payload, length = frame_out(frames, i, self.accepted_offloads)
+            except OffloadError as e:
+                self._drops.report(kring, f"offload header: {e}")
+                self.stats.forward_drops += 1
+                continue
+            if self._write(kring, payload, length):
+                sent += 1
         self.stats.forwarded_up += sent
         return sent
 
-    def _write(self, kring: Kring, payload: Sequence[memoryview], length: int) -> bool:
+    def _write(self, kring: Kring, payload: Sequence[bytes | memoryview], length: int) -> bool:
+        """Write one frame, ``payload`` starting with its virtio-net header."""
         try:
-            os.writev(self.tap.fd, [NO_OFFLOADS, *payload])
+            os.writev(self.tap.fd, payload)
         except OSError as e:
             # EIO: the TAP is down; EAGAIN/ENOBUFS: no room in the stack. Counted, never retried.
             self._drops.tx(kring, f"write to {self.tap.name}: {errno.errorcode.get(e.errno or 0, e.errno)}")
@@ -172,7 +184,7 @@ class HostStack:
         self.stats.tx_bytes += length
         return True
 
-    def _write_frame(self, kring: Kring, payload: list[memoryview], length: int) -> bool:
+    def _write_frame(self, kring: Kring, payload: list[bytes | memoryview], length: int) -> bool:
         # A failed write is a counted drop, never a reason to keep the frame in the ring.
         self._write(kring, payload, length)
         return True

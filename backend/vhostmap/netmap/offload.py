@@ -45,6 +45,7 @@ IPV6_HLEN = 40
 TCP_MIN_HLEN = 20
 UDP_HLEN = 8
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
+TCP_CSUM_OFFSET, UDP_CSUM_OFFSET = 16, 6  # offsetof(struct tcphdr, check), offsetof(struct udphdr, check)
 IP_MAX_LEN = 0xFFFF
 # A UDP checksum that comes out 0 is sent as 0xffff (0 means "none"), as Linux's CSUM_MANGLED_0.
 CSUM_MANGLED_0 = 0xFFFF
@@ -97,6 +98,13 @@ class VnetHeader:
         bytes)."""
         return cls(*VIRTIO_NET_HDR_LEGACY.unpack_from(raw))
 
+    def legacy(self) -> bytes:
+        """The header as struct virtio_net_hdr (VIRTIO_NET_HDR_LEGACY): what goes before a frame written to a
+        TAP or packet socket."""
+        return VIRTIO_NET_HDR_LEGACY.pack(
+            self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset
+        )
+
     @property
     def asks_for_work(self) -> bool:
         """Whether the sender left a checksum (NEEDS_CSUM) or a segmentation to the receiver."""
@@ -123,6 +131,10 @@ NEEDS_TSO6 = int(lib.NM_OFF_NEEDS_TSO6)
 NEEDS_USO = int(lib.NM_OFF_NEEDS_USO)
 NEEDS_ECN = int(lib.NM_OFF_NEEDS_ECN)
 ALL_NEEDS = NEEDS_CSUM | NEEDS_TSO4 | NEEDS_TSO6 | NEEDS_USO | NEEDS_ECN
+#: What the Linux stack takes with a frame written to a TAP with IFF_VNET_HDR or sent on a packet socket with
+#: PACKET_VNET_HDR (virtio_net_hdr_to_skb): a checksum left to it, TCP segmentation (it segments in software
+#: for a device that cannot). UDP segmentation too on newer kernels; not counted on.
+STACK_OFFLOADS = NEEDS_CSUM | NEEDS_TSO4 | NEEDS_TSO6 | NEEDS_ECN
 #: The headers a check looks at are within a frame's first HEAD_MAX bytes.
 HEAD_MAX = int(lib.NM_OFF_HEAD_MAX)
 
@@ -150,10 +162,18 @@ class _Plan(NamedTuple):
 def check(h: VnetHeader, head: bytes, length: int) -> None:
     """OffloadError unless a frame of ``length`` bytes that starts with ``head`` (all of it, or at least
     its first HEAD_MAX bytes) may travel with header ``h`` as it is: the checks of `complete`, without
-    segmenting (nm_offload_check)."""
+    segmenting, and a segmentation must leave the checksum at its transport header (nm_offload_check)."""
     if len(head) < min(length, HEAD_MAX):
         raise OffloadError(lib.NM_OFF_BAD_SIZE)
-    _plan(h, head, length)
+    plan = _plan(h, head, length)
+    if plan is None:
+        return
+    # Whoever segments it relies on the checksum being left at the transport header (the spec: a driver MUST
+    # ask for it with segmentation; Linux refuses the frame otherwise). `complete` computes it and need not.
+    field = TCP_CSUM_OFFSET if plan.layers.proto == IPPROTO_TCP else UDP_CSUM_OFFSET
+    at_transport = h.csum_start == plan.layers.l4 and h.csum_offset == field
+    if not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and at_transport):
+        raise OffloadError(lib.NM_OFF_BAD_CSUM)
 
 
 def _plan(h: VnetHeader, frame: bytes, length: int) -> _Plan | None:
@@ -293,6 +313,16 @@ class Completer:
             frames.append(bytes(ffi.buffer(self._out + at, self._lens[k])))
             at += self._lens[k]
         return frames
+
+
+def check_compiled(h: VnetHeader, head: bytes, length: int) -> None:
+    """`check` by the compiled kernel (nm_offload_check)."""
+    c = ffi.new("struct nm_vnet_hdr *")
+    c.flags, c.gso_type, c.hdr_len = h.flags, h.gso_type, h.hdr_len
+    c.gso_size, c.csum_start, c.csum_offset = h.gso_size, h.csum_start, h.csum_offset
+    status = lib.nm_offload_check(c, ffi.from_buffer("uint8_t[]", head), len(head), length)
+    if status != lib.NM_OFF_OK:
+        raise OffloadError(status)
 
 
 def complete_compiled(h: VnetHeader, frame: bytes, max_segs: int, cap: int) -> list[bytes]:

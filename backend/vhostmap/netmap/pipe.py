@@ -21,15 +21,22 @@ from collections.abc import Sequence
 from vhostmap.netmap.adapter import NetmapAdapter, move_slots
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.offload import ALL_NEEDS
 
 
 class PipeEnd(NetmapAdapter):
-    """One end of a pipe; `make_pipe` builds the pair. It has no host rings (netmap's pipes have none)."""
+    """One end of a pipe; `make_pipe` builds the pair. It has no host rings (netmap's pipes have none).
+
+    ``vnet``: its user takes frames with their virtio-net header and offloads (NS_VNET_HDR, as netmap's
+    NETMAP_REQ_PORT_HDR_SET gives a VALE port a header), and may send such frames.
+    """
 
     peer: PipeEnd
     TAPS_IN_HOOKS = True  # a move may happen in the peer's sync
 
-    def __init__(self, name: str, memory: NetmapMemory, *, num_rings: int, num_desc: int) -> None:
+    def __init__(
+        self, name: str, memory: NetmapMemory, *, num_rings: int, num_desc: int, vnet: bool = False
+    ) -> None:
         super().__init__(
             name,
             memory,
@@ -39,10 +46,16 @@ class PipeEnd(NetmapAdapter):
             num_rx_desc=num_desc,
             host_rings=False,
         )
+        self.carries_vnet_header = vnet
         self.event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         # Shared by both ends (make_pipe): a sync of one end moves the other's krings, and the two ends may
         # be served by different datapath threads (a switch's, an application's session).
         self.lock = threading.Lock()
+
+    @property
+    def accepted_offloads(self) -> int:
+        """Every offload, when its user takes the header (``vnet``): it gets the frame as it is."""
+        return ALL_NEEDS if self.carries_vnet_header else 0
 
     def nm_txsync(self, kring: Kring, flags: int) -> None:
         """Move what fits into the peer's RX ring of the same index; tell the peer."""
@@ -78,12 +91,13 @@ class PipeEnd(NetmapAdapter):
 
 
 def make_pipe(
-    name: str, memory: NetmapMemory, *, num_rings: int = 1, num_desc: int = 512
+    name: str, memory: NetmapMemory, *, num_rings: int = 1, num_desc: int = 512, vnet: bool = False
 ) -> tuple[PipeEnd, PipeEnd]:
-    """A pipe: the master end is called ``name``, the slave ``name}`` (netmap's '{'/'}' pipe naming)."""
-    master = PipeEnd(name, memory, num_rings=num_rings, num_desc=num_desc)
+    """A pipe: the master end is called ``name``, the slave ``name}`` (netmap's '{'/'}' pipe naming).
+    ``vnet``: both ends carry virtio-net headers (see PipeEnd)."""
+    master = PipeEnd(name, memory, num_rings=num_rings, num_desc=num_desc, vnet=vnet)
     try:
-        slave = PipeEnd(f"{name}}}", memory, num_rings=num_rings, num_desc=num_desc)
+        slave = PipeEnd(f"{name}}}", memory, num_rings=num_rings, num_desc=num_desc, vnet=vnet)
     except BaseException:
         master.close()
         raise
