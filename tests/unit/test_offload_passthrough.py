@@ -23,30 +23,14 @@ from vhostmap.control.client import ControlError
 from vhostmap.lab.netns import VethPair
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.netmap.offload import complete
-from vhostmap.virtio.spec import (
-    VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_GUEST_ECN,
-    VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_USO4,
-    VIRTIO_NET_F_GUEST_USO6,
-    bit,
-)
+from vhostmap.vhost_user.device import GUEST_OFFLOADS
 
 pytestmark = pytest.mark.usefixtures("datapath")
 
 ETH_P_ALL = 0x0003
 
 # A driver that sends and takes every offload (Linux with its defaults, USO included).
-TAKING = (
-    OFFLOADING
-    | bit(VIRTIO_NET_F_GUEST_CSUM)
-    | bit(VIRTIO_NET_F_GUEST_TSO4)
-    | bit(VIRTIO_NET_F_GUEST_TSO6)
-    | bit(VIRTIO_NET_F_GUEST_ECN)
-    | bit(VIRTIO_NET_F_GUEST_USO4)
-    | bit(VIRTIO_NET_F_GUEST_USO6)
-)
+TAKING = OFFLOADING | GUEST_OFFLOADS
 
 
 @pytest.mark.parametrize("l3,l4", [("4", "tcp"), ("6", "tcp"), ("4", "udp")])
