@@ -450,8 +450,8 @@ static int vq_offload_header(const struct vq_seg *segs, uint32_t nseg, struct nm
 
 /* Whether a frame of `length` bytes after the `skip` bytes of its header `h` may travel with the header as
  * it is (nm_offload_check over its first bytes). */
-static int vq_offload_passes(const struct vq_seg *segs, uint32_t nseg, uint64_t skip, uint32_t length,
-                             const struct nm_vnet_hdr *h)
+__attribute__((cold)) static int vq_offload_passes(const struct vq_seg *segs, uint32_t nseg, uint64_t skip,
+                                                   uint32_t length, const struct nm_vnet_hdr *h)
 {
     uint8_t head[NM_OFF_HEAD_MAX];
     uint32_t have = vq_seg_read(segs, nseg, skip, head, length < sizeof head ? length : sizeof head);
@@ -476,9 +476,10 @@ enum { VQ_OFFLOAD_DONE, VQ_OFFLOAD_DROPPED, VQ_OFFLOAD_LATER };
  * bytes) and put what comes out into the slots from `pos`: DONE (*used slots filled, counted in `out`),
  * DROPPED (a header the frame does not bear out, or more segments than the ring holds), or LATER (more slots
  * than `space`). */
-static int vq_dequeue_offloaded(const struct nm_bufs *nm, const struct vq_seg *segs, uint32_t nseg,
-                                uint64_t skip, uint32_t length, const struct nm_vnet_hdr *h, uint32_t pos,
-                                uint32_t space, uint32_t *used, struct vq_batch *out)
+__attribute__((cold)) static int vq_dequeue_offloaded(const struct nm_bufs *nm, const struct vq_seg *segs,
+                                                     uint32_t nseg, uint64_t skip, uint32_t length,
+                                                     const struct nm_vnet_hdr *h, uint32_t pos, uint32_t space,
+                                                     uint32_t *used, struct vq_batch *out)
 {
     struct vq_offload_scratch *s = vq_offload_scratch;
     if (!s && !(s = vq_offload_scratch = malloc(sizeof *s)))
@@ -542,7 +543,8 @@ static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem
         uint16_t mark = 0;
         struct nm_vnet_hdr h;
         if (vq->host_offloads && vq_offload_header(segs, chain.nseg, &h)) {
-            int pass = hdr_len == VIRTIO_NET_HDR_SIZE && !(nm_offload_needs(&h) & ~(uint32_t)vq->pass_offloads);
+            int pass =
+                hdr_len == VIRTIO_NET_HDR_SIZE && !(nm_offload_needs(&h) & ~(uint32_t)vq->pass_offloads);
             if (pass) {
                 if (!vq_offload_passes(segs, chain.nseg, hdr_len, (uint32_t)length, &h)) {
                     pending[n_used++] = (struct vq_used_elem){chain.head, 0};
@@ -615,10 +617,11 @@ fault:
 /* --- enqueue: netmap slots -> guest receive queue ------------------------------------------------------- */
 
 /* rxtx._frame_at: 1 with the fragments and bytes of the frame at `pos` when its last slot is among the
- * `avail` slots from there, 0 when it is not, -1 (bad_slot set) at a slot whose len exceeds buf_size: the
- * ring user rewrote it after the kring's checks, and the next txsync prologue reinitialises the ring. */
+ * `avail` slots from there (and the flags of its first in *first_flags), 0 when it is not, -1 (bad_slot set)
+ * at a slot whose len exceeds buf_size: the ring user rewrote it after the kring's checks, and the next
+ * txsync prologue reinitialises the ring. */
 static int vq_frame_at(const struct nm_bufs *nm, uint32_t pos, uint32_t avail, uint32_t *nfrag, uint64_t *len,
-                       struct vq_batch *out)
+                       uint16_t *first_flags, struct vq_batch *out)
 {
     uint64_t total = 0;
     for (uint32_t i = 0; i < avail; i++) {
@@ -629,6 +632,8 @@ static int vq_frame_at(const struct nm_bufs *nm, uint32_t pos, uint32_t avail, u
             out->bad_slot = (int32_t)pos;
             return -1;
         }
+        if (i == 0)
+            *first_flags = flags;
         total += slot_len;
         if (!(flags & NS_MOREFRAG)) {
             *nfrag = i + 1;
@@ -684,18 +689,13 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
     return done;
 }
 
-/* The source of the frame of `nfrag` slots from `pos`, with the virtio-net header to write before it: the
- * frame's own (NS_VNET_HDR on its first slot), which then comes off *frame_len, or one that asks for nothing.
- * 0 when the frame's header is not to be written: shorter than the header, asking for what the driver did not
+/* The frame's own virtio-net header (NS_VNET_HDR), which `src` starts with: read into src->hdr, taken off
+ * *frame_len; 0 when it is not to be written: shorter than the header, asking for what the driver did not
  * negotiate (vq->guest_offloads), or failing the checks a transmitted frame's header passes (it is read once,
- * here, and what is written is what was checked). */
-static int vq_source_open(const struct vq_split *vq, const struct nm_bufs *nm, const struct vq_refs *refs,
-                          uint32_t pos, uint32_t nfrag, uint64_t *frame_len, struct vq_source *src)
+ * here, and what is written is what was checked). Out of the way of plain frames. */
+__attribute__((cold, noinline)) static int vq_source_header(const struct vq_split *vq, struct vq_source *src,
+                                                            uint64_t *frame_len)
 {
-    *src = (struct vq_source){.nm = nm, .refs = refs, .slot = pos, .frags = nfrag};
-    memset(src->hdr, 0, sizeof src->hdr);
-    if (!(__atomic_load_n(&nm_slot_at(nm, pos)->flags, __ATOMIC_RELAXED) & NS_VNET_HDR))
-        return 1;
     uint8_t raw[VIRTIO_NET_HDR_SIZE];
     if (*frame_len < sizeof raw || vq_source_copy(src, raw, sizeof raw) != sizeof raw)
         return 0;
@@ -713,6 +713,17 @@ static int vq_source_open(const struct vq_split *vq, const struct nm_bufs *nm, c
     memcpy(src->hdr, raw, VIRTIO_NET_HDR_SIZE - 2);
     src->hdr[0] = h.flags;
     return 1;
+}
+
+/* The source of the frame of `nfrag` slots from `pos` (whose first slot has `first_flags`), with the
+ * virtio-net header to write before it: one that asks for nothing, or the frame's own (vq_source_header,
+ * which may refuse it: 0). */
+static inline int vq_source_open(const struct vq_split *vq, const struct nm_bufs *nm, const struct vq_refs *refs,
+                                 uint32_t pos, uint32_t nfrag, uint16_t first_flags, uint64_t *frame_len,
+                                 struct vq_source *src)
+{
+    *src = (struct vq_source){.nm = nm, .refs = refs, .slot = pos, .frags = nfrag}; /* hdr: zeros */
+    return !(first_flags & NS_VNET_HDR) || vq_source_header(vq, src, frame_len);
 }
 
 /* rxtx._scatter: write the header of `src` and its frame across the `nchains` reserved chains, whose heads
@@ -778,11 +789,12 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
     while (done < count) {
         uint32_t nfrag;
         uint64_t frame_len;
-        if (vq_frame_at(nm, pos, count - done, &nfrag, &frame_len, out) <= 0)
+        uint16_t first_flags = 0;
+        if (vq_frame_at(nm, pos, count - done, &nfrag, &frame_len, &first_flags, out) <= 0)
             break; /* its last fragment has not been published yet (or the ring user broke a slot) */
 
         struct vq_source src;
-        if (!vq_source_open(vq, nm, refs, pos, nfrag, &frame_len, &src)) {
+        if (!vq_source_open(vq, nm, refs, pos, nfrag, first_flags, &frame_len, &src)) {
             out->dropped++;
             out->bad_headers++;
             done += nfrag;
