@@ -22,8 +22,8 @@ from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, NS_MOREFRAG, NS_VNET_HDR, nm_prev
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.offload import HEAD_MAX, NO_OFFLOADS, OffloadError, VnetHeader, check, needs
-from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_F_NEEDS_CSUM
+from vhostmap.netmap.offload import HEAD_MAX, NO_OFFLOADS, OffloadError, for_receiver
+from vhostmap.virtio.spec import VIRTIO_NET_HDR
 
 # slot.len is 16 bits: no slot carries more, whatever the buffer size.
 SLOT_LEN_MAX = 0xFFFF
@@ -259,17 +259,6 @@ def split_header(payload: list[memoryview], offloads: int) -> tuple[bytes, list[
             break
     if len(head) < size:
         raise OffloadError(int(lib.NM_OFF_BAD_SIZE))
-    raw = VnetHeader.unpack(head)
-    h = VnetHeader(
-        raw.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        raw.gso_type,
-        raw.hdr_len,
-        raw.gso_size,
-        raw.csum_start,
-        raw.csum_offset,
-    )
-    if needs(h) & ~offloads:
-        raise OffloadError(int(lib.NM_OFF_BAD_GSO))
     frame, skip = [], size
     for piece in payload:
         if skip >= len(piece):
@@ -277,7 +266,7 @@ def split_header(payload: list[memoryview], offloads: int) -> tuple[bytes, list[
             continue
         frame.append(piece[skip:])
         skip = 0
-    check(h, bytes(head[size:]), sum(len(p) for p in frame))
+    h = for_receiver(bytes(head), bytes(head[size:]), sum(len(p) for p in frame), offloads)
     return h.legacy(), frame
 
 

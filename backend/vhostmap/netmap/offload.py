@@ -22,7 +22,7 @@ differential tests compare them.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from vhostmap.datapath import ffi, lib
@@ -60,6 +60,7 @@ REASONS = {
     int(lib.NM_OFF_BAD_GSO): "segmentation the frame does not match",
     int(lib.NM_OFF_BAD_SIZE): "gso_size 0, hdr_len beyond the frame, or segments too long for IP",
     int(lib.NM_OFF_NO_ROOM): "more segments than there is room for",
+    int(lib.NM_OFF_NOT_TAKEN): "an offload the receiver does not take",
 }
 
 
@@ -174,6 +175,19 @@ def check(h: VnetHeader, head: bytes, length: int) -> None:
     at_transport = h.csum_start == plan.layers.l4 and h.csum_offset == field
     if not (h.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM and at_transport):
         raise OffloadError(lib.NM_OFF_BAD_CSUM)
+
+
+def for_receiver(raw: bytes, head: bytes, length: int, accepted: int) -> VnetHeader:
+    """The header at the start of ``raw`` (a frame's own, NS_VNET_HDR) as it is written for a receiver that
+    takes the offloads ``accepted`` (NEEDS_*), for the ``length`` bytes of frame that start with ``head``:
+    flags other than NEEDS_CSUM dropped. OffloadError when it asks for more than ``accepted``
+    (NM_OFF_NOT_TAKEN) or fails `check`."""
+    sent = VnetHeader.unpack(raw)
+    h = replace(sent, flags=sent.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM)
+    if needs(h) & ~accepted:
+        raise OffloadError(lib.NM_OFF_NOT_TAKEN)
+    check(h, head, length)
+    return h
 
 
 def _plan(h: VnetHeader, frame: bytes, length: int) -> _Plan | None:

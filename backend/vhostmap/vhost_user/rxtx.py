@@ -17,10 +17,10 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
-from vhostmap.netmap.offload import HEAD_MAX, OffloadError, VnetHeader, check, complete, needs
+from vhostmap.netmap.offload import HEAD_MAX, OffloadError, VnetHeader, check, complete, for_receiver, needs
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.virtqueue import Chain, SplitVirtqueue, VirtqueueError
-from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_LEGACY
+from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEGACY
 
 # The largest frame a guest may hand us (a 64 KiB GSO frame; jumbo frames are 9 KiB).
 MAX_FRAME = 65535
@@ -285,16 +285,13 @@ def _header_for(vq: SplitVirtqueue, first: np.void, data: npt.NDArray[np.uint8])
         return VnetHeader()
     if len(data) < VIRTIO_NET_HDR.size:
         return None
-    raw = VnetHeader.unpack(data[: VIRTIO_NET_HDR.size].tobytes())
-    h = VnetHeader(raw.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, *astuple(raw)[1:])
     frame = data[VIRTIO_NET_HDR.size :]
-    if needs(h) & ~vq.guest_offloads:
-        return None
     try:
-        check(h, frame[:HEAD_MAX].tobytes(), len(frame))
+        return for_receiver(
+            data[: VIRTIO_NET_HDR.size].tobytes(), frame[:HEAD_MAX].tobytes(), len(frame), vq.guest_offloads
+        )
     except OffloadError:
         return None
-    return h
 
 
 def _frame_at(slots: npt.NDArray[np.void], pos: int, available: int) -> tuple[int, int] | None:
