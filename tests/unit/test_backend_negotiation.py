@@ -11,6 +11,7 @@ import pytest
 from conftest import StartDaemon
 from vhostmap import __version__
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
+from vhostmap.vhost_user.device import ALL_OFFLOADS, OFFLOADS
 from vhostmap.vhost_user.memory import MAX_MEM_SLOTS, VHOST_LOG_PAGE
 from vhostmap.vhost_user.messages import (
     U64,
@@ -371,3 +372,9 @@ def test_status_names_the_features_the_front_end_negotiated(start_daemon: StartD
         "VIRTIO_F_VERSION_1",
         "VIRTIO_F_IN_ORDER",
     ]
+
+
+def test_a_port_offers_the_offloads_it_lists(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": "offloads=csum+tso4", "b": ""})
+    offered = {n: u64(d.frontend(n, negotiate=False), Request.GET_FEATURES) for n in ("a", "b")}
+    assert offered["a"] == offered["b"] & ~ALL_OFFLOADS | OFFLOADS["csum"] | OFFLOADS["tso4"]

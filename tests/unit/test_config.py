@@ -7,6 +7,7 @@ import pytest
 from vhostmap.daemon.config import ConfigError, build_config, parse_mac, parse_port_flag
 from vhostmap.ethernet import format_mac
 from vhostmap.system.privileges import lookup
+from vhostmap.vhost_user.device import ALL_OFFLOADS, OFFLOADS
 
 
 def test_port_flag_with_every_option() -> None:
@@ -232,3 +233,38 @@ def test_an_identity_names_its_groups() -> None:
     who = lookup("nobody")
     assert (who.name, who.gid) == ("nobody", grp.getgrnam("nogroup").gr_gid)
     assert who.gid in who.groups and lookup(f"{who.uid}:0").gid == 0
+
+
+@pytest.mark.parametrize(
+    "value,offered",
+    [
+        ("on", ALL_OFFLOADS),
+        ("off", 0),
+        ("csum", OFFLOADS["csum"]),
+        ("csum+tso4+tso6", OFFLOADS["csum"] | OFFLOADS["tso4"] | OFFLOADS["tso6"]),
+        ("TSO4+csum+ecn", OFFLOADS["csum"] | OFFLOADS["tso4"] | OFFLOADS["ecn"]),
+    ],
+)
+def test_offloads_are_on_off_or_a_list(value: str, offered: int) -> None:
+    assert parse_port_flag(f"a=vhost-user,path=/tmp/a.sock,offloads={value}").offloads == offered
+
+
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        ("tso4", "needs csum"),
+        ("csum+ecn", "ecn needs tso4 or tso6"),
+        ("csum+ufo", "unknown offload 'ufo'"),
+        ("", "unknown offload ''"),
+    ],
+)
+def test_bad_offload_lists_say_what_is_wrong(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_port_flag(f"a=vhost-user,path=/tmp/a.sock,offloads={value}")
+
+
+def test_offloads_from_toml_take_a_list() -> None:
+    config = build_config(
+        {"ports": {"a": {"type": "vhost-user", "path": "/tmp/a.sock", "offloads": ["csum", "tso6"]}}}, [], []
+    )
+    assert config.ports[0].offloads == OFFLOADS["csum"] | OFFLOADS["tso6"]

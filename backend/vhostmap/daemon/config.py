@@ -70,7 +70,7 @@ from vhostmap.packets import MAX_FRAME, MIN_FRAME
 from vhostmap.system.cpu import check_cpu, parse_cpu_list
 from vhostmap.system.privileges import lookup
 from vhostmap.system.unixsock import UNIX_PATH_MAX
-from vhostmap.vhost_user.device import MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU
+from vhostmap.vhost_user.device import ALL_OFFLOADS, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU, offload_features
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 PORT_TYPES = ("vhost-user", "generic")
@@ -134,8 +134,8 @@ class PortConfig:
     generate: int | None = None  # length of the frames the port's guest receives from a built-in generator
     # (RX queue, CPU) pairs: the datapath thread on that CPU serves that receive queue (rxq_affinity).
     rxq_affinity: tuple[tuple[int, int], ...] = ()
-    # Offer the guest's transmit offloads (checksum, TSO, USO: completed in software as frames come in).
-    offloads: bool = True
+    # The offloads offered to the guest, as feature bits (offloads=on|off|csum+tso4+...: parse_offloads).
+    offloads: int = ALL_OFFLOADS
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -379,7 +379,7 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
         elif key == "rxq_affinity":
             kwargs["rxq_affinity"] = parse_rxq_affinity(value, f"port {name!r}: rxq_affinity")
         elif key == "offloads":
-            kwargs["offloads"] = parse_switch(value, f"port {name!r}: offloads")
+            kwargs["offloads"] = parse_offloads(value, f"port {name!r}: offloads")
         else:
             kwargs[key] = str(value)
     return PortConfig(name=name, **kwargs)
@@ -392,6 +392,18 @@ def parse_switch(value: Any, what: str) -> bool:
     if str(value).lower() in ("on", "off"):
         return str(value).lower() == "on"
     raise ConfigError(f"{what} must be on or off, not {value!r}")
+
+
+def parse_offloads(value: Any, what: str) -> int:
+    """The feature bits of ``offloads=``: on (all of vhost_user.device.OFFLOADS), off (none), or some of
+    them: ``csum+tso4+tso6`` (a flag's value; commas separate a port's options) or a TOML list of names."""
+    if isinstance(value, bool) or str(value).lower() in ("on", "off"):
+        return ALL_OFFLOADS if parse_switch(value, what) else 0
+    names = value if isinstance(value, list) else str(value).split("+")
+    try:
+        return offload_features(str(n).strip().lower() for n in names)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def parse_perm(value: Any, what: str) -> int:

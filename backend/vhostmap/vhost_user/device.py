@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,6 +105,34 @@ GUEST_OFFLOADS = (
     | bit(VIRTIO_NET_F_GUEST_USO6)
 )
 
+# The offloads a port offers, by the name `offloads=` takes (both directions each: the guest sends them and
+# takes them); TSO, ECN and USO need the checksum, as the spec makes them (5.1.3.1).
+OFFLOADS = {
+    "csum": bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM),
+    "tso4": bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO4),
+    "tso6": bit(VIRTIO_NET_F_HOST_TSO6) | bit(VIRTIO_NET_F_GUEST_TSO6),
+    "ecn": bit(VIRTIO_NET_F_HOST_ECN) | bit(VIRTIO_NET_F_GUEST_ECN),
+    "uso": bit(VIRTIO_NET_F_HOST_USO) | bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6),
+}
+ALL_OFFLOADS = HOST_OFFLOADS | GUEST_OFFLOADS
+
+
+def offload_features(names: Iterable[str]) -> int:
+    """The feature bits of the offloads ``names`` (keys of OFFLOADS); ValueError for an unknown name or one
+    without what it needs (csum; ecn also needs tso4 or tso6)."""
+    chosen = set(names)
+    unknown = sorted(chosen - OFFLOADS.keys())
+    if unknown:
+        raise ValueError(f"unknown offload {unknown[0]!r} (known: {', '.join(OFFLOADS)})")
+    if chosen and "csum" not in chosen:
+        raise ValueError(f"{'+'.join(sorted(chosen))} needs csum: segmentation leaves the checksum too")
+    if "ecn" in chosen and not chosen & {"tso4", "tso6"}:
+        raise ValueError("ecn needs tso4 or tso6")
+    features = 0
+    for name in chosen:
+        features |= OFFLOADS[name]
+    return features
+
 
 def accepted_offloads(features: int) -> int:
     """The NEEDS_* bits (netmap/offload.py) of the frames a driver with ``features`` takes as they are: the
@@ -154,12 +183,12 @@ MAX_QUEUE_PAIRS = 64
 @dataclass(frozen=True)
 class NetConfig:
     """Static configuration of one virtio-net device: its MAC, its MTU (MIN_MTU..MAX_MTU), its queue
-    pairs (1..MAX_QUEUE_PAIRS) and whether it offers offloads (HOST_OFFLOADS and GUEST_OFFLOADS)."""
+    pairs (1..MAX_QUEUE_PAIRS) and the offloads it offers (feature bits of ALL_OFFLOADS: offload_features)."""
 
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
     queue_pairs: int = 1
-    offloads: bool = True  # offer HOST_OFFLOADS and GUEST_OFFLOADS
+    offloads: int = ALL_OFFLOADS
 
     def __post_init__(self) -> None:
         if len(self.mac) != 6:
@@ -168,6 +197,8 @@ class NetConfig:
             raise ValueError(f"mtu {self.mtu} outside {MIN_MTU}..{MAX_MTU}")
         if not 1 <= self.queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue_pairs {self.queue_pairs} outside 1..{MAX_QUEUE_PAIRS}")
+        if self.offloads & ~ALL_OFFLOADS:
+            raise ValueError(f"offloads {self.offloads:#x} are not offload features")
 
 
 class DeviceListener(Protocol):
@@ -286,8 +317,8 @@ class VhostUserNetDevice:
 
     @property
     def offered_features(self) -> int:
-        """The virtio features this device offers: OFFERED_FEATURES, with the offloads unless turned off."""
-        return OFFERED_FEATURES | (HOST_OFFLOADS | GUEST_OFFLOADS if self.config.offloads else 0)
+        """The virtio features this device offers: OFFERED_FEATURES and the configured offloads."""
+        return OFFERED_FEATURES | self.config.offloads
 
     @property
     def accepted_offloads(self) -> int:
