@@ -122,6 +122,7 @@ def test_stats_json_and_table_show_exact_counters(
                 "rx_offloaded",
                 "rx_offload_passed",
                 "tx_bad_header",
+                "tx_offloaded",
             ),
             0,
         )

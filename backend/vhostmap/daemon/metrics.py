@@ -30,7 +30,11 @@ QUEUE_COUNTERS = (
     ("kicks", "Notifications from the guest on the queue pair's virtqueues (none while polled)."),
     ("calls", "Interrupts signalled to the guest on the queue pair's virtqueues."),
     ("rx_offloaded", "Frames from the guest whose checksum or segmentation vhostmap completed."),
-    ("rx_offload_passed", "Frames from the guest passed on with their offloads to guests that take them."),
+    ("rx_offload_passed", "Frames from the guest passed on with their offloads to ports that take them."),
+    (
+        "tx_offloaded",
+        "Frames to the guest whose offloads vhostmap completed for it (it did not negotiate them).",
+    ),
 )
 # The drops of vhostmap stats' queues, by direction: rx (received, then dropped: reason unconnected when
 # nothing is attached to the port, invalid for a guest's empty or oversized frame, bad_header for an offload

@@ -188,6 +188,7 @@ static int32_t vhu_queue_txsync_refs(const struct vhu_queue *q, const struct vq_
         q->stats->tx_bytes += q->out->bytes;
         q->stats->tx_dropped += q->out->dropped;
         q->stats->tx_bad_header += q->out->bad_headers;
+        q->stats->tx_offloaded += q->out->offloaded;
         status = vhu_notify(q);
     }
     return status;

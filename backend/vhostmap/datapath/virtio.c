@@ -689,41 +689,45 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
     return done;
 }
 
-/* The frame's own virtio-net header (NS_VNET_HDR), which `src` starts with: read into src->hdr, taken off
- * *frame_len; 0 when it is not to be written: shorter than the header, asking for what the driver did not
- * negotiate (vq->guest_offloads), or failing the checks a transmitted frame's header passes (it is read once,
- * here, and what is written is what was checked). Out of the way of plain frames. */
+/* What vq_source_open found: a frame to write with the header in src->hdr, one to drop, or one whose
+ * offloads are to be completed for the driver (the header, in *h, asks for what it did not negotiate). */
+enum { VQ_SRC_WRITE, VQ_SRC_DROP, VQ_SRC_COMPLETE };
+
+/* The frame's own virtio-net header (NS_VNET_HDR), which `src` starts with, taken off *frame_len: read into
+ * src->hdr (WRITE) when the driver takes what it asks (vq->guest_offloads) and it passes the checks of a
+ * transmitted frame's header (read once, here: what is written is what was checked); into *h (COMPLETE) when
+ * the driver does not take it; DROP when the frame is shorter than the header or the header fails the
+ * checks. Out of the way of plain frames. */
 __attribute__((cold, noinline)) static int vq_source_header(const struct vq_split *vq, struct vq_source *src,
-                                                            uint64_t *frame_len)
+                                                            uint64_t *frame_len, struct nm_vnet_hdr *h)
 {
     uint8_t raw[VIRTIO_NET_HDR_SIZE];
     if (*frame_len < sizeof raw || vq_source_copy(src, raw, sizeof raw) != sizeof raw)
-        return 0;
+        return VQ_SRC_DROP;
     *frame_len -= sizeof raw;
-    struct nm_vnet_hdr h = {raw[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM, raw[1], (uint16_t)(raw[2] | raw[3] << 8),
-                            (uint16_t)(raw[4] | raw[5] << 8), (uint16_t)(raw[6] | raw[7] << 8),
-                            (uint16_t)(raw[8] | raw[9] << 8)};
-    if (nm_offload_needs(&h) & ~(uint32_t)vq->guest_offloads)
-        return 0;
+    *h = (struct nm_vnet_hdr){raw[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM, raw[1], (uint16_t)(raw[2] | raw[3] << 8),
+                              (uint16_t)(raw[4] | raw[5] << 8), (uint16_t)(raw[6] | raw[7] << 8),
+                              (uint16_t)(raw[8] | raw[9] << 8)};
+    if (nm_offload_needs(h) & ~(uint32_t)vq->guest_offloads)
+        return VQ_SRC_COMPLETE;
     uint8_t head[NM_OFF_HEAD_MAX];
     struct vq_source peek = *src;
     uint32_t have = vq_source_copy(&peek, head, *frame_len < sizeof head ? (uint32_t)*frame_len : sizeof head);
-    if (nm_offload_check(&h, head, have, (uint32_t)*frame_len) != NM_OFF_OK)
-        return 0;
+    if (nm_offload_check(h, head, have, (uint32_t)*frame_len) != NM_OFF_OK)
+        return VQ_SRC_DROP;
     memcpy(src->hdr, raw, VIRTIO_NET_HDR_SIZE - 2);
-    src->hdr[0] = h.flags;
-    return 1;
+    src->hdr[0] = h->flags;
+    return VQ_SRC_WRITE;
 }
 
 /* The source of the frame of `nfrag` slots from `pos` (whose first slot has `first_flags`), with the
- * virtio-net header to write before it: one that asks for nothing, or the frame's own (vq_source_header,
- * which may refuse it: 0). */
+ * virtio-net header to write before it: one that asks for nothing, or the frame's own (vq_source_header). */
 static inline int vq_source_open(const struct vq_split *vq, const struct nm_bufs *nm, const struct vq_refs *refs,
                                  uint32_t pos, uint32_t nfrag, uint16_t first_flags, uint64_t *frame_len,
-                                 struct vq_source *src)
+                                 struct vq_source *src, struct nm_vnet_hdr *h)
 {
     *src = (struct vq_source){.nm = nm, .refs = refs, .slot = pos, .frags = nfrag}; /* hdr: zeros */
-    return !(first_flags & NS_VNET_HDR) || vq_source_header(vq, src, frame_len);
+    return first_flags & NS_VNET_HDR ? vq_source_header(vq, src, frame_len, h) : VQ_SRC_WRITE;
 }
 
 /* rxtx._scatter: write the header of `src` and its frame across the `nchains` reserved chains, whose heads
@@ -774,6 +778,113 @@ static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem
     return VQ_OK;
 }
 
+/* What vq_put did with a frame. */
+enum { VQ_PUT_DONE, VQ_PUT_NO_ROOM, VQ_PUT_FAULT };
+
+/* rxtx._reserve and _scatter: receive chains for the header and the `frame_len` bytes of `src` (one chain
+ * without mergeable buffers), into chains[0..*nchains), and the frame written there (DONE: also when the
+ * chain was too small, its entry then of length 0 and the frame counted dropped); NO_ROOM (the chains given
+ * back, *nchains 0) when the guest has too few; FAULT (out->status) on a driver fault. *npending: chains the
+ * driver made available and we have not taken. */
+static inline int vq_put(struct vq_split *vq, const struct vm_memory *mem, struct vq_source *src,
+                         uint32_t hdr_len, int32_t mergeable, uint64_t frame_len, struct vq_used_elem *chains,
+                         uint32_t *nchains, uint16_t *npending, struct vq_seg *segs, struct vq_batch *out)
+{
+    uint64_t need = (uint64_t)hdr_len + frame_len, got = 0;
+    uint32_t n = 0, stored = 0, nsegs = 0;
+    *nchains = 0;
+    while (got < need) {
+        if (!*npending) {
+            /* The guest has no room now; its next kick brings us back. */
+            vq->last_avail_idx -= (uint16_t)n;
+            *npending += (uint16_t)n;
+            return VQ_PUT_NO_ROOM;
+        }
+        struct vq_chain chain;
+        uint32_t cap = stored == n ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
+        if (vq_pop(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
+            return VQ_PUT_FAULT;
+        if (chain.len < hdr_len) {
+            vq_fail_chain(out, VQ_ERR_SHORT_RX, chain.head, chain.len);
+            return VQ_PUT_FAULT;
+        }
+        (*npending)--;
+        if (chain.nseg != VQ_NOT_STORED && stored == n) {
+            nsegs += chain.nseg;
+            stored++;
+        }
+        chains[n++] = (struct vq_used_elem){chain.head, chain.nseg};
+        got += chain.len;
+        if (!mergeable)
+            break;
+    }
+    if (got < need) {
+        for (uint32_t k = 0; k < n; k++)
+            chains[k].len = 0;
+        out->dropped++;
+    } else {
+        if (vq_scatter(vq, mem, src, hdr_len, frame_len, chains, n, stored, segs, out) != VQ_OK)
+            return VQ_PUT_FAULT;
+        out->packets++;
+        out->bytes += frame_len;
+    }
+    *nchains = n;
+    return VQ_PUT_DONE;
+}
+
+/* A frame whose header `h` asks for offloads the driver did not negotiate, `src` after the header: completed
+ * into the thread's scratch (nm_offload_complete, as netmap's VALE does for such a port). Its segments'
+ * number, 0 when the header is one the frame does not bear out (or there is no scratch): it is dropped. */
+__attribute__((cold, noinline)) static uint32_t vq_complete_frame(struct vq_source *src,
+                                                                  const struct nm_vnet_hdr *h, uint64_t frame_len)
+{
+    struct vq_offload_scratch *s = vq_offload_scratch;
+    if (!s && !(s = vq_offload_scratch = malloc(sizeof *s)))
+        return 0;
+    uint32_t got = vq_source_copy(src, s->frame, frame_len < VQ_MAX_FRAME ? (uint32_t)frame_len : VQ_MAX_FRAME);
+    uint32_t nseg;
+    if (nm_offload_complete(h, s->frame, got, s->out, VQ_OFFLOAD_OUT, s->lens, VQ_OFFLOAD_SEGS, &nseg) != NM_OFF_OK)
+        return 0;
+    return nseg;
+}
+
+/* The `nseg` segments vq_complete_frame made, put one after the other (vq_put), all of them or (NO_ROOM:
+ * chains given back, counters as they were) none. chains and *nchains as vq_put's, for all segments. */
+__attribute__((cold, noinline)) static int vq_put_segments(struct vq_split *vq, const struct vm_memory *mem,
+                                                           uint32_t nseg, uint32_t hdr_len, int32_t mergeable,
+                                                           struct vq_used_elem *chains, uint32_t *nchains,
+                                                           uint16_t *npending, struct vq_seg *segs,
+                                                           struct vq_batch *out)
+{
+    const struct vq_offload_scratch *s = vq_offload_scratch;
+    uint32_t packets = out->packets, dropped = out->dropped;
+    uint64_t bytes = out->bytes;
+    uint32_t total = 0, off = 0;
+    *nchains = 0;
+    for (uint32_t k = 0; k < nseg; k++) {
+        struct vq_source seg = {.p = s->out + off, .left = s->lens[k]}; /* hdr: zeros, asks for nothing */
+        uint32_t n;
+        int put = vq_put(vq, mem, &seg, hdr_len, mergeable, s->lens[k], chains + total, &n, npending, segs, out);
+        if (put == VQ_PUT_FAULT)
+            return VQ_PUT_FAULT;
+        if (put == VQ_PUT_NO_ROOM) {
+            /* Segments go whole or not at all: the earlier ones' chains go back (their bytes stay written in
+             * buffers the guest still owns). */
+            vq->last_avail_idx -= (uint16_t)total;
+            *npending += (uint16_t)total;
+            out->packets = packets;
+            out->bytes = bytes;
+            out->dropped = dropped;
+            return VQ_PUT_NO_ROOM;
+        }
+        total += n;
+        off += s->lens[k];
+    }
+    out->offloaded++;
+    *nchains = total;
+    return VQ_PUT_DONE;
+}
+
 static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
                                 uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
                                 const struct vq_refs *refs, struct vq_used_elem *pending, struct vq_batch *out)
@@ -794,7 +905,10 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
             break; /* its last fragment has not been published yet (or the ring user broke a slot) */
 
         struct vq_source src;
-        if (!vq_source_open(vq, nm, refs, pos, nfrag, first_flags, &frame_len, &src)) {
+        struct nm_vnet_hdr h;
+        int how = vq_source_open(vq, nm, refs, pos, nfrag, first_flags, &frame_len, &src, &h);
+        uint32_t nseg = how == VQ_SRC_COMPLETE ? vq_complete_frame(&src, &h, frame_len) : 0;
+        if (how == VQ_SRC_DROP || (how == VQ_SRC_COMPLETE && !nseg)) {
             out->dropped++;
             out->bad_headers++;
             done += nfrag;
@@ -802,7 +916,6 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
             continue;
         }
 
-        /* rxtx._reserve: receive chains for header and frame; one chain without mergeable buffers. */
         if (!avail_read) {
             npending = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
             avail_read = 1;
@@ -812,44 +925,15 @@ static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem
             vq_fail(out, VQ_ERR_AVAIL_IDX, 0);
             goto fault;
         }
-        uint64_t need = (uint64_t)hdr_len + frame_len, got = 0;
-        uint32_t nchains = 0, stored = 0, nsegs = 0;
-        struct vq_used_elem *chains = pending + n_used;
-        while (got < need) {
-            if (!npending) {
-                /* The guest has no room now; its next kick brings us back. */
-                vq->last_avail_idx -= (uint16_t)nchains;
-                npending += (uint16_t)nchains;
-                goto complete;
-            }
-            struct vq_chain chain;
-            uint32_t cap = stored == nchains ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
-            if (vq_pop(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
-                goto fault;
-            if (chain.len < hdr_len) {
-                vq_fail_chain(out, VQ_ERR_SHORT_RX, chain.head, chain.len);
-                goto fault;
-            }
-            npending--;
-            if (chain.nseg != VQ_NOT_STORED && stored == nchains) {
-                nsegs += chain.nseg;
-                stored++;
-            }
-            chains[nchains++] = (struct vq_used_elem){chain.head, chain.nseg};
-            got += chain.len;
-            if (!mergeable)
-                break;
-        }
-        if (got < need) {
-            for (uint32_t k = 0; k < nchains; k++)
-                chains[k].len = 0;
-            out->dropped++;
-        } else {
-            if (vq_scatter(vq, mem, &src, hdr_len, frame_len, chains, nchains, stored, segs, out) != VQ_OK)
-                goto fault;
-            out->packets++;
-            out->bytes += frame_len;
-        }
+        uint32_t nchains;
+        int put = how == VQ_SRC_WRITE ? vq_put(vq, mem, &src, hdr_len, mergeable, frame_len, pending + n_used,
+                                               &nchains, &npending, segs, out)
+                                      : vq_put_segments(vq, mem, nseg, hdr_len, mergeable, pending + n_used,
+                                                        &nchains, &npending, segs, out);
+        if (put == VQ_PUT_FAULT)
+            goto fault;
+        if (put == VQ_PUT_NO_ROOM)
+            goto complete;
         n_used += nchains;
         done += nfrag;
         pos = (pos + nfrag) % nm->num_slots;

@@ -213,8 +213,9 @@ class NetmapAdapter(abc.ABC):
 
     @property
     def accepted_offloads(self) -> int:
-        """The NEEDS_* (netmap/offload.py) a frame with its virtio-net header may ask of this port's peer
-        (its guest) and be given to it as it is: none but for ports that carry_vnet_header."""
+        """The NEEDS_* (netmap/offload.py) a frame may ask for and be given to this port with its virtio-net
+        header: its peer takes them, or the port completes them on the way out. None but for ports that
+        carry_vnet_header."""
         return 0
 
     def pass_offloads(self, needs: int) -> None:

@@ -23,6 +23,7 @@ from vhostmap.netmap.abi import NS_MOREFRAG
 from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.offload import ALL_NEEDS
 from vhostmap.netmap.stash import BufferStash
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.device import NetConfig, VhostUserNetDevice
@@ -57,6 +58,7 @@ QUEUE_COUNTERS = (
     "rx_offloaded",
     "rx_offload_passed",
     "tx_bad_header",
+    "tx_offloaded",
 )
 
 
@@ -109,8 +111,9 @@ class VhostUserPort(NetmapAdapter):
 
     @property
     def accepted_offloads(self) -> int:
-        """The receive offloads the guest negotiated (device.accepted_offloads)."""
-        return self.device.accepted_offloads
+        """Every offload: the enqueue passes what the guest negotiated (device.accepted_offloads) and
+        completes the rest for it."""
+        return ALL_NEEDS
 
     def pass_offloads(self, needs: int) -> None:
         """Set the guest's transmit queues' pass_offloads (see NetmapAdapter)."""
@@ -404,6 +407,7 @@ class VhostUserPort(NetmapAdapter):
             st.tx_bytes += res.bytes
             st.tx_dropped += res.dropped
             st.tx_bad_header += res.bad_headers
+            st.tx_offloaded += res.offloaded
         kring.nr_hwcur = (kring.nr_hwcur + consumed) % n
         # Delivered slots were copied out: they are free again at once.
         kring.nr_hwtail = (kring.nr_hwcur - 1) % n

@@ -16,6 +16,7 @@ from dataclasses import astuple, dataclass
 import numpy as np
 import numpy.typing as npt
 
+from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.netmap.offload import HEAD_MAX, OffloadError, VnetHeader, check, complete, for_receiver, needs
 from vhostmap.vhost_user.memory import GuestMemory
@@ -230,8 +231,9 @@ def enqueue(
     the last frame's final slot is not among the ``count`` yet. A frame that cannot fit the guest's buffers
     (without mergeable buffers, a chain too small) is dropped and counted. A frame with its virtio-net header
     (NS_VNET_HDR) is delivered with it when the driver takes what it asks (``vq.guest_offloads``) and it
-    passes the checks of a transmitted one; otherwise it is dropped, counted in ``bad_headers`` too.
-    ``slots`` of the result is how many slots were consumed.
+    passes the checks of a transmitted one; when the driver does not take it, its offloads are completed and
+    its segments delivered, all or (no room) none (counted in ``offloaded``); a header it does not bear out
+    drops it, counted in ``bad_headers`` too. ``slots`` of the result is how many slots were consumed.
     """
     num_slots = len(slots)
     res = BatchResult()
@@ -240,31 +242,62 @@ def enqueue(
         frame = _frame_at(slots, (first + done) % num_slots, count - done)
         if frame is None:
             break  # its last fragment has not been published yet
-        nfrag, length = frame
+        nfrag, _ = frame
         pos = (first + done) % num_slots
         data = _frame_bytes(slots, pos, nfrag, bufs)
-        header = _header_for(vq, slots[pos], data)
-        if header is None:
+        out = _frames_for(vq, slots[pos], data)
+        if out is None:
             res.dropped += 1
             res.bad_headers += 1
             done += nfrag
             continue
-        if slots[pos]["flags"] & NS_VNET_HDR:
-            data, length = data[VIRTIO_NET_HDR.size :], length - VIRTIO_NET_HDR.size
-        chains = _reserve(vq, hdr_len, hdr_len + length, mergeable)
-        if chains is None:
+        if not _deliver(vq, mem, hdr_len, mergeable, out, res):
             break  # the guest has no room now; its next kick brings us back
-        if sum(c.length for c in chains) < hdr_len + length:
+        if out[0][0] is COMPLETED:
+            res.offloaded += 1
+        done += nfrag
+    res.slots = done
+    return res
+
+
+def _deliver(
+    vq: SplitVirtqueue,
+    mem: GuestMemory,
+    hdr_len: int,
+    mergeable: bool,
+    frames: list[tuple[VnetHeader, npt.NDArray[np.uint8]]],
+    res: BatchResult,
+) -> bool:
+    """Deliver ``frames`` (one slot frame: itself, or its segments) with their headers; False, with
+    nothing of them left delivered or counted, when the guest runs out of receive chains before the last."""
+    before = astuple(res)
+    taken = used = 0
+    for h, data in frames:
+        try:
+            chains = _reserve(vq, hdr_len, hdr_len + len(data), mergeable)
+        except VirtqueueError:
+            vq.retract_used(used)  # the frame was not delivered: none of its entries is published
+            raise
+        if chains is None:
+            # Segments go whole or not at all: give back what the earlier ones took (their bytes stay
+            # written in buffers the guest still owns, as the compiled kernel leaves them).
+            for _ in range(taken):
+                vq.unpop()
+            vq.retract_used(used)
+            for name, value in zip(BatchResult.__dataclass_fields__, before, strict=True):
+                setattr(res, name, value)
+            return False
+        taken += len(chains)
+        used += len(chains)
+        if sum(c.length for c in chains) < hdr_len + len(data):
             for c in chains:
                 vq.push_used(c.head, 0)
             res.dropped += 1
         else:
-            _scatter(vq, mem, chains, hdr_len, header, data)
+            _scatter(vq, mem, chains, hdr_len, h, data)
             res.packets += 1
-            res.bytes += length
-        done += nfrag
-    res.slots = done
-    return res
+            res.bytes += len(data)
+    return True
 
 
 def _frame_bytes(slots: npt.NDArray[np.void], pos: int, nfrag: int, bufs: Buffers) -> npt.NDArray[np.uint8]:
@@ -278,20 +311,33 @@ def _frame_bytes(slots: npt.NDArray[np.void], pos: int, nfrag: int, bufs: Buffer
     )
 
 
-def _header_for(vq: SplitVirtqueue, first: np.void, data: npt.NDArray[np.uint8]) -> VnetHeader | None:
-    """The offloads of the header to write before ``data``, a frame whose first slot is ``first``: none, or
-    its own when it has one (NS_VNET_HDR) that the driver takes and that passes `check`; None otherwise."""
+# The header of a segment (or frame) whose offloads were completed for a driver that does not take them.
+COMPLETED = VnetHeader()
+
+
+def _frames_for(
+    vq: SplitVirtqueue, first: np.void, data: npt.NDArray[np.uint8]
+) -> list[tuple[VnetHeader, npt.NDArray[np.uint8]]] | None:
+    """What a frame whose first slot is ``first`` becomes for the driver, each with the offloads of the
+    header to write before it: the frame with none; or, with its own header (NS_VNET_HDR), the frame with it
+    when the driver takes what it asks and it passes `check`, else its offloads completed (the segments,
+    each with COMPLETED), as netmap's VALE does for a port without them. None: it is to be dropped (a header
+    it does not bear out)."""
     if not int(first["flags"]) & NS_VNET_HDR:
-        return VnetHeader()
+        return [(VnetHeader(), data)]
     if len(data) < VIRTIO_NET_HDR.size:
         return None
-    frame = data[VIRTIO_NET_HDR.size :]
+    raw, frame = data[: VIRTIO_NET_HDR.size].tobytes(), data[VIRTIO_NET_HDR.size :]
     try:
-        return for_receiver(
-            data[: VIRTIO_NET_HDR.size].tobytes(), frame[:HEAD_MAX].tobytes(), len(frame), vq.guest_offloads
-        )
+        return [(for_receiver(raw, frame[:HEAD_MAX].tobytes(), len(frame), vq.guest_offloads), frame)]
+    except OffloadError as e:
+        if e.status != lib.NM_OFF_NOT_TAKEN:
+            return None
+    try:
+        segments = complete(VnetHeader.unpack(raw), frame.tobytes(), OFFLOAD_SEGS, OFFLOAD_OUT)
     except OffloadError:
         return None
+    return [(COMPLETED, np.frombuffer(seg, dtype=np.uint8)) for seg in segments]
 
 
 def _frame_at(slots: npt.NDArray[np.void], pos: int, available: int) -> tuple[int, int] | None:

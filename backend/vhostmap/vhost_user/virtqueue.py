@@ -357,6 +357,10 @@ class SplitVirtqueue:
         """Queue a used entry; ``flush_used`` publishes the batch."""
         self._pending_used.append((head, length))
 
+    def retract_used(self, n: int) -> None:
+        """Forget the last ``n`` queued used entries (a frame given up on after its first chains)."""
+        del self._pending_used[len(self._pending_used) - n :]
+
     def flush_used(self) -> int:
         """Write queued used entries, then used->idx (entries first: the driver reads idx, then entries)."""
         used, used16 = self._used, self._used16
