@@ -834,14 +834,15 @@ static inline int vq_put(struct vq_split *vq, const struct vm_memory *mem, struc
 
 /* A frame whose header `h` asks for offloads the driver did not negotiate, `src` after the header: completed
  * into the thread's scratch (nm_offload_complete, as netmap's VALE does for such a port). Its segments'
- * number, 0 when the header is one the frame does not bear out (or there is no scratch): it is dropped. */
+ * number, 0 when the header is one the frame does not bear out, the frame is larger than VQ_MAX_FRAME (or
+ * there is no scratch): it is dropped. */
 __attribute__((cold, noinline)) static uint32_t vq_complete_frame(struct vq_source *src,
                                                                   const struct nm_vnet_hdr *h, uint64_t frame_len)
 {
     struct vq_offload_scratch *s = vq_offload_scratch;
-    if (!s && !(s = vq_offload_scratch = malloc(sizeof *s)))
-        return 0;
-    uint32_t got = vq_source_copy(src, s->frame, frame_len < VQ_MAX_FRAME ? (uint32_t)frame_len : VQ_MAX_FRAME);
+    if (frame_len > VQ_MAX_FRAME || (!s && !(s = vq_offload_scratch = malloc(sizeof *s))))
+        return 0; /* larger than any guest sends (an application's?): not a frame to segment */
+    uint32_t got = vq_source_copy(src, s->frame, (uint32_t)frame_len);
     uint32_t nseg;
     if (nm_offload_complete(h, s->frame, got, s->out, VQ_OFFLOAD_OUT, s->lens, VQ_OFFLOAD_SEGS, &nseg) != NM_OFF_OK)
         return 0;

@@ -333,6 +333,8 @@ def _frames_for(
     except OffloadError as e:
         if e.status != lib.NM_OFF_NOT_TAKEN:
             return None
+    if len(frame) > MAX_FRAME:
+        return None  # larger than any guest sends (an application's?): not a frame to segment
     try:
         segments = complete(VnetHeader.unpack(raw), frame.tobytes(), OFFLOAD_SEGS, OFFLOAD_OUT)
     except OffloadError:
