@@ -29,12 +29,18 @@ GUESTS = {"a": ("52:54:00:00:00:0a", "10.0.0.1/24"), "b": ("52:54:00:00:00:0b", 
 
 @contextmanager
 def linked_guests(
-    kernel: GuestKernel, workdir: Path, qemu_mode: Literal["client", "server"]
+    kernel: GuestKernel,
+    workdir: Path,
+    qemu_mode: Literal["client", "server"],
+    options: dict[str, str] | None = None,
 ) -> Iterator[tuple[VhostmapDaemon, QemuGuest, QemuGuest]]:
-    """vhostmap with ports a and b linked, and a guest on each; QEMU is the socket's ``qemu_mode`` side."""
+    """vhostmap with ports a and b linked, and a guest on each; QEMU is the socket's ``qemu_mode`` side.
+    ``options``: more --port options, by port."""
     our_mode = "server" if qemu_mode == "client" else "client"
+    extra = {n: f",{o}" for n, o in (options or {}).items()}
     ports = [
-        f"{n}=vhost-user,path={workdir}/{n}.sock,mode={our_mode},mac={mac}" for n, (mac, _) in GUESTS.items()
+        f"{n}=vhost-user,path={workdir}/{n}.sock,mode={our_mode},mac={mac}{extra.get(n, '')}"
+        for n, (mac, _) in GUESTS.items()
     ]
     daemon = VhostmapDaemon(workdir, ports, ["a,b"])
     guests = [
@@ -109,6 +115,22 @@ def test_two_guests_on_a_link_ping_and_copy_a_file(
         assert daemon.pid is not None
         busy = cpu_seconds(daemon.pid, over=2.0)
         assert busy < 0.04, f"idle vhostmap used {busy:.3f} s of CPU in 2 s"
+
+
+def test_a_guest_without_receive_offloads_gets_segments_of_the_senders_tso_frames(
+    guest_kernel: GuestKernel, sock_dir: Path
+) -> None:
+    """b's port offers no offloads, a's all: a hands over 64 KiB TCP frames, and b's port completes them into
+    MTU segments on the way out (VALE's mismatch path), in the one-copy link pass."""
+    with linked_guests(guest_kernel, sock_dir, "client", {"b": "offloads=off"}) as (daemon, a, b):
+        sent, received = copy_file(a, b, megabytes=8)
+        assert sent == received
+        assert "VIRTIO_NET_F_GUEST_TSO4" not in daemon.status()["ports"]["b"]["features"]
+        stats = daemon.stats()
+        a_rx, b_tx = stats["a"]["totals"], stats["b"]["totals"]
+        assert a_rx["rx_offload_passed"] > 0 and a_rx["rx_bytes"] / a_rx["rx_packets"] > 2000, a_rx
+        assert b_tx["tx_offloaded"] > 0 and b_tx["tx_bytes"] / b_tx["tx_packets"] <= 1514, b_tx
+        assert b_tx["tx_bad_header"] == 0 and stats["b"]["broken"] is None
 
 
 def test_restarted_vhostmap_resumes_traffic_without_guest_reboot(
