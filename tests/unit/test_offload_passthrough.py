@@ -18,12 +18,13 @@ from test_offload_ingress import OFFLOADING, gso, wire
 from test_pktgen import control_path
 from test_switch_daemon import needs_root
 
-from conftest import StartDaemon
+from conftest import RunningDaemon, StartDaemon
 from vhostmap.apps import client
 from vhostmap.control.client import ControlError
+from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.netns import VethPair
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
-from vhostmap.netmap.offload import complete
+from vhostmap.netmap.offload import VnetHeader, complete
 from vhostmap.vhost_user.device import GUEST_OFFLOADS
 
 pytestmark = pytest.mark.usefixtures("datapath")
@@ -60,11 +61,19 @@ def test_an_offloaded_frame_reaches_a_guest_that_takes_it_unchanged(
     assert (b["tx_packets"], b["tx_bytes"], b["tx_dropped"]) == (1, len(frame), 0)
 
 
-def test_a_guest_that_takes_no_offload_gets_the_segments(start_daemon: StartDaemon) -> None:
+def to_a_guest_without_offloads(
+    start_daemon: StartDaemon, payload: int
+) -> tuple[RunningDaemon, FakeFrontend, FakeFrontend, VnetHeader, bytes, list[bytes]]:
+    """a (which takes every offload) linked to b (which takes none), a TCP frame of ``payload`` bytes with
+    its header for a to send, and the segments b should get."""
     d = start_daemon({"a": "", "b": ""}, links=["a,b"])
     fa, fb = d.frontend("a", features=TAKING), d.frontend("b", features=OFFLOADING)
-    h, frame = gso("4", "tcp", 40000, 1448)
-    want = complete(h, frame, 4096, 1 << 18)
+    h, frame = gso("4", "tcp", payload, 1448)
+    return d, fa, fb, h, frame, complete(h, frame, 4096, 1 << 18)
+
+
+def test_a_guest_that_takes_no_offload_gets_the_segments(start_daemon: StartDaemon) -> None:
+    d, fa, fb, h, frame, want = to_a_guest_without_offloads(start_daemon, 40000)
     fb.post_receive_buffers(len(want))
     fa.transmit([frame], header=wire(h))
     got = fb.receive_with_headers(len(want))
@@ -78,10 +87,7 @@ def test_a_guest_that_takes_no_offload_gets_the_segments(start_daemon: StartDaem
 
 def test_segments_wait_whole_for_receive_buffers(start_daemon: StartDaemon) -> None:
     """A frame completed for a guest goes in all its segments or waits: never half of it."""
-    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
-    fa, fb = d.frontend("a", features=TAKING), d.frontend("b", features=OFFLOADING)
-    h, frame = gso("4", "tcp", 20000, 1448)
-    want = complete(h, frame, 4096, 1 << 18)
+    d, fa, fb, h, frame, want = to_a_guest_without_offloads(start_daemon, 20000)
     fb.post_receive_buffers(len(want) - 1)
     fa.transmit([frame], header=wire(h))
     d.wait(lambda: d.stats("a")["queues"][0]["rx_packets"] == 1, "a's frame to be taken")
