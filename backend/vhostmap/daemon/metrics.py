@@ -40,8 +40,8 @@ QUEUE_COUNTERS = (
 # nothing is attached to the port, invalid for a guest's empty or oversized frame, bad_header for an offload
 # header the frame does not bear out; a generic port's
 # ring_full, oversize, kernel) and tx (for the port, not delivered: no_carrier while the guest has no
-# receive queue, bad_header for a header the guest did not negotiate, too_big for its receive chains; a
-# generic port's send_failed).
+# receive queue, bad_header for a frame's header that fails the checks on the way out, too_big for its
+# receive chains; a generic port's send_failed).
 DROPS = (
     ("rx", "Frames the port received and dropped, by reason."),
     ("tx", "Frames for the port that it could not deliver, by reason."),

@@ -432,6 +432,13 @@ static uint32_t vq_seg_read(const struct vq_seg *segs, uint32_t nseg, uint64_t s
     return done;
 }
 
+/* The offload fields of a virtio-net header (its first 10 bytes, little-endian as virtio 1.0 has them). */
+static inline struct nm_vnet_hdr vq_vnet_hdr(const uint8_t *raw)
+{
+    return (struct nm_vnet_hdr){raw[0], raw[1], (uint16_t)(raw[2] | raw[3] << 8), (uint16_t)(raw[4] | raw[5] << 8),
+                                (uint16_t)(raw[6] | raw[7] << 8), (uint16_t)(raw[8] | raw[9] << 8)};
+}
+
 /* The offload fields of the chain's virtio-net header (its first 10 bytes, over as many descriptors as they
  * span: CVE-2022-2132 was a header split over descriptors read as if it were not); 1 when they ask for
  * work. */
@@ -443,8 +450,7 @@ static int vq_offload_header(const struct vq_seg *segs, uint32_t nseg, struct nm
     uint8_t raw[10];
     if (vq_seg_read(segs, nseg, 0, raw, sizeof raw) != sizeof raw)
         return 0;
-    *h = (struct nm_vnet_hdr){raw[0], raw[1], (uint16_t)(raw[2] | raw[3] << 8), (uint16_t)(raw[4] | raw[5] << 8),
-                              (uint16_t)(raw[6] | raw[7] << 8), (uint16_t)(raw[8] | raw[9] << 8)};
+    *h = vq_vnet_hdr(raw);
     return (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) || h->gso_type != VIRTIO_NET_HDR_GSO_NONE;
 }
 
@@ -469,6 +475,14 @@ struct vq_offload_scratch {
 };
 static __thread struct vq_offload_scratch *vq_offload_scratch;
 
+/* The thread's scratch, made on first use; NULL when there is no memory for it. */
+static struct vq_offload_scratch *vq_scratch(void)
+{
+    if (!vq_offload_scratch)
+        vq_offload_scratch = malloc(sizeof *vq_offload_scratch);
+    return vq_offload_scratch;
+}
+
 /* What vq_dequeue_offloaded did with a frame. */
 enum { VQ_OFFLOAD_DONE, VQ_OFFLOAD_DROPPED, VQ_OFFLOAD_LATER };
 
@@ -481,8 +495,8 @@ __attribute__((cold)) static int vq_dequeue_offloaded(const struct nm_bufs *nm, 
                                                      const struct nm_vnet_hdr *h, uint32_t pos, uint32_t space,
                                                      uint32_t *used, struct vq_batch *out)
 {
-    struct vq_offload_scratch *s = vq_offload_scratch;
-    if (!s && !(s = vq_offload_scratch = malloc(sizeof *s)))
+    struct vq_offload_scratch *s = vq_scratch();
+    if (!s)
         return VQ_OFFLOAD_DROPPED;
     uint32_t got = vq_seg_read(segs, nseg, skip, s->frame, length), n;
     if (nm_offload_complete(h, s->frame, got, s->out, VQ_OFFLOAD_OUT, s->lens, VQ_OFFLOAD_SEGS, &n) != NM_OFF_OK)
@@ -705,9 +719,8 @@ __attribute__((cold, noinline)) static int vq_source_header(const struct vq_spli
     if (*frame_len < sizeof raw || vq_source_copy(src, raw, sizeof raw) != sizeof raw)
         return VQ_SRC_DROP;
     *frame_len -= sizeof raw;
-    *h = (struct nm_vnet_hdr){raw[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM, raw[1], (uint16_t)(raw[2] | raw[3] << 8),
-                              (uint16_t)(raw[4] | raw[5] << 8), (uint16_t)(raw[6] | raw[7] << 8),
-                              (uint16_t)(raw[8] | raw[9] << 8)};
+    *h = vq_vnet_hdr(raw);
+    h->flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM; /* DATA_VALID and the rest mean nothing from a sender */
     if (nm_offload_needs(h) & ~(uint32_t)vq->guest_offloads)
         return VQ_SRC_COMPLETE;
     uint8_t head[NM_OFF_HEAD_MAX];
@@ -839,9 +852,9 @@ static inline int vq_put(struct vq_split *vq, const struct vm_memory *mem, struc
 __attribute__((cold, noinline)) static uint32_t vq_complete_frame(struct vq_source *src,
                                                                   const struct nm_vnet_hdr *h, uint64_t frame_len)
 {
-    struct vq_offload_scratch *s = vq_offload_scratch;
-    if (frame_len > VQ_MAX_FRAME || (!s && !(s = vq_offload_scratch = malloc(sizeof *s))))
-        return 0; /* larger than any guest sends (an application's?): not a frame to segment */
+    struct vq_offload_scratch *s = frame_len <= VQ_MAX_FRAME ? vq_scratch() : NULL;
+    if (!s)
+        return 0; /* larger than any guest sends (an application's?), or no memory: not segmented */
     uint32_t got = vq_source_copy(src, s->frame, (uint32_t)frame_len);
     uint32_t nseg;
     if (nm_offload_complete(h, s->frame, got, s->out, VQ_OFFLOAD_OUT, s->lens, VQ_OFFLOAD_SEGS, &nseg) != NM_OFF_OK)

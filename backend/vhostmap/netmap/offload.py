@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from vhostmap.datapath import ffi, lib
 from vhostmap.ethernet import ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
@@ -300,6 +300,13 @@ def _segment(headers: bytes, data: bytes, k: int, n: int, gso_size: int, at: Lay
     return bytes(seg)
 
 
+def _c_header(h: VnetHeader, c: Any) -> Any:
+    """``h`` written into ``c``, a struct nm_vnet_hdr *; ``c``."""
+    c.flags, c.gso_type, c.hdr_len = h.flags, h.gso_type, h.hdr_len
+    c.gso_size, c.csum_start, c.csum_offset = h.gso_size, h.csum_start, h.csum_offset
+    return c
+
+
 class Completer:
     """The compiled kernel (nm_offload_complete) with its buffers made once: up to ``max_segs`` frames of
     ``cap`` bytes in all per call."""
@@ -313,9 +320,7 @@ class Completer:
 
     def __call__(self, h: VnetHeader, frame: bytes | memoryview) -> list[bytes]:
         """`complete`'s frames for ``frame`` with header ``h``; OffloadError as it."""
-        c = self._hdr
-        c.flags, c.gso_type, c.hdr_len = h.flags, h.gso_type, h.hdr_len
-        c.gso_size, c.csum_start, c.csum_offset = h.gso_size, h.csum_start, h.csum_offset
+        c = _c_header(h, self._hdr)
         src = ffi.from_buffer("uint8_t[]", frame)
         status = lib.nm_offload_complete(
             c, src, len(frame), self._out, self.cap, self._lens, self.max_segs, self._n
@@ -331,9 +336,7 @@ class Completer:
 
 def check_compiled(h: VnetHeader, head: bytes, length: int) -> None:
     """`check` by the compiled kernel (nm_offload_check)."""
-    c = ffi.new("struct nm_vnet_hdr *")
-    c.flags, c.gso_type, c.hdr_len = h.flags, h.gso_type, h.hdr_len
-    c.gso_size, c.csum_start, c.csum_offset = h.gso_size, h.csum_start, h.csum_offset
+    c = _c_header(h, ffi.new("struct nm_vnet_hdr *"))
     status = lib.nm_offload_check(c, ffi.from_buffer("uint8_t[]", head), len(head), length)
     if status != lib.NM_OFF_OK:
         raise OffloadError(status)

@@ -85,8 +85,9 @@ OFFERED_FEATURES = (
 )
 
 # Offloads of the guest's transmit path: the driver may leave checksums and TCP/UDP segmentation to the
-# device. A frame that asks for them keeps them on its way to guests that take them (GUEST_OFFLOADS: the
-# forwarders set SplitVirtqueue.pass_offloads), and is completed in software as it is dequeued for any other.
+# device. A frame that asks for them keeps them on its way when every port it may reach takes or completes
+# them (the forwarders set SplitVirtqueue.pass_offloads), and is completed in software as it is dequeued
+# otherwise.
 HOST_OFFLOADS = (
     bit(VIRTIO_NET_F_CSUM)
     | bit(VIRTIO_NET_F_HOST_TSO4)
@@ -319,11 +320,6 @@ class VhostUserNetDevice:
     def offered_features(self) -> int:
         """The virtio features this device offers: OFFERED_FEATURES and the configured offloads."""
         return OFFERED_FEATURES | self.config.offloads
-
-    @property
-    def accepted_offloads(self) -> int:
-        """accepted_offloads of the negotiated features."""
-        return accepted_offloads(self.features)
 
     def _get_features(self, msg: Message) -> Payload:
         return U64(self.offered_features)

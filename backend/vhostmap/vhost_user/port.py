@@ -111,7 +111,7 @@ class VhostUserPort(NetmapAdapter):
 
     @property
     def accepted_offloads(self) -> int:
-        """Every offload: the enqueue passes what the guest negotiated (device.accepted_offloads) and
+        """Every offload: the enqueue passes what the guest negotiated (SplitVirtqueue.guest_offloads) and
         completes the rest for it."""
         return ALL_NEEDS
 

@@ -56,9 +56,9 @@ class Buffers:
 @dataclass
 class BatchResult:
     """What one kernel call did. ``slots`` is how far the ring position moved; ``bad_headers``, of the
-    dropped frames, those whose offload header they did not bear out (or, enqueued, that the driver did not
-    negotiate); ``offloaded``, the frames whose offloads were completed (their segments are in
-    ``packets``); ``passed``, the frames that kept their offloads and header (NS_VNET_HDR)."""
+    dropped frames, those whose offload header they did not bear out; ``offloaded``, the frames whose
+    offloads were completed, as they came in or (enqueued) for a driver that did not negotiate them (their
+    segments are in ``packets``); ``passed``, the frames that kept their offloads and header (NS_VNET_HDR)."""
 
     slots: int = 0
     packets: int = 0
@@ -271,24 +271,23 @@ def _deliver(
     """Deliver ``frames`` (one slot frame: itself, or its segments) with their headers; False, with
     nothing of them left delivered or counted, when the guest runs out of receive chains before the last."""
     before = astuple(res)
-    taken = used = 0
+    taken = 0  # chains taken, and used entries queued, for the frames so far
     for h, data in frames:
         try:
             chains = _reserve(vq, hdr_len, hdr_len + len(data), mergeable)
         except VirtqueueError:
-            vq.retract_used(used)  # the frame was not delivered: none of its entries is published
+            vq.retract_used(taken)  # the frame was not delivered: none of its entries is published
             raise
         if chains is None:
             # Segments go whole or not at all: give back what the earlier ones took (their bytes stay
             # written in buffers the guest still owns, as the compiled kernel leaves them).
             for _ in range(taken):
                 vq.unpop()
-            vq.retract_used(used)
+            vq.retract_used(taken)
             for name, value in zip(BatchResult.__dataclass_fields__, before, strict=True):
                 setattr(res, name, value)
             return False
         taken += len(chains)
-        used += len(chains)
         if sum(c.length for c in chains) < hdr_len + len(data):
             for c in chains:
                 vq.push_used(c.head, 0)

@@ -164,7 +164,7 @@ class SplitVirtqueue:
     )
     guest_offloads = CField(
         "Receive queue: the NEEDS_* the driver takes (device.accepted_offloads); a frame with its header that"
-        " asks for more is dropped.",
+        " asks for more is completed for it on the way out.",
         mask=0xFF,
     )
 
