@@ -8,9 +8,12 @@ the host-side interfaces, so that the only multicast the switch floods is what t
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -127,6 +130,37 @@ def test_two_guests_on_a_switch_stop_flooding_once_both_addresses_are_learnt(
         assert listing.startswith("vale0: 2 port(s), 2 address(es), aging 300 s")
 
 
+@contextmanager
+def serving(ns: Netns, megabytes: int) -> Iterator[str]:
+    """busybox httpd in ``ns`` serving a random file of ``megabytes`` MiB as /blob; yields its md5."""
+    with tempfile.TemporaryDirectory() as srv:
+        blob = os.urandom(megabytes << 20)
+        Path(srv, "blob").write_bytes(blob)
+        cmd = ["ip", "netns", "exec", ns.name, "busybox", "httpd", "-f", "-p", f"{NETNS_ADDR}:8080", "-h", srv]
+        with subprocess.Popen(cmd) as server:
+            try:
+                listening = ["ss", "-Hltn", "sport = :8080"]
+                wait_until(lambda: ns.run(listening).stdout.strip(), 10, "httpd in the namespace to listen")
+                yield hashlib.md5(blob).hexdigest()
+            finally:
+                server.kill()
+
+
+def fetch(guest: QemuGuest, ns: Netns, megabytes: int = 8) -> None:
+    """The guest fetches a file of ``megabytes`` MiB from the namespace by HTTP, md5 intact."""
+    with serving(ns, megabytes) as md5:
+        guest.run(f"wget -q -O /tmp/blob http://{NETNS_ADDR}:8080/blob", check=True, timeout=240)
+        assert guest.run("md5sum /tmp/blob", check=True).output.split()[0] == md5
+
+
+def assert_offloads_reached_the_guest(port: dict[str, Any], stack: dict[str, Any]) -> None:
+    """From the counters of the guest's ``port`` (totals) and of the ``stack`` side: the stack's TCP frames
+    came in with their offloads (TSO on the namespace's side) and reached the guest, which takes them,
+    whole."""
+    assert stack["rx_offload_passed"] > 0 and stack["rx_offloaded"] == 0, stack
+    assert port["tx_offloaded"] == 0 and port["tx_bytes"] / port["tx_packets"] > 2000, port
+
+
 def test_a_guest_on_a_tap_reaches_a_namespace_through_its_host_rings(
     guest_kernel: GuestKernel, sock_dir: Path
 ) -> None:
@@ -149,6 +183,9 @@ def test_a_guest_on_a_tap_reaches_a_namespace_through_its_host_rings(
         assert reply.returncode == 0, reply.stdout + reply.stderr
         host = daemon.stats()["a"]["host"]
         assert host["tx_packets"] >= 8 and host["rx_packets"] >= 8
+        fetch(a, ns)
+        stats = daemon.stats()
+        assert_offloads_reached_the_guest(stats["a"]["totals"], stats["a"]["host"])
     assert not link_exists(tap)  # vhostmap's TAP went with it
 
 
@@ -177,6 +214,9 @@ def test_a_guest_reaches_a_namespace_through_a_generic_port_on_a_veth(
         assert got.stdout == "vhostmap-over-veth\n", got.stderr
         up: dict[str, Any] = daemon.stats()["up"]["totals"]
         assert up["rx_packets"] >= 8 and up["tx_packets"] >= 8
+        fetch(a, ns)
+        stats = daemon.stats()
+        assert_offloads_reached_the_guest(stats["a"]["totals"], stats["up"]["generic"])
 
 
 def test_a_port_attached_and_detached_at_run_time_while_the_others_keep_pinging(

@@ -30,6 +30,7 @@ from vhostmap.vhost_user.device import GUEST_OFFLOADS
 pytestmark = pytest.mark.usefixtures("datapath")
 
 ETH_P_ALL = 0x0003
+SOL_PACKET, PACKET_VNET_HDR = 263, 15
 
 # A driver that sends and takes every offload (Linux with its defaults, USO included).
 TAKING = OFFLOADING | GUEST_OFFLOADS
@@ -151,6 +152,50 @@ def test_the_host_stack_gets_the_offloaded_frame_whole(
     assert (a["rx_offload_passed"], a["rx_offloaded"]) == (1, 0)
 
 
+def stack_sender(ifname: str) -> socket.socket:
+    """A packet socket on ``ifname`` that sends frames after a virtio-net header (PACKET_VNET_HDR): the
+    stack makes a GSO frame of what it is given, as its TCP does with TSO on."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+    s.bind((ifname, 0))
+    return s
+
+
+@needs_root
+@pytest.mark.parametrize("takes", [True, False], ids=["takes", "takes-none"])
+@pytest.mark.parametrize("via", ["generic", "host", "switch"])
+def test_the_host_stacks_offloaded_frame_reaches_a_guest_whole_or_in_segments(
+    start_daemon: StartDaemon, veth: VethPair, tap: str, via: str, takes: bool
+) -> None:
+    """A 64 KiB GSO frame from the stack, through a generic port (a link), a TAP (host rings) or host rings
+    on a switch, keeps its header on the way in (NS_VNET_HDR): a guest that takes the offloads gets it as
+    the stack sent it, one that does not gets its segments, completed on the way out."""
+    if via == "generic":
+        d = start_daemon({"a": ""}, links=["a,up"], other_ports=[f"up=generic,ifname={veth.name}"])
+        far = veth.peer
+    else:
+        d = start_daemon({"a": f"host={tap}"}, switches=["vale0=a"] if via == "switch" else [])
+        far = tap
+    fa = d.frontend("a", features=TAKING if takes else OFFLOADING)
+    h, frame = gso("4", "tcp", 40000, 1448)
+    want = [frame] if takes else complete(h, frame, 4096, 1 << 18)
+    fa.post_receive_buffers(max(len(want), 16))  # 4 KiB each: the whole frame takes 10
+    with stack_sender(far) as s:
+        s.send(h.legacy() + frame)
+    got = fa.receive_with_headers(len(want))
+    assert [f for _, f in got] == want
+    if takes:
+        [(header, _)] = got
+        # What the stack sends with it: its own hdr_len (the frame's linear part), the rest as given.
+        kept = (header[0], header[1], header[3], header[4], header[5])
+        assert kept == (h.flags, h.gso_type, h.gso_size, h.csum_start, h.csum_offset)
+    else:
+        assert all(hdr[:6] == (0,) * 6 for hdr, _ in got)
+    stack = d.stats("up")["generic"] if via == "generic" else d.stats("a")["host"]
+    assert (stack["rx_offload_passed"], stack["rx_offloaded"], stack["rx_bad_header"]) == (1, 0, 0)
+    assert d.stats("a")["queues"][0]["tx_offloaded"] == (0 if takes else 1)
+
+
 def app_receive(port: client.ClientPort, frames: int, timeout: float = 5.0) -> list[tuple[int, bytes]]:
     """``frames`` frames from the application's RX ring: the flags of each frame's first slot, its bytes."""
     out: list[tuple[int, bytes]] = []
@@ -209,6 +254,22 @@ def test_an_application_that_asks_for_the_header_gets_and_sends_offloaded_frames
             want = complete(h, frame, 4096, 1 << 18)
             assert [f for _, f in app_receive(app, len(want))] == want
             assert [f for _, f in app_receive(plain, len(want))] == want
+
+
+def test_an_application_on_a_port_a_switch_let_go_gets_plain_frames(start_daemon: StartDaemon) -> None:
+    """A port detached from a switch where every port took offloads, then opened by an application: the
+    guest's frames are completed for it, never left with a header it did not ask for."""
+    d = start_daemon({"a": "", "b": ""}, switches=["vale0=a,b"])
+    fa = d.frontend("a", features=TAKING)
+    d.frontend("b", features=TAKING)
+    d.wait(lambda: d.device("a").vqs[1].pass_offloads != 0, "the switch to let a's frames keep offloads")
+    d.daemon.detach("vale0", "a")
+    h, frame = gso("4", "tcp", 20000, 1448)
+    with client.open("a", control_path(d)) as app:
+        fa.transmit([frame], header=wire(h))
+        want = complete(h, frame, 4096, 1 << 18)
+        got = app_receive(app, len(want))
+    assert [f for _, f in got] == want and not any(flags & NS_VNET_HDR for flags, _ in got)
 
 
 def test_only_switch_ports_carry_the_header(start_daemon: StartDaemon) -> None:

@@ -98,6 +98,9 @@ class QueueHostPort:
     def accepted_offloads(self) -> int:
         return 0  # frames arrive complete
 
+    def pass_offloads(self, needs: int) -> None:
+        pass  # it sends none
+
     def inject(self, frames: Sequence[bytes]) -> None:
         self.incoming.extend(frames)
 

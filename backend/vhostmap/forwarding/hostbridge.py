@@ -38,8 +38,9 @@ class HostBridge:
         """One round each way; True when a frame moved."""
         a = self.adapter
         assert a.host_port is not None
-        # The guest's frames keep the offloads the stack takes (cheap beside the round; features change).
+        # Each side's frames keep the offloads the other takes (cheap beside the round; features change).
         a.pass_offloads(a.host_port.accepted_offloads)
+        a.host_port.pass_offloads(a.accepted_offloads)
         nbufs = a.memory.nbufs
         host_tx, host_rx = a.num_tx_rings, a.num_rx_rings
         up = dropped = 0

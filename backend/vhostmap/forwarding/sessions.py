@@ -111,6 +111,10 @@ class PortClients:
         self.adapter = adapter
         self.sessions: list[ClientSession] = []
         self.name = f"clients {adapter.name}"
+        # Applications get plain frames, whatever an earlier forwarder of the port let them keep.
+        adapter.pass_offloads(0)
+        if adapter.host_port is not None:
+            adapter.host_port.pass_offloads(0)
 
     def add(self, reg: Registration, spec: str, pid: int | None = None) -> ClientSession:
         """A session for ``reg``; its rings must not be bound by another session (BadRingId: busy)."""

@@ -112,6 +112,9 @@ class HostPort(Protocol):
         """The NEEDS_* (netmap/offload.py) a frame with its virtio-net header (NS_VNET_HDR) in the host TX
         ring may keep: the stack takes them."""
 
+    def pass_offloads(self, needs: int) -> None:
+        """Frames from the stack may keep the offloads ``needs`` names (NetmapAdapter.pass_offloads)."""
+
     def close(self) -> None:
         """Detach from the adapter and release the stack."""
 

@@ -137,16 +137,19 @@ class RxFill:
         o = self._offsets[self._flushed + len(self._lens) + i]
         return self._region[o : o + self.cap]
 
-    def commit(self, length: int) -> None:
-        """Account a frame of ``length`` bytes already written into the next free slots' buffers."""
+    def commit(self, length: int, flags: int = 0) -> None:
+        """Account a frame of ``length`` bytes already written into the next free slots' buffers, ``flags``
+        (NS_VNET_HDR) on its first slot."""
         k = self.slots_for(length)
         self._lens.extend([self.cap] * (k - 1))
         self._lens.append(length - (k - 1) * self.cap)
         self._flags.extend([NS_MOREFRAG] * (k - 1))
         self._flags.append(0)
+        self._flags[-k] |= flags
 
-    def put(self, frame: bytes | memoryview) -> bool:
-        """Copy ``frame`` in (one copy); False, and nothing changes, when it does not fit."""
+    def put(self, frame: bytes | memoryview, flags: int = 0) -> bool:
+        """Copy ``frame`` in (one copy), ``flags`` (NS_VNET_HDR) on its first slot; False, and nothing
+        changes, when it does not fit."""
         length = len(frame)
         cap = self.cap
         base = self._flushed + len(self._lens)
@@ -156,7 +159,7 @@ class RxFill:
             o = self._offsets[base]
             self._region[o : o + length] = frame
             self._lens.append(length)
-            self._flags.append(0)
+            self._flags.append(flags)
             return True
         k = self.slots_for(length)
         if length == 0 or k > self.room:
@@ -165,7 +168,7 @@ class RxFill:
             o = self._offsets[base + j]
             part = frame[j * cap : (j + 1) * cap]
             self._region[o : o + len(part)] = part
-        self.commit(length)
+        self.commit(length, flags)
         return True
 
     def flush(self) -> None:

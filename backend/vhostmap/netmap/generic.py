@@ -23,8 +23,9 @@ one hardware ring pair (plus the host pair, left to the default or to a host por
   PACKET_MR_PROMISC puts the interface in promiscuous mode for as long as the socket lives.
 - PACKET_VNET_HDR: every frame comes with a virtio-net header, and goes with one. A frame the host stack
   left a checksum or segmentation to (a veth or TAP peer with its offloads on: up to 64 KiB of TCP at once)
-  is completed in software on the way in (netmap/offload.py), so its peer needs no `ethtool -K ... off`;
-  what we send asks for nothing.
+  keeps its header (NS_VNET_HDR) when every port it may go to takes the offloads (``pass_offloads``), and
+  is completed in software on the way in otherwise (netmap/offload.py), so its peer needs no
+  `ethtool -K ... off`; what we send keeps what the stack takes.
 
 Unlike the seed, AF_PACKET does not steal frames: the host stack of the interface still sees what arrives.
 """
@@ -50,9 +51,9 @@ from vhostmap.netmap.allocator import NetmapMemory
 from vhostmap.netmap.errors import InterfaceError, PortBroken
 from vhostmap.netmap.frames import DropReport, RxFill, send_frames
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.offload import STACK_OFFLOADS, VLAN_HLEN, Completer, OffloadError, VnetHeader
+from vhostmap.netmap.offload import STACK_OFFLOADS, VLAN_HLEN, OffloadError, StackIngress, VnetHeader
 from vhostmap.netmap.tap import if_index
-from vhostmap.virtio.spec import VIRTIO_NET_HDR_LEGACY
+from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEGACY
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ class GenericStats:
     full; ``rx_oversize``: frames the kernel truncated or that no ring could hold; ``kernel_drops``: frames
     the kernel dropped because every block was ours (PACKET_STATISTICS, read by ``counters``);
     ``tx_drops``: frames that could not be sent; ``rx_bad_header``: frames whose offload header they did not
-    bear out (netmap/offload.py); ``rx_offloaded``: frames whose offloads were completed."""
+    bear out (netmap/offload.py); ``rx_offloaded``: frames whose offloads were completed;
+    ``rx_offload_passed``: frames that kept them with their header (NS_VNET_HDR)."""
 
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -226,6 +228,7 @@ class GenericStats:
     kernel_drops: int = 0
     rx_bad_header: int = 0
     rx_offloaded: int = 0
+    rx_offload_passed: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
     tx_drops: int = 0
@@ -250,6 +253,10 @@ class GenericAdapter(NetmapAdapter):
         """What the stack takes with a frame sent on the socket (STACK_OFFLOADS)."""
         return STACK_OFFLOADS
 
+    def pass_offloads(self, needs: int) -> None:
+        """Frames from the interface may keep the offloads ``needs`` names (see NetmapAdapter)."""
+        self._ingress.passed = needs
+
     def __init__(
         self,
         name: str,
@@ -270,10 +277,11 @@ class GenericAdapter(NetmapAdapter):
         self.rx_queue_limit = rx_queue_limit
         self.tx_backpressure = tx_backpressure
         self.stats = GenericStats()
-        self._queue: deque[bytes] = deque()
+        # Frames waiting for room, with the flags of their first slot.
+        self._queue: deque[tuple[bytes, int]] = deque()
         self._block = 0
         self._drops = DropReport(log, self.stats, name, ifname)
-        self._complete = Completer()
+        self._ingress = StackIngress()
         super().__init__(
             name, memory, num_tx_rings=1, num_rx_rings=1, num_tx_desc=num_desc, num_rx_desc=num_desc
         )
@@ -346,8 +354,9 @@ class GenericAdapter(NetmapAdapter):
             return
         with RxFill(kring, self.memory) as fill:
             queue = self._queue
-            while queue and fill.put(queue[0]):
-                self._received(len(queue.popleft()))
+            while queue and fill.put(*queue[0]):
+                frame, flags = queue.popleft()
+                self._received(len(frame) - (VIRTIO_NET_HDR.size if flags else 0))
             ring32 = self._ring_u32
             words_per_block = self.params.block_size // 4
             # At most one lap: under a steady flood the kernel refills blocks as fast as they are given back.
@@ -383,16 +392,18 @@ class GenericAdapter(NetmapAdapter):
             view = ring[start : start + snaplen]
             tagged = bool(status & TP_STATUS_VLAN_VALID)
             data: bytes | memoryview = _with_vlan_tag(view, vlan_tci, vlan_tpid, status) if tagged else view
-            for frame in self._offloads_done(kring, ring[start - VNET_HDR.size : start], data, tagged):
+            frames, flags = self._offloads_done(kring, ring[start - VNET_HDR.size : start], data, tagged)
+            header = VIRTIO_NET_HDR.size if flags else 0
+            for frame in frames:
                 size = len(frame)
                 if size > max_frame or size == 0:
                     stats.rx_oversize += 1
                     kring.dropped += 1
-                elif not queue and fill.put(frame):
+                elif not queue and fill.put(frame, flags):
                     stats.rx_packets += 1
-                    stats.rx_bytes += size
+                    stats.rx_bytes += size - header
                 elif len(queue) < limit:
-                    queue.append(bytes(frame))
+                    queue.append((bytes(frame), flags))
                 else:
                     stats.rx_drops += 1
                     kring.dropped += 1
@@ -400,25 +411,29 @@ class GenericAdapter(NetmapAdapter):
 
     def _offloads_done(
         self, kring: Kring, vnet: memoryview, frame: bytes | memoryview, tagged: bool
-    ) -> list[bytes | memoryview]:
-        """``frame`` with what its virtio-net header ``vnet`` (PACKET_VNET_HDR) leaves to do done: itself, its
-        checksum filled in, or its segments; none (counted) when the header does not fit it. ``tagged``: a
-        VLAN tag was put back, 4 bytes the kernel's offsets do not count."""
+    ) -> tuple[list[bytes | memoryview], int]:
+        """What goes into the ring for ``frame`` and its virtio-net header ``vnet`` (PACKET_VNET_HDR), and the
+        flags of each one's first slot: itself; or, when the header asks for work, itself after its header
+        (NS_VNET_HDR) or its completed frames (StackIngress); none (counted) when the header does not fit
+        it. ``tagged``: a VLAN tag was put back, 4 bytes the kernel's offsets do not count."""
         h = VnetHeader.unpack(vnet)
         if not h.asks_for_work:
-            return [frame]
+            return [frame], 0
         if tagged:
             shift = VLAN_HLEN
             h = replace(h, hdr_len=h.hdr_len + shift, csum_start=h.csum_start + shift)
         try:
-            frames: list[bytes | memoryview] = list(self._complete(h, frame))
+            frames, flags = self._ingress(h, frame)
         except OffloadError as e:
             self.stats.rx_bad_header += 1
             kring.dropped += 1
             self._drops.report(kring, f"offload header: {e}")
-            return []
-        self.stats.rx_offloaded += 1
-        return frames
+            return [], 0
+        if flags:
+            self.stats.rx_offload_passed += 1
+        else:
+            self.stats.rx_offloaded += 1
+        return list(frames), flags
 
     def _received(self, length: int) -> None:
         self.stats.rx_packets += 1

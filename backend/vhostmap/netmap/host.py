@@ -38,13 +38,14 @@ from vhostmap.netmap.abi import (
     NS_BUF_CHANGED,
     NS_FORWARD,
     NS_MOREFRAG,
+    NS_VNET_HDR,
 )
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.frames import DropReport, RxFill, SlotFrames, frame_out, send_frames
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.offload import STACK_OFFLOADS, Completer, OffloadError, VnetHeader
+from vhostmap.netmap.offload import STACK_OFFLOADS, OffloadError, StackIngress, VnetHeader
 from vhostmap.netmap.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TapDevice
-from vhostmap.virtio.spec import VIRTIO_NET_HDR_LEGACY
+from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEGACY
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ class HostStats:
     host RX kring, ``tx_*`` frames written to the stack (host TX kring and forwarded_up). ``forwarded_up``
     counts frames passed from hardware RX rings to the stack, ``forwarded_down`` frames passed from the host
     RX ring to hardware TX rings, ``forward_drops`` NS_FORWARD frames that could not be passed on;
-    ``rx_offloaded`` frames from the stack whose offloads were completed, ``rx_bad_header`` those dropped
-    for a virtio-net header they did not bear out."""
+    ``rx_offloaded`` frames from the stack whose offloads were completed, ``rx_offload_passed`` those that
+    kept them with their header (NS_VNET_HDR), ``rx_bad_header`` those dropped for a virtio-net header they
+    did not bear out."""
 
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -76,6 +78,7 @@ class HostStats:
     forwarded_down: int = 0
     forward_drops: int = 0
     rx_offloaded: int = 0
+    rx_offload_passed: int = 0
     rx_bad_header: int = 0
 
 
@@ -105,7 +108,7 @@ class HostStack:
         self.rx_budget = rx_budget
         self.stats = HostStats()
         # With a virtio-net header each way, the stack may hand over partial checksums and 64 KiB GSO frames
-        # (no segmentation in the kernel for our sake); they are completed on the way in.
+        # (no segmentation in the kernel for our sake); they keep their header or are completed on the way in.
         self.tap = TapDevice.open(ifname, create=create, multi_queue=multi_queue, vnet_hdr=True)
         try:
             self.tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
@@ -116,7 +119,7 @@ class HostStack:
             raise
         self._scratch = memoryview(bytearray(TAP_FRAME_MAX))
         self._vnet = memoryview(bytearray(VIRTIO_NET_HDR_LEGACY.size))
-        self._complete = Completer()
+        self._ingress = StackIngress()
         self._drops = DropReport(log, self.stats, adapter.name)
         adapter.host_port = self
 
@@ -147,6 +150,10 @@ class HostStack:
     def accepted_offloads(self) -> int:
         """The offloads a frame may keep on its way into the stack (a TAP with IFF_VNET_HDR takes them)."""
         return STACK_OFFLOADS
+
+    def pass_offloads(self, needs: int) -> None:
+        """Frames from the stack may keep the offloads ``needs`` names (NetmapAdapter.pass_offloads)."""
+        self._ingress.passed = needs
 
     def send_up(self, kring: Kring) -> int:
         """Transparent mode, NIC -> host: write to the TAP the frames released with NS_FORWARD among
@@ -224,7 +231,7 @@ class HostStack:
                 return
             h = VnetHeader.unpack(self._vnet)
             if h.asks_for_work:
-                # The stack left work to do: the frame is gathered, completed, and its frames copied in.
+                # The stack left work to do: the frame is gathered, and it or its completed frames copied in.
                 head = fill.view()[: min(length, fill.cap)] if fill.room else memoryview(b"")
                 self._import_offloaded(kring, fill, h, bytes(head) + bytes(scratch[: length - len(head)]))
                 continue
@@ -241,18 +248,23 @@ class HostStack:
             self.stats.rx_bytes += length
 
     def _import_offloaded(self, kring: Kring, fill: RxFill, h: VnetHeader, frame: bytes) -> None:
-        """A frame the stack left a checksum or segmentation to: its completed frames go in."""
+        """A frame the stack left a checksum or segmentation to: it with its header, or its completed frames,
+        go in (StackIngress)."""
         try:
-            frames = self._complete(h, frame)
+            frames, flags = self._ingress(h, frame)
         except OffloadError as e:
             self.stats.rx_bad_header += 1
             self._drop_rx(kring, f"offload header: {e}")
             return
-        self.stats.rx_offloaded += 1
+        if flags:
+            self.stats.rx_offload_passed += 1
+        else:
+            self.stats.rx_offloaded += 1
+        header = VIRTIO_NET_HDR.size if flags else 0
         for f in frames:
-            if fill.put(f):
+            if fill.put(f, flags):
                 self.stats.rx_packets += 1
-                self.stats.rx_bytes += len(f)
+                self.stats.rx_bytes += len(f) - header
             else:
                 self._drop_rx(kring, "host RX ring full")
 
@@ -318,7 +330,7 @@ def sw_to_nic(adapter: NetmapAdapter, kring: Kring) -> tuple[int, int]:
             spare = int(dst.slots["buf_idx"][head])
             dst.slots["buf_idx"][head] = frames.bufs[j]
             dst.slots["len"][head] = frames.lens[j]
-            dst.slots["flags"][head] = (src["flags"][s] & NS_MOREFRAG) | NS_BUF_CHANGED
+            dst.slots["flags"][head] = (src["flags"][s] & (NS_MOREFRAG | NS_VNET_HDR)) | NS_BUF_CHANGED
             src["buf_idx"][s] = spare
             src["flags"][s] = NS_BUF_CHANGED
             head = (head + 1) % dn

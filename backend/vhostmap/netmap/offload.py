@@ -27,7 +27,9 @@ from typing import Any, NamedTuple
 
 from vhostmap.datapath import ffi, lib
 from vhostmap.ethernet import ETH_HLEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6
+from vhostmap.netmap.abi import NS_VNET_HDR
 from vhostmap.virtio.spec import (
+    VIRTIO_NET_HDR,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_NONE,
@@ -98,6 +100,13 @@ class VnetHeader:
         """The header at the start of ``raw`` (the legacy layout: its first VIRTIO_NET_HDR_LEGACY.size
         bytes)."""
         return cls(*VIRTIO_NET_HDR_LEGACY.unpack_from(raw))
+
+    def pack(self) -> bytes:
+        """The header as struct virtio_net_hdr with num_buffers (VIRTIO_NET_HDR, num_buffers 0): what goes
+        before a frame in slots with NS_VNET_HDR."""
+        return VIRTIO_NET_HDR.pack(
+            self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start, self.csum_offset, 0
+        )
 
     def legacy(self) -> bytes:
         """The header as struct virtio_net_hdr (VIRTIO_NET_HDR_LEGACY): what goes before a frame written to a
@@ -332,6 +341,26 @@ class Completer:
             frames.append(bytes(ffi.buffer(self._out + at, self._lens[k])))
             at += self._lens[k]
         return frames
+
+
+class StackIngress:
+    """What becomes of a frame the host stack hands over (a TAP, a packet socket) whose header asks for work:
+    it keeps its header (NS_VNET_HDR) when every port it may go to takes what it asks (``passed``, NEEDS_*,
+    set through the adapter's pass_offloads by its forwarder), as VALE passes a frame between ports that
+    negotiated the same offloads; otherwise it is completed here. Either way its header is checked first."""
+
+    def __init__(self) -> None:
+        self.passed = 0
+        self._complete = Completer()
+
+    def __call__(self, h: VnetHeader, frame: bytes | memoryview) -> tuple[list[bytes], int]:
+        """The frames that go into the ring for ``frame`` with header ``h``, and the flags of their first
+        slots: ``h`` packed before the frame and NS_VNET_HDR, or the completed frames and 0. OffloadError
+        when ``h`` does not fit the frame."""
+        if needs(h) & ~self.passed:
+            return self._complete(h, frame), 0
+        check_compiled(h, bytes(frame[:HEAD_MAX]), len(frame))
+        return [h.pack() + bytes(frame)], NS_VNET_HDR
 
 
 def check_compiled(h: VnetHeader, head: bytes, length: int) -> None:

@@ -49,8 +49,9 @@ class SwitchPort:
         self.adapter = adapter
         self.host = host
         self.name = f"{adapter.name}^" if host else adapter.name
-        # Its frames may start with their virtio-net header (NS_VNET_HDR), and it takes such frames.
-        self.vnet = adapter.carries_vnet_header and not host
+        # Its frames may start with their virtio-net header (NS_VNET_HDR), and it takes such frames: a host
+        # port (a TAP with IFF_VNET_HDR) always does.
+        self.vnet = host or adapter.carries_vnet_header
         if host:
             self.rx_rings = [adapter.num_rx_rings]
             self.tx_rings = [adapter.num_tx_rings]
@@ -65,6 +66,22 @@ class SwitchPort:
         """A snapshot of the port's counters (every ring's, added up)."""
         structs = [*self.rx_counters, *self.tx_counters.values()]
         return SwitchPortStats(*(sum(int(getattr(c, name)) for c in structs) for name in _STAT_FIELDS))
+
+    @property
+    def accepted_offloads(self) -> int:
+        """The NEEDS_* a frame given to this port may keep (NetmapAdapter.accepted_offloads, or its host
+        port's)."""
+        if not self.host:
+            return self.adapter.accepted_offloads if self.vnet else 0
+        hp = self.adapter.host_port
+        return hp.accepted_offloads if hp is not None else 0
+
+    def pass_offloads(self, needs: int) -> None:
+        """Frames this port receives may keep the offloads ``needs`` names (NetmapAdapter.pass_offloads)."""
+        if not self.host:
+            self.adapter.pass_offloads(needs)
+        elif self.adapter.host_port is not None:
+            self.adapter.host_port.pass_offloads(needs)
 
     def tx_ring(self, q: int) -> int:
         """The TX ring index that frames from the ``q``-th RX ring of a source go to."""

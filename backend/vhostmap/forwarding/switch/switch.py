@@ -224,7 +224,7 @@ class Switch:
     def share_offloads(self) -> None:
         """Each port's frames keep the offloads that every other port takes (NetmapAdapter.pass_offloads):
         a frame may go to any of them, a flood to all. Linear in the ports: it runs every Python round."""
-        takes = [p.adapter.accepted_offloads if p.vnet else 0 for p in self.ports]
+        takes = [p.accepted_offloads for p in self.ports]
         # What all ports before k take, and all after k: port k's is both together.
         before, after = [ALL_NEEDS], [ALL_NEEDS]
         for t in takes[:-1]:
@@ -233,8 +233,7 @@ class Switch:
             after.append(after[-1] & t)
         after.reverse()
         for p, b, a in zip(self.ports, before, after, strict=True):
-            if not p.host:
-                p.adapter.pass_offloads(b & a)
+            p.pass_offloads(b & a)
 
     def forward(
         self, src: SwitchPort, q: int, ring_index: int, now: float
