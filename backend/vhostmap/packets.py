@@ -1,5 +1,6 @@
 """The frames vhostmap's generators send (``vhostmap pkt-gen``, a port's ``generate=``, the guest's pktgen):
-Ethernet/IPv4/UDP, as netmap's pkt-gen builds them."""
+Ethernet/IPv4/UDP, as netmap's pkt-gen builds them; and Ethernet/IPv4/TCP of up to 64 KiB, as a guest with TSO
+hands them over (``generate=`` beyond the MTU)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from dataclasses import dataclass
 from vhostmap.ethernet import ETH_HLEN, ETH_P_IP, ETH_ZLEN
 
 IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 ICMP_ECHO_REQUEST = 8
 ICMP_ECHO_REPLY = 0
 IP_HLEN = 20
+TCP_HLEN = 20
+TCP_ACK, TCP_PSH = 0x10, 0x08
 MIN_FRAME = ETH_ZLEN
 MAX_FRAME = 2048  # one netmap buffer (the default 2 KiB) at most
+TSO_MAX_FRAME = 65535  # a frame handed over for segmentation: the most a port completes (VQ_MAX_FRAME)
 
 
 @dataclass(frozen=True)
@@ -53,3 +58,21 @@ def udp_frame(length: int, addr: Addresses = Addresses()) -> bytes:
     udp_len = length - ETH_HLEN - IP_HLEN
     udp = struct.pack("!HHHH", addr.src_port, addr.dst_port, udp_len, 0) + payload[: udp_len - 8]
     return ether_header(addr) + ipv4_header(addr, IPPROTO_UDP, udp_len) + udp
+
+
+def tcp_frame(length: int, addr: Addresses = Addresses()) -> bytes:
+    """An Ethernet/IPv4/TCP frame (ACK, PSH) of ``length`` bytes, up to TSO_MAX_FRAME, as a sender that leaves
+    the checksum to the device writes it: the TCP checksum field holds the pseudo-header's sum
+    (VIRTIO_NET_HDR_F_NEEDS_CSUM at the TCP header)."""
+    from vhostmap.netmap.checksum import inet_checksum  # as in ipv4_header
+
+    if not MIN_FRAME <= length <= TSO_MAX_FRAME:
+        raise ValueError(f"frame length {length} outside {MIN_FRAME}..{TSO_MAX_FRAME}")
+    tcp_len = length - ETH_HLEN - IP_HLEN
+    pseudo = addr.src_ip + addr.dst_ip + struct.pack("!BBH", 0, IPPROTO_TCP, tcp_len)
+    partial = 0xFFFF & ~inet_checksum(pseudo)  # the folded sum itself, not its complement
+    tcp = struct.pack(
+        "!HHIIBBHHH", addr.src_port, addr.dst_port, 1, 1, TCP_HLEN << 2, TCP_ACK | TCP_PSH, 0xFFFF, partial, 0
+    )
+    payload = bytes(range(256)) * (tcp_len // 256 + 1)
+    return ether_header(addr) + ipv4_header(addr, IPPROTO_TCP, tcp_len) + tcp + payload[: tcp_len - TCP_HLEN]

@@ -1,6 +1,6 @@
-"""scripts/bench in small: one short P1 round measures both back-ends, one short T1 round copies a file
-between two guests on every back-end, and nothing outlives the benchmark, also when it is interrupted with
-Ctrl-C.
+"""scripts/bench in small: one short P1 round measures both back-ends, one short G1 round moves TSO frames
+whole and segmented, one short T1 round copies a file between two guests on every back-end, and nothing
+outlives the benchmark, also when it is interrupted with Ctrl-C.
 
 The benchmark runs as its own process in a session of its own, so that every process it started (the
 daemon, each testpmd) can be found by session id afterwards, even once reparented to init.
@@ -105,6 +105,27 @@ def test_a_quick_p1_round_measures_both_backends(tmp_path: Path) -> None:
         assert "matplotlib is missing" in err
     else:
         assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_quick_g1_round_moves_tso_frames_whole_and_segmented(tmp_path: Path) -> None:
+    out, err, report = run_bench(tmp_path, "--only", "G1", "--runs", "1", "--seconds", "1", "--warmup", "0.5")
+    rates = {r["backend"]: r for r in report["results"]}
+    assert list(rates) == ["vhostmap-mtu", "vhostmap-tso", "vhostmap-tso-completed", "dpdk"]
+    for r in rates.values():
+        assert (r["scenario"], r["unit"], r["size"], len(r["gbit_s"])) == ("G1", "Gbit/s", 64000, 1)
+        assert r["gbit_s"][0] > 0
+    # What vhostmap sent: whole 64000-byte frames (and their headers) to the front-end that takes TSO, each
+    # segmented into MTU frames for the one that does not, MTU frames from the plain generator.
+    sent = dict(
+        re.findall(
+            r"G1 TSO enqueue 64000 B, (vhostmap-[a-z-]+), run 1/1: .*?\((\d+ frames segmented, \d+ B)", err
+        )
+    )
+    assert sent["vhostmap-tso"] == "0 frames segmented, 64000 B", err
+    completed = re.fullmatch(r"(\d+) frames segmented, (\d+) B", sent["vhostmap-tso-completed"])
+    assert completed and int(completed[1]) > 0 and int(completed[2]) <= 1514, err
+    assert sent["vhostmap-mtu"] == "0 frames segmented, 1514 B", err
+    assert "Gbit/s per run" in out
 
 
 def test_a_quick_t1_round_copies_a_file_between_guests_on_every_backend(

@@ -136,8 +136,8 @@ def serving(ns: Netns, megabytes: int) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as srv:
         blob = os.urandom(megabytes << 20)
         Path(srv, "blob").write_bytes(blob)
-        cmd = ["ip", "netns", "exec", ns.name, "busybox", "httpd", "-f", "-p", f"{NETNS_ADDR}:8080", "-h", srv]
-        with subprocess.Popen(cmd) as server:
+        httpd = ["busybox", "httpd", "-f", "-p", f"{NETNS_ADDR}:8080", "-h", srv]
+        with subprocess.Popen(["ip", "netns", "exec", ns.name, *httpd]) as server:
             try:
                 listening = ["ss", "-Hltn", "sport = :8080"]
                 wait_until(lambda: ns.run(listening).stdout.strip(), 10, "httpd in the namespace to listen")

@@ -190,6 +190,9 @@ def test_socket_owner_applies_to_server_sockets_and_unknown_users_are_refused() 
 def test_a_generating_port_takes_a_frame_length() -> None:
     assert parse_port_flag("vm0=vhost-user,path=/x,generate=64").generate == 64
     assert parse_port_flag("vm0=vhost-user,path=/x,mtu=9000,generate=2048").generate == 2048
+    # Beyond the MTU: TCP frames with a segmentation offload, up to 64 KiB.
+    assert parse_port_flag("vm0=vhost-user,path=/x,generate=1515").generate == 1515
+    assert parse_port_flag("vm0=vhost-user,path=/x,generate=65535").generate == 65535
     assert (
         build_config({"ports": {"vm0": {"path": "/x", "generate": 1500}}}, [], []).port("vm0").generate
         == 1500
@@ -200,8 +203,8 @@ def test_a_generating_port_takes_a_frame_length() -> None:
     ("flag", "message"),
     [
         ("vm0=vhost-user,path=/x,generate=59", "generate= is a frame length of 60..1514 bytes"),
-        ("vm0=vhost-user,path=/x,generate=1515", "generate= is a frame length of 60..1514 bytes"),
-        ("vm0=vhost-user,path=/x,mtu=9000,generate=2049", "60..2048 bytes"),
+        ("vm0=vhost-user,path=/x,generate=65536", r"60..1514 bytes .*, or 1515..65535 for TCP segmentation"),
+        ("vm0=vhost-user,path=/x,mtu=9000,generate=2049", r"60..2048 bytes .*, or 9015..65535"),
         ("vm0=vhost-user,path=/x,generate=big", "generate must be a number"),
         ("up=generic,ifname=veth0,generate=64", "generate= is for vhost-user ports"),
         ("vm0=vhost-user,path=/x,generate=64,host=tap0", "generate= and host= both feed"),

@@ -14,6 +14,8 @@ from dataclasses import astuple
 
 import numpy as np
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
 from test_offload_ingress import OFFLOADING, gso, wire
 from test_pktgen import control_path
 from test_switch_daemon import needs_root
@@ -26,6 +28,7 @@ from vhostmap.lab.netns import VethPair
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.netmap.offload import VnetHeader, complete
 from vhostmap.vhost_user.device import GUEST_OFFLOADS
+from vhostmap.virtio.spec import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
 
 pytestmark = pytest.mark.usefixtures("datapath")
 
@@ -110,6 +113,37 @@ def test_a_switch_passes_or_completes_per_destination(start_daemon: StartDaemon)
     assert fc.receive(len(want)) == want  # segmented for c
     assert d.stats("a")["queues"][0]["rx_offload_passed"] == 1
     assert d.stats("c")["queues"][0]["tx_offloaded"] == 1
+
+
+GUEST_MAC = "52:54:00:00:00:0a"
+
+
+@pytest.mark.parametrize("takes", [True, False], ids=["takes", "takes-none"])
+def test_a_tso_source_sends_64k_frames_whole_or_in_mtu_segments(
+    start_daemon: StartDaemon, takes: bool
+) -> None:
+    """generate= beyond the MTU: 64000-byte TCP frames asking for segmentation into 1460-byte segments and the
+    checksum, as a guest with TSO sends them; a guest that takes TSO gets them whole, one that does not gets
+    44 correct segments of each."""
+    d = start_daemon({"a": f"generate=64000,mac={GUEST_MAC}"})
+    fa = d.frontend("a", features=TAKING if takes else OFFLOADING)
+    if takes:
+        fa.post_receive_buffers(16)  # 4 KiB each: one frame
+        [(header, got)] = fa.receive_with_headers(1)
+        assert header[:6] == (VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 54, 1460, 34, 16)
+        pkt = Ether(got)
+        assert (len(got), pkt.dst, pkt[IP].len, pkt[IP].proto) == (64000, GUEST_MAC, 64000 - 14, 6)
+        assert d.stats("a")["queues"][0]["tx_offloaded"] == 0
+        return
+    fa.post_receive_buffers(44)
+    segments = [Ether(f) for f in fa.receive(44)]
+    assert sum(len(s[TCP].payload) for s in segments) == 64000 - 54
+    for k, seg in enumerate(segments):
+        assert len(seg) <= 1514 and seg[TCP].seq == 1 + 1460 * k
+        fresh = seg.copy()
+        fresh[IP].chksum = fresh[TCP].chksum = None
+        assert bytes(fresh) == bytes(seg), f"segment {k}: wrong checksums"
+    assert d.stats("a")["queues"][0]["tx_offloaded"] == 1
 
 
 def receive_large(sock: socket.socket, size: int, timeout: float = 5.0) -> bytes:

@@ -66,7 +66,7 @@ from vhostmap import ethernet
 from vhostmap.control.client import DEFAULT_CONTROL_SOCKET
 from vhostmap.ethernet import ETH_HLEN
 from vhostmap.forwarding.switch.table import DEFAULT_AGING
-from vhostmap.packets import MAX_FRAME, MIN_FRAME
+from vhostmap.packets import MAX_FRAME, MIN_FRAME, TSO_MAX_FRAME
 from vhostmap.system.cpu import check_cpu, parse_cpu_list
 from vhostmap.system.privileges import lookup
 from vhostmap.system.unixsock import UNIX_PATH_MAX
@@ -188,10 +188,12 @@ class PortConfig:
         longest = min(MAX_FRAME, self.mtu + ETH_HLEN)
         if self.type != "vhost-user":
             raise ConfigError(f"{where}: generate= is for vhost-user ports")
-        if not MIN_FRAME <= self.generate <= longest:  # type: ignore[operator]
+        length, mtu_frame = self.generate, self.mtu + ETH_HLEN
+        assert length is not None
+        if not (MIN_FRAME <= length <= longest or mtu_frame < length <= TSO_MAX_FRAME):
             raise ConfigError(
                 f"{where}: generate= is a frame length of {MIN_FRAME}..{longest} bytes (mtu {self.mtu}), "
-                f"not {self.generate}"
+                f"or {mtu_frame + 1}..{TSO_MAX_FRAME} for TCP segmentation offload, not {length}"
             )
         if self.host is not None:
             raise ConfigError(f"{where}: generate= and host= both feed the port's guest; choose one")

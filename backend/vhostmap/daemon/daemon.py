@@ -90,7 +90,7 @@ class Daemon:
         # Round-robin in the order of the configuration, as OVS assigns a port's queues in turn.
         for queue in self.rx_queues():
             self.worker.assignment.owner(*queue)
-        generators = {pc.name: (pc.generate, pc.mac) for pc in config.ports if pc.generate is not None}
+        generators = {p.name: (p.generate, p.mac, p.mtu) for p in config.ports if p.generate is not None}
         self.topology = Topology(
             self.adapters, self.memory, self.worker, generators=generators, check_switch_name=SwitchConfig
         )

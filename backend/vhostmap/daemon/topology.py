@@ -35,7 +35,7 @@ CLIENT_RING_SLOTS = 512
 class Topology:
     """The table of ports, links, switches and application sessions, and the worker that runs them.
 
-    ``adapters``: every port by name. ``generators``: port name -> (frame length, MAC) of the ports that
+    ``adapters``: every port by name. ``generators``: port name -> (frame length, MAC, MTU) of the ports that
     feed their guest generated frames when nothing else consumes them. ``check_switch_name`` raises a
     ValueError for a switch name the configuration would refuse.
     """
@@ -46,7 +46,7 @@ class Topology:
         memory: NetmapMemory,
         worker: Datapath,
         *,
-        generators: Mapping[str, tuple[int, bytes]],
+        generators: Mapping[str, tuple[int, bytes, int]],
         check_switch_name: Callable[[str], object],
     ) -> None:
         self.adapters = adapters
@@ -87,8 +87,7 @@ class Topology:
             return HostBridge(adapter)
         generator = self.generators.get(adapter.name)
         if generator is not None:
-            length, mac = generator
-            return Source(adapter, length, mac)
+            return Source(adapter, *generator)
         return Sink(adapter)
 
     def attach(self, switch: str, port: str) -> Switch:

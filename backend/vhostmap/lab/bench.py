@@ -14,6 +14,14 @@ processes.
   back: vhostmap's ports in a ``--link`` or on a ``--switch``, or testpmd io-forwarding two net_vhost
   ports. Rate: packets the front-end received, both ports together.
 
+* G1 TSO enqueue (only when named, ``--only G1``; ``--sizes`` does not apply): what the back-end's own core
+  moves in Gbit/s when it hands 64 KiB TCP frames to the front-end (rxonly) rather than MTU frames. vhostmap
+  ports with ``generate=``: 1514-byte frames (``vhostmap-mtu``); 64000-byte TCP frames with a segmentation
+  offload to a front-end that takes them whole (``vhostmap-tso``: testpmd asks for TCP LRO and the receive
+  checksums, so the driver negotiates GUEST_TSO4/6 and GUEST_CSUM); the same frames to a front-end that takes
+  no offload, so vhostmap segments each into 44 frames on the way out (``vhostmap-tso-completed``); and
+  net_vhost txonly with 1514-byte frames (``dpdk``: DPDK's txonly sends no TSO frames). Rate: the bytes of
+  the frames the front-end received, in Gbit/s; every ratio is to DPDK's MTU frames.
 * T1 guest TCP (`vhostmap.lab.tcpbench`; only when named, ``--only T1``: it boots two guests per run, a
   round takes minutes): two stock Linux TCG guests, one NIC each, QEMU the client of the back-end's two
   sockets; guest B fetches a random file of ``--file-mb`` MiB (``--sizes`` does not apply) from guest A's
@@ -55,7 +63,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -68,8 +76,8 @@ from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort
 from vhostmap.lab.wait import wait_until
 from vhostmap.system.cpu import check_cpu
 
-SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding", "T1": "guest TCP"}
-# What runs without --only: T1 boots guests (minutes per round) and is run only when asked for.
+SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding", "G1": "TSO enqueue", "T1": "guest TCP"}
+# What runs without --only: G1 and T1 (which boots guests, minutes per round) run only when asked for.
 DEFAULT_SCENARIOS = ("P1", "P2", "P3")
 OFFLOADS_OFF = "-offloads-off"  # a T1 back-end: the one named before it with offloads=off on its ports
 # The back-ends of each scenario, DPDK's last: one round runs each once, in this order.
@@ -77,10 +85,16 @@ BACKENDS = {
     "P1": ("vhostmap", "dpdk"),
     "P2": ("vhostmap", "dpdk"),
     "P3": ("vhostmap-link", "vhostmap-switch", "dpdk"),
+    "G1": ("vhostmap-mtu", "vhostmap-tso", "vhostmap-tso-completed", "dpdk"),
     "T1": ("vhostmap-link", "vhostmap-link" + OFFLOADS_OFF, "vhostmap-switch", "dpdk"),
 }
 # The unit of each scenario's rates.
-UNITS = {"P1": "Mpps", "P2": "Mpps", "P3": "Mpps", "T1": "Mbit/s"}
+UNITS = {"P1": "Mpps", "P2": "Mpps", "P3": "Mpps", "G1": "Gbit/s", "T1": "Mbit/s"}
+# G1's frames: the TSO frames' length, and the MTU frames' (1500 bytes of IP).
+TSO_FRAME, MTU_FRAME = 64000, 1514
+# testpmd's receive offloads for a front-end that takes TSO frames: UDP and TCP checksums and TCP LRO
+# (RTE_ETH_RX_OFFLOAD_*; the virtio PMD offers no IPv4 checksum, which --enable-rx-cksum would ask for).
+TSO_RX_OFFLOADS = "--rx-offloads=0x1c"
 DPDK = "dpdk"
 BASELINE = "@baseline"  # the suffix of a back-end run from Settings.baseline
 # Bursts each front-end port sends with ``start tx_first`` in P3: enough to keep both directions' rings busy
@@ -108,8 +122,8 @@ class Settings:
     file_mb: int = 64  # T1: the file the guests copy, in MiB
 
     def sizes_of(self, scenario: str) -> tuple[int, ...]:
-        """The sizes ``scenario`` runs at: frame sizes, or T1's one file size (MiB)."""
-        return (self.file_mb,) if scenario == "T1" else self.sizes
+        """The sizes ``scenario`` runs at: frame sizes, G1's TSO frame, or T1's one file size (MiB)."""
+        return {"T1": (self.file_mb,), "G1": (TSO_FRAME,)}.get(scenario, self.sizes)
 
 
 @dataclass
@@ -240,6 +254,11 @@ def _testpmd_rx(tp: Testpmd, ports: Sequence[int] = (0,)) -> Callable[[], int]:
     return lambda: sum(s.rx_packets for p, s in tp.stats().items() if p in ports)
 
 
+def _testpmd_rx_gbit(tp: Testpmd) -> Callable[[], int]:
+    """Port 0's received bytes in kbit: what `measure` turns into a rate in Gbit/s (its "M" per second)."""
+    return lambda: tp.stats()[0].rx_bytes * 8 // 1000
+
+
 def _checker(*procs: Testpmd | VhostmapDaemon) -> Callable[[], None]:
     """Raises BenchError if any of ``procs`` exited (or, the daemon, stopped answering)."""
 
@@ -291,10 +310,17 @@ class Bench:
             daemon.stop()
 
     def testpmd(
-        self, ports: Sequence[VirtioUserPort | VhostPort], mode: ForwardMode, size: int, cpu: int
+        self,
+        ports: Sequence[VirtioUserPort | VhostPort],
+        mode: ForwardMode,
+        size: int,
+        cpu: int,
+        app_args: Sequence[str] = (),
     ) -> Testpmd:
         """A testpmd with all its lcores on ``cpu`` (a context manager: entering starts it)."""
-        return Testpmd(ports, forward_mode=mode, txpkts=size, cpu=cpu, workdir=self.workdir)
+        return Testpmd(
+            ports, forward_mode=mode, txpkts=size, cpu=cpu, workdir=self.workdir, app_args=app_args
+        )
 
     def sock(self, name: str) -> Path:
         """The vhost-user socket of port ``name``."""
@@ -324,6 +350,10 @@ class Bench:
             ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, tree, switch=False),
             ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, tree, switch=True),
             ("P3", DPDK): self.p3_dpdk,
+            ("G1", "vhostmap-mtu"): lambda n: self.g1_vhostmap(MTU_FRAME, tree),
+            ("G1", "vhostmap-tso"): lambda n: self.g1_vhostmap(n, tree, takes=True),
+            ("G1", "vhostmap-tso-completed"): lambda n: self.g1_vhostmap(n, tree),
+            ("G1", DPDK): lambda n: self.p2_dpdk(MTU_FRAME, _testpmd_rx_gbit),
             ("T1", "vhostmap-link"): lambda n: self.t1_vhostmap(n, tree, switch=False),
             ("T1", "vhostmap-link" + OFFLOADS_OFF): lambda n: self.t1_vhostmap(
                 n, tree, switch=False, offloads=False
@@ -374,8 +404,9 @@ class Bench:
             fe.start()
             return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe), _datapath_idle(daemon))
 
-    def p2_dpdk(self, size: int) -> Rate:
-        """net_vhost txonly into testpmd rxonly; the front-end's receive counter."""
+    def p2_dpdk(self, size: int, rx: Callable[[Testpmd], Callable[[], int]] | None = None) -> Rate:
+        """net_vhost txonly into testpmd rxonly; the front-end's receive counter (``rx``, by default its
+        packets)."""
         s = self.settings
         with (
             self.testpmd([VhostPort(self.sock("a"))], "txonly", size, s.backend_cpu) as be,
@@ -384,7 +415,29 @@ class Bench:
             be.wait_for_link(0, SETUP_TIMEOUT)
             fe.start()
             be.start()
-            return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(be, fe))
+            return measure((rx or _testpmd_rx)(fe), s.seconds, s.warmup, _checker(be, fe))
+
+    def g1_vhostmap(self, size: int, tree: Path | None = None, *, takes: bool = False) -> Rate:
+        """A vhostmap port generating ``size``-byte frames (TCP with TSO beyond the MTU) into testpmd rxonly,
+        which takes TSO frames whole when ``takes``; the bytes it received, in Gbit/s."""
+        s = self.settings
+        with (
+            self.daemon(tree, ["a"], options=f"generate={size}") as daemon,
+            self.testpmd(
+                [VirtioUserPort(self.sock("a"))],
+                "rxonly",
+                MTU_FRAME,
+                s.frontend_cpu,
+                app_args=[TSO_RX_OFFLOADS] if takes else [],
+            ) as fe,
+        ):
+            daemon.wait_connected("a", SETUP_TIMEOUT)
+            fe.start()
+            rx, alive = _testpmd_rx_gbit(fe), _checker(daemon, fe)
+            rate = measure(rx, s.seconds, s.warmup, alive, _datapath_idle(daemon))
+            q = daemon.stats()["a"]["queues"][0]
+            mean = q["tx_bytes"] / max(q["tx_packets"], 1)
+            return replace(rate, detail=f"{q['tx_offloaded']} frames segmented, {mean:.0f} B per frame sent")
 
     def p3_vhostmap(self, size: int, tree: Path | None = None, *, switch: bool) -> Rate:
         """Two front-end ports io-forwarding through a vhostmap link (or switch); the front-end's RX."""
@@ -528,8 +581,9 @@ def size_label(scenario: str, size: int) -> str:
 
 
 def _format(value: float, unit: str, width: int = 0) -> str:
-    """A rate with the decimals its unit needs: Mpps to the thousandth, Mbit/s to the tenth."""
-    return f"{value:{width}.1f}" if unit == "Mbit/s" else f"{value:{width}.3f}"
+    """A rate with the decimals its unit needs: Mpps to the thousandth, Gbit/s to the hundredth, Mbit/s to
+    the tenth."""
+    return f"{value:{width}.{ {'Mbit/s': 1, 'Gbit/s': 2}.get(unit, 3) }f}"
 
 
 def backends(scenario: str, baseline: bool) -> list[str]:
@@ -645,7 +699,11 @@ def table(results: Sequence[Series], runs: int) -> str:
 
 
 # The JSON keys of a series' rates and their median, by unit.
-_RATE_KEYS = {"Mpps": ("mpps", "median_mpps"), "Mbit/s": ("mbit_s", "median_mbit_s")}
+_RATE_KEYS = {
+    "Mpps": ("mpps", "median_mpps"),
+    "Gbit/s": ("gbit_s", "median_gbit_s"),
+    "Mbit/s": ("mbit_s", "median_mbit_s"),
+}
 
 
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
@@ -777,7 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/bench",
         description="vhostmap against DPDK's vhost back-end: P1 dequeue, P2 enqueue, P3 forwarding, "
-        "and (only when named) T1 guest-to-guest TCP",
+        "and (only when named) G1 TSO enqueue and T1 guest-to-guest TCP",
     )
     p.add_argument("--runs", type=int, default=3, help="runs of each back-end, alternating (default 3)")
     p.add_argument(
@@ -796,8 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         type=_scenarios,
         default=DEFAULT_SCENARIOS,
-        help="scenarios, e.g. P1,P3 or T1 (default P1,P2,P3: T1 boots guests, minutes per round, and runs "
-        "only when named)",
+        help="scenarios, e.g. P1,P3, G1 or T1 (default P1,P2,P3: G1 and T1, which boots guests, minutes per "
+        "round, run only when named)",
     )
     p.add_argument(
         "--file-mb",
