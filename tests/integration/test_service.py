@@ -148,15 +148,21 @@ def test_the_unit_runs_the_daemon_as_a_user_with_journal_fields_and_readiness(tm
 
         # It serves: testpmd sends into vm0, the switch floods to vm1 (no guest: dropped) and the host's TAP.
         control = str(run_dir / "control.sock")
+        def vm0_received() -> int:
+            return int(call(control, "stats")["ports"]["vm0"]["totals"]["rx_packets"])
+
         with Testpmd([VirtioUserPort(run_dir / "vm0.sock")], forward_mode="txonly") as tp:
             tp.start()
             tp.wait_for_packets(1000, direction="tx")
             sent = tp.stop()[0].tx_packets
-
-        def vm0_received() -> bool:
-            return bool(call(control, "stats")["ports"]["vm0"]["totals"]["rx_packets"] == sent)
-
-        wait_until(vm0_received, 30, f"{sent} frames from testpmd in vm0")
+            # Still connected: frames testpmd queued but the daemon has not taken yet would go with the
+            # connection (a busy machine leaves some), so the count is awaited before testpmd leaves.
+            wait_until(
+                lambda: vm0_received() == sent,
+                30,
+                f"{sent} frames from testpmd in vm0",
+                details=lambda: f"vm0 received {vm0_received()}",
+            )
 
         # A guest that breaks its ring: the journal has the port, queue and reason as fields.
         with FakeFrontend(str(run_dir / "vm1.sock")) as fe:
