@@ -887,3 +887,37 @@ def test_queue_size_need_not_be_a_power_of_two() -> None:
         with pytest.raises(VirtqueueError, match=r"not in 1\.\.32768"):
             vq.set_num(bad)
     assert struct.calcsize("<QIHH") == 16
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_positions_outside_the_ring_are_refused_not_followed(compiled: bool) -> None:
+    """A position past the ring (a bad SET_VRING_BASE, say) is the caller's error: nothing is read or
+    written at it."""
+    case = make_case(False, num=4)
+    case.many([[HDR + 10]])
+    inst = Instance(case, compiled)
+    try:
+        q: rxtx.Virtqueue = inst.ring if compiled else inst.vq
+        inst.vq.last_avail_idx = 4
+        assert q.pending() == 0
+        with pytest.raises(ValueError, match="outside the ring"):
+            q.pop(writable=False)
+        inst.vq.last_avail_idx, inst.vq.used_idx = 0, 7
+        q.push_used(q.pop(writable=False).head, 0)
+        with pytest.raises(ValueError, match="outside the ring"):
+            inst.ring.complete() if compiled else inst.vq.flush_used()
+        assert inst.memory() == bytes(case.guest.image)
+    finally:
+        inst.close()
+
+
+def test_compiled_ring_refuses_an_unmapped_queue() -> None:
+    case = make_case(False)
+    inst = Instance(case, compiled=True)
+    try:
+        inst.vq.unmap()
+        assert inst.ring.pending() == 0
+        with pytest.raises(VirtqueueError, match="ring not mapped"):
+            inst.ring.pop(writable=False)
+    finally:
+        inst.close()
