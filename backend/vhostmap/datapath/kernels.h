@@ -12,6 +12,7 @@
 #include "guard.cdef"
 #include "locks.cdef"
 #include "virtio.cdef"
+#include "packed.cdef"
 #include "switch.cdef"
 #include "kring.cdef"
 #include "capture.cdef"

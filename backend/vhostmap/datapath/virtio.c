@@ -18,6 +18,7 @@
 
 #include "kernels.h"
 #include "refs.h"
+#include "virtio_shared.h"
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio 1.x rings are little-endian and read natively here"
@@ -92,8 +93,9 @@ uint8_t *vm_translate(const struct vm_memory *mem, uint64_t gpa, uint64_t len, s
     return (uint8_t *)(uintptr_t)(r->host + offset);
 }
 
-/* GuestMemory.log_write: mark [gpa, gpa + len) dirty; remember the first range that missed the log. */
-static void vq_log_write(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vq_batch *out)
+/* GuestMemory.log_write: mark [gpa, gpa + len) dirty; remember the first range that missed the log (shared
+ * with packed.c through virtio_shared.h). */
+void vq_log_write(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vq_batch *out)
 {
     uint64_t missed = mem->log ? vm_log_dirty(mem->log, mem->log_size, gpa, len) : (len != 0);
     if (missed && !out->log_missed) {

@@ -12,6 +12,7 @@ VIRTIO_NET_F_MRG_RXBUF a received frame may fill several receive chains, counted
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -20,7 +21,7 @@ from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.netmap.offload import HEAD_MAX, OffloadError, VnetHeader, check, complete, for_receiver, needs
 from vhostmap.vhost_user.memory import GuestMemory
-from vhostmap.vhost_user.virtqueue import Chain, SplitVirtqueue, VirtqueueError
+from vhostmap.vhost_user.virtqueue import Chain, VirtqueueError
 from vhostmap.virtio.spec import VIRTIO_NET_HDR, VIRTIO_NET_HDR_LEGACY
 
 # The largest frame a guest may hand us (a 64 KiB GSO frame; jumbo frames are 9 KiB).
@@ -29,6 +30,28 @@ MAX_FRAME = 65535
 # segments at most.
 OFFLOAD_OUT = 256 << 10
 OFFLOAD_SEGS = 4096
+
+
+class Virtqueue(Protocol):
+    """What the kernels take chains through and give them back with: a split ring (SplitVirtqueue, spec
+    2.7), a packed one (PackedVirtqueue, spec 2.8: a chain's head is its buffer id), or the compiled twin of
+    a packed one's operations (packed_kernels.CompiledPackedRing). Whoever runs a batch publishes it after."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def host_offloads(self) -> bool: ...
+    @property
+    def pass_offloads(self) -> int: ...
+    @property
+    def guest_offloads(self) -> int: ...
+    @property
+    def log_dirty(self) -> bool: ...
+    def pending(self) -> int: ...
+    def pop(self, writable: bool) -> Chain: ...
+    def unpop(self) -> None: ...
+    def push_used(self, head: int, length: int) -> None: ...
+    def retract_used(self, n: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,7 @@ class BatchResult:
 
 
 def dequeue(
-    vq: SplitVirtqueue,
+    vq: Virtqueue,
     mem: GuestMemory,
     hdr_len: int,
     slots: npt.NDArray[np.void],
@@ -216,7 +239,7 @@ def _close_slot(slots: npt.NDArray[np.void], slot: int, length: int, more: bool)
 
 
 def enqueue(
-    vq: SplitVirtqueue,
+    vq: Virtqueue,
     mem: GuestMemory,
     hdr_len: int,
     mergeable: bool,
@@ -261,7 +284,7 @@ def enqueue(
 
 
 def _deliver(
-    vq: SplitVirtqueue,
+    vq: Virtqueue,
     mem: GuestMemory,
     hdr_len: int,
     mergeable: bool,
@@ -315,7 +338,7 @@ COMPLETED = VnetHeader()
 
 
 def _frames_for(
-    vq: SplitVirtqueue, first: np.void, data: npt.NDArray[np.uint8]
+    vq: Virtqueue, first: np.void, data: npt.NDArray[np.uint8]
 ) -> list[tuple[VnetHeader, npt.NDArray[np.uint8]]] | None:
     """What a frame whose first slot is ``first`` becomes for the driver, each with the offloads of the
     header to write before it: the frame with none; or, with its own header (NS_VNET_HDR), the frame with it
@@ -353,7 +376,7 @@ def _frame_at(slots: npt.NDArray[np.void], pos: int, available: int) -> tuple[in
     return None
 
 
-def _reserve(vq: SplitVirtqueue, hdr_len: int, need: int, mergeable: bool) -> list[Chain] | None:
+def _reserve(vq: Virtqueue, hdr_len: int, need: int, mergeable: bool) -> list[Chain] | None:
     """Receive chains holding ``need`` bytes (one chain without mergeable buffers), or None if too few.
 
     A chain that cannot hold the virtio-net header is a driver fault (spec 5.1.6.3.1: with MRG_RXBUF each
@@ -381,7 +404,7 @@ def _reserve(vq: SplitVirtqueue, hdr_len: int, need: int, mergeable: bool) -> li
 
 
 def _scatter(
-    vq: SplitVirtqueue,
+    vq: Virtqueue,
     mem: GuestMemory,
     chains: list[Chain],
     hdr_len: int,

@@ -9,6 +9,12 @@ Split virtqueue layout (spec 2.7), for a queue of ``num`` entries, all little-en
     available ring    6 + 2 * num bytes, align 2  {u16 flags, u16 idx, u16 ring[num], u16 used_event}
     used ring         6 + 8 * num bytes, align 4  {u16 flags, u16 idx, {u32 id, u32 len}[num],
                                                    u16 avail_event}
+
+Packed virtqueue layout (spec 2.8), for a queue of ``num`` entries (any size up to 32768), little-endian:
+
+    descriptor ring           16 * num bytes, align 16  {u64 addr, u32 len, u16 id, u16 flags}
+    driver event suppression  4 bytes, align 4          {u16 off_wrap, u16 flags}  (the driver area)
+    device event suppression  4 bytes, align 4          {u16 off_wrap, u16 flags}  (the device area)
 """
 
 from __future__ import annotations
@@ -127,6 +133,35 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     All three are free-running 16-bit counters; the arithmetic wraps like the C original.
     """
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+# --- Packed virtqueue (spec 2.8) --------------------------------------------------------------------------
+# Descriptor flags: NEXT, WRITE and INDIRECT as in a split ring, plus the two bits that say who owns it. A
+# descriptor is available when AVAIL equals the driver's wrap counter and USED differs from it, used when
+# both equal the device's.
+VRING_PACKED_DESC_F_AVAIL = 7  # bit numbers, as the spec and Linux UAPI give them
+VRING_PACKED_DESC_F_USED = 15
+# Event suppression flags (the low 2 bits of the structure's flags); DESC only with VIRTIO_RING_F_EVENT_IDX.
+RING_EVENT_FLAGS_ENABLE = 0x0
+RING_EVENT_FLAGS_DISABLE = 0x1
+RING_EVENT_FLAGS_DESC = 0x2
+RING_EVENT_FLAGS_MASK = 0x3
+# off_wrap: the descriptor offset in the low 15 bits, the wrap counter in bit 15.
+VRING_PACKED_EVENT_F_WRAP_CTR = 15
+
+VRING_PACKED_DESC = struct.Struct("<QIHH")  # addr, len, id, flags
+VRING_PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+VRING_PACKED_EVENT = struct.Struct("<HH")  # off_wrap, flags
+# Offsets of the fields a device reads or writes one at a time (one 16-bit access each).
+VRING_PACKED_DESC_LEN_OFFSET = 8
+VRING_PACKED_DESC_ID_OFFSET = 12
+VRING_PACKED_DESC_FLAGS_OFFSET = 14
+VRING_PACKED_EVENT_FLAGS_OFFSET = 2
+
+
+def vring_packed_desc_size(num: int) -> int:
+    """Bytes of a packed descriptor ring of ``num`` entries."""
+    return VRING_PACKED_DESC.size * num
 
 
 # --- virtio-net header (spec 5.1.6) -----------------------------------------------------------------------
