@@ -62,6 +62,11 @@ TARGETS = {
         Target("dequeue", "guest TX queue -> netmap slots (vq_dequeue)", harness="virtqueue.c", mode=1),
         Target("enqueue", "netmap slots -> guest RX queue, mergeable or not", harness="virtqueue.c", mode=2),
         Target("used", "used-ring publication and notification (vq_complete)", harness="virtqueue.c", mode=3),
+        Target(
+            "packed",
+            "packed-ring pop, unpop and used publication under a driver rewriting it (vqp_*)",
+            harness="packed_ring.c",
+        ),
         Target("prologue", "kring sync prologue/finalize, swap, release", harness="kring.c", mode=0),
         Target("stash", "buffer stash take/give", harness="kring.c", mode=1),
         Target("sync", "a port's whole rxsync/txsync (vhu_rxsync/vhu_txsync)", harness="kring.c", mode=2),

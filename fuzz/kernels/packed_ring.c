@@ -1,0 +1,197 @@
+/* libFuzzer harness of the packed-ring kernels (datapath/packed.c): a hostile driver's descriptor ring,
+ * event suppression areas, wrap counters and buffer ids (harness.h builds the guest memory), and a device
+ * that pops chains, gives some back, and publishes used descriptors for what it popped, while the driver
+ * rewrites descriptors between calls.
+ *
+ * packed.c and virtio.c (whose address translation and dirty log it uses) are included, not linked. */
+#include "harness.h"
+
+#include "virtio.c"
+
+#include "packed.c"
+
+#define FZ_MAX_POPPED 64
+
+/* Whether [p, p + len) lies inside one of the guest's regions (what every translated address must). */
+static int in_guest(const struct fz_guest *g, const uint8_t *p, uint64_t len)
+{
+    for (uint32_t i = 0; i < g->mem.nregions; i++) {
+        const uint8_t *b = g->blocks[i];
+        if (p >= b && len <= g->regions[i].size && (uint64_t)(p - b) <= g->regions[i].size - len)
+            return 1;
+    }
+    return 0;
+}
+
+struct fz_packed {
+    struct vq_packed vq;
+    uint8_t *desc, *driver, *device;
+    uint16_t *inflight;
+};
+
+/* A descriptor as the driver writes it: address and length mostly inside guest memory; the id mostly a
+ * valid one; AVAIL and USED as a driver with wrap counter `wrap` makes it available, or anything; NEXT,
+ * WRITE and INDIRECT in any combination. */
+static void fz_packed_desc(const struct fz_guest *g, struct reader *r, uint8_t *at, uint32_t num, uint8_t wrap)
+{
+    uint64_t addr = fz_gpa(g, r);
+    uint8_t lk = rd_u8(r);
+    uint32_t len = lk < 0xC0 ? rd_range(r, 0, 300) : lk < 0xF0 ? rd_range(r, 0, 16) * 16 : rd_u32(r);
+    uint16_t id = rd_u8(r) < 0xF0 ? (uint16_t)rd_range(r, 0, num - 1) : rd_u16(r);
+    uint8_t how = rd_u8(r);
+    uint16_t flags = how & 0x07; /* NEXT, WRITE, INDIRECT */
+    if (how & 0x80)
+        flags |= rd_u16(r) & (VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK);
+    else if (wrap) /* available: AVAIL equal to the wrap counter, USED its inverse */
+        flags |= VRING_PACKED_DESC_F_AVAIL_MASK;
+    else
+        flags |= VRING_PACKED_DESC_F_USED_MASK;
+    memcpy(at, &addr, 8);
+    memcpy(at + PVQ_LEN_OFFSET, &len, 4);
+    memcpy(at + PVQ_ID_OFFSET, &id, 2);
+    memcpy(at + PVQ_FLAGS_OFFSET, &flags, 2);
+}
+
+/* A ring of 1..64 descriptors (any size: a packed ring need not be a power of two), each area in a block of
+ * exactly its size; positions, wrap counters and features from the input; indirect tables written into
+ * guest regions. */
+static void fz_packed_build(struct fz_packed *q, const struct fz_guest *g, struct reader *r)
+{
+    memset(q, 0, sizeof *q);
+    uint32_t num = rd_range(r, 1, 64);
+    q->desc = malloc(PVQ_DESC_SIZE * num);
+    q->driver = malloc(PVQ_EVENT_SIZE);
+    q->device = malloc(PVQ_EVENT_SIZE);
+    q->inflight = calloc(num, sizeof *q->inflight);
+    uint8_t wrap = rd_u8(r) & 1;
+    uint32_t last_avail = rd_range(r, 0, num - 1);
+    for (uint32_t i = 0; i < num; i++) /* behind last_avail the driver is a lap ahead: the other wrap */
+        fz_packed_desc(g, r, q->desc + PVQ_DESC_SIZE * i, num, i < last_avail ? !wrap : wrap);
+    for (uint32_t t = rd_range(r, 0, 2); t && g->mem.nregions; t--) {
+        const struct vm_region *reg = &g->regions[rd_u8(r) % g->mem.nregions];
+        uint32_t entries = rd_range(r, 1, 8);
+        if (reg->size < PVQ_DESC_SIZE * entries)
+            continue;
+        uint32_t off = rd_range(r, 0, (uint32_t)reg->size - PVQ_DESC_SIZE * entries);
+        for (uint32_t i = 0; i < entries; i++)
+            fz_packed_desc(g, r, (uint8_t *)(uintptr_t)reg->host + off + PVQ_DESC_SIZE * i, num, 1);
+    }
+    rd_fill(r, q->driver, PVQ_EVENT_SIZE);
+    rd_fill(r, q->device, PVQ_EVENT_SIZE);
+    uint8_t feat = rd_u8(r);
+    q->vq = (struct vq_packed){
+        .desc = q->desc,
+        .driver = q->driver,
+        .device = q->device,
+        .inflight = q->inflight,
+        .desc_log_addr = fz_gpa(g, r),
+        .device_log_addr = fz_gpa(g, r),
+        .num = num,
+        .last_avail_idx = (uint16_t)last_avail,
+        .used_idx = (uint16_t)rd_range(r, 0, num - 1),
+        .signalled_used = (uint16_t)rd_range(r, 0, num - 1),
+        .avail_wrap_counter = wrap,
+        .used_wrap_counter = rd_u8(r) & 1,
+        .signalled_used_wrap = rd_u8(r) & 1,
+        .event_idx = feat & 1,
+        .indirect = (feat >> 1) & 1,
+        .in_order = (feat >> 2) & 1,
+        .log_dirty = (feat >> 3) & 1,
+        .log_rings = (feat >> 4) & 1,
+        .kicks = (feat >> 5) & 1,
+    };
+}
+
+static void fz_packed_free(struct fz_packed *q)
+{
+    free(q->desc);
+    free(q->driver);
+    free(q->device);
+    free(q->inflight);
+}
+
+/* A chain pop returned: consistent with the ring it came from and the segments it stored. */
+static void check_popped(const struct fz_guest *g, const struct fz_packed *q, const struct vqp_chain *c,
+                         const struct vqp_seg *segs, uint32_t cap)
+{
+    CHECK(c->id < q->vq.num && q->vq.inflight[c->id] == c->ndesc);
+    CHECK(c->ndesc >= 1 && c->ndesc <= q->vq.num && c->ndesc <= VQ_MAX_CHAIN_LENGTH);
+    CHECK(c->pos < q->vq.num && q->vq.last_avail_idx < q->vq.num);
+    CHECK(c->nseg == VQ_NOT_STORED || c->nseg <= cap);
+    uint64_t total = 0;
+    for (uint32_t k = 0; c->nseg != VQ_NOT_STORED && k < c->nseg; k++) {
+        CHECK(segs[k].len > 0 && in_guest(g, segs[k].host, segs[k].len));
+        total += segs[k].len;
+    }
+    CHECK(c->nseg == VQ_NOT_STORED || total == c->len);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    static struct vqp_seg segs[VQ_MAX_CHAIN_LENGTH];
+    struct reader r = {data, size};
+    struct fz_guest g;
+    struct fz_packed q;
+    fz_guest_build(&g, &r);
+    fz_packed_build(&q, &g, &r);
+    struct vqp_chain popped[FZ_MAX_POPPED];
+    uint32_t npopped = 0;
+    for (uint32_t step = rd_range(&r, 1, 16); step; step--) {
+        uint8_t op = rd_u8(&r) % 4;
+        CHECK(vqp_pending(&q.vq) <= q.vq.num);
+        if (op <= 1 && npopped < FZ_MAX_POPPED) { /* pop, sometimes giving the chain back at once */
+            struct vq_packed before = q.vq;
+            uint32_t cap = rd_u8(&r) < 0x80 ? VQ_MAX_CHAIN_LENGTH : rd_range(&r, 0, 4);
+            struct vqp_chain c;
+            struct vq_batch out;
+            vq_batch_init(&out);
+            if (vqp_pop(&q.vq, &g.mem, rd_u8(&r) & 1, segs, cap, &c, &out) == VQ_OK) {
+                check_popped(&g, &q, &c, segs, cap);
+                if (op == 1) {
+                    vqp_unpop(&q.vq, &c);
+                    CHECK(q.vq.last_avail_idx == before.last_avail_idx);
+                    CHECK(q.vq.avail_wrap_counter == before.avail_wrap_counter && !q.vq.inflight[c.id]);
+                } else {
+                    popped[npopped++] = c;
+                }
+            } else {
+                /* A fault takes nothing. */
+                CHECK(out.status > VQ_OK && out.status != VQ_ERR_ARGUMENT);
+                CHECK(q.vq.last_avail_idx == before.last_avail_idx);
+                CHECK(q.vq.avail_wrap_counter == before.avail_wrap_counter);
+            }
+        } else if (op == 2 && npopped) { /* publish the oldest chains popped, lengths as a device writes them */
+            uint32_t n = rd_range(&r, 1, npopped);
+            struct vqp_used_elem used[FZ_MAX_POPPED];
+            for (uint32_t k = 0; k < n; k++) {
+                uint32_t len = rd_u8(&r) & 1 ? 0 : (uint32_t)(popped[k].len < UINT32_MAX ? popped[k].len : 0);
+                used[k] = (struct vqp_used_elem){popped[k].id, popped[k].ndesc, len};
+            }
+            uint32_t first = q.vq.used_idx;
+            uint8_t wrap = q.vq.used_wrap_counter;
+            struct vq_batch out;
+            vq_batch_init(&out);
+            vqp_complete(&q.vq, &g.mem, used, n, &out);
+            CHECK(out.status == VQ_OK && out.used == n);
+            CHECK(q.vq.used_idx < q.vq.num);
+            for (uint32_t k = 0; k < n; k++)
+                CHECK(q.vq.inflight[used[k].id] == 0);
+            /* The batch's first used descriptor says used in the device's wrap counter of that moment. */
+            uint16_t flags;
+            memcpy(&flags, q.desc + PVQ_DESC_SIZE * first + PVQ_FLAGS_OFFSET, 2);
+            CHECK(!!(flags & VRING_PACKED_DESC_F_AVAIL_MASK) == wrap);
+            CHECK(!!(flags & VRING_PACKED_DESC_F_USED_MASK) == wrap);
+            memmove(popped, popped + n, (npopped - n) * sizeof *popped);
+            npopped -= n;
+        } else { /* the driver rewrites descriptors and its event suppression area meanwhile */
+            for (uint32_t n = rd_range(&r, 1, 4); n; n--) {
+                uint32_t i = rd_range(&r, 0, q.vq.num - 1);
+                fz_packed_desc(&g, &r, q.desc + PVQ_DESC_SIZE * i, q.vq.num, rd_u8(&r) & 1);
+            }
+            rd_fill(&r, q.driver, PVQ_EVENT_SIZE);
+        }
+    }
+    fz_packed_free(&q);
+    fz_guest_free(&g);
+    return 0;
+}
