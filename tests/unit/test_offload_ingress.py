@@ -6,8 +6,6 @@ drops that frame alone, counted with its reason."""
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 from test_offload import super_frame
 
@@ -44,11 +42,6 @@ OFFLOADING = (
 )
 
 
-def wire(h: VnetHeader) -> bytes:
-    """``h`` as the guest writes it (struct virtio_net_hdr, num_buffers 0)."""
-    return struct.pack("<BBHHHHH", h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset, 0)
-
-
 def gso(l3: str, l4: str, payload: int, gso_size: int) -> tuple[VnetHeader, bytes]:
     frame = bytes(super_frame(l3, l4, bytes(k % 251 for k in range(payload))))
     kind = {
@@ -71,7 +64,7 @@ def test_segmentation_offload_reaches_the_peer_as_segments(
     want = complete(h, frame, 4096, 1 << 18)
     assert len(want) == 28
     fb.post_receive_buffers(len(want))
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     assert fb.receive(len(want)) == want
     assert len(fa.wait_used(fa.queues[1], 1)) == 1
     # Whole from a (b's port completes what its guest does not take), 28 segments to b.
@@ -90,8 +83,8 @@ def test_a_checksum_left_to_the_device_is_filled_in_even_with_the_header_split(
     [want] = complete(h, frame, 1, len(frame))
     fb.post_receive_buffers(2)
     # CVE-2022-2132: a header over two descriptors is still the header.
-    fa.transmit([frame], header=wire(h), first=5)
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack(), first=5)
+    fa.transmit([frame], header=h.pack())
     assert fb.receive(2) == [want, want]
 
 
@@ -104,7 +97,7 @@ def test_a_64k_frame_of_small_segments_gets_through_a_link_of_32_slot_rounds(
     want = complete(h, frame, 4096, 1 << 18)
     assert len(want) == 122
     fb.post_receive_buffers(len(want))
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     assert fb.receive(len(want), timeout=10) == want
 
 
@@ -126,7 +119,7 @@ def test_a_header_the_frame_does_not_bear_out_drops_that_frame_alone(
     _, frame = gso("4", "tcp", 3000, 1000)
     plain = bytes(super_frame("4", "tcp", b"fine"))
     fb.post_receive_buffers(4)
-    fa.transmit([frame], header=wire(header))
+    fa.transmit([frame], header=header.pack())
     fa.transmit([plain])
     assert fb.receive(1) == [plain]
     assert len(fa.wait_used(fa.queues[1], 2)) == 2
@@ -140,7 +133,7 @@ def test_without_the_offload_features_the_header_asks_for_nothing(start_daemon: 
     fa, fb = d.frontend("a"), d.frontend("b")  # CSUM not negotiated: the driver may not ask
     h, frame = gso("4", "tcp", 2000, 1000)
     fb.post_receive_buffers(1)
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     assert fb.receive(1) == [frame]
 
 
@@ -150,5 +143,5 @@ def test_offloads_off_keeps_them_out_of_the_offer(start_daemon: StartDaemon) -> 
     assert not fa.features & (bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_HOST_TSO4))
     h, frame = gso("4", "tcp", 2000, 1000)
     fb.post_receive_buffers(1)
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     assert fb.receive(1) == [frame]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
-from test_offload_ingress import OFFLOADING, gso, wire
+from test_offload_ingress import OFFLOADING, gso
 from test_pktgen import control_path
 from test_switch_daemon import needs_root
 
@@ -49,7 +49,7 @@ def test_an_offloaded_frame_reaches_a_guest_that_takes_it_unchanged(
     fa, fb = d.frontend("a", features=TAKING), d.frontend("b", features=TAKING)
     h, frame = gso(l3, l4, 40000, 1448)
     fb.post_receive_buffers(16)
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     [(header, got)] = fb.receive_with_headers(1)
     assert got == frame
     assert header[:6] == (h.flags, h.gso_type, h.hdr_len, h.gso_size, h.csum_start, h.csum_offset)
@@ -79,7 +79,7 @@ def to_a_guest_without_offloads(
 def test_a_guest_that_takes_no_offload_gets_the_segments(start_daemon: StartDaemon) -> None:
     d, fa, fb, h, frame, want = to_a_guest_without_offloads(start_daemon, 40000)
     fb.post_receive_buffers(len(want))
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     got = fb.receive_with_headers(len(want))
     assert [f for _, f in got] == want
     assert all(hdr[:6] == (0,) * 6 for hdr, _ in got)
@@ -93,7 +93,7 @@ def test_segments_wait_whole_for_receive_buffers(start_daemon: StartDaemon) -> N
     """A frame completed for a guest goes in all its segments or waits: never half of it."""
     d, fa, fb, h, frame, want = to_a_guest_without_offloads(start_daemon, 20000)
     fb.post_receive_buffers(len(want) - 1)
-    fa.transmit([frame], header=wire(h))
+    fa.transmit([frame], header=h.pack())
     d.wait(lambda: d.stats("a")["queues"][0]["rx_packets"] == 1, "a's frame to be taken")
     assert fb.used(fb.queues[0]) == []  # not one segment delivered
     fb.post_receive_buffers(1)
@@ -108,7 +108,7 @@ def test_a_switch_passes_or_completes_per_destination(start_daemon: StartDaemon)
     want = complete(h, frame, 4096, 1 << 18)
     for f in (fb, fc):
         f.post_receive_buffers(len(want))
-    fa.transmit([frame], header=wire(h))  # to an address nobody has sent from: flooded
+    fa.transmit([frame], header=h.pack())  # to an address nobody has sent from: flooded
     assert fb.receive(1) == [frame]  # whole, as b takes it
     assert fc.receive(len(want)) == want  # segmented for c
     assert d.stats("a")["queues"][0]["rx_offload_passed"] == 1
@@ -180,7 +180,7 @@ def test_the_host_stack_gets_the_offloaded_frame_whole(
     fa = d.frontend("a", features=TAKING)
     h, frame = gso("4", "tcp", 40000, 1448)
     with sniffer(far) as s:
-        fa.transmit([frame], header=wire(h))
+        fa.transmit([frame], header=h.pack())
         assert receive_large(s, len(frame)) == frame
     a = d.stats("a")["queues"][0]
     assert (a["rx_offload_passed"], a["rx_offloaded"]) == (1, 0)
@@ -274,17 +274,17 @@ def test_an_application_that_asks_for_the_header_gets_and_sends_offloaded_frames
     fa = d.frontend("a", features=TAKING)
     h, frame = gso("6", "tcp", 30000, 1448)
     with client.open("vale0:app", path, vnet_hdr=True) as app:
-        fa.transmit([frame], header=wire(h))
+        fa.transmit([frame], header=h.pack())
         [(flags, got)] = app_receive(app, 1)
-        assert flags & NS_VNET_HDR and got == wire(h) + frame
+        assert flags & NS_VNET_HDR and got == h.pack() + frame
         fb_header, back = gso("4", "tcp", 20000, 1000)
         fa.post_receive_buffers(16)
-        app_send(app, wire(fb_header) + back, NS_VNET_HDR)
+        app_send(app, fb_header.pack() + back, NS_VNET_HDR)
         [(header, arrived)] = fa.receive_with_headers(1)
         assert arrived == back and header[:6] == astuple(fb_header)
         with client.open("vale0:plain", path) as plain:
             d.wait(lambda: d.device("a").vqs[1].pass_offloads == 0, "the switch to stop passing offloads")
-            fa.transmit([frame], header=wire(h))
+            fa.transmit([frame], header=h.pack())
             want = complete(h, frame, 4096, 1 << 18)
             assert [f for _, f in app_receive(app, len(want))] == want
             assert [f for _, f in app_receive(plain, len(want))] == want
@@ -300,7 +300,7 @@ def test_an_application_on_a_port_a_switch_let_go_gets_plain_frames(start_daemon
     d.daemon.detach("vale0", "a")
     h, frame = gso("4", "tcp", 20000, 1448)
     with client.open("a", control_path(d)) as app:
-        fa.transmit([frame], header=wire(h))
+        fa.transmit([frame], header=h.pack())
         want = complete(h, frame, 4096, 1 << 18)
         got = app_receive(app, len(want))
     assert [f for _, f in got] == want and not any(flags & NS_VNET_HDR for flags, _ in got)
