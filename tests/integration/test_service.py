@@ -148,6 +148,7 @@ def test_the_unit_runs_the_daemon_as_a_user_with_journal_fields_and_readiness(tm
 
         # It serves: testpmd sends into vm0, the switch floods to vm1 (no guest: dropped) and the host's TAP.
         control = str(run_dir / "control.sock")
+
         def vm0_received() -> int:
             return int(call(control, "stats")["ports"]["vm0"]["totals"]["rx_packets"])
 

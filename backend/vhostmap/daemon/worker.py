@@ -228,6 +228,7 @@ class Worker:
 
     def _run_polling(self) -> None:
         """Never block: every forwarder gets one round per pass, and epoll is only peeked at."""
+        last = time.perf_counter_ns()
         while not self._stop:
             # refresh() sets _dirty before it writes the eventfd: looking at the flag is enough, and costs no
             # system call per pass. (The control thread gets the GIL whenever a compiled kernel runs.)
@@ -236,15 +237,20 @@ class Worker:
                 with self.lock:
                     self._dirty = False
                     self._rebuild()
-            started, moved = time.perf_counter_ns(), False
+            moved = False
             for fwd in self._polled:
                 with self.lock:
                     if self._stop:
                         return
                     if fwd in self._forwarders:
                         moved = self._run_once(fwd) or moved
+            now = time.perf_counter_ns()
             if not moved:
-                self._idle = (self._idle[0] + time.perf_counter_ns() - started, 0)
+                # The whole pass since the last one ended, the loop's own steps included, was a look for work:
+                # idle. (Counting from the pass's start left the steps between passes as work, and on a
+                # starved CPU a thread preempted there read as busy while it had nothing to do.)
+                self._idle = (self._idle[0] + now - last, 0)
+            last = now
 
     def _run_interrupts(self) -> None:
         """Sleep in epoll until a kick (or a TAP, or a refresh) says there is work."""
