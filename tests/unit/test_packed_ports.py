@@ -15,6 +15,8 @@ from test_switch_daemon import frame as switch_frame
 from test_switch_daemon import mac, needs_root, packet_socket, recv_frames
 
 from conftest import StartDaemon, exchange, still_serving
+from vhostmap import cli
+from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_flag
 from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user.messages import Request, VringState
@@ -239,3 +241,36 @@ def test_a_packed_vm_on_a_tap_talks_to_the_host_stack(tap: str, start_daemon: St
         for f in down:
             stack.send(f)
         assert fa.receive(2) == down
+
+
+def test_packed_is_a_port_option_of_flags_and_toml() -> None:
+    assert parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=on").packed
+    assert not parse_port_flag("a=vhost-user,path=/tmp/a.sock").packed
+    assert _port_from_mapping("a", {"path": "/tmp/a.sock", "packed": True}).packed
+    with pytest.raises(ConfigError, match="packed= is for vhost-user ports"):
+        parse_port_flag("u=generic,ifname=veth0,packed=on")
+    with pytest.raises(ConfigError, match="on or off"):
+        parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=yes")
+
+
+def test_inspect_shows_a_packed_queue_and_walks_its_chains_without_taking_them(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": PACKED})
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fa.post_receive_buffers(3, chain=2)
+    reply = d.daemon.inspect({"port": "a", "chains": 5})
+    assert reply["ring"] == "packed"
+    rx = reply["queues"][0]["guest_receive"]
+    assert (rx["layout"], rx["pending"], rx["avail_wrap_counter"], rx["used_wrap_counter"]) == (
+        "packed",
+        3,
+        1,
+        1,
+    )
+    assert [c["head"] for c in rx["chains"]] == [0, 2, 4]
+    assert all(len(c["segments"]) == 2 and c["length"] == 2 * 4096 for c in rx["chains"])
+    assert reply["queues"][0]["stalled"] == []
+    assert "packed rings" in cli._format_inspect(reply)
+    # Nothing was taken: the guest still gets its three buffers filled.
+    assert d.device("a").vqs[0].last_avail_idx == 0
