@@ -6,7 +6,8 @@
 completes a split batch. A driver fault raises the VirtqueueError the reference raises, word for word.
 
 Phase 1 of issue #18: rxtx.dequeue / rxtx.enqueue run over either; batch kernels that run a whole dequeue
-or enqueue in C over a packed ring (as vq_dequeue / vq_enqueue do for a split one) come with phase 2.
+or enqueue in C over a packed ring (as vq_dequeue / vq_enqueue do for a split one) come with phase 3;
+until then kernels.Datapath runs a packed port's batches over this class.
 """
 
 from __future__ import annotations
