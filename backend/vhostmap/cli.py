@@ -294,14 +294,25 @@ def _inspect(args: argparse.Namespace) -> int:
 def _format_inspect(reply: dict[str, Any]) -> str:
     features = ", ".join(reply["features"]) or "none"
     broken = f"broken: {reply['broken']}" if reply["broken"] else "not broken"
-    lines = [f"port {reply['port']}: status {reply['status']:#04x}, {broken}", f"  features: {features}"]
+    ring = reply.get("ring", "split")
+    lines = [
+        f"port {reply['port']}: status {reply['status']:#04x}, {broken}, {ring} rings",
+        f"  features: {features}",
+    ]
     for q in reply["queues"]:
         lines.append(f"queue pair {q['queue']}")
         for key in ("guest_receive", "guest_transmit"):
             vq = q[key]
             state = ", ".join(k for k in ("started", "enabled", "mapped", "faulted") if vq[k])
             line = f"  vq {vq['index']} ({vq['direction']}): size {vq['size']}, {state or 'stopped'}"
-            if vq["mapped"]:
+            if vq["mapped"] and vq.get("layout") == "packed" and "pending" in vq:
+                line += (
+                    f"; next avail {vq['last_avail_idx']} wrap {vq['avail_wrap_counter']}"
+                    f", waiting {vq['pending']}; next used {vq['used_idx']} wrap {vq['used_wrap_counter']}"
+                    f"; driver event {vq['driver_event_flags']:#x}/{vq['driver_event_off_wrap']:#x}"
+                    f" device event {vq['device_event_flags']:#x}/{vq['device_event_off_wrap']:#x}"
+                )
+            elif vq["mapped"] and vq.get("layout") != "packed":
                 line += (
                     f"; avail idx {vq['avail_idx']}, taken {vq['last_avail_idx']}, waiting {vq['pending']}"
                     f"; used idx {vq['used_idx']}"

@@ -33,9 +33,10 @@ def linked_guests(
     workdir: Path,
     qemu_mode: Literal["client", "server"],
     options: dict[str, str] | None = None,
+    nic_options: tuple[str, ...] = (),
 ) -> Iterator[tuple[VhostmapDaemon, QemuGuest, QemuGuest]]:
     """vhostmap with ports a and b linked, and a guest on each; QEMU is the socket's ``qemu_mode`` side.
-    ``options``: more --port options, by port."""
+    ``options``: more --port options, by port; ``nic_options``: more virtio-net-pci properties."""
     our_mode = "server" if qemu_mode == "client" else "client"
     extra = {n: f",{o}" for n, o in (options or {}).items()}
     ports = [
@@ -45,7 +46,7 @@ def linked_guests(
     daemon = VhostmapDaemon(workdir, ports, ["a,b"])
     guests = [
         QemuGuest(
-            [Nic(workdir / f"{n}.sock", mac, mode=qemu_mode, ip=ip)],
+            [Nic(workdir / f"{n}.sock", mac, mode=qemu_mode, ip=ip, options=nic_options)],
             kernel=kernel,
             workdir=workdir / f"q{n}",
         )
@@ -115,6 +116,21 @@ def test_two_guests_on_a_link_ping_and_copy_a_file(
         assert daemon.pid is not None
         busy = cpu_seconds(daemon.pid, over=2.0)
         assert busy < 0.04, f"idle vhostmap used {busy:.3f} s of CPU in 2 s"
+
+
+def test_guests_with_packed_rings_ping_and_copy_a_file(guest_kernel: GuestKernel, sock_dir: Path) -> None:
+    """virtio-net-pci,packed=on on ports with packed=on: Linux's virtio_net drives packed rings (#18)."""
+    options, packed = {"a": "packed=on", "b": "packed=on"}, ("packed=on",)
+    with linked_guests(guest_kernel, sock_dir, "client", options, nic_options=packed) as (daemon, a, b):
+        for name in ("a", "b"):
+            assert daemon.status()["ports"][name]["ring"] == "packed"
+        assert a.ping("10.0.0.2", count=5) == 0.0
+        assert b.ping("10.0.0.1", count=3) == 0.0
+        sent, received = copy_file(a, b, megabytes=4)
+        assert sent == received
+        stats = daemon.stats()
+        assert stats["a"]["totals"]["errors"] == stats["b"]["totals"]["errors"] == 0
+        assert stats["a"]["broken"] is None and stats["b"]["broken"] is None
 
 
 def test_a_guest_without_receive_offloads_gets_segments_of_the_senders_tso_frames(

@@ -136,6 +136,9 @@ class PortConfig:
     rxq_affinity: tuple[tuple[int, int], ...] = ()
     # The offloads offered to the guest, as feature bits (offloads=on|off|csum+tso4+...: parse_offloads).
     offloads: int = ALL_OFFLOADS
+    # Whether the port offers packed virtqueues (packed=on|off; off by default until packed rings run as fast
+    # as split ones, issue #18).
+    packed: bool = False
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -151,6 +154,8 @@ class PortConfig:
             raise ConfigError(f"{where}: path= (the vhost-user socket) is required")
         elif self.ifname is not None:
             raise ConfigError(f"{where}: ifname= is for generic ports (type generic)")
+        if self.packed and self.type != "vhost-user":
+            raise ConfigError(f"{where}: packed= is for vhost-user ports")
         if self.host is not None and not _valid_ifname(self.host):
             raise ConfigError(f"{where}: host= must be an interface name of 1-15 bytes, not {self.host!r}")
         if len(self.path.encode()) >= UNIX_PATH_MAX:
@@ -360,7 +365,7 @@ class DaemonConfig:
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
     known = {
         "type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname",
-        "generate", "rxq_affinity", "offloads",
+        "generate", "rxq_affinity", "offloads", "packed",
     }  # fmt: skip
     unknown = set(values) - known
     if unknown:
@@ -382,6 +387,8 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
             kwargs["rxq_affinity"] = parse_rxq_affinity(value, f"port {name!r}: rxq_affinity")
         elif key == "offloads":
             kwargs["offloads"] = parse_offloads(value, f"port {name!r}: offloads")
+        elif key == "packed":
+            kwargs["packed"] = parse_switch(value, f"port {name!r}: packed")
         else:
             kwargs[key] = str(value)
     return PortConfig(name=name, **kwargs)

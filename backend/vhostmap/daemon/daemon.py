@@ -128,7 +128,7 @@ class Daemon:
             assert pc.ifname is not None  # checked by PortConfig
             adapter = GenericAdapter(pc.name, self.memory, pc.ifname, num_desc=PORT_RING_SLOTS)
         else:
-            net = NetConfig(pc.mac, pc.mtu, pc.queues, pc.offloads)
+            net = NetConfig(pc.mac, pc.mtu, pc.queues, pc.offloads, pc.packed)
             port = VhostUserPort(
                 pc.name, net, self.memory, self.worker.lock, self.worker.refresh, poll=self.worker.poll
             )
@@ -322,6 +322,7 @@ class Daemon:
                     "mtu": self.config.port(ep.handler.name).mtu,
                     "broken": self.ports[ep.handler.name].device.broken,
                     "features": feature_names(self.ports[ep.handler.name].device.features),
+                    "ring": self.ports[ep.handler.name].device.layout,
                 }
                 for ep in self.endpoints
             }

@@ -1,9 +1,10 @@
 """A vhost-user front-end written in Python, for fast tests: the driver half of a virtio-net device.
 
 It does what QEMU plus a guest's virtio_net driver do, in one process: guest memory in a memfd, split
-virtqueues laid out in it, the negotiation over a real UNIX socket, and a driver that posts transmit and
-receive buffers and reads completions. It can also write any descriptor it likes, which is how tests play a
-hostile guest. Real QEMU guests and dpdk-testpmd remain the proof that vhostmap works; this is the quick one.
+virtqueues laid out in it (or packed ones, ``packed=True``: VIRTIO_F_RING_PACKED), the negotiation over a real
+UNIX socket, and a driver that posts transmit and receive buffers and reads completions. It can also write
+any descriptor it likes, which is how tests play a hostile guest. Real QEMU guests and dpdk-testpmd remain the
+proof that vhostmap works; this is the quick one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vhostmap.vhost_user.messages import (
     U64,
@@ -38,6 +39,8 @@ from vhostmap.virtio.spec import (
     VIRTIO_CONFIG_S_DRIVER,
     VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_HDR,
@@ -47,6 +50,11 @@ from vhostmap.virtio.spec import (
     VRING_DESC,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    VRING_PACKED_DESC,
+    VRING_PACKED_DESC_F_AVAIL,
+    VRING_PACKED_DESC_F_USED,
+    VRING_PACKED_DESC_FLAGS_OFFSET,
+    VRING_PACKED_EVENT,
     VRING_USED_ELEM,
     VRING_USED_HEADER,
     bit,
@@ -73,6 +81,20 @@ DEFAULT_PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
     | bit(ProtocolFeature.STATUS)
 )
+# A packed ring's descriptor flags that make it available or used, and the event suppression values the driver
+# writes (spec 2.8.10: RING_EVENT_FLAGS_ENABLE, _DESC).
+PACKED_AVAIL = bit(VRING_PACKED_DESC_F_AVAIL)
+PACKED_USED = bit(VRING_PACKED_DESC_F_USED)
+EVENT_ENABLE, EVENT_DESC = 0, 2
+# SET_VRING_BASE of a new packed ring, as QEMU sends it: positions 0, both wrap counters 1 (bits 15 and 31).
+PACKED_START = 1 << 15 | 1 << 31
+# What a FakeFrontend asks for unless told otherwise.
+DEFAULT_FEATURES = (
+    bit(VIRTIO_F_VERSION_1)
+    | bit(VIRTIO_NET_F_MRG_RXBUF)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+)
 DRIVER_OK_STATUS = (
     VIRTIO_CONFIG_S_ACKNOWLEDGE
     | VIRTIO_CONFIG_S_DRIVER
@@ -83,7 +105,14 @@ DRIVER_OK_STATUS = (
 
 @dataclass
 class FakeQueue:
-    """Driver-side state of one split virtqueue in the fake guest memory."""
+    """Driver-side state of one virtqueue in the fake guest memory.
+
+    A packed ring has the descriptor ring at ``desc``, the driver area at ``avail`` and the device area at
+    ``used``; ``next_desc`` is the ring position the driver fills next and ``last_used`` the one it reads
+    used descriptors at, each with its wrap counter (``avail_wrap``, ``used_wrap``). A chain's buffer id is
+    the position of its first descriptor (unique while it is in flight), and ``chains`` keeps each id's
+    segments, as a driver keeps them beside the ring (the device overwrites the descriptors).
+    """
 
     index: int
     num: int
@@ -99,6 +128,19 @@ class FakeQueue:
     in_flight: int = 0
     next_desc: int = 0  # descriptors are handed out in order, free-running (completions come in order)
     base: int = 0  # where the device resumes: 0, or what GET_VRING_BASE returned when the ring stopped
+    packed: bool = False
+    avail_wrap: int = 1
+    used_wrap: int = 1
+    chains: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    heads: dict[int, tuple[int, int]] = field(default_factory=dict)  # id -> (position, flags) to publish
+
+    def reset(self) -> None:
+        """The driver's state of a new ring: nothing in flight, every position and wrap counter at start."""
+        self.avail_idx = self.last_used = self.in_flight = self.next_desc = 0
+        self.avail_wrap = self.used_wrap = 1
+        self.base = PACKED_START if self.packed else 0
+        self.chains.clear()
+        self.heads.clear()
 
 
 class FakeFrontend:
@@ -109,19 +151,19 @@ class FakeFrontend:
         path: str,
         queue_pairs: int = 1,
         queue_size: int = 256,
-        features: int = bit(VIRTIO_F_VERSION_1)
-        | bit(VIRTIO_NET_F_MRG_RXBUF)
-        | bit(VIRTIO_RING_F_EVENT_IDX)
-        | bit(VIRTIO_RING_F_INDIRECT_DESC),
+        features: int = DEFAULT_FEATURES,
         protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
         hugepages: bool = False,
+        packed: bool = False,
     ) -> None:
         """``hugepages``: the guest memory is a hugetlbfs memfd, as QEMU's with a memory-backend-file on
-        /dev/hugepages (its size whole huge pages)."""
+        /dev/hugepages (its size whole huge pages). ``packed``: ask for packed virtqueues (the back-end must
+        offer VIRTIO_F_RING_PACKED: negotiate checks)."""
         self.path = path
         self.queue_pairs = queue_pairs
         self.num = queue_size
-        self.wanted_features = features
+        self.packed = packed
+        self.wanted_features = features | (bit(VIRTIO_F_RING_PACKED) if packed else 0)
         self.wanted_protocol_features = protocol_features
         nq = 2 * queue_pairs
         ring_bytes = _round(vring_desc_size(queue_size) + vring_avail_size(queue_size), PAGE) + _round(
@@ -143,7 +185,9 @@ class FakeFrontend:
             kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self.queues.append(FakeQueue(q, queue_size, desc, avail, used, 0, kick, call, err))
+            fq = FakeQueue(q, queue_size, desc, avail, used, 0, kick, call, err, packed=packed)
+            fq.reset()
+            self.queues.append(fq)
         for fq in self.queues:
             fq.buffers = off
             off += queue_size * BUFFER_SIZE
@@ -266,6 +310,8 @@ class FakeFrontend:
             assert isinstance(proto, U64)
             self.protocol_features = proto.value & self.wanted_protocol_features
             self.send(Request.SET_PROTOCOL_FEATURES, U64(self.protocol_features))
+        if self.packed and not self.features & bit(VIRTIO_F_RING_PACKED):
+            raise ConnectionError("the back-end does not offer packed virtqueues (VIRTIO_F_RING_PACKED)")
         self.send(Request.SET_FEATURES, U64(self.features))
         if mem_regions:
             assert self.has_protocol_feature(ProtocolFeature.CONFIGURE_MEM_SLOTS)
@@ -283,7 +329,8 @@ class FakeFrontend:
         """SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR and enable, as QEMU starts a ring."""
         self.send(Request.SET_VRING_NUM, VringState(fq.index, fq.num))
         self.send(Request.SET_VRING_BASE, VringState(fq.index, fq.base))
-        # QEMU always names the used ring's guest address, and flags it for logging while LOG_ALL is on.
+        # QEMU always names the used ring's guest address (a packed ring's device area), and flags it for
+        # logging while LOG_ALL is on. A packed ring's driver and device areas ride in avail and used.
         log_flags = 1 << VHOST_VRING_F_LOG if self.features & bit(VHOST_F_LOG_ALL) else 0
         self.send(
             Request.SET_VRING_ADDR,
@@ -332,7 +379,7 @@ class FakeFrontend:
         for fq in self.queues:
             end = _round(fq.used + vring_used_size(fq.num), PAGE)
             self.mem[fq.desc : end] = bytes(end - fq.desc)
-            fq.avail_idx = fq.last_used = fq.in_flight = fq.next_desc = fq.base = 0
+            fq.reset()
             self.start_queue(fq)
         self.sync(Request.SET_STATUS, U64(DRIVER_OK_STATUS))
 
@@ -402,8 +449,31 @@ class FakeFrontend:
         """Write descriptor ``i`` of ``fq`` (any values: hostile tests use this directly)."""
         VRING_DESC.pack_into(self.mem, fq.desc + VRING_DESC.size * i, addr, length, flags, nxt)
 
+    def write_packed_desc(
+        self, fq: FakeQueue, pos: int, addr: int, length: int, buffer_id: int, flags: int
+    ) -> None:
+        """Write descriptor ``pos`` of packed ring ``fq``, flags last (any values: hostile tests use this)."""
+        off = fq.desc + VRING_PACKED_DESC.size * pos
+        VRING_PACKED_DESC.pack_into(self.mem, off, addr, length, buffer_id, 0)
+        _U16.pack_into(self.mem, off + VRING_PACKED_DESC_FLAGS_OFFSET, flags)
+
+    def packed_flags(self, wrap: int) -> int:
+        """The AVAIL/USED bits that make a descriptor available under driver wrap counter ``wrap``."""
+        return PACKED_AVAIL if wrap else PACKED_USED
+
     def publish(self, fq: FakeQueue, heads: list[int], kick: bool = True) -> None:
-        """Put ``heads`` in the available ring, move avail->idx, and kick."""
+        """Put ``heads`` in the available ring, move avail->idx, and kick (a packed ring: write each head's
+        flags, which makes its chain available)."""
+        if fq.packed:
+            for head in heads:
+                pos, flags = fq.heads.pop(head)
+                _U16.pack_into(
+                    self.mem, fq.desc + VRING_PACKED_DESC.size * pos + VRING_PACKED_DESC_FLAGS_OFFSET, flags
+                )
+            fq.in_flight += len(heads)
+            if kick:
+                os.eventfd_write(fq.kick, 1)
+            return
         for head in heads:
             _U16.pack_into(self.mem, fq.avail + VRING_AVAIL_HEADER + 2 * (fq.avail_idx % fq.num), head)
             fq.avail_idx = (fq.avail_idx + 1) & 0xFFFF
@@ -417,8 +487,11 @@ class FakeFrontend:
         return fq.buffers + i * BUFFER_SIZE
 
     def _chain(self, fq: FakeQueue, sizes: list[int], flags: int) -> int:
-        """Write a chain of descriptors of ``sizes`` bytes (each on its own buffer); returns its head."""
+        """Write a chain of descriptors of ``sizes`` bytes (each on its own buffer); returns its head (a
+        packed ring's: its buffer id, whose flags ``publish`` writes)."""
         assert fq.in_flight + len(sizes) <= fq.num, "descriptors still in flight would be overwritten"
+        if fq.packed:
+            return self._packed_chain(fq, sizes, flags)
         ids = [(fq.next_desc + k) % fq.num for k in range(len(sizes))]
         fq.next_desc = (fq.next_desc + len(sizes)) & 0xFFFF
         for k, (i, size) in enumerate(zip(ids, sizes, strict=True)):
@@ -434,8 +507,31 @@ class FakeFrontend:
             )
         return ids[0]
 
+    def _packed_chain(self, fq: FakeQueue, sizes: list[int], flags: int) -> int:
+        """A chain in consecutive positions of packed ring ``fq``, every descriptor but the head made
+        available already; the head's flags wait for ``publish``."""
+        buffer_id = fq.next_desc
+        segments = []
+        for k, size in enumerate(sizes):
+            assert size <= BUFFER_SIZE
+            pos = fq.next_desc
+            more = VRING_DESC_F_NEXT if k + 1 < len(sizes) else 0
+            desc_flags = flags | more | self.packed_flags(fq.avail_wrap)
+            segments.append((self.buffer(fq, pos), size))
+            if k == 0:
+                fq.heads[buffer_id] = (pos, desc_flags)
+                desc_flags = 0  # not available until published
+            self.write_packed_desc(fq, pos, self.buffer(fq, pos), size, buffer_id, desc_flags)
+            fq.next_desc += 1
+            if fq.next_desc == fq.num:
+                fq.next_desc, fq.avail_wrap = 0, fq.avail_wrap ^ 1
+        fq.chains[buffer_id] = segments
+        return buffer_id
+
     def chain_segments(self, fq: FakeQueue, head: int) -> list[tuple[int, int]]:
         """(address, length) of each descriptor of the chain at ``head`` (as this driver wrote it)."""
+        if fq.packed:
+            return fq.chains[head]
         out = []
         i = head
         while True:
@@ -483,6 +579,8 @@ class FakeFrontend:
 
     def used(self, fq: FakeQueue) -> list[tuple[int, int]]:
         """New used entries (id, len) since the last call."""
+        if fq.packed:
+            return self._packed_used(fq)
         idx = _U16.unpack_from(self.mem, fq.used + 2)[0]
         out = []
         while fq.last_used != idx:
@@ -494,8 +592,41 @@ class FakeFrontend:
             fq.in_flight -= len(self.chain_segments(fq, head))
         return out
 
+    def _packed_used(self, fq: FakeQueue) -> list[tuple[int, int]]:
+        """The used descriptors from ``last_used``: AVAIL and USED both equal to the driver's used wrap
+        counter; each moves past the descriptors of the chain its id names, and with VIRTIO_F_IN_ORDER past
+        every chain before it too (spec 2.8.8: one used descriptor may stand for a batch; a chain's id is its
+        first position, so the chains skipped are found in the ring)."""
+        out: list[tuple[int, int]] = []
+        while True:
+            _, length, buffer_id, flags = VRING_PACKED_DESC.unpack_from(
+                self.mem, fq.desc + VRING_PACKED_DESC.size * fq.last_used
+            )
+            if bool(flags & PACKED_AVAIL) != bool(fq.used_wrap) or bool(flags & PACKED_USED) != bool(
+                fq.used_wrap
+            ):
+                return out
+            in_order = bool(self.features & bit(VIRTIO_F_IN_ORDER))
+            while True:
+                head = fq.last_used if in_order else buffer_id
+                out.append((head, length if head == buffer_id else 0))
+                ndesc = len(fq.chains[head])
+                fq.in_flight -= ndesc
+                fq.last_used += ndesc
+                if fq.last_used >= fq.num:
+                    fq.last_used, fq.used_wrap = fq.last_used - fq.num, fq.used_wrap ^ 1
+                if head == buffer_id:
+                    break
+
     def enable_calls(self, fq: FakeQueue) -> None:
-        """Ask for an interrupt on the next used entry (EVENT_IDX: used_event = last seen, as Linux does)."""
+        """Ask for an interrupt on the next used entry (EVENT_IDX: used_event = last seen, as Linux does; a
+        packed ring: the driver area names that descriptor and its wrap counter, else enables them all)."""
+        if fq.packed:
+            event = self.features & bit(VIRTIO_RING_F_EVENT_IDX)
+            VRING_PACKED_EVENT.pack_into(
+                self.mem, fq.avail, fq.last_used | fq.used_wrap << 15, EVENT_DESC if event else EVENT_ENABLE
+            )
+            return
         if self.features & bit(VIRTIO_RING_F_EVENT_IDX):
             _U16.pack_into(self.mem, fq.avail + VRING_AVAIL_HEADER + 2 * fq.num, fq.last_used)
 

@@ -8,6 +8,7 @@ bytes and never touches packets.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from vhostmap.vhost_user.messages import (
     VringFile,
     VringState,
 )
+from vhostmap.vhost_user.packed import PackedRingAddresses, PackedVirtqueue
 from vhostmap.vhost_user.protocol import Message, Payload
 from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError, VringAddresses
 from vhostmap.virtio.spec import (
@@ -39,6 +41,7 @@ from vhostmap.virtio.spec import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_IN_ORDER,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_CONFIG,
     VIRTIO_NET_F_CSUM,
@@ -66,6 +69,11 @@ from vhostmap.virtio.spec import (
 )
 
 log = logging.getLogger(__name__)
+
+# One virtqueue of the device, in the layout the driver negotiated: split (spec 2.7) or packed (spec 2.8,
+# VIRTIO_F_RING_PACKED). Both offer the operations rxtx.py and the port run (rxtx.Virtqueue and the rest);
+# ``split_kernels`` says whether the compiled split-ring passes may run over one.
+DeviceQueue = SplitVirtqueue | PackedVirtqueue
 
 # What vhostmap offers every driver; the offloads below come on top unless the port says offloads=off.
 OFFERED_FEATURES = (
@@ -184,12 +192,15 @@ MAX_QUEUE_PAIRS = 64
 @dataclass(frozen=True)
 class NetConfig:
     """Static configuration of one virtio-net device: its MAC, its MTU (MIN_MTU..MAX_MTU), its queue
-    pairs (1..MAX_QUEUE_PAIRS) and the offloads it offers (feature bits of ALL_OFFLOADS: offload_features)."""
+    pairs (1..MAX_QUEUE_PAIRS), the offloads it offers (feature bits of ALL_OFFLOADS: offload_features) and
+    whether it offers packed virtqueues (VIRTIO_F_RING_PACKED: ``packed``; off by default until packed rings
+    run compiled batch kernels as split ones do, issue #18)."""
 
     mac: bytes = b"\x52\x54\x00\x00\x00\x01"
     mtu: int = 1500
     queue_pairs: int = 1
     offloads: int = ALL_OFFLOADS
+    packed: bool = False
 
     def __post_init__(self) -> None:
         if len(self.mac) != 6:
@@ -226,7 +237,7 @@ class VhostUserNetDevice:
         self.status = 0
         self.owner = False
         self.memory = GuestMemory()
-        self.vqs = [SplitVirtqueue(i) for i in range(2 * config.queue_pairs)]
+        self.vqs: list[DeviceQueue] = [SplitVirtqueue(i) for i in range(2 * config.queue_pairs)]
         self.backend_req_fd: int | None = None
         self.broken: str | None = None
         self.link_up = True
@@ -239,6 +250,22 @@ class VhostUserNetDevice:
     def has_protocol_feature(self, f: ProtocolFeature) -> bool:
         """Whether vhost-user protocol feature ``f`` was negotiated."""
         return bool(self.protocol_features & bit(f))
+
+    @property
+    def packed(self) -> bool:
+        """Whether the driver negotiated packed virtqueues (VIRTIO_F_RING_PACKED): every queue is one."""
+        return self.has_feature(VIRTIO_F_RING_PACKED)
+
+    @property
+    def layout(self) -> str:
+        """The negotiated ring layout, "packed" or "split" (what ``vhostmap status`` names)."""
+        return "packed" if self.packed else "split"
+
+    @property
+    def split_kernels(self) -> bool:
+        """Whether the compiled split-ring kernels may run over every queue (VhostUserPort.fast_queues): not
+        over packed ones, which take the per-operation path (kernels.Datapath)."""
+        return all(vq.split_kernels for vq in self.vqs)
 
     @property
     def vnet_hdr_size(self) -> int:
@@ -311,15 +338,17 @@ class VhostUserNetDevice:
             raise DeviceError(msg.request, "not supported by this device")
         return handler(self, msg)
 
-    def _vq(self, request: Request, index: int) -> SplitVirtqueue:
+    def _vq(self, request: Request, index: int) -> DeviceQueue:
         if not 0 <= index < len(self.vqs):
             raise DeviceError(request, f"queue {index} does not exist (device has {len(self.vqs)})")
         return self.vqs[index]
 
     @property
     def offered_features(self) -> int:
-        """The virtio features this device offers: OFFERED_FEATURES and the configured offloads."""
-        return OFFERED_FEATURES | self.config.offloads
+        """The virtio features this device offers: OFFERED_FEATURES, the configured offloads, and packed
+        virtqueues when the port asks for them (NetConfig.packed)."""
+        packed = bit(VIRTIO_F_RING_PACKED) if self.config.packed else 0
+        return OFFERED_FEATURES | self.config.offloads | packed
 
     def _get_features(self, msg: Message) -> Payload:
         return U64(self.offered_features)
@@ -332,18 +361,46 @@ class VhostUserNetDevice:
                 msg.request, f"features {features & ~self.offered_features:#x} were never offered"
             )
         self.features = features
+        self._relayout()
         for vq in self.vqs:
             vq.event_idx = self.has_feature(VIRTIO_RING_F_EVENT_IDX)
             vq.indirect = self.has_feature(VIRTIO_RING_F_INDIRECT_DESC)
             vq.log_dirty = self.has_feature(VHOST_F_LOG_ALL)
             vq.host_offloads = self.has_feature(VIRTIO_NET_F_CSUM)
             vq.guest_offloads = accepted_offloads(features)
+            if isinstance(vq, PackedVirtqueue):
+                # A batch of transmitted chains is one used descriptor (spec 2.8.8); split rings write one
+                # used entry per chain either way.
+                vq.in_order = self.has_feature(VIRTIO_F_IN_ORDER)
         if not features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             # Without protocol features a ring is enabled as soon as it starts (spec: "Ring states").
             for vq in self.vqs:
                 vq.enabled = vq.enabled or vq.started
         self.listener.queues_changed()
         return None
+
+    def _relayout(self) -> None:
+        """Make every queue of the negotiated layout (SET_FEATURES decides it, before the rings are set up).
+
+        What the front-end may have sent before SET_FEATURES carries over: the eventfds (QEMU sends
+        SET_VRING_CALL and SET_VRING_ERR as it initialises the device, DPDK's virtio-user its calls first),
+        the started and enabled states, and the size when the new layout takes it. Ring addresses do not:
+        they mean different areas in the two layouts."""
+        cls: type[DeviceQueue] = PackedVirtqueue if self.packed else SplitVirtqueue
+        if all(type(vq) is cls for vq in self.vqs):
+            return
+        queues: list[DeviceQueue] = []
+        for old in self.vqs:
+            vq = cls(old.index)
+            vq.kick_fd, vq.call_fd, vq.err_fd = old.kick_fd, old.call_fd, old.err_fd
+            vq.started, vq.enabled = old.started, old.enabled
+            if old.num:
+                # A size only the other layout takes is dropped: SET_VRING_NUM comes again with the ring.
+                with contextlib.suppress(VirtqueueError):
+                    vq.set_num(old.num)
+            queues.append(vq)
+        self.vqs = queues
+        log.info("port %s: %s virtqueues", self.name, self.layout)
 
     def _set_owner(self, msg: Message) -> None:
         self.owner = True
@@ -432,6 +489,18 @@ class VhostUserNetDevice:
         assert isinstance(msg.payload, VringAddr)
         p = msg.payload
         vq = self._vq(msg.request, p.index)
+        if isinstance(vq, PackedVirtqueue):
+            # desc, driver area, device area in the desc, avail and used fields (as DPDK's vhost library
+            # reads them); the guest addresses to log at come from the memory table (PackedRingAddresses).
+            vq.addresses = PackedRingAddresses(
+                p.desc_user_addr, p.avail_user_addr, p.used_user_addr, log=p.log_used
+            )
+            try:
+                vq.map(self.memory)
+            except VirtqueueError as e:
+                raise DeviceError(msg.request, e.reason) from e
+            self.listener.queues_changed()
+            return None
         vq.addresses = VringAddresses(
             p.desc_user_addr, p.avail_user_addr, p.used_user_addr, p.log_guest_addr, p.log_used
         )
@@ -458,10 +527,50 @@ class VhostUserNetDevice:
     def _set_vring_base(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
         vq = self._vq(msg.request, msg.payload.index)
+        if isinstance(vq, PackedVirtqueue):
+            self._set_packed_base(msg, vq)
+            return None
         if msg.payload.num > 0xFFFF:
             raise DeviceError(msg.request, f"base {msg.payload.num} does not fit a split ring index")
         vq.last_avail_idx = vq.used_idx = vq.signalled_used = msg.payload.num
         return None
+
+    def _set_packed_base(self, msg: Message, vq: PackedVirtqueue) -> None:
+        """SET_VRING_BASE of a packed ring: "vring descriptor indices" (vhost-user.rst), the next available
+        position in bits 0-14 with the avail wrap counter in bit 15, the next used position in bits 16-30
+        with the used wrap counter in bit 31, as QEMU sends them.
+
+        DPDK's virtio-user sends the lower half only (the upper is 0), and DPDK's vhost library takes the used
+        position equal to the available one, "since ring processing was stopped at get time": so does this
+        device when the upper half is 0 (a used position 0 with wrap counter 0 then means the available one
+        is there too, as GET_VRING_BASE reported it). A used position behind the available one (a back-end
+        that stopped without GET_VRING_BASE, chains taken and never returned) resumes both at the used one,
+        as a split ring resumes at used->idx: those chains are still available in the ring and run again.
+        """
+        assert isinstance(msg.payload, VringState)
+        value = msg.payload.num
+        avail, used = value & 0xFFFF, value >> 16
+        if used == 0:
+            used = avail
+        for what, half in (("available", avail), ("used", used)):
+            if vq.num and (half & 0x7FFF) >= vq.num:
+                raise DeviceError(
+                    msg.request, f"{what} position {half & 0x7FFF} is outside the ring of {vq.num}"
+                )
+        if used != avail:
+            log.warning(
+                "port %s: queue %d: available position %d (wrap %d) != used %d (wrap %d), resuming at %d",
+                self.name,
+                vq.index,
+                avail & 0x7FFF,
+                avail >> 15,
+                used & 0x7FFF,
+                used >> 15,
+                used & 0x7FFF,
+            )
+        vq.forget_inflight()
+        vq.last_avail_idx = vq.used_idx = vq.signalled_used = used & 0x7FFF
+        vq.avail_wrap_counter = vq.used_wrap_counter = vq.signalled_used_wrap = used >> 15
 
     def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)
@@ -474,9 +583,11 @@ class VhostUserNetDevice:
             vq.kick_fd = None
         vq.unmap()
         self.listener.queues_changed()
+        if isinstance(vq, PackedVirtqueue):
+            return VringState(vq.index, packed_vring_base(vq))
         return VringState(vq.index, vq.last_avail_idx)
 
-    def _vring_fd(self, msg: Message) -> tuple[SplitVirtqueue, int | None]:
+    def _vring_fd(self, msg: Message) -> tuple[DeviceQueue, int | None]:
         """The queue and the eventfd of SET_VRING_KICK/CALL/ERR (None: ``nofd``).
 
         The fd must be an eventfd (of counter mode for a kick, which the worker drains): the datapath waits
@@ -615,7 +726,17 @@ class VhostUserNetDevice:
         return None
 
 
-def _close_vq_fds(vq: SplitVirtqueue) -> None:
+def packed_vring_base(vq: PackedVirtqueue) -> int:
+    """GET_VRING_BASE of a packed ring: the next available position and the avail wrap counter in the lower
+    half, the next used position and the used wrap counter in the upper half (vhost-user.rst, "vring
+    descriptor indices"; QEMU reads both halves back, DPDK's virtio-user ignores the reply). Every chain
+    taken is used by the end of its batch, so the two halves are equal when the ring stopped."""
+    avail = vq.last_avail_idx | int(vq.avail_wrap_counter) << 15
+    used = vq.used_idx | int(vq.used_wrap_counter) << 15
+    return avail | used << 16
+
+
+def _close_vq_fds(vq: DeviceQueue) -> None:
     for fd in (vq.kick_fd, vq.call_fd, vq.err_fd):
         if fd is not None:
             os.close(fd)

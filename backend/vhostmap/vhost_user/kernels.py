@@ -14,6 +14,12 @@ batch copies nothing in or out. A driver fault raises the VirtqueueError the ref
 the same message, and leaves the same state: the chains completed before the fault stay unpublished in the
 queue's pending used list.
 
+A packed virtqueue (PackedVirtqueue, VIRTIO_F_RING_PACKED) has no batch kernels yet (issue #18, phase 3):
+its batches run rxtx.dequeue / rxtx.enqueue over the ring's compiled operations
+(packed_kernels.CompiledPackedRing: one C call per chain, one to complete the batch) or, with REFERENCE, over
+the queue itself; the port runs no compiled sync or pass over it (``split_kernels``,
+VhostUserPort.fast_queues). Slower than a split ring, as correct.
+
 Guest memory the front-end shrank under us (GuestMemory.gone: the SIGBUS guard replaced it with zero pages)
 is a driver fault too, in both datapaths: the batch that saw it counts for nothing and raises a
 VirtqueueError naming the region, so the port marks that device broken and nothing else stops.
@@ -33,18 +39,16 @@ from vhostmap.datapath import eventfds, ffi, lib
 from vhostmap.datapath.choice import reference_selected
 from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
-from vhostmap.vhost_user.memory import GuestMemory
+from vhostmap.vhost_user.memory import FAULT_REASONS, GuestMemory
+from vhostmap.vhost_user.packed import PackedVirtqueue
+from vhostmap.vhost_user.packed_kernels import CompiledPackedRing
 from vhostmap.vhost_user.rxtx import BatchResult, Buffers
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, CallRefused, SplitVirtqueue, VirtqueueError
 
 # What a compiled sync returns when the batch went through but the call eventfd refused its interrupt.
 _CALL_STATUSES = frozenset(s.value for s in eventfds.Signal if s != eventfds.Signal.OK)
 
-_FAULT_REASONS = {
-    lib.VM_FAULT_ADDRESS_SPACE: "range outside the 64-bit address space",
-    lib.VM_FAULT_NO_REGIONS: "no memory regions",
-    lib.VM_FAULT_NO_REGION: "guest address in no region",
-}
+_FAULT_REASONS = FAULT_REASONS
 
 
 # --- the compiled kernels -----------------------------------------------------------------------------------
@@ -134,7 +138,7 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
     return res
 
 
-def memory_gone(vq: SplitVirtqueue, mem: GuestMemory) -> VirtqueueError:
+def memory_gone(vq: SplitVirtqueue | PackedVirtqueue, mem: GuestMemory) -> VirtqueueError:
     """The fault of a batch on ``vq`` that ran while (or after) the front-end shrank ``mem`` under us."""
     return VirtqueueError(vq.index, mem.gone_reason() or "guest memory shrank under the backend (SIGBUS)")
 
@@ -204,7 +208,7 @@ class Datapath:
 
     def dequeue(
         self,
-        vq: SplitVirtqueue,
+        vq: SplitVirtqueue | PackedVirtqueue,
         mem: GuestMemory,
         hdr_len: int,
         slots: npt.NDArray[np.void],
@@ -212,7 +216,10 @@ class Datapath:
         space: int,
         bufs: Buffers,
     ) -> BatchResult:
-        """rxtx.dequeue, then flush_used, call and enable_kicks (compiled: all in one call, vq_dequeue)."""
+        """rxtx.dequeue, then flush_used, call and enable_kicks (compiled: all in one call, vq_dequeue; a
+        packed ring: see the module docstring)."""
+        if isinstance(vq, PackedVirtqueue):
+            return self._packed(vq, mem, lambda q: rxtx.dequeue(q, mem, hdr_len, slots, first, space, bufs))
         if not self.compiled:
             return _reference(vq, mem, lambda: rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs))
         q = _start(vq)
@@ -221,7 +228,7 @@ class Datapath:
 
     def enqueue(
         self,
-        vq: SplitVirtqueue,
+        vq: SplitVirtqueue | PackedVirtqueue,
         mem: GuestMemory,
         hdr_len: int,
         mergeable: bool,
@@ -230,7 +237,12 @@ class Datapath:
         count: int,
         bufs: Buffers,
     ) -> BatchResult:
-        """rxtx.enqueue, then flush_used, call and enable_kicks (compiled: all in one call, vq_enqueue)."""
+        """rxtx.enqueue, then flush_used, call and enable_kicks (compiled: all in one call, vq_enqueue; a
+        packed ring: see the module docstring)."""
+        if isinstance(vq, PackedVirtqueue):
+            return self._packed(
+                vq, mem, lambda q: rxtx.enqueue(q, mem, hdr_len, mergeable, slots, first, count, bufs)
+            )
         if not self.compiled:
             return _reference(
                 vq, mem, lambda: rxtx.enqueue(vq, mem, hdr_len, mergeable, slots, first, count, bufs)
@@ -241,16 +253,50 @@ class Datapath:
         )
         return finish(vq, mem, status, True)
 
+    def _packed(
+        self, vq: PackedVirtqueue, mem: GuestMemory, batch: Callable[[rxtx.Virtqueue], BatchResult]
+    ) -> BatchResult:
+        """Run ``batch`` over packed ring ``vq``: over its compiled operations, completed in one C call, or
+        over the reference, completed as a split reference batch is."""
+        if not self.compiled:
+            return _reference(vq, mem, lambda: batch(vq))
+        ring = vq.compiled_ring
+        if ring is None or ring.mem is not mem:
+            ring = vq.compiled_ring = CompiledPackedRing(vq, mem)
+        if vq._desc is None:
+            raise VirtqueueError(vq.index, "ring not mapped")
 
-def _reference(vq: SplitVirtqueue, mem: GuestMemory, batch: Callable[[], BatchResult]) -> BatchResult:
+        def run() -> BatchResult:
+            ring.begin()
+            res = batch(ring)
+            try:
+                ring.complete()
+            except CallRefused as e:
+                e.batch = res
+                raise
+            return res
+
+        return _guarded(vq, mem, run)
+
+
+def _reference(
+    vq: SplitVirtqueue | PackedVirtqueue, mem: GuestMemory, batch: Callable[[], BatchResult]
+) -> BatchResult:
     """Run a reference batch and finish it (``_complete``), unless the memory is or went ``gone``: the
     Python code cannot catch SIGBUS, but the guard let its accesses complete on zero pages, so this looks
     at ``gone`` before and after, and whatever the batch did or raised on that memory is replaced by the
     fault that says why (as VQ_ERR_MEMORY_GONE does for the kernels)."""
+    return _guarded(vq, mem, lambda: _complete(vq, batch()))
+
+
+def _guarded(
+    vq: SplitVirtqueue | PackedVirtqueue, mem: GuestMemory, batch: Callable[[], BatchResult]
+) -> BatchResult:
+    """``batch``, finished, unless the memory is or went ``gone`` (see _reference)."""
     if mem.gone:
         raise memory_gone(vq, mem)
     try:
-        res = _complete(vq, batch())
+        res = batch()
     except Exception as e:
         if mem.gone:
             raise memory_gone(vq, mem) from e
@@ -260,7 +306,7 @@ def _reference(vq: SplitVirtqueue, mem: GuestMemory, batch: Callable[[], BatchRe
     return res
 
 
-def _complete(vq: SplitVirtqueue, res: BatchResult) -> BatchResult:
+def _complete(vq: SplitVirtqueue | PackedVirtqueue, res: BatchResult) -> BatchResult:
     """Finish a reference batch as the kernels finish theirs: publish, notify, re-arm kicks."""
     vq.flush_used()
     try:

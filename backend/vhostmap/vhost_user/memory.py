@@ -54,6 +54,14 @@ VHOST_LOG_PAGE: int = lib.VHOST_LOG_PAGE
 ADDRESS_LIMIT = 1 << 64
 
 #: One row of ``GuestMemory.table``, the same layout as ``struct vm_region`` in datapath/memory.cdef.
+# Why memory.c refused a guest range (struct vm_fault's reason), in the words GuestMemory's errors use; a
+# range that crosses the end of its region has no entry here (the message names the region).
+FAULT_REASONS = {
+    lib.VM_FAULT_ADDRESS_SPACE: "range outside the 64-bit address space",
+    lib.VM_FAULT_NO_REGIONS: "no memory regions",
+    lib.VM_FAULT_NO_REGION: "guest address in no region",
+}
+
 REGION_DTYPE = np.dtype([("gpa", "=u8"), ("size", "=u8"), ("uva", "=u8"), ("host", "=u8")])
 
 
@@ -488,6 +496,12 @@ class GuestMemory:
         region."""
         m, offset = self._locate_uva(uva, length)
         return m.host + offset
+
+    def uva_to_gpa(self, uva: SupportsIndex, length: SupportsIndex) -> int:
+        """Guest-physical address of front-end virtual ``uva``, once [uva, uva + length) is known to lie in
+        one region (where a packed ring's writes are logged: vhost_user.packed)."""
+        m, offset = self._locate_uva(uva, length)
+        return m.gpa + offset
 
     def view(self, gpa: SupportsIndex, length: SupportsIndex) -> memoryview:
         """Writable view of guest-physical [gpa, gpa + length) (same checks as gpa_to_host)."""

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.datapath import eventfds, ffi
+from vhostmap.datapath import eventfds, ffi, lib
 from vhostmap.datapath.cfield import CField, CFlag
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
@@ -91,6 +91,11 @@ class PackedRingAddresses:
     """Where a packed ring is: front-end virtual addresses of the descriptor ring, the driver area and the
     device area (what SET_VRING_ADDR carries in its desc, avail and used fields for a packed ring), and the
     guest-physical addresses of the two the device writes, for dirty logging when ``log`` (VHOST_VRING_F_LOG).
+
+    ``map`` derives the guest-physical addresses from the memory table (the region holding each front-end
+    address): SET_VRING_ADDR's log_guest_addr names one address only, and front-ends disagree on which for a
+    packed ring (QEMU sends the device area's, DPDK's vhost library logs descriptor writes at offsets from
+    it), while the device writes both the descriptor ring and the device area.
     """
 
     desc_user_addr: int
@@ -124,10 +129,17 @@ class PackedVirtqueue:
     All of that lives in the C struct the compiled twin works on (``c``, struct vq_packed).
     """
 
+    # The ring layout, and whether the compiled split-ring kernels (virtio.c's batches, vhost_sync.c's syncs
+    # and forwarding passes) may run over this queue: they take struct vq_split, so a packed queue runs the
+    # per-operation path (kernels.Datapath over CompiledPackedRing, or this reference).
+    layout: ClassVar[str] = "packed"
+    split_kernels: ClassVar[bool] = False
+
     index: int
     addresses: PackedRingAddresses | None = None
     kick_fd: int | None = None
     call_fd: int | None = None
+    err_fd: int | None = None
     enabled: bool = False
     started: bool = False
     _desc: memoryview | None = field(default=None, repr=False)
@@ -145,6 +157,9 @@ class PackedVirtqueue:
     # uint16_t[num] behind c.inflight, and a numpy view of it for the reference.
     _inflight_c: Any = field(init=False, repr=False, compare=False)
     inflight: npt.NDArray[np.uint16] = field(init=False, repr=False, compare=False)
+    # What the compiled datapath keeps for this queue between batches (kernels.Datapath: its
+    # CompiledPackedRing), made on first use.
+    compiled_ring: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.c = ffi.new("struct vq_packed *")
@@ -175,6 +190,14 @@ class PackedVirtqueue:
         """Both wrap counters at 1 and every position at 0, as a ring starts (spec 2.8.2)."""
         self.last_avail_idx = self.used_idx = self.signalled_used = 0
         self.avail_wrap_counter = self.used_wrap_counter = self.signalled_used_wrap = 1
+
+    def forget_inflight(self) -> None:
+        """Forget every chain in flight and every used entry queued: the ring starts over where
+        SET_VRING_BASE says (the chains a fault left taken are available again there, or the driver's reset
+        made their ids free)."""
+        self.inflight[:] = 0
+        self._pending_used.clear()
+        self._popped.clear()
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:
@@ -207,6 +230,9 @@ class PackedVirtqueue:
         self._driver16 = np.frombuffer(self._driver, dtype="<u2")
         self._device16 = np.frombuffer(self._device, dtype="<u2")
         self._mem = mem
+        # Where the device's writes are logged: the regions' own guest addresses (see PackedRingAddresses).
+        a.desc_guest_addr = mem.uva_to_gpa(a.desc_user_addr, vring_packed_desc_size(self.num))
+        a.device_guest_addr = mem.uva_to_gpa(a.device_user_addr, VRING_PACKED_EVENT.size)
         c = self.c
         c.desc = _address(self._desc)
         c.driver = _address(self._driver)
@@ -227,6 +253,65 @@ class PackedVirtqueue:
     def ready(self) -> bool:
         """Whether the device may process this queue now."""
         return self.started and self.enabled and self._desc is not None
+
+    def waiting(self) -> int:
+        """Chains available and not taken yet, as vqp_pending counts them (0 while not mapped; never
+        raises: for ``vhostmap stats``' occupancy)."""
+        return int(lib.vqp_pending(self.c)) if self._desc is not None else 0
+
+    # --- inspection ---------------------------------------------------------------------------------
+    def snapshot(self, chains: int = 0) -> dict[str, Any]:
+        """The queue as ``vhostmap inspect`` shows it, read-only: size and state, the device's positions and
+        wrap counters, both event suppression structures as they are in guest memory, and the first
+        ``chains`` chains available and not taken yet, each walked with every check (taken and given back at
+        once: nothing is consumed; a chain that breaks a rule shows the fault instead of its segments)."""
+        out: dict[str, Any] = {
+            "index": self.index,
+            "layout": self.layout,
+            "direction": "guest receive" if self.index % 2 == 0 else "guest transmit",
+            "size": self.num,
+            "started": self.started,
+            "enabled": self.enabled,
+            "mapped": self._desc is not None,
+            "kick_fd": self.kick_fd is not None,
+            "call_fd": self.call_fd is not None,
+            "kicks_asked": self.kicks,
+            "faulted": self.faulted,
+            "last_avail_idx": self.last_avail_idx,
+            "avail_wrap_counter": int(self.avail_wrap_counter),
+            "used_idx": self.used_idx,
+            "used_wrap_counter": int(self.used_wrap_counter),
+        }
+        driver16, device16 = self._driver16, self._device16
+        if driver16 is None or device16 is None or self._pending_used or self._popped:
+            return out  # not mapped, or (never between batches) a batch half done: nothing to walk
+        pending = self.pending()
+        out |= {
+            "pending": pending,
+            "driver_event_flags": int(driver16[_EVENT_FLAGS_WORD]),
+            "driver_event_off_wrap": int(driver16[0]),
+            "device_event_flags": int(device16[_EVENT_FLAGS_WORD]),
+            "device_event_off_wrap": int(device16[0]),
+        }
+        listed: list[dict[str, Any]] = []
+        taken = 0
+        try:
+            for _ in range(min(chains, pending)):
+                entry: dict[str, Any] = {"position": self.last_avail_idx}
+                listed.append(entry)
+                try:
+                    chain = self.pop(writable=self.index % 2 == 0)
+                except VirtqueueError as e:
+                    entry["fault"] = str(e)
+                    break  # the chains after a bad one cannot be found
+                taken += 1
+                entry |= {"head": chain.head, "length": chain.length}
+                entry["segments"] = [list(seg) for seg in chain.segments]
+        finally:
+            for _ in range(taken):
+                self.unpop()
+        out["chains"] = listed
+        return out
 
     # --- available descriptors ------------------------------------------------------------------------
     def _flags(self, pos: int) -> int:

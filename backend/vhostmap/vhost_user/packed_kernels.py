@@ -6,7 +6,8 @@
 completes a split batch. A driver fault raises the VirtqueueError the reference raises, word for word.
 
 Phase 1 of issue #18: rxtx.dequeue / rxtx.enqueue run over either; batch kernels that run a whole dequeue
-or enqueue in C over a packed ring (as vq_dequeue / vq_enqueue do for a split one) come with phase 2.
+or enqueue in C over a packed ring (as vq_dequeue / vq_enqueue do for a split one) come with phase 3;
+until then kernels.Datapath runs a packed port's batches over this class.
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 
 from vhostmap.datapath import eventfds, ffi, lib
 from vhostmap.vhost_user.errors import GuestMemoryError
-from vhostmap.vhost_user.kernels import _FAULT_REASONS
-from vhostmap.vhost_user.memory import GuestMemory
+from vhostmap.vhost_user.memory import FAULT_REASONS, GuestMemory
 from vhostmap.vhost_user.packed import PackedVirtqueue
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, CallRefused, Chain, VirtqueueError
 
@@ -54,7 +54,7 @@ def packed_fault(vq: PackedVirtqueue, out: Any, status: int, writable: bool) -> 
         reason = f"{kind} {where} in a chain that must not have one"
     elif status in (lib.VQ_ERR_INDIRECT_MEM, lib.VQ_ERR_BUFFER_MEM):
         f = out.fault
-        why = _FAULT_REASONS.get(f.reason) or (
+        why = FAULT_REASONS.get(f.reason) or (
             f"crosses the end of the region at {f.region_gpa:#x}+{f.region_size:#x}"
         )
         cause = GuestMemoryError(f.addr, f.len, why)
@@ -109,6 +109,11 @@ class CompiledPackedRing:
     def _mapped(self) -> None:
         if self.vq._desc is None:
             raise VirtqueueError(self.index, "ring not mapped")
+
+    def begin(self) -> None:
+        """A batch starts: forget the chains an earlier batch popped and, stopped by a fault, never
+        completed (they are in the queue's own state until its reset; ``unpop`` gives back this batch's)."""
+        self._popped.clear()
 
     def pending(self) -> int:
         """PackedVirtqueue.pending (vqp_pending)."""

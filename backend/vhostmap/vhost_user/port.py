@@ -26,7 +26,7 @@ from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.offload import ALL_NEEDS
 from vhostmap.netmap.stash import BufferStash
 from vhostmap.vhost_user import kernels
-from vhostmap.vhost_user.device import NetConfig, VhostUserNetDevice
+from vhostmap.vhost_user.device import DeviceQueue, NetConfig, VhostUserNetDevice
 from vhostmap.vhost_user.kernels import select_datapath
 from vhostmap.vhost_user.messages import ProtocolFeature
 from vhostmap.vhost_user.protocol import Message, Payload
@@ -136,13 +136,18 @@ class VhostUserPort(NetmapAdapter):
 
     def fast_queues(self) -> FastQueues | None:
         """The queues as the compiled passes take them, or None when this port must take the Python path now
-        (broken, a host port, a RARP to send, the reference datapath, dirty logging, a queue not running)."""
+        (broken, a host port, a RARP to send, the reference datapath, packed rings, dirty logging, a queue
+        not running).
+
+        The passes (vhost_sync.cdef) run over split rings only: a driver that negotiated packed ones gets
+        the per-sync path, whose batches run over its rings' own operations (kernels.Datapath), and every
+        forwarder with this port takes its Python round (passes.port_pass, Link, the switch)."""
         if self.broken is not None or self.host_port is not None or self._announcements:
             return None
         fast = self._fast
         if fast is not None and fast.version == self._version:
             return fast
-        if not self.datapath.compiled or self.device.broken is not None:
+        if not self.datapath.compiled or self.device.broken is not None or not self.device.split_kernels:
             return None
         dev = self.device
         mem, hdr_len, mergeable = dev.memory, dev.vnet_hdr_size, dev.mergeable_rx
@@ -158,6 +163,7 @@ class VhostUserPort(NetmapAdapter):
                     continue  # not running: nothing to receive / nowhere to deliver (Python path)
                 if vq.log_dirty:
                     return None  # migrating: dirty pages are logged by the per-sync path
+                assert isinstance(vq, SplitVirtqueue)  # split_kernels, above
                 q = ffi.new("struct vhu_queue *")
                 q.kring, q.vq, q.mem = kring.c, vq.c, mem.c
                 q.scratch, q.out = vq.scratch, vq.out
@@ -181,6 +187,7 @@ class VhostUserPort(NetmapAdapter):
         if status == lib.VHU_REJECT or vq is None:
             (NetmapAdapter.rxsync if receive else NetmapAdapter.txsync)(self, index)
             return
+        assert isinstance(vq, SplitVirtqueue)  # fast_queues had it: the passes run over split rings only
         try:
             kernels.finish(vq, self.device.memory, status, not receive)
         except VirtqueueError as e:
@@ -272,14 +279,14 @@ class VhostUserPort(NetmapAdapter):
         """Whether TX kring ``ring_index`` has a guest receive queue to deliver into now."""
         return self._rx_queue_for(ring_index) is not None
 
-    def _queue(self, index: int) -> SplitVirtqueue | None:
+    def _queue(self, index: int) -> DeviceQueue | None:
         """The virtqueue with ``index`` if it may be processed now."""
         if self.device.broken or index >= len(self.device.vqs):
             return None
         vq = self.device.vqs[index]
         return vq if vq.ready else None
 
-    def _rx_queue_for(self, pair: int) -> SplitVirtqueue | None:
+    def _rx_queue_for(self, pair: int) -> DeviceQueue | None:
         """The receive virtqueue TX kring ``pair`` delivers into: its own pair's when it runs, else one of the
         pairs that do (``pair`` mod their number). A multiqueue driver may run fewer pairs than the device has
         (QEMU disables the others with SET_VRING_ENABLE 0), while the peer still sends on every kring."""
@@ -448,15 +455,16 @@ class VhostUserPort(NetmapAdapter):
         guest_rx, guest_tx = self.device.vqs[2 * pair], self.device.vqs[2 * pair + 1]
         kring = self.tx_rings[pair] if pair < len(self.tx_rings) else None
         return {
-            "guest_tx_waiting": int(lib.vq_pending(guest_tx.c)) if guest_tx.ready else 0,
-            "guest_rx_buffers": int(lib.vq_pending(guest_rx.c)) if guest_rx.ready else 0,
+            "guest_tx_waiting": guest_tx.waiting() if guest_tx.ready else 0,
+            "guest_rx_buffers": guest_rx.waiting() if guest_rx.ready else 0,
             "held": kring.pending() if kring is not None else 0,
         }
 
     def inspect(self, pair: int | None = None, chains: int = 0) -> dict[str, Any]:
-        """What ``vhostmap inspect`` shows: the device, and per queue pair (all, or ``pair``) both
-        virtqueues (SplitVirtqueue.snapshot, with up to ``chains`` waiting chains walked), both krings, and
-        why traffic stands still there when it does (``stalled``). Read-only: safe on a hostile guest."""
+        """What ``vhostmap inspect`` shows: the device and its ring layout, and per queue pair (all, or
+        ``pair``) both virtqueues (SplitVirtqueue.snapshot or PackedVirtqueue.snapshot, with up to ``chains``
+        waiting chains walked), both krings, and why traffic stands still there when it does (``stalled``).
+        Read-only: safe on a hostile guest."""
         dev = self.device
         pairs = range(len(self.queue_stats)) if pair is None else [pair]
         if pair is not None and not 0 <= pair < len(self.queue_stats):
@@ -479,6 +487,7 @@ class VhostUserPort(NetmapAdapter):
             "port": self.name,
             "broken": dev.broken,
             "status": dev.status,
+            "ring": dev.layout,
             "features": feature_names(dev.features),
             "queues": queues,
         }
@@ -501,7 +510,7 @@ def _stalled(
             why.append(f"the guest's {what} queue is not running (not {state})")
         elif vq["faulted"]:
             why.append(f"the guest's {what} queue faulted (the port is being marked broken)")
-        elif vq["pending"] > vq["size"]:
+        elif vq.get("pending", 0) > vq["size"]:
             why.append(f"the guest's {what} queue has an available index {vq['pending']} entries ahead")
     if rx.get("pending") == 0 and tx_kring["pending"]:
         why.append(f"no receive buffers: {tx_kring['pending']} frame(s) wait until the guest posts some")

@@ -12,12 +12,12 @@ both are translated by ``GuestMemory``, the one security boundary for addresses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.datapath import eventfds, ffi
+from vhostmap.datapath import eventfds, ffi, lib
 from vhostmap.datapath.cfield import CField, CFlag
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
@@ -112,6 +112,12 @@ class SplitVirtqueue:
     addresses ``map`` translated, so a batch needs no copying in and out; ``scratch`` and ``out`` are the
     kernels' other arguments.
     """
+
+    # The ring layout, and whether the compiled split-ring kernels (virtio.c's batches, vhost_sync.c's syncs
+    # and forwarding passes, over struct vq_split) may run over this queue: they may (PackedVirtqueue's
+    # may not).
+    layout: ClassVar[str] = "split"
+    split_kernels: ClassVar[bool] = True
 
     index: int
     addresses: VringAddresses | None = None
@@ -297,6 +303,11 @@ class SplitVirtqueue:
         except GuestMemoryError as e:
             raise VirtqueueError(self.index, f"{what}: {e}") from e
 
+    def waiting(self) -> int:
+        """Available entries not consumed yet, as vq_pending counts them (0 while not mapped; never raises:
+        for ``vhostmap stats``' occupancy)."""
+        return int(lib.vq_pending(self.c)) if self._avail is not None else 0
+
     # --- inspection ---------------------------------------------------------------------------------
     def snapshot(self, chains: int = 0) -> dict[str, Any]:
         """The queue as ``vhostmap inspect`` shows it, read-only: size and state, the device's indexes and
@@ -305,6 +316,7 @@ class SplitVirtqueue:
         consumed; a chain that breaks a rule shows the fault instead of its segments)."""
         out: dict[str, Any] = {
             "index": self.index,
+            "layout": self.layout,
             "direction": "guest receive" if self.index % 2 == 0 else "guest transmit",
             "size": self.num,
             "started": self.started,

@@ -1,0 +1,276 @@
+"""Packed virtqueues end to end over the real socket (issue #18, phase 2).
+
+FakeFrontend drives packed rings as a driver does, with both wrap counters: through a link, the switch, a
+sink, a generator, host rings and an application, beside split rings on the other side; GET_VRING_BASE and
+SET_VRING_BASE keep the wrap counters across a ring restart and a reconnection; a hostile packed ring breaks
+its own port only. Packed ports take the per-sync path (no compiled pass runs over them), in both datapaths.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_backend_traffic import counters, frame, totals, zero
+from test_netmap_client import open_port, receive, send
+from test_switch_daemon import frame as switch_frame
+from test_switch_daemon import mac, needs_root, packet_socket, recv_frames
+
+from conftest import StartDaemon, exchange, still_serving
+from vhostmap import cli
+from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_flag
+from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
+from vhostmap.packets import Addresses, udp_frame
+from vhostmap.vhost_user.messages import Request, VringState
+from vhostmap.virtio.spec import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, bit
+
+PACKED = "packed=on"
+
+
+def reap(fe: FakeFrontend) -> None:
+    """Take back the transmitted chains the device used, as a driver frees them before sending more."""
+    for fq in fe.queues[1::2]:
+        fe.used(fq)
+
+
+@pytest.fixture(params=["compiled", "reference"])
+def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every port runs the compiled datapath (CompiledPackedRing for packed rings) or the reference."""
+    monkeypatch.setenv("VHOSTMAP_REFERENCE_DATAPATH", "1" if request.param == "reference" else "0")
+    return str(request.param)
+
+
+def test_packed_rings_are_offered_only_when_the_port_asks(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": PACKED, "b": ""})
+    assert d.device("a").offered_features & bit(VIRTIO_F_RING_PACKED)
+    assert not d.device("b").offered_features & bit(VIRTIO_F_RING_PACKED)
+    with pytest.raises(ConnectionError, match="packed"):
+        d.frontend("b", packed=True)
+    d.frontend("a", packed=True)
+    status = d.daemon.status({})["ports"]
+    assert (status["a"]["ring"], status["b"]["ring"]) == ("packed", "split")
+    assert d.daemon.ports["a"].fast_queues() is None  # the compiled passes take split rings only
+
+
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize("other", ["packed", "split"])
+@pytest.mark.parametrize("size", [60, 1514, 9014])
+def test_frames_cross_a_link_between_a_packed_port_and_a_packed_or_split_one(
+    start_daemon: StartDaemon, other: str, size: int
+) -> None:
+    d = start_daemon({"a": f"{PACKED},queues=2,mtu=9000", "b": f"queues=2,mtu=9000,{PACKED}"}, links=["a,b"])
+    fa = d.frontend("a", packed=True, queue_pairs=2, queue_size=64)
+    fb = d.frontend("b", packed=other == "packed", queue_pairs=2, queue_size=64)
+    assert (d.device("a").layout, d.device("b").layout) == ("packed", other)
+    per_queue = 20
+    for rnd in range(4):  # more descriptors than the rings hold: both wrap counters turn over
+        for src, dst in ((fa, fb), (fb, fa)):
+            for p in range(2):
+                sent = [frame(size, 100 * rnd + 10 * p + k) for k in range(per_queue)]
+                dst.post_receive_buffers(per_queue * -(-(12 + size) // 4096), pair=p)
+                reap(src)
+                src.transmit(sent, pair=p)
+                assert dst.receive(per_queue, pair=p) == sent
+    n = 4 * 2 * per_queue
+    both = {**zero(), "rx_packets": n, "rx_bytes": n * size, "tx_packets": n, "tx_bytes": n * size}
+    assert totals(d, "a") == both
+    assert totals(d, "b") == both
+    # 80 chains of 1 to 3 descriptors through rings of 64: once or three times round, so the driver's and
+    # the device's wrap counters are 0 now.
+    packed = ["a", "b"] if other == "packed" else ["a"]
+    for port in packed:
+        fe = fa if port == "a" else fb
+        assert all(fq.avail_wrap == 0 for fq in fe.queues)
+        assert all(vq.avail_wrap_counter == vq.used_wrap_counter == 0 for vq in d.device(port).vqs)
+
+
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize("other", ["packed", "split"])
+def test_the_switch_forwards_between_packed_and_split_ports(start_daemon: StartDaemon, other: str) -> None:
+    d = start_daemon({"a": PACKED, "b": PACKED, "c": ""}, switches=["vale0=a,b,c"])
+    fa = d.frontend("a", packed=True)
+    fb = d.frontend("b", packed=other == "packed")
+    fc = d.frontend("c")
+    for fe in (fa, fb, fc):
+        fe.post_receive_buffers(40)
+    # Learn where a and b are (the flood reaches everyone), then unicast both ways.
+    fa.transmit([switch_frame("ff:ff:ff:ff:ff:ff", mac(0xA), seq=1)])
+    assert fb.receive(1) == fc.receive(1) == [switch_frame("ff:ff:ff:ff:ff:ff", mac(0xA), seq=1)]
+    fb.transmit([switch_frame("ff:ff:ff:ff:ff:ff", mac(0xB), seq=2)])
+    assert fa.receive(1) == fc.receive(1) == [switch_frame("ff:ff:ff:ff:ff:ff", mac(0xB), seq=2)]
+    to_b = [switch_frame(mac(0xB), mac(0xA), 60 + k, seq=k) for k in range(30)]
+    to_a = [switch_frame(mac(0xA), mac(0xB), 1514, seq=k) for k in range(30)]
+    fa.transmit(to_b)
+    fb.transmit(to_a)
+    assert fb.receive(30) == to_b
+    assert fa.receive(30) == to_a
+    assert totals(d, "c")["tx_packets"] == 2  # the floods only
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_lone_packed_port_drops_what_its_guest_sends_and_counts_it(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"c": f"{PACKED},queues=2"})
+    fc = d.frontend("c", packed=True, queue_pairs=2)
+    fc.transmit([frame(60, k) for k in range(5)], pair=0)
+    fc.transmit([frame(1514, k) for k in range(3)], pair=1)
+    assert len(fc.wait_used(fc.queues[1], 5)) == 5
+    assert len(fc.wait_used(fc.queues[3], 3)) == 3
+    d.wait(lambda: totals(d, "c")["rx_dropped"] == 8, "the sink to count 8 drops")
+    assert counters(d, "c") == [
+        {**zero(), "rx_packets": 5, "rx_bytes": 300, "rx_dropped": 5},
+        {**zero(), "rx_packets": 3, "rx_bytes": 3 * 1514, "rx_dropped": 3},
+    ]
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_generating_packed_port_gives_its_guest_every_frame_it_has_room_for(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": f"{PACKED},generate=60,mac=52:54:00:00:00:0a"})
+    generated = udp_frame(60, Addresses(dst_mac=bytes.fromhex("52540000000a")))
+    fa = d.frontend("a", packed=True, queue_size=64)
+    total = 0
+    for posted in (16, 40, 40):  # past the end of the ring: the wrap counters turn over
+        fa.post_receive_buffers(posted)
+        assert fa.receive(posted) == [generated] * posted
+        total += posted
+        d.wait(lambda n=total: totals(d, "a")["tx_packets"] == n, f"{total} frames counted")
+    assert totals(d, "a")["tx_dropped"] == 0
+    assert fa.queues[0].used_wrap == 0
+
+
+def test_in_order_transmissions_come_back_as_one_used_descriptor_per_batch(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": PACKED, "b": ""}, links=["a,b"])
+    fa = d.frontend("a", packed=True, features=DEFAULT_FEATURES | bit(VIRTIO_F_IN_ORDER))
+    fb = d.frontend("b")
+    assert d.device("a").vqs[1].in_order
+    fb.post_receive_buffers(8)
+    sent = [frame(60, k) for k in range(8)]
+    fa.transmit(sent)
+    assert fb.receive(8) == sent
+    # The driver skips every chain up to the id the one used descriptor names (spec 2.8.8).
+    tx = fa.queues[1]
+    d.wait(lambda: fa.used(tx) or tx.in_flight == 0, "the batch to be used")
+    assert tx.in_flight == 0
+
+
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize("dpdk_style", [False, True], ids=["both-halves", "lower-half"])
+def test_a_reconnection_keeps_the_wrap_counters(start_daemon: StartDaemon, dpdk_style: bool) -> None:
+    d = start_daemon({"a": PACKED, "b": ""}, links=["a,b"])
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fb = d.frontend("b")
+    for _ in range(5):  # 40 chains each way through rings of 32: both wrap counters are 0 now
+        reap(fa)
+        exchange(fa, fb, 8)
+        exchange(fb, fa, 8)
+    assert [(fq.avail_wrap, fq.next_desc) for fq in fa.queues] == [(0, 8), (0, 8)]
+    for fq in fa.queues:
+        base = fa.stop_queue(fq)  # QEMU's vhost_dev_stop
+        # The next position and wrap counter of both sides, as vhost-user.rst lays them out.
+        assert base == (8 | 0 << 15) * 0x10001
+        if dpdk_style:
+            fq.base = base & 0xFFFF  # what DPDK's virtio-user sends: the lower half only
+    assert d.device("a").vqs[0].ready is False
+    # The back-end forgets everything with the connection; the guest's rings stay where they are.
+    assert fa.sock is not None
+    fa.sock.close()
+    d.wait(lambda: not d.device("a").features, "the device to be reset")
+    fa.connect()
+    fa.negotiate()
+    vq = d.device("a").vqs[1]
+    assert (vq.last_avail_idx, vq.avail_wrap_counter, vq.used_idx, vq.used_wrap_counter) == (8, 0, 8, 0)
+    for _ in range(3):
+        reap(fa)
+        exchange(fa, fb, 10)
+        exchange(fb, fa, 10)
+    assert totals(d, "a")["errors"] == 0
+
+
+def test_set_vring_base_refuses_a_position_outside_the_ring(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": PACKED})
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fq = fa.queues[0]
+    fa.stop_queue(fq)
+    assert not fa.checked(Request.SET_VRING_BASE, VringState(0, 40 | 1 << 15))
+    assert fa.checked(Request.SET_VRING_BASE, VringState(0, PACKED_START))
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_hostile_packed_ring_breaks_its_own_port_only(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": PACKED, "b": "", "c": PACKED, "e": ""}, links=["a,b", "c,e"])
+    fa = d.frontend("a", packed=True)
+    fc, fe = d.frontend("c", packed=True), d.frontend("e")
+    tx = fa.queues[1]
+    # A chain whose buffer id is beyond the ring (ids name a driver's slots: 0..num-1).
+    fa.write_packed_desc(tx, 0, fa.buffer(tx, 0), 100, 300, fa.packed_flags(1))
+    fa.publish(tx, [], kick=True)
+    reason = d.wait_broken("a")
+    assert "buffer id 300" in reason
+    still_serving(d, fc, fe)
+    # A receive chain that is not device-writable (no VRING_DESC_F_WRITE) breaks c, and nothing else.
+    rx = fc.queues[0]
+    pos = rx.next_desc  # where the device looks next
+    fc.write_packed_desc(rx, pos, fc.buffer(rx, pos), 4096, pos, fc.packed_flags(rx.avail_wrap))
+    fe.transmit([frame(60, 1)])
+    assert f"read-only descriptor {pos} in a chain" in d.wait_broken("c")
+    assert d.device("e").broken is None
+
+
+@pytest.mark.usefixtures("datapath")
+def test_an_application_opens_a_packed_guest_port(start_daemon: StartDaemon) -> None:
+    d = start_daemon({"g": PACKED})
+    guest = d.frontend("g", packed=True)
+    guest.post_receive_buffers(64)
+    with open_port(d, "g") as port:
+        frames = [switch_frame(mac(0x10), mac(0x20), 200, k) for k in range(50)]
+        send(port, frames)
+        assert guest.receive(50) == frames
+        guest.transmit([switch_frame(mac(0x20), mac(0x10), 90, k) for k in range(20)])
+        assert receive(port, 20) == [switch_frame(mac(0x20), mac(0x10), 90, k) for k in range(20)]
+
+
+@needs_root
+def test_a_packed_vm_on_a_tap_talks_to_the_host_stack(tap: str, start_daemon: StartDaemon) -> None:
+    d = start_daemon({"a": f"host={tap},{PACKED}"})
+    fa = d.frontend("a", packed=True)
+    with packet_socket(tap) as stack:
+        up = [switch_frame(mac(0xC), mac(0xA), seq=1), switch_frame(mac(0xC), mac(0xA), 1514, 2)]
+        fa.transmit(up)
+        assert recv_frames(stack, 2) == up
+        down = [switch_frame(mac(0xA), mac(0xC), seq=3), switch_frame(mac(0xA), mac(0xC), 1514, 4)]
+        fa.post_receive_buffers(4)
+        for f in down:
+            stack.send(f)
+        assert fa.receive(2) == down
+
+
+def test_packed_is_a_port_option_of_flags_and_toml() -> None:
+    assert parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=on").packed
+    assert not parse_port_flag("a=vhost-user,path=/tmp/a.sock").packed
+    assert _port_from_mapping("a", {"path": "/tmp/a.sock", "packed": True}).packed
+    with pytest.raises(ConfigError, match="packed= is for vhost-user ports"):
+        parse_port_flag("u=generic,ifname=veth0,packed=on")
+    with pytest.raises(ConfigError, match="on or off"):
+        parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=yes")
+
+
+def test_inspect_shows_a_packed_queue_and_walks_its_chains_without_taking_them(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": PACKED})
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fa.post_receive_buffers(3, chain=2)
+    reply = d.daemon.inspect({"port": "a", "chains": 5})
+    assert reply["ring"] == "packed"
+    rx = reply["queues"][0]["guest_receive"]
+    assert (rx["layout"], rx["pending"], rx["avail_wrap_counter"], rx["used_wrap_counter"]) == (
+        "packed",
+        3,
+        1,
+        1,
+    )
+    assert [c["head"] for c in rx["chains"]] == [0, 2, 4]
+    assert all(len(c["segments"]) == 2 and c["length"] == 2 * 4096 for c in rx["chains"])
+    assert reply["queues"][0]["stalled"] == []
+    assert "packed rings" in cli._format_inspect(reply)
+    # Nothing was taken: the guest still gets its three buffers filled.
+    assert d.device("a").vqs[0].last_avail_idx == 0
