@@ -26,6 +26,7 @@ never built (scripts/guest-kernel) is skipped.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -110,13 +111,13 @@ def vhostmap_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 
 
 def _skip_without_kernel(make: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(make)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return make(*args, **kwargs)
         except GuestKernelMissing as e:
             pytest.skip(str(e))
 
-    wrapped.__doc__ = make.__doc__
     return wrapped
 
 
