@@ -3,8 +3,7 @@ report shows the guest consoles and the daemon log and leaves nothing behind, a 
 swept by the next session, and two xdist workers build labs side by side.
 
 The tests that check whole sessions run pytest in a subprocess (pytester) on a small test file, with the
-plugin loaded the way users get it: through its ``pytest11`` entry point. Their records go to a directory of
-their own (``VHOSTMAP_TESTING_STATE``), so what they check is theirs alone.
+plugin loaded the way users get it: through its ``pytest11`` entry point.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import pytest
 from vhostmap.lab.netns import link_exists, netns_exists
 from vhostmap.lab.wait import wait_until
 from vhostmap.testing import Daemon, Guest, HostNamespace, Lab, Testpmd, Topology
-from vhostmap.testing.leftovers import STATE_ENV
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.slow
@@ -72,9 +70,8 @@ def assert_all_gone(made: dict[str, Any]) -> None:
 
 
 @pytest.fixture
-def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
-    """A pytester whose sessions keep their records in a directory of their own."""
-    monkeypatch.setenv(STATE_ENV, str(pytester.path / "state"))
+def inner(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester with the helper its test files import."""
     pytester.makepyfile(report_made=REPORT_MADE)
     return pytester
 

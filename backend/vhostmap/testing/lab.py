@@ -14,7 +14,6 @@ import contextlib
 import secrets
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,7 +29,7 @@ from vhostmap.lab.netns import ip as ip_command
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.testpmd import PortSpec, Testpmd, VirtioUserPort
 from vhostmap.lab.wait import tail
-from vhostmap.testing.leftovers import Record
+from vhostmap.testing.leftovers import LAB_ROOT, Record
 from vhostmap.testing.names import LabNames
 
 Image = Literal["busybox", "python"]
@@ -173,7 +172,7 @@ class Lab:
     def __init__(self, names: LabNames | None = None, *, kernel: GuestKernel | None = None) -> None:
         self.names = names or LabNames.next()
         self.record = Record(lab=self.names.label)
-        self.dir = Path(tempfile.gettempdir()) / (self.names.dir_prefix + secrets.token_hex(3))
+        self.dir = LAB_ROOT / (self.names.dir_prefix + secrets.token_hex(3))
         self.record.dirs.append(str(self.dir))
         self.record.save()  # before making anything: a killed session's leftovers are found by it
         self.dir.mkdir(mode=0o755)

@@ -1,11 +1,12 @@
 """Finding and removing what killed test sessions left behind: the kit's records and its sweep.
 
-A lab writes a record (JSON, in `state_dir`) naming what it is about to make, *before* making it: its
+A lab writes a record (JSON, in `STATE_DIR`, one directory for the whole machine, so that every session
+sees every other's records) naming what it is about to make, *before* making it: its
 directory, network namespaces, interfaces and the daemons it started (pid and control socket). A lab that
 closes removes what it made and then its record. A session killed outright (SIGKILL, a CI timeout) leaves
 the record with an owner pid that no longer runs; `sweep`, called at every session start, removes what such
 records name, and also any namespace, interface or /tmp directory with the kit's prefix that no live record
-claims (made by a kit older than its record, or lost between record and removal), and DPDK hugepage files
+claims (lost between the removal of a thing and of its record, or a record damaged), and DPDK hugepage files
 ``vhk<pid>t...`` whose pid is gone. QEMU and the daemons die with the thread that started them
 (PR_SET_PDEATHSIG); the sweep kills a recorded daemon that is still there all the same, after checking that
 the pid still runs that daemon (its command line names the recorded control socket).
@@ -20,21 +21,22 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vhostmap.lab.netns import NETNS_DIR
+from vhostmap.lab.netns import NETNS_DIR, link_exists, netns_exists
 from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES
 from vhostmap.testing.names import KIT_PREFIX
 
-STATE_ENV = "VHOSTMAP_TESTING_STATE"
+# Labs' directories (short paths: UNIX sockets go in them) and the records of every session on the machine.
+LAB_ROOT = Path("/tmp")
+STATE_DIR = LAB_ROOT / "vhostmap-testing"
 _HUGEPAGE = re.compile(rf"{KIT_PREFIX}(\d+)t\d+x\d+")
 
 
 def state_dir() -> Path:
-    """Where records are kept: ``$VHOSTMAP_TESTING_STATE`` or /tmp/vhostmap-testing."""
-    return Path(os.environ.get(STATE_ENV) or Path(tempfile.gettempdir()) / "vhostmap-testing")
+    """Where records are kept (`STATE_DIR`)."""
+    return STATE_DIR
 
 
 def _start_time(pid: int) -> str | None:
@@ -110,7 +112,7 @@ def _kit_links() -> list[str]:
 
 
 def _kit_dirs() -> list[Path]:
-    return sorted(p for p in Path(tempfile.gettempdir()).glob(f"{KIT_PREFIX}-*") if p.is_dir())
+    return sorted(p for p in LAB_ROOT.glob(f"{KIT_PREFIX}-*") if p.is_dir())
 
 
 def _kill_daemon(pid: int, control: str) -> bool:
@@ -138,8 +140,12 @@ def _delete_link(name: str) -> bool:
 def sweep() -> list[str]:
     """Remove the leftovers of kit sessions that no longer run; return what was removed (for the report).
 
-    Safe beside running sessions: what a live record names is never touched.
+    Safe beside running sessions: what a live record names is never touched. The kit's namespaces,
+    interfaces and directories are listed *before* the records are read: a lab saves its record before it
+    makes anything, so whatever was listed and is still unclaimed once the records are read is a leftover,
+    and whatever a lab makes meanwhile was not listed.
     """
+    namespaces, links, dirs = _kit_namespaces(), _kit_links(), _kit_dirs()
     removed: list[str] = []
     claimed_dirs: set[str] = set()
     claimed_names: set[str] = set()
@@ -160,7 +166,7 @@ def sweep() -> list[str]:
             if (NETNS_DIR / ns).exists() and _delete_namespace(ns):
                 removed.append(f"namespace {ns}")
         for link in record.links:
-            if link in _kit_links() and _delete_link(link):
+            if link_exists(link) and _delete_link(link):
                 removed.append(f"interface {link}")
         for d in record.dirs:
             if Path(d).exists():
@@ -168,14 +174,14 @@ def sweep() -> list[str]:
                 removed.append(f"directory {d}")
         path.unlink(missing_ok=True)
     # What no live record claims (made before a record could be written, or by an older kit).
-    for ns in _kit_namespaces():
-        if ns not in claimed_names and _delete_namespace(ns):
+    for ns in namespaces:
+        if ns not in claimed_names and netns_exists(ns) and _delete_namespace(ns):
             removed.append(f"namespace {ns}")
-    for link in _kit_links():
-        if link not in claimed_names and _delete_link(link):
+    for link in links:
+        if link not in claimed_names and link_exists(link) and _delete_link(link):
             removed.append(f"interface {link}")
-    for orphan in _kit_dirs():
-        if str(orphan) not in claimed_dirs:
+    for orphan in dirs:
+        if str(orphan) not in claimed_dirs and orphan.exists():
             shutil.rmtree(orphan, ignore_errors=True)
             removed.append(f"directory {orphan}")
     for path in [*HUGEPAGES.glob(f"{KIT_PREFIX}*"), *DPDK_RUNTIME.glob(f"{KIT_PREFIX}*")]:
