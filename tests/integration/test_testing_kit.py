@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ def report_made(topo, where):
     Path(where).write_text(json.dumps(made))
 """
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 SMALL_LAB = {"switches": ["sw0"], "guests": {"vm": {"nics": ["sw0"]}}, "hosts": {"ns": {"switch": "sw0"}}}
 
 
@@ -117,6 +119,14 @@ def test_the_fixtures_alone_put_a_guest_on_a_tap_in_a_namespace_and_a_testpmd_on
     assert b.ping(str(vhostmap_lab.names.subnet[200])) == 0.0
     assert daemon.stats()["pmd"]["totals"]["rx_packets"] >= 3
     assert pmd.file_prefix.startswith("vhk")
+
+
+def test_the_readme_example_passes_as_a_users_test_file(inner: pytest.Pytester) -> None:
+    section = README.read_text().split("## Testing your software in VMs", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None, "README's section has no Python example"
+    inner.makepyfile(test_readme=match.group(1))
+    inner.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
 def test_a_failing_test_reports_consoles_and_daemon_log_and_leaves_nothing(inner: pytest.Pytester) -> None:
