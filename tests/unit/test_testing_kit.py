@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from vhostmap.lab.testpmd import HUGEPAGES
 from vhostmap.testing import Lab, LabNames, TopologyError, build
 from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
 from vhostmap.testing.names import worker_index
@@ -61,6 +62,23 @@ def test_a_dead_sessions_record_is_swept_and_a_live_ones_is_not() -> None:
         for record, directory in ((dead, dead_dir), (live, live_dir)):
             record.remove()
             subprocess.run(["rm", "-rf", str(directory)], check=True)
+
+
+def test_hugepage_files_of_a_dead_testpmd_owner_are_swept_and_a_live_ones_are_not() -> None:
+    if not HUGEPAGES.is_dir():
+        pytest.skip(f"no {HUGEPAGES}")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = HUGEPAGES / f"vhk{finished.pid}t0x0map_0"
+    live = HUGEPAGES / f"{LabNames(worker=0, index=9).hugepage_prefix()}map_0"
+    try:
+        dead.touch()
+        live.touch()
+        assert f"hugepage file {dead}" in sweep()
+        assert not dead.exists() and live.exists()
+    finally:
+        dead.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(
