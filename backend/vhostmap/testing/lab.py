@@ -214,7 +214,8 @@ class Lab:
 
     def kernel(self, image: Image = "busybox") -> GuestKernel:
         """The guest to boot: the busybox image (kernel network stack, busybox tools), or the Debian image
-        with Python (built or refreshed by scripts/guest-image on first use, about a minute, then cached)."""
+        with Python and vhostmap (built or refreshed from this vhostmap checkout, which needs its .venv, by
+        scripts/guest-image on first use: about a minute, then seconds; cached by content)."""
         if image == "python":
             return GuestImage.ensure().kernel()
         if self._kernel is None:
