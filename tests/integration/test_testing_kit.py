@@ -14,6 +14,8 @@ import re
 import signal
 import subprocess
 import sys
+import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,56 @@ def test_the_fixtures_alone_put_a_guest_on_a_tap_in_a_namespace_and_a_testpmd_on
     assert b.ping(str(vhostmap_lab.names.subnet[200])) == 0.0
     assert daemon.stats()["pmd"]["totals"]["rx_packets"] >= 3
     assert pmd.file_prefix.startswith("vhk")
+
+
+def make_wheel(directory: Path) -> Path:
+    """A pure-Python wheel of one module, kitdemo (ANSWER = 42), as a user's own package."""
+    wheel = directory / "kitdemo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("kitdemo/__init__.py", "ANSWER = 42\n")
+        z.writestr("kitdemo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: kitdemo\nVersion: 1.0\n")
+        z.writestr(
+            "kitdemo-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        z.writestr("kitdemo-1.0.dist-info/RECORD", "")
+    return wheel
+
+
+def test_guests_on_an_image_extended_with_a_package_a_wheel_and_a_file_have_them_all(
+    topology: Callable[[dict[str, Any]], Topology], tmp_path: Path
+) -> None:
+    """The Python image plus iperf3 (from Debian, with its libraries), a wheel and a file: the guests import
+    the wheel, read the file and run iperf3 between them over the switch."""
+    (tmp_path / "hello.txt").write_text("hello from the host\n")
+    image = {
+        "base": "python",
+        "packages": ["iperf3"],
+        "wheels": [str(make_wheel(tmp_path))],
+        "files": {str(tmp_path / "hello.txt"): "/etc/hello.txt"},
+    }
+    topo = topology(
+        {"switches": ["sw0"], "guests": {n: {"nics": ["sw0"], "image": image} for n in ("server", "client")}}
+    )
+    server, client = topo.guests["server"], topo.guests["client"]
+    assert client.run("python3 -c 'import kitdemo; print(kitdemo.ANSWER)'", timeout=60).output == "42\n"
+    assert client.run("cat /etc/hello.txt").output == "hello from the host\n"
+    server.run("iperf3 -s -D -1", check=True)
+    wait_until(lambda: server.run("netstat -ltn | grep -q :5201").rc == 0, 30, "iperf3 to listen")
+    result = client.run(f"iperf3 -c {server.ip} -t 2 -J", timeout=60, check=True)
+    sent = json.loads(result.output)["end"]["sum_received"]["bytes"]
+    assert sent > 1_000_000, result.output[-500:]
+
+
+def test_vhostmap_image_build_makes_an_image_once_and_boots_it(tmp_path: Path) -> None:
+    # New content each run: the first build below is a real one, not a cache hit of an earlier run.
+    (tmp_path / "hello.txt").write_text(f"hello {time.time_ns()}\n")
+    build = [sys.executable, "-m", "vhostmap.cli", "image", "build"]
+    command = [*build, "--file", f"{tmp_path}/hello.txt:/etc/h"]
+    first = subprocess.run([*command, "--boot"], capture_output=True, text=True, timeout=300, check=True)
+    image = Path(first.stdout.strip())
+    assert image.is_file() and "ready" in first.stderr and "booted in" in first.stderr, first.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    assert again.stdout.strip() == str(image) and "(cached)" in again.stderr
 
 
 def test_the_readme_example_passes_as_a_users_test_file(inner: pytest.Pytester) -> None:

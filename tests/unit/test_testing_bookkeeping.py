@@ -1,5 +1,6 @@
 """The testing kit's bookkeeping, without VMs: labs' ranges and names never overlap, records of dead
-sessions are swept and those of live ones are not, and a bad topology is refused naming its entry."""
+sessions are swept and those of live ones are not, a bad topology is refused naming its entry, and image
+requests are read as they are written."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from vhostmap.lab.testpmd import HUGEPAGES
-from vhostmap.testing import Lab, LabNames, TopologyError, build
+from vhostmap.lab.userimage import ImageBuildError
+from vhostmap.lab.userimage import build as build_image
+from vhostmap.testing import ImageSpec, Lab, LabNames, TopologyError, build
 from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
 from vhostmap.testing.names import worker_index
+from vhostmap.testing.topology import image_of
 
 
 def test_labs_of_two_workers_and_two_labs_of_one_worker_share_no_subnet_or_mac() -> None:
@@ -95,3 +99,23 @@ def test_a_bad_topology_is_refused_naming_its_entry(spec: dict[str, object], mes
         build(lab, spec)
     assert message in str(refused.value)
     assert not lab.dir.exists() and not Path(lab.record.path).exists()
+
+
+def test_image_files_are_local_colon_absolute_remote() -> None:
+    assert ImageSpec.parse_file("conf/a:b.toml:/etc/app.toml") == (Path("conf/a:b.toml"), "/etc/app.toml")
+    for bad in ("conf.toml", "conf.toml:etc/app.toml", ":/etc/x"):
+        with pytest.raises(ValueError, match="LOCAL:/absolute"):
+            ImageSpec.parse_file(bad)
+
+
+def test_packages_and_wheels_on_the_busybox_image_are_refused_before_anything_is_built() -> None:
+    with pytest.raises(ImageBuildError, match="need base python"):
+        build_image(ImageSpec(base="busybox", packages=("iperf3",)))
+
+
+def test_a_topology_image_table_becomes_an_image_spec_with_python_as_the_base_for_packages() -> None:
+    spec = image_of("vm", {"packages": ["iperf3"], "files": {"a.txt": "/etc/a.txt"}})
+    assert spec == ImageSpec(base="python", packages=("iperf3",), files=((Path("a.txt"), "/etc/a.txt"),))
+    assert image_of("vm", "busybox") == "busybox"
+    with pytest.raises(TopologyError, match="unknown image keys"):
+        image_of("vm", {"pkgs": ["x"]})

@@ -13,6 +13,7 @@ hugepages for the ``testpmd`` fixture.
 from vhostmap.lab.channel import CompletedCommand, GuestCommandFailed, GuestError
 from vhostmap.lab.qemu import Nic
 from vhostmap.lab.testpmd import Testpmd, VhostPort, VirtioUserPort
+from vhostmap.lab.userimage import ImageSpec
 from vhostmap.lab.wait import WaitTimeout, wait_until
 from vhostmap.testing.lab import Daemon, Guest, HostNamespace, Lab
 from vhostmap.testing.leftovers import sweep
@@ -26,6 +27,7 @@ __all__ = [
     "GuestCommandFailed",
     "GuestError",
     "HostNamespace",
+    "ImageSpec",
     "Lab",
     "LabNames",
     "Nic",

@@ -28,11 +28,15 @@ from vhostmap.lab.netns import Netns, VethPair, add_address, disable_ipv6, set_u
 from vhostmap.lab.netns import ip as ip_command
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.testpmd import PortSpec, Testpmd, VirtioUserPort
+from vhostmap.lab.userimage import ImageSpec
+from vhostmap.lab.userimage import build as build_image
+from vhostmap.lab.userimage import memory_mb as image_memory_mb
 from vhostmap.lab.wait import tail
 from vhostmap.testing.leftovers import LAB_ROOT, Record
 from vhostmap.testing.names import LabNames
 
-Image = Literal["busybox", "python"]
+# A lab image by name, or one extended with packages, wheels and files (`vhostmap.lab.userimage`).
+Image = Literal["busybox", "python"] | ImageSpec
 # How much of each log a failure report shows.
 REPORT_LINES = 200
 
@@ -212,15 +216,20 @@ class Lab:
         self.record.save()
         return daemon
 
-    def kernel(self, image: Image = "busybox") -> GuestKernel:
-        """The guest to boot: the busybox image (kernel network stack, busybox tools), or the Debian image
-        with Python and vhostmap (built or refreshed from this vhostmap checkout, which needs its .venv, by
-        scripts/guest-image on first use: about a minute, then seconds; cached by content)."""
+    def kernel(self, image: Image = "busybox") -> tuple[GuestKernel, int]:
+        """The guest to boot and the RAM (MiB) it needs: the busybox image (kernel network stack, busybox
+        tools); the Debian image with Python and vhostmap (built or refreshed from this vhostmap checkout,
+        which needs its .venv, by scripts/guest-image on first use: about a minute, then seconds); or an
+        `ImageSpec`, one of those extended with Debian packages, wheels and files (made in seconds, then
+        cached by content: `vhostmap.lab.userimage`)."""
+        if isinstance(image, ImageSpec):
+            kernel = build_image(image)
+            return kernel, image_memory_mb(kernel, image.base)
         if image == "python":
-            return GuestImage.ensure().kernel()
+            return GuestImage.ensure().kernel(), PYTHON_IMAGE_MEMORY_MB
         if self._kernel is None:
             self._kernel = GuestKernel.from_cache()
-        return self._kernel
+        return self._kernel, 256
 
     def nic(self, port: str, *, ip: str | Literal[True] | None = True, mtu: int | None = None) -> Nic:
         """A guest NIC on vhost-user ``port`` of one of this lab's daemons, with the lab's next MAC and
@@ -248,20 +257,21 @@ class Lab:
         """Start a guest with a NIC on each of ``nics`` (port names of this lab's daemons, made with `nic`,
         or `Nic`s) and, if ``wait``, wait until it is up and every NIC has carrier.
 
-        ``image``: "busybox" (default; boots in seconds) or "python". ``cmdline`` is added to the kernel
-        command line; ``share`` is a host directory mounted at /mnt/host in the guest (9p).
+        ``image``: "busybox" (default; boots in seconds), "python" or an `ImageSpec` (`kernel`).
+        ``cmdline`` is added to the kernel command line; ``share`` is a host directory mounted at /mnt/host
+        in the guest (9p).
         """
         name = name or f"vm{len(self.guests)}"
         if name in self.guests:
             raise ValueError(f"this lab already has a guest {name!r}")
         made = [self.nic(n) if isinstance(n, str) else n for n in nics]
-        memory = memory_mb or (PYTHON_IMAGE_MEMORY_MB if image == "python" else 256)
+        kernel, needed = self.kernel(image)
         guest = Guest(
             name,
             made,
-            kernel=self.kernel(image),
+            kernel=kernel,
             workdir=self.dir / f"q-{name}",
-            memory_mb=memory,
+            memory_mb=memory_mb or needed,
             smp=smp,
             cmdline=cmdline,
             share=share,

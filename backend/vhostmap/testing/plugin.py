@@ -9,7 +9,8 @@ Fixtures (each function-scoped; everything a test made is torn down after it, pa
     ``vhostmap(ports, links=(), switches=None)`` starts ``vhostmap serve`` (`Lab.vhostmap`).
 ``guest``
     ``guest(name, nics, image="busybox", cmdline="", share=None, ...)`` boots a QEMU guest with a NIC on each
-    port (`Lab.guest`); ``guest.run(cmd)`` returns ``.rc`` and ``.output``.
+    port (`Lab.guest`); ``guest.run(cmd)`` returns ``.rc`` and ``.output``. ``image`` is "busybox",
+    "python" or an `ImageSpec` adding Debian packages, wheels and files (``vhostmap image build``).
 ``testpmd``
     ``testpmd(ports, forward_mode="io", ...)`` runs dpdk-testpmd on the given ports (`Lab.testpmd`).
 ``netns``

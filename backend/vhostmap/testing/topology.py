@@ -9,6 +9,10 @@
         "hosts": {"ns0": {"switch": "sw0"}},        # a namespace behind a veth, on the switch
     }
 
+``image`` is "busybox" (default), "python", or a table extending one of them: ``{"base": "python",
+"packages": ["iperf3"], "wheels": ["dist/x.whl"], "files": {"local/path": "/path/in/guest"}}`` (built once,
+then cached by content; `vhostmap.lab.userimage`).
+
 A NIC entry is a switch name or a table ``{"switch": "sw0", "ip": "10.9.9.1/24", "mtu": 9000}`` (``"ip":
 false`` for none); addresses and MACs come from the lab's ranges unless given. Each NIC is a vhost-user port
 of one vhostmap daemon named ``<guest>.<index>``; each host a generic port named after it. `build` makes the
@@ -23,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vhostmap.testing.lab import Daemon, Guest, HostNamespace, Lab
+from vhostmap.lab.userimage import ImageSpec
+from vhostmap.testing.lab import Daemon, Guest, HostNamespace, Image, Lab
 
 GUEST_KEYS = {"nics", "image", "memory_mb", "smp", "cmdline", "share", "boot_timeout"}
 
@@ -48,6 +53,25 @@ class Topology:
         if name in self.hosts:
             return self.hosts[name]
         raise KeyError(f"no guest or host {name!r} in this topology")
+
+
+def image_of(guest: str, image: Any) -> Image:
+    """A guest's ``image`` entry as what `Lab.guest` takes."""
+    if image in ("busybox", "python"):
+        return image
+    if not isinstance(image, Mapping):
+        raise TopologyError(f"guest {guest}: image must be busybox, python or a table, not {image!r}")
+    extra = set(image) - {"base", "packages", "wheels", "files"}
+    if extra:
+        raise TopologyError(f"guest {guest}: unknown image keys {sorted(extra)}")
+    packages = tuple(image.get("packages", ()))
+    wheels = tuple(Path(w) for w in image.get("wheels", ()))
+    return ImageSpec(
+        base=image.get("base", "python" if packages or wheels else "busybox"),
+        packages=packages,
+        wheels=wheels,
+        files=tuple((Path(local), remote) for local, remote in dict(image.get("files", {})).items()),
+    )
 
 
 def load(spec: Mapping[str, Any] | str | Path) -> dict[str, Any]:
@@ -121,7 +145,7 @@ def build(lab: Lab, spec: Mapping[str, Any] | str | Path) -> Topology:
         made_guests[name] = lab.guest(
             name,
             nics,
-            image=g.get("image", "busybox"),
+            image=image_of(name, g.get("image", "busybox")),
             memory_mb=g.get("memory_mb"),
             smp=g.get("smp", 1),
             cmdline=g.get("cmdline", ""),
