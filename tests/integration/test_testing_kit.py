@@ -124,15 +124,18 @@ def test_the_fixtures_alone_put_a_guest_on_a_tap_in_a_namespace_and_a_testpmd_on
 
 
 def make_wheel(directory: Path) -> Path:
-    """A pure-Python wheel of one module, kitdemo (ANSWER = 42), as a user's own package."""
+    """A pure-Python wheel of one module, kitdemo (ANSWER = 42), as a user's own package. Byte for byte the
+    same every run (fixed timestamps), so the image made with it is a cache hit after the first run."""
     wheel = directory / "kitdemo-1.0-py3-none-any.whl"
+    members = {
+        "kitdemo/__init__.py": "ANSWER = 42\n",
+        "kitdemo-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: kitdemo\nVersion: 1.0\n",
+        "kitdemo-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        "kitdemo-1.0.dist-info/RECORD": "",
+    }
     with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("kitdemo/__init__.py", "ANSWER = 42\n")
-        z.writestr("kitdemo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: kitdemo\nVersion: 1.0\n")
-        z.writestr(
-            "kitdemo-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        )
-        z.writestr("kitdemo-1.0.dist-info/RECORD", "")
+        for name, text in members.items():
+            z.writestr(zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0)), text)
     return wheel
 
 
