@@ -1,0 +1,196 @@
+"""Finding and removing what killed test sessions left behind: the kit's records and its sweep.
+
+A lab writes a record (JSON, in `STATE_DIR`, one directory for the whole machine, so that every session
+sees every other's records) naming what it is about to make, *before* making it: its
+directory, network namespaces, interfaces and the daemons it started (pid and control socket). A lab that
+closes removes what it made and then its record. A session killed outright (SIGKILL, a CI timeout) leaves
+the record with an owner pid that no longer runs; `sweep`, called at every session start, removes what such
+records name, and also any namespace, interface or /tmp directory with the kit's prefix that no live record
+claims (lost between the removal of a thing and of its record, or a record damaged), and DPDK hugepage files
+``vhk<pid>t...`` whose pid is gone. QEMU and the daemons die with the thread that started them
+(PR_SET_PDEATHSIG); the sweep kills a recorded daemon that is still there all the same, after checking that
+the pid still runs that daemon (its command line names the recorded control socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from vhostmap.lab.netns import NETNS_DIR, link_exists, netns_exists
+from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES
+from vhostmap.testing.names import KIT_PREFIX
+
+# Labs' directories (short paths: UNIX sockets go in them) and the records of every session on the machine.
+LAB_ROOT = Path("/tmp")
+STATE_DIR = LAB_ROOT / "vhostmap-testing"
+_HUGEPAGE = re.compile(rf"{KIT_PREFIX}(\d+)t\d+x\d+")
+
+
+def state_dir() -> Path:
+    """Where records are kept (`STATE_DIR`)."""
+    return STATE_DIR
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (the start time in clock ticks), or None if ``pid`` does not run."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+@dataclass
+class Record:
+    """What one lab made, or is about to make, and which process owns it."""
+
+    lab: str
+    owner: int = field(default_factory=os.getpid)
+    owner_start: str | None = field(default_factory=lambda: _start_time(os.getpid()))
+    dirs: list[str] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    # [pid, control socket path] of each daemon started
+    daemons: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        """The record's file."""
+        return state_dir() / f"{self.owner}-{self.lab}.json"
+
+    def save(self) -> None:
+        """Write the record (atomically: a sweep never reads half of one)."""
+        directory = state_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{self.path.name}.tmp"
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        """Delete the record's file (what it names is gone)."""
+        self.path.unlink(missing_ok=True)
+
+    @property
+    def owner_alive(self) -> bool:
+        """Whether the process that made the record still runs (the same process: pids are reused)."""
+        return _start_time(self.owner) == self.owner_start
+
+    @classmethod
+    def load(cls, path: Path) -> Record | None:
+        """The record in ``path``, or None if it is not one (a stray or damaged file)."""
+        try:
+            data = json.loads(path.read_text())
+            data["daemons"] = [(int(pid), str(ctl)) for pid, ctl in data.get("daemons", [])]
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def _kit_namespaces() -> list[str]:
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(KIT_PREFIX))
+
+
+def _kit_links() -> list[str]:
+    result = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False)
+    names = []
+    for line in result.stdout.splitlines():
+        # "12: vhk1a2bv3@vhk1a2bv4: <...>" (the peer after "@")
+        name = line.split(":", 2)[1].strip().split("@")[0]
+        if name.startswith(KIT_PREFIX):
+            names.append(name)
+    return sorted(names)
+
+
+def _kit_dirs() -> list[Path]:
+    return sorted(p for p in LAB_ROOT.glob(f"{KIT_PREFIX}-*") if p.is_dir())
+
+
+def _kill_daemon(pid: int, control: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if os.fsencode(control) not in cmdline:
+        return False  # the pid runs something else now
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _delete_namespace(name: str) -> bool:
+    return subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False).returncode == 0
+
+
+def _delete_link(name: str) -> bool:
+    """Delete an interface (a veth's peer goes with it); whether it was there to delete."""
+    result = subprocess.run(["ip", "link", "delete", "dev", name], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+def sweep() -> list[str]:
+    """Remove the leftovers of kit sessions that no longer run; return what was removed (for the report).
+
+    Safe beside running sessions: what a live record names is never touched. The kit's namespaces,
+    interfaces and directories are listed *before* the records are read: a lab saves its record before it
+    makes anything, so whatever was listed and is still unclaimed once the records are read is a leftover,
+    and whatever a lab makes meanwhile was not listed.
+    """
+    namespaces, links, dirs = _kit_namespaces(), _kit_links(), _kit_dirs()
+    removed: list[str] = []
+    claimed_dirs: set[str] = set()
+    claimed_names: set[str] = set()
+    directory = state_dir()
+    records = sorted(directory.glob("*.json")) if directory.is_dir() else []
+    for path in records:
+        record = Record.load(path)
+        if record is None:
+            continue
+        if record.owner_alive:
+            claimed_dirs.update(record.dirs)
+            claimed_names.update(record.namespaces + record.links)
+            continue
+        for pid, control in record.daemons:
+            if _kill_daemon(pid, control):
+                removed.append(f"vhostmap daemon pid {pid}")
+        for ns in record.namespaces:
+            if (NETNS_DIR / ns).exists() and _delete_namespace(ns):
+                removed.append(f"namespace {ns}")
+        for link in record.links:
+            if link_exists(link) and _delete_link(link):
+                removed.append(f"interface {link}")
+        for d in record.dirs:
+            if Path(d).exists():
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(f"directory {d}")
+        path.unlink(missing_ok=True)
+    # What no live record claims (made before a record could be written, or by an older kit).
+    for ns in namespaces:
+        if ns not in claimed_names and netns_exists(ns) and _delete_namespace(ns):
+            removed.append(f"namespace {ns}")
+    for link in links:
+        if link not in claimed_names and link_exists(link) and _delete_link(link):
+            removed.append(f"interface {link}")
+    for orphan in dirs:
+        if str(orphan) not in claimed_dirs and orphan.exists():
+            shutil.rmtree(orphan, ignore_errors=True)
+            removed.append(f"directory {orphan}")
+    for path in [*HUGEPAGES.glob(f"{KIT_PREFIX}*"), *DPDK_RUNTIME.glob(f"{KIT_PREFIX}*")]:
+        match = _HUGEPAGE.match(path.name)
+        if match is None or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(f"hugepage file {path}")
+    return removed

@@ -1,0 +1,121 @@
+"""The testing kit's bookkeeping, without VMs: labs' ranges and names never overlap, records of dead
+sessions are swept and those of live ones are not, a bad topology is refused naming its entry, and image
+requests are read as they are written."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vhostmap.lab.testpmd import HUGEPAGES
+from vhostmap.lab.userimage import ImageBuildError
+from vhostmap.lab.userimage import build as build_image
+from vhostmap.testing import ImageSpec, Lab, LabNames, TopologyError, build
+from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
+from vhostmap.testing.names import worker_index
+from vhostmap.testing.topology import image_of
+
+
+def test_labs_of_two_workers_and_two_labs_of_one_worker_share_no_subnet_or_mac() -> None:
+    labs = [LabNames(worker=0, index=0), LabNames(worker=0, index=1), LabNames(worker=1, index=0)]
+    assert len({lab.subnet for lab in labs}) == 3
+    macs = [lab.mac() for lab in labs for _ in range(3)]
+    assert len(set(macs)) == 9
+    assert all(int(m.split(":")[0], 16) & 0b11 == 0b10 for m in macs)  # locally administered, unicast
+    first = labs[0]
+    assert [first.ip(), first.ip()] == ["10.100.1.1/24", "10.100.1.2/24"]
+
+
+def test_interface_names_fit_ifnamsiz_and_are_never_handed_out_twice() -> None:
+    names = [LabNames(worker=7, index=i).ifname(kind) for i in range(50) for kind in "nvt"]
+    assert len(set(names)) == len(names)
+    assert all(n.startswith("vhk") and len(n.encode()) <= 15 for n in names)
+
+
+def test_the_worker_index_comes_from_pytest_xdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    assert worker_index() == 3 and LabNames.next().worker == 3
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert worker_index() == 0
+
+
+def test_a_hugepage_prefix_names_its_owner_so_a_sweep_can_tell_it_is_stale() -> None:
+    prefix = LabNames(worker=0, index=4).hugepage_prefix()
+    match = _HUGEPAGE.match(prefix + "map_0")
+    assert match is not None and int(match.group(1)) > 0
+
+
+def test_a_dead_sessions_record_is_swept_and_a_live_ones_is_not() -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid names a process that no longer runs
+    dead_dir, live_dir = LAB_ROOT / "vhk-unit-dead", LAB_ROOT / "vhk-unit-live"
+    dead = Record(lab="unitdead", owner=finished.pid, owner_start="0", dirs=[str(dead_dir)])
+    live = Record(lab="unitlive", dirs=[str(live_dir)])
+    try:
+        for record, directory in ((dead, dead_dir), (live, live_dir)):
+            record.save()
+            directory.mkdir()
+            (directory / "x.sock").write_text("")
+        removed = sweep()
+        assert f"directory {dead_dir}" in removed
+        assert not dead_dir.exists() and not dead.path.exists()
+        assert live_dir.exists() and live.path.exists()
+    finally:
+        for record, directory in ((dead, dead_dir), (live, live_dir)):
+            record.remove()
+            subprocess.run(["rm", "-rf", str(directory)], check=True)
+
+
+def test_hugepage_files_of_a_dead_testpmd_owner_are_swept_and_a_live_ones_are_not() -> None:
+    if not HUGEPAGES.is_dir():
+        pytest.skip(f"no {HUGEPAGES}")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = HUGEPAGES / f"vhk{finished.pid}t0x0map_0"
+    live = HUGEPAGES / f"{LabNames(worker=0, index=9).hugepage_prefix()}map_0"
+    try:
+        dead.touch()
+        live.touch()
+        assert f"hugepage file {dead}" in sweep()
+        assert not dead.exists() and live.exists()
+    finally:
+        dead.unlink(missing_ok=True)
+        live.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"switches": ["sw0"], "vms": {}}, "unknown topology keys ['vms']"),
+        ({"switches": ["sw0"], "guests": {"a": {"nics": ["sw1"]}}}, "guest a NIC 0: no switch 'sw1'"),
+        ({"guests": {"a": {"nic": ["sw0"]}}}, "guest a: unknown keys ['nic']"),
+        ({"guests": {"a": {}}, "hosts": {"a": {"switch": "sw0"}}}, "['a'] name both a guest and a host"),
+    ],
+)
+def test_a_bad_topology_is_refused_naming_its_entry(spec: dict[str, object], message: str) -> None:
+    with Lab() as lab, pytest.raises(TopologyError) as refused:
+        build(lab, spec)
+    assert message in str(refused.value)
+    assert not lab.dir.exists() and not Path(lab.record.path).exists()
+
+
+def test_image_files_are_local_colon_absolute_remote() -> None:
+    assert ImageSpec.parse_file("conf/a:b.toml:/etc/app.toml") == (Path("conf/a:b.toml"), "/etc/app.toml")
+    for bad in ("conf.toml", "conf.toml:etc/app.toml", ":/etc/x"):
+        with pytest.raises(ValueError, match="LOCAL:/absolute"):
+            ImageSpec.parse_file(bad)
+
+
+def test_packages_and_wheels_on_the_busybox_image_are_refused_before_anything_is_built() -> None:
+    with pytest.raises(ImageBuildError, match="need base python"):
+        build_image(ImageSpec(base="busybox", packages=("iperf3",)))
+
+
+def test_a_topology_image_table_becomes_an_image_spec_with_python_as_the_base_for_packages() -> None:
+    spec = image_of("vm", {"packages": ["iperf3"], "files": {"a.txt": "/etc/a.txt"}})
+    assert spec == ImageSpec(base="python", packages=("iperf3",), files=((Path("a.txt"), "/etc/a.txt"),))
+    assert image_of("vm", "busybox") == "busybox"
+    with pytest.raises(TopologyError, match="unknown image keys"):
+        image_of("vm", {"pkgs": ["x"]})
