@@ -338,6 +338,13 @@ class VhostUserNetDevice:
             raise DeviceError(msg.request, "not supported by this device")
         return handler(self, msg)
 
+    def _map(self, request: Request, vq: DeviceQueue) -> None:
+        """Map ``vq``'s rings through the memory table; one outside guest memory is the front-end's error."""
+        try:
+            vq.map(self.memory)
+        except VirtqueueError as e:
+            raise DeviceError(request, e.reason) from e
+
     def _vq(self, request: Request, index: int) -> DeviceQueue:
         if not 0 <= index < len(self.vqs):
             raise DeviceError(request, f"queue {index} does not exist (device has {len(self.vqs)})")
@@ -495,19 +502,13 @@ class VhostUserNetDevice:
             vq.addresses = PackedRingAddresses(
                 p.desc_user_addr, p.avail_user_addr, p.used_user_addr, log=p.log_used
             )
-            try:
-                vq.map(self.memory)
-            except VirtqueueError as e:
-                raise DeviceError(msg.request, e.reason) from e
+            self._map(msg.request, vq)
             self.listener.queues_changed()
             return None
         vq.addresses = VringAddresses(
             p.desc_user_addr, p.avail_user_addr, p.used_user_addr, p.log_guest_addr, p.log_used
         )
-        try:
-            vq.map(self.memory)
-        except VirtqueueError as e:
-            raise DeviceError(msg.request, e.reason) from e
+        self._map(msg.request, vq)
         vq.used_idx = vq.signalled_used = vq.read_used_idx()
         if vq.used_idx != vq.last_avail_idx:
             # The front-end lost track (the back-end died without GET_VRING_BASE): resume from what the
@@ -623,10 +624,7 @@ class VhostUserNetDevice:
         if not self.features & bit(VHOST_USER_F_PROTOCOL_FEATURES):
             vq.enabled = True
         if vq.addresses is not None and not vq.ready:
-            try:
-                vq.map(self.memory)
-            except VirtqueueError as e:
-                raise DeviceError(msg.request, e.reason) from e
+            self._map(msg.request, vq)
         self.listener.queues_changed()
         return None
 
