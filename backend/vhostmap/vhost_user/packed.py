@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from vhostmap.datapath import eventfds, ffi, lib
-from vhostmap.datapath.cfield import CField, CFlag
+from vhostmap.datapath import ffi, lib
+from vhostmap.datapath.cfield import CFlag
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import GuestMemory
-from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, CallRefused, Chain, VirtqueueError, _address
+from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, Chain, RingQueue, VirtqueueError, _address
 from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
@@ -116,7 +116,7 @@ class _Popped:
 
 
 @dataclass
-class PackedVirtqueue:
+class PackedVirtqueue(RingQueue):
     """Back-end state of one packed virtqueue and the operations on its ring.
 
     ``last_avail_idx`` with ``avail_wrap_counter`` is where the device looks for the next available chain,
@@ -135,13 +135,7 @@ class PackedVirtqueue:
     layout: ClassVar[str] = "packed"
     split_kernels: ClassVar[bool] = False
 
-    index: int
     addresses: PackedRingAddresses | None = None
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
-    enabled: bool = False
-    started: bool = False
     _desc: memoryview | None = field(default=None, repr=False)
     _driver: memoryview | None = field(default=None, repr=False)
     _device: memoryview | None = field(default=None, repr=False)
@@ -149,11 +143,10 @@ class PackedVirtqueue:
     _desc16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
     _driver16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
     _device16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
-    _mem: GuestMemory | None = field(default=None, repr=False)
     # (buffer id, bytes written, descriptors of its chain), in the order flush_used publishes them.
     _pending_used: list[tuple[int, int, int]] = field(default_factory=list, repr=False)
     _popped: list[_Popped] = field(default_factory=list, repr=False)
-    c: Any = field(init=False, repr=False, compare=False)
+    # ``c`` is a struct vq_packed.
     # uint16_t[num] behind c.inflight, and a numpy view of it for the reference.
     _inflight_c: Any = field(init=False, repr=False, compare=False)
     inflight: npt.NDArray[np.uint16] = field(init=False, repr=False, compare=False)
@@ -169,22 +162,11 @@ class PackedVirtqueue:
         self.reset_positions()
 
     # --- the state in C -------------------------------------------------------------------------------
-    num = CField("Queue size, 0 until set.", mask=0xFFFF_FFFF)
-    last_avail_idx = CField("The next descriptor the device looks at for an available chain.", mask=0xFFFF)
+    # Besides RingQueue's: the wrap counters that go with the positions, and in-order publication.
     avail_wrap_counter = CFlag("The device's avail wrap counter (starts at 1).")
-    used_idx = CField("Where the device writes its next used descriptor.", mask=0xFFFF)
     used_wrap_counter = CFlag("The device's used wrap counter (starts at 1).")
-    signalled_used = CField("used_idx at the last notification decision.", mask=0xFFFF)
     signalled_used_wrap = CFlag("used_wrap_counter at the last notification decision.")
-    event_idx = CFlag("VIRTIO_RING_F_EVENT_IDX negotiated.")
-    indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.")
     in_order = CFlag("VIRTIO_F_IN_ORDER negotiated: a batch of length-0 entries is one used descriptor.")
-    log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).")
-    kicks = CFlag("Whether the driver is asked to notify (see the class docstring).")
-    faulted = CFlag("A compiled pass met a driver fault here.")
-    host_offloads = CFlag("VIRTIO_NET_F_CSUM negotiated (rxtx.dequeue).")
-    pass_offloads = CField("Transmit queue: the NEEDS_* its frames keep (rxtx.dequeue).", mask=0xFF)
-    guest_offloads = CField("Receive queue: the NEEDS_* the driver takes (rxtx.enqueue).", mask=0xFF)
 
     def reset_positions(self) -> None:
         """Both wrap counters at 1 and every position at 0, as a ring starts (spec 2.8.2)."""
@@ -440,13 +422,6 @@ class PackedVirtqueue:
         self.inflight[p.id] = 0
         self.last_avail_idx, self.avail_wrap_counter = p.pos, p.wrap
 
-    def _translate(self, gpa: int, length: int, what: str) -> memoryview:
-        assert self._mem is not None
-        try:
-            return self._mem.view(gpa, length)
-        except GuestMemoryError as e:
-            raise VirtqueueError(self.index, f"{what}: {e}") from e
-
     # --- used descriptors -----------------------------------------------------------------------------
     def push_used(self, head: int, length: int) -> None:
         """Queue a used entry for the chain of buffer id ``head`` (popped, in flight); ``flush_used``
@@ -554,12 +529,4 @@ class PackedVirtqueue:
         """Signal the call eventfd if the driver wants it; returns whether it was signalled."""
         wanted = self._driver16 is not None and self.needs_call()
         self.signalled_used, self.signalled_used_wrap = self.used_idx, self.used_wrap_counter
-        if not wanted:
-            return False
-        if self.call_fd is not None:
-            result = eventfds.signal(self.call_fd)
-            if result != eventfds.Signal.OK:
-                raise CallRefused(self.index, result)
-            self.c.calls += 1
-            return True
-        return False
+        return wanted and self._signal()

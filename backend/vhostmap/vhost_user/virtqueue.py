@@ -98,7 +98,72 @@ class VringAddresses:
 
 
 @dataclass
-class SplitVirtqueue:
+class RingQueue:
+    """What a virtqueue keeps whatever its layout (SplitVirtqueue here; packed.PackedVirtqueue, spec 2.8):
+    its index, the front-end's eventfds, whether it was started (SET_VRING_KICK) and enabled
+    (SET_VRING_ENABLE), the guest memory its rings were mapped through, and the fields the C structs of both
+    layouts share (struct vq_split, struct vq_packed: ``c``, which each layout makes)."""
+
+    index: int
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    started: bool = False
+    _mem: GuestMemory | None = field(default=None, repr=False)
+    # The C state the compiled kernels are handed (kernels.py, packed_kernels.py, VhostUserPort.fast_queues).
+    c: Any = field(init=False, repr=False, compare=False)
+
+    # --- the state in C, both layouts -----------------------------------------------------------------
+    num = CField("Queue size (SET_VRING_NUM), 0 until set.", mask=0xFFFF_FFFF)
+    last_avail_idx = CField(
+        "The next available entry (split) or descriptor (packed) the device looks at.", mask=0xFFFF
+    )
+    used_idx = CField(
+        "Where the device publishes its next used entry (split: its shadow of used->idx).", mask=0xFFFF
+    )
+    signalled_used = CField("used_idx at the last notification decision.", mask=0xFFFF)
+    event_idx = CFlag("VIRTIO_RING_F_EVENT_IDX negotiated.")
+    indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.")
+    log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).")
+    kicks = CFlag("Whether the driver is asked to notify after adding buffers (a polling device clears it).")
+    faulted = CFlag("A compiled pass met a driver fault here: no pass syncs it until the device is reset.")
+    host_offloads = CFlag(
+        "VIRTIO_NET_F_CSUM negotiated: transmitted frames may ask for offloads (rxtx.dequeue)."
+    )
+    pass_offloads = CField(
+        "Transmit queue: the NEEDS_* (netmap/offload.py) its frames keep (NS_VNET_HDR) instead of being"
+        " completed, because every destination takes them; set by the forwarders.",
+        mask=0xFF,
+    )
+    guest_offloads = CField(
+        "Receive queue: the NEEDS_* the driver takes (device.accepted_offloads); a frame with its header that"
+        " asks for more is completed for it on the way out.",
+        mask=0xFF,
+    )
+
+    def _translate(self, gpa: int, length: int, what: str) -> memoryview:
+        """The guest buffer at ``gpa``; a VirtqueueError naming ``what`` when it is not in guest memory."""
+        assert self._mem is not None
+        try:
+            return self._mem.view(gpa, length)
+        except GuestMemoryError as e:
+            raise VirtqueueError(self.index, f"{what}: {e}") from e
+
+    def _signal(self) -> bool:
+        """Signal the call eventfd (the decision is the caller's); whether there was one to signal. Guarded:
+        the front-end shares the eventfd and may have made it blocking and filled it (CallRefused)."""
+        if self.call_fd is None:
+            return False
+        result = eventfds.signal(self.call_fd)
+        if result != eventfds.Signal.OK:
+            raise CallRefused(self.index, result)
+        self.c.calls += 1
+        return True
+
+
+@dataclass
+class SplitVirtqueue(RingQueue):
     """Back-end state of one split virtqueue and the operations on its rings.
 
     ``last_avail_idx`` is the next available entry the device will consume (SET/GET_VRING_BASE),
@@ -119,13 +184,7 @@ class SplitVirtqueue:
     layout: ClassVar[str] = "split"
     split_kernels: ClassVar[bool] = True
 
-    index: int
     addresses: VringAddresses | None = None
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
-    enabled: bool = False
-    started: bool = False
     _desc: memoryview | None = field(default=None, repr=False)
     _avail: memoryview | None = field(default=None, repr=False)
     _used: memoryview | None = field(default=None, repr=False)
@@ -134,11 +193,9 @@ class SplitVirtqueue:
     # see half an update (a torn used->idx made DPDK free descriptors it never gave us).
     _avail16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
     _used16: npt.NDArray[np.uint16] | None = field(default=None, repr=False)
-    _mem: GuestMemory | None = field(default=None, repr=False)
     _pending_used: list[tuple[int, int]] = field(default_factory=list, repr=False)
-    # The C state the compiled kernels are handed (kernels.py, VhostUserPort.fast_queues), public for them:
-    # struct vq_split: the indexes, negotiated features and ring addresses the kernels read and advance.
-    c: Any = field(init=False, repr=False, compare=False)
+    # ``c`` is a struct vq_split: the indexes, negotiated features and ring addresses the kernels read and
+    # advance.
     # struct vq_used_elem[num]: where a kernel puts the used entries of its batch (NULL until set_num).
     scratch: Any = field(init=False, repr=False, compare=False)
     # struct vq_batch: what a kernel's batch did (counts, notify, the fault), read back by kernels.finish.
@@ -149,30 +206,6 @@ class SplitVirtqueue:
         self.c.kicks = 1
         self.scratch = ffi.NULL
         self.out = ffi.new("struct vq_batch *")
-
-    # --- the state in C -------------------------------------------------------------------------------
-    num = CField("Queue size (SET_VRING_NUM), 0 until set.", mask=0xFFFF_FFFF)
-    last_avail_idx = CField("The next available entry the device consumes.", mask=0xFFFF)
-    used_idx = CField("The device's shadow of used->idx.", mask=0xFFFF)
-    signalled_used = CField("used->idx at the last notification decision.", mask=0xFFFF)
-    event_idx = CFlag("VIRTIO_RING_F_EVENT_IDX negotiated.")
-    indirect = CFlag("VIRTIO_RING_F_INDIRECT_DESC negotiated.")
-    log_dirty = CFlag("VHOST_F_LOG_ALL: log every write to guest memory (migration).")
-    kicks = CFlag("Whether the driver is asked to kick (see the class docstring).")
-    faulted = CFlag("A compiled pass met a driver fault here: no pass syncs it until the device is reset.")
-    host_offloads = CFlag(
-        "VIRTIO_NET_F_CSUM negotiated: transmitted frames may ask for offloads (rxtx.dequeue)."
-    )
-    pass_offloads = CField(
-        "Transmit queue: the NEEDS_* (netmap/offload.py) its frames keep (NS_VNET_HDR) instead of being"
-        " completed, because every destination takes them; set by the forwarders.",
-        mask=0xFF,
-    )
-    guest_offloads = CField(
-        "Receive queue: the NEEDS_* the driver takes (device.accepted_offloads); a frame with its header that"
-        " asks for more is completed for it on the way out.",
-        mask=0xFF,
-    )
 
     # --- configuration --------------------------------------------------------------------------------
     def set_num(self, num: int) -> None:
@@ -295,13 +328,6 @@ class SplitVirtqueue:
         raise VirtqueueError(
             self.index, f"chain from head {head} is longer than {MAX_CHAIN_LENGTH} (a loop?)"
         )
-
-    def _translate(self, gpa: int, length: int, what: str) -> memoryview:
-        assert self._mem is not None
-        try:
-            return self._mem.view(gpa, length)
-        except GuestMemoryError as e:
-            raise VirtqueueError(self.index, f"{what}: {e}") from e
 
     def waiting(self) -> int:
         """Available entries not consumed yet, as vq_pending counts them (0 while not mapped; never raises:
@@ -442,11 +468,4 @@ class SplitVirtqueue:
             self.signalled_used = self.used_idx
             return False
         self.signalled_used = self.used_idx
-        if self.call_fd is not None:
-            # Guarded: the front-end shares the eventfd and may have made it blocking and filled it.
-            result = eventfds.signal(self.call_fd)
-            if result != eventfds.Signal.OK:
-                raise CallRefused(self.index, result)
-            self.c.calls += 1
-            return True
-        return False
+        return self._signal()
