@@ -1,21 +1,23 @@
 """The testing kit's bookkeeping, without VMs: labs' ranges and names never overlap, records of dead
-sessions are swept and those of live ones are not, a bad topology is refused naming its entry, and image
-requests are read as they are written."""
+sessions are swept and those of live ones are not, a bad topology is refused naming its entry, a TOML
+topology builds what its dict does, and image requests are read as they are written."""
 
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from vhostmap.lab.testpmd import HUGEPAGES
 from vhostmap.lab.userimage import ImageBuildError
 from vhostmap.lab.userimage import build as build_image
-from vhostmap.testing import ImageSpec, Lab, LabNames, TopologyError, build
+from vhostmap.testing import HostNamespace, ImageSpec, Lab, LabNames, TopologyError, build
 from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
 from vhostmap.testing.names import worker_index
-from vhostmap.testing.topology import image_of
+from vhostmap.testing.topology import image_of, load
 
 
 def test_labs_of_two_workers_and_two_labs_of_one_worker_share_no_subnet_or_mac() -> None:
@@ -119,3 +121,115 @@ def test_a_topology_image_table_becomes_an_image_spec_with_python_as_the_base_fo
     assert image_of("vm", "busybox") == "busybox"
     with pytest.raises(TopologyError, match="unknown image keys"):
         image_of("vm", {"pkgs": ["x"]})
+
+
+TOML_TOPOLOGY = """
+[switches.sw0]
+aging = 300
+
+[switches.sw1]
+
+[guests.server]
+nics = ["sw0", { switch = "sw1", ip = "10.9.9.1/24", mtu = 9000 }]
+image = "python"
+memory_mb = 512
+cmdline = "quiet"
+
+[guests.client]
+nics = [{ switch = "sw1", ip = false }]
+image = { base = "python", packages = ["iperf3"], files = { "conf/app.toml" = "/etc/app.toml" } }
+
+[hosts.ns0]
+switch = "sw0"
+ip = "10.9.8.1/24"
+"""
+
+SAME_AS_DICT = {
+    "switches": {"sw0": {"aging": 300}, "sw1": {}},
+    "guests": {
+        "server": {
+            "nics": ["sw0", {"switch": "sw1", "ip": "10.9.9.1/24", "mtu": 9000}],
+            "image": "python",
+            "memory_mb": 512,
+            "cmdline": "quiet",
+        },
+        "client": {
+            "nics": [{"switch": "sw1", "ip": False}],
+            "image": {"base": "python", "packages": ["iperf3"], "files": {"conf/app.toml": "/etc/app.toml"}},
+        },
+    },
+    "hosts": {"ns0": {"switch": "sw0", "ip": "10.9.8.1/24"}},
+}
+
+
+class RecordingLab:
+    """What `build` asks of a `Lab`, written down instead of done: no daemon, namespace or guest is made."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def netns(self, name: str, *, address: str | None = None) -> HostNamespace:
+        self.calls.append(("netns", (name, address)))
+        return HostNamespace(f"ns-{name}", address or "", ifname=f"veth-{name}", inside="eth0")
+
+    def vhostmap(self, ports: dict[str, str], switches: dict[str, list[str]]) -> str:
+        self.calls.append(("vhostmap", (ports, switches)))
+        return "daemon"
+
+    def nic(self, port: str, *, ip: object, mtu: int | None) -> tuple[str, object, int | None]:
+        return (port, ip, mtu)
+
+    def guest(self, name: str, nics: list[object], **options: Any) -> str:
+        self.calls.append(("guest", (name, nics, options)))
+        return f"guest {name}"
+
+    def wait_guests(self, guests: Any) -> None:
+        self.calls.append(("wait", list(guests)))
+
+
+def test_a_topology_toml_file_builds_the_same_lab_as_its_dict(tmp_path: Path) -> None:
+    path = tmp_path / "lab.toml"
+    path.write_text(TOML_TOPOLOGY)
+    assert load(path) == load(str(path)) == SAME_AS_DICT
+    from_file, from_dict = RecordingLab(), RecordingLab()
+    topo = build(cast(Lab, from_file), path)
+    build(cast(Lab, from_dict), SAME_AS_DICT)
+    assert from_file.calls == from_dict.calls
+    assert from_file.calls[:2] == [
+        ("netns", ("ns0", "10.9.8.1/24")),
+        (
+            "vhostmap",
+            (
+                {
+                    "ns0": "generic,ifname=veth-ns0",
+                    "server.0": "vhost-user",
+                    "server.1": "vhost-user",
+                    "client.0": "vhost-user",
+                },
+                {"sw0": ["ns0", "server.0", "aging=300"], "sw1": ["server.1", "client.0"]},
+            ),
+        ),
+    ]
+    (_, server), (_, client), wait = from_file.calls[2:]
+    assert server[:2] == ("server", [("server.0", True, None), ("server.1", "10.9.9.1/24", 9000)])
+    assert (
+        server[2]["image"] == "python" and server[2]["memory_mb"] == 512 and server[2]["cmdline"] == "quiet"
+    )
+    assert server[2]["wait"] is False  # the guests boot side by side; build waits for all of them at the end
+    assert client[:2] == ("client", [("client.0", None, None)])
+    assert client[2]["image"] == ImageSpec(
+        base="python", packages=("iperf3",), files=((Path("conf/app.toml"), "/etc/app.toml"),)
+    )
+    assert wait == ("wait", ["guest server", "guest client"])
+    assert set(topo.guests) == {"server", "client"} and topo.hosts["ns0"].ifname == "veth-ns0"
+
+
+def test_a_bad_topology_toml_file_is_refused_like_its_dict(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('switches = ["sw0"]\n[guests.a]\nnics = ["sw1"]\n')
+    with Lab() as lab, pytest.raises(TopologyError, match="guest a NIC 0: no switch 'sw1'"):
+        build(lab, path)
+    bad = tmp_path / "not.toml"
+    bad.write_text("switches = [sw0\n")
+    with Lab() as lab, pytest.raises(tomllib.TOMLDecodeError):
+        build(lab, bad)
