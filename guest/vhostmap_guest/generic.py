@@ -22,9 +22,11 @@ from vhostmap_guest.port import AdapterPort
 # Spare buffers beyond one per slot, for applications that swap buffers in and out of slots.
 EXTRA_BUFFERS = 256
 # Frames that may wait between the packet socket and the RX ring. netmap's generic adapter drops beyond 1024,
-# but a guest application (Python, maybe under TCG) is slower than the kernel feeding it: one rxsync can
-# find a whole TPACKET ring of frames (about 29000 small ones). They wait here instead of being dropped.
-GUEST_RX_QUEUE_LIMIT = 32768
+# but a guest application (Python, maybe under TCG) is slower than the kernel feeding it: a burst of a few
+# thousand frames waits here instead of being dropped. Not more: every frame queued is parsed and copied by
+# an rxsync, and a queue as large as the TPACKET ring (about 29000 small frames) made a receiver under TCG
+# spend seconds per rxsync queueing a flood while its application got one ring of frames each time.
+GUEST_RX_QUEUE_LIMIT = 4096
 # How long an interface brought up here may take to get carrier (virtio_net: the device's link status).
 CARRIER_TIMEOUT = 5.0
 

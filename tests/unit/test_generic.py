@@ -194,6 +194,33 @@ def test_a_full_rx_ring_queues_up_to_the_limit_then_drops_and_counts(
     assert (s.rx_packets, g.rx_queued, s.rx_drops) == (23, 0, 17)
 
 
+def test_a_flood_beyond_the_queue_is_dropped_without_parsing_each_frame(
+    wire: Wire, mem: NetmapMemory, make: Callable[..., GenericAdapter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once ring and queue are full, an rxsync drops the rest of what the kernel handed over in one step per
+    block: the frames it parses are bounded by the room there is, not by the flood."""
+    g = make(num_desc=16, rx_queue_limit=8)
+    parsed = 0
+    offloads_done = g._offloads_done
+
+    def counting(*args: object) -> tuple[list[bytes | memoryview], int]:
+        nonlocal parsed
+        parsed += 1
+        return offloads_done(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(g, "_offloads_done", counting)
+    for seq in range(400):
+        wire.far.send(frame(100, seq))
+    s = g.stats
+
+    def accounted() -> bool:
+        return s.rx_packets + g.rx_queued + s.rx_drops == 400
+
+    sync_until(lambda: g.rxsync(0), accounted, g.wake_fds(), "400 frames")
+    assert (s.rx_packets, g.rx_queued, s.rx_drops, g.rx_rings[0].dropped) == (15, 8, 377, 377)
+    assert parsed == 15 + 8  # what went into the ring and the queue; none of the 377 dropped
+
+
 def test_the_rx_queue_limit_defaults_to_the_seeds_1024_frames(
     wire: Wire, mem: NetmapMemory, make: Callable[..., GenericAdapter]
 ) -> None:

@@ -378,7 +378,14 @@ class GenericAdapter(NetmapAdapter):
         queue, limit = self._queue, self.rx_queue_limit
         stats = self.stats
         max_frame = (kring.nkr_num_slots - 1) * fill.cap
-        for _ in range(num_pkts):
+        for k in range(num_pkts):
+            if len(queue) >= limit:
+                # The ring is full (the queue drains into it first) and so is the queue: the rest of the block
+                # is dropped at once instead of frame by frame. A receiver slower than its interface then
+                # spends each rxsync on what it can take, not on parsing a whole ring of frames it must drop.
+                stats.rx_drops += num_pkts - k
+                kring.dropped += num_pkts - k
+                return
             if not base <= off <= end - _FRAME_HDR.size:
                 self._drops.report(kring, f"frame header at {off - base} outside its block")
                 return
