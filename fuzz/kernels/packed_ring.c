@@ -112,7 +112,7 @@ static void fz_packed_free(struct fz_packed *q)
 
 /* A chain pop returned: consistent with the ring it came from and the segments it stored. */
 static void check_popped(const struct fz_guest *g, const struct fz_packed *q, const struct vqp_chain *c,
-                         const struct vqp_seg *segs, uint32_t cap)
+                         const struct vq_seg *segs, uint32_t cap)
 {
     CHECK(c->id < q->vq.num && q->vq.inflight[c->id] == c->ndesc);
     CHECK(c->ndesc >= 1 && c->ndesc <= q->vq.num && c->ndesc <= VQ_MAX_CHAIN_LENGTH);
@@ -128,7 +128,7 @@ static void check_popped(const struct fz_guest *g, const struct fz_packed *q, co
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static struct vqp_seg segs[VQ_MAX_CHAIN_LENGTH];
+    static struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     struct reader r = {data, size};
     struct fz_guest g;
     struct fz_packed q;

@@ -38,13 +38,6 @@ struct vring_desc {
 #define VRING_RING_HEADER 4
 #define VRING_USED_ELEM_SIZE 8
 
-/* A segment of a chain: a translated, non-empty guest buffer. */
-struct vq_seg {
-    uint8_t *host;
-    uint64_t gpa;
-    uint32_t len;
-};
-
 /* A walked chain: its head, total length and how many segments were stored (VQ_NOT_STORED: more than fit). */
 struct vq_chain {
     uint64_t len;

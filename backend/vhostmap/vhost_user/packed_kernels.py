@@ -80,7 +80,7 @@ class CompiledPackedRing:
         self.mem = mem
         self.index = vq.index
         self.out = ffi.new("struct vq_batch *")
-        self._segs = ffi.new("struct vqp_seg[]", MAX_CHAIN_LENGTH)
+        self._segs = ffi.new("struct vq_seg[]", MAX_CHAIN_LENGTH)
         self._chain = ffi.new("struct vqp_chain *")
         # The chains popped since the last complete, for unpop.
         self._popped: list[tuple[int, int, int]] = []
