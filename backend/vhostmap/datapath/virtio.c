@@ -599,10 +599,10 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
 enum { VQ_SRC_WRITE, VQ_SRC_DROP, VQ_SRC_COMPLETE };
 
 /* The frame's own virtio-net header (NS_VNET_HDR), which `src` starts with, taken off *frame_len: read into
- * src->hdr (WRITE) when the driver takes what it asks (the receive queue's guest_offloads) and it passes the checks of a
- * transmitted frame's header (read once, here: what is written is what was checked); into *h (COMPLETE) when
- * the driver does not take it; DROP when the frame is shorter than the header or the header fails the
- * checks. Out of the way of plain frames. */
+ * src->hdr (WRITE) when the driver takes what it asks (the receive queue's guest_offloads) and it passes the
+ * checks of a transmitted frame's header (read once, here: what is written is what was checked); into *h
+ * (COMPLETE) when the driver does not take it; DROP when the frame is shorter than the header or the header
+ * fails the checks. Out of the way of plain frames. */
 __attribute__((cold, noinline)) static int vq_source_header(uint8_t guest_offloads, struct vq_source *src,
                                                             uint64_t *frame_len, struct nm_vnet_hdr *h)
 {
