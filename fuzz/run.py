@@ -67,6 +67,18 @@ TARGETS = {
             "packed-ring pop, unpop and used publication under a driver rewriting it (vqp_*)",
             harness="packed_ring.c",
         ),
+        Target(
+            "packed_dequeue",
+            "guest TX packed ring -> netmap slots, whole batches (vqp_dequeue)",
+            harness="packed_ring.c",
+            mode=1,
+        ),
+        Target(
+            "packed_enqueue",
+            "netmap slots -> guest RX packed ring, whole batches, mergeable or not (vqp_enqueue)",
+            harness="packed_ring.c",
+            mode=2,
+        ),
         Target("prologue", "kring sync prologue/finalize, swap, release", harness="kring.c", mode=0),
         Target("stash", "buffer stash take/give", harness="kring.c", mode=1),
         Target("sync", "a port's whole rxsync/txsync (vhu_rxsync/vhu_txsync)", harness="kring.c", mode=2),

@@ -1,7 +1,12 @@
-/* libFuzzer harness of the packed-ring kernels (datapath/packed.c): a hostile driver's descriptor ring,
- * event suppression areas, wrap counters and buffer ids (harness.h builds the guest memory), and a device
- * that pops chains, gives some back, and publishes used descriptors for what it popped, while the driver
- * rewrites descriptors between calls.
+/* libFuzzer harness of the packed-ring kernels (datapath/packed.c, packed_ring.h): a hostile driver's
+ * descriptor ring, event suppression areas, wrap counters and buffer ids (harness.h builds the guest memory),
+ * and, by FUZZ_MODE:
+ *   0  a device that pops chains, gives some back, and publishes used descriptors for what it popped, while
+ *      the driver rewrites descriptors between calls (vqp_pop, vqp_unpop, vqp_complete);
+ *   1  whole dequeue batches into a netmap ring (vqp_dequeue), offloads on or off, the driver rewriting
+ *      descriptors between batches;
+ *   2  whole enqueue batches from a netmap ring (vqp_enqueue), mergeable or not, frames with their headers
+ *      (NS_VNET_HDR) among them.
  *
  * packed.c and virtio.c (whose address translation and dirty log it uses) are included, not linked. */
 #include "harness.h"
@@ -112,7 +117,7 @@ static void fz_packed_free(struct fz_packed *q)
 
 /* A chain pop returned: consistent with the ring it came from and the segments it stored. */
 static void check_popped(const struct fz_guest *g, const struct fz_packed *q, const struct vqp_chain *c,
-                         const struct vqp_seg *segs, uint32_t cap)
+                         const struct vq_seg *segs, uint32_t cap)
 {
     CHECK(c->id < q->vq.num && q->vq.inflight[c->id] == c->ndesc);
     CHECK(c->ndesc >= 1 && c->ndesc <= q->vq.num && c->ndesc <= VQ_MAX_CHAIN_LENGTH);
@@ -126,14 +131,84 @@ static void check_popped(const struct fz_guest *g, const struct fz_packed *q, co
     CHECK(c->nseg == VQ_NOT_STORED || total == c->len);
 }
 
+/* How many buffer ids are in flight. */
+static uint32_t in_flight(const struct fz_packed *q)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < q->vq.num; i++)
+        n += q->vq.inflight[i] != 0;
+    return n;
+}
+
+/* Whole batches (mode 1: dequeue, 2: enqueue). A batch that went through completed every chain it took and
+ * gave back every one it did not (ids in flight as before); one that faulted published nothing. After a
+ * fault the device is broken: no more batches. */
+static void batches(struct fz_guest *g, struct fz_packed *q, struct reader *r, int writable)
+{
+    struct fz_ring ring;
+    fz_ring_build(&ring, r);
+    struct vqp_used_elem *pending = calloc(q->vq.num, sizeof *pending);
+    uint32_t hdr_len = rd_u8(r) & 1 ? 10 : 12;
+    int32_t mergeable = rd_u8(r) & 1;
+    uint8_t offloads = rd_u8(r);
+    q->vq.host_offloads = offloads & 1;
+    q->vq.pass_offloads = rd_u8(r);
+    q->vq.guest_offloads = rd_u8(r);
+    for (uint32_t round = rd_range(r, 1, 4); round; round--) {
+        uint32_t first = rd_range(r, 0, ring.nm.num_slots - 1), n = rd_range(r, 0, ring.nm.num_slots);
+        uint32_t used_before = q->vq.used_idx, flying = in_flight(q);
+        uint8_t wrap_before = q->vq.used_wrap_counter;
+        struct vq_batch out;
+        int32_t status = writable ? vqp_enqueue(&q->vq, &g->mem, &ring.nm, hdr_len, mergeable, first, n, pending, &out)
+                                  : vqp_dequeue(&q->vq, &g->mem, &ring.nm, hdr_len, first, n, pending, &out);
+        CHECK(status == out.status && status != VQ_ERR_ARGUMENT);
+        CHECK(out.slots <= n && out.used <= q->vq.num);
+        CHECK(q->vq.last_avail_idx < q->vq.num && q->vq.used_idx < q->vq.num);
+        if (status != VQ_OK) {
+            CHECK(q->vq.used_idx == used_before && q->vq.used_wrap_counter == wrap_before);
+            for (uint32_t k = 0; k < out.used; k++) /* what it would have published: chains it took */
+                CHECK(pending[k].id < q->vq.num && q->vq.inflight[pending[k].id] == pending[k].ndesc);
+            break;
+        }
+        CHECK(in_flight(q) == flying);
+        CHECK(out.bad_headers <= out.dropped);
+        if (!writable) {
+            for (uint32_t k = 0, i = first; k < out.slots; k++, i = (i + 1) % ring.nm.num_slots)
+                CHECK(ring.nm.slots[i].len <= ring.nm.buf_size);
+        } else {
+            CHECK(mergeable || out.offloaded || out.packets + out.dropped - out.bad_headers == out.used);
+        }
+        if (out.used) { /* the batch's first used descriptor says used in the wrap counter of that moment */
+            uint16_t flags;
+            memcpy(&flags, q->desc + PVQ_DESC_SIZE * used_before + PVQ_FLAGS_OFFSET, 2);
+            CHECK(!!(flags & VRING_PACKED_DESC_F_AVAIL_MASK) == wrap_before);
+            CHECK(!!(flags & VRING_PACKED_DESC_F_USED_MASK) == wrap_before);
+        }
+        /* The driver makes descriptors available again (or not) between batches. */
+        for (uint32_t m = rd_range(r, 0, 6); m; m--) {
+            uint32_t i = rd_range(r, 0, q->vq.num - 1);
+            fz_packed_desc(g, r, q->desc + PVQ_DESC_SIZE * i, q->vq.num, rd_u8(r) & 1);
+        }
+        rd_fill(r, q->driver, PVQ_EVENT_SIZE);
+    }
+    free(pending);
+    fz_ring_free(&ring);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static struct vqp_seg segs[VQ_MAX_CHAIN_LENGTH];
+    static struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     struct reader r = {data, size};
     struct fz_guest g;
     struct fz_packed q;
     fz_guest_build(&g, &r);
     fz_packed_build(&q, &g, &r);
+    if (FUZZ_MODE) {
+        batches(&g, &q, &r, FUZZ_MODE == 2);
+        fz_packed_free(&q);
+        fz_guest_free(&g);
+        return 0;
+    }
     struct vqp_chain popped[FZ_MAX_POPPED];
     uint32_t npopped = 0;
     for (uint32_t step = rd_range(&r, 1, 16); step; step--) {

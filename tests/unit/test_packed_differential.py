@@ -1,10 +1,12 @@
-"""The compiled packed-ring operations (datapath/packed.c) against the Python reference (PackedVirtqueue),
-byte for byte, with rxtx's dequeue and enqueue running over each.
+"""The compiled packed-ring operations (datapath/packed.c) and batch kernels (vqp_dequeue / vqp_enqueue,
+datapath/ring_batch.h) against the Python reference (PackedVirtqueue), byte for byte, with rxtx's dequeue and
+enqueue running over the reference and the operations, and the kernels doing the whole batch.
 
 Every test builds one guest memory image (two regions of a memfd with a hole between them, a packed ring with
 its two event suppression areas, chains of buffers, indirect tables) and one netmap ring image, makes two
 identical instances of them, runs rxtx over the reference ring operations (then flush_used, call,
-enable_kicks) on one and over the compiled ones (then vqp_complete) on the other, and compares everything
+enable_kicks) on one, over the compiled ones (then vqp_complete) on the second, and the batch kernel (through
+kernels.COMPILED, as a port runs it) on the third, and compares each of the others with the first: everything
 either could have touched: the result or the fault (same message, same cause), the queue's positions, wrap
 counters, ids in flight and unpublished used entries, every byte of guest memory, the slots, the netmap
 buffers, the dirty log and the call eventfd.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import random
 import re
@@ -27,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -45,9 +49,12 @@ from test_kernels_differential import (
     uva,
     where_in_guest,
 )
+from test_offload import super_frame
 
 from vhostmap.datapath import lib
-from vhostmap.vhost_user import rxtx
+from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
+from vhostmap.netmap.offload import ALL_NEEDS, NEEDS_CSUM, VnetHeader
+from vhostmap.vhost_user import kernels, rxtx
 from vhostmap.vhost_user.memory import GuestMemory
 from vhostmap.vhost_user.messages import LogDescriptor, MemoryRegion
 from vhostmap.vhost_user.packed import (
@@ -64,6 +71,10 @@ from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP_L4,
     VIRTIO_NET_HDR_SIZE,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -192,6 +203,7 @@ class Case:
     log_size: int | None = None
     log_rings: bool = True
     host_offloads: bool = False
+    pass_offloads: int = 0
     guest_offloads: int = 0
     signalled_back: int = 0  # signalled_used this many descriptors before the device's used position
     batches: list[tuple[int, int]] = field(default_factory=list)
@@ -269,8 +281,9 @@ def back(num: int, pos: int, wrap: int, n: int) -> tuple[int, int]:
 class Instance:
     """One copy of a Case, mapped as the device maps it."""
 
-    def __init__(self, case: Case, compiled: bool) -> None:
+    def __init__(self, case: Case, compiled: bool, batch: bool = False) -> None:
         self.compiled = compiled
+        self.batch = batch
         self.fd = os.memfd_create("guest", os.MFD_CLOEXEC)
         os.pwrite(self.fd, bytes(case.guest.image), 0)
         self.mem = GuestMemory()
@@ -290,6 +303,7 @@ class Instance:
         vq.event_idx, vq.indirect, vq.in_order = case.event_idx, case.indirect, case.in_order
         vq.log_dirty, vq.kicks = case.log_dirty, case.kicks
         vq.host_offloads, vq.guest_offloads = case.host_offloads, case.guest_offloads
+        vq.pass_offloads = case.pass_offloads
         g = case.guest
         vq.last_avail_idx = vq.used_idx = g.start
         vq.avail_wrap_counter = vq.used_wrap_counter = g.wrap
@@ -303,6 +317,8 @@ class Instance:
         self.bufs = Buffers(self.region, case.ring.base, case.ring.buf_size)
 
     def run(self, case: Case, first: int, n: int) -> tuple[Any, ...]:
+        if self.batch:
+            return self.run_batch(case, first, n)
         q: rxtx.Virtqueue = self.ring if self.compiled else self.vq
         try:
             if case.writable:
@@ -318,6 +334,22 @@ class Instance:
             self.vq.flush_used()
             self.vq.call()
             self.vq.enable_kicks()
+        return ("ok", *dataclasses.astuple(res))
+
+    def run_batch(self, case: Case, first: int, n: int) -> tuple[Any, ...]:
+        """The whole batch in one C call, completed, as a port runs it (kernels.COMPILED)."""
+        try:
+            if case.writable:
+                res = kernels.COMPILED.enqueue(
+                    self.vq, self.mem, case.hdr_len, case.mergeable, self.slots, first, n, self.bufs
+                )
+            else:
+                res = kernels.COMPILED.dequeue(
+                    self.vq, self.mem, case.hdr_len, self.slots, first, n, self.bufs
+                )
+        except VirtqueueError as e:
+            cause = e.__cause__
+            return ("fault", e.queue, e.reason, type(cause).__name__, str(cause) if cause else None)
         return ("ok", *dataclasses.astuple(res))
 
     def state(self) -> tuple[Any, ...]:
@@ -365,39 +397,42 @@ class Outcome:
 
 
 @contextlib.contextmanager
-def instances(case: Case) -> Iterator[tuple[Instance, Instance]]:
-    ref = Instance(case, compiled=False)
-    try:
-        got = Instance(case, compiled=True)
-        try:
-            yield ref, got
-        finally:
-            got.close()
-    finally:
-        ref.close()
+def instances(case: Case) -> Iterator[tuple[Instance, list[Instance]]]:
+    """The reference's instance, and those compared with it: over the compiled operations, and the batch
+    kernel's."""
+    with contextlib.ExitStack() as stack:
+        made: list[Instance] = []
+        for compiled, batch in ((False, False), (True, False), (True, True)):
+            inst = Instance(case, compiled, batch)
+            stack.callback(inst.close)
+            made.append(inst)
+        yield made[0], made[1:]
 
 
 def run_both(case: Case, check: Callable[[Outcome], None] | None = None) -> list[tuple[Any, ...]]:
     """Run every batch of ``case`` over both and assert, after each, that they did exactly the same."""
     results: list[tuple[Any, ...]] = []
     calls = 0
-    with instances(case) as (ref, got):
+    with instances(case) as (ref, others):
         first = 0
         for start, n in case.batches or [(0, 0)]:
             if start >= 0:
                 first = start
             a = ref.run(case, first, n)
-            b = got.run(case, first, n)
-            where = f"batch ({first}, {n})"
-            assert b == a, where
-            assert got.state() == ref.state(), f"queue state after {where}"
             signalled = ref.calls()
-            assert got.calls() == signalled, f"call eventfd after {where}"
+            for got in others:
+                b = got.run(case, first, n)
+                where = (
+                    f"batch ({first}, {n}) of the {'batch kernel' if got.batch else 'compiled operations'}"
+                )
+                assert b == a, where
+                assert got.state() == ref.state(), f"queue state after {where}"
+                assert got.calls() == signalled, f"call eventfd after {where}"
+                assert_same_bytes(ref.memory(), got.memory(), f"guest memory after {where}", where_in_guest)
+                assert_same_bytes(ref.slots.tobytes(), got.slots.tobytes(), f"netmap slots after {where}")
+                assert_same_bytes(ref.region.tobytes(), got.region.tobytes(), f"netmap buffers after {where}")
+                assert_same_bytes(ref.log(), got.log(), f"dirty log after {where}")
             calls += signalled
-            assert_same_bytes(ref.memory(), got.memory(), f"guest memory after {where}", where_in_guest)
-            assert_same_bytes(ref.slots.tobytes(), got.slots.tobytes(), f"netmap slots after {where}")
-            assert_same_bytes(ref.region.tobytes(), got.region.tobytes(), f"netmap buffers after {where}")
-            assert_same_bytes(ref.log(), got.log(), f"dirty log after {where}")
             results.append(a)
             if a[0] == "fault":
                 break
@@ -549,6 +584,10 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
         log_size=draw(st.sampled_from([None, 2, 64])),
         log_rings=draw(st.booleans()),
         signalled_back=draw(st.integers(0, 3)),
+        # Headers of random bytes mostly ask for nonsense; the named offload tests below ask for real work.
+        host_offloads=draw(st.booleans()),
+        pass_offloads=draw(st.sampled_from([0, ALL_NEEDS, NEEDS_CSUM]) | st.integers(0, 0xFF)),
+        guest_offloads=draw(st.sampled_from([0, ALL_NEEDS, NEEDS_CSUM]) | st.integers(0, 0xFF)),
     )
     ev_flags = draw(
         st.sampled_from([RING_EVENT_FLAGS_ENABLE, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_DESC, 3])
@@ -579,7 +618,8 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
     if writable:
         lens = [draw(st.sampled_from([0, 1, 60, buf_size // 2, buf_size])) for _ in range(num_slots)]
         more = [draw(st.integers(0, 3)) == 0 for _ in range(num_slots)]
-        ring.fragments(0, lens, more)
+        flags = [0, 0x0001, NS_VNET_HDR, NS_VNET_HDR | 0x0001]
+        ring.fragments(0, lens, more, other_flags=draw(st.sampled_from(flags)))
     first = draw(st.integers(0, num_slots - 1))
     case.batches = [(first, draw(st.integers(1, max(num_slots - 1, 1))) if draw(st.integers(0, 9)) else 0)]
     if draw(st.booleans()):
@@ -866,6 +906,108 @@ def test_buffer_id_is_read_from_the_last_descriptor_of_a_chain() -> None:
         assert used_desc(o, 0)[1] == c.buffer_id
 
     assert ok(run_both(case, check)) == [(1, 1, 30, 0)]
+
+
+# --- named cases: offloads --------------------------------------------------------------------------------
+
+
+def tx_chain(case: Case, data: bytes, parts: int) -> None:
+    """A transmit chain holding ``data`` (header and frame) over ``parts`` ring descriptors."""
+    g = case.guest
+    cuts = sorted({0, len(data), *(g.rnd.randrange(1, len(data)) for _ in range(parts - 1))})
+    pieces = [data[a:b] for a, b in itertools.pairwise(cuts)]
+    places = [g.take() for _ in pieces]
+    bid = g.free_ids.pop()
+    for k, ((pos, wrap), piece) in enumerate(zip(places, pieces, strict=True)):
+        gpa = g.buffer(len(piece))
+        g.write(gpa, piece)
+        last = k + 1 == len(pieces)
+        g.desc(pos, gpa, len(piece), bid, avail_flags(wrap) | (0 if last else VRING_DESC_F_NEXT))
+    case.chains.append(Chain(places, None, bid))
+
+
+def slot_frame(case: Case, first: int, data: bytes, flags: int = NS_VNET_HDR) -> int:
+    """``data`` in the slots from ``first`` (``flags`` on the first), a buffer each at most; the slots."""
+    ring = case.ring
+    pieces = [data[o : o + ring.buf_size] for o in range(0, len(data), ring.buf_size)] or [b""]
+    for k, piece in enumerate(pieces):
+        s = (first + k) % ring.num_slots
+        at = ring.base + int(ring.slots[s]["buf_idx"]) * ring.buf_size
+        ring.region[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+        ring.slots[s]["len"] = len(piece)
+        ring.slots[s]["flags"] = (flags if k == 0 else 0) | (NS_MOREFRAG if k + 1 < len(pieces) else 0)
+    return len(pieces)
+
+
+GSO_KINDS = [("4", "tcp"), ("6", "tcp"), ("4", "udp")]
+
+
+@pytest.mark.parametrize(("l3", "l4"), GSO_KINDS)
+@pytest.mark.parametrize("passes", [0, ALL_NEEDS])
+def test_dequeue_segments_or_passes_what_the_header_asks(l3: str, l4: str, passes: int) -> None:
+    """A 20 KB GSO frame whose header asks for segmentation and a checksum, among plain frames: completed
+    into its segments (nothing passes), or kept whole with its header (NS_VNET_HDR) when every destination
+    takes it; a second GSO frame whose checksum would start beyond it is dropped alone."""
+    for seed, buf_size in enumerate((2048, 512)):
+        case = make_case(False, seed=seed, num=32, num_slots=256, buf_size=buf_size, batches=[(3, 255)])
+        case.host_offloads, case.pass_offloads = True, passes
+        h, frame = gso(l3, l4, 20000, 1400)
+        tx_chain(case, bytes(HDR) + bytes(range(60)), parts=1)  # headers that ask for nothing
+        tx_chain(case, h.pack() + frame, parts=3)
+        bad = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, len(frame) + 100, 10)  # beyond the frame
+        tx_chain(case, bad.pack() + frame, parts=2)
+        tx_chain(case, bytes(HDR) + bytes(200), parts=2)
+        (res,) = ok_all(run_both(case))
+        _, packets, _, dropped, bad_headers, offloaded, passed = res
+        assert (dropped, bad_headers) == (1, 1)
+        assert (offloaded, passed) == ((0, 1) if passes else (1, 0))
+        assert packets == (3 if passes else 2 + -(-20000 // 1400))
+
+
+@pytest.mark.parametrize(("l3", "l4"), GSO_KINDS)
+@pytest.mark.parametrize("takes", [0, ALL_NEEDS])
+@pytest.mark.parametrize("mergeable", [True, False])
+def test_enqueue_delivers_or_completes_a_frame_with_its_header(
+    l3: str, l4: str, takes: int, mergeable: bool
+) -> None:
+    """A GSO frame in slots with its header (NS_VNET_HDR): delivered with it to a driver that takes what it
+    asks, over mergeable buffers; completed into segments for one that does not (all of them or, short of
+    receive chains, none); a header the frame does not bear out drops it alone."""
+    h, frame = gso(l3, l4, 6000, 1000)
+    for chains in (12, 3):
+        case = make_case(True, seed=chains, num=16, num_slots=64, buf_size=2048)
+        case.guest_offloads, case.mergeable = takes, mergeable
+        case.many([[HDR + 1500]] * chains if mergeable else [[HDR + 9000]] * chains)
+        n = slot_frame(case, 0, h.pack() + frame)
+        bad = VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, len(frame) + 100, 10)  # beyond the frame
+        n += slot_frame(case, n, bad.pack() + frame)
+        n += slot_frame(case, n, bytes(range(100)), flags=0)
+        case.batches = [(0, n)]
+        ((consumed, packets, _, dropped, bad_headers, offloaded, passed),) = ok_all(run_both(case))
+        assert passed == 0
+        # Room for the frame (one big chain, or 5 mergeable ones; or its 6 segments) and the plain one?
+        if chains == 12 or (takes and not mergeable):
+            assert (consumed, dropped, bad_headers) == (n, 1, 1)
+            assert (packets, offloaded) == ((2, 0) if takes else (7, 1))
+        else:  # too few chains for it: nothing of it is delivered, and the batch stops there
+            assert (consumed, packets, dropped, offloaded) == (0, 0, 0, 0)
+
+
+def gso(l3: str, l4: str, payload: int, gso_size: int) -> tuple[VnetHeader, bytes]:
+    """A GSO frame and the header Linux hands over with it (test_offload_ingress.gso)."""
+    frame = bytes(super_frame(l3, l4, bytes(k % 251 for k in range(payload))))
+    kind = {
+        ("4", "tcp"): VIRTIO_NET_HDR_GSO_TCPV4,
+        ("6", "tcp"): VIRTIO_NET_HDR_GSO_TCPV6,
+    }.get((l3, l4), VIRTIO_NET_HDR_GSO_UDP_L4)
+    start = 14 + (20 if l3 == "4" else 40)
+    offset = 16 if l4 == "tcp" else 6
+    return VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, len(frame) - payload, gso_size, start, offset), frame
+
+
+def ok_all(results: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    assert all(r[0] == "ok" for r in results), results
+    return [r[1:] for r in results]
 
 
 # --- constants declared twice -------------------------------------------------------------------------------

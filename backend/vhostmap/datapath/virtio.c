@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "packed_ring.h"
 #include "refs.h"
 #include "virtio_shared.h"
 
@@ -37,13 +38,6 @@ struct vring_desc {
 #define VRING_DESC_SIZE 16
 #define VRING_RING_HEADER 4
 #define VRING_USED_ELEM_SIZE 8
-
-/* A segment of a chain: a translated, non-empty guest buffer. */
-struct vq_seg {
-    uint8_t *host;
-    uint64_t gpa;
-    uint32_t len;
-};
 
 /* A walked chain: its head, total length and how many segments were stored (VQ_NOT_STORED: more than fit). */
 struct vq_chain {
@@ -444,7 +438,10 @@ static inline struct nm_vnet_hdr vq_vnet_hdr(const uint8_t *raw)
 /* The offload fields of the chain's virtio-net header (its first 10 bytes, over as many descriptors as they
  * span: CVE-2022-2132 was a header split over descriptors read as if it were not); 1 when they ask for
  * work. */
-static int vq_offload_header(const struct vq_seg *segs, uint32_t nseg, struct nm_vnet_hdr *h)
+/* Inlined into both dequeue instances, as it was into the one before there were two (it runs for every frame
+ * of a queue with host offloads). */
+__attribute__((always_inline)) static inline int vq_offload_header(const struct vq_seg *segs, uint32_t nseg,
+                                                                   struct nm_vnet_hdr *h)
 {
     /* Most frames ask for nothing: flags and gso_type, the first two bytes, say so without a copy. */
     if (nseg && segs[0].len >= 2 && !segs[0].host[0] && !segs[0].host[1])
@@ -520,114 +517,6 @@ __attribute__((cold)) static int vq_dequeue_offloaded(const struct nm_bufs *nm, 
     }
     *used = need;
     return VQ_OFFLOAD_DONE;
-}
-
-/* vq_dequeue; with `refs`, vq_dequeue_refs (the frames refer to their chains, nothing is completed). */
-static int32_t vq_dequeue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                                uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_refs *refs,
-                                struct vq_used_elem *pending, struct vq_batch *out)
-{
-    struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
-    uint32_t n_used = 0, pos = first;
-
-    vq_batch_init(out);
-    if (!vq_args_ok(vq, nm, first, space) || (refs && (refs->count > refs->cap || refs->cap > VQ_REF_MAX)))
-        return vq_fail(out, VQ_ERR_ARGUMENT, 0);
-    uint16_t npending = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
-    if (npending > vq->num) {
-        out->err_value = npending;
-        return vq_fail(out, VQ_ERR_AVAIL_IDX, 0);
-    }
-    while (npending && space) {
-        struct vq_chain chain;
-        if (vq_pop(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
-            goto fault;
-        npending--;
-        if (chain.len < hdr_len) {
-            vq_fail_chain(out, VQ_ERR_SHORT_TX, chain.head, chain.len);
-            goto fault;
-        }
-        uint64_t length = chain.len - hdr_len;
-        if (length == 0 || length > VQ_MAX_FRAME) {
-            /* An empty or oversized frame is the guest's business: complete it and count the drop. */
-            pending[n_used++] = (struct vq_used_elem){chain.head, 0};
-            out->dropped++;
-            continue;
-        }
-        /* The frame's slots get its bytes from `skip` on: without the header, or (NS_VNET_HDR) with it. */
-        uint64_t skip = hdr_len;
-        uint16_t mark = 0;
-        struct nm_vnet_hdr h;
-        if (vq->host_offloads && vq_offload_header(segs, chain.nseg, &h)) {
-            int pass =
-                hdr_len == VIRTIO_NET_HDR_SIZE && !(nm_offload_needs(&h) & ~(uint32_t)vq->pass_offloads);
-            if (pass) {
-                if (!vq_offload_passes(segs, chain.nseg, hdr_len, (uint32_t)length, &h)) {
-                    pending[n_used++] = (struct vq_used_elem){chain.head, 0};
-                    out->dropped++;
-                    out->bad_headers++;
-                    continue;
-                }
-                skip = 0;
-                length += hdr_len;
-                mark = NS_VNET_HDR;
-            } else {
-                uint32_t used = 0;
-                int done = vq_dequeue_offloaded(nm, segs, chain.nseg, hdr_len, (uint32_t)length, &h, pos,
-                                                space, &used, out);
-                if (done == VQ_OFFLOAD_LATER) {
-                    vq->last_avail_idx--; /* unpop: it goes first next time */
-                    out->held = 1;
-                    break;
-                }
-                pending[n_used++] = (struct vq_used_elem){chain.head, 0};
-                if (done == VQ_OFFLOAD_DROPPED) {
-                    out->dropped++;
-                    out->bad_headers++;
-                    continue;
-                }
-                pos = (pos + used) % nm->num_slots;
-                space -= used;
-                out->slots += used;
-                out->offloaded++;
-                continue;
-            }
-        }
-        uint32_t need = (uint32_t)((length + nm->buf_size - 1) / nm->buf_size);
-        uint32_t nref =
-            refs ? vq_ref_slots(nm, refs, segs, chain.nseg, skip, refs->min_head + (mark ? hdr_len : 0), space)
-                 : 0;
-        if (nref) {
-            vq_refer(nm, refs, segs, chain.nseg, skip, pos);
-            need = nref;
-        } else if (need > space) {
-            vq->last_avail_idx--; /* unpop: it goes first next time */
-            out->held = 1;
-            break;
-        } else {
-            vq_gather(nm, segs, chain.nseg, skip, pos);
-        }
-        if (mark) {
-            struct nm_slot *slot = nm_slot_at(nm, pos);
-            slot->flags |= mark;
-            length -= hdr_len; /* what the counters count is the frame */
-            out->passed++;
-        }
-        pending[n_used++] = (struct vq_used_elem){chain.head, 0};
-        pos = (pos + need) % nm->num_slots;
-        space -= need;
-        out->slots += need;
-        out->packets++;
-        out->bytes += length;
-    }
-    if (refs)
-        out->used = n_used; /* for vq_publish, once the frames were copied */
-    else
-        vq_complete(vq, mem, pending, n_used, out);
-    return VQ_OK;
-fault:
-    out->used = n_used;
-    return out->status;
 }
 
 /* --- enqueue: netmap slots -> guest receive queue ------------------------------------------------------- */
@@ -710,11 +599,11 @@ static uint32_t vq_source_copy(struct vq_source *src, uint8_t *dst, uint32_t n)
 enum { VQ_SRC_WRITE, VQ_SRC_DROP, VQ_SRC_COMPLETE };
 
 /* The frame's own virtio-net header (NS_VNET_HDR), which `src` starts with, taken off *frame_len: read into
- * src->hdr (WRITE) when the driver takes what it asks (vq->guest_offloads) and it passes the checks of a
- * transmitted frame's header (read once, here: what is written is what was checked); into *h (COMPLETE) when
- * the driver does not take it; DROP when the frame is shorter than the header or the header fails the
- * checks. Out of the way of plain frames. */
-__attribute__((cold, noinline)) static int vq_source_header(const struct vq_split *vq, struct vq_source *src,
+ * src->hdr (WRITE) when the driver takes what it asks (the receive queue's guest_offloads) and it passes the
+ * checks of a transmitted frame's header (read once, here: what is written is what was checked); into *h
+ * (COMPLETE) when the driver does not take it; DROP when the frame is shorter than the header or the header
+ * fails the checks. Out of the way of plain frames. */
+__attribute__((cold, noinline)) static int vq_source_header(uint8_t guest_offloads, struct vq_source *src,
                                                             uint64_t *frame_len, struct nm_vnet_hdr *h)
 {
     uint8_t raw[VIRTIO_NET_HDR_SIZE];
@@ -723,7 +612,7 @@ __attribute__((cold, noinline)) static int vq_source_header(const struct vq_spli
     *frame_len -= sizeof raw;
     *h = vq_vnet_hdr(raw);
     h->flags &= VIRTIO_NET_HDR_F_NEEDS_CSUM; /* DATA_VALID and the rest mean nothing from a sender */
-    if (nm_offload_needs(h) & ~(uint32_t)vq->guest_offloads)
+    if (nm_offload_needs(h) & ~(uint32_t)guest_offloads)
         return VQ_SRC_COMPLETE;
     uint8_t head[NM_OFF_HEAD_MAX];
     struct vq_source peek = *src;
@@ -737,115 +626,14 @@ __attribute__((cold, noinline)) static int vq_source_header(const struct vq_spli
 
 /* The source of the frame of `nfrag` slots from `pos` (whose first slot has `first_flags`), with the
  * virtio-net header to write before it: one that asks for nothing, or the frame's own (vq_source_header). */
-static inline int vq_source_open(const struct vq_split *vq, const struct nm_bufs *nm, const struct vq_refs *refs,
+static inline int vq_source_open(uint8_t guest_offloads, const struct nm_bufs *nm, const struct vq_refs *refs,
                                  uint32_t pos, uint32_t nfrag, uint16_t first_flags, uint64_t *frame_len,
                                  struct vq_source *src, struct nm_vnet_hdr *h)
 {
     *src = (struct vq_source){.nm = nm, .refs = refs, .slot = pos, .frags = nfrag}; /* hdr: zeros */
-    return first_flags & NS_VNET_HDR ? vq_source_header(vq, src, frame_len, h) : VQ_SRC_WRITE;
+    return first_flags & NS_VNET_HDR ? vq_source_header(guest_offloads, src, frame_len, h) : VQ_SRC_WRITE;
 }
 
-/* rxtx._scatter: write the header of `src` and its frame across the `nchains` reserved chains, whose heads
- * are in chains[k].id. The first `stored` chains have their segments in `segs`, one after the other, their
- * counts in chains[k].len; the others are walked again (validated again) into `segs`. Sets chains[k].len to
- * the bytes written into chain k. */
-static int32_t vq_scatter(const struct vq_split *vq, const struct vm_memory *mem, struct vq_source *src,
-                          uint32_t hdr_len, uint64_t frame_len, struct vq_used_elem *chains, uint32_t nchains,
-                          uint32_t stored, struct vq_seg *segs, struct vq_batch *out)
-{
-    uint16_t num_buffers = (uint16_t)nchains;
-    uint32_t hdr_bytes = hdr_len < VIRTIO_NET_HDR_SIZE ? hdr_len : VIRTIO_NET_HDR_SIZE;
-    uint64_t remaining = hdr_bytes + frame_len;
-    uint32_t next_seg = 0;
-
-    memcpy(src->hdr + VIRTIO_NET_HDR_SIZE - 2, &num_buffers, 2);
-    src->rest = src->p;
-    src->rest_left = src->left;
-    src->p = src->hdr;
-    src->left = hdr_bytes;
-    for (uint32_t k = 0; k < nchains; k++) {
-        const struct vq_seg *cs;
-        uint32_t nseg;
-        if (k < stored) {
-            cs = segs + next_seg;
-            nseg = chains[k].len;
-            next_seg += nseg;
-        } else {
-            struct vq_chain chain;
-            int32_t status =
-                vq_walk(vq, mem, (uint16_t)chains[k].id, 1, segs, VQ_MAX_CHAIN_LENGTH, &chain, out);
-            if (status != VQ_OK)
-                return status;
-            cs = segs;
-            nseg = chain.nseg;
-        }
-        uint32_t written = 0;
-        for (uint32_t j = 0; j < nseg && remaining; j++) {
-            uint32_t n = cs[j].len < remaining ? cs[j].len : (uint32_t)remaining;
-            uint32_t copied = vq_source_copy(src, cs[j].host, n);
-            if (vq->log_dirty)
-                vq_log_write(mem, cs[j].gpa, copied, out);
-            written += copied;
-            remaining = copied < n ? 0 : remaining - n;
-        }
-        chains[k].len = written;
-    }
-    return VQ_OK;
-}
-
-/* What vq_put did with a frame. */
-enum { VQ_PUT_DONE, VQ_PUT_NO_ROOM, VQ_PUT_FAULT };
-
-/* rxtx._reserve and _scatter: receive chains for the header and the `frame_len` bytes of `src` (one chain
- * without mergeable buffers), into chains[0..*nchains), and the frame written there (DONE: also when the
- * chain was too small, its entry then of length 0 and the frame counted dropped); NO_ROOM (the chains given
- * back, *nchains 0) when the guest has too few; FAULT (out->status) on a driver fault. *npending: chains the
- * driver made available and we have not taken. */
-static inline int vq_put(struct vq_split *vq, const struct vm_memory *mem, struct vq_source *src,
-                         uint32_t hdr_len, int32_t mergeable, uint64_t frame_len, struct vq_used_elem *chains,
-                         uint32_t *nchains, uint16_t *npending, struct vq_seg *segs, struct vq_batch *out)
-{
-    uint64_t need = (uint64_t)hdr_len + frame_len, got = 0;
-    uint32_t n = 0, stored = 0, nsegs = 0;
-    *nchains = 0;
-    while (got < need) {
-        if (!*npending) {
-            /* The guest has no room now; its next kick brings us back. */
-            vq->last_avail_idx -= (uint16_t)n;
-            *npending += (uint16_t)n;
-            return VQ_PUT_NO_ROOM;
-        }
-        struct vq_chain chain;
-        uint32_t cap = stored == n ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
-        if (vq_pop(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
-            return VQ_PUT_FAULT;
-        if (chain.len < hdr_len) {
-            vq_fail_chain(out, VQ_ERR_SHORT_RX, chain.head, chain.len);
-            return VQ_PUT_FAULT;
-        }
-        (*npending)--;
-        if (chain.nseg != VQ_NOT_STORED && stored == n) {
-            nsegs += chain.nseg;
-            stored++;
-        }
-        chains[n++] = (struct vq_used_elem){chain.head, chain.nseg};
-        got += chain.len;
-        if (!mergeable)
-            break;
-    }
-    if (got < need) {
-        for (uint32_t k = 0; k < n; k++)
-            chains[k].len = 0;
-        out->dropped++;
-    } else {
-        if (vq_scatter(vq, mem, src, hdr_len, frame_len, chains, n, stored, segs, out) != VQ_OK)
-            return VQ_PUT_FAULT;
-        out->packets++;
-        out->bytes += frame_len;
-    }
-    *nchains = n;
-    return VQ_PUT_DONE;
-}
 
 /* A frame whose header `h` asks for offloads the driver did not negotiate, `src` after the header: completed
  * into the thread's scratch (nm_offload_complete, as netmap's VALE does for such a port). Its segments'
@@ -864,105 +652,133 @@ __attribute__((cold, noinline)) static uint32_t vq_complete_frame(struct vq_sour
     return nseg;
 }
 
-/* The `nseg` segments vq_complete_frame made, put one after the other (vq_put), all of them or (NO_ROOM:
- * chains given back, counters as they were) none. chains and *nchains as vq_put's, for all segments. */
-__attribute__((cold, noinline)) static int vq_put_segments(struct vq_split *vq, const struct vm_memory *mem,
-                                                           uint32_t nseg, uint32_t hdr_len, int32_t mergeable,
-                                                           struct vq_used_elem *chains, uint32_t *nchains,
-                                                           uint16_t *npending, struct vq_seg *segs,
-                                                           struct vq_batch *out)
+/* --- the batch kernels, once per ring layout ------------------------------------------------------------ */
+
+/* The batch logic is ring_batch.h's, compiled here twice: for split rings (vq_dequeue_batch,
+ * vq_enqueue_batch, ...) and for packed ones (vqp_dequeue_batch, ...). Each instance reaches its ring through
+ * the RB_* names defined before it, static inline functions or plain expressions, which the compiler inlines
+ * as it did the split ring's own calls before: the split instance is the code it was. */
+
+/* What RB_FN(put) did with a frame. */
+enum { VQ_PUT_DONE, VQ_PUT_NO_ROOM, VQ_PUT_FAULT };
+
+/* Split rings: avail->idx counts the chains the driver made available, read once and checked; a chain is
+ * named by its head descriptor, given back by moving last_avail_idx back, walked again from its head. */
+static inline int32_t vq_ring_pending(const struct vq_split *vq, uint16_t *n, struct vq_batch *out)
 {
-    const struct vq_offload_scratch *s = vq_offload_scratch;
-    uint32_t packets = out->packets, dropped = out->dropped;
-    uint64_t bytes = out->bytes;
-    uint32_t total = 0, off = 0;
-    *nchains = 0;
-    for (uint32_t k = 0; k < nseg; k++) {
-        struct vq_source seg = {.p = s->out + off, .left = s->lens[k]}; /* hdr: zeros, asks for nothing */
-        uint32_t n;
-        int put = vq_put(vq, mem, &seg, hdr_len, mergeable, s->lens[k], chains + total, &n, npending, segs, out);
-        if (put == VQ_PUT_FAULT)
-            return VQ_PUT_FAULT;
-        if (put == VQ_PUT_NO_ROOM) {
-            /* Segments go whole or not at all: the earlier ones' chains go back (their bytes stay written in
-             * buffers the guest still owns). */
-            vq->last_avail_idx -= (uint16_t)total;
-            *npending += (uint16_t)total;
-            out->packets = packets;
-            out->bytes = bytes;
-            out->dropped = dropped;
-            return VQ_PUT_NO_ROOM;
-        }
-        total += n;
-        off += s->lens[k];
+    *n = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
+    if (*n > vq->num) {
+        out->err_value = *n;
+        return vq_fail(out, VQ_ERR_AVAIL_IDX, 0);
     }
-    out->offloaded++;
-    *nchains = total;
-    return VQ_PUT_DONE;
-}
-
-static int32_t vq_enqueue_batch(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                                uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
-                                const struct vq_refs *refs, struct vq_used_elem *pending, struct vq_batch *out)
-{
-    struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
-    uint32_t n_used = 0, pos = first, done = 0;
-    uint16_t npending = 0;
-    int avail_read = 0;
-
-    vq_batch_init(out);
-    if (!vq_args_ok(vq, nm, first, count))
-        return vq_fail(out, VQ_ERR_ARGUMENT, 0);
-    while (done < count) {
-        uint32_t nfrag;
-        uint64_t frame_len;
-        uint16_t first_flags = 0;
-        if (vq_frame_at(nm, pos, count - done, &nfrag, &frame_len, &first_flags, out) <= 0)
-            break; /* its last fragment has not been published yet (or the ring user broke a slot) */
-
-        struct vq_source src;
-        struct nm_vnet_hdr h;
-        int how = vq_source_open(vq, nm, refs, pos, nfrag, first_flags, &frame_len, &src, &h);
-        uint32_t nseg = how == VQ_SRC_COMPLETE ? vq_complete_frame(&src, &h, frame_len) : 0;
-        if (how == VQ_SRC_DROP || (how == VQ_SRC_COMPLETE && !nseg)) {
-            out->dropped++;
-            out->bad_headers++;
-            done += nfrag;
-            pos = (pos + nfrag) % nm->num_slots;
-            continue;
-        }
-
-        if (!avail_read) {
-            npending = (uint16_t)(vq_avail_idx(vq) - vq->last_avail_idx);
-            avail_read = 1;
-        }
-        if (npending > vq->num) {
-            out->err_value = npending;
-            vq_fail(out, VQ_ERR_AVAIL_IDX, 0);
-            goto fault;
-        }
-        uint32_t nchains;
-        int put = how == VQ_SRC_WRITE ? vq_put(vq, mem, &src, hdr_len, mergeable, frame_len, pending + n_used,
-                                               &nchains, &npending, segs, out)
-                                      : vq_put_segments(vq, mem, nseg, hdr_len, mergeable, pending + n_used,
-                                                        &nchains, &npending, segs, out);
-        if (put == VQ_PUT_FAULT)
-            goto fault;
-        if (put == VQ_PUT_NO_ROOM)
-            goto complete;
-        n_used += nchains;
-        done += nfrag;
-        pos = (pos + nfrag) % nm->num_slots;
-    }
-complete:
-    out->slots = done;
-    vq_complete(vq, mem, pending, n_used, out);
     return VQ_OK;
-fault:
-    out->slots = done;
-    out->used = n_used;
-    return out->status;
 }
+
+static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_memory *mem, const uint16_t *at,
+                                     const struct vq_used_elem *e, struct vq_seg *segs, uint32_t *nseg,
+                                     struct vq_batch *out)
+{
+    struct vq_chain chain;
+    (void)at;
+    int32_t status = vq_walk(vq, mem, (uint16_t)e->id, 1, segs, VQ_MAX_CHAIN_LENGTH, &chain, out);
+    if (status == VQ_OK)
+        *nseg = chain.nseg;
+    return status;
+}
+
+#define RB_FN(name) vq_##name
+#define RB_RING struct vq_split
+#define RB_ELEM struct vq_used_elem
+#define RB_CHAIN struct vq_chain
+#define RB_MARK uint16_t
+#define RB_HEAD(c) ((c).head)
+#define RB_USED(c, l) ((struct vq_used_elem){(c).head, (l)})
+#define RB_ARGS_OK vq_args_ok
+#define RB_PENDING vq_ring_pending
+#define RB_REFILL(vq, n) 0 /* avail->idx is read once a batch */
+#define RB_POP vq_pop
+#define RB_UNPOP(vq, c) ((vq)->last_avail_idx--)
+#define RB_MARK_AT(vq) ((vq)->last_avail_idx)
+#define RB_REWIND(vq, mark, elems, n) ((void)(mark), (vq)->last_avail_idx -= (uint16_t)(n))
+#define RB_REWALK vq_ring_rewalk
+#define RB_NEXT(vq, at, e) ((void)0)
+#define RB_COMPLETE vq_complete
+#include "ring_batch.h"
+
+/* Packed rings (packed_ring.h): the chains available are counted by walking their flags (PackedVirtqueue.
+ * pending, no fault), and counted again when the count runs out, as the reference counts at every frame it
+ * reserves chains for (only whether the count is 0 decides anything, and a count that is not 0 stays so
+ * until the chains it counted are taken); a chain is named by its buffer id; chains taken one after the
+ * other lie one after the other in the ring, so a position and the descriptors of each (ndesc) find them
+ * again, to give back (their ids freed) or walk again. */
+struct pvq_mark {
+    uint16_t pos;
+    uint8_t wrap;
+};
+
+static inline int vqp_args_ok(const struct vq_packed *vq, const struct nm_bufs *nm, uint32_t first,
+                              uint32_t count)
+{
+    return vq->desc && vq->driver && vq->device && vq->inflight && vq->num && vq->num <= 32768 &&
+           vq->last_avail_idx < vq->num && vq->used_idx < vq->num && nm->slots && nm->base && nm->num_slots &&
+           nm->buf_size && nm->nbufs && first < nm->num_slots && count <= nm->num_slots;
+}
+
+static inline int32_t vqp_ring_pending(const struct vq_packed *vq, uint16_t *n, struct vq_batch *out)
+{
+    (void)out;
+    *n = (uint16_t)pvq_pending(vq); /* at most num, 32768 */
+    return VQ_OK;
+}
+
+static inline void vqp_ring_rewind(struct vq_packed *vq, struct pvq_mark mark, const struct vqp_used_elem *elems,
+                                   uint32_t n)
+{
+    for (uint32_t k = 0; k < n; k++)
+        if (elems[k].id < vq->num)
+            vq->inflight[elems[k].id] = 0;
+    vq->last_avail_idx = mark.pos;
+    vq->avail_wrap_counter = mark.wrap;
+}
+
+static inline int32_t vqp_ring_rewalk(const struct vq_packed *vq, const struct vm_memory *mem,
+                                      const struct pvq_mark *at, const struct vqp_used_elem *e,
+                                      struct vq_seg *segs, uint32_t *nseg, struct vq_batch *out)
+{
+    struct vqp_chain chain;
+    (void)e;
+    int32_t status = pvq_walk(vq, mem, at->pos, at->wrap, 1, segs, VQ_MAX_CHAIN_LENGTH, &chain, out);
+    if (status == VQ_OK)
+        *nseg = chain.nseg; /* a chain has at most VQ_MAX_CHAIN_LENGTH segments: all stored */
+    return status;
+}
+
+static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at, const struct vqp_used_elem *e)
+{
+    uint32_t pos = at->pos;
+    uint8_t wrap = at->wrap;
+    pvq_skip(vq, &pos, &wrap, e->ndesc);
+    *at = (struct pvq_mark){(uint16_t)pos, wrap};
+}
+
+#define RB_FN(name) vqp_##name
+#define RB_RING struct vq_packed
+#define RB_ELEM struct vqp_used_elem
+#define RB_CHAIN struct vqp_chain
+#define RB_MARK struct pvq_mark
+#define RB_HEAD(c) ((c).id)
+#define RB_USED(c, l) ((struct vqp_used_elem){.id = (c).id, .ndesc = (c).ndesc, .len = (l)})
+#define RB_ARGS_OK vqp_args_ok
+#define RB_PENDING vqp_ring_pending
+#define RB_REFILL(vq, n) (*(n) = (uint16_t)pvq_pending(vq))
+#define RB_POP pvq_pop
+#define RB_UNPOP pvq_unpop
+#define RB_MARK_AT(vq) ((struct pvq_mark){(vq)->last_avail_idx, (vq)->avail_wrap_counter})
+#define RB_REWIND vqp_ring_rewind
+#define RB_REWALK vqp_ring_rewalk
+#define RB_NEXT vqp_ring_next
+#define RB_COMPLETE pvq_complete
+#include "ring_batch.h"
 
 /* --- the entry points: a batch over memory that vanished counts for nothing ------------------------------ */
 
@@ -1058,5 +874,24 @@ int32_t vq_enqueue_refs(struct vq_split *vq, const struct vm_memory *mem, const 
     if (vm_gone(mem))
         return vq_gone(out);
     int32_t status = vq_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, refs, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vqp_dequeue(struct vq_packed *vq, const struct vm_memory *mem, const struct nm_bufs *nm, uint32_t hdr_len,
+                    uint32_t first, uint32_t space, struct vqp_used_elem *pending, struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vqp_dequeue_batch(vq, mem, nm, hdr_len, first, space, NULL, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vqp_enqueue(struct vq_packed *vq, const struct vm_memory *mem, const struct nm_bufs *nm, uint32_t hdr_len,
+                    int32_t mergeable, uint32_t first, uint32_t count, struct vqp_used_elem *pending,
+                    struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vqp_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, NULL, pending, out);
     return vm_gone(mem) ? vq_gone(out) : status;
 }

@@ -264,7 +264,7 @@ class VhostUserNetDevice:
     @property
     def split_kernels(self) -> bool:
         """Whether the compiled split-ring kernels may run over every queue (VhostUserPort.fast_queues): not
-        over packed ones, which take the per-operation path (kernels.Datapath)."""
+        over packed ones, whose batches kernels.Datapath runs under the Python per-sync path."""
         return all(vq.split_kernels for vq in self.vqs)
 
     @property

@@ -14,11 +14,11 @@ batch copies nothing in or out. A driver fault raises the VirtqueueError the ref
 the same message, and leaves the same state: the chains completed before the fault stay unpublished in the
 queue's pending used list.
 
-A packed virtqueue (PackedVirtqueue, VIRTIO_F_RING_PACKED) has no batch kernels yet (issue #18, phase 3):
-its batches run rxtx.dequeue / rxtx.enqueue over the ring's compiled operations
-(packed_kernels.CompiledPackedRing: one C call per chain, one to complete the batch) or, with REFERENCE, over
-the queue itself; the port runs no compiled sync or pass over it (``split_kernels``,
-VhostUserPort.fast_queues). Slower than a split ring, as correct.
+A packed virtqueue (PackedVirtqueue, VIRTIO_F_RING_PACKED) runs its batches in one C call too (vqp_dequeue,
+vqp_enqueue: the same batch logic as the split ring's, datapath/ring_batch.h, over packed_ring.h), on its
+struct vq_packed and the scratch of its packed_kernels.CompiledPackedRing; or, with REFERENCE, rxtx.dequeue /
+rxtx.enqueue over the queue itself. The port runs no compiled sync or pass over it yet (``split_kernels``,
+VhostUserPort.fast_queues).
 
 Guest memory the front-end shrank under us (GuestMemory.gone: the SIGBUS guard replaced it with zero pages)
 is a driver fault too, in both datapaths: the batch that saw it counts for nothing and raises a
@@ -41,7 +41,7 @@ from vhostmap.vhost_user import rxtx
 from vhostmap.vhost_user.errors import GuestMemoryError
 from vhostmap.vhost_user.memory import FAULT_REASONS, GuestMemory
 from vhostmap.vhost_user.packed import PackedVirtqueue
-from vhostmap.vhost_user.packed_kernels import CompiledPackedRing
+from vhostmap.vhost_user.packed_kernels import CompiledPackedRing, packed_fault
 from vhostmap.vhost_user.rxtx import BatchResult, Buffers
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, CallRefused, SplitVirtqueue, VirtqueueError
 
@@ -108,7 +108,20 @@ def _start(vq: SplitVirtqueue) -> Any:
 def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
     """After a kernel call on ``vq`` that returned ``status``: raise the fault if there was one (its used
     entries queued for publication), notify, and count (``writable``: a receive queue)."""
-    out = vq.out
+    return _finish(vq, mem, status, writable, vq.out, vq.scratch, _fault)
+
+
+def _finish(
+    vq: SplitVirtqueue | PackedVirtqueue,
+    mem: GuestMemory,
+    status: int,
+    writable: bool,
+    out: Any,
+    pending: Any,
+    fault: Callable[[Any, Any, int, bool], VirtqueueError],
+) -> BatchResult:
+    """finish, for either layout: ``out`` and ``pending`` are the batch's struct vq_batch and used entries,
+    ``fault`` makes the VirtqueueError of a fault in ``out``."""
     if out.log_missed:
         # The pages were skipped already; this only lets GuestMemory warn about them, once per log.
         mem.log_write(out.log_missed_addr, out.log_missed_len)
@@ -121,10 +134,9 @@ def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) ->
             raise memory_gone(vq, mem)
         if status == lib.VQ_ERR_ARGUMENT:
             raise ValueError(f"virtqueue {vq.index}: kernel refused the ring or position it was given")
-        pending = vq.scratch
         for k in range(out.used):
             vq.push_used(pending[k].id, pending[k].len)
-        raise _fault(vq, out, status, writable)
+        raise fault(vq, out, status, writable)
     res = BatchResult(
         out.slots, out.packets, out.bytes, out.dropped, out.bad_headers, out.offloaded, out.passed
     )
@@ -143,9 +155,11 @@ def memory_gone(vq: SplitVirtqueue | PackedVirtqueue, mem: GuestMemory) -> Virtq
     return VirtqueueError(vq.index, mem.gone_reason() or "guest memory shrank under the backend (SIGBUS)")
 
 
-def _fault(vq: SplitVirtqueue, out: Any, status: int, writable: bool) -> VirtqueueError:
+def _fault(vq: Any, out: Any, status: int, writable: bool) -> VirtqueueError:
     """The VirtqueueError the reference raises for the fault in ``out``, word for word (``writable``: the
-    queue's chains are device-writable, a receive queue)."""
+    queue's chains are device-writable, a receive queue; a packed ring's walk faults are packed_fault's)."""
+    if isinstance(vq, PackedVirtqueue) and status not in (lib.VQ_ERR_SHORT_TX, lib.VQ_ERR_SHORT_RX):
+        return packed_fault(vq, out, status, writable)
     i = out.err_desc
     cause: GuestMemoryError | None = None
     if status == lib.VQ_ERR_AVAIL_IDX:
@@ -216,10 +230,19 @@ class Datapath:
         space: int,
         bufs: Buffers,
     ) -> BatchResult:
-        """rxtx.dequeue, then flush_used, call and enable_kicks (compiled: all in one call, vq_dequeue; a
-        packed ring: see the module docstring)."""
+        """rxtx.dequeue, then flush_used, call and enable_kicks (compiled: all in one call, vq_dequeue, or
+        vqp_dequeue for a packed ring)."""
         if isinstance(vq, PackedVirtqueue):
-            return self._packed(vq, mem, lambda q: rxtx.dequeue(q, mem, hdr_len, slots, first, space, bufs))
+            if self.compiled:
+                return _packed(
+                    vq,
+                    mem,
+                    False,
+                    lambda r, p, o: lib.vqp_dequeue(
+                        vq.c, mem.c, _ring(slots, bufs), hdr_len, first, space, p, o
+                    ),
+                )
+            return _reference(vq, mem, lambda: rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs))
         if not self.compiled:
             return _reference(vq, mem, lambda: rxtx.dequeue(vq, mem, hdr_len, slots, first, space, bufs))
         q = _start(vq)
@@ -237,11 +260,20 @@ class Datapath:
         count: int,
         bufs: Buffers,
     ) -> BatchResult:
-        """rxtx.enqueue, then flush_used, call and enable_kicks (compiled: all in one call, vq_enqueue; a
-        packed ring: see the module docstring)."""
+        """rxtx.enqueue, then flush_used, call and enable_kicks (compiled: all in one call, vq_enqueue, or
+        vqp_enqueue for a packed ring)."""
         if isinstance(vq, PackedVirtqueue):
-            return self._packed(
-                vq, mem, lambda q: rxtx.enqueue(q, mem, hdr_len, mergeable, slots, first, count, bufs)
+            if self.compiled:
+                return _packed(
+                    vq,
+                    mem,
+                    True,
+                    lambda r, p, o: lib.vqp_enqueue(
+                        vq.c, mem.c, _ring(slots, bufs), hdr_len, mergeable, first, count, p, o
+                    ),
+                )
+            return _reference(
+                vq, mem, lambda: rxtx.enqueue(vq, mem, hdr_len, mergeable, slots, first, count, bufs)
             )
         if not self.compiled:
             return _reference(
@@ -253,30 +285,23 @@ class Datapath:
         )
         return finish(vq, mem, status, True)
 
-    def _packed(
-        self, vq: PackedVirtqueue, mem: GuestMemory, batch: Callable[[rxtx.Virtqueue], BatchResult]
-    ) -> BatchResult:
-        """Run ``batch`` over packed ring ``vq``: over its compiled operations, completed in one C call, or
-        over the reference, completed as a split reference batch is."""
-        if not self.compiled:
-            return _reference(vq, mem, lambda: batch(vq))
-        ring = vq.compiled_ring
-        if ring is None or ring.mem is not mem:
-            ring = vq.compiled_ring = CompiledPackedRing(vq, mem)
-        if vq._desc is None:
-            raise VirtqueueError(vq.index, "ring not mapped")
 
-        def run() -> BatchResult:
-            ring.begin()
-            res = batch(ring)
-            try:
-                ring.complete()
-            except CallRefused as e:
-                e.batch = res
-                raise
-            return res
-
-        return _guarded(vq, mem, run)
+def _packed(
+    vq: PackedVirtqueue, mem: GuestMemory, writable: bool, kernel: Callable[[Any, Any, Any], int]
+) -> BatchResult:
+    """Run a packed batch kernel (``kernel(ring, pending, out)``: vqp_dequeue or vqp_enqueue) on ``vq`` and
+    finish it as a split batch is finished. Used entries someone queued outside a batch are published first,
+    as _start does for a split ring."""
+    ring = vq.compiled_ring
+    if ring is None or ring.mem is not mem:
+        ring = vq.compiled_ring = CompiledPackedRing(vq, mem)
+    if vq._desc is None:
+        raise VirtqueueError(vq.index, "ring not mapped")
+    if vq._pending_used:
+        vq.flush_used()
+    pending = ring.scratch()
+    status = kernel(ring, pending, ring.out)
+    return _finish(vq, mem, status, writable, ring.out, pending, _fault)
 
 
 def _reference(

@@ -129,9 +129,9 @@ class PackedVirtqueue(RingQueue):
     All of that lives in the C struct the compiled twin works on (``c``, struct vq_packed).
     """
 
-    # The ring layout, and whether the compiled split-ring kernels (virtio.c's batches, vhost_sync.c's syncs
-    # and forwarding passes) may run over this queue: they take struct vq_split, so a packed queue runs the
-    # per-operation path (kernels.Datapath over CompiledPackedRing, or this reference).
+    # The ring layout, and whether the compiled split-ring syncs and forwarding passes (vhost_sync.c) may run
+    # over this queue: they take struct vq_split, so a packed queue runs kernels.Datapath's batches (one C
+    # call each, vqp_dequeue / vqp_enqueue, or this reference) under the Python per-sync path.
     layout: ClassVar[str] = "packed"
     split_kernels: ClassVar[bool] = False
 
@@ -151,7 +151,7 @@ class PackedVirtqueue(RingQueue):
     _inflight_c: Any = field(init=False, repr=False, compare=False)
     inflight: npt.NDArray[np.uint16] = field(init=False, repr=False, compare=False)
     # What the compiled datapath keeps for this queue between batches (kernels.Datapath: its
-    # CompiledPackedRing), made on first use.
+    # CompiledPackedRing, whose out and scratch the batch kernels fill), made on first use.
     compiled_ring: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -5,9 +5,9 @@
 (struct vq_packed), plus ``complete``: flush_used, call and enable_kicks in one C call, as kernels.finish
 completes a split batch. A driver fault raises the VirtqueueError the reference raises, word for word.
 
-Phase 1 of issue #18: rxtx.dequeue / rxtx.enqueue run over either; batch kernels that run a whole dequeue
-or enqueue in C over a packed ring (as vq_dequeue / vq_enqueue do for a split one) come with phase 3;
-until then kernels.Datapath runs a packed port's batches over this class.
+rxtx.dequeue / rxtx.enqueue run over either (tests/unit/test_packed_differential.py); kernels.Datapath runs
+a packed port's batches in one C call each (vqp_dequeue, vqp_enqueue), with this class's ``out`` and
+``scratch``.
 """
 
 from __future__ import annotations
@@ -80,10 +80,19 @@ class CompiledPackedRing:
         self.mem = mem
         self.index = vq.index
         self.out = ffi.new("struct vq_batch *")
-        self._segs = ffi.new("struct vqp_seg[]", MAX_CHAIN_LENGTH)
+        self._segs = ffi.new("struct vq_seg[]", MAX_CHAIN_LENGTH)
         self._chain = ffi.new("struct vqp_chain *")
         # The chains popped since the last complete, for unpop.
         self._popped: list[tuple[int, int, int]] = []
+        # struct vqp_used_elem[num]: where a batch kernel (vqp_dequeue, vqp_enqueue) puts its used entries.
+        self._scratch: Any = None
+
+    def scratch(self) -> Any:
+        """The batch kernels' used entries, ``num`` of them (made again when the queue's size changed)."""
+        num = max(self.vq.num, 1)
+        if self._scratch is None or len(self._scratch) != num:
+            self._scratch = ffi.new("struct vqp_used_elem[]", num)
+        return self._scratch
 
     # What rxtx reads of a queue besides its operations.
     @property

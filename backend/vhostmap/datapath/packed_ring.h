@@ -1,0 +1,376 @@
+/* Packed virtqueues (virtio 1.x spec 2.8): the device side of the ring, as static inline functions shared by
+ * packed.c (the per-operation entry points, vqp_*) and virtio.c (the batch kernels over a packed ring,
+ * vqp_dequeue / vqp_enqueue, compiled from ring_batch.h). Not a .cdef: cffi needs none of it.
+ *
+ * Everything in the ring belongs to an untrusted driver that may change it while we look: a descriptor's flags
+ * are read once with an acquire load (what the driver wrote before them is visible after them), the rest of it
+ * is copied out once, checked, and used from the copy; every guest-physical address goes through vm_translate
+ * (virtio.c), the one translation; buffer ids are checked against the queue size and the ids in flight.
+ */
+#ifndef VHOSTMAP_PACKED_RING_H
+#define VHOSTMAP_PACKED_RING_H
+
+#include <string.h>
+
+#include "kernels.h"
+#include "virtio_shared.h"
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "virtio 1.x rings are little-endian and read natively here"
+#endif
+
+/* struct pvirtq_desc (VRING_PACKED_DESC in vhostmap/virtio/spec.py). */
+struct pvirtq_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t id;
+    uint16_t flags;
+};
+#define PVQ_DESC_SIZE 16
+#define PVQ_LEN_OFFSET 8
+#define PVQ_ID_OFFSET 12
+#define PVQ_FLAGS_OFFSET 14
+#define PVQ_EVENT_FLAGS_OFFSET 2
+#define PVQ_EVENT_SIZE 4
+#define PVQ_WRAP_SHIFT 15
+#ifndef VQ_NOT_STORED
+#define VQ_NOT_STORED UINT32_MAX
+#endif
+
+static inline uint16_t *pvq_word(uint8_t *base, size_t offset)
+{
+    return (uint16_t *)(void *)(base + offset);
+}
+
+/* The flags of descriptor `pos`: one load, acquire (the driver writes a chain's head flags last). */
+static inline uint16_t pvq_flags(const struct vq_packed *vq, uint32_t pos)
+{
+    return __atomic_load_n(pvq_word(vq->desc, (size_t)pos * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET), __ATOMIC_ACQUIRE);
+}
+
+/* packed.is_available: AVAIL equals the wrap counter, USED differs from it. */
+static inline int pvq_available(uint16_t flags, uint8_t wrap)
+{
+    return !!(flags & VRING_PACKED_DESC_F_AVAIL_MASK) == wrap && !!(flags & VRING_PACKED_DESC_F_USED_MASK) != wrap;
+}
+
+/* packed.used_flags. */
+static inline uint16_t pvq_used_flags(uint8_t wrap, int written)
+{
+    return (uint16_t)((wrap ? VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK : 0) |
+                      (written ? VRING_DESC_F_WRITE : 0));
+}
+
+static inline void pvq_step(const struct vq_packed *vq, uint32_t *pos, uint8_t *wrap)
+{
+    if (++*pos == vq->num) {
+        *pos = 0;
+        *wrap ^= 1;
+    }
+}
+
+/* A copy of entry `i` of `table`; every check and use looks at the copy (the barrier keeps the compiler from
+ * reading guest memory again for a field). Tables need not be aligned, hence memcpy. */
+static inline struct pvirtq_desc pvq_load_desc(const uint8_t *table, uint32_t i)
+{
+    struct pvirtq_desc d;
+    memcpy(&d, table + (size_t)i * PVQ_DESC_SIZE, sizeof d);
+    __asm__ __volatile__("" ::: "memory");
+    return d;
+}
+
+static inline int32_t pvq_fail(struct vq_batch *out, int32_t status, uint32_t desc, uint32_t entry)
+{
+    out->status = status;
+    out->err_desc = desc;
+    out->err_slot = entry; /* 0: the ring descriptor itself; e + 1: entry e of its indirect table */
+    return status;
+}
+
+static inline uint32_t pvq_pending(const struct vq_packed *vq)
+{
+    if (!vq->desc || !vq->num || vq->num > 32768 || vq->last_avail_idx >= vq->num)
+        return 0;
+    uint32_t pos = vq->last_avail_idx, chains = 0, seen = 0;
+    uint8_t wrap = vq->avail_wrap_counter;
+    while (seen < vq->num) {
+        uint16_t flags = pvq_flags(vq, pos);
+        if (!pvq_available(flags, wrap))
+            break;
+        chains++;
+        /* The rest of the chain: NEXT on every descriptor but its last. */
+        while ((flags & VRING_DESC_F_NEXT) && seen < vq->num) {
+            seen++;
+            pvq_step(vq, &pos, &wrap);
+            flags = pvq_flags(vq, pos);
+        }
+        seen++;
+        pvq_step(vq, &pos, &wrap);
+    }
+    return chains;
+}
+
+/* `n` descriptors on from *pos (its wrap counter in *wrap). */
+static inline void pvq_skip(const struct vq_packed *vq, uint32_t *pos, uint8_t *wrap, uint32_t n)
+{
+    *pos += n % vq->num;
+    *wrap ^= (uint8_t)(n / vq->num & 1);
+    if (*pos >= vq->num) {
+        *pos -= vq->num;
+        *wrap ^= 1;
+    }
+}
+
+/* PackedVirtqueue._check_direction. */
+static inline int pvq_direction_ok(uint16_t flags, int32_t writable)
+{
+    return !!(flags & VRING_DESC_F_WRITE) == !!writable;
+}
+
+/* PackedVirtqueue._walk_indirect: the entries of the table descriptor `pos` refers to, each a buffer. */
+static inline int32_t pvq_walk_indirect(const struct vq_packed *vq, const struct vm_memory *mem, uint32_t pos,
+                                 const struct pvirtq_desc *d, int32_t writable, struct vq_seg *segs, uint32_t cap,
+                                 uint32_t *nseg, uint64_t *total, struct vq_batch *out)
+{
+    if (d->len == 0 || d->len % PVQ_DESC_SIZE || d->len / PVQ_DESC_SIZE > VQ_MAX_CHAIN_LENGTH) {
+        out->err_value = d->len;
+        return pvq_fail(out, VQ_ERR_INDIRECT_LEN, pos, 0);
+    }
+    const uint8_t *table = vm_translate(mem, d->addr, d->len, &out->fault);
+    if (!table)
+        return pvq_fail(out, VQ_ERR_INDIRECT_MEM, pos, 0);
+    (void)vq;
+    for (uint32_t e = 0; e < d->len / PVQ_DESC_SIZE; e++) {
+        struct pvirtq_desc b = pvq_load_desc(table, e);
+        if (b.flags & VRING_DESC_F_INDIRECT)
+            return pvq_fail(out, VQ_ERR_NESTED_INDIRECT, pos, e + 1);
+        if (!pvq_direction_ok(b.flags, writable))
+            return pvq_fail(out, VQ_ERR_DIRECTION, pos, e + 1);
+        if (b.len) {
+            uint8_t *host = vm_translate(mem, b.addr, b.len, &out->fault);
+            if (!host)
+                return pvq_fail(out, VQ_ERR_BUFFER_MEM, pos, e + 1);
+            if (*nseg < cap)
+                segs[*nseg] = (struct vq_seg){host, b.addr, b.len};
+            (*nseg)++;
+            *total += b.len;
+        }
+    }
+    return VQ_OK;
+}
+
+/* PackedVirtqueue.pop's walk of the chain at ring position `head` (its wrap counter `wrap`), every check
+ * of the reference in its order but the buffer id's: up to `cap` segments in `segs`, and in *chain its
+ * length, segments, id and descriptors (pos and wrap: where it started). Nothing is taken. VQ_OK or the
+ * fault. A batch walks a chain it took again with it (pvq_rewalk). */
+static inline int32_t pvq_walk(const struct vq_packed *vq, const struct vm_memory *mem, uint32_t head, uint8_t wrap,
+                               int32_t writable, struct vq_seg *segs, uint32_t cap, struct vqp_chain *chain,
+                               struct vq_batch *out)
+{
+    uint32_t pos = head, nseg = 0;
+    uint32_t limit = vq->num < VQ_MAX_CHAIN_LENGTH ? vq->num : VQ_MAX_CHAIN_LENGTH;
+    uint8_t start_wrap = wrap;
+    uint64_t total = 0;
+    uint16_t id;
+    uint32_t ndesc;
+    for (ndesc = 1;; ndesc++) {
+        if (ndesc > limit) {
+            out->err_head = head;
+            out->err_size = limit;
+            return pvq_fail(out, VQP_ERR_CHAIN_LONG, pos, 0);
+        }
+        uint16_t flags = pvq_flags(vq, pos);
+        if (!pvq_available(flags, wrap)) {
+            out->err_head = head;
+            return pvq_fail(out, VQP_ERR_NOT_AVAIL, pos, 0);
+        }
+        /* Read once: the flags above, the rest here; the copy's flags are not looked at. */
+        struct pvirtq_desc d = pvq_load_desc(vq->desc, pos);
+        if (flags & VRING_DESC_F_INDIRECT) {
+            if (!vq->indirect)
+                return pvq_fail(out, VQ_ERR_INDIRECT_OFF, pos, 0);
+            if (ndesc > 1)
+                return pvq_fail(out, VQP_ERR_INDIRECT_CHAIN, pos, 0);
+            if (flags & VRING_DESC_F_NEXT)
+                return pvq_fail(out, VQ_ERR_INDIRECT_NEXT, pos, 0);
+            int32_t status = pvq_walk_indirect(vq, mem, pos, &d, writable, segs, cap, &nseg, &total, out);
+            if (status != VQ_OK)
+                return status;
+            id = d.id;
+            break;
+        }
+        if (!pvq_direction_ok(flags, writable))
+            return pvq_fail(out, VQ_ERR_DIRECTION, pos, 0);
+        if (d.len) {
+            uint8_t *host = vm_translate(mem, d.addr, d.len, &out->fault);
+            if (!host)
+                return pvq_fail(out, VQ_ERR_BUFFER_MEM, pos, 0);
+            if (nseg < cap)
+                segs[nseg] = (struct vq_seg){host, d.addr, d.len};
+            nseg++;
+            total += d.len;
+        }
+        if (!(flags & VRING_DESC_F_NEXT)) {
+            id = d.id;
+            break;
+        }
+        pvq_step(vq, &pos, &wrap);
+    }
+    /* The buffer id is in the chain's last descriptor (spec 2.8.6), the indirect one for a table. */
+    *chain = (struct vqp_chain){.len = total,
+                                .nseg = nseg <= cap ? nseg : VQ_NOT_STORED,
+                                .pos = (uint16_t)head,
+                                .id = id,
+                                .ndesc = (uint16_t)ndesc,
+                                .wrap = start_wrap};
+    return VQ_OK;
+}
+
+/* PackedVirtqueue.pop: walk the chain at last_avail_idx, check its id (in range, not in flight), take it. */
+static inline int32_t pvq_pop(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
+                              struct vq_seg *segs, uint32_t cap, struct vqp_chain *chain, struct vq_batch *out)
+{
+    int32_t status = pvq_walk(vq, mem, vq->last_avail_idx, vq->avail_wrap_counter, writable, segs, cap, chain, out);
+    if (status != VQ_OK)
+        return status;
+    uint16_t id = chain->id;
+    if (id >= vq->num || vq->inflight[id]) {
+        /* err_desc: the chain's last descriptor in the ring. */
+        uint32_t last = chain->pos;
+        uint8_t w = chain->wrap;
+        pvq_skip(vq, &last, &w, chain->ndesc - 1u);
+        out->err_head = chain->pos;
+        out->err_value = id;
+        return pvq_fail(out, id >= vq->num ? VQP_ERR_ID : VQP_ERR_ID_IN_USE, last, 0);
+    }
+    vq->inflight[id] = chain->ndesc;
+    uint32_t next = chain->pos;
+    uint8_t wrap = chain->wrap;
+    pvq_skip(vq, &next, &wrap, chain->ndesc);
+    vq->last_avail_idx = (uint16_t)next;
+    vq->avail_wrap_counter = wrap;
+    return VQ_OK;
+}
+
+static inline void pvq_unpop(struct vq_packed *vq, const struct vqp_chain *chain)
+{
+    if (chain->id < vq->num && vq->inflight)
+        vq->inflight[chain->id] = 0;
+    vq->last_avail_idx = chain->pos;
+    vq->avail_wrap_counter = chain->wrap;
+}
+
+/* packed.packed_need_event, modulo 2 * num. */
+static inline int pvq_need_event(uint32_t num, int64_t event, int64_t new_pos, int64_t old_pos)
+{
+    int64_t lap = 2 * (int64_t)num;
+    int64_t passed = ((new_pos - event - 1) % lap + lap) % lap;
+    int64_t moved = ((new_pos - old_pos) % lap + lap) % lap;
+    return passed < moved;
+}
+
+/* The used descriptor a write puts at *pos, its flags held back (the caller writes them in the spec's order). */
+static inline void pvq_write_used(struct vq_packed *vq, uint32_t pos, uint16_t id, uint32_t len)
+{
+    uint8_t *d = vq->desc + (size_t)pos * PVQ_DESC_SIZE;
+    memcpy(d + PVQ_LEN_OFFSET, &len, sizeof len);
+    memcpy(d + PVQ_ID_OFFSET, &id, sizeof id);
+}
+
+static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *mem,
+                                const struct vqp_used_elem *pending, uint32_t n, struct vq_batch *out)
+{
+    out->used = n;
+    if (!vq->desc || !vq->driver || !vq->device || !vq->num || vq->num > 32768 || vq->used_idx >= vq->num) {
+        out->status = VQ_ERR_ARGUMENT;
+        return;
+    }
+    if (n) {
+        /* With in_order, a batch of length-0 entries is one used descriptor: the last id at the first's place,
+         * moving the used position past every chain of the batch (spec 2.8.8). */
+        int one = vq->in_order;
+        uint32_t skipped = 0;
+        for (uint32_t k = 0; k < n; k++) {
+            if (pending[k].len)
+                one = 0;
+            skipped += pending[k].ndesc;
+        }
+        uint32_t writes = one ? 1 : n;
+        uint32_t pos = vq->used_idx;
+        uint8_t wrap = vq->used_wrap_counter;
+        /* Ids and lengths first. */
+        for (uint32_t w = 0; w < writes; w++) {
+            const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
+            pvq_write_used(vq, pos, e->id, one ? 0 : e->len);
+            pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
+        }
+        /* Then the flags of every descriptor but the first, after a write barrier... */
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        uint32_t first = vq->used_idx;
+        uint8_t first_wrap = vq->used_wrap_counter;
+        pos = first;
+        wrap = first_wrap;
+        for (uint32_t w = 0; w < writes; w++) {
+            const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
+            uint32_t len = one ? 0 : e->len;
+            if (w)
+                __atomic_store_n(pvq_word(vq->desc, (size_t)pos * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
+                                 pvq_used_flags(wrap, len > 0), __ATOMIC_RELAXED);
+            pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
+        }
+        /* ...and, last, the first's, with a release store: the driver polls only the next position, and finds
+         * the whole batch (a mergeable frame's buffers among it) once that one turns used (spec 2.8.9). */
+        __atomic_store_n(pvq_word(vq->desc, (size_t)first * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
+                         pvq_used_flags(first_wrap, !one && pending[0].len > 0), __ATOMIC_RELEASE);
+        if (vq->log_dirty && vq->log_rings) {
+            uint32_t p = first;
+            uint8_t wr = first_wrap;
+            for (uint32_t w = 0; w < writes; w++) {
+                vq_log_write(mem, vq->desc_log_addr + (uint64_t)p * PVQ_DESC_SIZE, PVQ_DESC_SIZE, out);
+                pvq_skip(vq, &p, &wr, one ? skipped : pending[w].ndesc);
+            }
+        }
+        for (uint32_t k = 0; k < n; k++)
+            if (vq->inflight && pending[k].id < vq->num)
+                vq->inflight[pending[k].id] = 0;
+        vq->used_idx = (uint16_t)pos;
+        vq->used_wrap_counter = wrap;
+    }
+
+    /* Whether the driver wants an interrupt (spec 2.8.10): the used flags must be visible before we read what
+     * it asked for, the other half of the barrier the driver has between enabling interrupts and polling. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int64_t num = vq->num;
+    int64_t new_pos = vq->used_idx + num * vq->used_wrap_counter;
+    int64_t old_pos = vq->signalled_used + num * vq->signalled_used_wrap;
+    uint16_t flags = __atomic_load_n(pvq_word(vq->driver, PVQ_EVENT_FLAGS_OFFSET), __ATOMIC_RELAXED) & 3;
+    if (flags == RING_EVENT_FLAGS_DISABLE) {
+        out->notify = 0;
+    } else if (flags == RING_EVENT_FLAGS_DESC && vq->event_idx) {
+        uint16_t off_wrap = __atomic_load_n(pvq_word(vq->driver, 0), __ATOMIC_RELAXED);
+        int64_t event = (off_wrap & 0x7FFF) + num * (off_wrap >> PVQ_WRAP_SHIFT);
+        out->notify = (uint8_t)pvq_need_event(vq->num, event, new_pos, old_pos);
+    } else {
+        out->notify = new_pos != old_pos;
+    }
+    vq->signalled_used = vq->used_idx;
+    vq->signalled_used_wrap = vq->used_wrap_counter;
+
+    /* Ask for a notification at the next available descriptor, or (a polling device) for none. off_wrap goes
+     * before the flags that make it count. */
+    if (!vq->kicks) {
+        __atomic_store_n(pvq_word(vq->device, PVQ_EVENT_FLAGS_OFFSET), RING_EVENT_FLAGS_DISABLE, __ATOMIC_RELAXED);
+    } else if (vq->event_idx) {
+        uint16_t off_wrap = (uint16_t)(vq->last_avail_idx | vq->avail_wrap_counter << PVQ_WRAP_SHIFT);
+        __atomic_store_n(pvq_word(vq->device, 0), off_wrap, __ATOMIC_RELAXED);
+        __atomic_store_n(pvq_word(vq->device, PVQ_EVENT_FLAGS_OFFSET), RING_EVENT_FLAGS_DESC, __ATOMIC_RELEASE);
+    } else {
+        __atomic_store_n(pvq_word(vq->device, PVQ_EVENT_FLAGS_OFFSET), RING_EVENT_FLAGS_ENABLE, __ATOMIC_RELAXED);
+    }
+    /* Logged even when nothing was used: a migration's destination must see what the driver was asked. */
+    if (vq->log_dirty && vq->log_rings)
+        vq_log_write(mem, vq->device_log_addr, PVQ_EVENT_SIZE, out);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+#endif
