@@ -49,7 +49,7 @@ from test_kernels_differential import (
     uva,
     where_in_guest,
 )
-from test_offload import super_frame
+from test_offload_ingress import gso
 
 from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
@@ -72,9 +72,6 @@ from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
-    VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
-    VIRTIO_NET_HDR_GSO_UDP_L4,
     VIRTIO_NET_HDR_SIZE,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -991,18 +988,6 @@ def test_enqueue_delivers_or_completes_a_frame_with_its_header(
             assert (packets, offloaded) == ((2, 0) if takes else (7, 1))
         else:  # too few chains for it: nothing of it is delivered, and the batch stops there
             assert (consumed, packets, dropped, offloaded) == (0, 0, 0, 0)
-
-
-def gso(l3: str, l4: str, payload: int, gso_size: int) -> tuple[VnetHeader, bytes]:
-    """A GSO frame and the header Linux hands over with it (test_offload_ingress.gso)."""
-    frame = bytes(super_frame(l3, l4, bytes(k % 251 for k in range(payload))))
-    kind = {
-        ("4", "tcp"): VIRTIO_NET_HDR_GSO_TCPV4,
-        ("6", "tcp"): VIRTIO_NET_HDR_GSO_TCPV6,
-    }.get((l3, l4), VIRTIO_NET_HDR_GSO_UDP_L4)
-    start = 14 + (20 if l3 == "4" else 40)
-    offset = 16 if l4 == "tcp" else 6
-    return VnetHeader(VIRTIO_NET_HDR_F_NEEDS_CSUM, kind, len(frame) - payload, gso_size, start, offset), frame
 
 
 def ok_all(results: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
