@@ -210,9 +210,15 @@ def sweep_stale_files() -> list[Path]:
     A lab user killed outright (SIGKILL, a CI timeout) never runs `Testpmd.close`; its testpmds exit when
     their stdin closes, but their files stay and keep hugepages in use. Returns what was removed.
     """
+    return remove_orphaned([*HUGEPAGES.glob("vhm*t*map_*"), *DPDK_RUNTIME.glob("vhm*t*")], _PREFIX)
+
+
+def remove_orphaned(paths: list[Path], owner: re.Pattern[str]) -> list[Path]:
+    """Remove those of ``paths`` (hugepage files, runtime directories) whose name ``owner`` matches with the
+    pid of a process that no longer exists in its first group; the paths removed."""
     removed = []
-    for path in [*HUGEPAGES.glob("vhm*t*map_*"), *DPDK_RUNTIME.glob("vhm*t*")]:
-        match = _PREFIX.match(path.name)
+    for path in paths:
+        match = owner.match(path.name)
         if match is None or Path(f"/proc/{match.group(1)}").exists():
             continue
         if path.is_dir():

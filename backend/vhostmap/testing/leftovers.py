@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vhostmap.lab.netns import NETNS_DIR, link_exists, netns_exists
-from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES
+from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES, remove_orphaned
 from vhostmap.testing.names import KIT_PREFIX
 
 # Labs' directories (short paths: UNIX sockets go in them) and the records of every session on the machine.
@@ -184,13 +184,6 @@ def sweep() -> list[str]:
         if str(orphan) not in claimed_dirs and orphan.exists():
             shutil.rmtree(orphan, ignore_errors=True)
             removed.append(f"directory {orphan}")
-    for path in [*HUGEPAGES.glob(f"{KIT_PREFIX}*"), *DPDK_RUNTIME.glob(f"{KIT_PREFIX}*")]:
-        match = _HUGEPAGE.match(path.name)
-        if match is None or Path(f"/proc/{match.group(1)}").exists():
-            continue
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(f"hugepage file {path}")
+    dpdk = [*HUGEPAGES.glob(f"{KIT_PREFIX}*"), *DPDK_RUNTIME.glob(f"{KIT_PREFIX}*")]
+    removed += [f"hugepage file {path}" for path in remove_orphaned(dpdk, _HUGEPAGE)]
     return removed
