@@ -40,6 +40,10 @@ processes.
   letting QEMU float would hand the guests whatever a back-end leaves of its core, and measure that
   instead. The numbers are therefore "two TCG guests sharing a core", not a guest's best.
 
+``--layouts split,packed`` runs P1-P3 over both virtqueue layouts: each back-end again over packed rings
+(``+packed``: vhostmap's ports with ``packed=on``, every front-end port with ``packed_vq=1``), the packed
+ones compared with DPDK's over packed rings, in the same rounds as the split ones.
+
 The ratio of a run pair is vhostmap's rate over DPDK's in the same round; the table gives the median of those.
 ``--baseline DIR`` adds, next to each vhostmap back-end, the same back-end run from another checkout (DIR, its
 kernels built: a git worktree of the commit to compare with), alternating within each round too, and the table
@@ -80,6 +84,13 @@ SCENARIOS = {"P1": "dequeue", "P2": "enqueue", "P3": "forwarding", "G1": "TSO en
 # What runs without --only: G1 and T1 (which boots guests, minutes per round) run only when asked for.
 DEFAULT_SCENARIOS = ("P1", "P2", "P3")
 OFFLOADS_OFF = "-offloads-off"  # a T1 back-end: the one named before it with offloads=off on its ports
+# A P1-P3 back-end over packed virtqueues (``--layouts``): the one named before it, vhostmap's ports with
+# ``packed=on`` and the front-end's with ``packed_vq=1``; its ratio is to DPDK's over packed rings too.
+PACKED = "+packed"
+LAYOUTS = ("split", "packed")
+LAYOUT_SCENARIOS = ("P1", "P2", "P3")  # G1 and T1 run over split rings whatever --layouts says
+# The front-end's option for packed rings (net_virtio_user; DPDK's vhost library follows what it negotiates).
+PACKED_VQ = ("packed_vq=1",)
 # The back-ends of each scenario, DPDK's last: one round runs each once, in this order.
 BACKENDS = {
     "P1": ("vhostmap", "dpdk"),
@@ -120,6 +131,7 @@ class Settings:
     frontend_cpu: int = 0  # the testpmd front-end's, or T1's guests'
     baseline: Path | None = None  # another checkout whose vhostmap runs as BACKEND@baseline too
     file_mb: int = 64  # T1: the file the guests copy, in MiB
+    layouts: tuple[str, ...] = ("split",)  # P1-P3's virtqueue layouts (LAYOUTS), each with its DPDK anchor
 
     def sizes_of(self, scenario: str) -> tuple[int, ...]:
         """The sizes ``scenario`` runs at: frame sizes, G1's TSO frame, or T1's one file size (MiB)."""
@@ -259,6 +271,24 @@ def _testpmd_rx_gbit(tp: Testpmd) -> Callable[[], int]:
     return lambda: tp.stats()[0].rx_bytes * 8 // 1000
 
 
+def _layout(packed: bool, sep: str = "") -> str:
+    """The port option that makes vhostmap offer packed rings, after ``sep``; nothing for split rings."""
+    return f"{sep}packed=on" if packed else ""
+
+
+def _connected(daemon: VhostmapDaemon, ports: Sequence[str], packed: bool) -> None:
+    """Wait until the front-end connected to each of ``ports`` and negotiated the ring layout asked for: one
+    that fell back to split rings would otherwise be measured as packed."""
+    want = "packed" if packed else "split"
+    for name in ports:
+        daemon.wait_connected(name, SETUP_TIMEOUT)
+    wait_until(
+        lambda: all(daemon.status()["ports"][name]["ring"] == want for name in ports),
+        SETUP_TIMEOUT,
+        f"the front-end to negotiate {want} rings on ports {', '.join(ports)}",
+    )
+
+
 def _checker(*procs: Testpmd | VhostmapDaemon) -> Callable[[], None]:
     """Raises BenchError if any of ``procs`` exited (or, the daemon, stopped answering)."""
 
@@ -326,6 +356,10 @@ class Bench:
         """The vhost-user socket of port ``name``."""
         return self.workdir / f"{name}.sock"
 
+    def frontend(self, name: str, packed: bool = False) -> VirtioUserPort:
+        """The front-end's port on the socket of port ``name``, asking for packed rings if ``packed``."""
+        return VirtioUserPort(self.sock(name), options=PACKED_VQ if packed else ())
+
     def guests(self, file_mb: int) -> tcpbench.GuestPair:
         """T1's two guests on the sockets of ports a and b, both on the front-end's CPU (the module
         docstring says why), guest A serving a ``file_mb`` MiB file (a context manager: entering boots)."""
@@ -341,15 +375,17 @@ class Bench:
         """One run: packets per second (and how busy vhostmap's datapath was). A vhostmap ``backend`` ending
         in BASELINE runs from the baseline checkout."""
         name, baseline, _ = backend.partition(BASELINE)
+        name, packed, _ = name.partition(PACKED)
         tree = self.settings.baseline if baseline else None
+        p = bool(packed)
         runner: dict[tuple[str, str], Callable[[int], Rate]] = {
-            ("P1", "vhostmap"): lambda n: self.p1_vhostmap(n, tree),
-            ("P1", DPDK): self.p1_dpdk,
-            ("P2", "vhostmap"): lambda n: self.p2_vhostmap(n, tree),
-            ("P2", DPDK): self.p2_dpdk,
-            ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, tree, switch=False),
-            ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, tree, switch=True),
-            ("P3", DPDK): self.p3_dpdk,
+            ("P1", "vhostmap"): lambda n: self.p1_vhostmap(n, tree, packed=p),
+            ("P1", DPDK): lambda n: self.p1_dpdk(n, packed=p),
+            ("P2", "vhostmap"): lambda n: self.p2_vhostmap(n, tree, packed=p),
+            ("P2", DPDK): lambda n: self.p2_dpdk(n, packed=p),
+            ("P3", "vhostmap-link"): lambda n: self.p3_vhostmap(n, tree, switch=False, packed=p),
+            ("P3", "vhostmap-switch"): lambda n: self.p3_vhostmap(n, tree, switch=True, packed=p),
+            ("P3", DPDK): lambda n: self.p3_dpdk(n, packed=p),
             ("G1", "vhostmap-mtu"): lambda n: self.g1_vhostmap(MTU_FRAME, tree),
             ("G1", "vhostmap-tso"): lambda n: self.g1_vhostmap(n, tree, takes=True),
             ("G1", "vhostmap-tso-completed"): lambda n: self.g1_vhostmap(n, tree),
@@ -363,14 +399,14 @@ class Bench:
         }
         return runner[scenario, name](size)
 
-    def p1_vhostmap(self, size: int, tree: Path | None = None) -> Rate:
+    def p1_vhostmap(self, size: int, tree: Path | None = None, *, packed: bool = False) -> Rate:
         """testpmd txonly into a lone vhostmap port; vhostmap's receive counter."""
         s = self.settings
         with (
-            self.daemon(tree, ["a"]) as daemon,
-            self.testpmd([VirtioUserPort(self.sock("a"))], "txonly", size, s.frontend_cpu) as fe,
+            self.daemon(tree, ["a"], options=_layout(packed)) as daemon,
+            self.testpmd([self.frontend("a", packed)], "txonly", size, s.frontend_cpu) as fe,
         ):
-            daemon.wait_connected("a", SETUP_TIMEOUT)
+            _connected(daemon, ("a",), packed)
             fe.start()
             return measure(
                 lambda: int(daemon.stats()["a"]["totals"]["rx_packets"]),
@@ -380,37 +416,39 @@ class Bench:
                 _datapath_idle(daemon),
             )
 
-    def p1_dpdk(self, size: int) -> Rate:
+    def p1_dpdk(self, size: int, *, packed: bool = False) -> Rate:
         """testpmd txonly into net_vhost rxonly; net_vhost's receive counter."""
         s = self.settings
         with (
             self.testpmd([VhostPort(self.sock("a"))], "rxonly", size, s.backend_cpu) as be,
-            self.testpmd([VirtioUserPort(self.sock("a"))], "txonly", size, s.frontend_cpu) as fe,
+            self.testpmd([self.frontend("a", packed)], "txonly", size, s.frontend_cpu) as fe,
         ):
             be.wait_for_link(0, SETUP_TIMEOUT)
             be.start()
             fe.start()
             return measure(_testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe))
 
-    def p2_vhostmap(self, size: int, tree: Path | None = None) -> Rate:
+    def p2_vhostmap(self, size: int, tree: Path | None = None, *, packed: bool = False) -> Rate:
         """A vhostmap port generating ``size``-byte frames (``generate=``) into testpmd rxonly; testpmd's
         RX."""
         s = self.settings
         with (
-            self.daemon(tree, ["a"], options=f"generate={size}") as daemon,
-            self.testpmd([VirtioUserPort(self.sock("a"))], "rxonly", size, s.frontend_cpu) as fe,
+            self.daemon(tree, ["a"], options=f"generate={size}" + _layout(packed, ",")) as daemon,
+            self.testpmd([self.frontend("a", packed)], "rxonly", size, s.frontend_cpu) as fe,
         ):
-            daemon.wait_connected("a", SETUP_TIMEOUT)
+            _connected(daemon, ("a",), packed)
             fe.start()
             return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe), _datapath_idle(daemon))
 
-    def p2_dpdk(self, size: int, rx: Callable[[Testpmd], Callable[[], int]] | None = None) -> Rate:
+    def p2_dpdk(
+        self, size: int, rx: Callable[[Testpmd], Callable[[], int]] | None = None, *, packed: bool = False
+    ) -> Rate:
         """net_vhost txonly into testpmd rxonly; the front-end's receive counter (``rx``, by default its
         packets)."""
         s = self.settings
         with (
             self.testpmd([VhostPort(self.sock("a"))], "txonly", size, s.backend_cpu) as be,
-            self.testpmd([VirtioUserPort(self.sock("a"))], "rxonly", size, s.frontend_cpu) as fe,
+            self.testpmd([self.frontend("a", packed)], "rxonly", size, s.frontend_cpu) as fe,
         ):
             be.wait_for_link(0, SETUP_TIMEOUT)
             fe.start()
@@ -439,21 +477,21 @@ class Bench:
             mean = q["tx_bytes"] / max(q["tx_packets"], 1)
             return replace(rate, detail=f"{q['tx_offloaded']} frames segmented, {mean:.0f} B per frame sent")
 
-    def p3_vhostmap(self, size: int, tree: Path | None = None, *, switch: bool) -> Rate:
+    def p3_vhostmap(self, size: int, tree: Path | None = None, *, switch: bool, packed: bool = False) -> Rate:
         """Two front-end ports io-forwarding through a vhostmap link (or switch); the front-end's RX."""
         s = self.settings
-        ports = [VirtioUserPort(self.sock("a")), VirtioUserPort(self.sock("b"))]
+        ports = [self.frontend("a", packed), self.frontend("b", packed)]
+        links, sw = ([], "sw0=a,b") if switch else (["a,b"], None)
         with (
-            self.daemon(tree, ["a", "b"], [] if switch else ["a,b"], "sw0=a,b" if switch else None) as daemon,
+            self.daemon(tree, ["a", "b"], links, sw, _layout(packed)) as daemon,
             self.testpmd(ports, "io", size, s.frontend_cpu) as fe,
         ):
-            daemon.wait_connected("a", SETUP_TIMEOUT)
-            daemon.wait_connected("b", SETUP_TIMEOUT)
+            _connected(daemon, ("a", "b"), packed)
             fe.start(tx_first=TX_FIRST_BURSTS)
             rx, alive = _testpmd_rx(fe, (0, 1)), _checker(daemon, fe)
             return measure(rx, s.seconds, s.warmup, alive, _datapath_idle(daemon))
 
-    def p3_dpdk(self, size: int) -> Rate:
+    def p3_dpdk(self, size: int, *, packed: bool = False) -> Rate:
         """The same front-end through testpmd io-forwarding two net_vhost ports."""
         s = self.settings
         with (
@@ -461,7 +499,7 @@ class Bench:
                 [VhostPort(self.sock("a")), VhostPort(self.sock("b"))], "io", size, s.backend_cpu
             ) as be,
             self.testpmd(
-                [VirtioUserPort(self.sock("a")), VirtioUserPort(self.sock("b"))], "io", size, s.frontend_cpu
+                [self.frontend("a", packed), self.frontend("b", packed)], "io", size, s.frontend_cpu
             ) as fe,
         ):
             be.wait_for_link(0, SETUP_TIMEOUT)
@@ -549,7 +587,8 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
     bench = Bench(settings, workdir)
     for scenario in settings.only:
         for size in settings.sizes_of(scenario):
-            series = {b: Series(scenario, size, b) for b in backends(scenario, settings.baseline is not None)}
+            names = backends(scenario, settings.baseline is not None, settings.layouts)
+            series = {b: Series(scenario, size, b) for b in names}
             results += series.values()
             for round_ in range(1, settings.runs + 1):
                 for backend, ser in series.items():
@@ -586,15 +625,30 @@ def _format(value: float, unit: str, width: int = 0) -> str:
     return f"{value:{width}.{ {'Mbit/s': 1, 'Gbit/s': 2}.get(unit, 3) }f}"
 
 
-def backends(scenario: str, baseline: bool) -> list[str]:
-    """The back-ends one round of ``scenario`` runs, in order; with ``baseline``, each vhostmap one twice in a
-    row, this checkout's and the baseline's."""
+def backends(scenario: str, baseline: bool, layouts: Sequence[str] = ("split",)) -> list[str]:
+    """The back-ends one round of ``scenario`` runs, in order: for each of ``layouts`` (P1-P3 only), every
+    back-end of the scenario, DPDK's last; with ``baseline``, each vhostmap one twice in a row, this
+    checkout's and the baseline's."""
+    suffixes = [PACKED if layout == "packed" else "" for layout in layouts]
+    if scenario not in LAYOUT_SCENARIOS:
+        suffixes = [""]
     order = []
-    for b in BACKENDS[scenario]:
-        order.append(b)
-        if baseline and b != DPDK:
-            order.append(b + BASELINE)
+    for suffix in suffixes:
+        for b in BACKENDS[scenario]:
+            order.append(b + suffix)
+            if baseline and b != DPDK:
+                order.append(b + suffix + BASELINE)
     return order
+
+
+def is_dpdk(backend: str) -> bool:
+    """Whether ``backend`` is DPDK's (over either layout)."""
+    return backend.partition(PACKED)[0] == DPDK
+
+
+def dpdk_of(backend: str) -> str:
+    """The DPDK back-end a vhostmap one is compared with: DPDK's over the same virtqueue layout."""
+    return DPDK + PACKED if PACKED in backend else DPDK
 
 
 def _ratios_to(
@@ -606,7 +660,7 @@ def _ratios_to(
     out: dict[tuple[str, int, str], list[float]] = {}
     for s in results:
         ref = by_key.get(reference(s))
-        if s.backend == DPDK or ref is None:
+        if is_dpdk(s.backend) or ref is None:
             continue
         out[s.scenario, s.size, s.backend] = [
             v / r for v, r in zip(s.rates, ref.rates, strict=False) if v is not None and r
@@ -632,7 +686,7 @@ def offload_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list
 
 def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
     """For each vhostmap series: its rate over DPDK's in the same round, for each round both measured."""
-    return _ratios_to(results, lambda s: (s.scenario, s.size, DPDK))
+    return _ratios_to(results, lambda s: (s.scenario, s.size, dpdk_of(s.backend)))
 
 
 def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
@@ -662,7 +716,7 @@ def table(results: Sequence[Series], runs: int) -> str:
         median = _format(s.median, unit, 7) if s.median is not None else f"{'n/a':>7}"
         key = (s.scenario, s.size, s.backend)
         r, each = ratio.get(key), rounds.get(key, [])
-        rtext = "" if s.backend == DPDK else f"{r:13.3f}" if r is not None else f"{'n/a':>13}"
+        rtext = "" if is_dpdk(s.backend) else f"{r:13.3f}" if r is not None else f"{'n/a':>13}"
         if len(each) > 1:
             rtext += f"  {min(each):.2f}-{max(each):.2f}"
         name = f"{s.scenario} {SCENARIOS[s.scenario]}"
@@ -724,8 +778,8 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             median: s.median,
             "ratio_to_dpdk": ratio.get(key),
             "round_ratios": rounds.get(key),
-            "datapath_busy": s.busy if s.backend != DPDK else None,
-            "frames_per_round": s.per_round if s.backend != DPDK else None,
+            "datapath_busy": None if is_dpdk(s.backend) else s.busy,
+            "frames_per_round": None if is_dpdk(s.backend) else s.per_round,
             "baseline_round_ratios": against.get(key),
             "notes": s.notes,
         }
@@ -762,7 +816,7 @@ def chart(results: Sequence[Series], path: Path) -> bool:
         return False
     ratio = ratios(results)
     units = list(dict.fromkeys(s.unit for s in results))
-    backends = sorted({s.backend for s in results}, key=lambda b: (b == DPDK, b))
+    backends = sorted({s.backend for s in results}, key=lambda b: (is_dpdk(b), b))
     color = {b: f"C{i}" for i, b in enumerate(backends)}
     groups_of = {u: list(dict.fromkeys((s.scenario, s.size) for s in results if s.unit == u)) for u in units}
     fig, axes = plt.subplots(
@@ -822,6 +876,14 @@ def _scenarios(text: str) -> tuple[str, ...]:
     return names
 
 
+def _layouts(text: str) -> tuple[str, ...]:
+    names = _parse_list(text, "layout", str)
+    unknown = [n for n in names if n not in LAYOUTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown layout {unknown[0]} (known: {', '.join(LAYOUTS)})")
+    return names
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     sizes: tuple[int, ...] = _parse_list(text, "size", int)
     for size in sizes:
@@ -862,6 +924,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=64,
         help="T1: MiB of the file guest B fetches from guest A (default 64, at most 1024)",
+    )
+    p.add_argument(
+        "--layouts",
+        type=_layouts,
+        default=("split",),
+        help="virtqueue layouts of P1-P3, e.g. split,packed (default split): each back-end runs over each, "
+        "vhostmap's over packed rings compared with DPDK's over packed rings",
     )
     p.add_argument("--backend-cpu", type=int, default=1, help="CPU of vhostmap's datapath / DPDK's back-end")
     p.add_argument(
@@ -931,6 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         frontend_cpu=args.frontend_cpu,
         baseline=args.baseline.resolve() if args.baseline else None,
         file_mb=args.file_mb,
+        layouts=args.layouts,
     )
     if settings.baseline is not None and not any(
         (settings.baseline / "backend/vhostmap/datapath").glob("_kernels*.so")
