@@ -278,38 +278,36 @@ def make_case(
 # --- running both ------------------------------------------------------------------------------------------
 
 
-class Instance:
-    """One copy of a Case, mapped as the device maps it."""
+def fault_outcome(e: VirtqueueError) -> tuple[Any, ...]:
+    """What a run that faulted is compared by: queue, reason and cause, message included."""
+    cause = e.__cause__
+    return ("fault", e.queue, e.reason, type(cause).__name__, str(cause) if cause else None)
 
-    def __init__(self, case: Case) -> None:
+
+class GuestInstance:
+    """One copy of a case's guest memory (mapped as the device maps it), dirty log and netmap ring, and what
+    a test observes of them after a run; subclasses add the queue (``vq``, its ``call_fd`` an eventfd)."""
+
+    vq: Any
+
+    def __init__(self, image: bytearray, log_size: int | None, ring: RingImage) -> None:
         self.fd = os.memfd_create("guest", os.MFD_CLOEXEC)
-        os.pwrite(self.fd, bytes(case.guest.image), 0)
+        os.pwrite(self.fd, bytes(image), 0)
         self.mem = GuestMemory()
         for gpa, size, offset in REGIONS:
             self.mem.add_region(MemoryRegion(gpa, size, UVA + offset, offset), os.dup(self.fd))
         self.log_fd: int | None = None
-        if case.log_size is not None:
+        if log_size is not None:
             self.log_fd = os.memfd_create("log", os.MFD_CLOEXEC)
-            os.ftruncate(self.log_fd, case.log_size)
-            self.mem.set_log(os.dup(self.log_fd), LogDescriptor(case.log_size, 0))
-        vq = SplitVirtqueue(RX_QUEUE if case.writable else TX_QUEUE)
-        vq.set_num(case.num)
-        vq.addresses = VringAddresses(uva(DESC_GPA), uva(AVAIL_GPA), uva(USED_GPA), USED_GPA, case.log_used)
-        vq.map(self.mem)
-        vq.event_idx, vq.indirect, vq.log_dirty = case.event_idx, case.indirect, case.log_dirty
-        vq.host_offloads = case.host_offloads
-        vq.pass_offloads, vq.guest_offloads = case.pass_offloads, case.guest_offloads
-        vq.kicks = case.kicks
-        vq.last_avail_idx, vq.used_idx = case.last_avail & 0xFFFF, case.used_idx & 0xFFFF
-        vq.signalled_used = case.signalled_used & 0xFFFF
-        vq.started = vq.enabled = True
-        vq.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.vq = vq
-        self.slots = case.ring.slots.copy()
-        self.region = case.ring.region.copy()
-        self.bufs = Buffers(self.region, case.ring.base, case.ring.buf_size)
+            os.ftruncate(self.log_fd, log_size)
+            self.mem.set_log(os.dup(self.log_fd), LogDescriptor(log_size, 0))
+        self.slots = ring.slots.copy()
+        self.region = ring.region.copy()
+        self.bufs = Buffers(self.region, ring.base, ring.buf_size)
 
-    def run(self, datapath: Datapath, case: Case, first: int, n: int) -> tuple[Any, ...]:
+    def batch(self, datapath: Datapath, case: Any, first: int, n: int) -> tuple[Any, ...]:
+        """A whole batch of ``case`` (its ``writable``, ``hdr_len``, ``mergeable``) through ``datapath``, as a
+        port runs it: its result, or its fault (`fault_outcome`)."""
         try:
             if case.writable:
                 res = datapath.enqueue(
@@ -318,13 +316,8 @@ class Instance:
             else:
                 res = datapath.dequeue(self.vq, self.mem, case.hdr_len, self.slots, first, n, self.bufs)
         except VirtqueueError as e:
-            cause = e.__cause__
-            return ("fault", e.queue, e.reason, type(cause).__name__, str(cause) if cause else None)
+            return fault_outcome(e)
         return ("ok", *dataclasses.astuple(res))
-
-    def state(self) -> tuple[int, int, int, list[tuple[int, int]]]:
-        vq = self.vq
-        return vq.last_avail_idx, vq.used_idx, vq.signalled_used, list(vq._pending_used)
 
     def calls(self) -> int:
         assert self.vq.call_fd is not None
@@ -348,6 +341,33 @@ class Instance:
         for fd in (self.fd, self.log_fd, self.vq.call_fd):
             if fd is not None:
                 os.close(fd)
+
+
+class Instance(GuestInstance):
+    """One copy of a Case, its split ring mapped as the device maps it."""
+
+    def __init__(self, case: Case) -> None:
+        super().__init__(case.guest.image, case.log_size, case.ring)
+        vq = SplitVirtqueue(RX_QUEUE if case.writable else TX_QUEUE)
+        vq.set_num(case.num)
+        vq.addresses = VringAddresses(uva(DESC_GPA), uva(AVAIL_GPA), uva(USED_GPA), USED_GPA, case.log_used)
+        vq.map(self.mem)
+        vq.event_idx, vq.indirect, vq.log_dirty = case.event_idx, case.indirect, case.log_dirty
+        vq.host_offloads = case.host_offloads
+        vq.pass_offloads, vq.guest_offloads = case.pass_offloads, case.guest_offloads
+        vq.kicks = case.kicks
+        vq.last_avail_idx, vq.used_idx = case.last_avail & 0xFFFF, case.used_idx & 0xFFFF
+        vq.signalled_used = case.signalled_used & 0xFFFF
+        vq.started = vq.enabled = True
+        vq.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.vq = vq
+
+    def run(self, datapath: Datapath, case: Case, first: int, n: int) -> tuple[Any, ...]:
+        return self.batch(datapath, case, first, n)
+
+    def state(self) -> tuple[int, int, int, list[tuple[int, int]]]:
+        vq = self.vq
+        return vq.last_avail_idx, vq.used_idx, vq.signalled_used, list(vq._pending_used)
 
 
 def assert_same_bytes(ref: bytes, got: bytes, what: str, where: Callable[[int], str] = hex) -> None:

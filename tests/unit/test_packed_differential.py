@@ -38,12 +38,13 @@ from test_kernels_differential import (
     BAD_RANGES,
     BUFFER_AREAS,
     FILE_SIZE,
-    REGIONS,
     RX_QUEUE,
     TX_QUEUE,
+    GuestInstance,
     Pick,
     RingImage,
     assert_same_bytes,
+    fault_outcome,
     file_offset,
     split,
     uva,
@@ -55,8 +56,6 @@ from vhostmap.datapath import lib
 from vhostmap.netmap.abi import NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.netmap.offload import ALL_NEEDS, NEEDS_CSUM, VnetHeader
 from vhostmap.vhost_user import kernels, rxtx
-from vhostmap.vhost_user.memory import GuestMemory
-from vhostmap.vhost_user.messages import LogDescriptor, MemoryRegion
 from vhostmap.vhost_user.packed import (
     DESC_F_AVAIL,
     DESC_F_USED,
@@ -65,7 +64,7 @@ from vhostmap.vhost_user.packed import (
     packed_need_event,
 )
 from vhostmap.vhost_user.packed_kernels import CompiledPackedRing
-from vhostmap.vhost_user.rxtx import MAX_FRAME, Buffers
+from vhostmap.vhost_user.rxtx import MAX_FRAME
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH, VirtqueueError
 from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DESC,
@@ -82,7 +81,6 @@ from vhostmap.virtio.spec import (
     VRING_PACKED_EVENT,
 )
 
-UVA = 0x7F00_0000_0000
 DESC_GPA, DRIVER_GPA, DEVICE_GPA = 0x1000, 0x3000, 0x3100  # room for 512 descriptors
 TABLES = (0x4000, 0x8000)
 HDR = VIRTIO_NET_HDR_SIZE
@@ -275,22 +273,13 @@ def back(num: int, pos: int, wrap: int, n: int) -> tuple[int, int]:
     return pos, wrap
 
 
-class Instance:
-    """One copy of a Case, mapped as the device maps it."""
+class Instance(GuestInstance):
+    """One copy of a Case, its packed ring mapped as the device maps it."""
 
     def __init__(self, case: Case, compiled: bool, batch: bool = False) -> None:
+        super().__init__(case.guest.image, case.log_size, case.ring)
         self.compiled = compiled
-        self.batch = batch
-        self.fd = os.memfd_create("guest", os.MFD_CLOEXEC)
-        os.pwrite(self.fd, bytes(case.guest.image), 0)
-        self.mem = GuestMemory()
-        for gpa, size, offset in REGIONS:
-            self.mem.add_region(MemoryRegion(gpa, size, UVA + offset, offset), os.dup(self.fd))
-        self.log_fd: int | None = None
-        if case.log_size is not None:
-            self.log_fd = os.memfd_create("log", os.MFD_CLOEXEC)
-            os.ftruncate(self.log_fd, case.log_size)
-            self.mem.set_log(os.dup(self.log_fd), LogDescriptor(case.log_size, 0))
+        self.batched = batch
         vq = PackedVirtqueue(RX_QUEUE if case.writable else TX_QUEUE)
         vq.set_num(case.num)
         vq.addresses = PackedRingAddresses(
@@ -309,13 +298,11 @@ class Instance:
         vq.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.vq = vq
         self.ring = CompiledPackedRing(vq, self.mem)
-        self.slots = case.ring.slots.copy()
-        self.region = case.ring.region.copy()
-        self.bufs = Buffers(self.region, case.ring.base, case.ring.buf_size)
 
     def run(self, case: Case, first: int, n: int) -> tuple[Any, ...]:
-        if self.batch:
-            return self.run_batch(case, first, n)
+        if self.batched:
+            # The whole batch in one C call, completed, as a port runs it.
+            return self.batch(kernels.COMPILED, case, first, n)
         q: rxtx.Virtqueue = self.ring if self.compiled else self.vq
         try:
             if case.writable:
@@ -323,30 +310,13 @@ class Instance:
             else:
                 res = rxtx.dequeue(q, self.mem, case.hdr_len, self.slots, first, n, self.bufs)
         except VirtqueueError as e:
-            cause = e.__cause__
-            return ("fault", e.queue, e.reason, type(cause).__name__, str(cause) if cause else None)
+            return fault_outcome(e)
         if self.compiled:
             self.ring.complete()
         else:
             self.vq.flush_used()
             self.vq.call()
             self.vq.enable_kicks()
-        return ("ok", *dataclasses.astuple(res))
-
-    def run_batch(self, case: Case, first: int, n: int) -> tuple[Any, ...]:
-        """The whole batch in one C call, completed, as a port runs it (kernels.COMPILED)."""
-        try:
-            if case.writable:
-                res = kernels.COMPILED.enqueue(
-                    self.vq, self.mem, case.hdr_len, case.mergeable, self.slots, first, n, self.bufs
-                )
-            else:
-                res = kernels.COMPILED.dequeue(
-                    self.vq, self.mem, case.hdr_len, self.slots, first, n, self.bufs
-                )
-        except VirtqueueError as e:
-            cause = e.__cause__
-            return ("fault", e.queue, e.reason, type(cause).__name__, str(cause) if cause else None)
         return ("ok", *dataclasses.astuple(res))
 
     def state(self) -> tuple[Any, ...]:
@@ -361,29 +331,6 @@ class Instance:
             vq.inflight.tobytes(),
             list(vq._pending_used),
         )
-
-    def calls(self) -> int:
-        assert self.vq.call_fd is not None
-        try:
-            return os.eventfd_read(self.vq.call_fd)
-        except BlockingIOError:
-            return 0
-
-    def memory(self) -> bytes:
-        return os.pread(self.fd, FILE_SIZE, 0)
-
-    def read(self, gpa: int, n: int) -> bytes:
-        return os.pread(self.fd, n, file_offset(gpa))
-
-    def log(self) -> bytes:
-        return b"" if self.log_fd is None else os.pread(self.log_fd, 1 << 20, 0)
-
-    def close(self) -> None:
-        self.vq.unmap()
-        self.mem.close()
-        for fd in (self.fd, self.log_fd, self.vq.call_fd):
-            if fd is not None:
-                os.close(fd)
 
 
 @dataclass
@@ -420,7 +367,7 @@ def run_both(case: Case, check: Callable[[Outcome], None] | None = None) -> list
             for got in others:
                 b = got.run(case, first, n)
                 where = (
-                    f"batch ({first}, {n}) of the {'batch kernel' if got.batch else 'compiled operations'}"
+                    f"batch ({first}, {n}) of the {'batch kernel' if got.batched else 'compiled operations'}"
                 )
                 assert b == a, where
                 assert got.state() == ref.state(), f"queue state after {where}"
