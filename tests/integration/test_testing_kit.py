@@ -24,7 +24,7 @@ import pytest
 
 from vhostmap.lab.netns import link_exists, netns_exists
 from vhostmap.lab.wait import wait_until
-from vhostmap.testing import Daemon, Guest, HostNamespace, Lab, Testpmd, Topology
+from vhostmap.testing import Daemon, Guest, HostNamespace, HostTap, Lab, Testpmd, Topology
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.slow
@@ -80,24 +80,40 @@ def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def test_a_topology_of_two_guests_and_a_namespace_on_a_switch_reaches_everywhere(
+def test_a_topology_of_two_guests_a_namespace_and_taps_on_a_switch_reaches_everywhere(
     topology: Callable[[dict[str, Any]], Topology],
 ) -> None:
+    """Hosts of both kinds: a namespace behind a veth (h), one around a TAP (t), and a TAP left on the host
+    (u, no address); t fetches a file from a guest over TCP, through the TAP's offloads."""
     topo = topology(
         {
             "switches": ["sw0"],
             "guests": {"a": {"nics": ["sw0"]}, "b": {"nics": ["sw0"]}},
-            "hosts": {"h": {"switch": "sw0"}},
+            "hosts": {
+                "h": {"switch": "sw0"},
+                "t": {"switch": "sw0", "kind": "tap"},
+                "u": {"switch": "sw0", "kind": "tap", "netns": False},
+            },
         }
     )
-    a, b, h = topo.guests["a"], topo.guests["b"], topo.hosts["h"]
+    a, b, h, t, u = topo.guests["a"], topo.guests["b"], topo.hosts["h"], topo.hosts["t"], topo.hosts["u"]
+    assert isinstance(t, HostNamespace) and isinstance(u, HostTap)
     subnet = topo.lab.names.subnet
     assert all(ip is not None and ip.split("/")[0] in [str(x) for x in subnet] for ip in [*a.ips, *b.ips])
-    assert len({a.ip, b.ip, h.ip}) == 3 and len({*a.macs, *b.macs}) == 2
+    assert len({a.ip, b.ip, h.ip, t.ip}) == 4 and len({*a.macs, *b.macs}) == 2
     assert a.ping(b.ip) == 0.0 and b.ping(h.ip) == 0.0 and h.ping(a.ip)
+    assert a.ping(t.ip) == 0.0 and t.ping(b.ip)
+    b.run("mkdir -p /srv && dd if=/dev/urandom of=/srv/blob bs=1k count=256 2>/dev/null", check=True)
+    b.run("busybox httpd -p 8080 -h /srv", check=True)
+    [sent] = b.run("md5sum /srv/blob", check=True).output.split()[:1]
+    got = t.run(["sh", "-c", f"busybox wget -q -O - http://{b.ip}:8080/blob | md5sum"], timeout=60)
+    assert got.stdout.split()[:1] == [sent], got
     result = a.run(f"echo to {b.ip}; exit 3")
     assert (result.rc, result.output) == (3, f"to {b.ip}\n")
-    assert sorted(topo.vhostmap.switches()["sw0"]["ports"]) == ["a.0", "b.0", "h"]
+    assert sorted(topo.vhostmap.switches()["sw0"]["ports"]) == ["a.0", "b.0", "h", "t", "t^", "u", "u^"]
+    # u is in the host's namespace, up, and got the guests' ARP broadcasts from the switch.
+    assert link_exists(u.ifname) and not link_exists(t.inside)
+    assert int(Path(f"/sys/class/net/{u.ifname}/statistics/rx_packets").read_text()) > 0
 
 
 def test_the_fixtures_alone_put_a_guest_on_a_tap_in_a_namespace_and_a_testpmd_on_a_link(

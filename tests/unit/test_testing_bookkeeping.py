@@ -14,7 +14,7 @@ import pytest
 from vhostmap.lab.testpmd import HUGEPAGES
 from vhostmap.lab.userimage import ImageBuildError
 from vhostmap.lab.userimage import build as build_image
-from vhostmap.testing import HostNamespace, ImageSpec, Lab, LabNames, TopologyError, build
+from vhostmap.testing import HostNamespace, HostTap, ImageSpec, Lab, LabNames, TopologyError, build
 from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
 from vhostmap.testing.names import worker_index
 from vhostmap.testing.topology import image_of, load
@@ -94,6 +94,21 @@ def test_hugepage_files_of_a_dead_testpmd_owner_are_swept_and_a_live_ones_are_no
         ({"switches": ["sw0"], "guests": {"a": {"nics": ["sw1"]}}}, "guest a NIC 0: no switch 'sw1'"),
         ({"guests": {"a": {"nic": ["sw0"]}}}, "guest a: unknown keys ['nic']"),
         ({"guests": {"a": {}}, "hosts": {"a": {"switch": "sw0"}}}, "['a'] name both a guest and a host"),
+        (
+            {"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "kind": "tun"}}},
+            "h: kind must be veth or tap",
+        ),
+        (
+            {"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "netns": False}}},
+            "h: netns is for kind tap",
+        ),
+        (
+            {"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "kind": "tap", "netns": "no"}}},
+            "h: netns must be true or false, not 'no'",
+        ),
+        ({"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "ip": 7}}}, "h: ip must be an address"),
+        ({"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "tap": 1}}}, "h: unknown keys ['tap']"),
+        ({"switches": ["sw0"], "hosts": {"h": {"switch": "sw1", "kind": "tap"}}}, "host h: no switch 'sw1'"),
     ],
 )
 def test_a_bad_topology_is_refused_naming_its_entry(spec: dict[str, object], message: str) -> None:
@@ -168,9 +183,18 @@ class RecordingLab:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def netns(self, name: str, *, address: str | None = None) -> HostNamespace:
-        self.calls.append(("netns", (name, address)))
-        return HostNamespace(f"ns-{name}", address or "", ifname=f"veth-{name}", inside="eth0")
+    def netns(self, name: str, *, address: str | None = None, tap: str | None = None) -> HostNamespace:
+        self.calls.append(("netns", (name, address, *([tap] if tap else []))))
+        veth = None if tap else f"veth-{name}"
+        return HostNamespace(f"ns-{name}", address or "", ifname=veth, inside=tap or "eth0")
+
+    def tap_name(self) -> str:
+        self.calls.append(("tap_name", ()))
+        return f"tap{sum(c[0] == 'tap_name' for c in self.calls)}"
+
+    def host_tap(self, name: str, tap: str, *, address: str | None = None) -> HostTap:
+        self.calls.append(("host_tap", (name, tap, address)))
+        return HostTap(name, tap, address)
 
     def vhostmap(self, ports: dict[str, str], switches: dict[str, list[str]]) -> str:
         self.calls.append(("vhostmap", (ports, switches)))
@@ -233,3 +257,47 @@ def test_a_bad_topology_toml_file_is_refused_like_its_dict(tmp_path: Path) -> No
     bad.write_text("switches = [sw0\n")
     with Lab() as lab, pytest.raises(tomllib.TOMLDecodeError):
         build(lab, bad)
+
+
+def test_tap_hosts_are_the_host_rings_of_a_port_moved_into_a_namespace_or_left_on_the_host() -> None:
+    """A TAP host is a front-end-less vhost-user port with ``host=`` on its switch; once the daemon has made
+    the TAP, it goes into a namespace with an address (the default) or stays on the host."""
+    spec = {
+        "switches": ["sw0"],
+        "guests": {"vm": {"nics": ["sw0"]}},
+        "hosts": {
+            "veth": {"switch": "sw0"},
+            "inns": {"switch": "sw0", "kind": "tap", "ip": "10.9.8.7/24"},
+            "bare": {"switch": "sw0", "kind": "tap", "netns": False},
+        },
+    }
+    lab = RecordingLab()
+    topo = build(cast(Lab, lab), spec)
+    assert lab.calls[:4] == [
+        ("netns", ("veth", None)),
+        ("tap_name", ()),
+        ("tap_name", ()),
+        (
+            "vhostmap",
+            (
+                {
+                    "veth": "generic,ifname=veth-veth",
+                    "inns": "vhost-user,host=tap1",
+                    "bare": "vhost-user,host=tap2",
+                    "vm.0": "vhost-user",
+                },
+                {"sw0": ["veth", "inns", "bare", "vm.0"]},
+            ),
+        ),
+    ]
+    # The TAPs exist once the daemon runs, and are placed before the guests start.
+    assert lab.calls[4:6] == [
+        ("netns", ("inns", "10.9.8.7/24", "tap1")),
+        ("host_tap", ("bare", "tap2", None)),
+    ]
+    assert [c[0] for c in lab.calls[6:]] == ["guest", "wait"]
+    inns, bare = topo["inns"], topo["bare"]
+    assert isinstance(inns, HostNamespace) and inns.inside == "tap1" and inns.ip == "10.9.8.7"
+    assert isinstance(bare, HostTap) and bare.ifname == "tap2"
+    with pytest.raises(ValueError, match="no address"):
+        bare.ip  # noqa: B018 (the property raises)
