@@ -224,13 +224,23 @@ def test_a_failing_test_reports_consoles_and_daemon_log_and_leaves_nothing(inner
 
 
 def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pytester) -> None:
+    """Besides the topology, the inner test starts a daemon that gives up root (``--user``), which clears its
+    parent-death signal: it outlives the killed session with its sockets and its TAP, until the next
+    session's sweep kills it."""
     inner.makepyfile(
         test_killed=f"""
-        import time
+        import json, time
+        from pathlib import Path
         from report_made import report_made
 
-        def test_killed(topology):
-            report_made(topology({SMALL_LAB!r}), "made.json")
+        def test_killed(topology, vhostmap_lab):
+            topo = topology({SMALL_LAB!r})
+            tap = vhostmap_lab.tap_name()
+            ports = {{"s": f"vhost-user,host={{tap}}"}}
+            stray = vhostmap_lab.vhostmap(ports, name="stray", extra_args=["--user", "nobody"])
+            stray_made = {{"pid": stray.pid, "control": stray.control, "socket": str(stray.socket("s"))}}
+            Path("stray.json").write_text(json.dumps({{**stray_made, "tap": tap}}))
+            report_made(topo, "made.json")
             time.sleep(600)
         """
     )
@@ -247,20 +257,31 @@ def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pyt
         finally:
             session.send_signal(signal.SIGKILL)
     made = json.loads(made_file.read_text())
-    # QEMU and the daemon die with the session (pdeathsig); the rest stays behind.
-    processes = [made["daemon"], *made["qemu"]]
-    wait_until(lambda: not any(alive(p) for p in processes), 10, "QEMU and vhostmap to die")
-    assert Path(made["dir"]).exists() and Path(made["record"]).exists()
-    assert all(netns_exists(n) for n in made["namespaces"])
-    assert all(link_exists(n) for n in made["links"])
+    stray = json.loads((inner.path / "stray.json").read_text())
+    try:
+        # QEMU and the lab's daemon die with the session (pdeathsig); the rest stays behind.
+        processes = [made["daemon"], *made["qemu"]]
+        wait_until(lambda: not any(alive(p) for p in processes), 10, "QEMU and vhostmap to die")
+        assert Path(made["dir"]).exists() and Path(made["record"]).exists()
+        assert all(netns_exists(n) for n in made["namespaces"])
+        assert all(link_exists(n) for n in made["links"])
+        assert alive(stray["pid"]) and link_exists(stray["tap"]), stray
+        assert Path(stray["control"]).exists() and Path(stray["socket"]).exists(), stray
 
-    inner.makepyfile(test_next="def test_next():\n    pass\n")
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "test_next.py")
-    result.assert_outcomes(passed=1)
-    header = result.stdout.str()
-    assert "vhostmap.testing: removed leftovers of killed sessions" in header
-    assert made["namespaces"][0] in header and made["dir"] in header
-    assert_all_gone(made)
+        inner.makepyfile(test_next="def test_next():\n    pass\n")
+        result = inner.runpytest_subprocess("-p", "no:cacheprovider", "test_next.py")
+        result.assert_outcomes(passed=1)
+        header = result.stdout.str()
+        assert "vhostmap.testing: removed leftovers of killed sessions" in header
+        assert made["namespaces"][0] in header and made["dir"] in header
+        assert f"vhostmap daemon pid {stray['pid']}" in header
+        assert_all_gone(made)
+        # Killed and waited for by the sweep: gone, and its TAP with it, before the next session's tests ran.
+        assert not alive(stray["pid"]) and not link_exists(stray["tap"]), stray
+        assert not Path(stray["control"]).exists() and not Path(stray["socket"]).exists(), stray
+    finally:
+        if alive(stray["pid"]):  # the sweep failed: do not leave it to the next run
+            os.kill(stray["pid"], signal.SIGKILL)
 
 
 def test_two_xdist_workers_build_labs_side_by_side(inner: pytest.Pytester) -> None:

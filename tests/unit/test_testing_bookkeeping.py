@@ -4,7 +4,9 @@ topology builds what its dict does, and image requests are read as they are writ
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, cast
@@ -49,24 +51,46 @@ def test_a_hugepage_prefix_names_its_owner_so_a_sweep_can_tell_it_is_stale() -> 
     assert match is not None and int(match.group(1)) > 0
 
 
+def fake_daemon(control: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line is a lab daemon's as far as the sweep can tell (``serve --control``)."""
+    code = "import time; time.sleep(600)"
+    return subprocess.Popen([sys.executable, "-c", code, "serve", "--control", str(control)])
+
+
 def test_a_dead_sessions_record_is_swept_and_a_live_ones_is_not() -> None:
+    """With the daemons: a dead record's, and one in a kit directory no record claims (started before its pid
+    was recorded), are killed; a live record's, and one outside the kit's directories, are not."""
     finished = subprocess.Popen(["true"])
     finished.wait()  # its pid names a process that no longer runs
-    dead_dir, live_dir = LAB_ROOT / "vhk-unit-dead", LAB_ROOT / "vhk-unit-live"
+    dead_dir, live_dir, lost_dir = (LAB_ROOT / f"vhk-unit-{k}" for k in ("dead", "live", "lost"))
+    other_dir = LAB_ROOT / "vhostmap-unit-not-the-kits"
+    dirs = (dead_dir, live_dir, lost_dir, other_dir)
+    for directory in dirs:
+        directory.mkdir()
+        (directory / "x.sock").write_text("")
+    daemons = {d: fake_daemon(d / "vhostmap-ctl.sock") for d in dirs}
     dead = Record(lab="unitdead", owner=finished.pid, owner_start="0", dirs=[str(dead_dir)])
+    dead.daemons.append((daemons[dead_dir].pid, str(dead_dir / "vhostmap-ctl.sock")))
     live = Record(lab="unitlive", dirs=[str(live_dir)])
+    live.daemons.append((daemons[live_dir].pid, str(live_dir / "vhostmap-ctl.sock")))
     try:
-        for record, directory in ((dead, dead_dir), (live, live_dir)):
-            record.save()
-            directory.mkdir()
-            (directory / "x.sock").write_text("")
+        dead.save()
+        live.save()
         removed = sweep()
-        assert f"directory {dead_dir}" in removed
-        assert not dead_dir.exists() and not dead.path.exists()
-        assert live_dir.exists() and live.path.exists()
+        assert f"directory {dead_dir}" in removed and f"directory {lost_dir}" in removed
+        assert not dead_dir.exists() and not dead.path.exists() and not lost_dir.exists()
+        assert live_dir.exists() and live.path.exists() and other_dir.exists()
+        for directory in (dead_dir, lost_dir):
+            assert f"vhostmap daemon pid {daemons[directory].pid}" in removed
+            assert daemons[directory].wait(timeout=10) == -signal.SIGKILL
+        assert daemons[live_dir].poll() is None and daemons[other_dir].poll() is None
     finally:
-        for record, directory in ((dead, dead_dir), (live, live_dir)):
+        for proc in daemons.values():
+            proc.kill()
+            proc.wait()
+        for record in (dead, live):
             record.remove()
+        for directory in dirs:
             subprocess.run(["rm", "-rf", str(directory)], check=True)
 
 
