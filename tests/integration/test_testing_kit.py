@@ -185,11 +185,14 @@ def test_vhostmap_image_build_makes_an_image_once_and_boots_it(tmp_path: Path) -
     (tmp_path / "hello.txt").write_text(f"hello {time.time_ns()}\n")
     build = [sys.executable, "-m", "vhostmap.cli", "image", "build"]
     command = [*build, "--file", f"{tmp_path}/hello.txt:/etc/h"]
-    first = subprocess.run([*command, "--boot"], capture_output=True, text=True, timeout=300, check=True)
+    # No check=True: a failure's report shows what the command said (a CalledProcessError would not).
+    first = subprocess.run([*command, "--boot"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
     image = Path(first.stdout.strip())
     assert image.is_file() and "ready" in first.stderr and "booted in" in first.stderr, first.stderr
-    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-    assert again.stdout.strip() == str(image) and "(cached)" in again.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.strip() == str(image) and "(cached)" in again.stderr, again.stderr
 
 
 def test_the_readme_example_passes_as_a_users_test_file(inner: pytest.Pytester) -> None:
