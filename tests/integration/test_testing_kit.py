@@ -103,7 +103,7 @@ def test_a_topology_of_two_guests_a_namespace_and_taps_on_a_switch_reaches_every
     assert len({a.ip, b.ip, h.ip, t.ip}) == 4 and len({*a.macs, *b.macs}) == 2
     assert a.ping(b.ip) == 0.0 and b.ping(h.ip) == 0.0 and h.ping(a.ip)
     assert a.ping(t.ip) == 0.0 and t.ping(b.ip)
-    b.run("mkdir -p /srv && dd if=/dev/urandom of=/srv/blob bs=1k count=256 2>/dev/null", check=True)
+    b.run("mkdir -p /srv && dd if=/dev/urandom of=/srv/blob bs=1k count=64 2>/dev/null", check=True)
     b.run("busybox httpd -p 8080 -h /srv", check=True)
     [sent] = b.run("md5sum /srv/blob", check=True).output.split()[:1]
     got = t.run(["sh", "-c", f"busybox wget -q -O - http://{b.ip}:8080/blob | md5sum"], timeout=60)
