@@ -24,7 +24,7 @@ import pytest
 
 from vhostmap.lab.netns import link_exists, netns_exists
 from vhostmap.lab.wait import wait_until
-from vhostmap.testing import Daemon, Guest, HostNamespace, Lab, Testpmd, Topology
+from vhostmap.testing import Daemon, Guest, HostNamespace, HostTap, Lab, Testpmd, Topology
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.slow
@@ -80,24 +80,40 @@ def inner(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def test_a_topology_of_two_guests_and_a_namespace_on_a_switch_reaches_everywhere(
+def test_a_topology_of_two_guests_a_namespace_and_taps_on_a_switch_reaches_everywhere(
     topology: Callable[[dict[str, Any]], Topology],
 ) -> None:
+    """Hosts of both kinds: a namespace behind a veth (h), one around a TAP (t), and a TAP left on the host
+    (u, no address); t fetches a file from a guest over TCP, through the TAP's offloads."""
     topo = topology(
         {
             "switches": ["sw0"],
             "guests": {"a": {"nics": ["sw0"]}, "b": {"nics": ["sw0"]}},
-            "hosts": {"h": {"switch": "sw0"}},
+            "hosts": {
+                "h": {"switch": "sw0"},
+                "t": {"switch": "sw0", "kind": "tap"},
+                "u": {"switch": "sw0", "kind": "tap", "netns": False},
+            },
         }
     )
-    a, b, h = topo.guests["a"], topo.guests["b"], topo.hosts["h"]
+    a, b, h, t, u = topo.guests["a"], topo.guests["b"], topo.hosts["h"], topo.hosts["t"], topo.hosts["u"]
+    assert isinstance(t, HostNamespace) and isinstance(u, HostTap)
     subnet = topo.lab.names.subnet
     assert all(ip is not None and ip.split("/")[0] in [str(x) for x in subnet] for ip in [*a.ips, *b.ips])
-    assert len({a.ip, b.ip, h.ip}) == 3 and len({*a.macs, *b.macs}) == 2
+    assert len({a.ip, b.ip, h.ip, t.ip}) == 4 and len({*a.macs, *b.macs}) == 2
     assert a.ping(b.ip) == 0.0 and b.ping(h.ip) == 0.0 and h.ping(a.ip)
+    assert a.ping(t.ip) == 0.0 and t.ping(b.ip)
+    b.run("mkdir -p /srv && dd if=/dev/urandom of=/srv/blob bs=1k count=64 2>/dev/null", check=True)
+    b.run("busybox httpd -p 8080 -h /srv", check=True)
+    [sent] = b.run("md5sum /srv/blob", check=True).output.split()[:1]
+    got = t.run(["sh", "-c", f"busybox wget -q -O - http://{b.ip}:8080/blob | md5sum"], timeout=60)
+    assert got.stdout.split()[:1] == [sent], got
     result = a.run(f"echo to {b.ip}; exit 3")
     assert (result.rc, result.output) == (3, f"to {b.ip}\n")
-    assert sorted(topo.vhostmap.switches()["sw0"]["ports"]) == ["a.0", "b.0", "h"]
+    assert sorted(topo.vhostmap.switches()["sw0"]["ports"]) == ["a.0", "b.0", "h", "t", "t^", "u", "u^"]
+    # u is in the host's namespace, up, and got the guests' ARP broadcasts from the switch.
+    assert link_exists(u.ifname) and not link_exists(t.inside)
+    assert int(Path(f"/sys/class/net/{u.ifname}/statistics/rx_packets").read_text()) > 0
 
 
 def test_the_fixtures_alone_put_a_guest_on_a_tap_in_a_namespace_and_a_testpmd_on_a_link(
@@ -169,11 +185,14 @@ def test_vhostmap_image_build_makes_an_image_once_and_boots_it(tmp_path: Path) -
     (tmp_path / "hello.txt").write_text(f"hello {time.time_ns()}\n")
     build = [sys.executable, "-m", "vhostmap.cli", "image", "build"]
     command = [*build, "--file", f"{tmp_path}/hello.txt:/etc/h"]
-    first = subprocess.run([*command, "--boot"], capture_output=True, text=True, timeout=300, check=True)
+    # No check=True: a failure's report shows what the command said (a CalledProcessError would not).
+    first = subprocess.run([*command, "--boot"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
     image = Path(first.stdout.strip())
     assert image.is_file() and "ready" in first.stderr and "booted in" in first.stderr, first.stderr
-    again = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-    assert again.stdout.strip() == str(image) and "(cached)" in again.stderr
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.strip() == str(image) and "(cached)" in again.stderr, again.stderr
 
 
 def test_the_readme_example_passes_as_a_users_test_file(inner: pytest.Pytester) -> None:
@@ -208,13 +227,23 @@ def test_a_failing_test_reports_consoles_and_daemon_log_and_leaves_nothing(inner
 
 
 def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pytester) -> None:
+    """Besides the topology, the inner test starts a daemon that gives up root (``--user``), which clears its
+    parent-death signal: it outlives the killed session with its sockets and its TAP, until the next
+    session's sweep kills it."""
     inner.makepyfile(
         test_killed=f"""
-        import time
+        import json, time
+        from pathlib import Path
         from report_made import report_made
 
-        def test_killed(topology):
-            report_made(topology({SMALL_LAB!r}), "made.json")
+        def test_killed(topology, vhostmap_lab):
+            topo = topology({SMALL_LAB!r})
+            tap = vhostmap_lab.tap_name()
+            ports = {{"s": f"vhost-user,host={{tap}}"}}
+            stray = vhostmap_lab.vhostmap(ports, name="stray", extra_args=["--user", "nobody"])
+            stray_made = {{"pid": stray.pid, "control": stray.control, "socket": str(stray.socket("s"))}}
+            Path("stray.json").write_text(json.dumps({{**stray_made, "tap": tap}}))
+            report_made(topo, "made.json")
             time.sleep(600)
         """
     )
@@ -231,20 +260,31 @@ def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pyt
         finally:
             session.send_signal(signal.SIGKILL)
     made = json.loads(made_file.read_text())
-    # QEMU and the daemon die with the session (pdeathsig); the rest stays behind.
-    processes = [made["daemon"], *made["qemu"]]
-    wait_until(lambda: not any(alive(p) for p in processes), 10, "QEMU and vhostmap to die")
-    assert Path(made["dir"]).exists() and Path(made["record"]).exists()
-    assert all(netns_exists(n) for n in made["namespaces"])
-    assert all(link_exists(n) for n in made["links"])
+    stray = json.loads((inner.path / "stray.json").read_text())
+    try:
+        # QEMU and the lab's daemon die with the session (pdeathsig); the rest stays behind.
+        processes = [made["daemon"], *made["qemu"]]
+        wait_until(lambda: not any(alive(p) for p in processes), 10, "QEMU and vhostmap to die")
+        assert Path(made["dir"]).exists() and Path(made["record"]).exists()
+        assert all(netns_exists(n) for n in made["namespaces"])
+        assert all(link_exists(n) for n in made["links"])
+        assert alive(stray["pid"]) and link_exists(stray["tap"]), stray
+        assert Path(stray["control"]).exists() and Path(stray["socket"]).exists(), stray
 
-    inner.makepyfile(test_next="def test_next():\n    pass\n")
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "test_next.py")
-    result.assert_outcomes(passed=1)
-    header = result.stdout.str()
-    assert "vhostmap.testing: removed leftovers of killed sessions" in header
-    assert made["namespaces"][0] in header and made["dir"] in header
-    assert_all_gone(made)
+        inner.makepyfile(test_next="def test_next():\n    pass\n")
+        result = inner.runpytest_subprocess("-p", "no:cacheprovider", "test_next.py")
+        result.assert_outcomes(passed=1)
+        header = result.stdout.str()
+        assert "vhostmap.testing: removed leftovers of killed sessions" in header
+        assert made["namespaces"][0] in header and made["dir"] in header
+        assert f"vhostmap daemon pid {stray['pid']}" in header
+        assert_all_gone(made)
+        # Killed and waited for by the sweep: gone, and its TAP with it, before the next session's tests ran.
+        assert not alive(stray["pid"]) and not link_exists(stray["tap"]), stray
+        assert not Path(stray["control"]).exists() and not Path(stray["socket"]).exists(), stray
+    finally:
+        if alive(stray["pid"]):  # the sweep failed: do not leave it to the next run
+            os.kill(stray["pid"], signal.SIGKILL)
 
 
 def test_two_xdist_workers_build_labs_side_by_side(inner: pytest.Pytester) -> None:

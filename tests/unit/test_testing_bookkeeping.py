@@ -4,7 +4,9 @@ topology builds what its dict does, and image requests are read as they are writ
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +16,7 @@ import pytest
 from vhostmap.lab.testpmd import HUGEPAGES
 from vhostmap.lab.userimage import ImageBuildError
 from vhostmap.lab.userimage import build as build_image
-from vhostmap.testing import HostNamespace, ImageSpec, Lab, LabNames, TopologyError, build
+from vhostmap.testing import HostNamespace, HostTap, ImageSpec, Lab, LabNames, TopologyError, build
 from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
 from vhostmap.testing.names import worker_index
 from vhostmap.testing.topology import image_of, load
@@ -49,24 +51,46 @@ def test_a_hugepage_prefix_names_its_owner_so_a_sweep_can_tell_it_is_stale() -> 
     assert match is not None and int(match.group(1)) > 0
 
 
+def fake_daemon(control: Path) -> subprocess.Popen[bytes]:
+    """A process whose command line is a lab daemon's as far as the sweep can tell (``serve --control``)."""
+    code = "import time; time.sleep(600)"
+    return subprocess.Popen([sys.executable, "-c", code, "serve", "--control", str(control)])
+
+
 def test_a_dead_sessions_record_is_swept_and_a_live_ones_is_not() -> None:
+    """With the daemons: a dead record's, and one in a kit directory no record claims (started before its pid
+    was recorded), are killed; a live record's, and one outside the kit's directories, are not."""
     finished = subprocess.Popen(["true"])
     finished.wait()  # its pid names a process that no longer runs
-    dead_dir, live_dir = LAB_ROOT / "vhk-unit-dead", LAB_ROOT / "vhk-unit-live"
+    dead_dir, live_dir, lost_dir = (LAB_ROOT / f"vhk-unit-{k}" for k in ("dead", "live", "lost"))
+    other_dir = LAB_ROOT / "vhostmap-unit-not-the-kits"
+    dirs = (dead_dir, live_dir, lost_dir, other_dir)
+    for directory in dirs:
+        directory.mkdir()
+        (directory / "x.sock").write_text("")
+    daemons = {d: fake_daemon(d / "vhostmap-ctl.sock") for d in dirs}
     dead = Record(lab="unitdead", owner=finished.pid, owner_start="0", dirs=[str(dead_dir)])
+    dead.daemons.append((daemons[dead_dir].pid, str(dead_dir / "vhostmap-ctl.sock")))
     live = Record(lab="unitlive", dirs=[str(live_dir)])
+    live.daemons.append((daemons[live_dir].pid, str(live_dir / "vhostmap-ctl.sock")))
     try:
-        for record, directory in ((dead, dead_dir), (live, live_dir)):
-            record.save()
-            directory.mkdir()
-            (directory / "x.sock").write_text("")
+        dead.save()
+        live.save()
         removed = sweep()
-        assert f"directory {dead_dir}" in removed
-        assert not dead_dir.exists() and not dead.path.exists()
-        assert live_dir.exists() and live.path.exists()
+        assert f"directory {dead_dir}" in removed and f"directory {lost_dir}" in removed
+        assert not dead_dir.exists() and not dead.path.exists() and not lost_dir.exists()
+        assert live_dir.exists() and live.path.exists() and other_dir.exists()
+        for directory in (dead_dir, lost_dir):
+            assert f"vhostmap daemon pid {daemons[directory].pid}" in removed
+            assert daemons[directory].wait(timeout=10) == -signal.SIGKILL
+        assert daemons[live_dir].poll() is None and daemons[other_dir].poll() is None
     finally:
-        for record, directory in ((dead, dead_dir), (live, live_dir)):
+        for proc in daemons.values():
+            proc.kill()
+            proc.wait()
+        for record in (dead, live):
             record.remove()
+        for directory in dirs:
             subprocess.run(["rm", "-rf", str(directory)], check=True)
 
 
@@ -94,6 +118,21 @@ def test_hugepage_files_of_a_dead_testpmd_owner_are_swept_and_a_live_ones_are_no
         ({"switches": ["sw0"], "guests": {"a": {"nics": ["sw1"]}}}, "guest a NIC 0: no switch 'sw1'"),
         ({"guests": {"a": {"nic": ["sw0"]}}}, "guest a: unknown keys ['nic']"),
         ({"guests": {"a": {}}, "hosts": {"a": {"switch": "sw0"}}}, "['a'] name both a guest and a host"),
+        (
+            {"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "kind": "tun"}}},
+            "h: kind must be veth or tap",
+        ),
+        (
+            {"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "netns": False}}},
+            "h: netns is for kind tap",
+        ),
+        (
+            {"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "kind": "tap", "netns": "no"}}},
+            "h: netns must be true or false, not 'no'",
+        ),
+        ({"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "ip": 7}}}, "h: ip must be an address"),
+        ({"switches": ["sw0"], "hosts": {"h": {"switch": "sw0", "tap": 1}}}, "h: unknown keys ['tap']"),
+        ({"switches": ["sw0"], "hosts": {"h": {"switch": "sw1", "kind": "tap"}}}, "host h: no switch 'sw1'"),
     ],
 )
 def test_a_bad_topology_is_refused_naming_its_entry(spec: dict[str, object], message: str) -> None:
@@ -168,9 +207,18 @@ class RecordingLab:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def netns(self, name: str, *, address: str | None = None) -> HostNamespace:
-        self.calls.append(("netns", (name, address)))
-        return HostNamespace(f"ns-{name}", address or "", ifname=f"veth-{name}", inside="eth0")
+    def netns(self, name: str, *, address: str | None = None, tap: str | None = None) -> HostNamespace:
+        self.calls.append(("netns", (name, address, *([tap] if tap else []))))
+        veth = None if tap else f"veth-{name}"
+        return HostNamespace(f"ns-{name}", address or "", ifname=veth, inside=tap or "eth0")
+
+    def tap_name(self) -> str:
+        self.calls.append(("tap_name", ()))
+        return f"tap{sum(c[0] == 'tap_name' for c in self.calls)}"
+
+    def host_tap(self, name: str, tap: str, *, address: str | None = None) -> HostTap:
+        self.calls.append(("host_tap", (name, tap, address)))
+        return HostTap(name, tap, address)
 
     def vhostmap(self, ports: dict[str, str], switches: dict[str, list[str]]) -> str:
         self.calls.append(("vhostmap", (ports, switches)))
@@ -233,3 +281,47 @@ def test_a_bad_topology_toml_file_is_refused_like_its_dict(tmp_path: Path) -> No
     bad.write_text("switches = [sw0\n")
     with Lab() as lab, pytest.raises(tomllib.TOMLDecodeError):
         build(lab, bad)
+
+
+def test_tap_hosts_are_the_host_rings_of_a_port_moved_into_a_namespace_or_left_on_the_host() -> None:
+    """A TAP host is a front-end-less vhost-user port with ``host=`` on its switch; once the daemon has made
+    the TAP, it goes into a namespace with an address (the default) or stays on the host."""
+    spec = {
+        "switches": ["sw0"],
+        "guests": {"vm": {"nics": ["sw0"]}},
+        "hosts": {
+            "veth": {"switch": "sw0"},
+            "inns": {"switch": "sw0", "kind": "tap", "ip": "10.9.8.7/24"},
+            "bare": {"switch": "sw0", "kind": "tap", "netns": False},
+        },
+    }
+    lab = RecordingLab()
+    topo = build(cast(Lab, lab), spec)
+    assert lab.calls[:4] == [
+        ("netns", ("veth", None)),
+        ("tap_name", ()),
+        ("tap_name", ()),
+        (
+            "vhostmap",
+            (
+                {
+                    "veth": "generic,ifname=veth-veth",
+                    "inns": "vhost-user,host=tap1",
+                    "bare": "vhost-user,host=tap2",
+                    "vm.0": "vhost-user",
+                },
+                {"sw0": ["veth", "inns", "bare", "vm.0"]},
+            ),
+        ),
+    ]
+    # The TAPs exist once the daemon runs, and are placed before the guests start.
+    assert lab.calls[4:6] == [
+        ("netns", ("inns", "10.9.8.7/24", "tap1")),
+        ("host_tap", ("bare", "tap2", None)),
+    ]
+    assert [c[0] for c in lab.calls[6:]] == ["guest", "wait"]
+    inns, bare = topo["inns"], topo["bare"]
+    assert isinstance(inns, HostNamespace) and inns.inside == "tap1" and inns.ip == "10.9.8.7"
+    assert isinstance(bare, HostTap) and bare.ifname == "tap2"
+    with pytest.raises(ValueError, match="no address"):
+        bare.ip  # noqa: B018 (the property raises)

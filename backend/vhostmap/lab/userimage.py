@@ -12,6 +12,9 @@ followed by one overlay archive holding what the user added. So a build costs wh
   * files (``LOCAL:REMOTE``, a file or a directory) are copied to REMOTE.
 The image is kept as ``$VHOSTMAP_CACHE/userimages/initrd-STAMP.cpio``, STAMP hashing the base and every
 input's content, so the same request is free in every later session; the 8 most recently used are kept.
+Builders (sessions, xdist workers, ``vhostmap image build``) take turns on a lock beside that directory and
+make an image in scratch space beside it too, moved into it whole (a rename), so that clearing the directory
+(``rm -rf``) while a build runs neither fails the build nor lets a second builder in meanwhile.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ Base = Literal["busybox", "python"]
 # Bumped when the way images are made changes: older cached images are not reused.
 FORMAT = "userimage-v1"
 KEEP = 8
+# The scratch directories of builds in progress, in the cache directory (beside userimages).
+SCRATCH_PREFIX = ".userimage-build."
 SITE = "usr/lib/python3/dist-packages"
 
 
@@ -111,12 +116,26 @@ def stamp(spec: ImageSpec, base: GuestKernel) -> str:
     return digest.hexdigest()[:16]
 
 
+def lock_path(cache: Path) -> Path:
+    """The lock builders using ``cache`` take turns on: outside ``userimages``, which users may clear."""
+    return cache / ".userimages.lock"
+
+
 @contextlib.contextmanager
 def _locked(cache: Path) -> Iterator[None]:
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".userimage.lock", "w") as lock:
+    with open(lock_path(cache), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def _mtime(path: Path) -> float:
+    """When ``path`` was last used; 0 if it is gone (removed since it was listed: the oldest, as good as
+    pruned)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _run(cmd: Sequence[str], what: str) -> None:
@@ -178,14 +197,19 @@ def build(
         if not local.exists():
             raise ImageBuildError(f"{local} does not exist")
     base = base_kernel(spec.base)
-    root = (cache or cache_dir()) / "userimages"
+    top = cache or cache_dir()
+    root = top / "userimages"
     image = root / f"initrd-{stamp(spec, base)}.cpio"
-    with _locked(root):
+    with _locked(top):
         if image.is_file():
             progress(f"{image} (cached)")
         else:
             t0 = time.monotonic()
-            with tempfile.TemporaryDirectory(dir=root, prefix="build.") as scratch:
+            # Scratch space beside the images (a rename moves the image in), left by a killed build if any:
+            # no other build runs while the lock is held.
+            for stale in top.glob(f"{SCRATCH_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            with tempfile.TemporaryDirectory(dir=top, prefix=SCRATCH_PREFIX) as scratch:
                 work = Path(scratch)
                 overlay = work / "overlay"
                 overlay.mkdir()
@@ -219,11 +243,12 @@ def build(
                     out.write(b"\0" * (-out.tell() % 4))
                     with open(work / "overlay.cpio", "rb") as f:
                         shutil.copyfileobj(f, out, 1 << 20)
+                root.mkdir(exist_ok=True)  # again: it may have been cleared meanwhile
                 os.replace(work / "image", image)
             size = image.stat().st_size / 1e6
             progress(f"{image} ready ({size:.0f} MB) in {time.monotonic() - t0:.0f} s")
         os.utime(image)
-        for old in sorted(root.glob("initrd-*.cpio"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:]:
+        for old in sorted(root.glob("initrd-*.cpio"), key=_mtime, reverse=True)[KEEP:]:
             old.unlink(missing_ok=True)
     return GuestKernel(vmlinux=base.vmlinux, initrd=image, version=base.version)
 

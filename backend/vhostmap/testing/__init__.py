@@ -15,7 +15,7 @@ from vhostmap.lab.qemu import Nic
 from vhostmap.lab.testpmd import Testpmd, VhostPort, VirtioUserPort
 from vhostmap.lab.userimage import ImageSpec
 from vhostmap.lab.wait import WaitTimeout, wait_until
-from vhostmap.testing.lab import Daemon, Guest, HostNamespace, Lab
+from vhostmap.testing.lab import Daemon, Guest, HostNamespace, HostTap, Lab
 from vhostmap.testing.leftovers import sweep
 from vhostmap.testing.names import LabNames
 from vhostmap.testing.topology import Topology, TopologyError, build
@@ -27,6 +27,7 @@ __all__ = [
     "GuestCommandFailed",
     "GuestError",
     "HostNamespace",
+    "HostTap",
     "ImageSpec",
     "Lab",
     "LabNames",

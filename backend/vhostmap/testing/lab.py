@@ -165,6 +165,36 @@ class HostNamespace:
         self.netns.delete()
 
 
+class HostTap:
+    """A TAP left on the host itself (no namespace of its own): the host's stack on a switch port, made by a
+    port's ``host=`` option (`Lab.tap_name`). ``ifname`` is the TAP, up; ``address`` its address if it was
+    given one ("10.9.9.1/24"), else None; `run` runs a host command as it is. The TAP goes with its daemon.
+    """
+
+    def __init__(self, name: str, ifname: str, address: str | None = None) -> None:
+        self.name = name
+        self.ifname = ifname
+        self.address = address
+
+    @property
+    def ip(self) -> str:
+        """The TAP's address without the prefix length."""
+        if self.address is None:
+            raise ValueError(f"host {self.name} ({self.ifname}) has no address")
+        return self.address.split("/")[0]
+
+    def run(
+        self, cmd: Sequence[str], *, check: bool = False, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` (an argv) on the host; text output captured."""
+        return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=timeout)
+
+    def ping(self, addr: str, count: int = 3) -> bool:
+        """Whether ``count`` pings of ``addr`` out of the TAP all came back (busybox ping)."""
+        ping = ["busybox", "ping", "-I", self.ifname, "-c", str(count), "-i", "0.2", "-W", "2", addr]
+        return self.run(ping).returncode == 0
+
+
 class Lab:
     """The daemons, guests, testpmds and namespaces of one test, made through it and closed together.
 
@@ -314,6 +344,16 @@ class Lab:
         self.record.links.append(name)
         self.record.save()
         return name
+
+    def host_tap(self, name: str, tap: str, *, address: str | None = None) -> HostTap:
+        """The TAP a port's ``host=`` option made (see `tap_name`), left on the host: IPv6 off (the host sends
+        nothing of its own on the lab network), ``address`` added if given, up. For one in a namespace of its
+        own, with the lab's next address, see `netns`."""
+        disable_ipv6(tap)
+        if address is not None:
+            add_address(tap, address)
+        set_up(tap)
+        return HostTap(name, tap, address)
 
     def netns(
         self, name: str | None = None, *, address: str | None = None, tap: str | None = None

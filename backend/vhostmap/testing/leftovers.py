@@ -7,9 +7,17 @@ closes removes what it made and then its record. A session killed outright (SIGK
 the record with an owner pid that no longer runs; `sweep`, called at every session start, removes what such
 records name, and also any namespace, interface or /tmp directory with the kit's prefix that no live record
 claims (lost between the removal of a thing and of its record, or a record damaged), and DPDK hugepage files
-``vhk<pid>t...`` whose pid is gone. QEMU and the daemons die with the thread that started them
-(PR_SET_PDEATHSIG); the sweep kills a recorded daemon that is still there all the same, after checking that
-the pid still runs that daemon (its command line names the recorded control socket).
+``vhk<pid>t...`` whose pid is gone.
+
+QEMU and the daemons die with the thread that started them (PR_SET_PDEATHSIG), but not always: the kernel
+clears that signal when a process changes its credentials, as ``vhostmap serve --user`` does once its
+sockets exist, and such a daemon outlives a killed session, its sockets and TAPs with it. So the sweep also
+kills every ``vhostmap serve`` whose control socket is in a kit directory no live record claims (its
+session is gone, or it was started before its lab could record its pid), besides those dead records name
+(after checking that the pid still runs that daemon: its command line names the recorded control socket),
+and waits for them to be gone before it removes their directories and interfaces. A daemon of a session that
+still runs is never touched: its lab's record claims its directory from before the directory exists until
+after it is removed.
 """
 
 from __future__ import annotations
@@ -26,12 +34,16 @@ from pathlib import Path
 
 from vhostmap.lab.netns import NETNS_DIR, link_exists, netns_exists
 from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES, remove_orphaned
+from vhostmap.lab.wait import WaitTimeout, wait_until
 from vhostmap.testing.names import KIT_PREFIX
 
 # Labs' directories (short paths: UNIX sockets go in them) and the records of every session on the machine.
 LAB_ROOT = Path("/tmp")
 STATE_DIR = LAB_ROOT / "vhostmap-testing"
 _HUGEPAGE = re.compile(rf"{KIT_PREFIX}(\d+)t\d+x\d+")
+PROC = Path("/proc")
+# How long a killed daemon may take to exit (and close its TAPs) before the sweep goes on without it.
+DAEMON_EXIT_TIMEOUT = 10.0
 
 
 def state_dir() -> Path:
@@ -115,9 +127,36 @@ def _kit_dirs() -> list[Path]:
     return sorted(p for p in LAB_ROOT.glob(f"{KIT_PREFIX}-*") if p.is_dir())
 
 
+def _kit_daemons() -> dict[int, str]:
+    """pid -> control socket of each ``vhostmap serve`` whose control socket is in a kit directory."""
+    found = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if b"serve" not in argv or b"--control" not in argv[:-1]:
+            continue
+        control = Path(os.fsdecode(argv[argv.index(b"--control") + 1]))
+        if control.parent.parent == LAB_ROOT and control.parent.name.startswith(f"{KIT_PREFIX}-"):
+            found[int(entry.name)] = str(control)
+    return found
+
+
+def _runs(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited: its files, TAPs among them, are closed)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def _kill_daemon(pid: int, control: str) -> bool:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = (PROC / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     if os.fsencode(control) not in cmdline:
@@ -141,27 +180,33 @@ def sweep() -> list[str]:
     """Remove the leftovers of kit sessions that no longer run; return what was removed (for the report).
 
     Safe beside running sessions: what a live record names is never touched. The kit's namespaces,
-    interfaces and directories are listed *before* the records are read: a lab saves its record before it
-    makes anything, so whatever was listed and is still unclaimed once the records are read is a leftover,
-    and whatever a lab makes meanwhile was not listed.
+    interfaces, directories and daemons are listed *before* the records are read: a lab saves its record
+    before it makes anything, so whatever was listed and is still unclaimed once the records are read is a
+    leftover, and whatever a lab makes meanwhile was not listed.
     """
-    namespaces, links, dirs = _kit_namespaces(), _kit_links(), _kit_dirs()
+    namespaces, links, dirs, daemons = _kit_namespaces(), _kit_links(), _kit_dirs(), _kit_daemons()
     removed: list[str] = []
     claimed_dirs: set[str] = set()
     claimed_names: set[str] = set()
+    dead: list[tuple[Path, Record]] = []
     directory = state_dir()
-    records = sorted(directory.glob("*.json")) if directory.is_dir() else []
-    for path in records:
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         record = Record.load(path)
         if record is None:
             continue
         if record.owner_alive:
             claimed_dirs.update(record.dirs)
             claimed_names.update(record.namespaces + record.links)
-            continue
-        for pid, control in record.daemons:
-            if _kill_daemon(pid, control):
-                removed.append(f"vhostmap daemon pid {pid}")
+        else:
+            dead.append((path, record))
+    # Daemons first, and gone before the rest: a TAP goes with the daemon that holds it.
+    doomed = {pid: control for _, record in dead for pid, control in record.daemons}
+    doomed.update({pid: c for pid, c in daemons.items() if str(Path(c).parent) not in claimed_dirs})
+    killed = [pid for pid, control in doomed.items() if _kill_daemon(pid, control)]
+    removed += [f"vhostmap daemon pid {pid}" for pid in killed]
+    with contextlib.suppress(WaitTimeout):  # one that hangs in the kernel is reported, not waited for
+        wait_until(lambda: not any(_runs(p) for p in killed), DAEMON_EXIT_TIMEOUT, "killed daemons to exit")
+    for path, record in dead:
         for ns in record.namespaces:
             if (NETNS_DIR / ns).exists() and _delete_namespace(ns):
                 removed.append(f"namespace {ns}")

@@ -1,4 +1,4 @@
-"""A whole lab from a small dict or TOML file: switches, guests on them, host namespaces on them.
+"""A whole lab from a small dict or TOML file: switches, guests on them, the host's stack on them.
 
     {
         "switches": ["sw0"],                        # or {"sw0": {"aging": 300}}
@@ -6,7 +6,11 @@
             "server": {"nics": ["sw0"]},            # one NIC (eth0) per entry, in order
             "client": {"nics": ["sw0"], "image": "busybox", "memory_mb": 256, "cmdline": "", "share": "dir"},
         },
-        "hosts": {"ns0": {"switch": "sw0"}},        # a namespace behind a veth, on the switch
+        "hosts": {
+            "ns0": {"switch": "sw0"},                   # a namespace behind a veth, on the switch
+            "t0": {"switch": "sw0", "kind": "tap"},     # a namespace around a TAP (switch port "t0^")
+            "t1": {"switch": "sw0", "kind": "tap", "netns": False},  # the TAP left on the host
+        },
     }
 
 ``image`` is "busybox" (default), "python", or a table extending one of them: ``{"base": "python",
@@ -15,8 +19,19 @@ then cached by content; `vhostmap.lab.userimage`).
 
 A NIC entry is a switch name or a table ``{"switch": "sw0", "ip": "10.9.9.1/24", "mtu": 9000}`` (``"ip":
 false`` for none); addresses and MACs come from the lab's ranges unless given. Each NIC is a vhost-user port
-of one vhostmap daemon named ``<guest>.<index>``; each host a generic port named after it. `build` makes the
-namespaces, starts the daemon, starts every guest, then waits for all of them (they boot side by side).
+of one vhostmap daemon named ``<guest>.<index>``.
+
+A host is the host's network stack on a switch, in a namespace of its own with the lab's next address (or
+``ip``, "10.9.8.1/24"); ``.ip``, ``.run([...])`` and ``.ping(ip)`` reach it (a `HostNamespace`). ``kind``
+"veth" (default): behind a veth pair, whose host end is a generic port named after the host. ``kind``
+"tap": through a TAP, made by the daemon as the host rings (``host=TAP``) of a vhost-user port named after
+the host that no front-end uses, so that the switch has a port ``<host>^`` and the stack's checksum and
+segmentation offloads are in play. With ``"netns": false`` (TAPs only) the TAP stays in the host's own
+namespace, up, a `HostTap`, without an address unless ``ip`` gives one (the lab's subnet is only its own
+inside its namespaces: another session's lab may have the same one).
+
+`build` makes the veths' namespaces, starts the daemon, moves the TAPs, starts every guest, then waits for
+all of them (they boot side by side).
 """
 
 from __future__ import annotations
@@ -28,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 from vhostmap.lab.userimage import ImageSpec
-from vhostmap.testing.lab import Daemon, Guest, HostNamespace, Image, Lab
+from vhostmap.testing.lab import Daemon, Guest, HostNamespace, HostTap, Image, Lab
 
 GUEST_KEYS = {"nics", "image", "memory_mb", "smp", "cmdline", "share", "boot_timeout"}
+HOST_KEYS = {"switch", "kind", "ip", "netns"}
+HOST_KINDS = ("veth", "tap")
 
 
 class TopologyError(ValueError):
@@ -44,9 +61,9 @@ class Topology:
     lab: Lab
     vhostmap: Daemon
     guests: dict[str, Guest] = field(default_factory=dict)
-    hosts: dict[str, HostNamespace] = field(default_factory=dict)
+    hosts: dict[str, HostNamespace | HostTap] = field(default_factory=dict)
 
-    def __getitem__(self, name: str) -> Guest | HostNamespace:
+    def __getitem__(self, name: str) -> Guest | HostNamespace | HostTap:
         """A guest or host by name: ``topo["server"]``."""
         if name in self.guests:
             return self.guests[name]
@@ -72,6 +89,29 @@ def image_of(guest: str, image: Any) -> Image:
         wheels=wheels,
         files=tuple((Path(local), remote) for local, remote in dict(image.get("files", {})).items()),
     )
+
+
+def check_host(name: str, host: Any) -> dict[str, Any]:
+    """A ``hosts`` entry, checked, with its defaults: ``kind`` and (for a TAP) ``netns``."""
+    if not isinstance(host, Mapping) or "switch" not in host:
+        raise TopologyError(f"host {name}: expected a table with a switch")
+    extra = set(host) - HOST_KEYS
+    if extra:
+        raise TopologyError(f"host {name}: unknown keys {sorted(extra)} (expected {sorted(HOST_KEYS)})")
+    kind = host.get("kind", "veth")
+    if kind not in HOST_KINDS:
+        raise TopologyError(f"host {name}: kind must be veth or tap, not {kind!r}")
+    ip = host.get("ip")
+    if ip is not None and not isinstance(ip, str):
+        raise TopologyError(f"host {name}: ip must be an address with its prefix length, not {ip!r}")
+    if kind == "veth":
+        if "netns" in host:
+            raise TopologyError(f"host {name}: netns is for kind tap (a veth host is always a namespace)")
+        return {"switch": host["switch"], "kind": kind, "ip": ip}
+    netns = host.get("netns", True)
+    if not isinstance(netns, bool):
+        raise TopologyError(f"host {name}: netns must be true or false, not {netns!r}")
+    return {"switch": host["switch"], "kind": kind, "ip": ip, "netns": netns}
 
 
 def load(spec: Mapping[str, Any] | str | Path) -> dict[str, Any]:
@@ -105,14 +145,19 @@ def build(lab: Lab, spec: Mapping[str, Any] | str | Path) -> Topology:
             raise TopologyError(f"{owner}: no switch {switch!r} (switches: {sorted(members)})")
         members[switch].append(port)
 
-    made_hosts: dict[str, HostNamespace] = {}
-    for name, host in hosts.items():
-        if not isinstance(host, Mapping) or "switch" not in host:
-            raise TopologyError(f"host {name}: expected a table with a switch")
-        ns = lab.netns(name, address=host.get("ip"))
-        made_hosts[name] = ns
-        ports[name] = f"generic,ifname={ns.ifname}"
+    checked = {name: check_host(name, host) for name, host in hosts.items()}
+    for name, host in checked.items():
         attach(f"host {name}", host["switch"], name)
+    made_hosts: dict[str, HostNamespace | HostTap] = {}
+    taps: dict[str, str] = {}
+    for name, host in checked.items():
+        if host["kind"] == "tap":
+            taps[name] = lab.tap_name()
+            ports[name] = f"vhost-user,host={taps[name]}"
+        else:
+            ns = lab.netns(name, address=host["ip"])
+            made_hosts[name] = ns
+            ports[name] = f"generic,ifname={ns.ifname}"
 
     nic_options: dict[str, dict[str, Any]] = {}
     for name, g in guests.items():
@@ -134,6 +179,12 @@ def build(lab: Lab, spec: Mapping[str, Any] | str | Path) -> Topology:
             s: [*members[s], *([f"aging={o['aging']}"] if "aging" in o else [])] for s, o in switches.items()
         },
     )
+    for name, tap in taps.items():
+        host = checked[name]
+        if host["netns"]:
+            made_hosts[name] = lab.netns(name, address=host["ip"], tap=tap)
+        else:
+            made_hosts[name] = lab.host_tap(name, tap, address=host["ip"])
     made_guests: dict[str, Guest] = {}
     for name, g in guests.items():
         nics = []
