@@ -25,6 +25,7 @@ import pytest
 from vhostmap.lab.netns import link_exists, netns_exists
 from vhostmap.lab.wait import wait_until
 from vhostmap.testing import Daemon, Guest, HostNamespace, HostTap, Lab, Testpmd, Topology
+from vhostmap.testing.leftovers import sweeps_held
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.slow
@@ -249,27 +250,31 @@ def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pyt
     )
     made_file = inner.path / "made.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inner.path), os.environ.get("PYTHONPATH", "")])}
-    with subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_killed.py"],
-        cwd=inner.path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    ) as session:
-        try:
-            wait_until(made_file.exists, 120, "the inner session to build its lab")
-        finally:
-            session.send_signal(signal.SIGKILL)
-    made = json.loads(made_file.read_text())
-    stray = json.loads((inner.path / "stray.json").read_text())
+    stray: dict[str, Any] = {}
     try:
-        # QEMU and the lab's daemon die with the session (pdeathsig); the rest stays behind.
-        processes = [made["daemon"], *made["qemu"]]
-        wait_until(lambda: not any(alive(p) for p in processes), 10, "QEMU and vhostmap to die")
-        assert Path(made["dir"]).exists() and Path(made["record"]).exists()
-        assert all(netns_exists(n) for n in made["namespaces"])
-        assert all(link_exists(n) for n in made["links"])
-        assert alive(stray["pid"]) and link_exists(stray["tap"]), stray
-        assert Path(stray["control"]).exists() and Path(stray["socket"]).exists(), stray
+        # From the kill to the next session, no other pytest session on the machine sweeps (they skip): what
+        # is checked here is what the killed session left, and the next session's sweep is what removes it.
+        with sweeps_held():
+            with subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_killed.py"],
+                cwd=inner.path,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            ) as session:
+                try:
+                    wait_until(made_file.exists, 120, "the inner session to build its lab")
+                finally:
+                    session.send_signal(signal.SIGKILL)
+            made = json.loads(made_file.read_text())
+            stray = json.loads((inner.path / "stray.json").read_text())
+            # QEMU and the lab's daemon die with the session (pdeathsig); the rest stays behind.
+            processes = [made["daemon"], *made["qemu"]]
+            wait_until(lambda: not any(alive(p) for p in processes), 10, "QEMU and vhostmap to die")
+            assert Path(made["dir"]).exists() and Path(made["record"]).exists()
+            assert all(netns_exists(n) for n in made["namespaces"])
+            assert all(link_exists(n) for n in made["links"])
+            assert alive(stray["pid"]) and link_exists(stray["tap"]), stray
+            assert Path(stray["control"]).exists() and Path(stray["socket"]).exists(), stray
 
         inner.makepyfile(test_next="def test_next():\n    pass\n")
         result = inner.runpytest_subprocess("-p", "no:cacheprovider", "test_next.py")
@@ -283,7 +288,7 @@ def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pyt
         assert not alive(stray["pid"]) and not link_exists(stray["tap"]), stray
         assert not Path(stray["control"]).exists() and not Path(stray["socket"]).exists(), stray
     finally:
-        if alive(stray["pid"]):  # the sweep failed: do not leave it to the next run
+        if stray and alive(stray["pid"]):  # the sweep failed: do not leave it to the next run
             os.kill(stray["pid"], signal.SIGKILL)
 
 

@@ -17,7 +17,7 @@ from vhostmap.lab.testpmd import HUGEPAGES
 from vhostmap.lab.userimage import ImageBuildError
 from vhostmap.lab.userimage import build as build_image
 from vhostmap.testing import HostNamespace, HostTap, ImageSpec, Lab, LabNames, TopologyError, build
-from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweep
+from vhostmap.testing.leftovers import _HUGEPAGE, LAB_ROOT, Record, sweeps_held
 from vhostmap.testing.names import worker_index
 from vhostmap.testing.topology import image_of, load
 
@@ -60,55 +60,73 @@ def fake_daemon(control: Path) -> subprocess.Popen[bytes]:
 def test_a_dead_sessions_record_is_swept_and_a_live_ones_is_not() -> None:
     """With the daemons: a dead record's, and one in a kit directory no record claims (started before its pid
     was recorded), are killed; a live record's, and one outside the kit's directories, are not."""
-    finished = subprocess.Popen(["true"])
-    finished.wait()  # its pid names a process that no longer runs
-    dead_dir, live_dir, lost_dir = (LAB_ROOT / f"vhk-unit-{k}" for k in ("dead", "live", "lost"))
-    other_dir = LAB_ROOT / "vhostmap-unit-not-the-kits"
-    dirs = (dead_dir, live_dir, lost_dir, other_dir)
-    for directory in dirs:
-        directory.mkdir()
-        (directory / "x.sock").write_text("")
-    daemons = {d: fake_daemon(d / "vhostmap-ctl.sock") for d in dirs}
-    dead = Record(lab="unitdead", owner=finished.pid, owner_start="0", dirs=[str(dead_dir)])
-    dead.daemons.append((daemons[dead_dir].pid, str(dead_dir / "vhostmap-ctl.sock")))
-    live = Record(lab="unitlive", dirs=[str(live_dir)])
-    live.daemons.append((daemons[live_dir].pid, str(live_dir / "vhostmap-ctl.sock")))
-    try:
-        dead.save()
-        live.save()
-        removed = sweep()
-        assert f"directory {dead_dir}" in removed and f"directory {lost_dir}" in removed
-        assert not dead_dir.exists() and not dead.path.exists() and not lost_dir.exists()
-        assert live_dir.exists() and live.path.exists() and other_dir.exists()
-        for directory in (dead_dir, lost_dir):
-            assert f"vhostmap daemon pid {daemons[directory].pid}" in removed
-            assert daemons[directory].wait(timeout=10) == -signal.SIGKILL
-        assert daemons[live_dir].poll() is None and daemons[other_dir].poll() is None
-    finally:
-        for proc in daemons.values():
-            proc.kill()
-            proc.wait()
-        for record in (dead, live):
-            record.remove()
+    with sweeps_held() as sweep_now:  # no other session on the machine sweeps meanwhile
+        finished = subprocess.Popen(["true"])
+        finished.wait()  # its pid names a process that no longer runs
+        dead_dir, live_dir, lost_dir = (LAB_ROOT / f"vhk-unit-{k}" for k in ("dead", "live", "lost"))
+        other_dir = LAB_ROOT / "vhostmap-unit-not-the-kits"
+        dirs = (dead_dir, live_dir, lost_dir, other_dir)
         for directory in dirs:
-            subprocess.run(["rm", "-rf", str(directory)], check=True)
+            directory.mkdir()
+            (directory / "x.sock").write_text("")
+        daemons = {d: fake_daemon(d / "vhostmap-ctl.sock") for d in dirs}
+        dead = Record(lab="unitdead", owner=finished.pid, owner_start="0", dirs=[str(dead_dir)])
+        dead.daemons.append((daemons[dead_dir].pid, str(dead_dir / "vhostmap-ctl.sock")))
+        live = Record(lab="unitlive", dirs=[str(live_dir)])
+        live.daemons.append((daemons[live_dir].pid, str(live_dir / "vhostmap-ctl.sock")))
+        try:
+            dead.save()
+            live.save()
+            removed = sweep_now()
+            assert f"directory {dead_dir}" in removed and f"directory {lost_dir}" in removed
+            assert not dead_dir.exists() and not dead.path.exists() and not lost_dir.exists()
+            assert live_dir.exists() and live.path.exists() and other_dir.exists()
+            for directory in (dead_dir, lost_dir):
+                assert f"vhostmap daemon pid {daemons[directory].pid}" in removed
+                assert daemons[directory].wait(timeout=10) == -signal.SIGKILL
+            assert daemons[live_dir].poll() is None and daemons[other_dir].poll() is None
+        finally:
+            for proc in daemons.values():
+                proc.kill()
+                proc.wait()
+            for record in (dead, live):
+                record.remove()
+            for directory in dirs:
+                subprocess.run(["rm", "-rf", str(directory)], check=True)
+
+
+def test_a_sweep_skips_while_sweeps_are_held_and_a_later_one_sweeps() -> None:
+    """Another session that starts while a test holds sweeps off leaves what is there; a later one removes
+    it."""
+    lost = LAB_ROOT / "vhk-unit-held"
+    lost.mkdir()
+    other_session = [sys.executable, "-c", "from vhostmap.testing.leftovers import sweep; print(sweep())"]
+    try:
+        with sweeps_held():
+            skipped = subprocess.run(other_session, capture_output=True, text=True, check=True, timeout=60)
+            assert skipped.stdout.strip() == "[]" and lost.exists(), skipped.stderr
+        with sweeps_held() as sweep_now:
+            assert f"directory {lost}" in sweep_now() and not lost.exists()
+    finally:
+        subprocess.run(["rm", "-rf", str(lost)], check=True)
 
 
 def test_hugepage_files_of_a_dead_testpmd_owner_are_swept_and_a_live_ones_are_not() -> None:
-    if not HUGEPAGES.is_dir():
-        pytest.skip(f"no {HUGEPAGES}")
-    finished = subprocess.Popen(["true"])
-    finished.wait()
-    dead = HUGEPAGES / f"vhk{finished.pid}t0x0map_0"
-    live = HUGEPAGES / f"{LabNames(worker=0, index=9).hugepage_prefix()}map_0"
-    try:
-        dead.touch()
-        live.touch()
-        assert f"hugepage file {dead}" in sweep()
-        assert not dead.exists() and live.exists()
-    finally:
-        dead.unlink(missing_ok=True)
-        live.unlink(missing_ok=True)
+    with sweeps_held() as sweep_now:  # no other session on the machine sweeps meanwhile
+        if not HUGEPAGES.is_dir():
+            pytest.skip(f"no {HUGEPAGES}")
+        finished = subprocess.Popen(["true"])
+        finished.wait()
+        dead = HUGEPAGES / f"vhk{finished.pid}t0x0map_0"
+        live = HUGEPAGES / f"{LabNames(worker=0, index=9).hugepage_prefix()}map_0"
+        try:
+            dead.touch()
+            live.touch()
+            assert f"hugepage file {dead}" in sweep_now()
+            assert not dead.exists() and live.exists()
+        finally:
+            dead.unlink(missing_ok=True)
+            live.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize(

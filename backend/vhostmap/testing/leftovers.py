@@ -23,12 +23,14 @@ after it is removed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,33 @@ DAEMON_EXIT_TIMEOUT = 10.0
 def state_dir() -> Path:
     """Where records are kept (`STATE_DIR`)."""
     return STATE_DIR
+
+
+@contextlib.contextmanager
+def _sweep_lock(wait: bool) -> Iterator[bool]:
+    """The machine's one sweep lock (a file lock in the state directory), held for the block: True if taken,
+    False if another holder has it and ``wait`` is false."""
+    directory = state_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "sweep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def sweeps_held() -> Iterator[Callable[[], list[str]]]:
+    """No other sweep on the machine runs while the block does (their `sweep` skips, a later one sweeps):
+    for a test that looks at what a killed session left before the sweep of its choosing removes it. Yields
+    that sweep: it runs under the lock held."""
+    with _sweep_lock(wait=True):
+        yield _sweep
 
 
 def _start_time(pid: int) -> str | None:
@@ -184,6 +213,13 @@ def sweep() -> list[str]:
     before it makes anything, so whatever was listed and is still unclaimed once the records are read is a
     leftover, and whatever a lab makes meanwhile was not listed.
     """
+    with _sweep_lock(wait=False) as mine:
+        # Skipped while another sweep runs (two xdist workers starting) or a test holds sweeps off: a later
+        # session's sweep finds whatever is still left.
+        return _sweep() if mine else []
+
+
+def _sweep() -> list[str]:
     namespaces, links, dirs, daemons = _kit_namespaces(), _kit_links(), _kit_dirs(), _kit_daemons()
     removed: list[str] = []
     claimed_dirs: set[str] = set()
