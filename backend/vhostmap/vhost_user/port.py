@@ -167,8 +167,9 @@ class VhostUserPort(NetmapAdapter):
                 if isinstance(vq, PackedVirtqueue):
                     # The same out and scratch as its per-sync batches: fast_failed reads a fault there.
                     compiled = kernels.packed_ring(vq, mem)
-                    q.packed, q.packed_scratch, q.out = vq.c, compiled.scratch(), compiled.out
-                    keep.append(compiled)
+                    scratch = compiled.scratch()
+                    q.packed, q.packed_scratch, q.out = vq.c, scratch, compiled.out
+                    keep += [compiled, scratch]
                 else:
                     assert isinstance(vq, SplitVirtqueue)
                     q.vq, q.scratch, q.out = vq.c, vq.scratch, vq.out
