@@ -12,7 +12,7 @@ passes leave them so, copying each frame from guest to guest.
 from __future__ import annotations
 
 import pytest
-from test_backend_traffic import counters, frame, totals, zero
+from test_backend_traffic import _signals, counters, frame, totals, zero
 from test_netmap_client import open_port, receive, send
 from test_onecopy import poison, port, written_buffers
 from test_switch_daemon import frame as switch_frame
@@ -28,7 +28,15 @@ from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.messages import Request, VringState
-from vhostmap.virtio.spec import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, bit
+from vhostmap.virtio.spec import (
+    RING_EVENT_FLAGS_DISABLE,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VRING_PACKED_EVENT,
+    bit,
+)
 
 PACKED = "packed=on"
 
@@ -141,6 +149,38 @@ def test_the_switch_forwards_between_packed_and_split_ports(
     assert_passes_ran(d, datapath, {"a": "packed", "b": other, "c": "split"})
     sw = d.daemon.switches["vale0"].stats()["ports"]
     assert (sw["a"]["forwarded"], sw["b"]["forwarded"], sw["c"]["tx_frames"]) == (30, 30, 2)
+
+
+@pytest.mark.parametrize("other", ["packed", "split"])
+def test_a_compiled_link_hands_packed_transmissions_back_every_burst(
+    start_daemon: StartDaemon, other: str
+) -> None:
+    # test_backend_traffic's test of the same shape: one call of the compiled link moves every frame, and
+    # publishes each guest's used entries every BURST frames, each publication an interrupt (no EVENT_IDX:
+    # RING_EVENT_FLAGS_ENABLE in the driver area) until the driver disables them (RING_EVENT_FLAGS_DISABLE).
+    features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)
+    d = start_daemon({"a": PACKED, "b": PACKED}, links=["a,b"])
+    fa = d.frontend("a", packed=True, features=features)
+    fb = d.frontend("b", packed=other == "packed", features=features)
+    link = d.daemon.serving["a"]
+    assert isinstance(link, Link)
+    n = 3 * BURST + 4
+    fb.post_receive_buffers(2 * n)
+    tx, rx = fa.queues[1], fb.queues[0]
+    got: list[bytes] = []
+    for k, signals in enumerate([(4, 4), (0, 4)]):
+        sent = [frame(60, k * n + j) for j in range(n)]
+        with d.daemon.worker.lock:  # the worker waits: this call is the one that moves them all
+            _signals(tx.call), _signals(rx.call)
+            fa.transmit(sent)
+            assert link.run()
+            assert (_signals(tx.call), _signals(rx.call)) == signals, "one publication per burst, both guests"
+            assert fa.used(tx) == [(j, 0) for j in range(k * n, (k + 1) * n)]
+            # a's driver wants no more interrupts for its transmissions.
+            VRING_PACKED_EVENT.pack_into(fa.mem, tx.avail, 0, RING_EVENT_FLAGS_DISABLE)
+        got += fb.receive(n)
+        assert got[k * n :] == sent
+    assert link._plan is not None  # the rounds were vhu_link_pass's
 
 
 def test_a_lone_packed_port_drops_what_its_guest_sends_and_counts_it(
