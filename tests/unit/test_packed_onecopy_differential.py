@@ -8,7 +8,10 @@ same frames byte for byte, counters, fault (same message), positions and ids in 
 Where the batches end differs, so what the device wrote into the descriptor ring may differ where batching
 decides it: with VIRTIO_F_IN_ORDER (one used descriptor per batch), and after a fault (one side may have
 published what the other left pending); there the ring and its device area are compared through the used
-positions and the entries left pending instead of byte for byte.
+positions and the entries left pending instead of byte for byte. A driver that makes a buffer id available
+again before the device used it is caught only while the first chain of that id is in flight, which is
+batching's business too: such a driver's end is left to test_packed_differential, whose sides run the same
+batches.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
-from hypothesis import given
+from hypothesis import given, reject
 from test_kernels_differential import assert_same_bytes, file_offset
 from test_onecopy_differential import UNFILLED, filled, frames_in
 from test_packed_differential import (
@@ -36,11 +41,24 @@ from test_packed_differential import (
 
 from vhostmap.datapath import lib
 from vhostmap.forwarding.passes import OneCopy
-from vhostmap.netmap.abi import NS_INDIRECT
+from vhostmap.netmap.abi import NS_INDIRECT, NS_MOREFRAG, NS_VNET_HDR
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.memory import VHOST_LOG_PAGE
+from vhostmap.vhost_user.packed import PackedVirtqueue
 from vhostmap.vhost_user.virtqueue import VirtqueueError
 from vhostmap.virtio.spec import VRING_PACKED_EVENT
+
+
+def counted(slots: npt.NDArray[np.void], frames: list[bytes], hdr_len: int) -> int:
+    """The bytes the counters count of ``frames``, those of the first slots [0, n): a frame that keeps its
+    offloads (NS_VNET_HDR on its first slot) carries its virtio-net header, which they do not count."""
+    total, k = 0, 0
+    for f in frames:
+        total += len(f) - (hdr_len if int(slots["flags"][k]) & NS_VNET_HDR else 0)
+        while int(slots["flags"][k]) & NS_MOREFRAG:
+            k += 1
+        k += 1
+    return total
 
 
 def one_copy_batch(inst: Instance, case: Case, space: int, refs: OneCopy) -> tuple[Any, ...]:
@@ -86,13 +104,13 @@ def drain(inst: Instance, case: Case, one_copy: bool, min_head: int) -> tuple[li
             frames += taken
             totals = [
                 totals[0] + len(taken),
-                totals[1] + sum(map(len, taken)),
+                totals[1] + counted(inst.slots, taken, case.hdr_len),
                 totals[2] + entries - len(taken),
             ]
             return frames, [*totals, r]
         _, slots, packets, nbytes, dropped, *_ = r
         batch = frames_in(inst.slots, inst.bufs, slots)
-        assert (packets, nbytes) == (len(batch), sum(map(len, batch)))
+        assert (packets, nbytes) == (len(batch), counted(inst.slots, batch, case.hdr_len))
         frames += batch
         totals = [totals[0] + packets, totals[1] + nbytes, totals[2] + dropped]
         if slots == 0 and dropped == 0:
@@ -108,6 +126,14 @@ def used_position(inst: Instance, case: Case) -> int:
     return published + sum(ndesc for _, _, ndesc in vq._pending_used)
 
 
+def in_flight_unpublished(vq: PackedVirtqueue) -> bytes:
+    """The ids in flight whose chains are neither used nor left pending for publication."""
+    flying = vq.inflight.copy()
+    for buffer_id, _, _ in vq._pending_used:
+        flying[buffer_id] = 0
+    return flying.tobytes()
+
+
 @contextlib.contextmanager
 def both(case: Case) -> Iterator[tuple[Instance, Instance]]:
     with contextlib.ExitStack() as stack:
@@ -117,15 +143,24 @@ def both(case: Case) -> Iterator[tuple[Instance, Instance]]:
         yield ref, got
 
 
+def id_in_use(end: tuple[list[bytes], list[Any]]) -> bool:
+    """Whether a drain ended on a buffer id made available twice (see the module's docstring)."""
+    return len(end[1]) == 4 and "already in use" in str(end[1][3][2])
+
+
 def same_end(case: Case, min_head: int = 0) -> tuple[list[bytes], list[Any]]:
     with both(case) as (ref, got):
         expected = drain(ref, case, False, min_head)
-        assert drain(got, case, True, min_head) == expected
+        end = drain(got, case, True, min_head)
+        if id_in_use(expected) or id_in_use(end):
+            reject()
+        assert end == expected
         a, b = ref.vq, got.vq
         assert (b.last_avail_idx, b.avail_wrap_counter) == (a.last_avail_idx, a.avail_wrap_counter)
-        assert b.inflight.tobytes() == a.inflight.tobytes(), "buffer ids in flight"
+        # Ids in flight: after a fault, those whose entries one side left pending the other may have used.
+        assert in_flight_unpublished(b) == in_flight_unpublished(a), "buffer ids in flight"
         assert used_position(got, case) == used_position(ref, case)
-        faulted = expected[1][-1][0] == "fault" if len(expected[1]) == 4 else False
+        faulted = len(expected[1]) == 4
         mem_a, mem_b = bytearray(ref.memory()), bytearray(got.memory())
         log_a, log_b = bytearray(ref.log()), bytearray(got.log())
         if faulted or case.in_order:
