@@ -3,7 +3,7 @@
 
 #include "kernels.h"
 
-/* The interrupt the driver asked for (kernels.finish does the same for the calls above): VQ_OK, or the
+/* The interrupt the driver asked for (kernels.finish does the same after a per-sync batch): VQ_OK, or the
  * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). `calls`: the
  * ring's count of interrupts sent. */
 static int32_t vhu_notify(const struct vhu_queue *q, uint64_t *calls)
