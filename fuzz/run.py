@@ -79,6 +79,12 @@ TARGETS = {
             harness="packed_ring.c",
             mode=2,
         ),
+        Target(
+            "packed_onecopy",
+            "guest to guest between packed rings, slots that refer (vqp_dequeue_refs, vqp_enqueue_refs)",
+            harness="packed_ring.c",
+            mode=3,
+        ),
         Target("prologue", "kring sync prologue/finalize, swap, release", harness="kring.c", mode=0),
         Target("stash", "buffer stash take/give", harness="kring.c", mode=1),
         Target("sync", "a port's whole rxsync/txsync (vhu_rxsync/vhu_txsync)", harness="kring.c", mode=2),

@@ -6,7 +6,10 @@
  *   1  whole dequeue batches into a netmap ring (vqp_dequeue), offloads on or off, the driver rewriting
  *      descriptors between batches;
  *   2  whole enqueue batches from a netmap ring (vqp_enqueue), mergeable or not, frames with their headers
- *      (NS_VNET_HDR) among them.
+ *      (NS_VNET_HDR) among them;
+ *   3  one copy between two guests' packed rings, as the link and switch passes run it (vqp_dequeue_refs,
+ *      vqp_enqueue_refs, vq_refs_settle, vqp_publish), the ring user rewriting slots (and their tickets) in
+ *      between.
  *
  * packed.c and virtio.c (whose address translation and dirty log it uses) are included, not linked. */
 #include "harness.h"
@@ -195,6 +198,80 @@ static void batches(struct fz_guest *g, struct fz_packed *q, struct reader *r, i
     fz_ring_free(&ring);
 }
 
+/* Mode 3: frames from `src`'s guest `g` to `dst`'s guest `h` through slots that refer to g's buffers. Every
+ * ticket names a piece of g inside it; once settled no slot refers; a source batch that went through is
+ * published whole (its ids no longer in flight); a fault leaves the used position alone. */
+static void one_copy(struct fz_guest *g, struct fz_packed *src, struct reader *r)
+{
+    struct fz_guest h;
+    struct fz_packed dst;
+    fz_guest_build(&h, r);
+    fz_packed_build(&dst, &h, r);
+    struct fz_ring ring;
+    fz_ring_build(&ring, r);
+    uint32_t n = ring.nm.num_slots;
+    struct vq_refs refs = {.cap = rd_range(r, 1, n), .gen = rd_u64(r) >> VQ_REF_BITS};
+    refs.refs = calloc(refs.cap, sizeof *refs.refs);
+    refs.min_head = rd_u8(r) & 1 ? SW_ETH_HLEN : 0;
+    struct vqp_used_elem *src_pending = calloc(src->vq.num, sizeof *src_pending);
+    struct vqp_used_elem *dst_pending = calloc(dst.vq.num, sizeof *dst_pending);
+    uint32_t hdr_len = rd_u8(r) & 1 ? 10 : 12;
+    int32_t mergeable = rd_u8(r) & 1;
+    for (uint32_t round = rd_range(r, 1, 3); round; round--) {
+        struct vq_batch out, delivered;
+        uint32_t first = rd_range(r, 0, n - 1), space = rd_range(r, 0, n);
+        uint32_t used_before = src->vq.used_idx;
+        int32_t status =
+            vqp_dequeue_refs(&src->vq, &g->mem, &ring.nm, hdr_len, first, space, &refs, src_pending, &out);
+        CHECK(status == out.status && status != VQ_ERR_ARGUMENT);
+        CHECK(src->vq.used_idx == used_before); /* nothing published before the frames were copied */
+        CHECK(refs.count <= refs.cap);
+        for (uint32_t i = 0; i < refs.count; i++)
+            CHECK(refs.refs[i].len && refs.refs[i].len <= ring.nm.buf_size &&
+                  in_guest(g, refs.refs[i].host, refs.refs[i].len));
+        for (uint32_t k = 0; k < out.used; k++) { /* chains it took, in flight until published */
+            const struct vqp_used_elem *e = &src_pending[k];
+            CHECK(e->id < src->vq.num && src->vq.inflight[e->id] == e->ndesc);
+        }
+        if (status == VQ_OK) {
+            CHECK(out.slots <= space);
+            /* The ring user rewrites slots: tickets of other generations or indexes, flags, lengths. */
+            for (uint32_t k = rd_range(r, 0, 3); k; k--) {
+                struct nm_slot *slot = &ring.nm.slots[rd_range(r, 0, n - 1)];
+                slot->ptr = rd_u8(r) & 1 ? vq_ref_ticket(&refs, rd_range(r, 0, refs.cap)) : rd_u64(r);
+                slot->flags = rd_u16(r);
+                slot->len = rd_u16(r);
+            }
+            uint32_t count = out.slots ? rd_range(r, 0, out.slots) : 0;
+            int32_t st = vqp_enqueue_refs(&dst.vq, &h.mem, &ring.nm, hdr_len, mergeable, first, count, &refs,
+                                          dst_pending, &delivered);
+            CHECK(st == delivered.status && st != VQ_ERR_ARGUMENT && delivered.slots <= count);
+            vq_refs_settle(&refs, &ring.nm, first, out.slots);
+            /* Nothing refers once settled (a flag the user set with a void ticket refers to nothing). */
+            for (uint32_t k = 0, i = first; k < out.slots; k++, i = (i + 1) % n)
+                CHECK(!(ring.nm.slots[i].flags & NS_INDIRECT) || !vq_ref_at(&refs, ring.nm.slots[i].ptr));
+            status = vqp_publish(&src->vq, &g->mem, src_pending, &out);
+            CHECK(status == VQ_OK);
+            for (uint32_t k = 0; k < out.used; k++)
+                CHECK(src->vq.inflight[src_pending[k].id] == 0);
+        }
+        vq_refs_reset(&refs);
+        CHECK(refs.count == 0);
+        if (status != VQ_OK)
+            break; /* the device is broken */
+        for (uint32_t m = rd_range(r, 0, 6); m; m--) { /* the source's driver makes more available */
+            uint32_t i = rd_range(r, 0, src->vq.num - 1);
+            fz_packed_desc(g, r, src->desc + PVQ_DESC_SIZE * i, src->vq.num, rd_u8(r) & 1);
+        }
+    }
+    free(src_pending);
+    free(dst_pending);
+    free(refs.refs);
+    fz_ring_free(&ring);
+    fz_packed_free(&dst);
+    fz_guest_free(&h);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
@@ -203,6 +280,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct fz_packed q;
     fz_guest_build(&g, &r);
     fz_packed_build(&q, &g, &r);
+    if (FUZZ_MODE == 3) {
+        one_copy(&g, &q, &r);
+        fz_packed_free(&q);
+        fz_guest_free(&g);
+        return 0;
+    }
     if (FUZZ_MODE) {
         batches(&g, &q, &r, FUZZ_MODE == 2);
         fz_packed_free(&q);

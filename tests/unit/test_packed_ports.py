@@ -1,26 +1,44 @@
-"""Packed virtqueues end to end over the real socket (issue #18, phase 2).
+"""Packed virtqueues end to end over the real socket (issue #18).
 
 FakeFrontend drives packed rings as a driver does, with both wrap counters: through a link, the switch, a
 sink, a generator, host rings and an application, beside split rings on the other side; GET_VRING_BASE and
 SET_VRING_BASE keep the wrap counters across a ring restart and a reconnection; a hostile packed ring breaks
-its own port only. Packed ports take the per-sync path (no compiled pass runs over them), in both datapaths.
+its own port only. With the compiled datapath the forwarders run their compiled passes over packed ports as
+over split ones, in any mix (VhostUserPort.fast_queues); with the reference, their Python rounds. Which one
+ran shows in the netmap buffers (test_onecopy.py's proof): poisoned before the traffic, only the compiled
+passes leave them so, copying each frame from guest to guest.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
-from test_backend_traffic import counters, frame, totals, zero
+from test_backend_traffic import _signals, counters, frame, newest, totals, zero
 from test_netmap_client import open_port, receive, send
+from test_onecopy import poison, port, written_buffers
 from test_switch_daemon import frame as switch_frame
 from test_switch_daemon import mac, needs_root, packet_socket, recv_frames
 
-from conftest import StartDaemon, exchange, still_serving
+from conftest import RunningDaemon, StartDaemon, exchange, still_serving
 from vhostmap import cli
 from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_flag
+from vhostmap.datapath import ffi, lib
+from vhostmap.forwarding.link import Link
+from vhostmap.forwarding.passes import BURST, ROUNDS
 from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
+from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.messages import Request, VringState
-from vhostmap.virtio.spec import VIRTIO_F_IN_ORDER, VIRTIO_F_RING_PACKED, bit
+from vhostmap.virtio.spec import (
+    RING_EVENT_FLAGS_DISABLE,
+    VIRTIO_F_IN_ORDER,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VRING_PACKED_EVENT,
+    bit,
+)
 
 PACKED = "packed=on"
 
@@ -38,7 +56,30 @@ def datapath(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return str(request.param)
 
 
-def test_packed_rings_are_offered_only_when_the_port_asks(start_daemon: StartDaemon) -> None:
+def fast_layouts(d: RunningDaemon, name: str) -> set[str] | None:
+    """The ring layouts of the compiled queue handles of port ``name`` (None: it takes the Python path)."""
+    fast = port(d, name).fast_queues()
+    if fast is None:
+        return None
+    queues = [*fast.rx.values(), *fast.tx.values()]
+    assert all((q.packed == ffi.NULL) != (q.vq == ffi.NULL) for q in queues), "one ring per handle"
+    return {"split" if q.packed == ffi.NULL else "packed" for q in queues}
+
+
+def assert_passes_ran(d: RunningDaemon, datapath: str, layouts: dict[str, str]) -> None:
+    """The forwarders ran their compiled passes over the ports of ``layouts`` (name: ring layout), copying
+    guest to guest (the netmap buffers poisoned before the traffic still are), or, with the reference
+    datapath, their Python rounds through the netmap buffers."""
+    if datapath == "compiled":
+        assert {name: fast_layouts(d, name) for name in layouts} == {n: {k} for n, k in layouts.items()}
+        assert written_buffers(d) == 0, "a frame went through a netmap buffer: not the one-copy pass"
+    else:
+        assert all(fast_layouts(d, name) is None for name in layouts)
+        assert written_buffers(d) > 0
+
+
+@pytest.mark.usefixtures("datapath")
+def test_packed_rings_are_offered_only_when_the_port_asks(start_daemon: StartDaemon, datapath: str) -> None:
     d = start_daemon({"a": PACKED, "b": ""})
     assert d.device("a").offered_features & bit(VIRTIO_F_RING_PACKED)
     assert not d.device("b").offered_features & bit(VIRTIO_F_RING_PACKED)
@@ -47,19 +88,20 @@ def test_packed_rings_are_offered_only_when_the_port_asks(start_daemon: StartDae
     d.frontend("a", packed=True)
     status = d.daemon.status({})["ports"]
     assert (status["a"]["ring"], status["b"]["ring"]) == ("packed", "split")
-    assert d.daemon.ports["a"].fast_queues() is None  # the compiled passes take split rings only
+    # The compiled syncs and passes take packed rings as they take split ones.
+    assert fast_layouts(d, "a") == ({"packed"} if datapath == "compiled" else None)
 
 
-@pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("other", ["packed", "split"])
 @pytest.mark.parametrize("size", [60, 1514, 9014])
 def test_frames_cross_a_link_between_a_packed_port_and_a_packed_or_split_one(
-    start_daemon: StartDaemon, other: str, size: int
+    start_daemon: StartDaemon, datapath: str, other: str, size: int
 ) -> None:
     d = start_daemon({"a": f"{PACKED},queues=2,mtu=9000", "b": f"queues=2,mtu=9000,{PACKED}"}, links=["a,b"])
     fa = d.frontend("a", packed=True, queue_pairs=2, queue_size=64)
     fb = d.frontend("b", packed=other == "packed", queue_pairs=2, queue_size=64)
     assert (d.device("a").layout, d.device("b").layout) == ("packed", other)
+    poison(d)
     per_queue = 20
     for rnd in range(4):  # more descriptors than the rings hold: both wrap counters turn over
         for src, dst in ((fa, fb), (fb, fa)):
@@ -73,24 +115,27 @@ def test_frames_cross_a_link_between_a_packed_port_and_a_packed_or_split_one(
     both = {**zero(), "rx_packets": n, "rx_bytes": n * size, "tx_packets": n, "tx_bytes": n * size}
     assert totals(d, "a") == both
     assert totals(d, "b") == both
+    assert_passes_ran(d, datapath, {"a": "packed", "b": other})
     # 80 chains of 1 to 3 descriptors through rings of 64: once or three times round, so the driver's and
     # the device's wrap counters are 0 now.
     packed = ["a", "b"] if other == "packed" else ["a"]
-    for port in packed:
-        fe = fa if port == "a" else fb
+    for name in packed:
+        fe = fa if name == "a" else fb
         assert all(fq.avail_wrap == 0 for fq in fe.queues)
-        assert all(vq.avail_wrap_counter == vq.used_wrap_counter == 0 for vq in d.device(port).vqs)
+        assert all(vq.avail_wrap_counter == vq.used_wrap_counter == 0 for vq in d.device(name).vqs)
 
 
-@pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("other", ["packed", "split"])
-def test_the_switch_forwards_between_packed_and_split_ports(start_daemon: StartDaemon, other: str) -> None:
+def test_the_switch_forwards_between_packed_and_split_ports(
+    start_daemon: StartDaemon, datapath: str, other: str
+) -> None:
     d = start_daemon({"a": PACKED, "b": PACKED, "c": ""}, switches=["vale0=a,b,c"])
     fa = d.frontend("a", packed=True)
     fb = d.frontend("b", packed=other == "packed")
     fc = d.frontend("c")
     for fe in (fa, fb, fc):
         fe.post_receive_buffers(40)
+    poison(d)
     # Learn where a and b are (the flood reaches everyone), then unicast both ways.
     fa.transmit([switch_frame("ff:ff:ff:ff:ff:ff", mac(0xA), seq=1)])
     assert fb.receive(1) == fc.receive(1) == [switch_frame("ff:ff:ff:ff:ff:ff", mac(0xA), seq=1)]
@@ -103,12 +148,85 @@ def test_the_switch_forwards_between_packed_and_split_ports(start_daemon: StartD
     assert fb.receive(30) == to_b
     assert fa.receive(30) == to_a
     assert totals(d, "c")["tx_packets"] == 2  # the floods only
+    assert_passes_ran(d, datapath, {"a": "packed", "b": other, "c": "split"})
+    sw = d.daemon.switches["vale0"].stats()["ports"]
+    assert (sw["a"]["forwarded"], sw["b"]["forwarded"], sw["c"]["tx_frames"]) == (30, 30, 2)
 
 
-@pytest.mark.usefixtures("datapath")
-def test_a_lone_packed_port_drops_what_its_guest_sends_and_counts_it(start_daemon: StartDaemon) -> None:
+@pytest.mark.parametrize("other", ["packed", "split"])
+def test_a_compiled_link_hands_packed_transmissions_back_every_burst(
+    start_daemon: StartDaemon, other: str
+) -> None:
+    # test_backend_traffic's test of the same shape: one call of the compiled link moves every frame, and
+    # publishes each guest's used entries every BURST frames, each publication an interrupt (no EVENT_IDX:
+    # RING_EVENT_FLAGS_ENABLE in the driver area) until the driver disables them (RING_EVENT_FLAGS_DISABLE).
+    features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)
+    d = start_daemon({"a": PACKED, "b": PACKED}, links=["a,b"])
+    fa = d.frontend("a", packed=True, features=features)
+    fb = d.frontend("b", packed=other == "packed", features=features)
+    link = d.daemon.serving["a"]
+    assert isinstance(link, Link)
+    n = 3 * BURST + 4
+    fb.post_receive_buffers(2 * n)
+    tx, rx = fa.queues[1], fb.queues[0]
+    got: list[bytes] = []
+    for k, signals in enumerate([(4, 4), (0, 4)]):
+        sent = [frame(60, k * n + j) for j in range(n)]
+        with d.daemon.worker.lock:  # the worker waits: this call is the one that moves them all
+            _signals(tx.call), _signals(rx.call)
+            fa.transmit(sent)
+            assert link.run()
+            assert (_signals(tx.call), _signals(rx.call)) == signals, "one publication per burst, both guests"
+            assert fa.used(tx) == [(j, 0) for j in range(k * n, (k + 1) * n)]
+            # a's driver wants no more interrupts for its transmissions.
+            VRING_PACKED_EVENT.pack_into(fa.mem, tx.avail, 0, RING_EVENT_FLAGS_DISABLE)
+        got += fb.receive(n)
+        assert got[k * n :] == sent
+    assert link._plan is not None  # the rounds were vhu_link_pass's
+
+
+@pytest.mark.parametrize("other", ["packed", "split"])
+def test_a_compiled_link_of_packed_ports_recycles_buffers_through_the_stash_and_loses_none(
+    start_daemon: StartDaemon, other: str
+) -> None:
+    # test_backend_traffic's stash test with a packed port: a receives into exactly the buffers its last
+    # deliveries gave its stash, which b's deliveries then give to b's; buffers only move.
+    d = start_daemon({"a": PACKED, "b": PACKED}, links=["a,b"])
+    fa, fb = d.frontend("a", packed=True), d.frontend("b", packed=other == "packed")
+    a, b = port(d, "a"), port(d, "b")
+    assert fast_layouts(d, "a") == {"packed"}
+
+    def held() -> Counter[int]:
+        rings = [*a.tx_rings, *a.rx_rings, *b.tx_rings, *b.rx_rings]
+        return Counter(
+            [*(int(x) for k in rings for x in k.ring.slots["buf_idx"]), *a.stash.bufs, *b.stash.bufs]
+        )
+
+    with d.daemon.worker.lock:
+        before = held()
+    k = 8
+    fa.post_receive_buffers(2 * k)
+    fb.post_receive_buffers(2 * k)
+    to_a = [frame(1514, i) for i in range(k)]
+    fb.transmit(to_a)
+    assert fa.receive(k) == to_a
+    with d.daemon.worker.lock:  # the pass that delivered them has finished
+        freed = newest(a.stash, k)
+    to_b = [frame(1514, 100 + i) for i in range(k)]
+    fa.transmit(to_b)
+    assert fb.receive(k) == to_b
+    with d.daemon.worker.lock:
+        assert newest(b.stash, k) == freed
+        after = held()
+    assert after == before and max(after.values()) == 1
+
+
+def test_a_lone_packed_port_drops_what_its_guest_sends_and_counts_it(
+    start_daemon: StartDaemon, datapath: str
+) -> None:
     d = start_daemon({"c": f"{PACKED},queues=2"})
     fc = d.frontend("c", packed=True, queue_pairs=2)
+    assert fast_layouts(d, "c") == ({"packed"} if datapath == "compiled" else None)  # vhu_sink_pass
     fc.transmit([frame(60, k) for k in range(5)], pair=0)
     fc.transmit([frame(1514, k) for k in range(3)], pair=1)
     assert len(fc.wait_used(fc.queues[1], 5)) == 5
@@ -120,13 +238,13 @@ def test_a_lone_packed_port_drops_what_its_guest_sends_and_counts_it(start_daemo
     ]
 
 
-@pytest.mark.usefixtures("datapath")
 def test_a_generating_packed_port_gives_its_guest_every_frame_it_has_room_for(
-    start_daemon: StartDaemon,
+    start_daemon: StartDaemon, datapath: str
 ) -> None:
     d = start_daemon({"a": f"{PACKED},generate=60,mac=52:54:00:00:00:0a"})
     generated = udp_frame(60, Addresses(dst_mac=bytes.fromhex("52540000000a")))
     fa = d.frontend("a", packed=True, queue_size=64)
+    assert fast_layouts(d, "a") == ({"packed"} if datapath == "compiled" else None)  # vhu_source_pass
     total = 0
     for posted in (16, 40, 40):  # past the end of the ring: the wrap counters turn over
         fa.post_receive_buffers(posted)
@@ -194,11 +312,13 @@ def test_set_vring_base_refuses_a_position_outside_the_ring(start_daemon: StartD
     assert fa.checked(Request.SET_VRING_BASE, VringState(0, PACKED_START))
 
 
-@pytest.mark.usefixtures("datapath")
-def test_a_hostile_packed_ring_breaks_its_own_port_only(start_daemon: StartDaemon) -> None:
+def test_a_hostile_packed_ring_breaks_its_own_port_only(start_daemon: StartDaemon, datapath: str) -> None:
     d = start_daemon({"a": PACKED, "b": "", "c": PACKED, "e": ""}, links=["a,b", "c,e"])
     fa = d.frontend("a", packed=True)
     fc, fe = d.frontend("c", packed=True), d.frontend("e")
+    # With the compiled datapath, the links' compiled passes are what meet the hostile rings.
+    compiled = datapath == "compiled"
+    assert [fast_layouts(d, p) for p in "ac"] == [{"packed"} if compiled else None] * 2
     tx = fa.queues[1]
     # A chain whose buffer id is beyond the ring (ids name a driver's slots: 0..num-1).
     fa.write_packed_desc(tx, 0, fa.buffer(tx, 0), 100, 300, fa.packed_flags(1))
@@ -213,6 +333,47 @@ def test_a_hostile_packed_ring_breaks_its_own_port_only(start_daemon: StartDaemo
     fe.transmit([frame(60, 1)])
     assert f"read-only descriptor {pos} in a chain" in d.wait_broken("c")
     assert d.device("e").broken is None
+    assert (totals(d, "a")["errors"], totals(d, "c")["errors"]) == (1, 1)
+    assert port(d, "a").fast_queues() is None  # broken: nothing runs over it until the driver resets it
+
+
+@pytest.mark.parametrize("source", ["packed", "split"])
+def test_a_faulted_packed_queue_is_left_alone_until_its_port_reports_the_fault(
+    start_daemon: StartDaemon, source: str
+) -> None:
+    # test_onecopy's test of the same name, for a packed destination: the link's compiled pass runs twice
+    # before the port hears of the fault; the second leaves the fault and its pending used entries alone.
+    d = start_daemon({"a": PACKED, "b": PACKED}, links=["a,b"])
+    fa, fb = d.frontend("a", packed=source == "packed"), d.frontend("b", packed=True)
+    link = d.daemon.serving["a"]
+    assert isinstance(link, Link)
+    with d.daemon.worker.lock:  # the worker waits: the passes below are the only ones
+        fb.post_receive_buffers(1)  # position 0; then a receive chain that is not device-writable
+        rx = fb.queues[0]
+        fb.write_packed_desc(rx, 1, fb.buffer(rx, 1), 4096, 1, fb.packed_flags(rx.avail_wrap))
+        fa.transmit([frame(60, k) for k in range(3)])
+        plan, out, refs = link._compiled(), link._outcome, link._refs
+        assert plan is not None and refs is not None
+        vq = d.device("b").vqs[0]
+        ring = kernels.packed_ring(vq, d.device("b").memory)
+
+        def run() -> tuple[int, int]:
+            lib.vhu_link_pass(plan.c, plan.n, refs.c, BURST, ROUNDS, out.failed, out.status)
+            return out.failed[0], out.status[0]
+
+        assert run() == (1, lib.VQ_ERR_DIRECTION)  # lane 0's destination: b's receive queue
+        fault = (ring.out.err_desc, ring.out.used, ring.scratch()[0].id, ring.scratch()[0].len)
+        assert fault == (1, 1, 0, 12 + 60)  # descriptor 1 faulted; the first frame's used entry waits
+        assert vq.faulted
+        assert run() == (1, lib.VHU_FAULTED)
+        assert (ring.out.err_desc, ring.out.used, ring.scratch()[0].id, ring.scratch()[0].len) == fault
+        kring = d.daemon.adapters["b"].tx_rings[0]
+        port(d, "b").fast_failed(kring, False, lib.VHU_FAULTED)
+        assert d.device("b").broken is None, "VHU_FAULTED is not the fault: the pass that met it reports"
+        port(d, "b").fast_failed(kring, False, lib.VQ_ERR_DIRECTION)
+        assert "read-only descriptor 1 in a chain" in str(d.device("b").broken)
+        assert vq._pending_used == [(0, 12 + 60, 1)], "the first frame's used entry, queued once"
+    assert len(fa.wait_used(fa.queues[1], 3)) == 3 and d.device("a").broken is None
 
 
 @pytest.mark.usefixtures("datapath")

@@ -145,14 +145,18 @@ def reclaim(fe: FakeFrontend, pair: int, n: int) -> None:
 @needs_two_cpus
 @pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("layout", ["split", "packed"])
 def test_a_link_with_two_threads_into_one_tx_ring_delivers_every_frame_once_in_order(
-    start_daemon: StartDaemon, size: int
+    start_daemon: StartDaemon, size: int, layout: str
 ) -> None:
-    # a's two receive queues are on two threads, and both feed b's single TX ring.
-    d = start_daemon({"a": "queues=2", "b": ""}, ["a,b"], cpu=TWO)
+    # a's two receive queues are on two threads, and both feed b's single TX ring (both ports' rings split,
+    # or both packed).
+    packed = layout == "packed"
+    option = ",packed=on" if packed else ""
+    d = start_daemon({"a": f"queues=2{option}", "b": option.lstrip(",")}, ["a,b"], cpu=TWO)
     assert threads(d) == [[("a", 0), ("b", 0)], [("a", 1)]]
-    fa = d.frontend("a", queue_pairs=2)
-    fb = d.frontend("b")
+    fa = d.frontend("a", queue_pairs=2, packed=packed)
+    fb = d.frontend("b", packed=packed)
     per_round, rounds = 60, 12
     got: list[bytes] = []
     for r in range(rounds):
@@ -174,10 +178,18 @@ def test_a_link_with_two_threads_into_one_tx_ring_delivers_every_frame_once_in_o
     assert d.stats("a")["queues"][0]["rx_packets"] == d.stats("a")["queues"][1]["rx_packets"] == sent // 2
 
 
-def all_to_all(d: RunningDaemon, names: list[str], size: int, per_pair: int, rounds: int) -> None:
+def all_to_all(
+    d: RunningDaemon,
+    names: list[str],
+    size: int,
+    per_pair: int,
+    rounds: int,
+    packed: frozenset[str] = frozenset(),
+) -> None:
     """Every port sends ``per_pair`` frames to every other one per round; checks that each got exactly what
-    was sent to it, in order per source, and that the switch's counters agree."""
-    fes = [d.frontend(n) for n in names]
+    was sent to it, in order per source, and that the switch's counters agree. The guests of ``packed``
+    drive packed rings."""
+    fes = [d.frontend(n, packed=n in packed) for n in names]
     n = len(fes)
     for i, fe in enumerate(fes):  # learning: one broadcast each, which everyone else gets
         for other in fes:
@@ -222,13 +234,18 @@ def all_to_all(d: RunningDaemon, names: list[str], size: int, per_pair: int, rou
 @needs_two_cpus
 @pytest.mark.usefixtures("datapath")
 @pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("layout", ["split", "mixed"])
 def test_a_switch_with_two_threads_delivers_every_frame_once_in_order(
-    start_daemon: StartDaemon, size: int
+    start_daemon: StartDaemon, size: int, layout: str
 ) -> None:
     names = ["a", "b", "c", "e"]
-    d = start_daemon(dict.fromkeys(names, ""), switches=["vale0=a,b,c,e"], cpu=TWO)
+    # Mixed: a and b drive packed rings (one on each thread), c and e split ones.
+    packed = frozenset({"a", "b"} if layout == "mixed" else ())
+    d = start_daemon(
+        {n: "packed=on" if n in packed else "" for n in names}, switches=["vale0=a,b,c,e"], cpu=TWO
+    )
     assert threads(d) == [[("a", 0), ("c", 0)], [("b", 0), ("e", 0)]]
-    all_to_all(d, names, size, per_pair=20, rounds=4)
+    all_to_all(d, names, size, per_pair=20, rounds=4, packed=packed)
 
 
 @needs_two_cpus

@@ -3,110 +3,21 @@
 
 #include "kernels.h"
 
-/* vhu_rxsync filling at most `burst` slots (0: all there is room for); with `refs`, into slots that refer to
- * the guest's buffers, nothing completed (vq_dequeue_refs). */
-static int32_t vhu_rxsync_refs(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem,
-                               uint32_t hdr_len, struct nm_stash *stash, struct vq_refs *refs, uint32_t burst,
-                               struct vq_used_elem *pending, struct vq_batch *out)
-{
-    if (nm_sync_prologue(k))
-        return VHU_REJECT;
-    uint32_t n = k->bufs.num_slots;
-    k->nr_hwcur = k->rhead;
-    /* Fill [hwtail, hwcur - 1): one slot always stays empty. */
-    uint32_t room = (k->nr_hwcur + n - k->nr_hwtail - 1) % n;
-    uint32_t space = burst && room > burst ? burst : room;
-    if (stash) {
-        /* A slot per waiting chain (a frame larger than a buffer takes more: those use their own). */
-        uint32_t take = vq_pending(vq);
-        nm_stash_take(stash, &k->bufs, k->nr_hwtail, take < space ? take : space);
-    }
-    int32_t status = refs
-                         ? vq_dequeue_refs(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, refs, pending, out)
-                         : vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, pending, out);
-    if (status == VQ_OK && out->held && !out->slots && !out->used && space < room) {
-        /* The first chain needs more slots than a burst (a segmented 64 KiB frame): all the room there is,
-         * or it would wait for ever. */
-        status = refs ? vq_dequeue_refs(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, room, refs, pending, out)
-                      : vq_dequeue(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, room, pending, out);
-    }
-    if (status == VQ_OK) {
-        if (k->tap && out->slots)
-            nm_tap_slots(k->tap, &k->bufs, k->nr_hwtail, out->slots, refs);
-        k->nr_hwtail = (k->nr_hwtail + out->slots) % n;
-    }
-    nm_sync_finalize(k);
-    if (status == VQ_OK)
-        nm_sync_timestamp(k);
-    return status;
-}
-
-int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
-                   struct nm_stash *stash, struct vq_used_elem *pending, struct vq_batch *out)
-{
-    return vhu_rxsync_refs(k, vq, mem, hdr_len, stash, NULL, 0, pending, out);
-}
-
-/* vhu_txsync, delivering what slots of `refs` (may be NULL) refer to (vq_enqueue_refs). */
-static int32_t vhu_txsync_refs(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem,
-                               uint32_t hdr_len, int32_t mergeable, struct nm_stash *stash,
-                               const struct vq_refs *refs, struct vq_used_elem *pending, struct vq_batch *out)
-{
-    if (nm_sync_prologue(k))
-        return VHU_REJECT;
-    uint32_t n = k->bufs.num_slots;
-    uint32_t count = (k->rhead + n - k->nr_hwcur) % n;
-    int32_t status = VQ_OK;
-    if (count) {
-        status =
-            vq_enqueue_refs(vq, mem, &k->bufs, hdr_len, mergeable, k->nr_hwcur, count, refs, pending, out);
-        if (status == VQ_OK) {
-            if (k->tap && out->slots)
-                nm_tap_slots(k->tap, &k->bufs, k->nr_hwcur, out->slots, refs);
-            /* Delivered slots were copied out: they are free again at once. */
-            if (stash)
-                nm_stash_give(stash, &k->bufs, k->nr_hwcur, out->slots);
-            k->nr_hwcur = (k->nr_hwcur + out->slots) % n;
-            k->nr_hwtail = (k->nr_hwcur + n - 1) % n;
-        }
-    } else {
-        memset(out, 0, sizeof *out);
-        out->bad_slot = -1;
-    }
-    nm_sync_finalize(k);
-    return status;
-}
-
-int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
-                   int32_t mergeable, struct nm_stash *stash, struct vq_used_elem *pending,
-                   struct vq_batch *out)
-{
-    return vhu_txsync_refs(k, vq, mem, hdr_len, mergeable, stash, NULL, pending, out);
-}
-
-/* A sync's status for the pass: a fault of the guest's (a VQ_ERR_*) leaves the queue faulted (struct
- * vq_split.faulted), so that no other pass touches what the fault left for the port to report. */
-static int32_t vhu_queue_status(const struct vhu_queue *q, int32_t status)
-{
-    if (status > VQ_OK)
-        q->vq->faulted = 1;
-    return status;
-}
-
-/* The interrupt the driver asked for (kernels.finish does the same for the calls above): VQ_OK, or the
- * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). */
-static int32_t vhu_notify(const struct vhu_queue *q)
+/* The interrupt the driver asked for (kernels.finish does the same after a per-sync batch): VQ_OK, or the
+ * VHU_EVENTFD_* status of a call eventfd that refused it (the sync itself is done and counted). `calls`: the
+ * ring's count of interrupts sent. */
+static int32_t vhu_notify(const struct vhu_queue *q, uint64_t *calls)
 {
     if (!q->out->notify || q->call_fd < 0)
         return VQ_OK;
     int32_t status = vhu_eventfd_signal(q->call_fd);
     if (status == VHU_EVENTFD_OK)
-        q->vq->calls++;
+        (*calls)++;
     return status;
 }
 
 /* The counters and the interrupt of a receive batch that went through and was published. */
-static int32_t vhu_received(const struct vhu_queue *q)
+static int32_t vhu_received(const struct vhu_queue *q, uint64_t *calls)
 {
     q->stats->rx_packets += q->out->packets;
     q->stats->rx_bytes += q->out->bytes;
@@ -114,29 +25,67 @@ static int32_t vhu_received(const struct vhu_queue *q)
     q->stats->rx_bad_header += q->out->bad_headers;
     q->stats->rx_offloaded += q->out->offloaded;
     q->stats->rx_offload_passed += q->out->passed;
-    return vhu_notify(q);
+    return vhu_notify(q, calls);
+}
+
+/* The syncs of a queue, once per ring layout (queue_sync.h): vhus_* over split rings, vhup_* over packed. */
+#define QS_FN(name) vhus_##name
+#define QS_RING struct vq_split
+#define QS_ELEM struct vq_used_elem
+#define QS_VQ(q) ((q)->vq)
+#define QS_SCRATCH(q) ((q)->scratch)
+#define QS_PENDING vq_pending
+#define QS_DEQUEUE(vq, mem, nm, hdr_len, first, space, refs, pending, out)                                     \
+    ((refs) ? vq_dequeue_refs(vq, mem, nm, hdr_len, first, space, refs, pending, out)                          \
+            : vq_dequeue(vq, mem, nm, hdr_len, first, space, pending, out))
+#define QS_ENQUEUE vq_enqueue_refs
+#define QS_PUBLISH vq_publish
+#include "queue_sync.h"
+
+#define QS_FN(name) vhup_##name
+#define QS_RING struct vq_packed
+#define QS_ELEM struct vqp_used_elem
+#define QS_VQ(q) ((q)->packed)
+#define QS_SCRATCH(q) ((q)->packed_scratch)
+#define QS_PENDING vqp_pending
+#define QS_DEQUEUE vqp_dequeue_refs
+#define QS_ENQUEUE vqp_enqueue_refs
+#define QS_PUBLISH vqp_publish
+#include "queue_sync.h"
+
+int32_t vhu_rxsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
+                   struct nm_stash *stash, struct vq_used_elem *pending, struct vq_batch *out)
+{
+    return vhus_rxsync_refs(k, vq, mem, hdr_len, stash, NULL, 0, pending, out);
+}
+
+int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memory *mem, uint32_t hdr_len,
+                   int32_t mergeable, struct nm_stash *stash, struct vq_used_elem *pending,
+                   struct vq_batch *out)
+{
+    return vhus_txsync_refs(k, vq, mem, hdr_len, mergeable, stash, NULL, pending, out);
+}
+
+/* The passes below take any mix of layouts: each sync of a queue picks its layout's instance, one test a
+ * batch (never one a frame or a chain). */
+static inline int32_t vhu_queue_rxsync_refs(const struct vhu_queue *q, struct vq_refs *refs, uint32_t burst)
+{
+    return q->packed ? vhup_queue_rxsync_refs(q, refs, burst) : vhus_queue_rxsync_refs(q, refs, burst);
+}
+
+static inline int32_t vhu_queue_publish(const struct vhu_queue *q, struct vq_refs *refs)
+{
+    return q->packed ? vhup_queue_publish(q, refs) : vhus_queue_publish(q, refs);
+}
+
+static inline int32_t vhu_queue_txsync_refs(const struct vhu_queue *q, const struct vq_refs *refs)
+{
+    return q->packed ? vhup_queue_txsync_refs(q, refs) : vhus_queue_txsync_refs(q, refs);
 }
 
 int32_t vhu_queue_rxsync(const struct vhu_queue *q)
 {
-    if (q->vq->faulted)
-        return VHU_FAULTED;
-    int32_t status = vhu_rxsync(q->kring, q->vq, q->mem, q->hdr_len, q->stash, q->scratch, q->out);
-    return status == VQ_OK ? vhu_received(q) : vhu_queue_status(q, status);
-}
-
-/* The rxsync of a pass, at most `burst` slots (0: no limit): with `refs`, its slots refer to the guest's
- * buffers and its used entries wait in q->scratch for vhu_queue_publish (nothing counted or signalled yet);
- * without, as vhu_queue_rxsync. */
-static int32_t vhu_queue_rxsync_refs(const struct vhu_queue *q, struct vq_refs *refs, uint32_t burst)
-{
-    if (q->vq->faulted)
-        return VHU_FAULTED;
-    int32_t status =
-        vhu_rxsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->stash, refs, burst, q->scratch, q->out);
-    if (refs || status != VQ_OK)
-        return vhu_queue_status(q, status);
-    return vhu_received(q);
+    return vhu_queue_rxsync_refs(q, NULL, 0);
 }
 
 /* The ring head its user wrote, or UINT32_MAX if outside the ring. */
@@ -166,32 +115,6 @@ static void vhu_settle_tx(const struct nm_kring *k, const struct vq_refs *refs)
     uint32_t head = vhu_user_head(k);
     if (head != UINT32_MAX && k->nr_hwcur < k->bufs.num_slots)
         vq_refs_settle(refs, &k->bufs, k->nr_hwcur, vhu_dist(k->nr_hwcur, head, k->bufs.num_slots));
-}
-
-/* After the frames of a vhu_queue_rxsync_refs were delivered or settled: publish the used entries, count,
- * interrupt; the tickets are void from now on. */
-static int32_t vhu_queue_publish(const struct vhu_queue *q, struct vq_refs *refs)
-{
-    vq_refs_reset(refs);
-    int32_t status = vq_publish(q->vq, q->mem, q->scratch, q->out);
-    return status == VQ_OK ? vhu_received(q) : vhu_queue_status(q, status);
-}
-
-static int32_t vhu_queue_txsync_refs(const struct vhu_queue *q, const struct vq_refs *refs)
-{
-    if (q->vq->faulted)
-        return VHU_FAULTED;
-    int32_t status = vhu_queue_status(q, vhu_txsync_refs(q->kring, q->vq, q->mem, q->hdr_len, q->mergeable,
-                                                         q->stash, refs, q->scratch, q->out));
-    if (status == VQ_OK) {
-        q->stats->tx_packets += q->out->packets;
-        q->stats->tx_bytes += q->out->bytes;
-        q->stats->tx_dropped += q->out->dropped;
-        q->stats->tx_bad_header += q->out->bad_headers;
-        q->stats->tx_offloaded += q->out->offloaded;
-        status = vhu_notify(q);
-    }
-    return status;
 }
 
 int32_t vhu_queue_txsync(const struct vhu_queue *q)

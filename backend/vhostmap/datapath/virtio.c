@@ -386,9 +386,11 @@ static uint32_t vq_ref_slots(const struct nm_bufs *nm, const struct vq_refs *ref
     return n;
 }
 
-/* vq_ref_slots > 0: fill the slots from `pos` with tickets for the segments minus the first `skip` bytes. */
-static void vq_refer(const struct nm_bufs *nm, struct vq_refs *refs, const struct vq_seg *segs, uint32_t nseg,
-                     uint64_t skip, uint32_t pos)
+/* vq_ref_slots > 0: fill the slots from `pos` with tickets for the segments minus the first `skip` bytes.
+ * Inlined into both ring layouts' dequeue (it was into the split one's alone, before the packed one used it). */
+__attribute__((always_inline)) static inline void vq_refer(const struct nm_bufs *nm, struct vq_refs *refs,
+                                                           const struct vq_seg *segs, uint32_t nseg,
+                                                           uint64_t skip, uint32_t pos)
 {
     struct nm_slot *slot = NULL;
     uint32_t filled = 0;
@@ -893,5 +895,34 @@ int32_t vqp_enqueue(struct vq_packed *vq, const struct vm_memory *mem, const str
     if (vm_gone(mem))
         return vq_gone(out);
     int32_t status = vqp_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, NULL, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vqp_dequeue_refs(struct vq_packed *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                         uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_refs *refs,
+                         struct vqp_used_elem *pending, struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vqp_dequeue_batch(vq, mem, nm, hdr_len, first, space, refs, pending, out);
+    return vm_gone(mem) ? vq_gone(out) : status;
+}
+
+int32_t vqp_publish(struct vq_packed *vq, const struct vm_memory *mem, const struct vqp_used_elem *pending,
+                    struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out); /* as vq_publish */
+    pvq_complete(vq, mem, pending, out->used, out);
+    return VQ_OK;
+}
+
+int32_t vqp_enqueue_refs(struct vq_packed *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                         uint32_t hdr_len, int32_t mergeable, uint32_t first, uint32_t count,
+                         const struct vq_refs *refs, struct vqp_used_elem *pending, struct vq_batch *out)
+{
+    if (vm_gone(mem))
+        return vq_gone(out);
+    int32_t status = vqp_enqueue_batch(vq, mem, nm, hdr_len, mergeable, first, count, refs, pending, out);
     return vm_gone(mem) ? vq_gone(out) : status;
 }

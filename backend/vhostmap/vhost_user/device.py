@@ -71,8 +71,8 @@ from vhostmap.virtio.spec import (
 log = logging.getLogger(__name__)
 
 # One virtqueue of the device, in the layout the driver negotiated: split (spec 2.7) or packed (spec 2.8,
-# VIRTIO_F_RING_PACKED). Both offer the operations rxtx.py and the port run (rxtx.Virtqueue and the rest);
-# ``split_kernels`` says whether the compiled split-ring passes may run over one.
+# VIRTIO_F_RING_PACKED). Both offer the operations rxtx.py and the port run (rxtx.Virtqueue and the rest),
+# and the compiled kernels and passes run over both.
 DeviceQueue = SplitVirtqueue | PackedVirtqueue
 
 # What vhostmap offers every driver; the offloads below come on top unless the port says offloads=off.
@@ -260,12 +260,6 @@ class VhostUserNetDevice:
     def layout(self) -> str:
         """The negotiated ring layout, "packed" or "split" (what ``vhostmap status`` names)."""
         return "packed" if self.packed else "split"
-
-    @property
-    def split_kernels(self) -> bool:
-        """Whether the compiled split-ring kernels may run over every queue (VhostUserPort.fast_queues): not
-        over packed ones, whose batches kernels.Datapath runs under the Python per-sync path."""
-        return all(vq.split_kernels for vq in self.vqs)
 
     @property
     def vnet_hdr_size(self) -> int:

@@ -17,8 +17,8 @@ queue's pending used list.
 A packed virtqueue (PackedVirtqueue, VIRTIO_F_RING_PACKED) runs its batches in one C call too (vqp_dequeue,
 vqp_enqueue: the same batch logic as the split ring's, datapath/ring_batch.h, over packed_ring.h), on its
 struct vq_packed and the scratch of its packed_kernels.CompiledPackedRing; or, with REFERENCE, rxtx.dequeue /
-rxtx.enqueue over the queue itself. The port runs no compiled sync or pass over it yet (``split_kernels``,
-VhostUserPort.fast_queues).
+rxtx.enqueue over the queue itself. The compiled syncs and passes (VhostUserPort.fast_queues) run over it as
+over a split queue, with the same out and scratch (``packed_ring``).
 
 Guest memory the front-end shrank under us (GuestMemory.gone: the SIGBUS guard replaced it with zero pages)
 is a driver fault too, in both datapaths: the batch that saw it counts for nothing and raises a
@@ -105,10 +105,25 @@ def _start(vq: SplitVirtqueue) -> Any:
     return vq.c
 
 
-def finish(vq: SplitVirtqueue, mem: GuestMemory, status: int, writable: bool) -> BatchResult:
+def finish(
+    vq: SplitVirtqueue | PackedVirtqueue, mem: GuestMemory, status: int, writable: bool
+) -> BatchResult:
     """After a kernel call on ``vq`` that returned ``status``: raise the fault if there was one (its used
-    entries queued for publication), notify, and count (``writable``: a receive queue)."""
+    entries queued for publication), notify, and count (``writable``: a receive queue). A packed queue's
+    kernels wrote into the out and scratch of its ``packed_ring``."""
+    if isinstance(vq, PackedVirtqueue):
+        ring = packed_ring(vq, mem)
+        return _finish(vq, mem, status, writable, ring.out, ring.scratch(), _fault)
     return _finish(vq, mem, status, writable, vq.out, vq.scratch, _fault)
+
+
+def packed_ring(vq: PackedVirtqueue, mem: GuestMemory) -> CompiledPackedRing:
+    """The CompiledPackedRing of ``vq`` over ``mem`` (made on first use and for new memory): its ``out`` and
+    ``scratch`` are where the batch kernels and the passes (VhostUserPort.fast_queues) leave a batch."""
+    ring = vq.compiled_ring
+    if ring is None or ring.mem is not mem:
+        ring = vq.compiled_ring = CompiledPackedRing(vq, mem)
+    return ring
 
 
 def _finish(
@@ -292,9 +307,7 @@ def _packed(
     """Run a packed batch kernel (``kernel(ring, pending, out)``: vqp_dequeue or vqp_enqueue) on ``vq`` and
     finish it as a split batch is finished. Used entries someone queued outside a batch are published first,
     as _start does for a split ring."""
-    ring = vq.compiled_ring
-    if ring is None or ring.mem is not mem:
-        ring = vq.compiled_ring = CompiledPackedRing(vq, mem)
+    ring = packed_ring(vq, mem)
     if vq._desc is None:
         raise VirtqueueError(vq.index, "ring not mapped")
     if vq._pending_used:

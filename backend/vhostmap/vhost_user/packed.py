@@ -129,11 +129,8 @@ class PackedVirtqueue(RingQueue):
     All of that lives in the C struct the compiled twin works on (``c``, struct vq_packed).
     """
 
-    # The ring layout, and whether the compiled split-ring syncs and forwarding passes (vhost_sync.c) may run
-    # over this queue: they take struct vq_split, so a packed queue runs kernels.Datapath's batches (one C
-    # call each, vqp_dequeue / vqp_enqueue, or this reference) under the Python per-sync path.
+    # The ring layout (what ``vhostmap status`` and inspect name).
     layout: ClassVar[str] = "packed"
-    split_kernels: ClassVar[bool] = False
 
     addresses: PackedRingAddresses | None = None
     _desc: memoryview | None = field(default=None, repr=False)

@@ -29,6 +29,7 @@ from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.device import DeviceQueue, NetConfig, VhostUserNetDevice
 from vhostmap.vhost_user.kernels import select_datapath
 from vhostmap.vhost_user.messages import ProtocolFeature
+from vhostmap.vhost_user.packed import PackedVirtqueue
 from vhostmap.vhost_user.protocol import Message, Payload
 from vhostmap.vhost_user.rxtx import Buffers
 from vhostmap.vhost_user.virtqueue import CallRefused, SplitVirtqueue, VirtqueueError
@@ -136,18 +137,16 @@ class VhostUserPort(NetmapAdapter):
 
     def fast_queues(self) -> FastQueues | None:
         """The queues as the compiled passes take them, or None when this port must take the Python path now
-        (broken, a host port, a RARP to send, the reference datapath, packed rings, dirty logging, a queue
-        not running).
+        (broken, a host port, a RARP to send, the reference datapath, dirty logging, a queue not running).
 
-        The passes (vhost_sync.cdef) run over split rings only: a driver that negotiated packed ones gets
-        the per-sync path, whose batches run over its rings' own operations (kernels.Datapath), and every
-        forwarder with this port takes its Python round (passes.port_pass, Link, the switch)."""
+        Split and packed rings alike (struct vhu_queue carries either): the passes (vhost_sync.cdef) take
+        any mix of layouts, the one-copy path included."""
         if self.broken is not None or self.host_port is not None or self._announcements:
             return None
         fast = self._fast
         if fast is not None and fast.version == self._version:
             return fast
-        if not self.datapath.compiled or self.device.broken is not None or not self.device.split_kernels:
+        if not self.datapath.compiled or self.device.broken is not None:
             return None
         dev = self.device
         mem, hdr_len, mergeable = dev.memory, dev.vnet_hdr_size, dev.mergeable_rx
@@ -163,10 +162,17 @@ class VhostUserPort(NetmapAdapter):
                     continue  # not running: nothing to receive / nowhere to deliver (Python path)
                 if vq.log_dirty:
                     return None  # migrating: dirty pages are logged by the per-sync path
-                assert isinstance(vq, SplitVirtqueue)  # split_kernels, above
                 q = ffi.new("struct vhu_queue *")
-                q.kring, q.vq, q.mem = kring.c, vq.c, mem.c
-                q.scratch, q.out = vq.scratch, vq.out
+                q.kring, q.mem = kring.c, mem.c
+                if isinstance(vq, PackedVirtqueue):
+                    # The same out and scratch as its per-sync batches: fast_failed reads a fault there.
+                    compiled = kernels.packed_ring(vq, mem)
+                    scratch = compiled.scratch()
+                    q.packed, q.packed_scratch, q.out = vq.c, scratch, compiled.out
+                    keep += [compiled, scratch]
+                else:
+                    assert isinstance(vq, SplitVirtqueue)
+                    q.vq, q.scratch, q.out = vq.c, vq.scratch, vq.out
                 q.stats = ffi.addressof(self.queue_stats[vq.index // 2])
                 q.call_fd = -1 if vq.call_fd is None else vq.call_fd
                 q.hdr_len, q.mergeable = hdr_len, mergeable
@@ -187,7 +193,6 @@ class VhostUserPort(NetmapAdapter):
         if status == lib.VHU_REJECT or vq is None:
             (NetmapAdapter.rxsync if receive else NetmapAdapter.txsync)(self, index)
             return
-        assert isinstance(vq, SplitVirtqueue)  # fast_queues had it: the passes run over split rings only
         try:
             kernels.finish(vq, self.device.memory, status, not receive)
         except VirtqueueError as e:

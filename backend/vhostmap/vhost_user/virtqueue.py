@@ -178,11 +178,8 @@ class SplitVirtqueue(RingQueue):
     kernels' other arguments.
     """
 
-    # The ring layout, and whether the compiled split-ring kernels (virtio.c's batches, vhost_sync.c's syncs
-    # and forwarding passes, over struct vq_split) may run over this queue: they may (PackedVirtqueue's
-    # may not).
+    # The ring layout (what ``vhostmap status`` and inspect name).
     layout: ClassVar[str] = "split"
-    split_kernels: ClassVar[bool] = True
 
     addresses: VringAddresses | None = None
     _desc: memoryview | None = field(default=None, repr=False)
