@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from vhostmap.control.client import call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel
 from vhostmap.lab.netns import Netns, ip, namespace_behind_veth
@@ -143,17 +144,26 @@ def test_restart_under_testpmd_traffic_resumes_within_a_second(
 
 @contextmanager
 def guest_behind_vhostmap(
-    kernel: GuestKernel, workdir: Path, *, reconnect: int | None = None
+    kernel: GuestKernel, workdir: Path, *, reconnect: int | None = None, packed: bool = False
 ) -> Iterator[tuple[VhostmapDaemon, QemuGuest, Netns]]:
     """vhostmap listening on port a (a QEMU guest, 10.0.0.1) linked to a generic port on a veth whose peer is
     in a namespace (10.0.0.2); both ends know the other's MAC for good (no ARP during the outages)."""
     with ExitStack() as stack:
         ns, veth = stack.enter_context(namespace_behind_veth(f"{PEER_ADDR}/24"))
-        ports = [f"a=vhost-user,path={workdir}/a.sock,mode=server", f"up=generic,ifname={veth.name}"]
+        a = f"a=vhost-user,path={workdir}/a.sock,mode=server" + (",packed=on" if packed else "")
+        ports = [a, f"up=generic,ifname={veth.name}"]
         daemon = stack.enter_context(VhostmapDaemon(workdir, ports, ["a,up"]))
         guest = stack.enter_context(
             QemuGuest(
-                [Nic(workdir / "a.sock", GUEST_MAC, reconnect=reconnect, ip=f"{GUEST_ADDR}/24")],
+                [
+                    Nic(
+                        workdir / "a.sock",
+                        GUEST_MAC,
+                        reconnect=reconnect,
+                        ip=f"{GUEST_ADDR}/24",
+                        options=("packed=on",) if packed else (),
+                    )
+                ],
                 kernel=kernel,
                 workdir=workdir / "qa",
             )
@@ -178,23 +188,46 @@ def guest_behind_vhostmap(
         guest.poweroff()
 
 
+def _ring_positions(daemon: VhostmapDaemon, port: str) -> list[int]:
+    """The next available position of each of ``port``'s virtqueues as a count of descriptors since the
+    ring started, modulo 2**16 for a split ring, and for a packed one (wrap counter 1, 0, 1, ...) modulo two
+    laps: within the first two laps it is exact."""
+    positions = []
+    for pair in call(daemon.control, "inspect", port=port)["queues"]:
+        for vq in (pair["guest_receive"], pair["guest_transmit"]):
+            lap = vq["size"] if vq["layout"] == "packed" and vq["avail_wrap_counter"] == 0 else 0
+            positions.append(vq["last_avail_idx"] + lap)
+    return positions
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_restart_under_a_qemu_guest_resumes_and_delivers_no_echo_twice(
-    guest_kernel: GuestKernel, sock_dir: Path, capsys: pytest.CaptureFixture[str]
+    guest_kernel: GuestKernel, sock_dir: Path, capsys: pytest.CaptureFixture[str], packed: bool
 ) -> None:
     """A guest pings the namespace every 20 ms all along (numbered frames both ways: ICMP sequence numbers,
     and busybox ping reports any reply it gets twice); vhostmap is killed and restarted three times. QEMU
     (``reconnect=1``) connects again, and both directions flow within a second of that; its retry timer
     alone may add up to a second after the daemon is ready, which is QEMU's, so the total is bounded by the
-    reconnect period plus that second."""
+    reconnect period plus that second.
+
+    Packed rings (virtio-net-pci,packed=on): QEMU keeps no packed ring state, so it starts the new daemon's
+    rings from their reset positions (0, wrap counters 1) wherever the guest is; the device resumes where
+    the descriptors say (`VhostUserNetDevice._resume_packed`). The first restart comes in the rings' second
+    lap, where both wrap counters are 0: the positions after it are where they were before, not reset."""
     rows = []
-    with guest_behind_vhostmap(guest_kernel, sock_dir, reconnect=1) as (daemon, guest, _ns):
+    with guest_behind_vhostmap(guest_kernel, sock_dir, reconnect=1, packed=packed) as (daemon, guest, _ns):
+        assert daemon.status()["ports"]["a"]["ring"] == ("packed" if packed else "split")
         assert guest.ping(PEER_ADDR, count=2) == 0.0
+        if packed:
+            # Past the first lap of both rings (256 descriptors) and not through the second.
+            guest.run(f"ping -q -c 300 -i 0.002 {PEER_ADDR}", check=True, timeout=60)
         boot_id = guest.run("cat /proc/sys/kernel/random/boot_id", check=True).output
         guest.run(f"ping -i 0.02 {PEER_ADDR} > /tmp/ping.log 2>&1 &", check=True)
         wait_until(
             lambda: daemon.stats()["a"]["totals"]["tx_packets"] >= 20, 30, "replies to the guest's pings"
         )
-        for _ in range(RESTARTS):
+        for restart in range(RESTARTS):
+            before = _ring_positions(daemon, "a")
             ready = daemon.restart()
             connected = _measure(
                 lambda: daemon.status()["ports"]["a"]["connected"], "QEMU to connect again", timeout=10
@@ -215,6 +248,15 @@ def test_restart_under_a_qemu_guest_resumes_and_delivers_no_echo_twice(
             )
             assert flowing - connected < RECOVERY_LIMIT, _report("too slow:", rows)
             assert flowing - ready < 1 + RECOVERY_LIMIT, _report("too slow:", rows)
+            after = _ring_positions(daemon, "a")
+            # The new daemon goes on from where the old one was (maybe a few chains back: the old one's last
+            # batch, taken and not used, runs again); with a packed ring, in the same lap.
+            for queue, (was, now) in enumerate(zip(before, after, strict=True)):
+                assert 0 <= now - was < 256, (
+                    f"queue {queue} resumed at {now}, it was at {was}: {before} {after}"
+                )
+            if packed and restart == 0:
+                assert all(256 <= p < 512 for p in before), f"not in the second lap: {before}"
             wait_until(lambda: daemon.stats()["a"]["totals"]["tx_packets"] >= 20, 30, "more replies")
         assert guest.run("pidof ping").rc == 0, "the guest's ping ended during the restarts"
         guest.run("kill -INT $(pidof ping)", check=True)  # ping prints its statistics and exits

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from test_backend_traffic import _signals, counters, frame, newest, totals, zero
 from test_netmap_client import open_port, receive, send
@@ -30,6 +32,7 @@ from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.messages import Request, VringState
+from vhostmap.vhost_user.packed import position_from_used_flags
 from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DISABLE,
     VIRTIO_F_IN_ORDER,
@@ -301,6 +304,59 @@ def test_a_reconnection_keeps_the_wrap_counters(start_daemon: StartDaemon, dpdk_
         exchange(fa, fb, 10)
         exchange(fb, fa, 10)
     assert totals(d, "a")["errors"] == 0
+
+
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize("laps", [0, 1], ids=["first-lap", "wrapped"])
+def test_a_back_end_that_died_without_get_vring_base_is_resumed_where_the_used_flags_turn(
+    start_daemon: StartDaemon, laps: int
+) -> None:
+    """QEMU keeps no packed ring state: when its back-end dies (no GET_VRING_BASE), it starts the rings of
+    the next one from their reset positions, 0 with both wrap counters 1, wherever the driver is. The device
+    resumes where the descriptors' USED flags turn instead, and traffic goes on both ways."""
+    d = start_daemon({"a": PACKED, "b": ""}, links=["a,b"])
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fb = d.frontend("b")
+    for _ in range(1 + 4 * laps):  # 8 or 40 chains each way through rings of 32
+        reap(fa)
+        exchange(fa, fb, 8)
+        exchange(fb, fa, 8)
+    reap(fa)
+    where = [(fq.next_desc, fq.avail_wrap) for fq in fa.queues]
+    assert where == [(8, 1 - laps)] * 2
+    # The back-end is gone with its state; the front-end never got GET_VRING_BASE and sends its reset base.
+    assert fa.sock is not None
+    fa.sock.close()
+    d.wait(lambda: not d.device("a").features, "the device to be reset")
+    assert all(fq.base == PACKED_START for fq in fa.queues)
+    fa.connect()
+    fa.negotiate()
+    for vq in d.device("a").vqs:
+        assert (vq.last_avail_idx, vq.avail_wrap_counter, vq.used_idx, vq.used_wrap_counter) == (
+            8,
+            1 - laps,
+            8,
+            1 - laps,
+        )
+    for _ in range(5):  # on through the next wrap
+        reap(fa)
+        exchange(fa, fb, 10)
+        exchange(fb, fa, 10)
+    assert totals(d, "a")["errors"] == 0
+    assert d.device("a").broken is None
+
+
+def test_used_flags_say_where_a_ring_of_single_descriptor_chains_stopped() -> None:
+    def flags(text: str) -> npt.NDArray[np.bool_]:
+        return np.array([c == "1" for c in text])
+
+    assert position_from_used_flags(flags("0000")) == (0, 1)  # a fresh ring, or one lap 0 just ended
+    assert position_from_used_flags(flags("1111")) == (0, 0)  # lap 1 just ended
+    assert position_from_used_flags(flags("1100")) == (2, 1)
+    assert position_from_used_flags(flags("0011")) == (2, 0)
+    assert position_from_used_flags(flags("1000")) == (1, 1)
+    assert position_from_used_flags(flags("1101")) is None  # a batch half published, or longer chains
+    assert position_from_used_flags(flags("0110")) is None
 
 
 def test_set_vring_base_refuses_a_position_outside_the_ring(start_daemon: StartDaemon) -> None:

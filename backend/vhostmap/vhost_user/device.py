@@ -31,7 +31,7 @@ from vhostmap.vhost_user.messages import (
     VringFile,
     VringState,
 )
-from vhostmap.vhost_user.packed import PackedRingAddresses, PackedVirtqueue
+from vhostmap.vhost_user.packed import PackedRingAddresses, PackedVirtqueue, position_from_used_flags
 from vhostmap.vhost_user.protocol import Message, Payload
 from vhostmap.vhost_user.virtqueue import SplitVirtqueue, VirtqueueError, VringAddresses
 from vhostmap.virtio.spec import (
@@ -497,6 +497,8 @@ class VhostUserNetDevice:
                 p.desc_user_addr, p.avail_user_addr, p.used_user_addr, log=p.log_used
             )
             self._map(msg.request, vq)
+            if not vq.started:
+                self._resume_packed(vq)
             self.listener.queues_changed()
             return None
         vq.addresses = VringAddresses(
@@ -518,6 +520,40 @@ class VhostUserNetDevice:
             vq.last_avail_idx = vq.used_idx
         self.listener.queues_changed()
         return None
+
+    def _resume_packed(self, vq: PackedVirtqueue) -> None:
+        """A packed ring about to start from its reset positions (0, both wrap counters 1) whose descriptors
+        say a device used it since (a USED flag set; a ring the driver set up or reset has none): the front-
+        end lost track, as QEMU does when its back-end died without GET_VRING_BASE (it then sends the
+        positions of its last GET_VRING_BASE or reset, having no packed ring state of its own). Resume where
+        the descriptors' USED flags turn (`position_from_used_flags`), both positions there, as a split ring
+        resumes at used->idx: chains taken and not used yet are still available there and run again."""
+        if (vq.last_avail_idx, vq.avail_wrap_counter, vq.used_idx, vq.used_wrap_counter) != (0, 1, 0, 1):
+            return
+        used = vq.used_bits()
+        if not used.any():
+            return
+        found = position_from_used_flags(used)
+        if found is None:
+            log.warning(
+                "port %s: queue %d: the front-end starts a used packed ring from position 0, and its "
+                "descriptors do not say where the device stopped (chains of several descriptors?): the ring "
+                "may stall until the driver resets the device",
+                self.name,
+                vq.index,
+            )
+            return
+        position, wrap = found
+        log.warning(
+            "port %s: queue %d: the front-end starts a used packed ring from position 0 (its back-end died "
+            "without GET_VRING_BASE?): resuming at %d with wrap counter %d, where the USED flags turn",
+            self.name,
+            vq.index,
+            position,
+            wrap,
+        )
+        vq.last_avail_idx = vq.used_idx = vq.signalled_used = position
+        vq.avail_wrap_counter = vq.used_wrap_counter = vq.signalled_used_wrap = wrap
 
     def _set_vring_base(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)

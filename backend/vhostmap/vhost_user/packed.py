@@ -86,6 +86,29 @@ def packed_need_event(num: int, event: int, new: int, old: int) -> bool:
     return (new - event - 1) % lap < (new - old) % lap
 
 
+def position_from_used_flags(used: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
+    """Where the device's next used position is, (offset, used wrap counter), from the USED flag of every
+    descriptor in the ring, or None when the flags do not say.
+
+    What a front-end that lost its back-end without GET_VRING_BASE cannot tell (QEMU keeps no packed ring
+    state of its own: virtio_queue_packed_restore_last_avail_idx does nothing), the ring can, as long as
+    every chain took one descriptor (Linux's virtio_net: one buffer per receive chain with mergeable
+    buffers, an indirect table or the header in the headroom for transmissions): before the used position
+    every descriptor has USED equal to the wrap counter (the device used it in this lap, or the driver made
+    it available again for the next), from there on the inverse (available for this lap, or used in the
+    last). So the flags are one run (the device just wrapped: offset 0, the other wrap counter) or two runs
+    starting at offset 0, the second at the used position. Anything else (a chain of several descriptors,
+    a batch the back-end died publishing, VIRTIO_F_IN_ORDER's one used descriptor per batch) is None.
+    """
+    flips = np.flatnonzero(used[1:] != used[:-1])
+    first = int(bool(used[0]))
+    if len(flips) == 0:
+        return 0, 1 - first
+    if len(flips) == 1:
+        return int(flips[0]) + 1, first
+    return None
+
+
 @dataclass
 class PackedRingAddresses:
     """Where a packed ring is: front-end virtual addresses of the descriptor ring, the driver area and the
@@ -219,6 +242,12 @@ class PackedVirtqueue(RingQueue):
         c.log_rings = a.log
         c.desc_log_addr = a.desc_guest_addr
         c.device_log_addr = a.device_guest_addr
+
+    def used_bits(self) -> npt.NDArray[np.bool_]:
+        """Whether each descriptor of the mapped ring has its USED flag set, each read once (for
+        `position_from_used_flags`)."""
+        assert self._desc16 is not None
+        return (self._desc16[_FLAGS_WORD::_DESC_WORDS] & DESC_F_USED) != 0
 
     def unmap(self) -> None:
         """Forget the ring mappings (memory table replaced, queue stopped)."""
