@@ -28,13 +28,15 @@ from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_f
 from vhostmap.datapath import ffi, lib
 from vhostmap.forwarding.link import Link
 from vhostmap.forwarding.passes import BURST, ROUNDS
-from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
+from vhostmap.lab.frontend import BUFFER_SIZE, DEFAULT_FEATURES, PACKED_START, PAGE, UVA_BASE, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user import kernels
-from vhostmap.vhost_user.messages import Request, VringState
+from vhostmap.vhost_user.memory import VHOST_LOG_PAGE
+from vhostmap.vhost_user.messages import U64, VHOST_VRING_F_LOG, Request, VringAddr, VringState
 from vhostmap.vhost_user.packed import position_from_used_flags
 from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DISABLE,
+    VHOST_F_LOG_ALL,
     VIRTIO_F_IN_ORDER,
     VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
@@ -344,6 +346,55 @@ def test_a_back_end_that_died_without_get_vring_base_is_resumed_where_the_used_f
         exchange(fb, fa, 10)
     assert totals(d, "a")["errors"] == 0
     assert d.device("a").broken is None
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_logging_packed_ring_marks_every_page_the_device_writes(start_daemon: StartDaemon) -> None:
+    """A live migration's dirty log (SET_LOG_BASE, VHOST_F_LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG on
+    the running rings, as QEMU switches it on): every page of the guest's memory the device changed while
+    logging is marked, the descriptor ring (used descriptors), the device area (event suppression) and the
+    receive buffers; the pages it did not change are what the driver wrote (transmit buffers)."""
+    d = start_daemon({"a": PACKED, "b": ""}, links=["a,b"])
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fb = d.frontend("b")
+    reap(fa)
+    exchange(fa, fb, 8)
+    exchange(fb, fa, 8)
+    bitmap = fa.set_log_base()
+    try:
+        fa.sync(Request.SET_FEATURES, U64(fa.features | bit(VHOST_F_LOG_ALL)))
+        for fq in fa.queues:
+            addr = VringAddr(
+                fq.index,
+                1 << VHOST_VRING_F_LOG,
+                UVA_BASE + fq.desc,
+                UVA_BASE + fq.used,
+                UVA_BASE + fq.avail,
+                fq.used,
+            )
+            fa.sync(Request.SET_VRING_ADDR, addr)
+        before = bytes(fa.mem)
+        for _ in range(5):  # through the rings' wrap
+            reap(fa)
+            exchange(fa, fb, 8)
+            exchange(fb, fa, 8)
+        for fq in fa.queues:
+            fa.stop_queue(fq)
+        logged = {i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (1 << (i % 8))}
+    finally:
+        bitmap.close()
+    assert VHOST_LOG_PAGE == PAGE
+    changed = {
+        p
+        for p in range(len(before) // PAGE)
+        if before[p * PAGE : (p + 1) * PAGE] != fa.mem[p * PAGE : (p + 1) * PAGE]
+    }
+    rx, tx = fa.queues
+    transmit_buffers = set(range(tx.buffers // PAGE, (tx.buffers + tx.num * BUFFER_SIZE - 1) // PAGE + 1))
+    device_written = {q.desc // PAGE for q in fa.queues} | {q.used // PAGE for q in fa.queues}
+    device_written |= {(rx.buffers + BUFFER_SIZE * k) // PAGE for k in range(rx.num)} & changed
+    assert device_written <= logged
+    assert changed - logged <= transmit_buffers, sorted(changed - logged)
 
 
 def test_used_flags_say_where_a_ring_of_single_descriptor_chains_stopped() -> None:
