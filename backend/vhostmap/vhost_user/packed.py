@@ -243,11 +243,46 @@ class PackedVirtqueue(RingQueue):
         c.desc_log_addr = a.desc_guest_addr
         c.device_log_addr = a.device_guest_addr
 
-    def used_bits(self) -> npt.NDArray[np.bool_]:
-        """Whether each descriptor of the mapped ring has its USED flag set, each read once (for
-        `position_from_used_flags`)."""
+    @property
+    def mapped(self) -> bool:
+        """Whether the rings are mapped (addresses set and translated)."""
+        return self._desc is not None
+
+    def ring_flags(self) -> npt.NDArray[np.uint16]:
+        """The flags of every descriptor of the mapped ring, each read once (a copy)."""
         assert self._desc16 is not None
-        return (self._desc16[_FLAGS_WORD::_DESC_WORDS] & DESC_F_USED) != 0
+        return self._desc16[_FLAGS_WORD::_DESC_WORDS].copy()
+
+    def base_is_stale(self) -> bool:
+        """Whether the ring's descriptors prove the positions the front-end gave (SET_VRING_BASE) wrong,
+        whatever the chains' lengths: the ring was used since a reset, yet they are the reset positions (0,
+        both wrap counters 1; a driver sets up a ring with no USED flag); or the descriptor at the available
+        position was used in this lap (it cannot be before the device got there); or the one before it was
+        used in the other lap (the device got past it in this one: the driver made it available again, or
+        the device used it, in this lap). Both positions must be the same (they are after GET_VRING_BASE)."""
+        if (self.last_avail_idx, self.avail_wrap_counter) != (self.used_idx, self.used_wrap_counter):
+            return False
+        flags = self.ring_flags()
+        pos, wrap = self.last_avail_idx, self.avail_wrap_counter
+        if (pos, wrap) == (0, 1) and (flags & DESC_F_USED).any():
+            return True
+
+        def used_in(i: int, lap: int) -> bool:
+            return int(flags[i]) & (DESC_F_AVAIL | DESC_F_USED) == (DESC_F_AVAIL | DESC_F_USED if lap else 0)
+
+        before, before_lap = (pos - 1, wrap) if pos else (self.num - 1, 1 - wrap)
+        return used_in(pos, wrap) or used_in(before, 1 - before_lap)
+
+    def resume_from_flags(self) -> tuple[int, int] | None:
+        """Both positions where the descriptors' USED flags turn (`position_from_used_flags`), chains in
+        flight forgotten; the position and wrap counter, or None (nothing changed) when the flags do not
+        say."""
+        found = position_from_used_flags((self.ring_flags() & DESC_F_USED) != 0)
+        if found is not None:
+            self.forget_inflight()
+            self.last_avail_idx = self.used_idx = self.signalled_used = found[0]
+            self.avail_wrap_counter = self.used_wrap_counter = self.signalled_used_wrap = found[1]
+        return found
 
     def unmap(self) -> None:
         """Forget the ring mappings (memory table replaced, queue stopped)."""
