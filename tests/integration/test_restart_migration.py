@@ -411,7 +411,9 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
     vale1, downloads a paced, numbered stream through each from a namespace (ports upa, upp) and is
     live-migrated meanwhile into a QEMU whose NICs are on ports a1 and p1: the migration completes, the
     destination runs the same guest (same boot id), both downloads complete byte for byte, and the switches
-    have learnt the guest's MACs on a1 and p1 (QEMU's SEND_RARP or the guest's own announcement)."""
+    have learnt the guest's MACs on a1 and p1 (QEMU's SEND_RARP or the guest's own announcement). Then
+    vhostmap is killed and restarted under the destination, whose QEMU knows the rings only as the
+    migration left them: both NICs work again."""
     with ExitStack() as stack:
         peers = {}
         ports = []
@@ -432,7 +434,13 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
 
         def guest(side: str, workdir: str, incoming: bool = False) -> QemuGuest:
             devices = [
-                Nic(sock_dir / f"{n.port}{side}.sock", n.mac, ip=f"{n.addr}/24", options=n.nic_options())
+                Nic(
+                    sock_dir / f"{n.port}{side}.sock",
+                    n.mac,
+                    ip=f"{n.addr}/24",
+                    reconnect=1,
+                    options=n.nic_options(),
+                )
                 for n in NICS
             ]
             return stack.enter_context(
@@ -545,6 +553,19 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
             assert stats[f"{n.port}1"]["broken"] is None and stats[f"{n.port}1"]["totals"]["tx_packets"] > 0
             assert daemon.status()["ports"][f"{n.port}1"]["ring"] == ("packed" if n.packed else "split")
             assert destination.ping(n.peer, count=3) == 0.0
+        # vhostmap dies under the migrated guest: QEMU starts the new daemon's rings from the bases the
+        # migration carried (GET_VRING_BASE on the source), stale by now; both NICs work again.
+        daemon.restart()
+        for n in NICS:
+            daemon.wait_connected(f"{n.port}1")
+        for n in NICS:
+            wait_until(
+                lambda n=n: destination.ping(n.peer, count=1) == 0.0,
+                30,
+                f"pings through {n.port}1 after vhostmap's restart",
+                details=daemon.diagnostics,
+            )
+            assert daemon.status()["ports"][f"{n.port}1"]["ring"] == ("packed" if n.packed else "split")
         destination.poweroff()
     with capsys.disabled():
         print(
