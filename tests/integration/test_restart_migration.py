@@ -352,7 +352,9 @@ for offset in range(0, total, 4096):
 conn.close()
 print("sent", total, flush=True)
 """
-STREAM_BYTES, STREAM_RATE, STREAM_PORT = 6 * 2**20, 384 * 2**10, 9000
+# One stream per NIC, each half the bytes and the rate of the single one this test had: the guest is as busy
+# as it was (QEMU's TCG migration loses memory more often the busier the guest), for as long (16 s).
+STREAM_BYTES, STREAM_RATE, STREAM_PORT = 3 * 2**20, 192 * 2**10, 9000
 STREAM_ARGS = (STREAM_BYTES, STREAM_RATE, STREAM_PORT)
 
 
@@ -396,10 +398,10 @@ def daemon_log_on_failure(daemon: VhostmapDaemon, lines: int = 120) -> Iterator[
 # TCG migration itself loses guest memory. Compared before the destination runs (QemuGuest.migrate's
 # check_memory), the source's RAM and the destination's differ by a few to a few dozen pages in more than half
 # the migrations of a busy guest with no NIC at all (private or shared memory, one or several TCG threads),
-# and in about 1 in 6 of this test's with one NIC (3 of 5 with two, each NIC downloading): kernel stacks and
-# per-CPU data, written by the vCPU, never by a back-end. The destination then crashed within milliseconds,
-# before its vhost-user rings moved at all. Such a migration proves nothing about vhostmap, so the test gives
-# up on it (xfail) instead of failing.
+# and in about 1 in 6 of this test's (about half of a dozen runs with a load average of 5 on 2 CPUs):
+# kernel stacks and per-CPU data, written by the vCPU, never by a back-end. The destination then
+# crashed within milliseconds, before its vhost-user rings moved at all. Such a migration proves nothing about
+# vhostmap, so the test gives up on it (xfail) instead of failing.
 MIGRATION_CMDLINE = "idle=halt"
 MIGRATION_ATTEMPTS = 3  # migrations QEMU may spoil before the test gives up (xfail)
 
@@ -492,7 +494,7 @@ def test_live_migration_between_two_ports_of_a_switch_keeps_a_download_intact(
 
         before = {
             n.port: wait_until(
-                lambda p=n.port: (k := received(source, p)) >= 256 * 1024 and k,
+                lambda p=n.port: (k := received(source, p)) >= 128 * 1024 and k,
                 30,
                 f"the download through {n.port} to be under way",
             )
