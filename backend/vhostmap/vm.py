@@ -1,9 +1,10 @@
 """Attaching VMs through libvirt: domain XML matching vhostmap ports, and the libvirt calls that use it.
 
 ``vhostmap vm xml PORT`` asks the running daemon (control socket, ``status``) for the port's socket path,
-mode, MAC, queues and MTU, and prints a libvirt domain, or the ``<interface type='vhostuser'>`` alone, that
-matches it. ``vm define|start|attach|detach`` do the same through libvirt-python, which is imported only
-then, so the rest of vhostmap works without it. XML is built with xml.etree, never by pasting strings.
+mode, MAC, queues, MTU and whether it offers packed virtqueues, and prints a libvirt domain, or the
+``<interface type='vhostuser'>`` alone, that matches it. ``vm define|start|attach|detach`` do the same
+through libvirt-python, which is imported only then, so the rest of vhostmap works without it. XML is built
+with xml.etree, never by pasting strings.
 
 Socket directions (vmconfigs/README.md): a vhostmap ``mode=server`` port (vhostmap listens) gets a source
 in ``mode='client'`` with ``<reconnect enabled='yes' timeout='1'/>``: a domain started before vhostmap
@@ -30,6 +31,7 @@ group of /etc/libvirt/qemu.conf must be able to connect to them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import os
@@ -73,7 +75,8 @@ def _q(tag: str) -> str:
 
 @dataclass(frozen=True)
 class PortInfo:
-    """What a domain needs to know of a vhostmap port. ``mode`` is vhostmap's side of the socket."""
+    """What a domain needs to know of a vhostmap port. ``mode`` is vhostmap's side of the socket; ``packed``:
+    the port offers packed virtqueues (``packed=on``), which the NIC then offers the guest too."""
 
     name: str
     path: str
@@ -81,6 +84,7 @@ class PortInfo:
     mac: str
     queues: int = 1
     mtu: int = 1500
+    packed: bool = False
 
     @property
     def qemu_mode(self) -> str:
@@ -116,6 +120,7 @@ def port_info(control: str, name: str) -> PortInfo:
         mac=p["mac"],
         queues=int(p.get("queues", 1)),
         mtu=int(p.get("mtu", 1500)),
+        packed=bool(p.get("packed", False)),
     )
 
 
@@ -132,7 +137,9 @@ def interface_alias(port: str) -> str:
 
 
 def interface_element(port: PortInfo) -> ET.Element:
-    """The ``<interface type='vhostuser'>`` of ``port``: socket, MAC and queues (MTU: `domain_element`)."""
+    """The ``<interface type='vhostuser'>`` of ``port``: socket, MAC, queues and packed virtqueues (``<driver
+    packed='on'/>``: QEMU's virtio-net-pci,packed=on; a guest gets them only when the port offers them
+    too) (MTU: `domain_element`)."""
     iface = ET.Element("interface", type="vhostuser")
     ET.SubElement(iface, "mac", address=port.mac)
     source = ET.SubElement(iface, "source", type="unix", path=port.path, mode=port.qemu_mode)
@@ -140,8 +147,11 @@ def interface_element(port: PortInfo) -> ET.Element:
         # QEMU retries while vhostmap is not listening (libvirt allows this in client mode only).
         ET.SubElement(source, "reconnect", enabled="yes", timeout=str(RECONNECT_SECONDS))
     ET.SubElement(iface, "model", type="virtio")
-    if port.queues > 1:
-        ET.SubElement(iface, "driver", queues=str(port.queues))
+    driver = {"queues": str(port.queues)} if port.queues > 1 else {}
+    if port.packed:
+        driver["packed"] = "on"
+    if driver:
+        ET.SubElement(iface, "driver", driver)
     ET.SubElement(iface, "alias", name=port.alias)
     return iface
 
@@ -450,6 +460,12 @@ def add_vm_parser(sub: Any) -> None:
         p.add_argument("--disk", action="append", default=[], metavar="FILE", help="a virtio disk image")
         p.add_argument("--console-log", metavar="FILE", help="serial console to this file (default: a pty)")
         p.add_argument(
+            "--packed",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="NICs with packed virtqueues (<driver packed='on'/>) or not (default: as each port offers)",
+        )
+        p.add_argument(
             "--tcg",
             action=argparse.BooleanOptionalAction,
             default=True,
@@ -487,8 +503,24 @@ def _warn_access(ports: Sequence[PortInfo]) -> None:
         print(f"warning: {problem}", file=sys.stderr)
 
 
-def _domain_from_args(args: argparse.Namespace) -> tuple[DomainSpec, list[PortInfo]]:
+def _ports_from_args(args: argparse.Namespace) -> list[PortInfo]:
+    """The ports named on the command line, with packed virtqueues as ``--packed`` says (default: as each
+    offers them)."""
     ports = [port_info(args.control, name) for name in args.ports]
+    if args.packed is None:
+        return ports
+    for p in ports:
+        if args.packed and not p.packed:
+            print(
+                f"warning: port {p.name} does not offer packed virtqueues (packed=on): its guest will use "
+                "split ones",
+                file=sys.stderr,
+            )
+    return [dataclasses.replace(p, packed=args.packed) for p in ports]
+
+
+def _domain_from_args(args: argparse.Namespace) -> tuple[DomainSpec, list[PortInfo]]:
+    ports = _ports_from_args(args)
     spec = DomainSpec(
         name=args.name or f"vhostmap-{args.ports[0]}",
         memory_mb=args.memory,
@@ -510,7 +542,7 @@ def _run(args: argparse.Namespace) -> None:
         if args.interface_only:
             if len(args.ports) != 1:
                 raise VmError("--interface-only takes one port")
-            port = port_info(args.control, args.ports[0])
+            (port,) = _ports_from_args(args)
             _warn_access([port])
             sys.stdout.write(to_xml(interface_element(port)))
             return

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from test_backend_traffic import _signals, counters, frame, newest, totals, zero
 from test_netmap_client import open_port, receive, send
@@ -26,12 +28,15 @@ from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_f
 from vhostmap.datapath import ffi, lib
 from vhostmap.forwarding.link import Link
 from vhostmap.forwarding.passes import BURST, ROUNDS
-from vhostmap.lab.frontend import DEFAULT_FEATURES, PACKED_START, FakeFrontend
+from vhostmap.lab.frontend import BUFFER_SIZE, DEFAULT_FEATURES, PACKED_START, PAGE, UVA_BASE, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user import kernels
-from vhostmap.vhost_user.messages import Request, VringState
+from vhostmap.vhost_user.memory import VHOST_LOG_PAGE
+from vhostmap.vhost_user.messages import U64, VHOST_VRING_F_LOG, Request, VringAddr, VringState
+from vhostmap.vhost_user.packed import position_from_used_flags
 from vhostmap.virtio.spec import (
     RING_EVENT_FLAGS_DISABLE,
+    VHOST_F_LOG_ALL,
     VIRTIO_F_IN_ORDER,
     VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
@@ -301,6 +306,121 @@ def test_a_reconnection_keeps_the_wrap_counters(start_daemon: StartDaemon, dpdk_
         exchange(fa, fb, 10)
         exchange(fb, fa, 10)
     assert totals(d, "a")["errors"] == 0
+
+
+@pytest.mark.usefixtures("datapath")
+@pytest.mark.parametrize(
+    ("laps", "stopped"),
+    [(0, False), (1, False), (1, True)],
+    ids=["first-lap", "wrapped", "after-get-vring-base"],
+)
+def test_a_back_end_that_died_without_get_vring_base_is_resumed_where_the_used_flags_turn(
+    start_daemon: StartDaemon, laps: int, stopped: bool
+) -> None:
+    """QEMU keeps no packed ring state: when its back-end dies (no GET_VRING_BASE), it starts the rings of
+    the next one from the positions of its last GET_VRING_BASE (a migration's or a stop's), or else from
+    their reset positions (0, both wrap counters 1), wherever the driver is. The device resumes where the
+    descriptors' USED flags turn instead, and traffic goes on both ways."""
+    d = start_daemon({"a": PACKED, "b": ""}, links=["a,b"])
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fb = d.frontend("b")
+    for _ in range(1 + 4 * laps):  # 8 or 40 chains each way through rings of 32
+        reap(fa)
+        exchange(fa, fb, 8)
+        exchange(fb, fa, 8)
+    if stopped:  # QEMU stops and restarts the rings: it knows where they are (8, wrap counters 0) then
+        for fq in fa.queues:
+            fa.stop_queue(fq)
+            fa.start_queue(fq)
+        for _ in range(2):  # and they move on from there: 24, wrap counters 0
+            reap(fa)
+            exchange(fa, fb, 8)
+            exchange(fb, fa, 8)
+    reap(fa)
+    where = [(fq.next_desc, fq.avail_wrap) for fq in fa.queues]
+    expected = (24 if stopped else 8, 1 - laps)
+    assert where == [expected] * 2
+    if stopped:
+        # The driver refills its receive ring as Linux does, into the next lap: there the descriptor at the
+        # old base is available again, which alone would not tell; the transmit ring does, for the device.
+        fa.post_receive_buffers(20)
+    # The back-end is gone with its state; the front-end sends what it last knew.
+    assert fa.sock is not None
+    fa.sock.close()
+    d.wait(lambda: not d.device("a").features, "the device to be reset")
+    assert all(fq.base == ((8 | 0 << 15) * 0x10001 if stopped else PACKED_START) for fq in fa.queues)
+    fa.connect()
+    fa.negotiate()
+    for vq in d.device("a").vqs:
+        assert (vq.last_avail_idx, vq.avail_wrap_counter, vq.used_idx, vq.used_wrap_counter) == 2 * expected
+    for _ in range(5):  # on through the next wrap
+        reap(fa)
+        exchange(fa, fb, 10)
+        exchange(fb, fa, 10)
+    assert totals(d, "a")["errors"] == 0
+    assert d.device("a").broken is None
+
+
+@pytest.mark.usefixtures("datapath")
+def test_a_logging_packed_ring_marks_every_page_the_device_writes(start_daemon: StartDaemon) -> None:
+    """A live migration's dirty log (SET_LOG_BASE, VHOST_F_LOG_ALL, SET_VRING_ADDR with VHOST_VRING_F_LOG on
+    the running rings, as QEMU switches it on): every page of the guest's memory the device changed while
+    logging is marked, the descriptor ring (used descriptors), the device area (event suppression) and the
+    receive buffers; the pages it did not change are what the driver wrote (transmit buffers)."""
+    d = start_daemon({"a": PACKED, "b": ""}, links=["a,b"])
+    fa = d.frontend("a", packed=True, queue_size=32)
+    fb = d.frontend("b")
+    reap(fa)
+    exchange(fa, fb, 8)
+    exchange(fb, fa, 8)
+    bitmap = fa.set_log_base()
+    try:
+        fa.sync(Request.SET_FEATURES, U64(fa.features | bit(VHOST_F_LOG_ALL)))
+        for fq in fa.queues:
+            addr = VringAddr(
+                fq.index,
+                1 << VHOST_VRING_F_LOG,
+                UVA_BASE + fq.desc,
+                UVA_BASE + fq.used,
+                UVA_BASE + fq.avail,
+                fq.used,
+            )
+            fa.sync(Request.SET_VRING_ADDR, addr)
+        before = bytes(fa.mem)
+        for _ in range(5):  # through the rings' wrap
+            reap(fa)
+            exchange(fa, fb, 8)
+            exchange(fb, fa, 8)
+        for fq in fa.queues:
+            fa.stop_queue(fq)
+        logged = {i for i in range(len(bitmap) * 8) if bitmap[i // 8] & (1 << (i % 8))}
+    finally:
+        bitmap.close()
+    assert VHOST_LOG_PAGE == PAGE
+    changed = {
+        p
+        for p in range(len(before) // PAGE)
+        if before[p * PAGE : (p + 1) * PAGE] != fa.mem[p * PAGE : (p + 1) * PAGE]
+    }
+    rx, tx = fa.queues
+    transmit_buffers = set(range(tx.buffers // PAGE, (tx.buffers + tx.num * BUFFER_SIZE - 1) // PAGE + 1))
+    device_written = {q.desc // PAGE for q in fa.queues} | {q.used // PAGE for q in fa.queues}
+    device_written |= {(rx.buffers + BUFFER_SIZE * k) // PAGE for k in range(rx.num)} & changed
+    assert device_written <= logged
+    assert changed - logged <= transmit_buffers, sorted(changed - logged)
+
+
+def test_used_flags_say_where_a_ring_of_single_descriptor_chains_stopped() -> None:
+    def flags(text: str) -> npt.NDArray[np.bool_]:
+        return np.array([c == "1" for c in text])
+
+    assert position_from_used_flags(flags("0000")) == (0, 1)  # a fresh ring, or one lap 0 just ended
+    assert position_from_used_flags(flags("1111")) == (0, 0)  # lap 1 just ended
+    assert position_from_used_flags(flags("1100")) == (2, 1)
+    assert position_from_used_flags(flags("0011")) == (2, 0)
+    assert position_from_used_flags(flags("1000")) == (1, 1)
+    assert position_from_used_flags(flags("1101")) is None  # a batch half published, or longer chains
+    assert position_from_used_flags(flags("0110")) is None
 
 
 def test_set_vring_base_refuses_a_position_outside_the_ring(start_daemon: StartDaemon) -> None:

@@ -320,6 +320,7 @@ class Daemon:
                     "mac": format_mac(self.ports[ep.handler.name].device.mac),
                     "queues": self.config.port(ep.handler.name).queues,
                     "mtu": self.config.port(ep.handler.name).mtu,
+                    "packed": self.config.port(ep.handler.name).packed,
                     "broken": self.ports[ep.handler.name].device.broken,
                     "features": feature_names(self.ports[ep.handler.name].device.features),
                     "ring": self.ports[ep.handler.name].device.layout,

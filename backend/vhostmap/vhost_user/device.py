@@ -241,6 +241,9 @@ class VhostUserNetDevice:
         self.backend_req_fd: int | None = None
         self.broken: str | None = None
         self.link_up = True
+        # The front-end started packed rings where they were not (VhostUserNetDevice._resume_packed), until
+        # the next GET_VRING_BASE or reset.
+        self.packed_base_lost = False
 
     # --- derived state --------------------------------------------------------------------------------
     def has_feature(self, n: int) -> bool:
@@ -314,6 +317,7 @@ class VhostUserNetDevice:
         self.features = 0
         self.status = 0
         self.broken = None
+        self.packed_base_lost = False
         self.mtu = self.config.mtu
         self.listener.queues_changed()
 
@@ -497,6 +501,8 @@ class VhostUserNetDevice:
                 p.desc_user_addr, p.avail_user_addr, p.used_user_addr, log=p.log_used
             )
             self._map(msg.request, vq)
+            if not vq.started:
+                self._resume_packed(vq)
             self.listener.queues_changed()
             return None
         vq.addresses = VringAddresses(
@@ -518,6 +524,53 @@ class VhostUserNetDevice:
             vq.last_avail_idx = vq.used_idx
         self.listener.queues_changed()
         return None
+
+    def _resume_packed(self, vq: PackedVirtqueue) -> None:
+        """A packed ring about to start where the front-end says (SET_VRING_BASE), which its descriptors
+        prove wrong (`PackedVirtqueue.base_is_stale`): the front-end lost track, as QEMU does when its
+        back-end died without GET_VRING_BASE. It keeps no packed ring state of its own and sends the
+        positions of its last GET_VRING_BASE (a migration's, a stop's) or of the ring's reset. Every queue
+        of the device then resumes where its descriptors' USED flags turn (`position_from_used_flags`), both
+        positions there, as a split ring resumes at used->idx: chains taken and not used yet are still
+        available there and run again. The queues set up before the one that told are resumed then too
+        (they started from the same lost state), and those after it as they come, until the next
+        GET_VRING_BASE or reset."""
+        if not self.packed_base_lost:
+            if not vq.base_is_stale():
+                return
+            self.packed_base_lost = True
+            log.warning(
+                "port %s: queue %d: the front-end starts a used packed ring where its descriptors say it is "
+                "not (its back-end died without GET_VRING_BASE?): its queues resume where their USED flags "
+                "turn",
+                self.name,
+                vq.index,
+            )
+            for other in self.vqs:
+                if other is not vq and isinstance(other, PackedVirtqueue) and other.mapped:
+                    self._resume_from_flags(other)
+        self._resume_from_flags(vq)
+
+    def _resume_from_flags(self, vq: PackedVirtqueue) -> None:
+        was = (vq.last_avail_idx, vq.avail_wrap_counter)
+        found = vq.resume_from_flags()
+        if found is None:
+            log.warning(
+                "port %s: queue %d: its descriptors do not say where the device stopped (chains of several "
+                "descriptors?): it stays at %d with wrap counter %d, and may stall until the driver resets "
+                "the device",
+                self.name,
+                vq.index,
+                *was,
+            )
+        elif found != was:
+            log.warning(
+                "port %s: queue %d: resuming at %d with wrap counter %d (the front-end said %d, %d)",
+                self.name,
+                vq.index,
+                *found,
+                *was,
+            )
 
     def _set_vring_base(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
@@ -570,6 +623,7 @@ class VhostUserNetDevice:
     def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)
         vq = self._vq(msg.request, msg.payload.index)
+        self.packed_base_lost = False  # the front-end knows where the rings are again
         vq.flush_used()
         vq.started = False
         vq.enabled = False

@@ -86,6 +86,29 @@ def packed_need_event(num: int, event: int, new: int, old: int) -> bool:
     return (new - event - 1) % lap < (new - old) % lap
 
 
+def position_from_used_flags(used: npt.NDArray[np.bool_]) -> tuple[int, int] | None:
+    """Where the device's next used position is, (offset, used wrap counter), from the USED flag of every
+    descriptor in the ring, or None when the flags do not say.
+
+    What a front-end that lost its back-end without GET_VRING_BASE cannot tell (QEMU keeps no packed ring
+    state of its own: virtio_queue_packed_restore_last_avail_idx does nothing), the ring can, as long as
+    every chain took one descriptor (Linux's virtio_net: one buffer per receive chain with mergeable
+    buffers, an indirect table or the header in the headroom for transmissions): before the used position
+    every descriptor has USED equal to the wrap counter (the device used it in this lap, or the driver made
+    it available again for the next), from there on the inverse (available for this lap, or used in the
+    last). So the flags are one run (the device just wrapped: offset 0, the other wrap counter) or two runs
+    starting at offset 0, the second at the used position. Anything else (a chain of several descriptors,
+    a batch the back-end died publishing, VIRTIO_F_IN_ORDER's one used descriptor per batch) is None.
+    """
+    flips = np.flatnonzero(used[1:] != used[:-1])
+    first = int(bool(used[0]))
+    if len(flips) == 0:
+        return 0, 1 - first
+    if len(flips) == 1:
+        return int(flips[0]) + 1, first
+    return None
+
+
 @dataclass
 class PackedRingAddresses:
     """Where a packed ring is: front-end virtual addresses of the descriptor ring, the driver area and the
@@ -219,6 +242,47 @@ class PackedVirtqueue(RingQueue):
         c.log_rings = a.log
         c.desc_log_addr = a.desc_guest_addr
         c.device_log_addr = a.device_guest_addr
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the rings are mapped (addresses set and translated)."""
+        return self._desc is not None
+
+    def ring_flags(self) -> npt.NDArray[np.uint16]:
+        """The flags of every descriptor of the mapped ring, each read once (a copy)."""
+        assert self._desc16 is not None
+        return self._desc16[_FLAGS_WORD::_DESC_WORDS].copy()
+
+    def base_is_stale(self) -> bool:
+        """Whether the ring's descriptors prove the positions the front-end gave (SET_VRING_BASE) wrong,
+        whatever the chains' lengths: the ring was used since a reset, yet they are the reset positions (0,
+        both wrap counters 1; a driver sets up a ring with no USED flag); or the descriptor at the available
+        position was used in this lap (it cannot be before the device got there); or the one before it was
+        used in the other lap (the device got past it in this one: the driver made it available again, or
+        the device used it, in this lap). Both positions must be the same (they are after GET_VRING_BASE)."""
+        if (self.last_avail_idx, self.avail_wrap_counter) != (self.used_idx, self.used_wrap_counter):
+            return False
+        flags = self.ring_flags()
+        pos, wrap = self.last_avail_idx, self.avail_wrap_counter
+        if (pos, wrap) == (0, 1) and (flags & DESC_F_USED).any():
+            return True
+
+        def used_in(i: int, lap: int) -> bool:
+            return int(flags[i]) & (DESC_F_AVAIL | DESC_F_USED) == (DESC_F_AVAIL | DESC_F_USED if lap else 0)
+
+        before, before_lap = (pos - 1, wrap) if pos else (self.num - 1, 1 - wrap)
+        return used_in(pos, wrap) or used_in(before, 1 - before_lap)
+
+    def resume_from_flags(self) -> tuple[int, int] | None:
+        """Both positions where the descriptors' USED flags turn (`position_from_used_flags`), chains in
+        flight forgotten; the position and wrap counter, or None (nothing changed) when the flags do not
+        say."""
+        found = position_from_used_flags((self.ring_flags() & DESC_F_USED) != 0)
+        if found is not None:
+            self.forget_inflight()
+            self.last_avail_idx = self.used_idx = self.signalled_used = found[0]
+            self.avail_wrap_counter = self.used_wrap_counter = self.signalled_used_wrap = found[1]
+        return found
 
     def unmap(self) -> None:
         """Forget the ring mappings (memory table replaced, queue stopped)."""
