@@ -1,0 +1,265 @@
+"""The parts of a passthrough port on their own: the ivshmem protocol (messages in the spec's order, parsed
+back from a real socket with their fds), the nm_copy_slots kernel against its reference on hostile rings, the
+allocator's head room, and the configuration of passthrough ports."""
+
+from __future__ import annotations
+
+import array
+import os
+import re
+import socket
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vhostmap.daemon.config import ConfigError, build_config, parse_port_flag
+from vhostmap.ivshmem.protocol import (
+    IVSHMEM_PROTOCOL_VERSION,
+    NEED_DATA,
+    SHM_MARKER,
+    ClientConnection,
+    ClientId,
+    IvshmemProtocolError,
+    Message,
+    OwnVector,
+    PeerGone,
+    PeerVector,
+    SharedMemory,
+    Version,
+    peer_gone,
+    welcome,
+)
+from vhostmap.netmap.abi import NR_RX, NR_TX, NS_MOREFRAG, NS_VNET_HDR, RingView
+from vhostmap.netmap.allocator import PAGE_SIZE, AllocatorParams, NetmapMemory, region_size
+from vhostmap.netmap.errors import AllocatorConfigError
+from vhostmap.netmap.kring import Kring
+from vhostmap.netmap.passthrough import COPY_BAD_DEST, COPY_BAD_SOURCE, COPY_OK, copy_slots
+
+
+# --- the ivshmem protocol -----------------------------------------------------------------------------------
+def test_welcome_follows_the_spec_order() -> None:
+    msgs = welcome(0, 10, {1: [11, 12]}, [13])
+    assert msgs == [
+        Message(IVSHMEM_PROTOCOL_VERSION),
+        Message(0),
+        Message(SHM_MARKER, 10),
+        Message(1, 11),
+        Message(1, 12),
+        Message(0, 13),
+    ]
+    assert msgs[2].encode() == (-1).to_bytes(8, "little", signed=True)
+    assert peer_gone(1) == Message(1)
+    with pytest.raises(ValueError, match="client's own ID"):
+        welcome(1, 10, {1: [11]}, [])
+    with pytest.raises(ValueError, match=r"outside 0\.\.65535"):
+        welcome(70000, 10, {}, [])
+
+
+def send(sock: socket.socket, msgs: list[Message]) -> None:
+    """As the server sends: one sendmsg per message, its fd with it."""
+    for m in msgs:
+        anc = [] if m.fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [m.fd]))]
+        sock.sendmsg([m.encode()], anc)
+
+
+def receive_all(sock: socket.socket, parser: ClientConnection) -> list[object]:
+    events: list[object] = []
+    sock.setblocking(False)
+    while True:
+        try:
+            data, anc, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(64))
+        except BlockingIOError:
+            return events
+        fds = [fd for level, kind, payload in anc for fd in array.array("i", payload)]
+        parser.receive_data(data, fds)
+        while (event := parser.next_event()) is not NEED_DATA:
+            events.append(event)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_client_parses_the_welcome_with_its_fds(pair: tuple[socket.socket, socket.socket]) -> None:
+    server, client = pair
+    shm = os.memfd_create("shm")
+    vectors = [os.eventfd(0) for _ in range(3)]
+    try:
+        send(server, [*welcome(0, shm, {1: vectors[:2]}, vectors[2:]), peer_gone(1)])
+        parser = ClientConnection()
+        events = receive_all(client, parser)
+        got = [e for e in events if isinstance(e, SharedMemory | PeerVector | OwnVector)]
+        try:
+            assert [type(e) for e in events] == [
+                Version, ClientId, SharedMemory, PeerVector, PeerVector, OwnVector, PeerGone,
+            ]  # fmt: skip
+            assert events[1] == ClientId(0) and events[-1] == PeerGone(1)
+            assert [(e.peer_id, e.vector) for e in events if isinstance(e, PeerVector)] == [(1, 0), (1, 1)]
+            # Each fd is the file that was sent with that message.
+            for e, sent in zip(got, [shm, *vectors], strict=True):
+                assert os.fstat(e.fd).st_ino == os.fstat(sent).st_ino
+        finally:
+            for e in got:
+                os.close(e.fd)
+    finally:
+        for fd in (shm, *vectors):
+            os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([1], "version 1"),
+        ([0, 70000], "client ID 70000"),
+        ([0, 0, 5], "expected -1 with the shared memory fd"),
+    ],
+)
+def test_a_client_refuses_a_broken_stream(values: list[int], message: str) -> None:
+    parser = ClientConnection()
+    parser.receive_data(b"".join(Message(v).encode() for v in values))
+    with pytest.raises(IvshmemProtocolError, match=message):
+        while parser.next_event() is not NEED_DATA:
+            pass
+
+
+def test_two_fds_for_one_message_break_the_stream_and_are_closed() -> None:
+    parser = ClientConnection()
+    fds = [os.eventfd(0), os.eventfd(0)]
+    parser.receive_data(Message(0).encode() + Message(0).encode() + Message(-1).encode(), fds)
+    assert isinstance(parser.next_event(), Version) and isinstance(parser.next_event(), ClientId)
+    with pytest.raises(IvshmemProtocolError, match="2 fds with one message"):
+        parser.next_event()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+# --- nm_copy_slots against its reference --------------------------------------------------------------------
+N = 16
+
+
+def kring(mem: NetmapMemory, direction: int) -> Kring:
+    layout = mem.create_if("k", 1, 1, N, N, 0, 0)
+    r = (layout.tx_rings if direction == NR_TX else layout.rx_rings)[0]
+    view = RingView(mem.region, r.offset, N, buf_ofs=mem.buffers_offset - r.offset, nr_buf_size=mem.buf_size)
+    return Kring(view, direction=direction, ring_id=0, port="p", nbufs=mem.nbufs, buf_size=mem.buf_size)
+
+
+@pytest.fixture(scope="module")
+def rings() -> Iterator[dict[str, Kring]]:
+    # Two allocators per side (the guest's region and the daemon's), one pair for each implementation.
+    mems = [NetmapMemory(AllocatorParams(ring_size=1024, ring_num=4, buf_num=96)) for _ in range(4)]
+    try:
+        yield {
+            "ref_src": kring(mems[0], NR_TX),
+            "ref_dst": kring(mems[1], NR_RX),
+            "got_src": kring(mems[2], NR_TX),
+            "got_dst": kring(mems[3], NR_RX),
+        }
+    finally:
+        for m in mems:
+            m.close()
+
+
+slot_values = st.tuples(
+    st.sampled_from([0, 1, 5, 40, 95, 96, 10**6]),  # buf_idx: reserved, valid, past the pool
+    st.sampled_from([0, 1, 60, 2048, 2049, 65535]),  # len
+    st.sampled_from([0, NS_MOREFRAG, NS_VNET_HDR | NS_MOREFRAG]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    src=st.lists(slot_values, min_size=N, max_size=N),
+    dst=st.lists(st.sampled_from([0, 7, 50, 95, 96]), min_size=N, max_size=N),
+    sfirst=st.integers(0, N),
+    dfirst=st.integers(0, N),
+    count=st.integers(0, N + 1),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_copy_slots_kernel_matches_its_reference(
+    rings: dict[str, Kring],
+    src: list[tuple[int, int, int]],
+    dst: list[int],
+    sfirst: int,
+    dfirst: int,
+    count: int,
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (96, 2048), dtype=np.uint8)
+    for side in ("ref", "got"):
+        s, d = rings[f"{side}_src"], rings[f"{side}_dst"]
+        for k, (b, length, flags) in enumerate(src):
+            s.ring.slots[k] = (b, length, flags, 0)
+        d.ring.slots["buf_idx"] = dst
+        d.ring.slots["len"] = d.ring.slots["flags"] = 0
+        for kr in (s, d):
+            start = kr.ring.offset + kr.ring.buf_ofs
+            kr.ring.region.array[start : start + data.size] = data.ravel()
+    want = copy_slots(rings["ref_src"], sfirst, rings["ref_dst"], dfirst, count, reference=True)
+    got = copy_slots(rings["got_src"], sfirst, rings["got_dst"], dfirst, count, reference=False)
+    assert got == want
+    copied, bad = got
+    assert bad in (COPY_OK, COPY_BAD_SOURCE, COPY_BAD_DEST)
+    assert copied <= count and (bad != COPY_OK or copied == count)
+    ref, out = rings["ref_dst"], rings["got_dst"]
+    assert (ref.ring.slots == out.ring.slots).all()
+    for b in set(dst):
+        if 2 <= b < ref.nbufs:
+            assert (ref.ring.buf(b) == out.ring.buf(b)).all()
+    # Each destination buffer holds what the last slot copied into it brought (a ring may name one twice).
+    last = {int(out.ring.slots[(dfirst + k) % N]["buf_idx"]): k for k in range(copied)}
+    src_slots = rings["got_src"].ring.slots
+    for b, k in last.items():
+        i, j = (sfirst + k) % N, (dfirst + k) % N
+        length = int(src_slots[i]["len"])
+        assert (out.ring.buf(b)[:length] == data[int(src_slots[i]["buf_idx"])][:length]).all()
+    for k in range(copied):
+        i, j = (sfirst + k) % N, (dfirst + k) % N
+        assert out.ring.slots[j]["len"] == src_slots[i]["len"]
+        assert out.ring.slots[j]["flags"] == src_slots[i]["flags"] & NS_MOREFRAG
+
+
+# --- the allocator's head room ------------------------------------------------------------------------------
+def test_head_room_comes_before_the_pools_and_is_never_handed_out() -> None:
+    params = AllocatorParams(ring_num=4, buf_num=64)
+    with NetmapMemory(params, head_room=2 * PAGE_SIZE) as mem:
+        assert mem.size == region_size(params, 2 * PAGE_SIZE) == region_size(params) + 2 * PAGE_SIZE
+        layout = mem.create_if("x", 1, 1, 16, 16, 0, 0)
+        assert layout.offset >= 2 * PAGE_SIZE
+        assert all(r.offset >= 2 * PAGE_SIZE for r in layout.rings)
+        assert mem.buffers_offset >= 2 * PAGE_SIZE
+    with pytest.raises(AllocatorConfigError, match="head_room"):
+        NetmapMemory(params, head_room=100)
+
+
+# --- configuration --------------------------------------------------------------------------------------
+def test_passthrough_port_flag() -> None:
+    pc = parse_port_flag("pt0=passthrough,path=/tmp/pt0.sock,rings=2,slots=512,group=0")
+    assert (pc.type, pc.rings, pc.slots, pc.ring_pairs, pc.serves_socket) == ("passthrough", 2, 512, 2, True)
+    config = build_config(None, ["pt0=passthrough,path=/tmp/pt0.sock"], socket_mode="0600")
+    assert config.port("pt0").perm == 0o600
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("pt0=passthrough", "path= (the ivshmem server socket"),
+        ("pt0=passthrough,path=/tmp/p.sock,mode=client", "mode=server"),
+        ("pt0=passthrough,path=/tmp/p.sock,queues=2", "rings=, not queues="),
+        ("pt0=passthrough,path=/tmp/p.sock,rings=17", "rings must be 1..16"),
+        ("pt0=passthrough,path=/tmp/p.sock,slots=8", "slots must be 64..4096"),
+        ("pt0=passthrough,path=/tmp/p.sock,ifname=eth0", "ifname= is for generic ports"),
+    ],
+)
+def test_bad_passthrough_ports_are_refused(flag: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_port_flag(flag)
