@@ -118,12 +118,14 @@ class PassthroughKring(Kring):
         """The guest sleeps on this ring (appl_need_kick)."""
         return bool(self.csb.atok.appl_need_kick)
 
-    def want_kicks(self, on: bool) -> bool:
-        """Set kern_need_kick; with ``on``, then look at head again (netmap's double check): True when it
-        moved past what the last prologue took, so that the caller comes back instead of waiting for a
-        kick the guest may have decided not to send."""
+    def want_kicks(self, on: bool, *, double_check: bool = True) -> bool:
+        """Set kern_need_kick; with ``on`` and ``double_check``, then look at head again (netmap's double
+        check): True when it moved past what the last prologue took, so that the caller comes back instead
+        of waiting for a kick the guest may have decided not to send. After a reinit there is no double
+        check (as in netmap's kloop): the head still in the CSB is the nonsense, and coming back for it
+        would spin; the guest kicks once it wrote something else."""
         self.csb.ktoa.kern_need_kick = int(on)
-        if not on:
+        if not on or not double_check:
             return False
         head, _ = self.csb.read_head_cur()
         return head != self.rhead
@@ -399,7 +401,7 @@ class PassthroughPort(NetmapAdapter):
             return
         g = guest.tx[kring.ring_id]
         if not g.txsync_prologue():
-            self._kicks(g, on=True)
+            g.want_kicks(True, double_check=False)
             return
         n = min(g.pending(), kring.rx_space())
         copied, bad = copy_slots(g, g.nr_hwcur, kring, kring.nr_hwtail, n) if n else (0, COPY_OK)
@@ -432,7 +434,8 @@ class PassthroughPort(NetmapAdapter):
             kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
             return
         g = guest.rx[kring.ring_id]
-        if g.rxsync_prologue():
+        valid = g.rxsync_prologue()
+        if valid:
             g.nr_hwcur = g.rhead  # the slots the guest released
             n = min(n, g.rx_space())
             copied, bad = copy_slots(kring, kring.nr_hwcur, g, g.nr_hwtail, n) if n else (0, COPY_OK)
@@ -447,7 +450,10 @@ class PassthroughPort(NetmapAdapter):
             self._publish(g)
         kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
         # Frames wait for room in the guest's ring: ask for a kick when it releases slots.
-        self._kicks(g, on=kring.pending() > 0)
+        if valid:
+            self._kicks(g, on=kring.pending() > 0)
+        else:
+            g.want_kicks(kring.pending() > 0, double_check=False)
 
     def _publish(self, g: PassthroughKring) -> None:
         moved = g.nr_hwtail != g.rtail
