@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pt_guest import FakePtGuest, read_messages
+from test_switch_daemon import frame, mac
 
 from conftest import FRAME, RunningDaemon, StartDaemon, exchange, still_serving
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID, ClientConnection, PeerGone
@@ -107,6 +108,31 @@ def test_frames_cross_a_link_both_ways_exactly(
     # The guest slept on its RX ring and was woken; it kicked far less than once per frame.
     assert counters["interrupts"] >= 1
     assert g.kicks < len(out) // 4
+
+
+def test_frames_cross_a_switch_both_ways_exactly(
+    start_daemon: StartDaemon, sock_dir: Path, guests: list[FakePtGuest]
+) -> None:
+    d = start_daemon({"a": "", "b": ""}, switches=["vale0=pt0,a,b"], other_ports=[pt_port(sock_dir)])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    g = connect(d, guests)
+    guest, a = mac(1), mac(10)
+    # a announces itself (a broadcast reaches the guest and b); then each side sends to the other's address.
+    hello = frame("ff:ff:ff:ff:ff:ff", a)
+    fb.post_receive_buffers(1)
+    fa.transmit([hello])
+    assert g.receive(1) == [hello]
+    assert fb.receive(1) == [hello]
+    out = [frame(a, guest, 60 + k, seq=k) for k in range(100)]
+    fa.post_receive_buffers(len(out))
+    g.send(list(out))
+    assert fa.receive(len(out)) == out
+    back = [frame(guest, a, 1514 - k, seq=k) for k in range(100)]
+    fb.post_receive_buffers(len(back))  # room for a flood that must not happen
+    fa.transmit(back)
+    assert g.receive(len(back)) == back
+    assert len(fa.wait_used(fa.queues[1], 101)) == 101
+    assert fb.used(fb.queues[0]) == [], "unicast to the guest flooded to b"
 
 
 def test_hostile_guest_is_reinitialised_while_another_link_forwards(
