@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pt_guest import FakePtGuest, read_messages
+from test_netmap_client import receive as app_receive
+from test_netmap_client import send as app_send
 from test_switch_daemon import frame, mac
 
 from conftest import FRAME, RunningDaemon, StartDaemon, exchange, still_serving
+from vhostmap.apps import client
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID, ClientConnection, PeerGone
 from vhostmap.netmap.abi import PT_MAGIC, PT_VERSION, NetmapIfView
 from vhostmap.netmap.kring import Kring
@@ -130,6 +133,26 @@ def test_frames_cross_a_link_both_ways_exactly(
     assert g.receive(1) == frames(1, tag=7)
     assert d.stats("pt0")["passthrough"]["interrupts"] == before + 1
     assert len(fe.wait_used(fe.queues[1], 6)) == 6
+
+
+def test_an_application_holding_the_port_exchanges_frames_with_the_guest(
+    start_daemon: StartDaemon, sock_dir: Path, guests: list[FakePtGuest]
+) -> None:
+    d = start_daemon({}, other_ports=[pt_port(sock_dir)])
+    g = connect(d, guests)
+    with client.open("pt0", str(d.workdir / "control.sock")) as app:
+        out = frames(300, tag=8)
+        got: list[bytes] = []
+        for k in range(0, len(out), 100):
+            g.send(out[k : k + 100])
+            got += app_receive(app, 100)
+        assert got == out
+        back = frames(300, tag=9)
+        received: list[bytes] = []
+        for k in range(0, len(back), 100):
+            app_send(app, back[k : k + 100])
+            received += g.receive(100)
+        assert received == back
 
 
 def test_frames_cross_a_switch_both_ways_exactly(
