@@ -5,9 +5,11 @@ allocator's head room, and the configuration of passthrough ports."""
 from __future__ import annotations
 
 import array
+import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -32,11 +34,20 @@ from vhostmap.ivshmem.protocol import (
     peer_gone,
     welcome,
 )
-from vhostmap.netmap.abi import NR_RX, NR_TX, NS_MOREFRAG, NS_VNET_HDR, RingView
+from vhostmap.netmap.abi import (
+    CSB_ENTRY_SIZE,
+    NR_RX,
+    NR_TX,
+    NS_MOREFRAG,
+    NS_VNET_HDR,
+    PT_HEADER_SIZE,
+    RingView,
+    ring_size,
+)
 from vhostmap.netmap.allocator import PAGE_SIZE, AllocatorParams, NetmapMemory, region_size
 from vhostmap.netmap.errors import AllocatorConfigError
 from vhostmap.netmap.kring import Kring
-from vhostmap.netmap.passthrough import COPY_BAD_DEST, COPY_BAD_SOURCE, COPY_OK, copy_slots
+from vhostmap.netmap.passthrough import COPY_BAD_DEST, COPY_BAD_SOURCE, COPY_OK, PassthroughPort, copy_slots
 
 
 # --- the ivshmem protocol -----------------------------------------------------------------------------------
@@ -263,3 +274,75 @@ def test_passthrough_port_flag() -> None:
 def test_bad_passthrough_ports_are_refused(flag: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_port_flag(flag)
+
+
+# --- a guest writing anything anywhere in its region ------------------------------------------------------
+GUEST_SLOTS = 64
+
+
+@pytest.fixture(scope="module")
+def attached() -> Iterator[tuple[PassthroughPort, NetmapMemory]]:
+    mem = NetmapMemory(AllocatorParams(ring_num=8, buf_num=8 * GUEST_SLOTS + 64))
+    port = PassthroughPort("pt0", mem, threading.RLock(), num_desc=GUEST_SLOTS, guest_slots=GUEST_SLOTS)
+    try:
+        yield port, mem
+    finally:
+        port.close()
+        mem.close()
+
+
+# Where a write lands: a CSB entry, one of the rings (header and slots), or anywhere before the buffers.
+pokes = st.lists(
+    st.tuples(
+        st.sampled_from(["csb", "ring", "any"]),
+        st.floats(0, 1, exclude_max=True),
+        st.binary(min_size=1, max_size=16),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rounds=st.lists(st.tuples(pokes, st.integers(0, GUEST_SLOTS)), min_size=1, max_size=6))
+def test_a_guest_writing_anything_in_its_region_never_breaks_the_port(
+    attached: tuple[PassthroughPort, NetmapMemory], rounds: list[tuple[list[tuple[str, float, bytes]], int]]
+) -> None:
+    port, mem = attached
+    region = port.attach()
+    logging.getLogger("vhostmap.netmap.kring").disabled = True  # thousands of reinit lines
+    try:
+        array_ = region.memory.region.array
+        guest = region.tx + region.rx
+        tx, rx = port.tx_rings[0], port.rx_rings[0]
+        for writes, frames_out in rounds:
+            for target, where, data in writes:
+                if target == "csb":
+                    lo, hi = PT_HEADER_SIZE, PT_HEADER_SIZE + len(guest) * CSB_ENTRY_SIZE
+                elif target == "ring":
+                    rings = region.nifp.rings
+                    r = rings[int(where * len(rings))]
+                    where = where * len(rings) % 1
+                    lo, hi = r.offset, r.offset + ring_size(GUEST_SLOTS)
+                else:  # what the daemon may read: header, CSB, netmap_if, rings
+                    lo, hi = 0, region.memory.buffers_offset
+                at = lo + int(where * (hi - lo - len(data)))
+                array_[at : at + len(data)] = np.frombuffer(data, np.uint8)
+            tx.ring.slots["len"] = 60
+            n = min(frames_out, (tx.ring.tail - tx.ring.head) % GUEST_SLOTS)
+            tx.ring.head = tx.ring.cur = (tx.ring.head + n) % GUEST_SLOTS
+            port.txsync(0)
+            port.rxsync(0)
+            rx.ring.head = rx.ring.cur = rx.ring.tail
+            assert port.broken is None
+            for k in (tx, rx, *guest):
+                assert 0 <= k.nr_hwcur < k.nkr_num_slots and 0 <= k.nr_hwtail < k.nkr_num_slots
+            for g in guest:
+                # What the CSB says is what the kring knows (any garbage written there was rewritten).
+                assert g.csb.read_hw() == (g.nr_hwcur, g.nr_hwtail)
+        # The daemon's rings still hold buffers of the daemon's pool only.
+        for k in (tx, rx):
+            idx = k.ring.slots["buf_idx"]
+            assert ((idx >= 2) & (idx < mem.nbufs)).all()
+    finally:
+        logging.getLogger("vhostmap.netmap.kring").disabled = False
+        port.release()
