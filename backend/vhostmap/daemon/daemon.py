@@ -559,7 +559,9 @@ def port_stats(adapter: NetmapAdapter, kicks: Mapping[int, int] | None = None) -
     else:
         out = {"queues": [], "totals": {}, "broken": adapter.broken}
         if isinstance(adapter, PassthroughPort):
-            out["passthrough"] = adapter.counters()
+            # ``doorbells``: the guest's kicks the datapath read (its doorbell writes, coalesced).
+            doorbells = (kicks or {}).get(adapter.kick, 0) if adapter.kick >= 0 else 0
+            out["passthrough"] = {**adapter.counters(), "doorbells": doorbells}
     if isinstance(adapter.host_port, HostStack):
         out["host"] = {"tap": adapter.host_port.name, **adapter.host_port.counters()}
     return out
