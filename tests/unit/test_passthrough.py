@@ -22,6 +22,7 @@ from test_switch_daemon import frame, mac
 
 from conftest import FRAME, RunningDaemon, StartDaemon, exchange, still_serving
 from vhostmap.apps import client
+from vhostmap.ivshmem import server as ivshmem_server
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID, ClientConnection, PeerGone
 from vhostmap.netmap.abi import PT_MAGIC, PT_VERSION, NetmapIfView
 from vhostmap.netmap.kring import Kring
@@ -319,6 +320,23 @@ def test_a_guest_that_never_reads_blocks_nothing(start_daemon: StartDaemon, sock
         silent.sendall(b"\xff" * 100_000)
         still_serving(d, fb, fc)
     d.wait(lambda: port(d).guest is None, "pt0 to be released when the silent guest hangs up")
+
+
+def test_a_guest_whose_messages_cannot_be_queued_is_dropped_and_the_port_released(
+    start_daemon: StartDaemon,
+    sock_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A welcome is 5 messages; with room for 3 unsent the guest is dropped before it read anything.
+    monkeypatch.setattr(ivshmem_server, "MAX_QUEUED_MESSAGES", 3)
+    caplog.set_level(logging.INFO, logger="vhostmap.ivshmem.server")
+    d = start_daemon({}, other_ports=[pt_port(sock_dir)])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as guest:
+        guest.connect(d.daemon.config.port("pt0").path)
+        assert read_messages(guest, ClientConnection(), 5.0) == [None]
+    d.wait(lambda: port(d).guest is None and port(d).generation == 1, "pt0 to be released")
+    assert any("does not read its socket" in r.getMessage() for r in caplog.records)
 
 
 def test_the_daemon_stopping_tells_the_guest_its_peer_is_gone(
