@@ -28,6 +28,9 @@ from vhostmap.netmap.abi import PT_MAGIC, PT_VERSION, NetmapIfView
 from vhostmap.netmap.kring import Kring
 from vhostmap.netmap.passthrough import SPARE_GUEST_BUFFERS, PassthroughPort
 
+# Every test runs over the compiled syncs and over their Python references.
+pytestmark = pytest.mark.usefixtures("datapath")
+
 SLOTS = 256
 
 

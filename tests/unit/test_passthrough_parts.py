@@ -11,6 +11,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -346,3 +347,127 @@ def test_a_guest_writing_anything_in_its_region_never_breaks_the_port(
     finally:
         logging.getLogger("vhostmap.netmap.kring").disabled = False
         port.release()
+
+
+# --- the compiled syncs against their reference ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def twins() -> Iterator[tuple[PassthroughPort, PassthroughPort]]:
+    """Two identical ports, one syncing through pt_take/pt_give, one through their Python references."""
+    made: list[tuple[PassthroughPort, NetmapMemory]] = []
+    try:
+        for reference in (False, True):
+            mem = NetmapMemory(AllocatorParams(ring_num=8, buf_num=8 * GUEST_SLOTS + 64))
+            made.append(
+                (
+                    PassthroughPort(
+                        "pt0",
+                        mem,
+                        threading.RLock(),
+                        num_desc=GUEST_SLOTS,
+                        guest_slots=GUEST_SLOTS,
+                        reference=reference,
+                    ),
+                    mem,
+                )
+            )
+        yield made[0][0], made[1][0]
+    finally:
+        for port, mem in made:
+            port.close()
+            mem.close()
+
+
+guest_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("poke"), pokes),
+        st.tuples(st.just("send"), st.integers(0, GUEST_SLOTS)),  # the guest hands over frames
+        st.tuples(st.just("release"), st.integers(0, GUEST_SLOTS)),  # the guest gives RX slots back
+        st.tuples(st.just("sleep"), st.booleans()),  # appl_need_kick on both rings
+        st.tuples(st.just("forward"), st.integers(0, GUEST_SLOTS)),  # the consumer sends and releases
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+def _step(port: PassthroughPort, step: tuple[str, Any]) -> None:
+    region = port.guest
+    assert region is not None
+    kind, arg = step
+    g_tx, g_rx = region.tx[0], region.rx[0]
+    if kind == "poke":
+        poke(region, arg)
+    elif kind == "send":
+        k = min(arg, (g_tx.rtail - g_tx.rhead) % GUEST_SLOTS)
+        idx = (g_tx.rhead + np.arange(k)) % GUEST_SLOTS
+        g_tx.ring.slots["len"][idx] = 60
+        new = (g_tx.rhead + k) % GUEST_SLOTS
+        g_tx.csb.write_head_cur(new, new)
+    elif kind == "release":
+        k = min(arg, (g_rx.nr_hwtail - g_rx.rhead) % GUEST_SLOTS)
+        new = (g_rx.rhead + k) % GUEST_SLOTS
+        g_rx.csb.write_head_cur(new, new)
+    elif kind == "sleep":
+        g_tx.csb.atok.appl_need_kick = g_rx.csb.atok.appl_need_kick = int(arg)
+    else:
+        tx, rx = port.tx_rings[0], port.rx_rings[0]
+        tx.ring.slots["len"] = 60
+        n = min(arg, (tx.ring.tail - tx.ring.head) % GUEST_SLOTS)
+        tx.ring.head = tx.ring.cur = (tx.ring.head + n) % GUEST_SLOTS
+        port.txsync(0)
+        port.rxsync(0)
+        rx.ring.head = rx.ring.cur = rx.ring.tail
+
+
+def poke(region: Any, writes: list[tuple[str, float, bytes]]) -> None:
+    """Write ``writes`` into a guest region: into a CSB entry, a ring, or anywhere before the buffers."""
+    array_ = region.memory.region.array
+    guest = region.tx + region.rx
+    for target, where, data in writes:
+        if target == "csb":
+            lo, hi = PT_HEADER_SIZE, PT_HEADER_SIZE + len(guest) * CSB_ENTRY_SIZE
+        elif target == "ring":
+            rings = region.nifp.rings
+            r = rings[int(where * len(rings))]
+            where = where * len(rings) % 1
+            lo, hi = r.offset, r.offset + ring_size(GUEST_SLOTS)
+        else:
+            lo, hi = 0, region.memory.buffers_offset
+        at = lo + int(where * (hi - lo - len(data)))
+        array_[at : at + len(data)] = np.frombuffer(data, np.uint8)
+
+
+def _state(port: PassthroughPort) -> tuple[Any, ...]:
+    region = port.guest
+    assert region is not None
+    krings = [*port.tx_rings, *port.rx_rings, *region.tx, *region.rx]
+    return (
+        [(k.nr_hwcur, k.nr_hwtail, k.rhead, k.rcur, k.rtail, k.reinits, k.dropped) for k in krings],
+        (port.interrupts, port.self_kicks),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=guest_steps)
+def test_compiled_syncs_match_their_reference(
+    twins: tuple[PassthroughPort, PassthroughPort], steps: list[tuple[str, Any]]
+) -> None:
+    compiled, reference = twins
+    logging.getLogger("vhostmap.netmap.kring").disabled = True
+    for port in twins:
+        port.interrupts = port.self_kicks = 0
+        port.attach()
+    try:
+        for step in steps:
+            for port in twins:
+                _step(port, step)
+            assert _state(compiled) == _state(reference), step
+            a, b = compiled.guest, reference.guest
+            assert a is not None and b is not None
+            # Every byte of both regions (CSB, rings, slots, buffers) and of both daemons' memories.
+            assert (a.memory.region.array == b.memory.region.array).all(), step
+            assert (compiled.memory.array == reference.memory.array).all(), step
+    finally:
+        logging.getLogger("vhostmap.netmap.kring").disabled = False
+        for port in twins:
+            port.release()

@@ -27,8 +27,12 @@ static inline int nm_in(uint32_t i, uint32_t first, uint32_t last, uint32_t n)
 
 int32_t nm_sync_prologue(struct nm_kring *k)
 {
+    return nm_user_prologue(k, ring_load(k, NM_RING_HEAD), ring_load(k, NM_RING_CUR), 1);
+}
+
+int32_t nm_user_prologue(struct nm_kring *k, uint32_t head, uint32_t cur, int32_t restore_tail)
+{
     uint32_t n = k->bufs.num_slots;
-    uint32_t head = ring_load(k, NM_RING_HEAD), cur = ring_load(k, NM_RING_CUR);
     if (head >= n || cur >= n || k->nr_hwcur >= n || k->nr_hwtail >= n || k->rtail >= n || k->rhead >= n)
         return -1;
     /* TX: slots handed over but not sent cannot be taken back (head >= rhead); RX: head within what was
@@ -40,7 +44,7 @@ int32_t nm_sync_prologue(struct nm_kring *k)
     uint32_t min_len = k->tx ? 1 : 0, max_len = k->tx ? k->bufs.buf_size : 0xFFFF;
     if (nm_slots_check(k->bufs.slots, n, k->nr_hwcur, count, k->bufs.nbufs, min_len, max_len) != -1)
         return -1;
-    if (ring_load(k, NM_RING_TAIL) != k->rtail)
+    if (restore_tail && ring_load(k, NM_RING_TAIL) != k->rtail)
         ring_store(k, NM_RING_TAIL, k->rtail);
     k->rhead = head;
     k->rcur = cur;

@@ -27,12 +27,15 @@ ring, when frames wait for room; after setting it the daemon looks at head again
 meanwhile (netmap's double check). The guest is interrupted (the ``irq`` eventfd, its ivshmem vector) only
 when hwtail moved and its ``appl_need_kick`` says it sleeps on that ring.
 
-The CSB exchange, once per sync, is Python; the per-slot work is the nm_copy_slots kernel (its reference,
-``copy_slots_reference``, beside it).
+A sync is one compiled call (pt_take / pt_give, datapath/passthrough.cdef: CSB read, prologue, copy, CSB
+write, kick and interrupt decisions); the hooks' Python twins (``_take`` / ``_give``, with
+``copy_slots_reference`` for the copy) are their reference, and run when the compiled prologue refuses, to say
+why and reinitialise the ring.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -131,6 +134,14 @@ class PassthroughKring(Kring):
         return head != self.rhead
 
 
+def _pt_ring(g: PassthroughKring) -> Any:
+    c = ffi.new("struct pt_ring *")
+    c.guest = g.c
+    c.atok = ffi.cast("uint32_t *", ctypes.addressof(g.csb.atok))
+    c.ktoa = ffi.cast("uint32_t *", ctypes.addressof(g.csb.ktoa))
+    return c
+
+
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -169,6 +180,9 @@ class GuestRegion:
             self._write_header(num_rings, num_slots, doorbell, generation)
             self.tx = [self._kring(k, NR_TX) for k in range(num_rings)]
             self.rx = [self._kring(k, NR_RX) for k in range(num_rings)]
+            # What the compiled syncs take: each guest ring's kring and CSB entry (struct pt_ring).
+            self.c_tx = [_pt_ring(g) for g in self.tx]
+            self.c_rx = [_pt_ring(g) for g in self.rx]
         except BaseException:
             self.memory.close()
             raise
@@ -289,6 +303,7 @@ class PassthroughPort(NetmapAdapter):
         num_desc: int = 1024,
         guest_slots: int = 1024,
         doorbell: tuple[int, int] = (0, 0),
+        reference: bool | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -309,6 +324,9 @@ class PassthroughPort(NetmapAdapter):
         self.interrupts = 0  # irq eventfd writes
         self.self_kicks = 0  # double checks that found head moved
         self.guest_reinits = 0  # reinits of the rings of guests gone since
+        # The compiled syncs (pt_take, pt_give) or their Python references (datapath.choice).
+        self.reference = reference_selected(reference)
+        self._notify = ffi.new("uint32_t *")
 
     # --- the guest's arrival and departure ------------------------------------------------------------------
     def attach(self) -> GuestRegion:
@@ -399,7 +417,20 @@ class PassthroughPort(NetmapAdapter):
         guest = self.guest
         if guest is None:
             return
-        g = guest.tx[kring.ring_id]
+        i = kring.ring_id
+        if not self.reference:
+            status = lib.pt_take(guest.c_tx[i], kring.c, self._notify)
+            if status == lib.PT_OK:
+                self._notified(int(self._notify[0]))
+                return
+            if status != lib.PT_REFUSED:
+                self._take_stopped(guest.tx[i], kring, guest_at_fault=status == lib.PT_BAD_GUEST)
+                return
+            # Refused: the Python sync says why, and reinitialises the ring.
+        self._take(guest.tx[i], kring)
+
+    def _take(self, g: PassthroughKring, kring: Kring) -> None:
+        """The reference of pt_take (datapath/passthrough.cdef): guest TX ring -> our RX kring."""
         if not g.txsync_prologue():
             g.want_kicks(True, double_check=False)
             return
@@ -407,53 +438,90 @@ class PassthroughPort(NetmapAdapter):
         copied, bad = copy_slots(g, g.nr_hwcur, kring, kring.nr_hwtail, n) if n else (0, COPY_OK)
         g.nr_hwcur = (g.nr_hwcur + copied) % g.nkr_num_slots
         kring.nr_hwtail = (kring.nr_hwtail + copied) % kring.nkr_num_slots
-        if bad == COPY_BAD_SOURCE:
-            # The guest rewrote a slot after the prologue checked it: what was copied stands.
-            g.ring_reinit(f"slot {g.nr_hwcur} rewritten while it was sent ({self._slot(g, g.nr_hwcur)})")
-        elif bad == COPY_BAD_DEST:
-            # Our consumer (an application, maybe) wrote a slot it did not own: its ring, not the guest's.
-            kring.ring_reinit(
-                f"slot {kring.nr_hwtail} has no usable buffer ({self._slot(kring, kring.nr_hwtail)})"
-            )
         # Copied slots are complete at once: the guest may reuse them.
         g.nr_hwtail = nm_prev(g.nr_hwcur, g.nkr_num_slots)
+        if bad != COPY_OK:
+            self._take_stopped(g, kring, guest_at_fault=bad == COPY_BAD_SOURCE)
+            return
         self._publish(g)
         # Busy (frames moved: the worker runs this forwarder again) or backlogged (our RX ring is full: the
         # consumer comes back when it drained it): no kicks. Idle: kicks, and the double check.
         self._kicks(g, on=copied == 0 and g.pending() == 0)
 
+    def _take_stopped(self, g: PassthroughKring, kring: Kring, *, guest_at_fault: bool) -> None:
+        """A take whose copy stopped at a slot: what was copied stands, the ring at fault is reinitialised."""
+        if guest_at_fault:
+            # The guest rewrote a slot after the prologue checked it.
+            g.ring_reinit(f"slot {g.nr_hwcur} rewritten while it was sent ({self._slot(g, g.nr_hwcur)})")
+        else:
+            # Our consumer (an application, maybe) wrote a slot it did not own: its ring, not the guest's.
+            kring.ring_reinit(
+                f"slot {kring.nr_hwtail} has no usable buffer ({self._slot(kring, kring.nr_hwtail)})"
+            )
+        self._publish(g)
+        g.want_kicks(True, double_check=False)
+
     def nm_txsync(self, kring: Kring, flags: int) -> None:
         """Copy what the consumer sent on TX ring i into the guest's RX ring i; reclaim at once."""
         guest = self.guest
-        n = kring.pending()
         if guest is None:
+            n = kring.pending()
             if n:
                 idx = (kring.nr_hwcur + np.arange(n)) % kring.nkr_num_slots
                 kring.dropped += int(np.count_nonzero((kring.ring.slots["flags"][idx] & NS_MOREFRAG) == 0))
                 kring.nr_hwcur = kring.rhead
             kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
             return
-        g = guest.rx[kring.ring_id]
-        valid = g.rxsync_prologue()
-        if valid:
-            g.nr_hwcur = g.rhead  # the slots the guest released
-            n = min(n, g.rx_space())
-            copied, bad = copy_slots(kring, kring.nr_hwcur, g, g.nr_hwtail, n) if n else (0, COPY_OK)
-            kring.nr_hwcur = (kring.nr_hwcur + copied) % kring.nkr_num_slots
-            g.nr_hwtail = (g.nr_hwtail + copied) % g.nkr_num_slots
-            if bad == COPY_BAD_DEST:
-                g.ring_reinit(f"slot {g.nr_hwtail} has no usable buffer ({self._slot(g, g.nr_hwtail)})")
-            elif bad == COPY_BAD_SOURCE:
-                # Our consumer's slot: drop that one frame piece rather than stall the ring.
-                kring.dropped += 1
-                kring.nr_hwcur = (kring.nr_hwcur + 1) % kring.nkr_num_slots
-            self._publish(g)
+        i = kring.ring_id
+        if not self.reference:
+            status = lib.pt_give(guest.c_rx[i], kring.c, self._notify)
+            if status == lib.PT_OK:
+                self._notified(int(self._notify[0]))
+                return
+            if status != lib.PT_REFUSED:
+                self._give_stopped(guest.rx[i], kring, guest_at_fault=status == lib.PT_BAD_GUEST)
+                return
+        self._give(guest.rx[i], kring)
+
+    def _give(self, g: PassthroughKring, kring: Kring) -> None:
+        """The reference of pt_give (datapath/passthrough.cdef): our TX kring -> guest RX ring."""
+        if not g.rxsync_prologue():
+            kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
+            g.want_kicks(kring.pending() > 0, double_check=False)
+            return
+        g.nr_hwcur = g.rhead  # the slots the guest released
+        n = min(kring.pending(), g.rx_space())
+        copied, bad = copy_slots(kring, kring.nr_hwcur, g, g.nr_hwtail, n) if n else (0, COPY_OK)
+        kring.nr_hwcur = (kring.nr_hwcur + copied) % kring.nkr_num_slots
+        g.nr_hwtail = (g.nr_hwtail + copied) % g.nkr_num_slots
+        if bad != COPY_OK:
+            self._give_stopped(g, kring, guest_at_fault=bad == COPY_BAD_DEST)
+            return
+        self._publish(g)
         kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
         # Frames wait for room in the guest's ring: ask for a kick when it releases slots.
-        if valid:
-            self._kicks(g, on=kring.pending() > 0)
+        self._kicks(g, on=kring.pending() > 0)
+
+    def _give_stopped(self, g: PassthroughKring, kring: Kring, *, guest_at_fault: bool) -> None:
+        """A give whose copy stopped at a slot: what was copied stands; a guest slot without a usable buffer
+        gets its ring reinitialised, a bad slot of ours (our consumer's doing) is dropped."""
+        if guest_at_fault:
+            g.ring_reinit(f"slot {g.nr_hwtail} has no usable buffer ({self._slot(g, g.nr_hwtail)})")
         else:
-            g.want_kicks(kring.pending() > 0, double_check=False)
+            kring.dropped += 1
+            kring.nr_hwcur = (kring.nr_hwcur + 1) % kring.nkr_num_slots
+        self._publish(g)
+        kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
+        g.want_kicks(kring.pending() > 0, double_check=False)
+
+    def _notified(self, bits: int) -> None:
+        """What a compiled sync asked for (PT_INTERRUPT, PT_KICK)."""
+        if bits & lib.PT_INTERRUPT and self.irq >= 0:
+            eventfds.signal(self.irq)
+            self.interrupts += 1
+        if bits & lib.PT_KICK and self.kick >= 0:
+            eventfds.signal(self.kick)
+            self.self_kicks += 1
 
     def _publish(self, g: PassthroughKring) -> None:
         moved = g.nr_hwtail != g.rtail
