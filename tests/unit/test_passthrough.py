@@ -112,6 +112,11 @@ def test_frames_cross_a_link_both_ways_exactly(
         assert len(fe.wait_used(fe.queues[1], 128)) == 128
     assert sent == out
     assert received == back
+    # Counted exactly, frames and bytes, on the port's side of the copies.
+    q = d.stats("pt0")["queues"][0]
+    assert (q["rx_packets"], q["rx_bytes"]) == (len(out), sum(map(len, out)))
+    assert (q["tx_packets"], q["tx_bytes"]) == (len(back), sum(map(len, back)))
+    assert (q["rx_dropped"], q["tx_dropped"], q["errors"]) == (0, 0, 0)
     counters = d.stats("pt0")["passthrough"]
     assert counters["attached"] and counters["guest_reinits"] == 0
     # The guest kicked far less than once per frame (only when the daemon was idle on its TX ring).

@@ -444,6 +444,7 @@ def _state(port: PassthroughPort) -> tuple[Any, ...]:
     return (
         [(k.nr_hwcur, k.nr_hwtail, k.rhead, k.rcur, k.rtail, k.reinits, k.dropped) for k in krings],
         (port.interrupts, port.self_kicks),
+        [(int(g.pt.frames), int(g.pt.bytes)) for g in (*region.tx, *region.rx)],
     )
 
 

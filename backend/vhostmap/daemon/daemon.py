@@ -556,12 +556,21 @@ def port_stats(adapter: NetmapAdapter, kicks: Mapping[int, int] | None = None) -
             "broken": adapter.broken,
             "generic": g,
         }
+    elif isinstance(adapter, PassthroughPort):
+        queues = adapter.queue_counters()
+        for q in queues:
+            q["drops"] = {"rx": {"consumer": q["rx_dropped"]}, "tx": {"no_guest": q["tx_dropped"]}}
+        keys = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped", "tx_dropped", "errors")
+        # ``doorbells``: the guest's kicks the datapath read (its doorbell writes, coalesced).
+        doorbells = (kicks or {}).get(adapter.kick, 0) if adapter.kick >= 0 else 0
+        out = {
+            "queues": queues,
+            "totals": {k: sum(q[k] for q in queues) for k in keys},
+            "broken": adapter.broken,
+            "passthrough": {**adapter.counters(), "doorbells": doorbells},
+        }
     else:
         out = {"queues": [], "totals": {}, "broken": adapter.broken}
-        if isinstance(adapter, PassthroughPort):
-            # ``doorbells``: the guest's kicks the datapath read (its doorbell writes, coalesced).
-            doorbells = (kicks or {}).get(adapter.kick, 0) if adapter.kick >= 0 else 0
-            out["passthrough"] = {**adapter.counters(), "doorbells": doorbells}
     if isinstance(adapter.host_port, HostStack):
         out["host"] = {"tap": adapter.host_port.name, **adapter.host_port.counters()}
     return out

@@ -21,6 +21,16 @@ static inline uint32_t pt_prev(uint32_t i, uint32_t n)
     return i ? i - 1 : n - 1;
 }
 
+/* Frames and bytes of `n` slots of `b` from `first`: slots of the port's own kring, which the guest cannot
+ * rewrite. */
+static void pt_count(struct pt_ring *p, const struct nm_bufs *b, uint32_t first, uint32_t n)
+{
+    for (uint32_t k = 0, i = first; k < n; k++, i = i + 1 == b->num_slots ? 0 : i + 1) {
+        p->frames += !(b->slots[i].flags & NS_MOREFRAG);
+        p->bytes += b->slots[i].len;
+    }
+}
+
 /* The guest's head then cur (netmap's order: the guest stores cur, then head), through the kring prologue. */
 static int32_t pt_prologue(struct pt_ring *p)
 {
@@ -67,6 +77,7 @@ int32_t pt_take(struct pt_ring *p, struct nm_kring *rx, uint32_t *notify)
         n = space;
     int32_t bad = 0;
     uint32_t copied = n ? nm_copy_slots(&g->bufs, g->nr_hwcur, &rx->bufs, rx->nr_hwtail, n, &bad) : 0;
+    pt_count(p, &rx->bufs, rx->nr_hwtail, copied);
     g->nr_hwcur = (g->nr_hwcur + copied) % gn;
     rx->nr_hwtail = (rx->nr_hwtail + copied) % rn;
     /* Copied slots are complete at once: the guest may reuse them. */
@@ -94,6 +105,7 @@ int32_t pt_give(struct pt_ring *p, struct nm_kring *tx, uint32_t *notify)
         n = space;
     int32_t bad = 0;
     uint32_t copied = n ? nm_copy_slots(&tx->bufs, tx->nr_hwcur, &g->bufs, g->nr_hwtail, n, &bad) : 0;
+    pt_count(p, &tx->bufs, tx->nr_hwcur, copied);
     tx->nr_hwcur = (tx->nr_hwcur + copied) % tn;
     g->nr_hwtail = (g->nr_hwtail + copied) % gn;
     if (bad)

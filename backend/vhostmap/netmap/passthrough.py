@@ -87,6 +87,11 @@ class PassthroughKring(Kring):
     def __init__(self, ring: RingView, csb: CsbView, **kwargs: Any) -> None:
         super().__init__(ring, **kwargs)
         self.csb = csb
+        # The compiled syncs' view of this ring (struct pt_ring: kring, CSB, frames and bytes copied).
+        self.pt: Any = ffi.new("struct pt_ring *")
+        self.pt.guest = self.c
+        self.pt.atok = ffi.cast("uint32_t *", ctypes.addressof(csb.atok))
+        self.pt.ktoa = ffi.cast("uint32_t *", ctypes.addressof(csb.ktoa))
         csb.write_hw(self.nr_hwcur, self.nr_hwtail)
         # Idle from the start: a TX ring's first frames need a kick; an RX ring wants one only once frames
         # wait for room in it.
@@ -134,12 +139,13 @@ class PassthroughKring(Kring):
         return head != self.rhead
 
 
-def _pt_ring(g: PassthroughKring) -> Any:
-    c = ffi.new("struct pt_ring *")
-    c.guest = g.c
-    c.atok = ffi.cast("uint32_t *", ctypes.addressof(g.csb.atok))
-    c.ktoa = ffi.cast("uint32_t *", ctypes.addressof(g.csb.ktoa))
-    return c
+def _count(c: Any, kring: Kring, first: int, n: int) -> None:
+    """pt_count's reference: frames and bytes of ``n`` slots of the port's ``kring`` from ``first``."""
+    if not n:
+        return
+    s = kring.ring.slots[(first + np.arange(n)) % kring.nkr_num_slots]
+    c.frames += int(np.count_nonzero((s["flags"] & NS_MOREFRAG) == 0))
+    c.bytes += int(s["len"].sum(dtype=np.int64))
 
 
 def _pow2(n: int) -> int:
@@ -180,9 +186,9 @@ class GuestRegion:
             self._write_header(num_rings, num_slots, doorbell, generation)
             self.tx = [self._kring(k, NR_TX) for k in range(num_rings)]
             self.rx = [self._kring(k, NR_RX) for k in range(num_rings)]
-            # What the compiled syncs take: each guest ring's kring and CSB entry (struct pt_ring).
-            self.c_tx = [_pt_ring(g) for g in self.tx]
-            self.c_rx = [_pt_ring(g) for g in self.rx]
+            # What the compiled syncs take: each guest ring's kring and CSB entry (struct pt_ring, ``pt``).
+            self.c_tx = [g.pt for g in self.tx]
+            self.c_rx = [g.pt for g in self.rx]
         except BaseException:
             self.memory.close()
             raise
@@ -324,6 +330,8 @@ class PassthroughPort(NetmapAdapter):
         self.interrupts = 0  # irq eventfd writes
         self.self_kicks = 0  # double checks that found head moved
         self.guest_reinits = 0  # reinits of the rings of guests gone since
+        # Per ring pair, what guests gone since copied: [rx frames, rx bytes, tx frames, tx bytes, reinits].
+        self._gone = [[0] * 5 for _ in range(num_rings)]
         # The compiled syncs (pt_take, pt_give) or their Python references (datapath.choice).
         self.reference = reference_selected(reference)
         self._notify = ffi.new("uint32_t *")
@@ -374,6 +382,9 @@ class PassthroughPort(NetmapAdapter):
             self.guest, self.kick, self.irq = None, -1, -1
             if region is not None:
                 self.guest_reinits += sum(k.reinits for k in region.tx + region.rx)
+                for gone, t, r in zip(self._gone, region.tx, region.rx, strict=True):
+                    for k, value in enumerate(self._ring_counts(t, r)):
+                        gone[k] += value
         if region is None:
             return
         for fd in (kick, irq):
@@ -436,6 +447,7 @@ class PassthroughPort(NetmapAdapter):
             return
         n = min(g.pending(), kring.rx_space())
         copied, bad = copy_slots(g, g.nr_hwcur, kring, kring.nr_hwtail, n) if n else (0, COPY_OK)
+        _count(g.pt, kring, kring.nr_hwtail, copied)
         g.nr_hwcur = (g.nr_hwcur + copied) % g.nkr_num_slots
         kring.nr_hwtail = (kring.nr_hwtail + copied) % kring.nkr_num_slots
         # Copied slots are complete at once: the guest may reuse them.
@@ -492,6 +504,7 @@ class PassthroughPort(NetmapAdapter):
         g.nr_hwcur = g.rhead  # the slots the guest released
         n = min(kring.pending(), g.rx_space())
         copied, bad = copy_slots(kring, kring.nr_hwcur, g, g.nr_hwtail, n) if n else (0, COPY_OK)
+        _count(g.pt, kring, kring.nr_hwcur, copied)
         kring.nr_hwcur = (kring.nr_hwcur + copied) % kring.nkr_num_slots
         g.nr_hwtail = (g.nr_hwtail + copied) % g.nkr_num_slots
         if bad != COPY_OK:
@@ -540,6 +553,35 @@ class PassthroughPort(NetmapAdapter):
     def _slot(g: Kring, i: int) -> str:
         s = g.ring.slots[i]
         return f"buf_idx {int(s['buf_idx'])} len {int(s['len'])}"
+
+    @staticmethod
+    def _ring_counts(t: PassthroughKring, r: PassthroughKring) -> tuple[int, int, int, int, int]:
+        return int(t.pt.frames), int(t.pt.bytes), int(r.pt.frames), int(r.pt.bytes), t.reinits + r.reinits
+
+    def queue_counters(self) -> list[dict[str, Any]]:
+        """Per ring pair, since the port was made: frames and bytes from the guest (``rx_*``, its TX ring i)
+        and to it (``tx_*``, its RX ring i), frames dropped (``rx_dropped``: by this port's consumer;
+        ``tx_dropped``: sent while no guest held the port) and the guest's ring reinits (``errors``)."""
+        guest = self.guest
+        out = []
+        for i, gone in enumerate(self._gone):
+            live = self._ring_counts(guest.tx[i], guest.rx[i]) if guest is not None else (0,) * 5
+            rx_frames, rx_bytes, tx_frames, tx_bytes, reinits = (
+                a + b for a, b in zip(gone, live, strict=True)
+            )
+            out.append(
+                {
+                    "queue": i,
+                    "rx_packets": rx_frames,
+                    "rx_bytes": rx_bytes,
+                    "tx_packets": tx_frames,
+                    "tx_bytes": tx_bytes,
+                    "rx_dropped": self.rx_rings[i].dropped,
+                    "tx_dropped": self.tx_rings[i].dropped,
+                    "errors": reinits,
+                }
+            )
+        return out
 
     def counters(self) -> dict[str, Any]:
         """What ``vhostmap stats`` shows of the port's guest side."""
