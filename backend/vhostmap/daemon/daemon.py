@@ -233,7 +233,7 @@ class Daemon:
                 pt_started.append(pt)
             if self.config.user is not None:
                 self._become(self.config.user)
-            log.info("vhostmap %s serving %d port(s)", __version__, len(self.ports))
+            log.info("vhostmap %s serving %d port(s)", __version__, len(self.adapters))
             listening = {ep.handler.name: ep.path for ep in self.endpoints if ep.mode is SocketMode.SERVER}
             listening |= {pt.handler.name: pt.path for pt in self.pt_endpoints}
             for problem in libvirt_access_problems(listening):
