@@ -12,7 +12,9 @@ Modes, as netmap's ``admode``: "native" drives the virtio-net device from usersp
 page buffers the device reads and writes directly; see driver.py); "generic" goes through the kernel's
 driver with AF_PACKET (generic.py); "auto" (the default) is native when the device allows it, else generic.
 The name follows nm_open: ``eth0`` (every ring pair), ``eth0-1`` (ring pair 1), ``eth0^`` (host rings);
-native mode also accepts the device's PCI address (``0000:00:02.0``).
+native mode also accepts the device's PCI address (``0000:00:02.0``). "passthrough" (ptnetmap) uses the rings
+of a vhostmap passthrough port in place, through an ivshmem device (passthrough.py): ``pt:0`` is the first
+such device (``pt:0-1`` its ring pair 1), and any name of the form ``pt:N`` selects this mode.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from typing import Literal
 from vhostmap.netmap.user import NetmapPort, parse_port_spec
 from vhostmap_guest.driver import NativeUnavailable, open_native
 from vhostmap_guest.generic import open_generic
+from vhostmap_guest.passthrough import PassthroughPort, PassthroughUnavailable, open_passthrough
 from vhostmap_guest.port import AdapterPort
 
-__all__ = ["MODES", "AdapterPort", "NativeUnavailable", "open"]
+__all__ = ["MODES", "AdapterPort", "NativeUnavailable", "PassthroughPort", "PassthroughUnavailable", "open"]
 
 log = logging.getLogger(__name__)
-Mode = Literal["auto", "native", "generic"]
-MODES: tuple[Mode, ...] = ("auto", "native", "generic")
+Mode = Literal["auto", "native", "generic", "passthrough"]
+MODES: tuple[Mode, ...] = ("auto", "native", "generic", "passthrough")
 
 
 def open(
@@ -38,7 +41,7 @@ def open(
     *,
     pairs: int | None = None,
     interrupts: bool = True,
-) -> AdapterPort:
+) -> AdapterPort | PassthroughPort:
     """Open the guest interface ``name`` (nm_open syntax) in ``mode``; returns a NetmapPort.
 
     ``pairs`` (native): queue pairs to run, default all. ``interrupts`` (native): poll sleeps on the device's
@@ -49,6 +52,8 @@ def open(
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     spec = parse_port_spec(name)
+    if mode == "passthrough" or spec.switch == "pt":
+        return open_passthrough(name, spec)
     if spec.switch is not None:
         raise ValueError(f"{name!r}: a guest has no switches (VALE ports are on the host)")
     if mode in ("auto", "native"):
@@ -61,6 +66,6 @@ def open(
     return open_generic(spec.port, spec)
 
 
-def _conforms(port: AdapterPort) -> NetmapPort:
+def _conforms(port: AdapterPort | PassthroughPort) -> NetmapPort:
     """Static check that the guest's ports satisfy the NetmapPort protocol (for mypy; never called)."""
     return port

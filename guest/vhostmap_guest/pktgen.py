@@ -1,9 +1,12 @@
-"""``python -m vhostmap_guest.pktgen``: netmap's pkt-gen for a guest's NIC: native, generic or socket.
+"""``python -m vhostmap_guest.pktgen``: netmap's pkt-gen for a guest's NIC: native, generic, socket, or a
+vhostmap passthrough port.
 
     python -m vhostmap_guest.pktgen -i eth0 -f tx -l 60 -n 100000 --mode native --json
     python -m vhostmap_guest.pktgen -i eth0 -f rx -n 100000 -D 30 --mode generic --check --seq
+    python -m vhostmap_guest.pktgen -i pt:0 -f tx -n 100000 --mode passthrough
 
-Modes: ``native`` and ``generic`` open the interface with `vhostmap_guest.open` (``auto`` picks as it does);
+Modes: ``native``, ``generic`` and ``passthrough`` open the port with `vhostmap_guest.open` (``auto`` picks
+between the first two as it does);
 ``socket`` is the guest kernel's plain path, one AF_PACKET send() or recv() per frame, for comparison. On the
 host, ``vhostmap pkt-gen`` runs the same loops over a daemon's port (the guest package never reaches the
 daemon's control socket). The frames are vhostmap pkt-gen's UDP frames (`vhostmap.packets.udp_frame`).
@@ -39,7 +42,7 @@ from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
 
-MODES = ("auto", "native", "generic", "socket")
+MODES = ("auto", "native", "generic", "passthrough", "socket")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
 SEQ_OFFSET = ETH_HLEN + IP_HLEN + 8
 SEQ = struct.Struct(">I")

@@ -31,6 +31,11 @@ host side is one more switch port. A ``generic`` port attaches an existing inter
     ports = ["vm0", "vm1", "uplink"]
     aging = 300
 
+A ``passthrough`` port hands a guest netmap rings of its own (ptnetmap over QEMU's ivshmem-doorbell device):
+vhostmap is the ivshmem server on ``path``; ``rings`` ring pairs of ``slots`` slots (netmap/passthrough.py)::
+
+    --port pt0=passthrough,path=/run/vhostmap/pt0.sock,rings=1,slots=1024
+
 A server-mode port's socket can be given to a group with a mode, so that QEMU running as another user (as
 libvirt runs it) may connect: ``group=libvirt-qemu,perm=0660`` per port, or ``--socket-group`` and
 ``--socket-mode`` (TOML ``socket_group``, ``socket_mode``) for every server-mode port that sets neither.
@@ -73,7 +78,11 @@ from vhostmap.system.unixsock import UNIX_PATH_MAX
 from vhostmap.vhost_user.device import ALL_OFFLOADS, MAX_MTU, MAX_QUEUE_PAIRS, MIN_MTU, offload_features
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
-PORT_TYPES = ("vhost-user", "generic")
+PORT_TYPES = ("vhost-user", "generic", "passthrough")
+# A passthrough port's guest rings: slots per ring (slots=) and ring pairs (rings=).
+PT_SLOTS = (64, 4096)
+PT_DEFAULT_SLOTS = 1024
+PT_MAX_RINGS = 16
 # Linux interface names: 1..15 bytes, no '/', no ':', no whitespace.
 _IFNAME = re.compile(r"^[^/:\s]{1,15}$")
 SOCKET_MODES = ("server", "client")
@@ -139,6 +148,9 @@ class PortConfig:
     # Whether the port offers packed virtqueues (packed=on|off; off by default until packed rings run as fast
     # as split ones, issue #18).
     packed: bool = False
+    # A passthrough port's ring pairs and the slots of each guest ring (rings=, slots=).
+    rings: int = 1
+    slots: int = PT_DEFAULT_SLOTS
 
     def __post_init__(self) -> None:
         where = f"port {self.name!r}"
@@ -150,6 +162,8 @@ class PortConfig:
             raise ConfigError(f"{where}: mode must be server or client, not {self.mode!r}")
         if self.type == "generic":
             self._check_generic(where)
+        elif self.type == "passthrough":
+            self._check_passthrough(where)
         elif not self.path:
             raise ConfigError(f"{where}: path= (the vhost-user socket) is required")
         elif self.ifname is not None:
@@ -182,9 +196,9 @@ class PortConfig:
             self._check_generate(where)
         queues = [q for q, _ in self.rxq_affinity]
         for q in queues:
-            if not 0 <= q < self.queues:
+            if not 0 <= q < self.ring_pairs:
                 raise ConfigError(
-                    f"{where}: rxq_affinity names queue {q}; the port has queues 0..{self.queues - 1}"
+                    f"{where}: rxq_affinity names queue {q}; the port has queues 0..{self.ring_pairs - 1}"
                 )
             if queues.count(q) > 1:
                 raise ConfigError(f"{where}: rxq_affinity pins queue {q} twice")
@@ -214,6 +228,31 @@ class PortConfig:
             raise ConfigError(f"{where}: a generic port has one queue, not {self.queues}")
         if self.group is not None or self.perm is not None:
             raise ConfigError(f"{where}: group= and perm= are for vhost-user sockets")
+
+    def _check_passthrough(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{where}: path= (the ivshmem server socket QEMU connects to) is required")
+        if self.mode != "server":
+            raise ConfigError(f"{where}: a passthrough port's socket is an ivshmem server: mode=server")
+        if self.ifname is not None:
+            raise ConfigError(f"{where}: ifname= is for generic ports (type generic)")
+        if self.queues != 1:
+            raise ConfigError(f"{where}: a passthrough port has rings=, not queues=")
+        if not 1 <= self.rings <= PT_MAX_RINGS:
+            raise ConfigError(f"{where}: rings must be 1..{PT_MAX_RINGS}, not {self.rings}")
+        lo, hi = PT_SLOTS
+        if not lo <= self.slots <= hi:
+            raise ConfigError(f"{where}: slots must be {lo}..{hi}, not {self.slots}")
+
+    @property
+    def ring_pairs(self) -> int:
+        """The port's hardware ring pairs: its queue pairs, a passthrough port's rings, a generic port's 1."""
+        return self.rings if self.type == "passthrough" else self.queues
+
+    @property
+    def serves_socket(self) -> bool:
+        """Whether vhostmap listens on ``path`` (owner=, group= and perm= apply)."""
+        return self.type in ("vhost-user", "passthrough") and self.mode == "server"
 
     @property
     def uid(self) -> int | None:
@@ -365,7 +404,7 @@ class DaemonConfig:
 def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
     known = {
         "type", "path", "mode", "queues", "mac", "mtu", "owner", "group", "perm", "host", "ifname",
-        "generate", "rxq_affinity", "offloads", "packed",
+        "generate", "rxq_affinity", "offloads", "packed", "rings", "slots",
     }  # fmt: skip
     unknown = set(values) - known
     if unknown:
@@ -374,7 +413,7 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
         )
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key in ("queues", "mtu", "generate"):
+        if key in ("queues", "mtu", "generate", "rings", "slots"):
             try:
                 kwargs[key] = int(value)
             except (TypeError, ValueError):
@@ -563,17 +602,12 @@ def build_config(
     file_owner = toml.pop("socket_owner", None)
     owner = socket_owner if socket_owner is not None else file_owner
     if owner is not None:
-        ports = [
-            replace(p, owner=str(owner))
-            if p.type == "vhost-user" and p.mode == "server" and p.owner is None
-            else p
-            for p in ports
-        ]
+        ports = [replace(p, owner=str(owner)) if p.serves_socket and p.owner is None else p for p in ports]
     if group is not None or mode is not None:
         perm = parse_perm(mode, "--socket-mode") if mode is not None else None
         ports = [
             replace(p, group=None if group is None else str(group), perm=perm)
-            if p.type == "vhost-user" and p.mode == "server" and p.group is None and p.perm is None
+            if p.serves_socket and p.group is None and p.perm is None
             else p
             for p in ports
         ]

@@ -32,11 +32,14 @@ from vhostmap.daemon.topology import CLIENT_PORTS, CLIENT_RING_SLOTS, Topology
 from vhostmap.daemon.worker import Datapath, Forwarder, RxQueue
 from vhostmap.ethernet import format_mac
 from vhostmap.forwarding.switch import Switch
+from vhostmap.ivshmem.protocol import DAEMON_PEER_ID
+from vhostmap.ivshmem.server import IvshmemEndpoint
 from vhostmap.netmap.adapter import NetmapAdapter
 from vhostmap.netmap.allocator import AllocatorParams, NetmapMemory
 from vhostmap.netmap.capture import DEFAULT_RING_BYTES, MAX_SNAPLEN, CaptureRings, port_krings
 from vhostmap.netmap.generic import GenericAdapter
 from vhostmap.netmap.host import HostStack
+from vhostmap.netmap.passthrough import PassthroughPort
 from vhostmap.netmap.pipe import PipeEnd
 from vhostmap.netmap.stash import STASH_BUFFERS
 from vhostmap.system.access import libvirt_access_problems, removal_problem
@@ -56,7 +59,7 @@ SPARE_BUFFERS = 4096
 def allocator_params(config: DaemonConfig) -> AllocatorParams:
     """An allocator big enough for every ring of every port (one buffer per slot) and the buffer stash of
     every vhost-user port, room for CLIENT_PORTS application switch ports (a pipe: four rings) and spares."""
-    rings = sum(2 * (p.queues + 1) for p in config.ports)
+    rings = sum(2 * (p.ring_pairs + 1) for p in config.ports)
     stashes = sum(p.type == "vhost-user" for p in config.ports)
     return AllocatorParams(
         ring_num=rings + 4 * CLIENT_PORTS,
@@ -79,6 +82,7 @@ class Daemon:
         # Every port, by name; ``ports`` holds the vhost-user ones (the sockets' handlers).
         self.adapters: dict[str, NetmapAdapter] = {}
         self.ports: dict[str, VhostUserPort] = {}
+        self.passthrough: dict[str, PassthroughPort] = {}
         try:
             for pc in config.ports:
                 self.adapters[pc.name] = self._make_port(pc)
@@ -108,6 +112,14 @@ class Daemon:
             for pc in config.ports
             if pc.name in self.ports
         ]
+        # The passthrough ports' ivshmem server sockets.
+        self.pt_endpoints = [
+            IvshmemEndpoint(
+                self.passthrough[pc.name], pc.path, owner=pc.uid, group=pc.gid, perm=pc.socket_perm
+            )
+            for pc in config.ports
+            if pc.name in self.passthrough
+        ]
         self.control = ControlServer(
             config.control_socket,
             {"stats": self.stats, "status": self.status, "switch": self.switch, "inspect": self.inspect},
@@ -127,6 +139,17 @@ class Daemon:
         if pc.type == "generic":
             assert pc.ifname is not None  # checked by PortConfig
             adapter = GenericAdapter(pc.name, self.memory, pc.ifname, num_desc=PORT_RING_SLOTS)
+        elif pc.type == "passthrough":
+            adapter = self.passthrough[pc.name] = PassthroughPort(
+                pc.name,
+                self.memory,
+                self.worker.lock,
+                self.worker.refresh,
+                num_rings=pc.rings,
+                num_desc=PORT_RING_SLOTS,
+                guest_slots=pc.slots,
+                doorbell=(DAEMON_PEER_ID, 0),
+            )
         else:
             net = NetConfig(pc.mac, pc.mtu, pc.queues, pc.offloads, pc.packed)
             port = VhostUserPort(
@@ -140,6 +163,7 @@ class Daemon:
             except BaseException:
                 adapter.close()
                 self.ports.pop(pc.name, None)
+                self.passthrough.pop(pc.name, None)
                 raise
         return adapter
 
@@ -181,6 +205,7 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._stopping.set)
         started: list[Endpoint] = []
+        pt_started: list[IvshmemEndpoint] = []
         try:
             try:
                 old, new = raise_fd_limit()
@@ -203,10 +228,14 @@ class Daemon:
             for ep in self.endpoints:
                 ep.start()
                 started.append(ep)
+            for pt in self.pt_endpoints:
+                pt.start()
+                pt_started.append(pt)
             if self.config.user is not None:
                 self._become(self.config.user)
-            log.info("vhostmap %s serving %d port(s)", __version__, len(self.ports))
+            log.info("vhostmap %s serving %d port(s)", __version__, len(self.adapters))
             listening = {ep.handler.name: ep.path for ep in self.endpoints if ep.mode is SocketMode.SERVER}
+            listening |= {pt.handler.name: pt.path for pt in self.pt_endpoints}
             for problem in libvirt_access_problems(listening):
                 log.warning("%s", problem)
             self.ready.set()
@@ -216,6 +245,8 @@ class Daemon:
             notify("STOPPING=1")
             for ep in started:
                 ep.close()
+            for pt in pt_started:
+                pt.close()
             if self._metrics is not None:
                 server, thread = self._metrics
                 server.shutdown()
@@ -238,6 +269,7 @@ class Daemon:
         ours = [self.config.control_socket] + [
             ep.path for ep in self.endpoints if ep.mode is SocketMode.SERVER
         ]
+        ours += [pt.path for pt in self.pt_endpoints]
         for path in ours:
             problem = removal_problem(path, who.uid, frozenset(who.groups))
             if problem is not None:
@@ -276,6 +308,8 @@ class Daemon:
                 p["info"] = {"type": "vhost-user", "features": features}
             elif isinstance(adapter, GenericAdapter):
                 p["info"] = {"type": "generic", "ifname": adapter.ifname}
+            elif isinstance(adapter, PassthroughPort):
+                p["info"] = {"type": "passthrough"}
             else:
                 p["info"] = {"type": "application"}
             ports[name] = p
@@ -332,6 +366,16 @@ class Daemon:
                     ports[name] = {"type": "generic", "ifname": adapter.ifname, "broken": adapter.broken}
                 elif isinstance(adapter, PipeEnd):
                     ports[name] = {"type": "application", "broken": adapter.broken}
+                elif isinstance(adapter, PassthroughPort):
+                    ep = next(pt for pt in self.pt_endpoints if pt.handler is adapter)
+                    ports[name] = {
+                        "type": "passthrough",
+                        "path": ep.path,
+                        "connected": ep.is_connected,
+                        "rings": adapter.num_rx_rings,
+                        "slots": adapter.guest_slots,
+                        "broken": adapter.broken,
+                    }
                 if adapter.host_port is not None:
                     ports[name]["host"] = adapter.host_port.name
                 ports[name]["forwarder"] = self.serving[name].name
@@ -512,6 +556,19 @@ def port_stats(adapter: NetmapAdapter, kicks: Mapping[int, int] | None = None) -
             "totals": queue,
             "broken": adapter.broken,
             "generic": g,
+        }
+    elif isinstance(adapter, PassthroughPort):
+        queues = adapter.queue_counters()
+        for q in queues:
+            q["drops"] = {"rx": {"consumer": q["rx_dropped"]}, "tx": {"no_guest": q["tx_dropped"]}}
+        keys = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "rx_dropped", "tx_dropped", "errors")
+        # ``doorbells``: the guest's kicks the datapath read (its doorbell writes, coalesced).
+        doorbells = (kicks or {}).get(adapter.kick, 0) if adapter.kick >= 0 else 0
+        out = {
+            "queues": queues,
+            "totals": {k: sum(q[k] for q in queues) for k in keys},
+            "broken": adapter.broken,
+            "passthrough": {**adapter.counters(), "doorbells": doorbells},
         }
     else:
         out = {"queues": [], "totals": {}, "broken": adapter.broken}

@@ -19,5 +19,6 @@
 #include "offload.cdef"
 #include "eventfd.cdef"
 #include "vhost_sync.cdef"
+#include "passthrough.cdef"
 
 #endif

@@ -27,8 +27,12 @@ static inline int nm_in(uint32_t i, uint32_t first, uint32_t last, uint32_t n)
 
 int32_t nm_sync_prologue(struct nm_kring *k)
 {
+    return nm_user_prologue(k, ring_load(k, NM_RING_HEAD), ring_load(k, NM_RING_CUR), 1);
+}
+
+int32_t nm_user_prologue(struct nm_kring *k, uint32_t head, uint32_t cur, int32_t restore_tail)
+{
     uint32_t n = k->bufs.num_slots;
-    uint32_t head = ring_load(k, NM_RING_HEAD), cur = ring_load(k, NM_RING_CUR);
     if (head >= n || cur >= n || k->nr_hwcur >= n || k->nr_hwtail >= n || k->rtail >= n || k->rhead >= n)
         return -1;
     /* TX: slots handed over but not sent cannot be taken back (head >= rhead); RX: head within what was
@@ -40,7 +44,7 @@ int32_t nm_sync_prologue(struct nm_kring *k)
     uint32_t min_len = k->tx ? 1 : 0, max_len = k->tx ? k->bufs.buf_size : 0xFFFF;
     if (nm_slots_check(k->bufs.slots, n, k->nr_hwcur, count, k->bufs.nbufs, min_len, max_len) != -1)
         return -1;
-    if (ring_load(k, NM_RING_TAIL) != k->rtail)
+    if (restore_tail && ring_load(k, NM_RING_TAIL) != k->rtail)
         ring_store(k, NM_RING_TAIL, k->rtail);
     k->rhead = head;
     k->rcur = cur;
@@ -162,4 +166,47 @@ void nm_hand_all(struct nm_kring *tx)
     uint32_t tail = ring_load(tx, NM_RING_TAIL);
     ring_store(tx, NM_RING_HEAD, tail);
     ring_store(tx, NM_RING_CUR, tail);
+}
+
+uint32_t nm_copy_slots(const struct nm_bufs *src, uint32_t sfirst, const struct nm_bufs *dst, uint32_t dfirst,
+                       uint32_t count, int32_t *bad)
+{
+    uint32_t sn = src->num_slots, dn = dst->num_slots;
+    *bad = 0;
+    if (sfirst >= sn || count > sn) {
+        *bad = 1;
+        return 0;
+    }
+    if (dfirst >= dn || count > dn) {
+        *bad = 2;
+        return 0;
+    }
+    uint32_t si = sfirst, di = dfirst, k;
+    for (k = 0; k < count; k++) {
+        struct nm_slot *s = &src->slots[si], *d = &dst->slots[di];
+        /* Read once: the guest may rewrite its slots while we copy; what was checked is what is used. */
+        uint32_t sb = __atomic_load_n(&s->buf_idx, __ATOMIC_RELAXED);
+        uint16_t len = __atomic_load_n(&s->len, __ATOMIC_RELAXED);
+        uint16_t flags = __atomic_load_n(&s->flags, __ATOMIC_RELAXED);
+        uint32_t db = __atomic_load_n(&d->buf_idx, __ATOMIC_RELAXED);
+        if (sb < NM_RESERVED_BUFS || sb >= src->nbufs || len > src->buf_size) {
+            *bad = 1;
+            break;
+        }
+        if (db < NM_RESERVED_BUFS || db >= dst->nbufs || len > dst->buf_size) {
+            *bad = 2;
+            break;
+        }
+        /* memmove: the two buffers are in different regions, unless a caller passed one ring twice. */
+        memmove(dst->base + (size_t)db * dst->buf_size, src->base + (size_t)sb * src->buf_size, len);
+        __atomic_store_n(&d->len, len, __ATOMIC_RELAXED);
+        __atomic_store_n(&d->flags, (uint16_t)(flags & NS_MOREFRAG), __ATOMIC_RELAXED);
+        if (++si == sn)
+            si = 0;
+        if (++di == dn)
+            di = 0;
+    }
+    /* The copies are visible before whatever the caller publishes next (a tail, a CSB hwtail). */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return k;
 }

@@ -355,3 +355,188 @@ class NetmapIfView:
     def version(self) -> int:
         """ni_version (NETMAP_API of the writer)."""
         return int(self.header.ni_version)
+
+
+# --- passthrough: the CSB and the region header ------------------------------------------------------------
+# A passthrough port (netmap/passthrough.py) hands a guest a region of its own: this header at offset 0, one
+# CSB entry per ring, then the netmap_if, rings and buffers of that port alone. The CSB is netmap's
+# (netmap.h: struct nm_csb_atok / nm_csb_ktoa, the sync-kloop's Communication Status Block): the guest writes
+# head/cur and whether it wants interrupts, the daemon writes hwcur/hwtail and whether it wants kicks.
+#
+# ``struct nm_csb_atok`` (application to kernel, 64 bytes, written by the guest)::
+#
+#      0  u32 head            the guest ring's head
+#      4  u32 cur             the guest ring's cur
+#      8  u32 appl_need_kick  1: interrupt the guest when hwtail moves (it sleeps on this ring)
+#     12  u32 sync_flags      NAF_* of the guest's sync
+#     16  u32 pad[12]
+#
+# ``struct nm_csb_ktoa`` (kernel to application, 64 bytes, written by the daemon)::
+#
+#      0  u32 hwcur           the kring's nr_hwcur
+#      4  u32 hwtail          the kring's nr_hwtail
+#      8  u32 kern_need_kick  1: ring the doorbell after moving head (the daemon is idle on this ring)
+#     12  u32 pad[13]
+#
+# Ordering, as netmap's: the guest stores cur, then head; the daemon loads head, then cur. The daemon stores
+# hwcur, then hwtail; the guest loads hwtail, then hwcur. One CSB entry is an atok then a ktoa (CSB_ENTRY_SIZE
+# bytes, each half on its own cache line), entries for the TX rings first, then the RX rings.
+#
+# ``struct vhostmap_pt_header`` (PT_HEADER_SIZE = 128 bytes at offset 0 of the region)::
+#
+#      0  char magic[8]       PT_MAGIC
+#      8  u32 version         PT_VERSION
+#     12  u32 header_size     PT_HEADER_SIZE
+#     16  u64 region_size     bytes the header describes (BAR 2 may be larger: rounded to a power of two)
+#     24  u64 nifp_offset     the netmap_if, from offset 0
+#     32  u64 csb_offset      CSB entry 0, from offset 0
+#     40  u32 csb_entry_size  CSB_ENTRY_SIZE
+#     44  u32 num_csb         entries: num_tx_rings + num_rx_rings
+#     48  u32 num_tx_rings
+#     52  u32 num_rx_rings
+#     56  u32 num_tx_slots
+#     60  u32 num_rx_slots
+#     64  u32 buf_size
+#     68  u32 nbufs
+#     72  u64 buffers_offset  buffer 0, from offset 0
+#     80  u16 doorbell_peer   the ivshmem peer ID to ring (BAR 0 Doorbell = peer << 16 | doorbell_vector)
+#     82  u16 doorbell_vector
+#     84  u32 generation      counts the guests the port was handed to (a new attach, a fresh region)
+#     88  u8  reserved[40]
+#
+# The daemon writes the header before it hands the region over and never again; a guest checks magic,
+# version and that every offset lies within the region before using anything.
+PT_MAGIC = b"VHMAP-PT"
+PT_VERSION = 1
+
+
+class NmCsbAtok(ctypes.Structure):
+    """struct nm_csb_atok (netmap.h): what a passthrough guest tells the daemon about one ring."""
+
+    _fields_ = [
+        ("head", ctypes.c_uint32),
+        ("cur", ctypes.c_uint32),
+        ("appl_need_kick", ctypes.c_uint32),
+        ("sync_flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32 * 12),
+    ]
+
+
+class NmCsbKtoa(ctypes.Structure):
+    """struct nm_csb_ktoa (netmap.h): what the daemon tells a passthrough guest about one ring."""
+
+    _fields_ = [
+        ("hwcur", ctypes.c_uint32),
+        ("hwtail", ctypes.c_uint32),
+        ("kern_need_kick", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32 * 13),
+    ]
+
+
+class PtHeader(ctypes.Structure):
+    """The header at offset 0 of a passthrough region (layout above)."""
+
+    _fields_ = [
+        ("magic", ctypes.c_char * 8),
+        ("version", ctypes.c_uint32),
+        ("header_size", ctypes.c_uint32),
+        ("region_size", ctypes.c_uint64),
+        ("nifp_offset", ctypes.c_uint64),
+        ("csb_offset", ctypes.c_uint64),
+        ("csb_entry_size", ctypes.c_uint32),
+        ("num_csb", ctypes.c_uint32),
+        ("num_tx_rings", ctypes.c_uint32),
+        ("num_rx_rings", ctypes.c_uint32),
+        ("num_tx_slots", ctypes.c_uint32),
+        ("num_rx_slots", ctypes.c_uint32),
+        ("buf_size", ctypes.c_uint32),
+        ("nbufs", ctypes.c_uint32),
+        ("buffers_offset", ctypes.c_uint64),
+        ("doorbell_peer", ctypes.c_uint16),
+        ("doorbell_vector", ctypes.c_uint16),
+        ("generation", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint8 * 40),
+    ]
+
+
+CSB_HALF_SIZE = ctypes.sizeof(NmCsbAtok)
+CSB_ENTRY_SIZE = 2 * CSB_HALF_SIZE
+PT_HEADER_SIZE = ctypes.sizeof(PtHeader)
+
+assert CSB_HALF_SIZE == ctypes.sizeof(NmCsbKtoa) == 64 and PT_HEADER_SIZE == 128
+assert PtHeader.doorbell_peer.offset == 80 and PtHeader.generation.offset == 84
+
+
+class CsbView:
+    """One ring's CSB entry in a mapped region: ``atok`` (the guest's half) and ``ktoa`` (the daemon's).
+
+    The writer's order is the protocol's (see above); on x86 stores are not reordered with stores nor loads
+    with loads, so field order in Python is enough for the single-copy reads and writes done here.
+    """
+
+    def __init__(self, region: Region, offset: int) -> None:
+        region.check(offset, CSB_ENTRY_SIZE, "CSB entry")
+        self.offset = offset
+        self.atok = NmCsbAtok.from_buffer(region.mm, offset)
+        self.ktoa = NmCsbKtoa.from_buffer(region.mm, offset + CSB_HALF_SIZE)
+
+    # --- the daemon's side ----------------------------------------------------------------------------------
+    def read_head_cur(self) -> tuple[int, int]:
+        """head, then cur: a cur read after head is never behind it on a ring the guest moves forward."""
+        head = int(self.atok.head)
+        return head, int(self.atok.cur)
+
+    def write_hw(self, hwcur: int, hwtail: int) -> None:
+        """hwcur, then hwtail (netmap's order): a guest reading hwtail then hwcur sees a consistent ring."""
+        self.ktoa.hwcur = hwcur
+        self.ktoa.hwtail = hwtail
+
+    # --- the guest's side -----------------------------------------------------------------------------------
+    def write_head_cur(self, head: int, cur: int) -> None:
+        """cur, then head (netmap's nm_sync_kloop_appl_write order)."""
+        self.atok.cur = cur
+        self.atok.head = head
+
+    def read_hw(self) -> tuple[int, int]:
+        """hwtail, then hwcur."""
+        hwtail = int(self.ktoa.hwtail)
+        return int(self.ktoa.hwcur), hwtail
+
+
+class PtRegionView:
+    """A passthrough region as a guest finds it: the header checked, the netmap_if and one CsbView per ring.
+
+    ``tx_csb[i]`` / ``rx_csb[i]`` go with ``nifp.tx_rings[i]`` / ``nifp.rx_rings[i]``. Raises RegionError for
+    a header that is not one (magic, version) or that points outside the region.
+    """
+
+    def __init__(self, region: Region) -> None:
+        region.check(0, PT_HEADER_SIZE, "passthrough header")
+        h = self.header = PtHeader.from_buffer(region.mm, 0)
+        if bytes(h.magic) != PT_MAGIC:
+            raise RegionError(f"passthrough header magic {bytes(h.magic)!r}, expected {PT_MAGIC!r}")
+        if h.version != PT_VERSION:
+            raise RegionError(f"passthrough header version {h.version}, this code reads {PT_VERSION}")
+        if h.csb_entry_size != CSB_ENTRY_SIZE or h.num_csb != h.num_tx_rings + h.num_rx_rings:
+            raise RegionError(
+                f"passthrough header: {h.num_csb} CSB entries of {h.csb_entry_size} bytes for "
+                f"{h.num_tx_rings} + {h.num_rx_rings} rings"
+            )
+        if h.region_size > region.size:
+            raise RegionError(f"passthrough region of {h.region_size} bytes in a mapping of {region.size}")
+        region.check(int(h.csb_offset), int(h.num_csb) * CSB_ENTRY_SIZE, "CSB")
+        self.region = region
+        self.nifp = NetmapIfView(region, int(h.nifp_offset))
+        if len(self.nifp.tx_rings) != h.num_tx_rings or len(self.nifp.rx_rings) != h.num_rx_rings:
+            raise RegionError("passthrough header and netmap_if disagree on the number of rings")
+        csbs = [CsbView(region, int(h.csb_offset) + k * CSB_ENTRY_SIZE) for k in range(int(h.num_csb))]
+        self.tx_csb = csbs[: h.num_tx_rings]
+        self.rx_csb = csbs[h.num_tx_rings :]
+
+    @property
+    def buffers(self) -> npt.NDArray[np.uint8]:
+        """Every buffer of the region as a (nbufs, buf_size) array (row i is buffer i)."""
+        h = self.header
+        start, n, size = int(h.buffers_offset), int(h.nbufs), int(h.buf_size)
+        self.region.check(start, n * size, "buffers")
+        return self.region.array[start : start + n * size].reshape(n, size)

@@ -264,9 +264,10 @@ class IfLayout:
         return self.tx_rings + self.rx_rings
 
 
-def region_size(params: AllocatorParams) -> int:
-    """Bytes of the region a NetmapMemory with ``params`` needs (the three pools, clusters rounded up)."""
-    total = 0
+def region_size(params: AllocatorParams, head_room: int = 0) -> int:
+    """Bytes of the region a NetmapMemory with ``params`` (and ``head_room``) needs (the three pools, clusters
+    rounded up, after the head room)."""
+    total = head_room
     for objsize, num in (
         (params.if_size, params.if_num),
         (params.ring_size, params.ring_num),
@@ -286,23 +287,34 @@ class NetmapMemory:
 
     Given ``fd``, the region lives in that file instead of a new memfd (a hugetlbfs file whose pages a device
     can DMA into, say): it must hold at least `region_size` bytes, is mapped whole, and this object owns it.
+
+    ``head_room`` bytes (a multiple of the page size) at the start of the region come before the pools and are
+    never handed out: a passthrough region's header and CSBs live there (netmap/passthrough.py).
     """
 
     def __init__(
-        self, params: AllocatorParams | None = None, *, name: str = "vhostmap-netmap", fd: int | None = None
+        self,
+        params: AllocatorParams | None = None,
+        *,
+        name: str = "vhostmap-netmap",
+        fd: int | None = None,
+        head_room: int = 0,
     ) -> None:
         self.params = params if params is not None else AllocatorParams()
         p = self.params
-        self.if_pool = ObjPool("netmap_if", p.if_size, p.if_num, 0)
-        self.ring_pool = ObjPool("netmap_ring", p.ring_size, p.ring_num, self.if_pool.memtotal)
+        if head_room < 0 or head_room % PAGE_SIZE:
+            raise AllocatorConfigError("head_room", head_room, f"a multiple of {PAGE_SIZE}")
+        self.head_room = head_room
+        self.if_pool = ObjPool("netmap_if", p.if_size, p.if_num, head_room)
+        self.ring_pool = ObjPool("netmap_ring", p.ring_size, p.ring_num, head_room + self.if_pool.memtotal)
         self.buf_pool = ObjPool(
             "netmap_buf",
             p.buf_size,
             p.buf_num,
-            self.if_pool.memtotal + self.ring_pool.memtotal,
+            head_room + self.if_pool.memtotal + self.ring_pool.memtotal,
             reserved=NM_RESERVED_BUFS,
         )
-        self.size = self.if_pool.memtotal + self.ring_pool.memtotal + self.buf_pool.memtotal
+        self.size = head_room + self.if_pool.memtotal + self.ring_pool.memtotal + self.buf_pool.memtotal
         if fd is None:
             fd = sealed_memfd(name, self.size)
             map_size = self.size

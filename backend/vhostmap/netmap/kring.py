@@ -192,10 +192,15 @@ class Kring:
         )
 
     # --- prologues ------------------------------------------------------------------------------------------
+    def user_pointers(self) -> tuple[int, int]:
+        """The user's head and cur, each read once: from the shared ring here; a passthrough guest's come
+        from its CSB (netmap's shadow ring in the sync-kloop: PassthroughKring)."""
+        return self.ring.head, self.ring.cur
+
     def txsync_prologue(self) -> bool:
         """Validate what the user wrote before a txsync; False (after ring_reinit) when it is nonsense."""
         n = self.nkr_num_slots
-        head, cur = self.ring.head, self.ring.cur  # read once: the user may change them under us
+        head, cur = self.user_pointers()  # read once: the user may change them under us
         if head >= n:
             return self._reject(f"head {head} >= num_slots {n}")
         if cur >= n:
@@ -214,7 +219,7 @@ class Kring:
     def rxsync_prologue(self) -> bool:
         """Validate what the user wrote before an rxsync; False (after ring_reinit) when it is nonsense."""
         n = self.nkr_num_slots
-        head, cur = self.ring.head, self.ring.cur
+        head, cur = self.user_pointers()
         if head >= n:
             return self._reject(f"head {head} >= num_slots {n}")
         if cur >= n:
