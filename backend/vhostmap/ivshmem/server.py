@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
-import errno
 import logging
 import os
 import socket
@@ -27,7 +25,7 @@ from collections import deque
 from typing import Protocol
 
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID, Message, peer_gone, welcome
-from vhostmap.system.unixsock import bind_listener, fds_from
+from vhostmap.system.unixsock import ACCEPT_RETRY_INTERVAL, Acceptor, fds_from
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +34,6 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_MESSAGES = 64
 #: Bytes read (and dropped) from a guest per wake-up: it has nothing to say, and cannot hold the loop.
 MAX_DISCARD = 4096
-#: Seconds a listener pauses after accept() failed for want of resources (EMFILE...), as vhost-user's does.
-ACCEPT_RETRY_INTERVAL = 0.1
-_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ANCILLARY_SIZE = socket.CMSG_SPACE(16 * array.array("i").itemsize)
 
 
@@ -72,10 +67,11 @@ class IvshmemEndpoint:
         self.path = path
         self.owner, self.group, self.perm = owner, group, perm
         self._fields = {"port": handler.name}
-        self._listener: socket.socket | None = None
+        self._acceptor = Acceptor(
+            path, self._accept, self._accept_paused, owner=owner, group=group, perm=perm
+        )
         self._conn: socket.socket | None = None
         self._queue: deque[tuple[bytes, int | None]] = deque()
-        self._accept_paused: asyncio.TimerHandle | None = None
         self.refused = 0  # second guests turned away
 
     @property
@@ -86,46 +82,27 @@ class IvshmemEndpoint:
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Listen (call from the event loop); errors surface at once."""
-        self._listener = bind_listener(self.path, owner=self.owner, group=self.group, perm=self.perm)
-        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+        self._acceptor.start()
 
     def close(self) -> None:
         """Stop serving: tell the guest the daemon is gone, drop it, remove the socket."""
         if self._conn is not None:
             self._send_now([peer_gone(DAEMON_PEER_ID)])
         self._drop("shutting down")
-        if self._accept_paused is not None:
-            self._accept_paused.cancel()
-            self._accept_paused = None
-        if self._listener is not None:
-            asyncio.get_running_loop().remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        self._acceptor.close()
 
     # --- accepting ----------------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:
-            if e.errno not in _ACCEPT_RESOURCE_ERRORS:
-                raise
-            log.error(
-                "port %s: cannot accept a guest on %s: %s; retrying in %s s",
-                self.handler.name,
-                self.path,
-                e.strerror,
-                ACCEPT_RETRY_INTERVAL,
-                extra=self._fields,
-            )
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._listener.fileno())
-            self._accept_paused = loop.call_later(ACCEPT_RETRY_INTERVAL, self._resume_accepting)
-            return
+    def _accept_paused(self, e: OSError) -> None:
+        log.error(
+            "port %s: cannot accept a guest on %s: %s; retrying in %s s",
+            self.handler.name,
+            self.path,
+            e.strerror,
+            ACCEPT_RETRY_INTERVAL,
+            extra=self._fields,
+        )
+
+    def _accept(self, sock: socket.socket) -> None:
         if self._conn is not None:
             # The guest may be gone with its hang-up still queued (a QEMU restarted at once): see it first.
             self._readable()
@@ -140,11 +117,6 @@ class IvshmemEndpoint:
             sock.close()
             return
         self._attach(sock)
-
-    def _resume_accepting(self) -> None:
-        self._accept_paused = None
-        if self._listener is not None:
-            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
 
     def _attach(self, sock: socket.socket) -> None:
         sock.setblocking(False)

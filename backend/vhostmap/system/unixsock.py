@@ -1,11 +1,12 @@
 """UNIX stream sockets: a listener that replaces stale socket files, and the fds that came with a message.
 
-Shared by the vhost-user endpoints and the control socket; knows nothing of either protocol.
+Shared by the vhost-user and ivshmem endpoints and the control socket; knows nothing of their protocols.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import os
@@ -88,3 +89,71 @@ def bind_listener(
     sock.listen(1)
     sock.setblocking(False)
     return sock
+
+
+#: Seconds a listener pauses after accept() failed for want of resources (EMFILE...): the pending connection
+#: keeps the socket readable, so retrying at once would spin.
+ACCEPT_RETRY_INTERVAL = 0.1
+#: accept() errors that mean "no resources now", not "this listener is broken".
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Acceptor:
+    """A listening UNIX socket (`bind_listener`) served by the running asyncio loop: each connection goes to
+    ``on_accept``. When accept() fails for want of resources (out of fds, of memory), listening pauses for
+    ACCEPT_RETRY_INTERVAL, after ``on_pause`` was told why, and resumes: the loop's other sockets keep being
+    served meanwhile, and this one is not spun on."""
+
+    def __init__(
+        self,
+        path: str,
+        on_accept: Callable[[socket.socket], None],
+        on_pause: Callable[[OSError], None],
+        *,
+        owner: int | None = None,
+        group: int | None = None,
+        perm: int | None = None,
+    ) -> None:
+        self.path = path
+        self._on_accept, self._on_pause = on_accept, on_pause
+        self.owner, self.group, self.perm = owner, group, perm
+        self._listener: socket.socket | None = None
+        self._paused: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Bind and listen (call from the event loop); EndpointError at once if the path cannot be served."""
+        self._listener = bind_listener(self.path, owner=self.owner, group=self.group, perm=self.perm)
+        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
+    def close(self) -> None:
+        """Stop listening and remove the socket file."""
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                raise
+            self._on_pause(e)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._listener.fileno())
+            self._paused = loop.call_later(ACCEPT_RETRY_INTERVAL, self._resume)
+            return
+        self._on_accept(sock)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import contextlib
-import errno
 import logging
 import os
 import select
@@ -25,7 +23,7 @@ import socket
 from enum import Enum
 from typing import Protocol
 
-from vhostmap.system.unixsock import bind_listener, fds_from
+from vhostmap.system.unixsock import ACCEPT_RETRY_INTERVAL, Acceptor, fds_from
 from vhostmap.vhost_user.device import DeviceError
 from vhostmap.vhost_user.errors import ProtocolError
 from vhostmap.vhost_user.messages import (
@@ -39,15 +37,10 @@ from vhostmap.vhost_user.protocol import BackendConnection, Message, NeedData, P
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL = 0.5  # seconds between connection attempts in client mode
-#: Seconds a listener pauses after accept() failed for want of resources (EMFILE...): the pending connection
-#: keeps the socket readable, so retrying at once would spin.
-ACCEPT_RETRY_INTERVAL = 0.1
 #: Reply bytes a front-end may leave unread beyond what its socket buffer holds. Replies are at most a few
 #: hundred bytes and a front-end waits for each before its next request, so only one that never reads (and
 #: keeps asking) reaches this; it is disconnected.
 MAX_UNSENT_REPLY_BYTES = 64 * 1024
-#: accept() errors that mean "no resources now", not "this listener is broken".
-_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -97,20 +90,26 @@ class Endpoint:
         self.owner = owner
         # What the log records of this endpoint are about (journal fields, system/service.py).
         self._fields = {"port": handler.name}
-        self._listener: socket.socket | None = None
+        self._acceptor: Acceptor | None = None
         self._conn: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._lost: asyncio.Event | None = None
-        self._accept_paused: asyncio.TimerHandle | None = None
         self._unsent = bytearray()  # reply bytes the socket has not taken yet
 
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin serving (call from the event loop). Server mode binds now, so errors surface at once."""
         if self.mode is SocketMode.SERVER:
-            self._listener = bind_listener(self.path, owner=self.owner, group=self.group, perm=self.perm)
-            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+            self._acceptor = Acceptor(
+                self.path,
+                self._accept,
+                self._accept_paused,
+                owner=self.owner,
+                group=self.group,
+                perm=self.perm,
+            )
+            self._acceptor.start()
         else:
             self._task = asyncio.get_running_loop().create_task(self._connect_forever())
 
@@ -120,15 +119,9 @@ class Endpoint:
         if self._task is not None:
             self._task.cancel()
         self._drop("shutting down")
-        if self._accept_paused is not None:
-            self._accept_paused.cancel()
-            self._accept_paused = None
-        if self._listener is not None:
-            asyncio.get_running_loop().remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
 
     @property
     def is_connected(self) -> bool:
@@ -136,27 +129,17 @@ class Endpoint:
         return self._conn is not None
 
     # --- server mode --------------------------------------------------------------------------------------
-    def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            sock, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:
-            if e.errno not in _ACCEPT_RESOURCE_ERRORS:
-                raise
-            # Out of fds (or memory): the other ports keep being served; this one tries again shortly.
-            log.error(
-                "port %s: cannot accept a front-end on %s: %s; retrying in %s s",
-                self.handler.name,
-                self.path,
-                e.strerror,
-                ACCEPT_RETRY_INTERVAL,
-            )
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(self._listener.fileno())
-            self._accept_paused = loop.call_later(ACCEPT_RETRY_INTERVAL, self._resume_accepting)
-            return
+    def _accept_paused(self, e: OSError) -> None:
+        # Out of fds (or memory): the other ports keep being served; this one tries again shortly.
+        log.error(
+            "port %s: cannot accept a front-end on %s: %s; retrying in %s s",
+            self.handler.name,
+            self.path,
+            e.strerror,
+            ACCEPT_RETRY_INTERVAL,
+        )
+
+    def _accept(self, sock: socket.socket) -> None:
         if self._conn is not None:
             # The front-end may have hung up already with its last bytes still queued (a QEMU reconnecting
             # at once): take those and the hang-up first, so that it is not its successor that is refused.
@@ -175,11 +158,6 @@ class Endpoint:
             if sock is None or not select.select([sock], [], [], 0)[0]:
                 return
             self._readable()
-
-    def _resume_accepting(self) -> None:
-        self._accept_paused = None
-        if self._listener is not None:
-            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
 
     # --- client mode --------------------------------------------------------------------------------------
     async def _connect_forever(self) -> None:
