@@ -25,7 +25,7 @@ from vhostmap import cli, vm
 from vhostmap.daemon.config import ConfigError, build_config, parse_port_flag
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.system.access import libvirt_access_problems, libvirt_qemu_identity, socket_access_problem
-from vhostmap.vhost_user.server import bind_listener
+from vhostmap.system.unixsock import bind_listener
 from vhostmap.vm import (
     QEMU_NS,
     DomainSpec,
