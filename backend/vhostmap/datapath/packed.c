@@ -14,6 +14,11 @@ uint32_t vqp_pending(const struct vq_packed *vq)
     return pvq_pending(vq);
 }
 
+uint32_t vqp_pending_upto(const struct vq_packed *vq, uint32_t max)
+{
+    return pvq_pending_upto(vq, max);
+}
+
 int32_t vqp_pop(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable, struct vq_seg *segs,
                 uint32_t cap, struct vqp_chain *chain, struct vq_batch *out)
 {

@@ -87,13 +87,16 @@ static inline int32_t pvq_fail(struct vq_batch *out, int32_t status, uint32_t de
     return status;
 }
 
-static inline uint32_t pvq_pending(const struct vq_packed *vq)
+/* The chains available from last_avail_idx, counted up to `max`: a packed ring has no index to read, so
+ * counting means reading each chain's flags, lines the driver's core wrote; a batch counts a burst ahead at a
+ * time (PVQ_COUNT_AHEAD) rather than the whole ring. */
+static inline uint32_t pvq_pending_upto(const struct vq_packed *vq, uint32_t max)
 {
     if (!vq->desc || !vq->num || vq->num > 32768 || vq->last_avail_idx >= vq->num)
         return 0;
     uint32_t pos = vq->last_avail_idx, chains = 0, seen = 0;
     uint8_t wrap = vq->avail_wrap_counter;
-    while (seen < vq->num) {
+    while (seen < vq->num && chains < max) {
         uint16_t flags = pvq_flags(vq, pos);
         if (!pvq_available(flags, wrap))
             break;
@@ -108,6 +111,11 @@ static inline uint32_t pvq_pending(const struct vq_packed *vq)
         pvq_step(vq, &pos, &wrap);
     }
     return chains;
+}
+
+static inline uint32_t pvq_pending(const struct vq_packed *vq)
+{
+    return pvq_pending_upto(vq, UINT32_MAX);
 }
 
 /* `n` descriptors on from *pos (its wrap counter in *wrap). */

@@ -9,7 +9,8 @@
  *   QS_ELEM              its used entries waiting to be published
  *   QS_VQ(q)             the ring of struct vhu_queue q
  *   QS_SCRATCH(q)        its used entries (QS_ELEM[num])
- *   QS_PENDING(vq)       the chains available (how many slots the stash hands out first)
+ *   QS_PENDING(vq, max)  the chains available, or at least `max` of them (how many slots the stash hands out
+ *                        first)
  *   QS_DEQUEUE(vq, mem, nm, hdr_len, first, space, refs, pending, out)              refs may be NULL
  *   QS_ENQUEUE(vq, mem, nm, hdr_len, mergeable, first, count, refs, pending, out)    refs may be NULL
  *   QS_PUBLISH(vq, mem, pending, out)    the completion a dequeue with refs left
@@ -31,7 +32,7 @@ static int32_t QS_FN(rxsync_refs)(struct nm_kring *k, QS_RING *vq, const struct 
     uint32_t space = burst && room > burst ? burst : room;
     if (stash) {
         /* A slot per waiting chain (a frame larger than a buffer takes more: those use their own). */
-        uint32_t take = QS_PENDING(vq);
+        uint32_t take = QS_PENDING(vq, space);
         nm_stash_take(stash, &k->bufs, k->nr_hwtail, take < space ? take : space);
     }
     int32_t status = QS_DEQUEUE(vq, mem, &k->bufs, hdr_len, k->nr_hwtail, space, refs, pending, out);

@@ -39,7 +39,7 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     uint16_t npending;
     if (RB_PENDING(vq, &npending, out) != VQ_OK)
         return out->status;
-    while (npending && space) {
+    while (space && (npending || RB_REFILL(vq, &npending))) {
         RB_CHAIN chain;
         if (RB_POP(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
             goto fault;

@@ -34,7 +34,7 @@ static int32_t vhu_received(const struct vhu_queue *q, uint64_t *calls)
 #define QS_ELEM struct vq_used_elem
 #define QS_VQ(q) ((q)->vq)
 #define QS_SCRATCH(q) ((q)->scratch)
-#define QS_PENDING vq_pending
+#define QS_PENDING(vq, max) vq_pending(vq) /* avail->idx: one read */
 #define QS_DEQUEUE(vq, mem, nm, hdr_len, first, space, refs, pending, out)                                     \
     ((refs) ? vq_dequeue_refs(vq, mem, nm, hdr_len, first, space, refs, pending, out)                          \
             : vq_dequeue(vq, mem, nm, hdr_len, first, space, pending, out))
@@ -47,7 +47,7 @@ static int32_t vhu_received(const struct vhu_queue *q, uint64_t *calls)
 #define QS_ELEM struct vqp_used_elem
 #define QS_VQ(q) ((q)->packed)
 #define QS_SCRATCH(q) ((q)->packed_scratch)
-#define QS_PENDING vqp_pending
+#define QS_PENDING vqp_pending_upto
 #define QS_DEQUEUE vqp_dequeue_refs
 #define QS_ENQUEUE vqp_enqueue_refs
 #define QS_PUBLISH vqp_publish

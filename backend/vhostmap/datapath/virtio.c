@@ -708,11 +708,13 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #include "ring_batch.h"
 
 /* Packed rings (packed_ring.h): the chains available are counted by walking their flags (PackedVirtqueue.
- * pending, no fault), and counted again when the count runs out, as the reference counts at every frame it
- * reserves chains for (only whether the count is 0 decides anything, and a count that is not 0 stays so
- * until the chains it counted are taken); a chain is named by its buffer id; chains taken one after the
- * other lie one after the other in the ring, so a position and the descriptors of each (ndesc) find them
- * again, to give back (their ids freed) or walk again. */
+ * pending, no fault), at most PVQ_COUNT_AHEAD at a time, and counted again when the count runs out (only
+ * whether the count is 0 decides anything, and a count that is not 0 stays so until the chains it counted
+ * are taken: on a ring the driver does not touch meanwhile, the batch takes exactly the chains the
+ * reference's one count finds); a chain is named by its buffer id; chains taken one after the other lie one
+ * after the other in the ring, so a position and the descriptors of each (ndesc) find them again, to give
+ * back (their ids freed) or walk again. */
+#define PVQ_COUNT_AHEAD 32
 struct pvq_mark {
     uint16_t pos;
     uint8_t wrap;
@@ -729,7 +731,7 @@ static inline int vqp_args_ok(const struct vq_packed *vq, const struct nm_bufs *
 static inline int32_t vqp_ring_pending(const struct vq_packed *vq, uint16_t *n, struct vq_batch *out)
 {
     (void)out;
-    *n = (uint16_t)pvq_pending(vq); /* at most num, 32768 */
+    *n = (uint16_t)pvq_pending_upto(vq, PVQ_COUNT_AHEAD);
     return VQ_OK;
 }
 
@@ -772,7 +774,7 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_USED(c, l) ((struct vqp_used_elem){.id = (c).id, .ndesc = (c).ndesc, .len = (l)})
 #define RB_ARGS_OK vqp_args_ok
 #define RB_PENDING vqp_ring_pending
-#define RB_REFILL(vq, n) (*(n) = (uint16_t)pvq_pending(vq))
+#define RB_REFILL(vq, n) (*(n) = (uint16_t)pvq_pending_upto(vq, PVQ_COUNT_AHEAD))
 #define RB_POP pvq_pop
 #define RB_UNPOP pvq_unpop
 #define RB_MARK_AT(vq) ((struct pvq_mark){(vq)->last_avail_idx, (vq)->avail_wrap_counter})
