@@ -128,12 +128,16 @@ class PassthroughPort:
         self.rx_rings = [UserRing(nifp.rx_rings[i], buffers) for i in pairs]
         self._csb = {id(r): self.view.tx_csb[i] for r, i in zip(self.tx_rings, pairs, strict=True)}
         self._csb |= {id(r): self.view.rx_csb[i] for r, i in zip(self.rx_rings, pairs, strict=True)}
-        # Start from where the daemon says each ring is (a previous user of the region may have left it).
+        # Start from where the daemon says each ring is, its hwcur (as netmap's ptnet driver does when it
+        # registers): a previous user of the region may have left the ring anywhere, and what it left in the
+        # CSB may be nonsense the daemon reinitialised the ring over.
         for ring in (*self.tx_rings, *self.rx_rings):
             csb = self._csb[id(ring)]
-            head = int(csb.atok.head) % ring.num_slots
+            hwcur, _ = csb.read_hw()
+            head = hwcur if hwcur < ring.num_slots else 0
             ring.view.cur = ring.view.head = head
-            csb.atok.appl_need_kick = 0
+            csb.atok.appl_need_kick = csb.atok.sync_flags = 0
+            csb.write_head_cur(head, head)
             self._take_tail(ring, csb)
 
     @property

@@ -22,6 +22,7 @@ expected one (the number aside) and count missing and duplicated numbers. Stops 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import socket
@@ -48,6 +49,9 @@ SEQ_OFFSET = ETH_HLEN + IP_HLEN + 8
 SEQ = struct.Struct(">I")
 # Frames per head move: as many as a ring takes (ring room bounds a batch anyway).
 DEFAULT_BATCH = 1024
+# The socket receiver's queue (SO_RCVBUFFORCE, asm-generic/socket.h; Python's socket module lacks the name).
+SO_RCVBUFFORCE = 33
+SOCKET_RCVBUF = 32 << 20
 
 
 @dataclass
@@ -250,6 +254,10 @@ def socket_receive(ifname: str, frame: bytes, limits: Limits, check: bool, seq: 
     seen = np.zeros(limits.count, dtype=np.int64) if check and seq and limits.count else None
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as s:
         s.bind((ifname, ETH_P_ALL))
+        # The kernel fills the socket far faster than one recv() per frame empties it (TCG guests above all):
+        # a queue that holds a run's burst instead of dropping it (FORCE: beyond rmem_max, as root).
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_RCVBUF)
         s.settimeout(0.5)
         buf = bytearray(MAX_FRAME + 64)
         got = nbytes = 0
