@@ -42,6 +42,12 @@ class PassthroughUnavailable(RuntimeError):
     """No ivshmem device holding a vhostmap passthrough region (or no access to it)."""
 
 
+class PassthroughGone(PassthroughUnavailable):
+    """The daemon let go of the port's region (it stopped, or released this guest): nothing syncs the rings
+    any more. QEMU never reconnects to an ivshmem server, so the guest gets the port back only once its QEMU
+    restarted with the daemon running."""
+
+
 def ivshmem_devices(sysfs: Path = SYSFS_PCI) -> list[str]:
     """PCI addresses of the ivshmem devices, in address order."""
     found = []
@@ -116,6 +122,7 @@ class PassthroughPort:
         self._doorbell = doorbell
         self._release = release
         self.kicks = 0
+        self._check_served()
         nifp, buffers = self.view.nifp, self.view.buffers
         pairs = range(min(len(nifp.tx_rings), len(nifp.rx_rings)))
         if spec is not None and spec.mode == NR_REG_ONE_NIC:
@@ -150,7 +157,15 @@ class PassthroughPort:
         return self._csb[id(ring)]
 
     # --- syncs ----------------------------------------------------------------------------------------
+    def _check_served(self) -> None:
+        if self.view.header.gone:
+            raise PassthroughGone(
+                f"{self.name}: the vhostmap daemon let go of this port (it stopped or released this guest; "
+                f"generation {self.generation}): restart the VM once the daemon runs again"
+            )
+
     def _sync(self, rings: Sequence[UserRing]) -> None:
+        self._check_served()  # one load per sync
         kick = False
         for ring in rings:
             csb = self._csb[id(ring)]

@@ -42,6 +42,7 @@ from vhostmap.ethernet import ETH_HLEN, ETH_P_ALL
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
+from vhostmap_guest.passthrough import PassthroughUnavailable
 
 MODES = ("auto", "native", "generic", "passthrough", "socket")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
@@ -364,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args)
     except KeyboardInterrupt:
         return 130
+    except PassthroughUnavailable as e:  # no such port, or its daemon stopped: say so, no traceback
+        print(f"pktgen: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(out) if args.json else summary(out), flush=True)
     ok = not args.count or out["packets"] >= args.count
     if "check" in out:

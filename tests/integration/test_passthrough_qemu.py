@@ -15,7 +15,10 @@ what the guest sends and sends what the guest must receive. In that boot:
 - the guest writes nonsense into its CSB and ring in each way the prologue checks: the daemon reinitialises
   the ring and logs it while port ``g`` keeps delivering frames to the guest kernel, and passthrough then
   works again;
-- QEMU killed releases the port, and the next QEMU gets it (a fresh region, generation 2).
+- the daemon stopping is reported to the guest: its waiting receiver stops with PassthroughGone (the
+  header's ``gone`` word; QEMU never reconnects to an ivshmem server);
+- with the daemon started again, a QEMU killed releases the port and the next QEMU gets it (a fresh region,
+  generation 2); these two QEMUs run no guest (the device connects when QEMU starts).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -226,9 +230,9 @@ def the_guest_finds_the_region_as_bar_2_and_rings_the_doorbell(lab: Lab) -> None
     wait_until(lambda: lab.daemon.stats()["pt0"]["passthrough"]["doorbells"] >= 1, 10, "the guest's doorbell")
 
 
-def pktgen_argv(mode: str, function: str, count: int) -> list[str]:
+def pktgen_argv(name: str, mode: str, function: str, count: int) -> list[str]:
     argv = ["-i", "pt:0" if mode == "passthrough" else "eth0", "-f", function, "-l", str(LENGTH)]
-    argv += ["-n", str(count), "--seq", "--mode", mode, "--ready", f"/mnt/host/ready-{mode}-{function}"]
+    argv += ["-n", str(count), "--seq", "--mode", mode, "--ready", f"/mnt/host/ready-{name}"]
     if function == "tx":
         return [*argv, "-b", "256"]
     return [*argv, "-D", "120", "--check"]
@@ -238,12 +242,14 @@ def four_modes_move_exact_frames(
     lab: Lab, capsys: pytest.CaptureFixture[str]
 ) -> dict[tuple[str, str], float]:
     plan = [
-        [f"{m}-{f}", pktgen_argv(m, f, N_TX if f == "tx" else N_RX), False]
+        [f"{m}-{f}", pktgen_argv(f"{m}-{f}", m, f, N_TX if f == "tx" else N_RX), False]
         for m in MODES
         for f in ("tx", "rx")
     ]
     # Runs after the hostile guest test, once the host says go: passthrough works after the reinits.
-    plan.append(["after-tx", pktgen_argv("passthrough", "tx", 1000), True])
+    plan.append(["after-tx", pktgen_argv("after-tx", "passthrough", "tx", 1000), True])
+    # Then a receiver that is waiting when the daemon stops.
+    plan.append(["gone-rx", pktgen_argv("gone-rx", "passthrough", "rx", 1000), True])
     (lab.share / "plan.json").write_text(json.dumps(plan))
     before = {name: lab.daemon.stats()[name]["queues"][0] for name in ("g", "pt0")}
     (lab.share / "plan.py").write_text(PLAN_SCRIPT)
@@ -399,35 +405,52 @@ def a_hostile_guest_is_reinitialised_while_its_nic_keeps_forwarding(lab: Lab) ->
     assert got == expected(1000, bytes.fromhex("020000000001"))
 
 
-def qemu_killed_releases_the_port_and_the_next_qemu_gets_it(lab: Lab) -> None:
-    pid = lab.guest.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not lab.daemon.status()["ports"]["pt0"]["connected"], 10, "pt0 released after SIGKILL")
-    assert not lab.daemon.stats()["pt0"]["passthrough"]["attached"]
-    # Another QEMU (no guest needed: the device connects when QEMU starts) gets a fresh region.
-    qemu = subprocess.Popen(
+def the_daemon_stopping_is_reported_to_the_guest(lab: Lab) -> None:
+    (lab.share / "go-gone-rx").touch()
+    ready = lab.share / "ready-gone-rx"
+    wait_until(ready.exists, 60, "the guest's passthrough receiver", details=lab.guest.diagnostics)
+    lab.daemon.stop()
+    # QEMU keeps the region, and never reconnects: the driver finds the header's gone word on its next sync.
+    out = lab.share / "gone-rx.json"
+    wait_until(out.exists, 30, "the guest's receiver to stop", details=lab.guest.diagnostics)
+    error = str(json.loads(out.read_text()).get("error", ""))
+    assert "PassthroughGone" in error and "the vhostmap daemon let go of this port" in error, error
+    lab.daemon.start()
+
+
+def bare_qemu(lab: Lab) -> subprocess.Popen[bytes]:
+    """A QEMU with pt0's device and no guest (paused): the device connects when QEMU starts."""
+    return subprocess.Popen(
         ["qemu-system-x86_64", "-accel", "tcg", "-S", "-nodefaults", "-display", "none",
          "-chardev", f"socket,id=iv0,path={lab.pt_sock}",
          "-device", "ivshmem-doorbell,chardev=iv0,vectors=1"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    try:
-        wait_until(
-            lambda: lab.daemon.stats()["pt0"]["passthrough"]["generation"] == 2,
-            20,
-            "the second QEMU to get pt0",
-            details=lab.daemon.diagnostics,
-        )
-        assert lab.daemon.stats()["pt0"]["passthrough"]["attached"]
-    finally:
-        qemu.kill()
-        out, _ = qemu.communicate(timeout=10)
-    wait_until(lambda: not lab.daemon.stats()["pt0"]["passthrough"]["attached"], 10, "pt0 released again")
-    assert b"rror" not in out, out.decode(errors="replace")
 
 
-def test_one_boot_four_modes_a_hostile_guest_and_qemu_killed(
+def a_killed_qemu_releases_the_port_and_the_next_one_gets_it(lab: Lab) -> None:
+    def pt0() -> dict[str, Any]:
+        return dict(lab.daemon.stats()["pt0"]["passthrough"])
+
+    for generation in (1, 2):  # of the daemon started again
+        qemu = bare_qemu(lab)
+        try:
+            wait_until(
+                lambda g=generation: pt0()["attached"] and pt0()["generation"] == g,  # type: ignore[misc]
+                20,
+                f"QEMU {generation} to get pt0",
+                details=lab.daemon.diagnostics,
+            )
+            os.kill(qemu.pid, signal.SIGKILL)
+            wait_until(lambda: not pt0()["attached"], 10, f"pt0 released after QEMU {generation} was killed")
+        finally:
+            qemu.kill()
+            out, _ = qemu.communicate(timeout=10)
+        assert b"rror" not in out, out.decode(errors="replace")
+    assert lab.daemon.stats()["pt0"]["broken"] is None
+
+
+def test_one_boot_four_modes_a_hostile_guest_a_daemon_stop_and_qemu_killed(
     lab: Lab, capsys: pytest.CaptureFixture[str]
 ) -> None:
     the_guest_finds_the_region_as_bar_2_and_rings_the_doorbell(lab)
@@ -435,4 +458,5 @@ def test_one_boot_four_modes_a_hostile_guest_and_qemu_killed(
     # Not asserted, only printed (speeds vary with the machine's load): passthrough above native, TCG or not.
     assert all(rate > 0 for rate in rates.values()), rates
     a_hostile_guest_is_reinitialised_while_its_nic_keeps_forwarding(lab)
-    qemu_killed_releases_the_port_and_the_next_qemu_gets_it(lab)
+    the_daemon_stopping_is_reported_to_the_guest(lab)
+    a_killed_qemu_releases_the_port_and_the_next_one_gets_it(lab)
