@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--busy", action="store_true", help="native: busy-poll instead of sleeping on interrupts")
     p.add_argument("--seq", action="store_true", help="tx: number the frames; rx (with --check): expect them")
     p.add_argument("--check", action="store_true", help="rx: compare every frame with the one expected")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="rx --check: stop once frames came and then none for this long",
+    )
     p.add_argument("--ready", type=Path, help="create this file once the port is open (for scripts)")
     p.add_argument("--src-mac", type=parse_mac, help="default: the interface's")
     p.add_argument("--dst-mac", type=parse_mac, default=b"\xff" * 6)
@@ -178,9 +184,12 @@ def drain(port: NetmapPort, timeout: float = 5.0) -> None:
         port.txsync()
 
 
-def receive_checked(port: NetmapPort, frame: bytes, limits: Limits, seq: bool) -> tuple[Result, Check]:
-    """Receive until ``limits`` say stop, comparing every frame with ``frame`` (its number aside with
-    ``seq``); only matching frames count towards ``-n``."""
+def receive_checked(
+    port: NetmapPort, frame: bytes, limits: Limits, seq: bool, idle: float = 0.0
+) -> tuple[Result, Check]:
+    """Receive until ``limits`` say stop (or, with ``idle``, once frames came and then none for ``idle``
+    seconds), comparing every frame with ``frame`` (its number aside with ``seq``); only matching frames
+    count towards ``-n``. The rate is over the time from the first frame to the last."""
     expected = np.frombuffer(frame, np.uint8)
     length = len(frame)
     compare = np.ones(length, dtype=bool)
@@ -191,15 +200,21 @@ def receive_checked(port: NetmapPort, frame: bytes, limits: Limits, seq: bool) -
     good = nbytes = 0
     last = [-1] * len(port.rx_rings)  # frames keep their order within a ring (a queue), not across rings
     first: float | None = None
+    latest = 0.0  # when the last frame came
     while not limits.over(good):
         wait = 1.0 if not limits.duration else max(0.0, min(1.0, limits.duration - limits.elapsed()))
+        if idle and first is not None:
+            wait = min(wait, idle)
         if not port.poll(POLLIN, wait):
+            if idle and first is not None and time.monotonic() - latest >= idle:
+                break
             continue
         for r, ring in enumerate(port.rx_rings):
             b = ring.receive()
             if not len(b):
                 continue
-            first = first if first is not None else time.monotonic()
+            latest = time.monotonic()
+            first = first if first is not None else latest
             data = b.data(length)
             whole = (b.flags & NS_MOREFRAG) == 0  # a frame in one slot (others cannot match anyway)
             ok = (b.lens == length) & whole & (data[:, compare] == expected[compare]).all(axis=1)
@@ -221,7 +236,7 @@ def receive_checked(port: NetmapPort, frame: bytes, limits: Limits, seq: bool) -
     if seen is not None:
         check.missing = int(np.count_nonzero(seen == 0))
         check.duplicates = int((seen[seen > 1] - 1).sum())
-    seconds = time.monotonic() - first if first is not None else 0.0
+    seconds = latest - first if first is not None else 0.0
     return Result("rx", port.name, good, nbytes, seconds), check
 
 
@@ -330,7 +345,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     result = transmit(port, frame, limits, args.batch)
             elif args.check:
-                result, check = receive_checked(port, frame, limits, args.seq)
+                result, check = receive_checked(port, frame, limits, args.seq, args.idle)
             else:
                 result = receive(port, limits)
     out = {**result.as_dict(), "driver": mode, "length": args.length}
