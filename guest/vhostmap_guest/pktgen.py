@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch", type=int, default=DEFAULT_BATCH, help="frames per head move")
     p.add_argument("--mode", choices=MODES, default="auto")
     p.add_argument("--pairs", type=int, default=None, help="native: queue pairs to run (default all)")
-    p.add_argument("--busy", action="store_true", help="native: busy-poll instead of sleeping on interrupts")
+    p.add_argument(
+        "--busy", action="store_true", help="native, passthrough: busy-poll instead of sleeping on interrupts"
+    )
     p.add_argument("--seq", action="store_true", help="tx: number the frames; rx (with --check): expect them")
     p.add_argument("--check", action="store_true", help="rx: compare every frame with the one expected")
     p.add_argument(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,9 @@ def test_the_device_is_found_and_mapped_through_sysfs(
 
     port = open_passthrough("pt:0", parse_port_spec("pt:0"), sysfs)
     with port:
+        # No IOMMU group here: no vfio-pci, so no interrupt; the port busy-polls and says why.
+        assert port.irq_fd is None and port.interrupt_problem is not None
+        assert "vfio-pci" in port.interrupt_problem or "IOMMU" in port.interrupt_problem
         assert port.view.header.doorbell_peer == DAEMON_PEER_ID
         tx = port.tx_rings[0]
         tx.send([FRAME])
@@ -223,3 +227,34 @@ def test_two_guests_in_passthrough_mode_through_a_switch_exchange_exact_frames(
     finally:
         for g in fakes:
             g.close()
+
+
+def test_with_an_interrupt_poll_sleeps_until_the_daemon_raises_it(
+    guest: tuple[RunningDaemon, FakePtGuest],
+) -> None:
+    """The eventfd the daemon interrupts the guest through is what vfio-pci's MSI-X eventfd stands for in a
+    guest (vfio.VfioPtDevice): poll asks for the interrupt (appl_need_kick), sleeps, and wakes when frames
+    arrive; nothing else wakes it."""
+    d, g = guest
+    fe = d.frontend("a")
+    port = PassthroughPort(
+        "pt:0",
+        Region(g.region.mm),
+        lambda: os.eventfd_write(g.doorbell, 1),
+        release=lambda: None,
+        irq_fd=g.irq,
+    )
+    with port, ThreadPoolExecutor(1) as pool:
+        assert port.poll(POLLIN, 0.2) == 0 and port.sleeps >= 1  # nothing came: it slept, then timed out
+        before = d.stats("pt0")["passthrough"]["interrupts"]
+        sleeps = port.sleeps
+        woke = pool.submit(port.poll, POLLIN, 30.0)
+        d.wait(lambda: port.sleeps > sleeps, "the guest driver to sleep on its interrupt")
+        out = frames(10, tag=5)
+        fe.transmit(out)
+        assert woke.result(30) & POLLIN
+        assert d.stats("pt0")["passthrough"]["interrupts"] > before
+        got = port.rx_rings[0].receive()
+        assert got.frames() == out
+        # The flag is down again once awake: a busy receiver costs the daemon no interrupts.
+        assert port.csb(port.rx_rings[0]).atok.appl_need_kick == 0
