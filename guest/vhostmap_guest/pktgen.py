@@ -264,8 +264,11 @@ def socket_transmit(ifname: str, frame: bytes, limits: Limits, seq: bool) -> Res
         return Result("tx", ifname, sent, sent * len(frame), limits.elapsed())
 
 
-def socket_receive(ifname: str, frame: bytes, limits: Limits, check: bool, seq: bool) -> tuple[Result, Check]:
-    """One AF_PACKET recv() per frame, counting (and with ``check`` comparing) what arrives."""
+def socket_receive(
+    ifname: str, frame: bytes, limits: Limits, check: bool, seq: bool, ready: Path | None = None
+) -> tuple[Result, Check]:
+    """One AF_PACKET recv() per frame, counting (and with ``check`` comparing) what arrives; ``ready`` is
+    created once the socket is bound (frames sent before that never reach it)."""
     result = Check()
     length = len(frame)
     head, tail = frame[:SEQ_OFFSET], frame[SEQ_OFFSET + SEQ.size :] if seq else frame[SEQ_OFFSET:]
@@ -276,6 +279,8 @@ def socket_receive(ifname: str, frame: bytes, limits: Limits, check: bool, seq: 
         # a queue that holds a run's burst instead of dropping it (FORCE: beyond rmem_max, as root).
         with contextlib.suppress(OSError):
             s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_RCVBUF)
+        if ready is not None:
+            ready.touch()
         s.settimeout(0.5)
         buf = bytearray(MAX_FRAME + 64)
         got = nbytes = 0
@@ -325,13 +330,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limits_args = (args.count, args.duration)
     check: Check | None = None
     if args.mode == "socket":
-        if args.ready:
-            args.ready.touch()
         limits = Limits(*limits_args)
         if args.function == "tx":
+            if args.ready:
+                args.ready.touch()
             result = socket_transmit(ifname, frame, limits, args.seq)
         else:
-            result, check = socket_receive(ifname, frame, limits, args.check, args.seq)
+            result, check = socket_receive(ifname, frame, limits, args.check, args.seq, args.ready)
         mode = "socket"
     else:
         port, mode = open_port(args)
