@@ -26,6 +26,13 @@ sets explicitly, beating the global.
 
 The daemon calls `libvirt_access_problems` on its listening sockets: QEMU run by libvirt as the user and
 group of /etc/libvirt/qemu.conf must be able to connect to them.
+
+Passthrough ports (``NAME=passthrough``, vhostmap is their ivshmem server) get a ``<shmem>`` device instead
+of an interface: ``<model type='ivshmem-doorbell'/>``, ``<server path=SOCK/>`` and ``<msi vectors='1'/>``
+(the port's doorbell is vector 0; QEMU raises it as MSI-X only, and the device needs at least one vector
+to accept the server's eventfds). The guest finds the port's region as BAR 2 of PCI device 1af4:1110
+(vhostmap_guest ``open("pt:0")``). QEMU connects once, at start, and never reconnects to an ivshmem server:
+start vhostmap first, and restart the domain after a vhostmap restart.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ TCG_CMDLINE = "pci=nomsi"
 DEFAULT_CMDLINE = "console=ttyS0"
 DEFAULT_MTU = 1500  # what a virtio-net guest uses when the device does not say
 DETACH_TIMEOUT = 30.0
+PT_VECTORS = 1  # a passthrough port's ivshmem-doorbell: vector 0 interrupts the guest
 
 ET.register_namespace("qemu", QEMU_NS)
 
@@ -85,6 +93,7 @@ class PortInfo:
     queues: int = 1
     mtu: int = 1500
     packed: bool = False
+    passthrough: bool = False
 
     @property
     def qemu_mode(self) -> str:
@@ -106,6 +115,10 @@ def port_info(control: str, name: str) -> PortInfo:
     if name not in ports:
         raise VmError(f"the daemon has no port {name!r} (it has: {', '.join(sorted(ports)) or 'none'})")
     p = ports[name]
+    if p.get("type") == "passthrough" and isinstance(p.get("path"), str):
+        if not os.path.isabs(p["path"]):
+            raise VmError(f"port {name!r}: libvirt needs an absolute socket path, not {p['path']!r}")
+        return PortInfo(name=name, path=p["path"], mode="server", mac="", passthrough=True)
     if not isinstance(p.get("path"), str) or p.get("mode") not in ("server", "client"):
         raise VmError(f"port {name!r} is not a vhost-user port: a VM cannot attach to it")
     if not os.path.isabs(p["path"]):
@@ -136,10 +149,22 @@ def interface_alias(port: str) -> str:
 # --- XML ------------------------------------------------------------------------------------------------
 
 
+def shmem_element(port: PortInfo) -> ET.Element:
+    """The ``<shmem>`` of passthrough port ``port``: an ivshmem-doorbell device whose server is vhostmap."""
+    shmem = ET.Element("shmem", name=f"vhostmap-{port.name}")
+    ET.SubElement(shmem, "model", type="ivshmem-doorbell")
+    ET.SubElement(shmem, "server", path=port.path)
+    ET.SubElement(shmem, "msi", vectors=str(PT_VECTORS))
+    ET.SubElement(shmem, "alias", name=port.alias)
+    return shmem
+
+
 def interface_element(port: PortInfo) -> ET.Element:
     """The ``<interface type='vhostuser'>`` of ``port``: socket, MAC, queues and packed virtqueues (``<driver
     packed='on'/>``: QEMU's virtio-net-pci,packed=on; a guest gets them only when the port offers them
-    too) (MTU: `domain_element`)."""
+    too) (MTU: `domain_element`); for a passthrough port, its ``<shmem>`` (`shmem_element`)."""
+    if port.passthrough:
+        return shmem_element(port)
     iface = ET.Element("interface", type="vhostuser")
     ET.SubElement(iface, "mac", address=port.mac)
     source = ET.SubElement(iface, "source", type="unix", path=port.path, mode=port.qemu_mode)
@@ -199,7 +224,8 @@ def _disk_format(path: str) -> str:
 
 
 def domain_element(spec: DomainSpec, ports: Sequence[PortInfo]) -> ET.Element:
-    """A libvirt domain with one vhost-user NIC per port (eth0, eth1, ... in this order)."""
+    """A libvirt domain with one vhost-user NIC per port (eth0, eth1, ... in this order), and one
+    ivshmem-doorbell device per passthrough port."""
     domain = ET.Element("domain", type="qemu" if spec.tcg else "kvm")
     ET.SubElement(domain, "name").text = spec.name
     ET.SubElement(domain, "memory", unit="MiB").text = str(spec.memory_mb)
@@ -230,7 +256,8 @@ def domain_element(spec: DomainSpec, ports: Sequence[PortInfo]) -> ET.Element:
         ET.SubElement(d, "source", file=os.path.abspath(disk))
         ET.SubElement(d, "target", dev=f"vd{chr(ord('a') + i)}", bus="virtio")
     for port in ports:
-        devices.append(interface_element(port))
+        if not port.passthrough:
+            devices.append(interface_element(port))
     if spec.console_log is not None:
         serial = ET.SubElement(devices, "serial", type="file")
         ET.SubElement(serial, "source", path=os.path.abspath(spec.console_log))
@@ -238,13 +265,16 @@ def domain_element(spec: DomainSpec, ports: Sequence[PortInfo]) -> ET.Element:
         serial = ET.SubElement(devices, "serial", type="pty")
     ET.SubElement(serial, "target", port="0")
     ET.SubElement(devices, "controller", type="usb", model="none")
+    for port in ports:  # after the serial port: libvirt's schema orders devices
+        if port.passthrough:
+            devices.append(shmem_element(port))
     ET.SubElement(devices, "memballoon", model="none")
     if spec.tcg:
         commandline = ET.SubElement(domain, _q("commandline"))
         for value in ("-global", TCG_GLOBAL):
             ET.SubElement(commandline, _q("arg"), value=value)
     override = ET.Element(_q("override"))
-    for port in ports:
+    for port in (p for p in ports if not p.passthrough):
         # Device properties libvirt cannot set itself (see the module docstring).
         properties: dict[str, int] = {"vectors": 0} if spec.tcg else {}
         if port.mtu != DEFAULT_MTU:
@@ -510,7 +540,7 @@ def _ports_from_args(args: argparse.Namespace) -> list[PortInfo]:
     if args.packed is None:
         return ports
     for p in ports:
-        if args.packed and not p.packed:
+        if args.packed and not p.packed and not p.passthrough:
             print(
                 f"warning: port {p.name} does not offer packed virtqueues (packed=on): its guest will use "
                 "split ones",
@@ -559,6 +589,11 @@ def _run(args: argparse.Namespace) -> None:
             print(f"started domain {args.domain}")
     elif cmd == "attach":
         port = port_info(args.control, args.port)
+        if port.passthrough:
+            raise VmError(
+                f"port {port.name} is a passthrough port: its <shmem> goes into the domain's definition "
+                "(vm xml, vm define), QEMU connects to it at start only"
+            )
         _warn_access([port])
         if port.mtu != DEFAULT_MTU:
             print(

@@ -44,8 +44,9 @@ def open(
 ) -> AdapterPort | PassthroughPort:
     """Open the guest interface ``name`` (nm_open syntax) in ``mode``; returns a NetmapPort.
 
-    ``pairs`` (native): queue pairs to run, default all. ``interrupts`` (native): poll sleeps on the device's
-    interrupt; False busy-polls. "auto" falls back to generic mode only when native mode cannot work at all
+    ``pairs`` (native): queue pairs to run, default all. ``interrupts`` (native, passthrough): poll sleeps on
+    the device's interrupt (passthrough: when vfio-pci can have the device); False busy-polls. "auto" falls
+    back to generic mode only when native mode cannot work at all
     (`NativeUnavailable`: no modern virtio-net device, no uio_pci_generic, not root); a failure while the
     device is being set up is raised (the device given back to the kernel first).
     """
@@ -53,7 +54,7 @@ def open(
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     spec = parse_port_spec(name)
     if mode == "passthrough" or spec.switch == "pt":
-        return open_passthrough(name, spec)
+        return open_passthrough(name, spec, interrupts=interrupts)
     if spec.switch is not None:
         raise ValueError(f"{name!r}: a guest has no switches (VALE ports are on the host)")
     if mode in ("auto", "native"):

@@ -10,16 +10,21 @@ ring, then the port's netmap_if, rings and buffers.
 ``PassthroughPort`` is the NetmapPort over such a region: its rings are the region's, used in place (zero
 copy between the application and the daemon's side of the port). A sync is netmap's CSB-mode driver:
 ``txsync``/``rxsync`` write head/cur to the ring's CSB entry (cur, then head), ring the doorbell only when the
-daemon asked for kicks (``kern_need_kick``), and copy hwtail back into the ring's tail. ``poll`` syncs and
-spins until something is ready: QEMU raises this device's interrupt only as MSI-X, which needs a driver that
-enables it (VFIO, a kernel module), so this mode busy-polls and never sets ``appl_need_kick``.
+daemon asked for kicks (``kern_need_kick``), and copy hwtail back into the ring's tail. QEMU raises this
+device's interrupt only as MSI-X, which only a kernel driver enables: where the guest has an IOMMU and
+vfio-pci (vfio.py), ``open_passthrough`` opens the device through it and ``poll`` sleeps on the MSI-X
+eventfd, asking for it through ``appl_need_kick`` and looking again before sleeping, as netmap's ptnet driver
+does; elsewhere (no IOMMU: Debian's kernel has no VFIO no-IOMMU mode) it maps the BARs through sysfs and
+``poll`` spins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
+import select
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +33,8 @@ from typing import Self
 
 from vhostmap.netmap.abi import NR_REG_ALL_NIC, NR_REG_ONE_NIC, CsbView, PtRegionView, Region
 from vhostmap.netmap.errors import RegionError
-from vhostmap.netmap.user import POLLIN, PortSpec, UserRing, ready_events
+from vhostmap.netmap.user import POLLIN, POLLOUT, PortSpec, UserRing, ready_events
+from vhostmap_guest.vfio import VfioPtDevice, VfioUnavailable
 
 SYSFS_PCI = Path("/sys/bus/pci/devices")
 IVSHMEM_VENDOR, IVSHMEM_DEVICE = 0x1AF4, 0x1110
@@ -40,6 +46,12 @@ BAR0_SIZE = 256
 
 class PassthroughUnavailable(RuntimeError):
     """No ivshmem device holding a vhostmap passthrough region (or no access to it)."""
+
+
+class PassthroughGone(PassthroughUnavailable):
+    """The daemon let go of the port's region (it stopped, or released this guest): nothing syncs the rings
+    any more. QEMU never reconnects to an ivshmem server, so the guest gets the port back only once its QEMU
+    restarted with the daemon running."""
 
 
 def ivshmem_devices(sysfs: Path = SYSFS_PCI) -> list[str]:
@@ -99,7 +111,8 @@ def _map(path: Path, size: int | None) -> mmap.mmap:
 class PassthroughPort:
     """A NetmapPort (vhostmap.netmap.user) over a passthrough region ``region``: the rings ``spec`` names
     (all pairs, or one), synced through their CSB entries; ``doorbell`` kicks the daemon. ``release`` runs
-    once at close (unmapping the device)."""
+    once at close (unmapping the device). With ``irq_fd`` (an eventfd the daemon's interrupt reaches:
+    vfio.VfioPtDevice) ``poll`` sleeps on it; without, it busy-polls."""
 
     def __init__(
         self,
@@ -109,13 +122,18 @@ class PassthroughPort:
         *,
         spec: PortSpec | None = None,
         release: Callable[[], None] | None = None,
+        irq_fd: int | None = None,
     ) -> None:
         self.name = name
         self.mode = "passthrough"
+        self.irq_fd = irq_fd
+        self.sleeps = 0  # polls that slept on an interrupt
+        self.interrupt_problem: str | None = None  # why there is no irq_fd, when open_passthrough knows
         self.view = PtRegionView(region)
         self._doorbell = doorbell
         self._release = release
         self.kicks = 0
+        self._check_served()
         nifp, buffers = self.view.nifp, self.view.buffers
         pairs = range(min(len(nifp.tx_rings), len(nifp.rx_rings)))
         if spec is not None and spec.mode == NR_REG_ONE_NIC:
@@ -128,12 +146,16 @@ class PassthroughPort:
         self.rx_rings = [UserRing(nifp.rx_rings[i], buffers) for i in pairs]
         self._csb = {id(r): self.view.tx_csb[i] for r, i in zip(self.tx_rings, pairs, strict=True)}
         self._csb |= {id(r): self.view.rx_csb[i] for r, i in zip(self.rx_rings, pairs, strict=True)}
-        # Start from where the daemon says each ring is (a previous user of the region may have left it).
+        # Start from where the daemon says each ring is, its hwcur (as netmap's ptnet driver does when it
+        # registers): a previous user of the region may have left the ring anywhere, and what it left in the
+        # CSB may be nonsense the daemon reinitialised the ring over.
         for ring in (*self.tx_rings, *self.rx_rings):
             csb = self._csb[id(ring)]
-            head = int(csb.atok.head) % ring.num_slots
+            hwcur, _ = csb.read_hw()
+            head = hwcur if hwcur < ring.num_slots else 0
             ring.view.cur = ring.view.head = head
-            csb.atok.appl_need_kick = 0
+            csb.atok.appl_need_kick = csb.atok.sync_flags = 0
+            csb.write_head_cur(head, head)
             self._take_tail(ring, csb)
 
     @property
@@ -146,7 +168,15 @@ class PassthroughPort:
         return self._csb[id(ring)]
 
     # --- syncs ----------------------------------------------------------------------------------------
+    def _check_served(self) -> None:
+        if self.view.header.gone:
+            raise PassthroughGone(
+                f"{self.name}: the vhostmap daemon let go of this port (it stopped or released this guest; "
+                f"generation {self.generation}): restart the VM once the daemon runs again"
+            )
+
     def _sync(self, rings: Sequence[UserRing]) -> None:
+        self._check_served()  # one load per sync
         kick = False
         for ring in rings:
             csb = self._csb[id(ring)]
@@ -177,15 +207,39 @@ class PassthroughPort:
         self._sync(self.rx_rings)
 
     def poll(self, events: int = POLLIN, timeout: float | None = None) -> int:
-        """Sync and spin until ``events`` are ready or ``timeout`` seconds passed (busy polling)."""
+        """Sync until ``events`` are ready or ``timeout`` seconds passed: sleeping on the interrupt with
+        ``irq_fd``, spinning without."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.txsync()
             self.rxsync()
             ready = ready_events(self, events)
-            if ready or (deadline is not None and time.monotonic() >= deadline):
+            left = None if deadline is None else deadline - time.monotonic()
+            if ready or (left is not None and left <= 0):
                 return ready
-            time.sleep(0)  # let other threads run; the daemon is in another VM's host anyway
+            if self.irq_fd is None:
+                time.sleep(0)  # let other threads run; the daemon is in another VM's host anyway
+                continue
+            self._sleep(events, left)
+
+    def _sleep(self, events: int, timeout: float | None) -> None:
+        """netmap's CSB-mode sleep: ask for interrupts on the rings waited on (appl_need_kick), sync and look
+        again (the daemon may have moved them before it saw the flag: the double check), then sleep."""
+        rings = (self.rx_rings if events & POLLIN else []) + (self.tx_rings if events & POLLOUT else [])
+        for ring in rings:
+            self._csb[id(ring)].atok.appl_need_kick = 1
+        try:
+            self.txsync()
+            self.rxsync()
+            if not ready_events(self, events):
+                assert self.irq_fd is not None
+                self.sleeps += 1
+                if select.select([self.irq_fd], [], [], timeout)[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.eventfd_read(self.irq_fd)
+        finally:
+            for ring in rings:
+                self._csb[id(ring)].atok.appl_need_kick = 0
 
     # --- lifetime -------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -207,9 +261,14 @@ class PassthroughPort:
         self.close()
 
 
-def open_passthrough(name: str, spec: PortSpec, sysfs: Path = SYSFS_PCI) -> PassthroughPort:
+def open_passthrough(
+    name: str, spec: PortSpec, sysfs: Path = SYSFS_PCI, *, interrupts: bool = True
+) -> PassthroughPort:
     """Open ``name``, ``pt:N``: the N-th ivshmem device holding a vhostmap passthrough region, in PCI address
-    order (``pt:N-R``: its ring pair R only); PassthroughUnavailable if there is no such device."""
+    order (``pt:N-R``: its ring pair R only); PassthroughUnavailable if there is no such device. With
+    ``interrupts`` the device is opened through vfio-pci when the guest can (an IOMMU, the vfio-pci module:
+    vfio.py), and ``poll`` sleeps on its MSI-X interrupt; otherwise through sysfs, busy-polling
+    (``interrupt_problem`` on the port says why)."""
     if spec.switch != "pt" or not spec.port.isdigit():
         raise ValueError(f"{name!r}: passthrough ports are named pt:N (the N-th ivshmem device)")
     index, candidates = int(spec.port), ivshmem_devices(sysfs)
@@ -234,16 +293,31 @@ def open_passthrough(name: str, spec: PortSpec, sysfs: Path = SYSFS_PCI) -> Pass
     finally:
         for other in usable:
             other.close()
+    opened: PtDevice | VfioPtDevice = device
+    irq_fd: int | None = None
+    problem = "interrupts not asked for"
+    if interrupts:
+        address = device.address
+        device.close()  # vfio-pci maps the BARs itself
+        try:
+            opened = VfioPtDevice(address, sysfs)
+            irq_fd = opened.irq_fd
+        except VfioUnavailable as e:
+            problem = str(e)
+            opened = PtDevice(address, sysfs)
     try:
-        header = PtRegionView(device.region).header
+        header = PtRegionView(opened.region).header
         peer, vector = int(header.doorbell_peer), int(header.doorbell_vector)
-        return PassthroughPort(
+        port = PassthroughPort(
             name,
-            device.region,
-            lambda: device.ring(peer, vector),
+            opened.region,
+            lambda: opened.ring(peer, vector),
             spec=spec,
-            release=device.close,
+            release=opened.close,
+            irq_fd=irq_fd,
         )
     except BaseException:
-        device.close()
+        opened.close()
         raise
+    port.interrupt_problem = None if irq_fd is not None else problem
+    return port

@@ -22,6 +22,7 @@ expected one (the number aside) and count missing and duplicated numbers. Stops 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import socket
@@ -41,6 +42,7 @@ from vhostmap.ethernet import ETH_HLEN, ETH_P_ALL
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
+from vhostmap_guest.passthrough import PassthroughUnavailable
 
 MODES = ("auto", "native", "generic", "passthrough", "socket")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
@@ -48,6 +50,9 @@ SEQ_OFFSET = ETH_HLEN + IP_HLEN + 8
 SEQ = struct.Struct(">I")
 # Frames per head move: as many as a ring takes (ring room bounds a batch anyway).
 DEFAULT_BATCH = 1024
+# The socket receiver's queue (SO_RCVBUFFORCE, asm-generic/socket.h; Python's socket module lacks the name).
+SO_RCVBUFFORCE = 33
+SOCKET_RCVBUF = 32 << 20
 
 
 @dataclass
@@ -108,9 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch", type=int, default=DEFAULT_BATCH, help="frames per head move")
     p.add_argument("--mode", choices=MODES, default="auto")
     p.add_argument("--pairs", type=int, default=None, help="native: queue pairs to run (default all)")
-    p.add_argument("--busy", action="store_true", help="native: busy-poll instead of sleeping on interrupts")
+    p.add_argument(
+        "--busy", action="store_true", help="native, passthrough: busy-poll instead of sleeping on interrupts"
+    )
     p.add_argument("--seq", action="store_true", help="tx: number the frames; rx (with --check): expect them")
     p.add_argument("--check", action="store_true", help="rx: compare every frame with the one expected")
+    p.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="rx --check: stop once frames came and then none for this long",
+    )
     p.add_argument("--ready", type=Path, help="create this file once the port is open (for scripts)")
     p.add_argument("--src-mac", type=parse_mac, help="default: the interface's")
     p.add_argument("--dst-mac", type=parse_mac, default=b"\xff" * 6)
@@ -173,9 +186,12 @@ def drain(port: NetmapPort, timeout: float = 5.0) -> None:
         port.txsync()
 
 
-def receive_checked(port: NetmapPort, frame: bytes, limits: Limits, seq: bool) -> tuple[Result, Check]:
-    """Receive until ``limits`` say stop, comparing every frame with ``frame`` (its number aside with
-    ``seq``); only matching frames count towards ``-n``."""
+def receive_checked(
+    port: NetmapPort, frame: bytes, limits: Limits, seq: bool, idle: float = 0.0
+) -> tuple[Result, Check]:
+    """Receive until ``limits`` say stop (or, with ``idle``, once frames came and then none for ``idle``
+    seconds), comparing every frame with ``frame`` (its number aside with ``seq``); only matching frames
+    count towards ``-n``. The rate is over the time from the first frame to the last."""
     expected = np.frombuffer(frame, np.uint8)
     length = len(frame)
     compare = np.ones(length, dtype=bool)
@@ -186,15 +202,21 @@ def receive_checked(port: NetmapPort, frame: bytes, limits: Limits, seq: bool) -
     good = nbytes = 0
     last = [-1] * len(port.rx_rings)  # frames keep their order within a ring (a queue), not across rings
     first: float | None = None
+    latest = 0.0  # when the last frame came
     while not limits.over(good):
         wait = 1.0 if not limits.duration else max(0.0, min(1.0, limits.duration - limits.elapsed()))
+        if idle and first is not None:
+            wait = min(wait, idle)
         if not port.poll(POLLIN, wait):
+            if idle and first is not None and time.monotonic() - latest >= idle:
+                break
             continue
         for r, ring in enumerate(port.rx_rings):
             b = ring.receive()
             if not len(b):
                 continue
-            first = first if first is not None else time.monotonic()
+            latest = time.monotonic()
+            first = first if first is not None else latest
             data = b.data(length)
             whole = (b.flags & NS_MOREFRAG) == 0  # a frame in one slot (others cannot match anyway)
             ok = (b.lens == length) & whole & (data[:, compare] == expected[compare]).all(axis=1)
@@ -216,7 +238,7 @@ def receive_checked(port: NetmapPort, frame: bytes, limits: Limits, seq: bool) -
     if seen is not None:
         check.missing = int(np.count_nonzero(seen == 0))
         check.duplicates = int((seen[seen > 1] - 1).sum())
-    seconds = time.monotonic() - first if first is not None else 0.0
+    seconds = latest - first if first is not None else 0.0
     return Result("rx", port.name, good, nbytes, seconds), check
 
 
@@ -242,14 +264,23 @@ def socket_transmit(ifname: str, frame: bytes, limits: Limits, seq: bool) -> Res
         return Result("tx", ifname, sent, sent * len(frame), limits.elapsed())
 
 
-def socket_receive(ifname: str, frame: bytes, limits: Limits, check: bool, seq: bool) -> tuple[Result, Check]:
-    """One AF_PACKET recv() per frame, counting (and with ``check`` comparing) what arrives."""
+def socket_receive(
+    ifname: str, frame: bytes, limits: Limits, check: bool, seq: bool, ready: Path | None = None
+) -> tuple[Result, Check]:
+    """One AF_PACKET recv() per frame, counting (and with ``check`` comparing) what arrives; ``ready`` is
+    created once the socket is bound (frames sent before that never reach it)."""
     result = Check()
     length = len(frame)
     head, tail = frame[:SEQ_OFFSET], frame[SEQ_OFFSET + SEQ.size :] if seq else frame[SEQ_OFFSET:]
     seen = np.zeros(limits.count, dtype=np.int64) if check and seq and limits.count else None
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as s:
         s.bind((ifname, ETH_P_ALL))
+        # The kernel fills the socket far faster than one recv() per frame empties it (TCG guests above all):
+        # a queue that holds a run's burst instead of dropping it (FORCE: beyond rmem_max, as root).
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SOCKET_RCVBUF)
+        if ready is not None:
+            ready.touch()
         s.settimeout(0.5)
         buf = bytearray(MAX_FRAME + 64)
         got = nbytes = 0
@@ -299,13 +330,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     limits_args = (args.count, args.duration)
     check: Check | None = None
     if args.mode == "socket":
-        if args.ready:
-            args.ready.touch()
         limits = Limits(*limits_args)
         if args.function == "tx":
+            if args.ready:
+                args.ready.touch()
             result = socket_transmit(ifname, frame, limits, args.seq)
         else:
-            result, check = socket_receive(ifname, frame, limits, args.check, args.seq)
+            result, check = socket_receive(ifname, frame, limits, args.check, args.seq, args.ready)
         mode = "socket"
     else:
         port, mode = open_port(args)
@@ -321,7 +352,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     result = transmit(port, frame, limits, args.batch)
             elif args.check:
-                result, check = receive_checked(port, frame, limits, args.seq)
+                result, check = receive_checked(port, frame, limits, args.seq, args.idle)
             else:
                 result = receive(port, limits)
     out = {**result.as_dict(), "driver": mode, "length": args.length}
@@ -356,6 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args)
     except KeyboardInterrupt:
         return 130
+    except PassthroughUnavailable as e:  # no such port, or its daemon stopped: say so, no traceback
+        print(f"pktgen: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(out) if args.json else summary(out), flush=True)
     ok = not args.count or out["packets"] >= args.count
     if "check" in out:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from pt_guest import FakePtGuest
+from test_switch_daemon import frame as switch_frame
 
 from conftest import FRAME, RunningDaemon, StartDaemon
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID
@@ -22,6 +24,7 @@ from vhostmap_guest.passthrough import (
     BAR0_SIZE,
     DOORBELL,
     IVPOSITION,
+    PassthroughGone,
     PassthroughPort,
     PassthroughUnavailable,
     PtDevice,
@@ -137,6 +140,9 @@ def test_the_device_is_found_and_mapped_through_sysfs(
 
     port = open_passthrough("pt:0", parse_port_spec("pt:0"), sysfs)
     with port:
+        # No IOMMU group here: no vfio-pci, so no interrupt; the port busy-polls and says why.
+        assert port.irq_fd is None and port.interrupt_problem is not None
+        assert "vfio-pci" in port.interrupt_problem or "IOMMU" in port.interrupt_problem
         assert port.view.header.doorbell_peer == DAEMON_PEER_ID
         tx = port.tx_rings[0]
         tx.send([FRAME])
@@ -157,3 +163,98 @@ def test_a_region_mapped_twice_is_the_same_memory(guest: tuple[RunningDaemon, Fa
         assert bytes(again.array[:8]) == bytes(g.region.array[:8])
     finally:
         again.close()
+
+
+def test_the_daemon_stopping_stops_the_driver_with_a_clear_error(
+    guest: tuple[RunningDaemon, FakePtGuest], capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, g = guest
+    region = Region(g.region.mm)
+    port = PassthroughPort("pt:0", region, lambda: os.eventfd_write(g.doorbell, 1), release=lambda: None)
+    with port:
+        port.txsync()  # served
+        d.daemon.stop()
+        # The daemon wrote the header's gone word before it let go; the guest's memory stays (QEMU's).
+        with pytest.raises(PassthroughGone, match="pt:0: the vhostmap daemon let go of this port"):
+            port.poll(POLLIN, 1.0)
+        with pytest.raises(PassthroughGone):
+            port.txsync()
+    # A driver opened afterwards is refused at once.
+    with pytest.raises(PassthroughGone, match="generation 1"):
+        PassthroughPort("pt:0", Region(g.region.mm), lambda: None, release=lambda: None)
+
+
+def test_two_guests_in_passthrough_mode_through_a_switch_exchange_exact_frames(
+    start_daemon: StartDaemon, sock_dir: Path
+) -> None:
+    """Guest to guest through a vhostmap switch, both guests' drivers in passthrough mode (the topology of
+    ``python -m vhostmap.lab.ptswitch``, with QEMU's part played in this process)."""
+    ports = [f"{n}=passthrough,path={sock_dir}/{n}.sock,slots={SLOTS}" for n in ("pt0", "pt1")]
+    d = start_daemon({}, switches=["vale0=pt0,pt1"], other_ports=ports)
+    fakes = [FakePtGuest(d.daemon.config.port(n).path) for n in ("pt0", "pt1")]
+    try:
+        drivers = [
+            PassthroughPort(f"pt:{k}", Region(g.region.mm), lambda g=g: os.eventfd_write(g.doorbell, 1))
+            for k, g in enumerate(fakes)
+        ]
+        mac_a, mac_b = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
+        for src, dst, (tx, rx) in ((mac_a, mac_b, drivers), (mac_b, mac_a, drivers[::-1])):
+            # A broadcast first: the switch learns the sender; then unicast, a ring's worth at a time (the
+            # switch drops what finds no room, as VALE does: the receiver keeps up here, so nothing is).
+            out = [switch_frame("ff:ff:ff:ff:ff:ff", src, 60)] + [
+                switch_frame(dst, src, 60 + k % 1400, seq=k) for k in range(3 * SLOTS)
+            ]
+            got: list[bytes] = []
+            for k in range(0, len(out), SLOTS // 2):
+                batch = out[k : k + SLOTS // 2]
+                assert tx.poll(POLLOUT, 5.0) & POLLOUT
+                assert tx.tx_rings[0].send(batch) == len(batch)
+                tx.txsync()
+                while len(got) < k + len(batch):
+                    assert rx.poll(POLLIN, 5.0) & POLLIN, f"{len(got)} of {k + len(batch)} frames"
+                    b = rx.rx_rings[0].receive()
+                    got += b.frames()
+                    rx.rx_rings[0].advance(len(b))
+                rx.rxsync()
+            assert got == out
+        sw = d.daemon.stats({})["switches"]["vale0"]["ports"]
+        total = 2 * (3 * SLOTS + 1)
+        assert sum(p["dropped"] + p["tx_dropped"] for p in sw.values()) == 0, sw
+        q0, q1 = d.stats("pt0")["queues"][0], d.stats("pt1")["queues"][0]
+        assert q0["rx_packets"] + q1["rx_packets"] == total and q0["tx_packets"] + q1["tx_packets"] == total
+        for driver in drivers:
+            driver.close()
+    finally:
+        for g in fakes:
+            g.close()
+
+
+def test_with_an_interrupt_poll_sleeps_until_the_daemon_raises_it(
+    guest: tuple[RunningDaemon, FakePtGuest],
+) -> None:
+    """The eventfd the daemon interrupts the guest through is what vfio-pci's MSI-X eventfd stands for in a
+    guest (vfio.VfioPtDevice): poll asks for the interrupt (appl_need_kick), sleeps, and wakes when frames
+    arrive; nothing else wakes it."""
+    d, g = guest
+    fe = d.frontend("a")
+    port = PassthroughPort(
+        "pt:0",
+        Region(g.region.mm),
+        lambda: os.eventfd_write(g.doorbell, 1),
+        release=lambda: None,
+        irq_fd=g.irq,
+    )
+    with port, ThreadPoolExecutor(1) as pool:
+        assert port.poll(POLLIN, 0.2) == 0 and port.sleeps >= 1  # nothing came: it slept, then timed out
+        before = d.stats("pt0")["passthrough"]["interrupts"]
+        sleeps = port.sleeps
+        woke = pool.submit(port.poll, POLLIN, 30.0)
+        d.wait(lambda: port.sleeps > sleeps, "the guest driver to sleep on its interrupt")
+        out = frames(10, tag=5)
+        fe.transmit(out)
+        assert woke.result(30) & POLLIN
+        assert d.stats("pt0")["passthrough"]["interrupts"] > before
+        got = port.rx_rings[0].receive()
+        assert got.frames() == out
+        # The flag is down again once awake: a busy receiver costs the daemon no interrupts.
+        assert port.csb(port.rx_rings[0]).atok.appl_need_kick == 0

@@ -8,6 +8,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,15 @@ def test_a_corrupted_frame_is_found_and_its_number_missed(loopback: AdapterPort)
     ring.buffers[ring.slots["buf_idx"][ring.cur + 3], 20] ^= 0xFF  # one byte of frame 3's IP header
     _, check = receive_checked(loopback, FRAME, Limits(count=10, duration=0.5), seq=True)
     assert check.mismatched == 1 and check.missing == 1 and check.duplicates == 0
+
+
+def test_a_receiver_with_idle_stops_once_frames_stop_coming(loopback: AdapterPort) -> None:
+    transmit_numbered(loopback, FRAME, Limits(count=100), batch=50)
+    start = time.monotonic()
+    # 300 asked, 100 come: --idle ends the run soon after the last instead of at -D.
+    got, check = receive_checked(loopback, FRAME, Limits(count=300, duration=30), seq=True, idle=0.2)
+    assert got.packets == 100 and check.missing == 200 and check.mismatched == 0
+    assert time.monotonic() - start < 10, "the receiver waited for -D despite --idle"
 
 
 def test_command_line_defaults_and_limits() -> None:

@@ -43,6 +43,7 @@ NOBODY = 65534  # uid of `nobody` and gid of `nogroup` on Debian
 NOGROUP = grp.getgrgid(NOBODY).gr_name
 LISTENING = PortInfo("vm0", "/run/vhostmap/vm0.sock", "server", "52:54:00:00:00:10", queues=4, mtu=9000)
 CONNECTING = PortInfo("vm1", "/run/vhostmap/vm1.sock", "client", "52:54:00:00:00:11")
+PASSTHROUGH = PortInfo("pt0", "/run/vhostmap/pt0.sock", "server", "", passthrough=True)
 
 
 def at(element: ET.Element, path: str) -> ET.Element:
@@ -111,19 +112,39 @@ VALIDATOR = shutil.which("virt-xml-validate")
 )
 def test_domains_validate_against_libvirts_schema(tmp_path: Path) -> None:
     """libvirt's own RELAX NG schema (virt-xml-validate) takes what vm xml makes: packed virtqueues and
-    queues on one <driver>, the TCG overrides in the qemu namespace, direct kernel boot; and refuses a
-    <driver packed> it does not know, so the check has teeth."""
+    queues on one <driver>, the TCG overrides in the qemu namespace, direct kernel boot, a passthrough port's
+    <shmem>; and refuses a <driver packed> or a shmem model it does not know, so the check has teeth."""
     spec = DomainSpec("vm0", kernel="/k", initrd="/i", console_log="/tmp/console.log")
-    ports = [dataclasses.replace(LISTENING, packed=True), dataclasses.replace(CONNECTING, packed=True)]
+    ports = [
+        dataclasses.replace(LISTENING, packed=True),
+        dataclasses.replace(CONNECTING, packed=True),
+        PASSTHROUGH,
+    ]
     good = tmp_path / "good.xml"
     good.write_text(to_xml(domain_element(spec, ports)))
     bad = tmp_path / "bad.xml"
     bad.write_text(good.read_text().replace('packed="on"', 'packed="maybe"'))
+    bad_shmem = tmp_path / "bad-shmem.xml"
+    bad_shmem.write_text(good.read_text().replace('"ivshmem-doorbell"', '"ivshmem-bell"'))
     assert VALIDATOR is not None
-    for path, valid in ((good, True), (bad, False)):
+    for path, valid in ((good, True), (bad, False), (bad_shmem, False)):
         result = subprocess.run([VALIDATOR, str(path), "domain"], capture_output=True, text=True)
         assert ("fails to validate" not in result.stderr + result.stdout) is valid, result.stderr
         assert (result.returncode == 0) is valid, result.stderr
+
+
+def test_a_passthrough_port_gets_an_ivshmem_doorbell_device_whose_server_is_vhostmap() -> None:
+    shmem = reparse(interface_element(PASSTHROUGH))
+    assert (shmem.tag, shmem.get("name")) == ("shmem", "vhostmap-pt0")
+    assert at(shmem, "model").attrib == {"type": "ivshmem-doorbell"}
+    assert at(shmem, "server").attrib == {"path": "/run/vhostmap/pt0.sock"}
+    assert at(shmem, "msi").attrib == {"vectors": "1"}  # the port's interrupt is vector 0
+    assert at(shmem, "alias").get("name") == "ua-vhostmap-pt0"
+    # In a domain: beside the NIC, no interface and no override of its own (MSI-X is its only interrupt).
+    domain = reparse(domain_element(DomainSpec("vm0"), [LISTENING, PASSTHROUGH]))
+    assert [i.get("type") for i in domain.findall("devices/interface")] == ["vhostuser"]
+    assert [s.get("name") for s in domain.findall("devices/shmem")] == ["vhostmap-pt0"]
+    assert set(overrides(domain)) == {"ua-vhostmap-vm0"}
 
 
 def test_interface_aliases_are_valid_libvirt_user_aliases_and_distinct() -> None:
@@ -375,6 +396,7 @@ def daemon(tmp_path: Path) -> Iterator[VhostmapDaemon]:
     ports = [
         f"vm0=vhost-user,path={d}/vm0.sock,mode=server,queues=2,mtu=9000,mac=52:54:00:00:00:10",
         f"vm1=vhost-user,path={d}/vm1.sock,mode=client,packed=on",
+        f"pt0=passthrough,path={d}/pt0.sock",
     ]
     with VhostmapDaemon(d, ports, extra_args=["--socket-group", NOGROUP]) as running:
         yield running
@@ -403,7 +425,21 @@ def test_vm_xml_matches_the_running_ports(daemon: VhostmapDaemon) -> None:
     rc, _, err = run_cli("vm", "xml", "--interface-only", "vm0", "vm1", "--control", daemon.control)
     assert rc == 1 and "one port" in err
     rc, _, err = run_cli("vm", "xml", "nope", "--control", daemon.control)
-    assert rc == 1 and "no port 'nope'" in err and "vm0, vm1" in err
+    assert rc == 1 and "no port 'nope'" in err and "pt0, vm0, vm1" in err
+
+
+def test_vm_xml_adds_a_passthrough_ports_shmem_and_attach_refuses_it(daemon: VhostmapDaemon) -> None:
+    rc, out, err = run_cli("vm", "xml", "vm0", "pt0", "--control", daemon.control, "--kernel", "/k")
+    assert rc == 0, err
+    domain = ET.fromstring(out)
+    assert len(domain.findall("devices/interface")) == 1
+    shmem = at(domain, "devices/shmem")
+    assert at(shmem, "server").get("path") == str(Path(daemon.control).parent / "pt0.sock")
+    rc, out, err = run_cli("vm", "xml", "--interface-only", "pt0", "--control", daemon.control)
+    assert rc == 0 and ET.fromstring(out).tag == "shmem", err
+    # QEMU connects to an ivshmem server at start only: no hot-plug.
+    rc, _, err = run_cli("vm", "attach", "pt0", "somevm", "--control", daemon.control)
+    assert rc == 1 and "passthrough port" in err
 
 
 def test_vm_xml_gives_packed_virtqueues_to_ports_that_offer_them_unless_told(daemon: VhostmapDaemon) -> None:
@@ -462,6 +498,17 @@ def test_domain_templates_match_what_vm_xml_makes(direction: str) -> None:
     assert canonical(at(template, "devices/interface")) == canonical(interface_element(port))
     for part in ("memoryBacking", "features", f"{q('commandline')}", f"{q('override')}"):
         assert canonical(at(template, part)) == canonical(at(made, part)), part
+
+
+def test_passthrough_templates_match_what_vm_xml_makes() -> None:
+    template = ET.parse(VMCONFIGS / "libvirt-shmem-passthrough.xml").getroot()
+    assert canonical(template) == canonical(interface_element(PASSTHROUGH))
+    args = [
+        line for line in (VMCONFIGS / "qemu-passthrough.args").read_text().splitlines() if line[:1] != "#"
+    ]
+    chardev = args[args.index("-chardev") + 1]
+    assert chardev == f"socket,id=pt0,path={PASSTHROUGH.path}"  # a client: QEMU never reconnects to ivshmem
+    assert args[args.index("-device") + 1] == "ivshmem-doorbell,chardev=pt0,vectors=1"
 
 
 @pytest.mark.parametrize("direction", sorted(TEMPLATE_PORTS))

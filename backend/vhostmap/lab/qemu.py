@@ -94,6 +94,8 @@ class QemuGuest(ChildProcess):
     ``cpus`` pins QEMU to host CPUs; ``share`` is a host directory mounted at /mnt/host in the guest (9p);
     ``hugepages`` reserves 2 MiB pages in the guest and mounts hugetlbfs at /dev/hugepages. ``incoming``
     starts QEMU waiting for a live migration instead of booting (see the module docstring and `migrate`).
+    ``machine`` is QEMU's machine type; ``iommu`` (q35 only) adds QEMU's intel-iommu with interrupt remapping
+    and boots the guest with ``intel_iommu=on``, which vfio-pci in the guest needs.
     """
 
     def __init__(
@@ -112,6 +114,8 @@ class QemuGuest(ChildProcess):
         extra_args: Sequence[str] = (),
         keep_logs: bool = False,
         incoming: bool = False,
+        machine: str = "pc",
+        iommu: bool = False,
     ) -> None:
         self.nics = tuple(nics)
         self.kernel = kernel or GuestKernel.from_cache()
@@ -124,6 +128,8 @@ class QemuGuest(ChildProcess):
         self.extra_cmdline = cmdline
         self.extra_args = tuple(extra_args)
         self.keep_logs = keep_logs
+        self.machine = machine
+        self.iommu = iommu
         self._own_workdir = workdir is None
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="vhm-q", dir="/tmp"))
@@ -171,12 +177,16 @@ class QemuGuest(ChildProcess):
             "-initrd", _qemu_path(k.initrd, "initrd"),
             # vhost-user maps guest RAM in the backend: it must be a shareable fd.
             "-object", f"memory-backend-memfd,id=mem,size={self.memory_mb}M,share=on",
-            "-machine", "pc,memory-backend=mem",
+            "-machine", f"{self.machine},memory-backend=mem",
             "-serial", f"file:{_qemu_path(self.console_log, 'console log')}",
             "-chardev", f"socket,id=channel,path={self.channel_path},logfile={self.channel_log}",
             "-serial", "chardev:channel",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
+        if self.iommu:
+            # An emulated IOMMU (q35 only) with interrupt remapping: what vfio-pci needs in the guest.
+            args += ["-device", "intel-iommu,intremap=on"]
+            append.append("intel_iommu=on")
         if self.incoming:
             # -S: the migrated guest stays paused until migrate() has looked at what arrived and says "cont".
             args += ["-incoming", f"unix:{self.migration_path}", "-S"]

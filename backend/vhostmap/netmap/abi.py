@@ -402,12 +402,16 @@ class NetmapIfView:
 #     80  u16 doorbell_peer   the ivshmem peer ID to ring (BAR 0 Doorbell = peer << 16 | doorbell_vector)
 #     82  u16 doorbell_vector
 #     84  u32 generation      counts the guests the port was handed to (a new attach, a fresh region)
-#     88  u8  reserved[40]
+#     88  u32 gone            0 while the daemon serves the region; PT_GONE once it let go of it (it stopped,
+#                             or released this guest): nobody syncs these rings any more
+#     92  u8  reserved[36]
 #
-# The daemon writes the header before it hands the region over and never again; a guest checks magic,
-# version and that every offset lies within the region before using anything.
+# The daemon writes the header before it hands the region over and never again, but for ``gone``; a guest
+# checks magic, version and that every offset lies within the region before using anything, and ``gone`` on
+# every sync. (A daemon killed outright cannot write ``gone``: its guest's rings just stop moving.)
 PT_MAGIC = b"VHMAP-PT"
 PT_VERSION = 1
+PT_GONE = 1
 
 
 class NmCsbAtok(ctypes.Structure):
@@ -455,7 +459,8 @@ class PtHeader(ctypes.Structure):
         ("doorbell_peer", ctypes.c_uint16),
         ("doorbell_vector", ctypes.c_uint16),
         ("generation", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint8 * 40),
+        ("gone", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint8 * 36),
     ]
 
 
@@ -464,7 +469,7 @@ CSB_ENTRY_SIZE = 2 * CSB_HALF_SIZE
 PT_HEADER_SIZE = ctypes.sizeof(PtHeader)
 
 assert CSB_HALF_SIZE == ctypes.sizeof(NmCsbKtoa) == 64 and PT_HEADER_SIZE == 128
-assert PtHeader.doorbell_peer.offset == 80 and PtHeader.generation.offset == 84
+assert PtHeader.doorbell_peer.offset == 80 and PtHeader.generation.offset == 84 and PtHeader.gone.offset == 88
 
 
 class CsbView:

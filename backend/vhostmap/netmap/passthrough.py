@@ -53,6 +53,7 @@ from vhostmap.netmap.abi import (
     NR_RX,
     NR_TX,
     NS_MOREFRAG,
+    PT_GONE,
     PT_HEADER_SIZE,
     PT_MAGIC,
     PT_VERSION,
@@ -243,6 +244,10 @@ class GuestRegion:
             restock=m.restock,
         )
 
+    def mark_gone(self) -> None:
+        """Tell the guest nobody serves the region any more (the header's ``gone``): its driver stops."""
+        PtHeader.from_buffer(self.memory.region.mm, 0).gone = PT_GONE
+
     def close(self) -> None:
         """Close the memfd and unmap (once the krings' views are gone)."""
         self.memory.close()
@@ -387,6 +392,8 @@ class PassthroughPort(NetmapAdapter):
                         gone[k] += value
         if region is None:
             return
+        # QEMU keeps the memory, and its guest may still be using it (the daemon stops, say).
+        region.mark_gone()
         for fd in (kick, irq):
             os.close(fd)
         region.close()
