@@ -101,20 +101,39 @@ TARGETS = {
 }
 
 
+def _fresh(output: Path, deps: list[Path]) -> bool:
+    return output.exists() and all(d.stat().st_mtime <= output.stat().st_mtime for d in deps)
+
+
+def _object(source: Path, build_dir: Path) -> Path:
+    """``source`` (a kernel) compiled with the sanitizers, once for every harness that links it: the kernels
+    are compiled the same whatever the target (FUZZ_MODE is the harnesses')."""
+    obj = build_dir / "obj" / f"{source.stem}.o"
+    headers = [*DATAPATH.glob("*.h"), *DATAPATH.glob("*.cdef")]
+    if not _fresh(obj, [source, *headers]):
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        partial = obj.with_suffix(f".{os.getpid()}.tmp")  # a concurrent build never links half an object
+        subprocess.run(
+            ["clang", *CLANG_FLAGS, f"-I{DATAPATH}", "-c", str(source), "-o", str(partial)], check=True
+        )
+        partial.replace(obj)
+    return obj
+
+
 def build(target: Target, build_dir: Path) -> Path:
     """The harness binary of ``target``, rebuilt when any of its sources is newer."""
     assert target.harness is not None
     harness = FUZZ / "kernels" / target.harness
     # Kernel sources the harness includes (to reach their static functions) are not linked again.
     included = set(re.findall(r'#include "(\w+\.c)"', harness.read_text()))
-    sources = [p for p in sorted(DATAPATH.glob("*.c")) if p.name not in included]
+    objects = [_object(p, build_dir) for p in sorted(DATAPATH.glob("*.c")) if p.name not in included]
     deps = [harness, FUZZ / "kernels" / "harness.h", *DATAPATH.glob("*.[ch]"), *DATAPATH.glob("*.cdef")]
     binary = build_dir / "bin" / target.name
-    if binary.exists() and all(d.stat().st_mtime <= binary.stat().st_mtime for d in deps):
+    if _fresh(binary, [*deps, *objects]):
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["clang", *CLANG_FLAGS, f"-DFUZZ_MODE={target.mode}", f"-I{DATAPATH}", str(harness)]
-    subprocess.run([*cmd, *map(str, sources), "-lm", "-o", str(binary)], check=True)
+    subprocess.run([*cmd, *map(str, objects), "-lm", "-o", str(binary)], check=True)
     return binary
 
 
