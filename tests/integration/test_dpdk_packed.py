@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
+from test_dpdk_virtio_user import _totals, check_txonly_through_link
 
 from vhostmap.control.client import call
 from vhostmap.lab.daemon import VhostmapDaemon
@@ -27,10 +28,6 @@ pytestmark = pytest.mark.slow
 # testpmd's lcores share CPU 0, leaving CPU 1 to vhostmap.
 CPU = 0
 PACKED = ("packed_vq=1",)
-
-
-def _totals(daemon: VhostmapDaemon, port: str) -> dict[str, int]:
-    return daemon.stats()[port]["totals"]  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(
@@ -116,17 +113,7 @@ def test_txonly_through_a_link_from_packed_to_split_arrives_exactly(sock_dir: Pa
             [VirtioUserPort(sock_dir / "a.sock", options=PACKED)], forward_mode="txonly", txpkts=size, cpu=CPU
         ) as tx,
     ):
-        rx.start()
-        tx.start()
-        tx.wait_for_packets(1000, direction="tx", timeout=60)
-        sent = tx.stop()[0].tx_packets
-        got = rx.wait_for_packets(sent, timeout=60)
-        assert got.rx_packets == sent
-        assert got.rx_bytes == sent * size
-        a, b = _totals(daemon, "a"), _totals(daemon, "b")
-        assert a["rx_packets"] == b["tx_packets"] == sent
-        assert a["rx_dropped"] == b["tx_dropped"] == a["errors"] == b["errors"] == 0
-        rx.stop()
+        check_txonly_through_link(daemon, tx, rx, size, 1000)
 
 
 def _virtio_paths(log: str) -> dict[str, str]:
@@ -187,20 +174,7 @@ def test_txonly_through_a_link_between_packed_ports_arrives_exactly(
         if "vectorized=1" in options:
             assert "VIRTIO_F_IN_ORDER" in status["a"]["features"]
             assert "VIRTIO_NET_F_MRG_RXBUF" not in status["a"]["features"]
-        rx.start()
-        tx.start()
-        tx.wait_for_packets(2000, direction="tx", timeout=60)
-        sent = tx.stop()[0].tx_packets
-        got = rx.wait_for_packets(sent, timeout=60)
-        assert got.rx_packets == sent
-        assert got.rx_bytes == sent * size
-        a, b = _totals(daemon, "a"), _totals(daemon, "b")
-        assert a["rx_packets"] == b["tx_packets"] == sent
-        assert a["rx_dropped"] == b["tx_dropped"] == a["errors"] == b["errors"] == 0
-        if queues > 1:
-            used = [q["rx_packets"] > 0 for q in daemon.stats()["a"]["queues"]]
-            assert all(used), f"testpmd spreads over every queue pair: {used}"
-        rx.stop()
+        check_txonly_through_link(daemon, tx, rx, size, 2000, queues)
 
 
 MAC_A, MAC_B = "52:54:00:00:00:0a", "52:54:00:00:00:0b"
