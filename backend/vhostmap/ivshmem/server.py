@@ -65,7 +65,6 @@ class IvshmemEndpoint:
     ) -> None:
         self.handler = handler
         self.path = path
-        self.owner, self.group, self.perm = owner, group, perm
         self._fields = {"port": handler.name}
         self._acceptor = Acceptor(
             path, self._accept, self._accept_paused, owner=owner, group=group, perm=perm
