@@ -42,7 +42,7 @@ from vhostmap.ethernet import ETH_HLEN, ETH_P_ALL
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG, PT_HEARTBEAT_TIMEOUT
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
-from vhostmap_guest.passthrough import PassthroughUnavailable
+from vhostmap_guest.passthrough import PassthroughPort, PassthroughUnavailable
 
 MODES = ("auto", "native", "generic", "passthrough", "socket")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
@@ -341,6 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frame = expected_frame(args, src_mac)
     limits_args = (args.count, args.duration)
     check: Check | None = None
+    extra: dict[str, Any] = {}
     if args.mode == "socket":
         limits = Limits(*limits_args)
         if args.function == "tx":
@@ -367,7 +368,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result, check = receive_checked(port, frame, limits, args.seq, args.idle)
             else:
                 result = receive(port, limits)
-    out = {**result.as_dict(), "driver": mode, "length": args.length}
+        if isinstance(port, PassthroughPort):
+            # Whether the driver slept on the device's interrupt (vfio-pci) or busy-polled, and why.
+            extra = {"sleeps": port.sleeps, "interrupt_problem": port.interrupt_problem}
+    out = {**result.as_dict(), "driver": mode, "length": args.length, **extra}
     if check is not None:
         out["check"] = check.__dict__
     return out
