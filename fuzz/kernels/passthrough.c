@@ -6,7 +6,10 @@
  * producer may: legally. After every call the kernel must have stayed inside the region it was given
  * (AddressSanitizer: every ring, pool and CSB is its own heap block of exactly its size) and left the
  * daemon's state legal: indexes inside the rings, a refused sync changing nothing, what it published to the
- * CSB equal to its kring's hwcur/hwtail. A sync that does not return PT_OK is followed by what the Python
+ * CSB equal to its kring's hwcur/hwtail, and no copy past the room there was: a TX sync takes no more than the
+ * guest handed over ([hwcur, head)) and puts no more in the port's RX kring than it had free; an RX sync
+ * fills no more of the guest's ring than it had free (up to hwcur - 1) and takes as many from the port's
+ * TX kring as it copied, no more than were pending ([hwcur, head)). A sync that does not return PT_OK is followed by what the Python
  * hook does (PassthroughKring.ring_reinit): the guest ring starts again from hwcur. */
 #include "harness.h"
 
@@ -175,20 +178,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (what & 1) {
             struct nm_kring gbefore = gtx.k, pbefore = rx;
             uint64_t frames = gtx.p.frames;
-            uint32_t tail = rx.nr_hwtail;
+            uint32_t gn = gtx.k.bufs.num_slots, rn = rx.bufs.num_slots;
             int32_t ret = pt_take(&gtx.p, &rx, &notify);
             check_sync(ret, &gtx, &gbefore, &rx, &pbefore, notify);
+            if (ret != PT_REFUSED) {
+                uint32_t copied = fz_dist(gbefore.nr_hwcur, gtx.k.nr_hwcur, gn);
+                CHECK(copied <= fz_dist(gbefore.nr_hwcur, gtx.k.rhead, gn)); /* only what was handed over */
+                CHECK(fz_dist(pbefore.nr_hwtail, rx.nr_hwtail, rn) == copied % rn);
+                CHECK(copied <= fz_dist(pbefore.nr_hwtail, fz_prev(pbefore.nr_hwcur, rn), rn)); /* room */
+                CHECK(rx.nr_hwcur == pbefore.nr_hwcur);
+            }
             /* Frames are counted on the port's side of the copy: never more than the slots it filled. */
-            CHECK(gtx.p.frames - frames <= fz_dist(tail, rx.nr_hwtail, rx.bufs.num_slots));
+            CHECK(gtx.p.frames - frames <= fz_dist(pbefore.nr_hwtail, rx.nr_hwtail, rn));
             if (ret != PT_OK)
                 reinit(&gtx);
         } else {
             struct nm_kring gbefore = grx.k, pbefore = tx;
             uint64_t frames = grx.p.frames;
-            uint32_t hwcur = tx.nr_hwcur;
+            uint32_t gn = grx.k.bufs.num_slots, tn = tx.bufs.num_slots;
             int32_t ret = pt_give(&grx.p, &tx, &notify);
             check_sync(ret, &grx, &gbefore, &tx, &pbefore, notify);
-            CHECK(grx.p.frames - frames <= fz_dist(hwcur, tx.nr_hwcur, tx.bufs.num_slots));
+            if (ret != PT_REFUSED) {
+                uint32_t copied = fz_dist(gbefore.nr_hwtail, grx.k.nr_hwtail, gn);
+                /* Room: up to the slot before hwcur, as the guest released it (hwcur = head). */
+                CHECK(copied <= fz_dist(gbefore.nr_hwtail, fz_prev(grx.k.nr_hwcur, gn), gn));
+                CHECK(fz_dist(pbefore.nr_hwcur, tx.nr_hwcur, tn) == copied % tn);
+                CHECK(copied <= fz_dist(pbefore.nr_hwcur, pbefore.rhead, tn)); /* only what was pending */
+            }
+            CHECK(grx.p.frames - frames <= fz_dist(pbefore.nr_hwcur, tx.nr_hwcur, tn));
             if (ret != PT_OK)
                 reinit(&grx);
         }
