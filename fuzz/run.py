@@ -95,6 +95,11 @@ TARGETS = {
             mode=3,
         ),
         Target("switch", "learning switch forwarding (sw_forward)", harness="switch.c", mode=0),
+        Target(
+            "passthrough",
+            "a passthrough port's syncs of a hostile guest's rings and CSB (pt_take, pt_give)",
+            harness="passthrough.c",
+        ),
         Target("tap", "capture taps staging and publishing frames (nm_tap_*)", harness="packets.c", mode=0),
         Target("offload", "offloads done in software (nm_offload_complete)", harness="packets.c", mode=1),
     )

@@ -46,6 +46,12 @@ kv=$(uname -r)
 while read -r module; do
     insmod "/lib/modules/$kv/$module" || say "insmod $module failed"
 done < /etc/modules-load-order
+# vfio-pci and the rest only on a guest with an IOMMU (scripts/guest-kernel, IOMMU_MODULES).
+if grep -qw intel_iommu=on /proc/cmdline && [ -f /etc/modules-load-order-iommu ]; then
+    while read -r module; do
+        insmod "/lib/modules/$kv/$module" || say "insmod $module failed"
+    done < /etc/modules-load-order-iommu
+fi
 
 ip link set lo up
 n=0

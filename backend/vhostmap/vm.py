@@ -33,6 +33,16 @@ of an interface: ``<model type='ivshmem-doorbell'/>``, ``<server path=SOCK/>`` a
 to accept the server's eventfds). The guest finds the port's region as BAR 2 of PCI device 1af4:1110
 (vhostmap_guest ``open("pt:0")``). QEMU connects once, at start, and never reconnects to an ivshmem server:
 start vhostmap first, and restart the domain after a vhostmap restart.
+
+The interrupt of a passthrough port reaches guest userspace only through vfio-pci, which needs an IOMMU in
+the guest (Debian's kernel has no VFIO no-IOMMU mode): ``--iommu`` makes the domain a q35 machine with
+QEMU's intel-iommu and interrupt remapping (``<iommu model='intel'><driver intremap='on'/></iommu>``, which
+libvirt accepts only with ``<ioapic driver='qemu'/>``), and a direct-boot kernel gets ``intel_iommu=on``
+instead of ``pci=nomsi`` (MSI-X must work for the interrupt; the vhost-user NICs keep ``vectors=0``). It is
+on by default for a domain with a passthrough port: without it the guest's driver can only busy-poll, a
+vCPU spinning whenever the application waits; ``--no-iommu`` keeps a pc machine (busy polling, PCI
+hot-plug through ACPI: a q35 domain hot-plugs into PCIe root ports, of which libvirt adds only those the
+defined devices need). A disk-booted guest must add ``intel_iommu=on`` to its own command line.
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ ALIAS_PREFIX = "ua-vhostmap-"  # libvirt keeps user aliases ("ua-...") across de
 RECONNECT_SECONDS = 1
 TCG_GLOBAL = "virtio-net-pci.vectors=0"
 TCG_CMDLINE = "pci=nomsi"
+IOMMU_CMDLINE = "intel_iommu=on"  # the guest kernel uses QEMU's intel-iommu (vfio-pci needs it)
 DEFAULT_CMDLINE = "console=ttyS0"
 DEFAULT_MTU = 1500  # what a virtio-net guest uses when the device does not say
 DETACH_TIMEOUT = 30.0
@@ -194,6 +205,7 @@ class DomainSpec:
     disks: tuple[str, ...] = ()
     console_log: str | None = None
     tcg: bool = True
+    iommu: bool = False  # q35 with intel-iommu and interrupt remapping (module docstring)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -208,10 +220,12 @@ class DomainSpec:
             raise VmError("at most 26 disks (vda..vdz)")
 
     def kernel_cmdline(self) -> str:
-        """The kernel command line: as given (default ``console=ttyS0``), plus ``pci=nomsi`` under TCG."""
+        """The kernel command line: as given (default ``console=ttyS0``), plus ``pci=nomsi`` under TCG, or
+        ``intel_iommu=on`` with an IOMMU (whose interrupts are MSI-X: they must stay on)."""
         words = (self.cmdline if self.cmdline is not None else DEFAULT_CMDLINE).split()
-        if self.tcg and TCG_CMDLINE not in words:
-            words.append(TCG_CMDLINE)
+        extra = IOMMU_CMDLINE if self.iommu else TCG_CMDLINE if self.tcg else None
+        if extra is not None and extra not in words:
+            words.append(extra)
         return " ".join(words)
 
 
@@ -234,7 +248,7 @@ def domain_element(spec: DomainSpec, ports: Sequence[PortInfo]) -> ET.Element:
     os_type = ET.SubElement(os_el, "type")
     if platform.machine() == "x86_64":
         os_type.set("arch", "x86_64")
-        os_type.set("machine", "pc")
+        os_type.set("machine", "q35" if spec.iommu else "pc")
     os_type.text = "hvm"
     if spec.kernel is not None:
         ET.SubElement(os_el, "kernel").text = os.path.abspath(spec.kernel)
@@ -244,7 +258,11 @@ def domain_element(spec: DomainSpec, ports: Sequence[PortInfo]) -> ET.Element:
     elif spec.disks:
         ET.SubElement(os_el, "boot", dev="hd")
     # PCI hot-plug on a pc machine goes through ACPI.
-    ET.SubElement(ET.SubElement(domain, "features"), "acpi")
+    features = ET.SubElement(domain, "features")
+    ET.SubElement(features, "acpi")
+    if spec.iommu:
+        # Interrupt remapping needs QEMU's own I/O APIC (libvirt refuses intremap without it).
+        ET.SubElement(features, "ioapic", driver="qemu")
     # vhost-user maps guest RAM in the backend: it must be a shareable fd.
     backing = ET.SubElement(domain, "memoryBacking")
     ET.SubElement(backing, "source", type="memfd")
@@ -269,6 +287,9 @@ def domain_element(spec: DomainSpec, ports: Sequence[PortInfo]) -> ET.Element:
         if port.passthrough:
             devices.append(shmem_element(port))
     ET.SubElement(devices, "memballoon", model="none")
+    if spec.iommu:
+        iommu = ET.SubElement(devices, "iommu", model="intel")
+        ET.SubElement(iommu, "driver", intremap="on")
     if spec.tcg:
         commandline = ET.SubElement(domain, _q("commandline"))
         for value in ("-global", TCG_GLOBAL):
@@ -501,6 +522,13 @@ def add_vm_parser(sub: Any) -> None:
             default=True,
             help="run without KVM, with the vectors=0 workaround QEMU 7.2 needs there (default on)",
         )
+        p.add_argument(
+            "--iommu",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="q35 with intel-iommu (interrupt remapping), for a passthrough port's interrupt through "
+            "vfio-pci in the guest (default: on when a port is a passthrough port)",
+        )
 
     xml = vsub.add_parser("xml", help="print a libvirt domain matching running port(s)")
     domain(xml)
@@ -561,6 +589,7 @@ def _domain_from_args(args: argparse.Namespace) -> tuple[DomainSpec, list[PortIn
         disks=tuple(args.disk),
         console_log=args.console_log,
         tcg=args.tcg,
+        iommu=any(p.passthrough for p in ports) if args.iommu is None else args.iommu,
     )
     _warn_access(ports)
     return spec, ports

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+from vhostmap.netmap.abi import PT_HEARTBEAT_TIMEOUT
 from vhostmap.netmap.user import NetmapPort, parse_port_spec
 from vhostmap_guest.driver import NativeUnavailable, open_native
 from vhostmap_guest.generic import open_generic
@@ -41,11 +42,14 @@ def open(
     *,
     pairs: int | None = None,
     interrupts: bool = True,
+    heartbeat_timeout: float = PT_HEARTBEAT_TIMEOUT,
 ) -> AdapterPort | PassthroughPort:
     """Open the guest interface ``name`` (nm_open syntax) in ``mode``; returns a NetmapPort.
 
     ``pairs`` (native): queue pairs to run, default all. ``interrupts`` (native, passthrough): poll sleeps on
-    the device's interrupt (passthrough: when vfio-pci can have the device); False busy-polls. "auto" falls
+    the device's interrupt (passthrough: when vfio-pci can have the device); False busy-polls.
+    ``heartbeat_timeout`` (passthrough): seconds the daemon's heartbeat may stand still while ``poll`` waits
+    before it raises PassthroughGone (a daemon SIGKILLed or hung). "auto" falls
     back to generic mode only when native mode cannot work at all
     (`NativeUnavailable`: no modern virtio-net device, no uio_pci_generic, not root); a failure while the
     device is being set up is raised (the device given back to the kernel first).
@@ -54,7 +58,7 @@ def open(
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     spec = parse_port_spec(name)
     if mode == "passthrough" or spec.switch == "pt":
-        return open_passthrough(name, spec, interrupts=interrupts)
+        return open_passthrough(name, spec, interrupts=interrupts, heartbeat_timeout=heartbeat_timeout)
     if spec.switch is not None:
         raise ValueError(f"{name!r}: a guest has no switches (VALE ports are on the host)")
     if mode in ("auto", "native"):

@@ -16,6 +16,13 @@ vfio-pci (vfio.py), ``open_passthrough`` opens the device through it and ``poll`
 eventfd, asking for it through ``appl_need_kick`` and looking again before sleeping, as netmap's ptnet driver
 does; elsewhere (no IOMMU: Debian's kernel has no VFIO no-IOMMU mode) it maps the BARs through sysfs and
 ``poll`` spins.
+
+A daemon that stops writes the header's ``gone`` word, seen on the next sync. One SIGKILLed or hung cannot,
+but its heartbeat (the header's ``heartbeat`` word, advanced by its control loop every
+PT_HEARTBEAT_INTERVAL seconds) stands still: a ``poll`` that finds nothing ready looks at it, and once it has
+not moved for ``heartbeat_timeout`` seconds (PT_HEARTBEAT_TIMEOUT by default) raises PassthroughGone saying
+the daemon stopped answering, instead of waiting forever. A sleep on the interrupt is cut into slices of at
+most half that timeout for the look.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from vhostmap.netmap.abi import NR_REG_ALL_NIC, NR_REG_ONE_NIC, CsbView, PtRegionView, Region
+from vhostmap.netmap.abi import (
+    NR_REG_ALL_NIC,
+    NR_REG_ONE_NIC,
+    PT_HEARTBEAT_TIMEOUT,
+    CsbView,
+    PtRegionView,
+    Region,
+)
 from vhostmap.netmap.errors import RegionError
 from vhostmap.netmap.user import POLLIN, POLLOUT, PortSpec, UserRing, ready_events
 from vhostmap_guest.vfio import VfioPtDevice, VfioUnavailable
@@ -49,9 +63,9 @@ class PassthroughUnavailable(RuntimeError):
 
 
 class PassthroughGone(PassthroughUnavailable):
-    """The daemon let go of the port's region (it stopped, or released this guest): nothing syncs the rings
-    any more. QEMU never reconnects to an ivshmem server, so the guest gets the port back only once its QEMU
-    restarted with the daemon running."""
+    """The daemon let go of the port's region (it stopped, or released this guest), or stopped answering (its
+    heartbeat stood still: SIGKILLed or hung): nothing syncs the rings any more. QEMU never reconnects to an
+    ivshmem server, so the guest gets the port back only once its QEMU restarted with the daemon running."""
 
 
 def ivshmem_devices(sysfs: Path = SYSFS_PCI) -> list[str]:
@@ -112,7 +126,8 @@ class PassthroughPort:
     """A NetmapPort (vhostmap.netmap.user) over a passthrough region ``region``: the rings ``spec`` names
     (all pairs, or one), synced through their CSB entries; ``doorbell`` kicks the daemon. ``release`` runs
     once at close (unmapping the device). With ``irq_fd`` (an eventfd the daemon's interrupt reaches:
-    vfio.VfioPtDevice) ``poll`` sleeps on it; without, it busy-polls."""
+    vfio.VfioPtDevice) ``poll`` sleeps on it; without, it busy-polls. ``heartbeat_timeout``: seconds of a
+    still heartbeat after which a waiting ``poll`` raises PassthroughGone (module docstring)."""
 
     def __init__(
         self,
@@ -123,7 +138,10 @@ class PassthroughPort:
         spec: PortSpec | None = None,
         release: Callable[[], None] | None = None,
         irq_fd: int | None = None,
+        heartbeat_timeout: float = PT_HEARTBEAT_TIMEOUT,
     ) -> None:
+        if heartbeat_timeout <= 0:
+            raise ValueError(f"{name}: heartbeat_timeout must be positive, not {heartbeat_timeout}")
         self.name = name
         self.mode = "passthrough"
         self.irq_fd = irq_fd
@@ -134,6 +152,9 @@ class PassthroughPort:
         self._release = release
         self.kicks = 0
         self._check_served()
+        self.heartbeat_timeout = heartbeat_timeout
+        # The heartbeat last seen, and when it was first seen at that value (this guest's monotonic clock).
+        self._beat = (int(self.view.header.heartbeat), time.monotonic())
         nifp, buffers = self.view.nifp, self.view.buffers
         pairs = range(min(len(nifp.tx_rings), len(nifp.rx_rings)))
         if spec is not None and spec.mode == NR_REG_ONE_NIC:
@@ -175,6 +196,19 @@ class PassthroughPort:
                 f"generation {self.generation}): restart the VM once the daemon runs again"
             )
 
+    def _check_alive(self) -> None:
+        """PassthroughGone if the daemon's heartbeat stood still for ``heartbeat_timeout`` seconds."""
+        beat, since = self._beat
+        now, current = time.monotonic(), int(self.view.header.heartbeat)
+        if current != beat:
+            self._beat = (current, now)
+        elif now - since > self.heartbeat_timeout:
+            raise PassthroughGone(
+                f"{self.name}: the vhostmap daemon stopped answering (its heartbeat has not moved for "
+                f"{now - since:.1f} s: SIGKILLed or hung; generation {self.generation}): restart the VM once "
+                f"the daemon runs again"
+            )
+
     def _sync(self, rings: Sequence[UserRing]) -> None:
         self._check_served()  # one load per sync
         kick = False
@@ -208,19 +242,24 @@ class PassthroughPort:
 
     def poll(self, events: int = POLLIN, timeout: float | None = None) -> int:
         """Sync until ``events`` are ready or ``timeout`` seconds passed: sleeping on the interrupt with
-        ``irq_fd``, spinning without."""
+        ``irq_fd``, spinning without. PassthroughGone once the daemon let go of the port or its heartbeat
+        stood still for ``heartbeat_timeout`` seconds while nothing was ready."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.txsync()
             self.rxsync()
             ready = ready_events(self, events)
+            if ready:
+                return ready
+            self._check_alive()  # only when waiting: a daemon moving the rings is alive
             left = None if deadline is None else deadline - time.monotonic()
-            if ready or (left is not None and left <= 0):
+            if left is not None and left <= 0:
                 return ready
             if self.irq_fd is None:
                 time.sleep(0)  # let other threads run; the daemon is in another VM's host anyway
                 continue
-            self._sleep(events, left)
+            slice_ = self.heartbeat_timeout / 2
+            self._sleep(events, slice_ if left is None else min(left, slice_))
 
     def _sleep(self, events: int, timeout: float | None) -> None:
         """netmap's CSB-mode sleep: ask for interrupts on the rings waited on (appl_need_kick), sync and look
@@ -262,13 +301,18 @@ class PassthroughPort:
 
 
 def open_passthrough(
-    name: str, spec: PortSpec, sysfs: Path = SYSFS_PCI, *, interrupts: bool = True
+    name: str,
+    spec: PortSpec,
+    sysfs: Path = SYSFS_PCI,
+    *,
+    interrupts: bool = True,
+    heartbeat_timeout: float = PT_HEARTBEAT_TIMEOUT,
 ) -> PassthroughPort:
     """Open ``name``, ``pt:N``: the N-th ivshmem device holding a vhostmap passthrough region, in PCI address
     order (``pt:N-R``: its ring pair R only); PassthroughUnavailable if there is no such device. With
     ``interrupts`` the device is opened through vfio-pci when the guest can (an IOMMU, the vfio-pci module:
     vfio.py), and ``poll`` sleeps on its MSI-X interrupt; otherwise through sysfs, busy-polling
-    (``interrupt_problem`` on the port says why)."""
+    (``interrupt_problem`` on the port says why). ``heartbeat_timeout``: see PassthroughPort."""
     if spec.switch != "pt" or not spec.port.isdigit():
         raise ValueError(f"{name!r}: passthrough ports are named pt:N (the N-th ivshmem device)")
     index, candidates = int(spec.port), ivshmem_devices(sysfs)
@@ -315,6 +359,7 @@ def open_passthrough(
             spec=spec,
             release=opened.close,
             irq_fd=irq_fd,
+            heartbeat_timeout=heartbeat_timeout,
         )
     except BaseException:
         opened.close()

@@ -39,10 +39,10 @@ import numpy as np
 from vhostmap import ethernet
 from vhostmap.apps.pktgen import Limits, Result, receive, transmit
 from vhostmap.ethernet import ETH_HLEN, ETH_P_ALL
-from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG
+from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG, PT_HEARTBEAT_TIMEOUT
 from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
-from vhostmap_guest.passthrough import PassthroughUnavailable
+from vhostmap_guest.passthrough import PassthroughPort, PassthroughUnavailable
 
 MODES = ("auto", "native", "generic", "passthrough", "socket")
 # Where --seq puts the frame number: the first 4 bytes of the UDP payload.
@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=None, help="native: queue pairs to run (default all)")
     p.add_argument(
         "--busy", action="store_true", help="native, passthrough: busy-poll instead of sleeping on interrupts"
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=PT_HEARTBEAT_TIMEOUT,
+        help="passthrough: seconds of a still daemon heartbeat before giving up (default %(default)s)",
     )
     p.add_argument("--seq", action="store_true", help="tx: number the frames; rx (with --check): expect them")
     p.add_argument("--check", action="store_true", help="rx: compare every frame with the one expected")
@@ -318,7 +324,13 @@ def open_port(args: argparse.Namespace) -> tuple[NetmapPort, str]:
     """The port ``args`` ask for, and the mode it was opened in."""
     import vhostmap_guest
 
-    port = vhostmap_guest.open(args.interface, args.mode, pairs=args.pairs, interrupts=not args.busy)
+    port = vhostmap_guest.open(
+        args.interface,
+        args.mode,
+        pairs=args.pairs,
+        interrupts=not args.busy,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
     return port, port.mode
 
 
@@ -329,6 +341,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     frame = expected_frame(args, src_mac)
     limits_args = (args.count, args.duration)
     check: Check | None = None
+    extra: dict[str, Any] = {}
     if args.mode == "socket":
         limits = Limits(*limits_args)
         if args.function == "tx":
@@ -355,7 +368,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result, check = receive_checked(port, frame, limits, args.seq, args.idle)
             else:
                 result = receive(port, limits)
-    out = {**result.as_dict(), "driver": mode, "length": args.length}
+        if isinstance(port, PassthroughPort):
+            # Whether the driver slept on the device's interrupt (vfio-pci) or busy-polled, and why.
+            extra = {"sleeps": port.sleeps, "interrupt_problem": port.interrupt_problem}
+    out = {**result.as_dict(), "driver": mode, "length": args.length, **extra}
     if check is not None:
         out["check"] = check.__dict__
     return out

@@ -1,6 +1,8 @@
 """libvirt domains on vhostmap ports, through ``vhostmap vm`` and the real libvirtd (scripts/setup starts it).
 
-A domain defined from ``vhostmap vm xml`` boots and pings a lab guest through a link; an interface hot-plugged
+A domain defined from ``vhostmap vm xml`` boots and pings a lab guest through a link (with one queue it also
+holds a passthrough port, which makes it a q35 machine with an emulated IOMMU: the guest gets an ivshmem
+device it can hand to vfio-pci, the way to the port's MSI-X interrupt); an interface hot-plugged
 with ``vhostmap vm attach`` becomes a working port and ``vm detach`` removes it cleanly; with QEMU listening
 (vhostmap the client), vhostmap restarts under a running domain without the guest rebooting.
 
@@ -167,11 +169,15 @@ def boot_id(channel: CommandChannel) -> str:
 def test_domain_from_vm_xml_boots_and_pings_a_lab_guest_through_a_link(
     guest_kernel: GuestKernel, sock_dir: Path, domains: Domains, queues: int
 ) -> None:
-    """Port a: jumbo MTU, vhostmap listening (the domain's QEMU connects, and would reconnect)."""
+    """Port a: jumbo MTU, vhostmap listening (the domain's QEMU connects, and would reconnect). With one
+    queue, passthrough port pt0 too: vm xml makes the domain q35 with intel-iommu (interrupt remapping)."""
     ports = [
         f"a=vhost-user,path={sock_dir}/a.sock,mode=server,mac={MAC_A},queues={queues},mtu=9000",
         f"b=vhost-user,path={sock_dir}/b.sock,mode=server,mac={MAC_B},mtu=9000",
     ]
+    passthrough = queues == 1
+    if passthrough:
+        ports.append(f"pt0=passthrough,path={sock_dir}/pt0.sock,slots=256")
     name = domains.name("a")
     console = sock_dir / "console-a.log"
     with VhostmapDaemon(sock_dir, ports, ["a,b"]) as daemon:
@@ -181,7 +187,8 @@ def test_domain_from_vm_xml_boots_and_pings_a_lab_guest_through_a_link(
             return f"--- console ---\n{tail(console_text)}\n{domains.qemu_log(name)}\n{daemon.diagnostics()}"
 
         xml = vhostmap(
-            *("vm", "xml", "a", "--control", daemon.control, "--name", name, "--vcpus", str(queues)),
+            *("vm", "xml", "a", *(["pt0"] if passthrough else [])),
+            *("--control", daemon.control, "--name", name, "--vcpus", str(queues)),
             *("--kernel", str(guest_kernel.vmlinux), "--initrd", str(guest_kernel.initrd)),
             *("--cmdline", lab_cmdline(f"vhostmap.ip={IP_A}/24"), "--console-log", str(console)),
         )
@@ -201,6 +208,9 @@ def test_domain_from_vm_xml_boots_and_pings_a_lab_guest_through_a_link(
         device = find(overrides, f"{{{QEMU_NS}}}device[@alias='{interface_alias('a')}']")
         props = {p.get("name"): p.get("value") for p in device.iter(f"{{{QEMU_NS}}}property")}
         assert props == {"vectors": "0", "host_mtu": "9000"}
+        if passthrough:
+            assert find(domain, "os/type").get("machine") == "q35"
+            assert find(domain, "devices/iommu/driver").get("intremap") == "on"
         with (
             CommandChannel(sock_dir / "chan-a.sock", details) as a,
             lab_guest_b(guest_kernel, sock_dir, 9000) as b,
@@ -221,7 +231,29 @@ def test_domain_from_vm_xml_boots_and_pings_a_lab_guest_through_a_link(
             assert stats["a"]["totals"]["rx_packets"] >= 5
             assert stats["a"]["totals"]["errors"] == stats["b"]["totals"]["errors"] == 0
             assert stats["a"]["broken"] is None
+            if passthrough:
+                the_guest_can_give_its_passthrough_device_to_vfio_pci(a, daemon)
             b.poweroff()
+
+
+def the_guest_can_give_its_passthrough_device_to_vfio_pci(
+    guest: CommandChannel, daemon: VhostmapDaemon
+) -> None:
+    """libvirt started the domain with the IOMMU and the ivshmem device: QEMU holds pt0, the guest kernel
+    found the IOMMU (and, booted with intel_iommu=on, loaded vfio-pci), and the device binds to vfio-pci,
+    which gives it a VFIO group: what vhostmap_guest's driver opens to sleep on the port's interrupt."""
+    daemon.wait_connected("pt0")
+    assert daemon.stats()["pt0"]["passthrough"]["attached"]
+    assert "dmar" in guest.run("ls /sys/class/iommu", check=True).output
+    bind = (
+        "for d in /sys/bus/pci/devices/*; do "
+        'if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1110 ]; then '
+        "echo vfio-pci > $d/driver_override; echo ${d##*/} > /sys/bus/pci/drivers_probe; "
+        "basename $(readlink $d/iommu_group); basename $(readlink $d/driver); fi; done"
+    )
+    group, driver = guest.run(bind, check=True).output.split()
+    assert driver == "vfio-pci"
+    assert group in guest.run("ls /dev/vfio", check=True).output.split()
 
 
 def test_hot_plugged_interface_becomes_a_working_port_and_unplugs_cleanly(

@@ -17,6 +17,9 @@ what the guest sends and sends what the guest must receive. In that boot:
   works again;
 - the daemon stopping is reported to the guest: its waiting receiver stops with PassthroughGone (the
   header's ``gone`` word; QEMU never reconnects to an ivshmem server);
+- a daemon SIGKILLed is reported too: a second daemon serves a second ivshmem device (``pt:1``, port ``pt1``);
+  killed while a guest receiver waits on it, it writes nothing, and the receiver stops with PassthroughGone
+  once the header's heartbeat stood still for its timeout;
 - with the daemon started again, a QEMU killed releases the port and the next QEMU gets it (a fresh region,
   generation 2); these two QEMUs run no guest (the device connects when QEMU starts).
 """
@@ -28,6 +31,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +53,7 @@ from vhostmap.netmap.abi import (
     CSB_ENTRY_SIZE,
     CSB_HALF_SIZE,
     IF_HEADER_SIZE,
+    PT_HEARTBEAT_INTERVAL,
     PT_MAGIC,
     PT_VERSION,
     RING_HEADER_SIZE,
@@ -68,8 +73,8 @@ FIND_BARS = (
     "for d in /sys/bus/pci/devices/*; do "
     'if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1110 ]; then '
     "set -- $(sed -n 1p $d/resource) $(sed -n 3p $d/resource); "
-    'echo "$1 $4 $(stat -c %s $d/resource2)"; fi; done'
-)
+    'echo "$1 $4 $(stat -c %s $d/resource2)"; break; fi; done'
+)  # the first device only, pt:0 (in address order, as the guest driver counts them)
 # BAR 0 registers (ivshmem-spec.rst): IVPosition (the guest's ID) and Doorbell (peer << 16 | vector).
 IVPOSITION, DOORBELL = 8, 12
 MAC = "52:54:00:00:00:0c"
@@ -79,6 +84,8 @@ LENGTH = 60
 N_TX, N_RX = 10000, 3000
 MODES = ("socket", "generic", "native", "passthrough")
 HOST_TIMEOUT = 120.0  # seconds the host's side of a run may take at most
+# The guest receiver's heartbeat timeout on pt:1 (the daemon SIGKILLed): short, the test waits for it.
+KILLED_TIMEOUT = 2.0
 ETH_P_IP = b"\x08\x00"
 
 # The guest side of a plan: one Python process runs pkt-gen (vhostmap_guest.pktgen.run) once per entry of
@@ -119,6 +126,7 @@ class Lab:
     pt: ClientPort
     share: Path
     pt_sock: Path
+    killed: VhostmapDaemon  # the second daemon, serving pt1 (the guest's pt:1), to be SIGKILLed
 
     def port(self, mode: str) -> ClientPort:
         return self.pt if mode == "passthrough" else self.g
@@ -143,7 +151,9 @@ def lab(python_image: GuestImage, sock_dir: Path) -> Iterator[Lab]:
         f"pt0=passthrough,path={pt_sock},slots={SLOTS}",
         f"g=vhost-user,path={g_sock},mode=server,mac={MAC}",
     ]
-    with VhostmapDaemon(workdir, ports) as daemon:
+    pt1_sock = workdir / "pt1.sock"
+    killed = VhostmapDaemon(workdir, [f"pt1=passthrough,path={pt1_sock},slots={SLOTS}"], name="killed")
+    with VhostmapDaemon(workdir, ports) as daemon, killed:
         guest = QemuGuest(
             [Nic(g_sock, MAC, options=guestbench.QUEUE_OPTIONS)],
             kernel=image.kernel(),
@@ -154,11 +164,14 @@ def lab(python_image: GuestImage, sock_dir: Path) -> Iterator[Lab]:
             extra_args=[
                 "-chardev", f"socket,id=iv0,path={pt_sock}",
                 "-device", "ivshmem-doorbell,chardev=iv0,vectors=1",
+                "-chardev", f"socket,id=iv1,path={pt1_sock}",
+                "-device", "ivshmem-doorbell,chardev=iv1,vectors=1",
             ],
         )  # fmt: skip
         with guest, client.open("g", daemon.control) as g, client.open("pt0", daemon.control) as pt:
             guest.wait_ready()
             daemon.wait_connected("pt0")
+            killed.wait_connected("pt1")
             guest.wait_carrier("eth0")
             # No IPv6 chatter from the guest kernel: the host compares every frame it receives.
             guest.run(
@@ -172,7 +185,7 @@ def lab(python_image: GuestImage, sock_dir: Path) -> Iterator[Lab]:
                 for ring in app.rx_rings:
                     ring.advance(len(ring.receive()))
                 app.rxsync()
-            yield Lab(daemon, guest, g, pt, share, pt_sock)
+            yield Lab(daemon, guest, g, pt, share, pt_sock, killed)
 
 
 def expected(count: int, mac: bytes) -> list[bytes]:
@@ -251,6 +264,10 @@ def four_modes_move_exact_frames(
     plan.append(["after-tx", pktgen_argv("after-tx", "passthrough", "tx", 1000), True])
     # Then a receiver that is waiting when the daemon stops.
     plan.append(["gone-rx", pktgen_argv("gone-rx", "passthrough", "rx", 1000), True])
+    # And one waiting on the second daemon's port when that daemon is SIGKILLed.
+    killed = pktgen_argv("killed-rx", "passthrough", "rx", 1000)
+    killed[killed.index("pt:0")] = "pt:1"
+    plan.append(["killed-rx", [*killed, "--heartbeat-timeout", str(KILLED_TIMEOUT)], True])
     (lab.share / "plan.json").write_text(json.dumps(plan))
     before = {name: lab.daemon.stats()[name]["queues"][0] for name in ("g", "pt0")}
     (lab.share / "plan.py").write_text(PLAN_SCRIPT)
@@ -419,6 +436,22 @@ def the_daemon_stopping_is_reported_to_the_guest(lab: Lab) -> None:
     lab.daemon.start()
 
 
+def a_sigkilled_daemon_is_reported_to_the_guest_by_its_heartbeat(lab: Lab) -> None:
+    (lab.share / "go-killed-rx").touch()
+    ready = lab.share / "ready-killed-rx"
+    wait_until(ready.exists, 60, "the guest's receiver on pt:1", details=lab.guest.diagnostics)
+    assert lab.killed.stats()["pt1"]["passthrough"]["attached"]
+    lab.killed.kill()  # no gone word: the heartbeat just stops
+    killed_at = time.monotonic()
+    out = lab.share / "killed-rx.json"
+    wait_until(out.exists, 30, "the guest's receiver on pt:1 to stop", details=lab.guest.diagnostics)
+    took = time.monotonic() - killed_at
+    error = str(json.loads(out.read_text()).get("error", ""))
+    assert "PassthroughGone" in error and "the vhostmap daemon stopped answering" in error, error
+    # Not before the timeout (the daemon was alive until the kill); a TCG guest's Python may add seconds.
+    assert took >= KILLED_TIMEOUT - PT_HEARTBEAT_INTERVAL, took
+
+
 def bare_qemu(lab: Lab) -> subprocess.Popen[bytes]:
     """A QEMU with pt0's device and no guest (paused): the device connects when QEMU starts."""
     return subprocess.Popen(
@@ -460,4 +493,5 @@ def test_one_boot_four_modes_a_hostile_guest_a_daemon_stop_and_qemu_killed(
     assert all(rate > 0 for rate in rates.values()), rates
     a_hostile_guest_is_reinitialised_while_its_nic_keeps_forwarding(lab)
     the_daemon_stopping_is_reported_to_the_guest(lab)
+    a_sigkilled_daemon_is_reported_to_the_guest_by_its_heartbeat(lab)
     a_killed_qemu_releases_the_port_and_the_next_one_gets_it(lab)

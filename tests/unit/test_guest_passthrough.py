@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +19,9 @@ from test_switch_daemon import frame as switch_frame
 
 from conftest import FRAME, RunningDaemon, StartDaemon
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID
-from vhostmap.netmap.abi import Region, map_region
+from vhostmap.lab.daemon import VhostmapDaemon
+from vhostmap.netmap.abi import PT_HEARTBEAT_INTERVAL, PtHeader, Region, map_region
+from vhostmap.netmap.passthrough import GuestRegion
 from vhostmap.netmap.user import POLLIN, POLLOUT, parse_port_spec
 from vhostmap_guest import open as guest_open
 from vhostmap_guest.passthrough import (
@@ -258,3 +262,76 @@ def test_with_an_interrupt_poll_sleeps_until_the_daemon_raises_it(
         assert got.frames() == out
         # The flag is down again once awake: a busy receiver costs the daemon no interrupts.
         assert port.csb(port.rx_rings[0]).atok.appl_need_kick == 0
+
+
+def test_a_daemon_serving_the_port_advances_its_heartbeat(guest: tuple[RunningDaemon, FakePtGuest]) -> None:
+    d, g = guest
+    at = PtHeader.heartbeat.offset
+    beats = g.region.array[at : at + 4].view("<u4")  # a view of the region's array: nothing to release
+    first = int(beats[0])
+    d.wait(lambda: int(beats[0]) >= first + 3, "three heartbeats")
+
+
+def test_a_heartbeat_that_stands_still_stops_a_waiting_driver_and_one_that_moves_does_not() -> None:
+    region = GuestRegion("pt0", num_rings=1, num_slots=SLOTS, buf_size=2048, doorbell=(0, 0), generation=1)
+    try:
+        mm = region.memory.region.mm
+        port = PassthroughPort("pt:0", Region(mm), lambda: None, release=lambda: None, heartbeat_timeout=0.5)
+        with pytest.raises(ValueError, match="heartbeat_timeout"):
+            PassthroughPort("pt:0", Region(mm), lambda: None, heartbeat_timeout=0)
+        # A beating daemon with nothing to say: poll waits its whole timeout, well past heartbeat_timeout.
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(0.05):
+                region.beat()
+
+        beater = threading.Thread(target=beat)
+        beater.start()
+        try:
+            start = time.monotonic()
+            assert port.poll(POLLIN, 1.5) == 0
+            assert time.monotonic() - start >= 1.5
+        finally:
+            stop.set()
+            beater.join()
+        # No beat any more (a SIGKILLed daemon): the wait ends with a clear error after about the timeout.
+        start = time.monotonic()
+        with pytest.raises(
+            PassthroughGone, match=r"pt:0: the vhostmap daemon stopped answering .*SIGKILLed or hung"
+        ):
+            port.poll(POLLIN, 30.0)
+        assert 0.4 <= time.monotonic() - start < 5.0  # the last beat came up to 0.05 s before ``start``
+        # Ready rings are no wait: poll returns them without looking at the heartbeat.
+        assert port.poll(POLLOUT, 0.0) & POLLOUT
+        port.close()
+        del port, mm
+    finally:
+        region.close()
+
+
+def test_a_sigkilled_daemon_is_reported_by_its_still_heartbeat(sock_dir: Path) -> None:
+    """A daemon that cannot write ``gone`` (SIGKILL): the driver of a guest waiting on the port gives up
+    after its heartbeat timeout instead of waiting forever."""
+    path = sock_dir / "pt0.sock"
+    with VhostmapDaemon(sock_dir, [f"pt0=passthrough,path={path},slots={SLOTS}"]) as daemon:
+        g = FakePtGuest(str(path))
+        try:
+            port = PassthroughPort(
+                "pt:0",
+                Region(g.region.mm),
+                lambda: os.eventfd_write(g.doorbell, 1),
+                release=lambda: None,
+                heartbeat_timeout=1.0,
+            )
+            with port:
+                # Alive: a wait longer than the timeout ends with nothing, not an error.
+                assert port.poll(POLLIN, 3 * PT_HEARTBEAT_INTERVAL + 1.0) == 0
+                daemon.kill()
+                start = time.monotonic()
+                with pytest.raises(PassthroughGone, match="stopped answering"):
+                    port.poll(POLLIN, 30.0)
+                assert time.monotonic() - start < 10.0
+                assert not port.view.header.gone  # nobody wrote it: only the heartbeat told
+        finally:
+            g.close()

@@ -126,8 +126,17 @@ def test_domains_validate_against_libvirts_schema(tmp_path: Path) -> None:
     bad.write_text(good.read_text().replace('packed="on"', 'packed="maybe"'))
     bad_shmem = tmp_path / "bad-shmem.xml"
     bad_shmem.write_text(good.read_text().replace('"ivshmem-doorbell"', '"ivshmem-bell"'))
+    # The q35 domain with an IOMMU (--iommu); a model or an ioapic driver the schema does not know fails.
+    iommu = tmp_path / "iommu.xml"
+    iommu.write_text(to_xml(domain_element(dataclasses.replace(spec, iommu=True), ports)))
+    assert 'model="intel"' in iommu.read_text() and 'driver="qemu"' in iommu.read_text()
+    bad_iommu = tmp_path / "bad-iommu.xml"
+    bad_iommu.write_text(iommu.read_text().replace('model="intel"', 'model="amd-vi"'))
+    bad_ioapic = tmp_path / "bad-ioapic.xml"
+    bad_ioapic.write_text(iommu.read_text().replace('<ioapic driver="qemu"', '<ioapic driver="split"'))
     assert VALIDATOR is not None
-    for path, valid in ((good, True), (bad, False), (bad_shmem, False)):
+    cases = [(good, True), (bad, False), (bad_shmem, False), (iommu, True), (bad_iommu, False)]
+    for path, valid in [*cases, (bad_ioapic, False)]:
         result = subprocess.run([VALIDATOR, str(path), "domain"], capture_output=True, text=True)
         assert ("fails to validate" not in result.stderr + result.stdout) is valid, result.stderr
         assert (result.returncode == 0) is valid, result.stderr
@@ -193,6 +202,26 @@ def test_tcg_domain_boots_the_kernel_with_shared_memfd_and_no_msix_anywhere(tmp_
         "ua-vhostmap-vm0": {"vectors": "0", "host_mtu": "9000"},
         "ua-vhostmap-vm1": {"vectors": "0"},
     }
+
+
+def test_an_iommu_domain_is_q35_with_interrupt_remapping_and_keeps_msi_on() -> None:
+    spec = DomainSpec("vm", kernel="/k", iommu=True)
+    domain = reparse(domain_element(spec, [LISTENING, PASSTHROUGH]))
+    assert at(domain, "os/type").get("machine") == "q35"
+    assert at(domain, "features/ioapic").attrib == {"driver": "qemu"}
+    assert at(domain, "features/acpi") is not None
+    iommu = at(domain, "devices/iommu")
+    assert iommu.attrib == {"model": "intel"} and at(iommu, "driver").attrib == {"intremap": "on"}
+    # MSI-X is the interrupt's only way in: no pci=nomsi; the guest kernel uses the IOMMU.
+    assert domain.findtext("os/cmdline") == "console=ttyS0 intel_iommu=on"
+    # The vhost-user NIC keeps its TCG workaround; the shmem is there as without an IOMMU.
+    assert overrides(domain)["ua-vhostmap-vm0"]["vectors"] == "0"
+    assert at(domain, "devices/shmem").get("name") == "vhostmap-pt0"
+    # Without: a pc machine, nothing of the above.
+    plain = reparse(domain_element(DomainSpec("vm", kernel="/k"), [LISTENING, PASSTHROUGH]))
+    assert at(plain, "os/type").get("machine") == "pc"
+    assert plain.find("devices/iommu") is None and plain.find("features/ioapic") is None
+    assert plain.findtext("os/cmdline") == "console=ttyS0 pci=nomsi"
 
 
 def test_kvm_domain_has_no_tcg_workaround_and_overrides_only_the_mtu() -> None:
@@ -437,6 +466,15 @@ def test_vm_xml_adds_a_passthrough_ports_shmem_and_attach_refuses_it(daemon: Vho
     assert at(shmem, "server").get("path") == str(Path(daemon.control).parent / "pt0.sock")
     rc, out, err = run_cli("vm", "xml", "--interface-only", "pt0", "--control", daemon.control)
     assert rc == 0 and ET.fromstring(out).tag == "shmem", err
+    # A domain with a passthrough port gets the IOMMU its interrupt needs, unless told not to; others not.
+    assert at(domain, "devices/iommu").get("model") == "intel"
+    assert at(domain, "os/type").get("machine") == "q35"
+    rc, out, err = run_cli("vm", "xml", "vm0", "pt0", "--no-iommu", "--control", daemon.control)
+    assert rc == 0 and ET.fromstring(out).find("devices/iommu") is None, err
+    rc, out, err = run_cli("vm", "xml", "vm0", "--control", daemon.control)
+    assert rc == 0 and ET.fromstring(out).find("devices/iommu") is None, err
+    rc, out, err = run_cli("vm", "xml", "vm0", "--iommu", "--control", daemon.control)
+    assert rc == 0 and at(ET.fromstring(out), "devices/iommu").get("model") == "intel", err
     # QEMU connects to an ivshmem server at start only: no hot-plug.
     rc, _, err = run_cli("vm", "attach", "pt0", "somevm", "--control", daemon.control)
     assert rc == 1 and "passthrough port" in err

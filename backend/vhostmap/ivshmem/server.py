@@ -11,7 +11,9 @@ more than MAX_QUEUED_MESSAGES unread is disconnected. The protocol is one-way: w
 read and discarded (fds closed), a bounded amount per wake-up. A second guest while one holds the port is
 refused: logged and closed at once, before anything is sent (QEMU then fails to start its device, saying the
 server closed the connection). When the endpoint closes (the daemon stops) the guest is told the daemon's
-peer is gone, so that its doorbell writes are dropped by QEMU from then on.
+peer is gone, so that its doorbell writes are dropped by QEMU from then on. While it serves, a timer on the
+loop asks the handler for a heartbeat every PT_HEARTBEAT_INTERVAL seconds (the region's ``heartbeat`` word):
+a daemon SIGKILLed or hung can say nothing, and its guest learns it from the beat standing still.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import deque
 from typing import Protocol
 
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID, Message, peer_gone, welcome
+from vhostmap.netmap.abi import PT_HEARTBEAT_INTERVAL
 from vhostmap.system.unixsock import ACCEPT_RETRY_INTERVAL, Acceptor, fds_from
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class IvshmemHandler(Protocol):
     def disconnected(self) -> None:
         """The guest left: release what ``connected`` gave."""
 
+    def heartbeat(self) -> None:
+        """Tell the guest, if any, that the daemon still runs (cheap: called every heartbeat interval)."""
+
 
 class IvshmemEndpoint:
     """One port's ivshmem server socket (server mode only: QEMU connects to us)."""
@@ -72,6 +78,8 @@ class IvshmemEndpoint:
         self._conn: socket.socket | None = None
         self._queue: deque[tuple[bytes, int | None]] = deque()
         self.refused = 0  # second guests turned away
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self.heartbeat_interval = PT_HEARTBEAT_INTERVAL
 
     @property
     def is_connected(self) -> bool:
@@ -82,9 +90,17 @@ class IvshmemEndpoint:
     def start(self) -> None:
         """Listen (call from the event loop); errors surface at once."""
         self._acceptor.start()
+        self._beat()
+
+    def _beat(self) -> None:
+        self.handler.heartbeat()
+        self._heartbeat = asyncio.get_running_loop().call_later(self.heartbeat_interval, self._beat)
 
     def close(self) -> None:
         """Stop serving: tell the guest the daemon is gone, drop it, remove the socket."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
         if self._conn is not None:
             self._send_now([peer_gone(DAEMON_PEER_ID)])
         self._drop("shutting down")

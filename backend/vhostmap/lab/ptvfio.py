@@ -3,17 +3,16 @@
     python -m vhostmap.lab.ptvfio [-n FRAMES] [-b BATCH] [--json]
 
 Boots the Python guest image under TCG on a q35 machine with QEMU's intel-iommu (the guest booted with
-``intel_iommu=on``) and an ``ivshmem-doorbell`` device on passthrough port ``pt0``, with the kernel's vfio
-modules added to the initramfs (Debian's linux-image package has them; the lab's images do not carry them
-yet, so they are fetched here once, with ``apt-get download``, into $VHOSTMAP_CACHE/vfio). In the guest,
+``intel_iommu=on``) and an ``ivshmem-doorbell`` device on passthrough port ``pt0`` (the lab's guest kernel
+image has the vfio modules loaded: scripts/guest-kernel). In the guest,
 ``python3 -m vhostmap_guest.pktgen -i pt:0 --mode passthrough -f rx --check`` opens the device through
 vfio-pci and sleeps on its MSI-X interrupt; the host holds pt0 (vhostmap.apps.client) and sends numbered
 frames in batches, each once the guest took the one before, so the receiver goes back to sleep between
 them. It prints what the guest received (checked) and how many interrupts the daemon raised: one per batch
 at most, none unless the guest asked for them (``appl_need_kick``), which only the vfio path does.
 
-Not in the test suite: the q35 boot with an IOMMU and the modules from the package are this scenario's
-alone (see the README, "Passthrough ports").
+In the test suite the same path runs in tests/integration/test_passthrough_guests.py (two guests through a
+switch, vhostmap.lab.ptswitch); this tool paces the host's sender so that the guest sleeps between batches.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,7 +28,6 @@ from pathlib import Path
 from vhostmap.apps import client
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestimage import MEMORY_MB, GuestImage
-from vhostmap.lab.guestkernel import GuestKernel, cache_dir
 from vhostmap.lab.qemu import QemuGuest
 from vhostmap.lab.wait import wait_until
 from vhostmap.netmap.user import POLLOUT
@@ -38,44 +35,6 @@ from vhostmap.packets import Addresses, udp_frame
 from vhostmap_guest.pktgen import numbered
 
 PKTGEN_SRC = bytes.fromhex("020000000001")  # pkt-gen's source address when the port is no interface
-# In load order, with their paths in the package's lib/modules/VERSION/kernel.
-VFIO_MODULES = (
-    "virt/lib/irqbypass.ko",
-    "drivers/vfio/vfio.ko",
-    "drivers/vfio/vfio_iommu_type1.ko",
-    "drivers/vfio/vfio_virqfd.ko",
-    "drivers/vfio/pci/vfio-pci-core.ko",
-    "drivers/vfio/pci/vfio-pci.ko",
-)
-
-
-def vfio_modules(version: str) -> Path:
-    """A cpio archive (newc) holding the vfio modules of kernel ``version`` under /vfio, made once."""
-    out = cache_dir() / "vfio" / f"vfio-{version}.cpio"
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vhm-vfio", dir=out.parent) as tmp:
-        work = Path(tmp)
-        subprocess.run(["apt-get", "download", f"linux-image-{version}"], cwd=work, check=True)
-        (deb,) = work.glob("linux-image-*.deb")
-        subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True)
-        stage = work / "stage" / "vfio"
-        stage.mkdir(parents=True)
-        for path in VFIO_MODULES:
-            shutil.copy(work / "root/lib/modules" / version / "kernel" / path, stage)
-        files = "\n".join(["vfio", *(f"vfio/{Path(p).name}" for p in VFIO_MODULES)]) + "\n"
-        archive = subprocess.run(
-            ["cpio", "-o", "-H", "newc"],
-            cwd=work / "stage",
-            input=files.encode(),
-            capture_output=True,
-            check=True,
-        ).stdout
-        tmp_out = out.with_suffix(".tmp")
-        tmp_out.write_bytes(archive)
-        tmp_out.rename(out)
-    return out
 
 
 @dataclass(frozen=True)
@@ -102,15 +61,10 @@ def run(count: int = 20_000, batch: int = 256, image: GuestImage | None = None) 
     kernel = image.kernel()
     workdir = Path(tempfile.mkdtemp(prefix="vhm-ptv", dir="/tmp"))
     try:
-        initrd = workdir / "initrd.cpio"  # the image, then the modules: the kernel unpacks both
-        with open(initrd, "wb") as out:
-            for part in (kernel.initrd, vfio_modules(kernel.version)):
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
         share, sock = workdir / "share", workdir / "pt0.sock"
         share.mkdir()
         guest = QemuGuest(
-            kernel=GuestKernel(vmlinux=kernel.vmlinux, initrd=initrd, version=kernel.version),
+            kernel=kernel,
             memory_mb=MEMORY_MB,
             share=share,
             workdir=workdir / "q",
@@ -127,9 +81,6 @@ def run(count: int = 20_000, batch: int = 256, image: GuestImage | None = None) 
             client.open("pt0", daemon.control) as app,
         ):
             guest.wait_ready()
-            guest.run(
-                "for m in " + " ".join(Path(p).stem for p in VFIO_MODULES) + "; do insmod /vfio/$m.ko; done"
-            )
             receiver = (
                 f"python3 -m vhostmap_guest.pktgen -i pt:0 --mode passthrough -f rx -n {count} -D 120 --seq "
                 "--check --json --ready /mnt/host/ready"

@@ -404,14 +404,22 @@ class NetmapIfView:
 #     84  u32 generation      counts the guests the port was handed to (a new attach, a fresh region)
 #     88  u32 gone            0 while the daemon serves the region; PT_GONE once it let go of it (it stopped,
 #                             or released this guest): nobody syncs these rings any more
-#     92  u8  reserved[36]
+#     92  u32 heartbeat       advanced (wrapping) every PT_HEARTBEAT_INTERVAL seconds while the daemon runs
+#     96  u8  reserved[32]
 #
-# The daemon writes the header before it hands the region over and never again, but for ``gone``; a guest
-# checks magic, version and that every offset lies within the region before using anything, and ``gone`` on
-# every sync. (A daemon killed outright cannot write ``gone``: its guest's rings just stop moving.)
+# The daemon writes the header before it hands the region over and never again, but for ``gone`` and
+# ``heartbeat``; a guest checks magic, version and that every offset lies within the region before using
+# anything, and ``gone`` on every sync. A daemon killed outright (SIGKILL) or hung cannot write ``gone``: its
+# guest's rings just stop moving, and so does ``heartbeat``, which is how the guest tells a daemon that
+# stopped answering from one with nothing to say. The beat comes from the daemon's control loop, not from
+# the datapath, so that it keeps going while no frame moves; a guest waiting without progress declares the
+# daemon gone once ``heartbeat`` stood still for its timeout (PT_HEARTBEAT_TIMEOUT by default: many beats,
+# for a control loop delayed by a loaded host).
 PT_MAGIC = b"VHMAP-PT"
-PT_VERSION = 1
+PT_VERSION = 2  # 2: the heartbeat word
 PT_GONE = 1
+PT_HEARTBEAT_INTERVAL = 0.2  # seconds between the daemon's beats
+PT_HEARTBEAT_TIMEOUT = 5.0  # seconds a guest waits on a still heartbeat before it gives the daemon up
 
 
 class NmCsbAtok(ctypes.Structure):
@@ -460,7 +468,8 @@ class PtHeader(ctypes.Structure):
         ("doorbell_vector", ctypes.c_uint16),
         ("generation", ctypes.c_uint32),
         ("gone", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint8 * 36),
+        ("heartbeat", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint8 * 32),
     ]
 
 
@@ -470,6 +479,7 @@ PT_HEADER_SIZE = ctypes.sizeof(PtHeader)
 
 assert CSB_HALF_SIZE == ctypes.sizeof(NmCsbKtoa) == 64 and PT_HEADER_SIZE == 128
 assert PtHeader.doorbell_peer.offset == 80 and PtHeader.generation.offset == 84 and PtHeader.gone.offset == 88
+assert PtHeader.heartbeat.offset == 92
 
 
 class CsbView:

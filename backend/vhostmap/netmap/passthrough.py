@@ -244,6 +244,12 @@ class GuestRegion:
             restock=m.restock,
         )
 
+    def beat(self) -> None:
+        """Advance the header's ``heartbeat`` (wrapping): the daemon still serves the region."""
+        h = PtHeader.from_buffer(self.memory.region.mm, 0)
+        h.heartbeat = (h.heartbeat + 1) & 0xFFFF_FFFF
+        del h
+
     def mark_gone(self) -> None:
         """Tell the guest nobody serves the region any more (the header's ``gone``): its driver stops."""
         PtHeader.from_buffer(self.memory.region.mm, 0).gone = PT_GONE
@@ -410,6 +416,13 @@ class PassthroughPort(NetmapAdapter):
     def disconnected(self) -> None:
         """The guest's connection ended: ``release``."""
         self.release()
+
+    def heartbeat(self) -> None:
+        """Advance the guest's heartbeat word, if a guest holds the port (the control loop's timer: see
+        PT_HEARTBEAT_INTERVAL). On the control thread, as ``attach`` and ``release``: the region cannot go
+        meanwhile."""
+        if self.guest is not None:
+            self.guest.beat()
 
     def _changed(self) -> None:
         if self.refresh is not None:
