@@ -30,7 +30,7 @@ from vhostmap.apps.client import ClientPort
 from vhostmap.apps.pktgen import echo_replies
 from vhostmap.lab import guestbench
 from vhostmap.lab.daemon import VhostmapDaemon
-from vhostmap.lab.guestimage import MEMORY_MB, GuestImage, GuestImageMissing
+from vhostmap.lab.guestimage import MEMORY_MB, GuestImage
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.wait import wait_until
 from vhostmap.netmap.user import POLLIN, POLLOUT
@@ -46,15 +46,6 @@ N = 3000
 LENGTH = 60
 PKTGEN = "python3 -m vhostmap_guest.pktgen -i eth0"
 ETH_P_IP, ETH_P_ARP = b"\x08\x00", b"\x08\x06"
-
-
-@pytest.fixture(scope="session")
-def python_image() -> GuestImage:
-    """The Python guest image, built (or brought up to date) by scripts/guest-image."""
-    try:
-        return GuestImage.ensure()
-    except GuestImageMissing as e:
-        pytest.fail(f"cannot build the Python guest image: {e}")
 
 
 @dataclass

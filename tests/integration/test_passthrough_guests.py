@@ -18,21 +18,12 @@ from __future__ import annotations
 import pytest
 
 from vhostmap.lab import ptswitch
-from vhostmap.lab.guestimage import GuestImage, GuestImageMissing
+from vhostmap.lab.guestimage import GuestImage
 
 pytestmark = pytest.mark.slow
 
 # Frames per run: enough for a rate and a few hundred batches, few enough for the suite.
 COUNT = 30_000
-
-
-@pytest.fixture(scope="module")
-def python_image() -> GuestImage:
-    """The Python guest image, built (or brought up to date) by scripts/guest-image."""
-    try:
-        return GuestImage.ensure()
-    except GuestImageMissing as e:
-        pytest.fail(f"cannot build the Python guest image: {e}")
 
 
 def test_two_guests_in_passthrough_mode_through_a_switch_with_msix_interrupts(

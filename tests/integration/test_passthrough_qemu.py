@@ -46,7 +46,7 @@ from vhostmap.apps.pktgen import Limits
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID
 from vhostmap.lab import guestbench
 from vhostmap.lab.daemon import VhostmapDaemon
-from vhostmap.lab.guestimage import MEMORY_MB, GuestImage, GuestImageMissing
+from vhostmap.lab.guestimage import MEMORY_MB, GuestImage
 from vhostmap.lab.qemu import Nic, QemuGuest
 from vhostmap.lab.wait import wait_until
 from vhostmap.netmap.abi import (
@@ -105,15 +105,6 @@ for name, argv, wait in json.load(open("/mnt/host/plan.json")):
         json.dump(out, f)
     os.rename("/mnt/host/" + name + ".tmp", "/mnt/host/" + name + ".json")
 """
-
-
-@pytest.fixture(scope="module")
-def python_image() -> GuestImage:
-    """The Python guest image, built (or brought up to date) by scripts/guest-image."""
-    try:
-        return GuestImage.ensure()
-    except GuestImageMissing as e:
-        pytest.fail(f"cannot build the Python guest image: {e}")
 
 
 @dataclass
