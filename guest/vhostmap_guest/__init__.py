@@ -12,26 +12,30 @@ Modes, as netmap's ``admode``: "native" drives the virtio-net device from usersp
 page buffers the device reads and writes directly; see driver.py); "generic" goes through the kernel's
 driver with AF_PACKET (generic.py); "auto" (the default) is native when the device allows it, else generic.
 The name follows nm_open: ``eth0`` (every ring pair), ``eth0-1`` (ring pair 1), ``eth0^`` (host rings);
-native mode also accepts the device's PCI address (``0000:00:02.0``). "passthrough" (ptnetmap) uses the rings
-of a vhostmap passthrough port in place, through an ivshmem device (passthrough.py): ``pt:0`` is the first
-such device (``pt:0-1`` its ring pair 1), and any name of the form ``pt:N`` selects this mode.
+native mode also accepts the device's PCI address (``0000:00:02.0``, ``0000:00:02.0-1``). "passthrough"
+(ptnetmap) uses the rings of a vhostmap passthrough port in place, through an ivshmem device (passthrough.py):
+``pt:0`` is the first such device (``pt:0-1`` its ring pair 1), ``pt:0000:00:05.0`` the one at that PCI
+address, and any name starting with ``pt:`` selects this mode.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Literal
 
-from vhostmap.netmap.abi import PT_HEARTBEAT_TIMEOUT
-from vhostmap.netmap.user import NetmapPort, parse_port_spec
+from vhostmap.netmap.abi import NR_REG_ALL_NIC, NR_REG_ONE_NIC, PT_HEARTBEAT_TIMEOUT
+from vhostmap.netmap.user import NetmapPort, PortSpec, parse_port_spec
 from vhostmap_guest.driver import NativeUnavailable, open_native
 from vhostmap_guest.generic import open_generic
 from vhostmap_guest.passthrough import PassthroughPort, PassthroughUnavailable, open_passthrough
+from vhostmap_guest.pci import BDF, BDF_PATTERN
 from vhostmap_guest.port import AdapterPort
 
 __all__ = ["MODES", "AdapterPort", "NativeUnavailable", "PassthroughPort", "PassthroughUnavailable", "open"]
 
 log = logging.getLogger(__name__)
+_PCI_NAME = re.compile(rf"^(?:(?P<switch>pt):)?(?P<address>{BDF_PATTERN})(?:-(?P<ring>\d+))?$")
 Mode = Literal["auto", "native", "generic", "passthrough"]
 MODES: tuple[Mode, ...] = ("auto", "native", "generic", "passthrough")
 
@@ -56,7 +60,7 @@ def open(
     """
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    spec = parse_port_spec(name)
+    spec = port_spec(name)
     if mode == "passthrough" or spec.switch == "pt":
         return open_passthrough(name, spec, interrupts=interrupts, heartbeat_timeout=heartbeat_timeout)
     if spec.switch is not None:
@@ -65,10 +69,21 @@ def open(
         try:
             return open_native(spec.port, spec, pairs=pairs, interrupts=interrupts)
         except NativeUnavailable as e:
-            if mode == "native":
-                raise
+            if mode == "native" or BDF.match(spec.port):
+                raise  # generic mode needs an interface, not an address
             log.info("%s: native mode unavailable (%s); using generic mode", spec.port, e)
     return open_generic(spec.port, spec)
+
+
+def port_spec(name: str) -> PortSpec:
+    """What ``name`` asks for: nm_open's names (parse_port_spec), where a PCI address may stand for the
+    interface, after ``pt:`` or alone, with ``-R`` for one ring pair; ValueError for anything else."""
+    m = _PCI_NAME.match(name)
+    if m is None:
+        return parse_port_spec(name)
+    ring = m["ring"]
+    mode = NR_REG_ALL_NIC if ring is None else NR_REG_ONE_NIC
+    return PortSpec(m["address"], mode, int(ring or 0), m["switch"])
 
 
 def _conforms(port: AdapterPort | PassthroughPort) -> NetmapPort:

@@ -24,7 +24,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import select
 import signal
 import subprocess
@@ -81,9 +80,9 @@ from vhostmap.virtio.spec import (
     vring_used_size,
 )
 from vhostmap_guest.dma import DmaArea, DmaError, DmaMemory, reserve_hugepages
+from vhostmap_guest.pci import BDF, SYSFS_PCI_DEVICES, SYSFS_PCI_DRIVERS, SYSFS_PCI_PROBE
 from vhostmap_guest.port import AdapterPort
 from vhostmap_guest.virtio_pci import (
-    SYSFS_PCI_DEVICES,
     MmioRegisters,
     PciConfigSpace,
     VirtioPciError,
@@ -116,8 +115,6 @@ DRIVER_FEATURES = (
 UIO_DRIVER = "uio_pci_generic"
 KERNEL_DRIVER = "virtio-pci"
 SYSFS_NET = Path("/sys/class/net")
-SYSFS_PCI_DRIVERS = Path("/sys/bus/pci/drivers")
-BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 # Spare buffers beyond one per slot, for applications that swap buffers in and out of slots.
 EXTRA_BUFFERS = 256
 # A control command is answered while QEMU handles the notification; allow a slow TCG guest plenty.
@@ -510,7 +507,7 @@ class PciBinding:
             if driver is not None:
                 _write(self.dev / "driver" / "unbind", self.bdf)
             _write(self.dev / "driver_override", UIO_DRIVER)
-            _write(Path("/sys/bus/pci/drivers_probe"), self.bdf)
+            _write(SYSFS_PCI_PROBE, self.bdf)
         if current_driver(self.bdf) != UIO_DRIVER:
             raise VirtioPciError(f"{self.bdf}: {UIO_DRIVER} did not take the device")
         deadline = time.monotonic() + timeout
@@ -530,7 +527,7 @@ class PciBinding:
             _write(SYSFS_PCI_DRIVERS / UIO_DRIVER / "unbind", self.bdf)
         if current_driver(self.bdf) is None:
             try:
-                _write(Path("/sys/bus/pci/drivers_probe"), self.bdf)
+                _write(SYSFS_PCI_PROBE, self.bdf)
             except OSError as e:
                 if e.errno != errno.ENODEV:
                     raise

@@ -48,9 +48,9 @@ from vhostmap.netmap.abi import (
 )
 from vhostmap.netmap.errors import RegionError
 from vhostmap.netmap.user import POLLIN, POLLOUT, PortSpec, UserRing, ready_events
+from vhostmap_guest.pci import BDF, SYSFS_PCI_DEVICES
 from vhostmap_guest.vfio import VfioPtDevice, VfioUnavailable
 
-SYSFS_PCI = Path("/sys/bus/pci/devices")
 IVSHMEM_VENDOR, IVSHMEM_DEVICE = 0x1AF4, 0x1110
 # BAR 0 registers (QEMU docs/specs/ivshmem-spec.rst).
 IVPOSITION = 8
@@ -68,7 +68,7 @@ class PassthroughGone(PassthroughUnavailable):
     ivshmem server, so the guest gets the port back only once its QEMU restarted with the daemon running."""
 
 
-def ivshmem_devices(sysfs: Path = SYSFS_PCI) -> list[str]:
+def ivshmem_devices(sysfs: Path = SYSFS_PCI_DEVICES) -> list[str]:
     """PCI addresses of the ivshmem devices, in address order."""
     found = []
     for dev in sorted(sysfs.iterdir()) if sysfs.is_dir() else []:
@@ -86,7 +86,7 @@ class PtDevice:
     """An ivshmem-doorbell device through sysfs: ``region`` (BAR 2 mapped, the port's region) and its
     registers (BAR 0 mapped). Raises PassthroughUnavailable when the files cannot be mapped."""
 
-    def __init__(self, address: str, sysfs: Path = SYSFS_PCI) -> None:
+    def __init__(self, address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> None:
         self.address = address
         path = sysfs / address
         try:
@@ -303,40 +303,18 @@ class PassthroughPort:
 def open_passthrough(
     name: str,
     spec: PortSpec,
-    sysfs: Path = SYSFS_PCI,
+    sysfs: Path = SYSFS_PCI_DEVICES,
     *,
     interrupts: bool = True,
     heartbeat_timeout: float = PT_HEARTBEAT_TIMEOUT,
 ) -> PassthroughPort:
-    """Open ``name``, ``pt:N``: the N-th ivshmem device holding a vhostmap passthrough region, in PCI address
-    order (``pt:N-R``: its ring pair R only); PassthroughUnavailable if there is no such device. With
+    """Open ``name``: ``pt:N``, the N-th ivshmem device holding a vhostmap passthrough region in PCI address
+    order, or that device's PCI address (``pt:0000:00:05.0``, or the address alone with mode "passthrough");
+    ``-R`` after either: its ring pair R only. PassthroughUnavailable if there is no such device. With
     ``interrupts`` the device is opened through vfio-pci when the guest can (an IOMMU, the vfio-pci module:
     vfio.py), and ``poll`` sleeps on its MSI-X interrupt; otherwise through sysfs, busy-polling
     (``interrupt_problem`` on the port says why). ``heartbeat_timeout``: see PassthroughPort."""
-    if spec.switch != "pt" or not spec.port.isdigit():
-        raise ValueError(f"{name!r}: passthrough ports are named pt:N (the N-th ivshmem device)")
-    index, candidates = int(spec.port), ivshmem_devices(sysfs)
-    usable: list[PtDevice] = []
-    try:
-        for address in candidates:
-            try:
-                device = PtDevice(address, sysfs)
-            except PassthroughUnavailable:
-                continue
-            try:
-                PtRegionView(device.region)
-            except RegionError:
-                device.close()
-                continue
-            usable.append(device)
-        if not 0 <= index < len(usable):
-            raise PassthroughUnavailable(
-                f"{name}: {len(usable)} ivshmem device(s) hold a vhostmap passthrough region"
-            )
-        device = usable.pop(index)
-    finally:
-        for other in usable:
-            other.close()
+    device = _find_device(name, spec, sysfs)
     opened: PtDevice | VfioPtDevice = device
     irq_fd: int | None = None
     problem = "interrupts not asked for"
@@ -366,3 +344,45 @@ def open_passthrough(
         raise
     port.interrupt_problem = None if irq_fd is not None else problem
     return port
+
+
+def _find_device(name: str, spec: PortSpec, sysfs: Path) -> PtDevice:
+    """The device ``spec`` names (open_passthrough), opened through sysfs, its region checked."""
+    if BDF.match(spec.port):
+        if spec.port not in ivshmem_devices(sysfs):
+            raise PassthroughUnavailable(f"{name}: {spec.port} is no ivshmem device")
+        device = PtDevice(spec.port, sysfs)
+        try:
+            PtRegionView(device.region)
+        except RegionError as e:
+            device.close()
+            raise PassthroughUnavailable(
+                f"{name}: no vhostmap passthrough region in {spec.port}: {e}"
+            ) from None
+        return device
+    if spec.switch != "pt" or not spec.port.isdigit():
+        raise ValueError(
+            f"{name!r}: passthrough ports are named pt:N (the N-th ivshmem device) or by the device's "
+            "PCI address"
+        )
+    index, usable = int(spec.port), list[PtDevice]()
+    try:
+        for address in ivshmem_devices(sysfs):
+            try:
+                device = PtDevice(address, sysfs)
+            except PassthroughUnavailable:
+                continue
+            try:
+                PtRegionView(device.region)
+            except RegionError:
+                device.close()
+                continue
+            usable.append(device)
+        if not 0 <= index < len(usable):
+            raise PassthroughUnavailable(
+                f"{name}: {len(usable)} ivshmem device(s) hold a vhostmap passthrough region"
+            )
+        return usable.pop(index)
+    finally:
+        for other in usable:
+            other.close()

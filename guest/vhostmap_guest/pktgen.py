@@ -40,7 +40,7 @@ from vhostmap import ethernet
 from vhostmap.apps.pktgen import Limits, Result, receive, transmit
 from vhostmap.ethernet import ETH_HLEN, ETH_P_ALL
 from vhostmap.netmap.abi import NS_BUF_CHANGED, NS_MOREFRAG, PT_HEARTBEAT_TIMEOUT
-from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort, parse_port_spec
+from vhostmap.netmap.user import POLLIN, POLLOUT, NetmapPort
 from vhostmap.packets import IP_HLEN, MAX_FRAME, MIN_FRAME, Addresses, udp_frame
 from vhostmap_guest.passthrough import PassthroughPort, PassthroughUnavailable
 
@@ -92,10 +92,10 @@ def interface_mac(ifname: str) -> bytes | None:
 
 def interface_name(name: str) -> str:
     """The interface (or PCI address) an nm_open-style name refers to."""
-    if ":" in name:
-        return name  # a PCI address
+    from vhostmap_guest import port_spec  # as open_port does
+
     try:
-        return parse_port_spec(name).port
+        return port_spec(name).port
     except ValueError:
         return name
 

@@ -23,10 +23,11 @@ import struct
 from pathlib import Path
 
 from vhostmap.netmap.abi import Region
+from vhostmap.virtio.spec import PCI_COMMAND, PCI_COMMAND_MASTER
+from vhostmap_guest.pci import SYSFS_PCI_DEVICES, SYSFS_PCI_DRIVERS
 
-SYSFS_PCI = Path("/sys/bus/pci/devices")
 DEV_VFIO = Path("/dev/vfio")
-VFIO_PCI_DRIVER = Path("/sys/bus/pci/drivers/vfio-pci")
+VFIO_PCI_DRIVER = SYSFS_PCI_DRIVERS / "vfio-pci"
 
 VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
@@ -37,8 +38,6 @@ VFIO_PCI_MSIX_IRQ_INDEX = 2
 VFIO_IRQ_SET_DATA_NONE = 1 << 0
 VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
 VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
-PCI_COMMAND = 0x04
-PCI_COMMAND_MASTER = 0x4
 
 # struct vfio_group_status {argsz, flags}; vfio_region_info {argsz, flags, index, cap_offset, size, offset};
 # vfio_irq_set {argsz, flags, index, start, count, data[]} (data: one s32 eventfd per vector).
@@ -67,7 +66,7 @@ class VfioUnavailable(RuntimeError):
     """The device cannot be used through vfio-pci here (no module, no IOMMU group, no access); says why."""
 
 
-def bind_vfio(address: str, sysfs: Path = SYSFS_PCI) -> None:
+def bind_vfio(address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> None:
     """Bind PCI device ``address`` to vfio-pci (driver_override, then a probe), unless it already is."""
     dev = sysfs / address
     driver = dev / "driver"
@@ -94,7 +93,7 @@ class VfioPtDevice:
     """An ivshmem-doorbell device opened through vfio-pci: ``region`` (BAR 2, the port's region), the
     registers (BAR 0), and ``irq_fd``, an eventfd its MSI-X vector 0 signals. Raises VfioUnavailable."""
 
-    def __init__(self, address: str, sysfs: Path = SYSFS_PCI) -> None:
+    def __init__(self, address: str, sysfs: Path = SYSFS_PCI_DEVICES) -> None:
         self.address = address
         self._fds: list[int] = []
         self._maps: list[mmap.mmap] = []

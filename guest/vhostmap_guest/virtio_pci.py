@@ -41,8 +41,8 @@ from vhostmap.virtio.spec import (
     VirtioPciCommonCfg,
     VirtioPciNotifyCap,
 )
+from vhostmap_guest.pci import SYSFS_PCI_DEVICES
 
-SYSFS_PCI_DEVICES = Path("/sys/bus/pci/devices")
 _WIDTHS = {1: ctypes.c_uint8, 2: ctypes.c_uint16, 4: ctypes.c_uint32}
 # Capabilities are dword aligned and at least the 16-byte virtio_pci_cap; a list longer than this is a loop.
 _MAX_CAPS = (PCI_CFG_SPACE_SIZE - PCI_STD_HEADER_SIZEOF) // 4

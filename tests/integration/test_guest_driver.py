@@ -45,6 +45,7 @@ HOST_MAC = bytes.fromhex("020000000002")
 N = 3000
 LENGTH = 60
 PKTGEN = "python3 -m vhostmap_guest.pktgen -i eth0"
+NIC_ADDRESS = "0000:00:02.0"  # eth0's PCI function in the lab's guest
 ETH_P_IP, ETH_P_ARP = b"\x08\x00", b"\x08\x06"
 
 
@@ -120,7 +121,7 @@ class Lab:
     def nic_driver(self) -> str:
         """The kernel driver eth0's PCI device is bound to in the guest."""
         return self.guest.run(
-            "basename $(readlink /sys/bus/pci/devices/0000:00:02.0/driver)", check=True
+            f"basename $(readlink /sys/bus/pci/devices/{NIC_ADDRESS}/driver)", check=True
         ).output.strip()
 
 
@@ -253,10 +254,12 @@ def test_native_and_generic_modes_move_exact_frames_and_the_kernel_gets_the_nic_
         guest_transmits_exactly(lb, "generic")
         guest_receives_exactly(lb, "generic")
 
-        # An application killed outright: its guardian resets the device and hands it back.
+        # An application killed outright: its guardian resets the device and hands it back. (It names the
+        # device by its PCI address, as an application must while a native port holds eth0.)
         ready = lb.share / "ready-kill"
+        by_address = PKTGEN.replace("-i eth0", f"-i {NIC_ADDRESS}")
         lb.guest.run(
-            f"({PKTGEN} -f rx -D 600 --mode native --ready /mnt/host/ready-kill > /dev/null 2>&1 & "
+            f"({by_address} -f rx -D 600 --mode native --ready /mnt/host/ready-kill > /dev/null 2>&1 & "
             "echo $! > /mnt/host/pid)",
             check=True,
         )

@@ -20,10 +20,18 @@ from test_switch_daemon import frame as switch_frame
 from conftest import FRAME, RunningDaemon, StartDaemon
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID
 from vhostmap.lab.daemon import VhostmapDaemon
-from vhostmap.netmap.abi import PT_HEARTBEAT_INTERVAL, PtHeader, Region, map_region
+from vhostmap.netmap.abi import (
+    NR_REG_ALL_NIC,
+    NR_REG_ONE_NIC,
+    PT_HEARTBEAT_INTERVAL,
+    PtHeader,
+    Region,
+    map_region,
+)
 from vhostmap.netmap.passthrough import GuestRegion
-from vhostmap.netmap.user import POLLIN, POLLOUT, parse_port_spec
+from vhostmap.netmap.user import POLLIN, POLLOUT, PortSpec, parse_port_spec
 from vhostmap_guest import open as guest_open
+from vhostmap_guest import port_spec
 from vhostmap_guest.passthrough import (
     BAR0_SIZE,
     DOORBELL,
@@ -106,6 +114,17 @@ def test_a_ring_pair_alone_and_no_host_rings(guest: tuple[RunningDaemon, FakePtG
         PassthroughPort("pt:0^", region, lambda: None, spec=parse_port_spec("pt:0^"))
 
 
+def test_a_pci_address_may_name_the_device() -> None:
+    assert port_spec("0000:00:05.0") == PortSpec("0000:00:05.0", NR_REG_ALL_NIC, 0, None)
+    assert port_spec("pt:0000:00:05.0") == PortSpec("0000:00:05.0", NR_REG_ALL_NIC, 0, "pt")
+    assert port_spec("pt:0000:00:0a.7-2") == PortSpec("0000:00:0a.7", NR_REG_ONE_NIC, 2, "pt")
+    assert port_spec("pt:1-1") == parse_port_spec("pt:1-1")  # anything else is nm_open's
+    assert port_spec("eth0") == parse_port_spec("eth0")
+    for bad in ("pt:0000:00:05.8", "0000:00:05", "pt:0000:00:05.0^", "vale0:0000:00:05.0"):
+        with pytest.raises(ValueError):
+            port_spec(bad)
+
+
 def fake_device(sysfs: Path, address: str, shm: int | None) -> Path:
     """A sysfs entry of an ivshmem device: BAR 2 the file ``shm`` (through /proc), BAR 0 a plain file."""
     dev = sysfs / address
@@ -156,6 +175,18 @@ def test_the_device_is_found_and_mapped_through_sysfs(
         open_passthrough("pt:1", parse_port_spec("pt:1"), sysfs)
     with pytest.raises(ValueError, match="named pt:N"):
         guest_open("eth0", "passthrough")
+
+    # By the device's PCI address: the same device, also for one ring pair; others are refused, saying why.
+    for name in ("pt:0000:00:05.0", "0000:00:05.0", "pt:0000:00:05.0-0"):
+        with open_passthrough(name, port_spec(name), sysfs) as port:
+            assert port.view.header.doorbell_peer == DAEMON_PEER_ID
+            assert len(port.tx_rings) == 1
+    with pytest.raises(ValueError, match="ring pair 1 does not exist"):
+        open_passthrough("pt:0000:00:05.0-1", port_spec("pt:0000:00:05.0-1"), sysfs)
+    with pytest.raises(PassthroughUnavailable, match=r"0000:00:02\.0 is no ivshmem device"):
+        open_passthrough("pt:0000:00:02.0", port_spec("pt:0000:00:02.0"), sysfs)
+    with pytest.raises(PassthroughUnavailable, match=r"no vhostmap passthrough region in 0000:00:04\.0"):
+        open_passthrough("pt:0000:00:04.0", port_spec("pt:0000:00:04.0"), sysfs)
     del d
 
 
