@@ -9,11 +9,13 @@
 #
 # Command channel protocol (one request at a time, host to guest, on a raw tty):
 #   request:  "<id> <timeout-seconds> <length of the base64> <base64 of a sh script>\n"
-#   reply:    "@@VHM-OUT <id> <length>@@\n" then exactly <length> bytes of the script's stdout+stderr,
-#             then "@@VHM-RC <id> <exit status | timeout>@@\n"
-#   A request that arrives damaged (a field not a number, the base64 not of its length: the emulated UART
-#   has been seen to lose bytes under TCG) is not run: the reply is "@@VHM-BAD@@\n" and the host sends the
-#   request again.
+#   reply:    "@@VHM-OUT <id> <length> <md5 of the output>@@\n" then exactly <length> bytes of the script's
+#             stdout+stderr, then "@@VHM-RC <id> <exit status | timeout>@@\n"
+#   The emulated UARTs have been seen to lose and to repeat bytes under TCG on a busy host, both ways:
+#   - a request that arrives damaged (a field not a number, the base64 not of its length) is not run: the
+#     reply is "@@VHM-BAD@@\n" and the host sends the request again;
+#   - a reply the host finds damaged (its length or md5 do not match what came) makes the host send the same
+#     request again: a request whose id is the last one run is not run again, its kept reply is sent again.
 # The script runs in its own session with stdin from /dev/null; past its timeout its whole process group
 # is killed and the status reads "timeout", so the channel stays usable. "@@VHM-READY@@" says the guest is up.
 
@@ -118,18 +120,37 @@ run_one() { # run_one ID TIMEOUT BASE64: run one request and write its reply to 
         wait $watchdog 2> /dev/null
         [ -e $flag ] && rc=timeout
     fi
-    printf '@@VHM-OUT %s %s@@\n' "$id" "$(wc -c < $out)"
-    cat $out
-    printf '@@VHM-RC %s %s@@\n' "$id" "$rc"
-    # Background processes the script left may still hold $out; unlinking keeps them harmless.
+    # The reply is kept until the next request, for a host that asks again. A copy: background processes
+    # the script left may still write to $out, which unlinking keeps harmless.
+    cp $out $last_out
+    echo "$rc" > $last_rc
+    last_id=$id
     rm -f $script $out $flag
+    reply
+}
+
+last_id=
+last_out=/tmp/vhm.last.out
+last_rc=/tmp/vhm.last.rc
+reply() { # reply: write the reply of the last request run (protocol above)
+    printf '@@VHM-OUT %s %s %s@@\n' "$last_id" "$(wc -c < $last_out)" "$(md5sum < $last_out | cut -c1-32)"
+    cat $last_out
+    printf '@@VHM-RC %s %s@@\n' "$last_id" "$(cat $last_rc)"
 }
 
 serve() {
     while read -r id timeout size payload; do
         case "$id.$timeout.$size" in
         *[!0-9.]* | .* | *..* | *.) printf '@@VHM-BAD@@\n' ;;
-        *) if [ "${#payload}" = "$size" ]; then run_one "$id" "$timeout" "$payload"; else printf '@@VHM-BAD@@\n'; fi ;;
+        *)
+            if [ "${#payload}" != "$size" ]; then
+                printf '@@VHM-BAD@@\n'
+            elif [ "$id" = "$last_id" ]; then
+                reply # the host saw its reply damaged: it asks again
+            else
+                run_one "$id" "$timeout" "$payload"
+            fi
+            ;;
         esac
     done
 }

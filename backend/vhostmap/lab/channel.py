@@ -2,14 +2,22 @@
 (ttyS1) connects to, through QEMU, before the guest runs, so that no byte of it is lost.
 
 Its protocol (scripts/guest-init.sh): the guest says ``@@VHM-READY@@`` once its /init is up; then the host
-sends ``"<id> <timeout> <base64 script>"`` and the guest answers ``"@@VHM-OUT <id> <length>@@"``, exactly
-<length> bytes of output, then ``"@@VHM-RC <id> <status>@@"`` (status ``timeout`` when its watchdog killed
-the script). `QemuGuest` uses it for the QEMU it starts; the libvirt tests for the domains libvirt starts.
+sends ``"<id> <timeout> <length> <base64 script>"`` and the guest answers
+``"@@VHM-OUT <id> <length> <md5>@@"``, exactly <length> bytes of output whose md5 that is, then
+``"@@VHM-RC <id> <status>@@"`` (status ``timeout`` when its watchdog killed the script). `QemuGuest` uses it
+for the QEMU it starts; the libvirt tests for the domains libvirt starts.
+
+The emulated UARTs lose and repeat bytes now and then under TCG on a busy host, both ways, so each side
+checks what it got: a request that arrives damaged is answered ``@@VHM-BAD@@`` and sent again; a reply that
+arrives damaged (its header lost, its length or md5 wrong) is asked for again by sending the same request,
+which the guest answers with the reply it kept instead of running the script twice. A request the guest
+never answered at all (its newline lost) is sent once more when its time is up.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import re
 import select
@@ -25,12 +33,26 @@ from vhostmap.lab.wait import WaitTimeout, tail, wait_until
 READY_MARKER = b"@@VHM-READY@@\n"
 # The guest's answer to a request that arrived damaged (scripts/guest-init.sh): it ran nothing.
 BAD_MARKER = b"@@VHM-BAD@@\n"
-# Times a damaged request is sent again before the channel is declared broken.
+# Times a request is sent again (it or its reply arrived damaged) before the channel is declared broken.
 MAX_RESENDS = 3
+# A guest image built before replies carried their md5 writes none: its replies are taken unchecked.
+_OUT = re.compile(rb"@@VHM-OUT (\d+) (\d+)(?: ([0-9a-f]{32}))?@@\n")
 _RC = re.compile(rb"@@VHM-RC (\d+) (\S+)@@\n")
 _LOSS = re.compile(r"(\d+(?:\.\d+)?)% packet loss")
 # Seconds the host waits past a command's own timeout: the guest's watchdog fires first and reports it.
 REPLY_GRACE = 15.0
+
+
+def _md5(data: bytes) -> bytes:
+    """The md5 of ``data`` in hex, as md5sum prints it (a check against damage, not against anyone)."""
+    return hashlib.md5(data, usedforsecurity=False).hexdigest().encode()
+
+
+class Damaged:
+    """What `CommandChannel._reply` says of a reply that came whole but does not check out."""
+
+
+DAMAGED = Damaged()
 
 
 class GuestError(RuntimeError):
@@ -85,6 +107,8 @@ class CommandChannel:
         self._buffer = b""
         self._seq = 0
         self._line = b""  # the last request sent, for sending it again
+        # Whether the guest's replies carry their md5 (until one is seen without: an image built before).
+        self._checked = True
 
     @property
     def connected(self) -> bool:
@@ -142,47 +166,42 @@ class CommandChannel:
         """
         guest_timeout = max(1, math.ceil(timeout))
         seq = self.post(cmd, guest_timeout)
-        header = b"@@VHM-OUT %d " % seq
         resends = 0
 
-        def reply() -> tuple[str, bytes] | None:
+        def again(what: str) -> None:
             nonlocal resends
+            resends += 1
+            if resends > MAX_RESENDS:
+                raise GuestError(f"{what} {resends} times: {cmd!r}\n{self.details()}")
+            self._send(self._line)
+
+        def reply() -> tuple[str, bytes] | None:
             self._receive(0.05)
             bad = self._buffer.find(BAD_MARKER)
             if bad >= 0:  # the request arrived damaged and did not run: send it again
                 self._buffer = self._buffer[bad + len(BAD_MARKER) :]
-                resends += 1
-                if resends > MAX_RESENDS:
-                    raise GuestError(f"the guest received {cmd!r} damaged {resends} times\n{self.details()}")
-                self._send(self._line)
+                again("the guest received the request damaged")
                 return None
-            start = self._buffer.find(header)
-            if start < 0:
+            answer = self._reply(seq)
+            if isinstance(answer, Damaged):
+                again("the guest's reply arrived damaged")
                 return None
-            end_of_header = self._buffer.find(b"@@\n", start)
-            if end_of_header < 0:
-                return None
-            length = int(self._buffer[start + len(header) : end_of_header])
-            body = end_of_header + 3
-            match = _RC.match(self._buffer, body + length)
-            if match is None:
-                return None
-            if int(match.group(1)) != seq:
-                raise GuestError(f"command channel out of step: reply {match.group(0)!r} to request {seq}")
-            output = self._buffer[body : body + length]
-            self._buffer = self._buffer[match.end() :]
-            return match.group(2).decode(), output
+            return answer
 
+        what = f"the guest to answer {cmd!r}"
         try:
             status, raw = wait_until(
-                reply,
-                guest_timeout + REPLY_GRACE,
-                f"the guest to answer {cmd!r}",
-                interval=0.01,
-                details=self.details,
+                reply, guest_timeout + REPLY_GRACE, what, interval=0.01, details=self.details
             )
         except WaitTimeout as e:
-            raise GuestCommandTimeout(str(e)) from None
+            if self._seen(seq):
+                raise GuestCommandTimeout(str(e)) from None
+            # Not a byte of its reply: the request may have lost its newline and be waiting for one.
+            again("the guest did not answer")
+            try:
+                status, raw = wait_until(reply, REPLY_GRACE, what, interval=0.01, details=self.details)
+            except WaitTimeout as e:
+                raise GuestCommandTimeout(str(e)) from None
         output = raw.decode(errors="replace")
         if status == "timeout":
             raise GuestCommandTimeout(
@@ -212,6 +231,34 @@ class CommandChannel:
             raise GuestCommandTimeout(
                 f"{dev} in the guest got no carrier within {timeout:g} s\n{e}"
             ) from None
+
+    def _reply(self, seq: int) -> tuple[str, bytes] | Damaged | None:
+        """The status and output of request ``seq``'s reply, taken out of the buffer; None while it has not
+        all come; DAMAGED (taken out too) when its end came but the reply does not check out."""
+        at = self._buffer.find(b"@@VHM-OUT %d " % seq)
+        header = _OUT.match(self._buffer, at) if at >= 0 else None
+        if header is not None:
+            length, body = int(header.group(2)), header.end()
+            end = _RC.match(self._buffer, body + length)
+            output = self._buffer[body : body + length]
+            digest = header.group(3)
+            self._checked = digest is not None
+            intact = digest is None or _md5(output) == digest
+            if end is not None and int(end.group(1)) == seq and intact:
+                self._buffer = self._buffer[end.end() :]
+                return end.group(2).decode(), output
+        if not self._checked:
+            return None  # a guest that would run the request again: wait, as before
+        # Not (yet) a whole reply that checks out: damaged if its end is here.
+        for end in _RC.finditer(self._buffer):
+            if int(end.group(1)) == seq:
+                self._buffer = self._buffer[end.end() :]
+                return DAMAGED
+        return None
+
+    def _seen(self, seq: int) -> bool:
+        """Whether any part of request ``seq``'s reply is in the buffer."""
+        return any(marker % seq in self._buffer for marker in (b"@@VHM-OUT %d ", b"@@VHM-RC %d "))
 
     def _receive(self, timeout: float) -> None:
         """Accept QEMU's connection, or append what the guest sent; waits up to ``timeout`` for either."""
