@@ -705,6 +705,7 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_REWALK vq_ring_rewalk
 #define RB_NEXT(vq, at, e) ((void)0)
 #define RB_COMPLETE vq_complete
+#define RB_BATCH 0 /* avail->idx and the avail ring already give the chains a batch at a time */
 #include "ring_batch.h"
 
 /* Packed rings (packed_ring.h): the chains available are counted by walking their flags (PackedVirtqueue.
@@ -782,6 +783,10 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_REWALK vqp_ring_rewalk
 #define RB_NEXT vqp_ring_next
 #define RB_COMPLETE pvq_complete
+#define RB_BATCH PVQ_BATCH
+#define RB_POP_BATCH pvq_pop_batch
+#define RB_UNPOP_REST pvq_unpop_rest
+#define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
 #include "ring_batch.h"
 
 /* --- the entry points: a batch over memory that vanished counts for nothing ------------------------------ */
