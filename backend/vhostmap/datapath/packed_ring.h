@@ -88,8 +88,8 @@ static inline int32_t pvq_fail(struct vq_batch *out, int32_t status, uint32_t de
 }
 
 /* The chains available from last_avail_idx, counted up to `max`: a packed ring has no index to read, so
- * counting means reading each chain's flags, lines the driver's core wrote; a batch counts a burst ahead at a
- * time (PVQ_COUNT_AHEAD) rather than the whole ring. */
+ * counting means reading each chain's flags, lines the driver's core wrote; a batch kernel counts no further
+ * than the next multiple of PVQ_BATCH at a time (virtio.c) rather than the whole ring. */
 static inline uint32_t pvq_pending_upto(const struct vq_packed *vq, uint32_t max)
 {
     if (!vq->desc || !vq->num || vq->num > 32768 || vq->last_avail_idx >= vq->num)
@@ -391,30 +391,24 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
             skipped += pending[k].ndesc;
         }
         uint32_t writes = one ? 1 : n;
-        uint32_t pos = vq->used_idx;
-        uint8_t wrap = vq->used_wrap_counter;
-        /* Ids and lengths first. */
-        for (uint32_t w = 0; w < writes; w++) {
-            const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
-            pvq_write_used(vq, pos, e->id, one ? 0 : e->len);
-            pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
-        }
-        /* Then the flags of every descriptor but the first, after a write barrier... */
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        uint32_t first = vq->used_idx;
-        uint8_t first_wrap = vq->used_wrap_counter;
-        pos = first;
-        wrap = first_wrap;
+        const uint32_t first = vq->used_idx;
+        const uint8_t first_wrap = vq->used_wrap_counter;
+        uint32_t pos = first;
+        uint8_t wrap = first_wrap;
+        /* Each descriptor's id and length, then its flags with a release store (what the driver finds once the
+         * flags say used is there: the barrier DPDK and the reference put between all ids and all flags, per
+         * descriptor, in one pass over the lines instead of two)... */
         for (uint32_t w = 0; w < writes; w++) {
             const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
             uint32_t len = one ? 0 : e->len;
+            pvq_write_used(vq, pos, e->id, len);
             if (w)
                 __atomic_store_n(pvq_word(vq->desc, (size_t)pos * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
-                                 pvq_used_flags(wrap, len > 0), __ATOMIC_RELAXED);
+                                 pvq_used_flags(wrap, len > 0), __ATOMIC_RELEASE);
             pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
         }
-        /* ...and, last, the first's, with a release store: the driver polls only the next position, and finds
-         * the whole batch (a mergeable frame's buffers among it) once that one turns used (spec 2.8.9). */
+        /* ...but the first's, written last: the driver polls only the next position, and finds the whole batch
+         * (a mergeable frame's buffers among it) once that one turns used (spec 2.8.9). */
         __atomic_store_n(pvq_word(vq->desc, (size_t)first * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
                          pvq_used_flags(first_wrap, !one && pending[0].len > 0), __ATOMIC_RELEASE);
         if (vq->log_dirty && vq->log_rings) {

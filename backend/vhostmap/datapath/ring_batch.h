@@ -57,26 +57,33 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     uint16_t npending;
     if (RB_PENDING(vq, &npending, out) != VQ_OK)
         return out->status;
-    while (space && (npending || RB_REFILL(vq, &npending))) {
-        RB_CHAIN chain;
 #if RB_BATCH
-        /* A batch when the count and the space say it would all be taken; its chains one by one below, as
-         * if popped (npending counts the batch's chains still waiting, as it counts those in the ring). */
-        if (next == taken && npending >= RB_BATCH && space >= RB_BATCH) {
+    /* npending counts chains RB_REFILL found and the loop has not taken; a batch's chains were never counted
+     * (RB_POP_BATCH saw them available): a batch is tried when nothing counted is left, and counting is
+     * left for what a batch does not take. */
+    while (space) {
+        RB_CHAIN chain;
+        if (next == taken && !npending && space >= RB_BATCH) {
             next = 0;
             taken = RB_POP_BATCH(vq, mem, 0, batch_segs, batch);
         }
         if (next < taken) {
             chain = batch[next];
             segs[0] = batch_segs[next++];
-        } else if (RB_POP(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK) {
-            goto fault;
+        } else {
+            if (!npending && !RB_REFILL(vq, &npending))
+                break;
+            if (RB_POP(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
+                goto fault;
+            npending--;
         }
 #else
+    while (space && (npending || RB_REFILL(vq, &npending))) {
+        RB_CHAIN chain;
         if (RB_POP(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
             goto fault;
-#endif
         npending--;
+#endif
         if (chain.len < hdr_len) {
             vq_fail_chain(out, VQ_ERR_SHORT_TX, RB_HEAD(chain), chain.len);
             goto fault;
@@ -254,6 +261,34 @@ static inline int RB_FN(put)(RB_RING *vq, const struct vm_memory *mem, struct vq
 #endif
     *nchains = 0;
     while (got < need) {
+#if RB_BATCH
+        RB_CHAIN chain;
+        uint32_t cap = stored == n ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
+        /* The reserve's chains first (not counted in *npending); a frame that gives its chains back has taken
+         * the whole reserve, and its mark is where the reserve was. */
+        if (reserve && reserve->next < reserve->taken) {
+            chain = reserve->chains[reserve->next];
+            if (cap)
+                segs[nsegs] = reserve->segs[reserve->next];
+            else
+                chain.nseg = VQ_NOT_STORED; /* as RB_POP stores none without room */
+            reserve->next++;
+        } else {
+            if (!*npending && !RB_REFILL(vq, npending)) {
+                /* The guest has no room now; its next kick brings us back. */
+                RB_REWIND(vq, mark, chains, n);
+                *npending += (uint16_t)n;
+                return VQ_PUT_NO_ROOM;
+            }
+            if (RB_POP(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
+                return VQ_PUT_FAULT;
+            (*npending)--;
+        }
+        if (chain.len < hdr_len) {
+            vq_fail_chain(out, VQ_ERR_SHORT_RX, RB_HEAD(chain), chain.len);
+            return VQ_PUT_FAULT;
+        }
+#else
         if (!*npending && !RB_REFILL(vq, npending)) {
             /* The guest has no room now; its next kick brings us back. */
             RB_REWIND(vq, mark, chains, n);
@@ -262,18 +297,6 @@ static inline int RB_FN(put)(RB_RING *vq, const struct vm_memory *mem, struct vq
         }
         RB_CHAIN chain;
         uint32_t cap = stored == n ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
-#if RB_BATCH
-        /* The reserve is never empty while *npending is 0 (it counts the reserve's chains too): a frame
-         * that gives its chains back has taken the whole reserve, and its mark is where the reserve was. */
-        if (reserve && reserve->next < reserve->taken) {
-            chain = reserve->chains[reserve->next];
-            if (cap)
-                segs[nsegs] = reserve->segs[reserve->next];
-            else
-                chain.nseg = VQ_NOT_STORED; /* as RB_POP stores none without room */
-            reserve->next++;
-        } else
-#endif
         if (RB_POP(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
             return VQ_PUT_FAULT;
         if (chain.len < hdr_len) {
@@ -281,6 +304,7 @@ static inline int RB_FN(put)(RB_RING *vq, const struct vm_memory *mem, struct vq
             return VQ_PUT_FAULT;
         }
         (*npending)--;
+#endif
         if (chain.nseg != VQ_NOT_STORED && stored == n) {
             nsegs += chain.nseg;
             stored++;
@@ -387,9 +411,9 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
         if (how != VQ_SRC_WRITE) { /* segments go whole or not at all, chains from the ring (rare) */
             RB_UNPOP_REST(vq, reserve.chains + reserve.next, reserve.taken - reserve.next);
             reserve.taken = reserve.next;
-        } else if (reserve.next == reserve.taken && npending >= RB_BATCH && count - done >= RB_BATCH) {
-            /* The chains of this frame and of the next ones, at once, when the count and the slots left say
-             * they are likely all filled (what is not goes back at the end). */
+        } else if (reserve.next == reserve.taken && !npending && count - done >= RB_BATCH) {
+            /* The chains of this frame and of the next ones, at once, when nothing counted is left and the
+             * slots left say they are likely all filled (what is not goes back at the end). */
             reserve.next = 0;
             reserve.taken = RB_POP_BATCH(vq, mem, 1, reserve.segs, reserve.chains);
         }
