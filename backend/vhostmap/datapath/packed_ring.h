@@ -118,20 +118,25 @@ static inline uint32_t pvq_pending(const struct vq_packed *vq)
     return pvq_pending_upto(vq, UINT32_MAX);
 }
 
-/* `n` descriptors on from *pos (its wrap counter in *wrap). Less than a lap (a chain, or the chains in flight
- * together) without a division, which cost more than the rest of a chain's bookkeeping. */
-static inline void pvq_skip(const struct vq_packed *vq, uint32_t *pos, uint8_t *wrap, uint32_t n)
+/* `n` descriptors on from *pos (its wrap counter in *wrap) in a ring of `num`. Less than a lap (a chain, or
+ * the chains in flight together) without a division, which cost more than the rest of a chain's bookkeeping. */
+static inline void pvq_skip_in(uint32_t num, uint32_t *pos, uint8_t *wrap, uint32_t n)
 {
-    if (__builtin_expect(n < vq->num, 1)) {
+    if (__builtin_expect(n < num, 1)) {
         *pos += n;
     } else {
-        *pos += n % vq->num;
-        *wrap ^= (uint8_t)(n / vq->num & 1);
+        *pos += n % num;
+        *wrap ^= (uint8_t)(n / num & 1);
     }
-    if (*pos >= vq->num) {
-        *pos -= vq->num;
+    if (*pos >= num) {
+        *pos -= num;
         *wrap ^= 1;
     }
+}
+
+static inline void pvq_skip(const struct vq_packed *vq, uint32_t *pos, uint8_t *wrap, uint32_t n)
+{
+    pvq_skip_in(vq->num, pos, wrap, n);
 }
 
 /* PackedVirtqueue._check_direction. */
@@ -385,7 +390,7 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
          * moving the used position past every chain of the batch (spec 2.8.8). */
         int one = vq->in_order;
         uint32_t skipped = 0;
-        for (uint32_t k = 0; k < n; k++) {
+        for (uint32_t k = 0; one && k < n; k++) {
             if (pending[k].len)
                 one = 0;
             skipped += pending[k].ndesc;
@@ -395,17 +400,26 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
         const uint8_t first_wrap = vq->used_wrap_counter;
         uint32_t pos = first;
         uint8_t wrap = first_wrap;
-        /* Each descriptor's id and length, then its flags with a release store (what the driver finds once the
-         * flags say used is there: the barrier DPDK and the reference put between all ids and all flags, per
-         * descriptor, in one pass over the lines instead of two)... */
-        for (uint32_t w = 0; w < writes; w++) {
-            const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
-            uint32_t len = one ? 0 : e->len;
-            pvq_write_used(vq, pos, e->id, len);
-            if (w)
-                __atomic_store_n(pvq_word(vq->desc, (size_t)pos * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
-                                 pvq_used_flags(wrap, len > 0), __ATOMIC_RELEASE);
-            pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
+        if (one) {
+            pvq_write_used(vq, pos, pending[n - 1].id, 0);
+            pvq_skip(vq, &pos, &wrap, skipped);
+        } else {
+            /* Each descriptor's id and length, then its flags with a release store (what the driver finds
+             * once the flags say used is there: the barrier DPDK and the reference put between all ids and
+             * all flags, per descriptor, in one pass over the lines instead of two)... The ring and its size
+             * in locals: stores into the ring could alias anything, the compiler would read them again. */
+            uint8_t *desc = vq->desc;
+            const uint32_t num = vq->num;
+            for (uint32_t w = 0; w < n; w++) {
+                const struct vqp_used_elem e = pending[w];
+                uint8_t *d = desc + (size_t)pos * PVQ_DESC_SIZE;
+                memcpy(d + PVQ_LEN_OFFSET, &e.len, sizeof e.len);
+                memcpy(d + PVQ_ID_OFFSET, &e.id, sizeof e.id);
+                if (w)
+                    __atomic_store_n(pvq_word(d, PVQ_FLAGS_OFFSET), pvq_used_flags(wrap, e.len > 0),
+                                     __ATOMIC_RELEASE);
+                pvq_skip_in(num, &pos, &wrap, e.ndesc);
+            }
         }
         /* ...but the first's, written last: the driver polls only the next position, and finds the whole batch
          * (a mergeable frame's buffers among it) once that one turns used (spec 2.8.9). */
@@ -419,9 +433,11 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
                 pvq_skip(vq, &p, &wr, one ? skipped : pending[w].ndesc);
             }
         }
-        for (uint32_t k = 0; k < n; k++)
-            if (vq->inflight && pending[k].id < vq->num)
-                vq->inflight[pending[k].id] = 0;
+        uint16_t *inflight = vq->inflight;
+        if (inflight)
+            for (uint32_t k = 0, num = vq->num; k < n; k++)
+                if (pending[k].id < num)
+                    inflight[pending[k].id] = 0;
         vq->used_idx = (uint16_t)pos;
         vq->used_wrap_counter = wrap;
     }
