@@ -37,6 +37,10 @@ struct pvirtq_desc {
 #define VQ_NOT_STORED UINT32_MAX
 #endif
 
+/* A batch: four descriptors, one cache line of a ring the driver aligned (DPDK's PACKED_BATCH_SIZE, for the
+ * same reason): pvq_pop_batch takes four chains at once, pvq_pending_upto counts four at once. */
+#define PVQ_BATCH 4
+
 static inline uint16_t *pvq_word(uint8_t *base, size_t offset)
 {
     return (uint16_t *)(void *)(base + offset);
@@ -88,8 +92,8 @@ static inline int32_t pvq_fail(struct vq_batch *out, int32_t status, uint32_t de
 }
 
 /* The chains available from last_avail_idx, counted up to `max`: a packed ring has no index to read, so
- * counting means reading each chain's flags, lines the driver's core wrote; a batch counts a burst ahead at a
- * time (PVQ_COUNT_AHEAD) rather than the whole ring. */
+ * counting means reading each chain's flags, lines the driver's core wrote; a batch kernel counts no further
+ * than the next multiple of PVQ_BATCH at a time (virtio.c) rather than the whole ring. */
 static inline uint32_t pvq_pending_upto(const struct vq_packed *vq, uint32_t max)
 {
     if (!vq->desc || !vq->num || vq->num > 32768 || vq->last_avail_idx >= vq->num)
@@ -97,6 +101,28 @@ static inline uint32_t pvq_pending_upto(const struct vq_packed *vq, uint32_t max
     uint32_t pos = vq->last_avail_idx, chains = 0, seen = 0;
     uint8_t wrap = vq->avail_wrap_counter;
     while (seen < vq->num && chains < max) {
+        /* The four descriptors of a line at once when each is a whole chain available (what the loop below
+         * finds one by one in them: four chains, four descriptors): a stash's count of a full ring (vhost_sync.c)
+         * reads every flag of it. */
+        if (!(pos % PVQ_BATCH) && pos + PVQ_BATCH <= vq->num && vq->num - seen >= PVQ_BATCH &&
+            max - chains >= PVQ_BATCH) {
+            /* Available with wrap counter `wrap` and no NEXT: AVAIL, USED and NEXT exactly these. */
+            const uint16_t mask = VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK | VRING_DESC_F_NEXT;
+            const uint16_t want = wrap ? VRING_PACKED_DESC_F_AVAIL_MASK : VRING_PACKED_DESC_F_USED_MASK;
+            uint16_t differ = 0;
+            for (uint32_t k = 0; k < PVQ_BATCH; k++)
+                differ |= (uint16_t)((pvq_flags(vq, pos + k) & mask) ^ want);
+            if (!differ) {
+                chains += PVQ_BATCH;
+                seen += PVQ_BATCH;
+                pos += PVQ_BATCH;
+                if (pos == vq->num) {
+                    pos = 0;
+                    wrap ^= 1;
+                }
+                continue;
+            }
+        }
         uint16_t flags = pvq_flags(vq, pos);
         if (!pvq_available(flags, wrap))
             break;
@@ -118,15 +144,25 @@ static inline uint32_t pvq_pending(const struct vq_packed *vq)
     return pvq_pending_upto(vq, UINT32_MAX);
 }
 
-/* `n` descriptors on from *pos (its wrap counter in *wrap). */
-static inline void pvq_skip(const struct vq_packed *vq, uint32_t *pos, uint8_t *wrap, uint32_t n)
+/* `n` descriptors on from *pos (its wrap counter in *wrap) in a ring of `num`. Less than a lap (a chain, or
+ * the chains in flight together) without a division, which cost more than the rest of a chain's bookkeeping. */
+static inline void pvq_skip_in(uint32_t num, uint32_t *pos, uint8_t *wrap, uint32_t n)
 {
-    *pos += n % vq->num;
-    *wrap ^= (uint8_t)(n / vq->num & 1);
-    if (*pos >= vq->num) {
-        *pos -= vq->num;
+    if (__builtin_expect(n < num, 1)) {
+        *pos += n;
+    } else {
+        *pos += n % num;
+        *wrap ^= (uint8_t)(n / num & 1);
+    }
+    if (*pos >= num) {
+        *pos -= num;
         *wrap ^= 1;
     }
+}
+
+static inline void pvq_skip(const struct vq_packed *vq, uint32_t *pos, uint8_t *wrap, uint32_t n)
+{
+    pvq_skip_in(vq->num, pos, wrap, n);
 }
 
 /* PackedVirtqueue._check_direction. */
@@ -260,6 +296,69 @@ static inline int32_t pvq_pop(struct vq_packed *vq, const struct vm_memory *mem,
     return VQ_OK;
 }
 
+/* PVQ_BATCH chains at once, or none: when last_avail_idx is a multiple of PVQ_BATCH and the PVQ_BATCH
+ * descriptors from it (no wrap among them) are each a whole chain (available, neither NEXT nor INDIRECT) of
+ * the right direction and a length other than 0, in guest memory (vm_translate, each), whose ids are in
+ * range, not in flight and not the same twice, they are taken as PVQ_BATCH pvq_pops would take them one after
+ * the other (the same chains, segments, ids in flight and position); otherwise nothing is touched, not even
+ * *out, and pvq_pop takes the next chain with every check and fault of its own. A batch is thus only ever what
+ * pvq_pop would have done without a fault: the checks are the same ones, all made before anything is taken.
+ * The flags are read first, each once, then the rest of the descriptors after an acquire fence (what the
+ * driver wrote before a flag is visible after it), as pvq_walk reads a chain. */
+static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
+                                     struct vq_seg *segs, struct vqp_chain *chains)
+{
+    uint32_t pos = vq->last_avail_idx;
+    uint8_t wrap = vq->avail_wrap_counter;
+    if (pos % PVQ_BATCH || pos + PVQ_BATCH > vq->num)
+        return 0;
+    uint16_t flags[PVQ_BATCH];
+    for (uint32_t k = 0; k < PVQ_BATCH; k++)
+        flags[k] = __atomic_load_n(pvq_word(vq->desc, (size_t)(pos + k) * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
+                                   __ATOMIC_RELAXED);
+    for (uint32_t k = 0; k < PVQ_BATCH; k++)
+        if (!pvq_available(flags[k], wrap) || (flags[k] & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) ||
+            !pvq_direction_ok(flags[k], writable))
+            return 0;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    struct pvirtq_desc d[PVQ_BATCH];
+    for (uint32_t k = 0; k < PVQ_BATCH; k++)
+        d[k] = pvq_load_desc(vq->desc, pos + k);
+    struct vm_fault fault; /* a batch that declines leaves the fault for pvq_pop to report */
+    for (uint32_t k = 0; k < PVQ_BATCH; k++) {
+        if (!d[k].len || d[k].id >= vq->num || vq->inflight[d[k].id])
+            return 0;
+        for (uint32_t j = 0; j < k; j++)
+            if (d[j].id == d[k].id)
+                return 0;
+        uint8_t *host = vm_translate(mem, d[k].addr, d[k].len, &fault);
+        if (!host)
+            return 0;
+        segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
+    }
+    for (uint32_t k = 0; k < PVQ_BATCH; k++) {
+        vq->inflight[d[k].id] = 1;
+        chains[k] = (struct vqp_chain){
+            .len = d[k].len, .nseg = 1, .pos = (uint16_t)(pos + k), .id = d[k].id, .ndesc = 1, .wrap = wrap};
+    }
+    pvq_skip(vq, &pos, &wrap, PVQ_BATCH);
+    vq->last_avail_idx = (uint16_t)pos;
+    vq->avail_wrap_counter = wrap;
+    return PVQ_BATCH;
+}
+
+/* Give back chains[0..n), taken one after the other and not used (pvq_pop_batch's, past those a batch
+ * used): their ids free, the position at the first. */
+static inline void pvq_unpop_rest(struct vq_packed *vq, const struct vqp_chain *chains, uint32_t n)
+{
+    if (!n)
+        return;
+    for (uint32_t k = 0; k < n; k++)
+        vq->inflight[chains[k].id] = 0;
+    vq->last_avail_idx = chains[0].pos;
+    vq->avail_wrap_counter = chains[0].wrap;
+}
+
 static inline void pvq_unpop(struct vq_packed *vq, const struct vqp_chain *chain)
 {
     if (chain->id < vq->num && vq->inflight)
@@ -275,6 +374,21 @@ static inline int pvq_need_event(uint32_t num, int64_t event, int64_t new_pos, i
     int64_t passed = ((new_pos - event - 1) % lap + lap) % lap;
     int64_t moved = ((new_pos - old_pos) % lap + lap) % lap;
     return passed < moved;
+}
+
+/* Store `value` at `offset` of a device-written area unless it holds it already: the same value written
+ * again by every batch (a polling device's DISABLE, the same off_wrap while nothing came) took the line away
+ * from the driver, which reads it after every burst it makes available, for nothing. What the area holds is
+ * what a store would have left: the driver, had it written there, finds its word put right as before. */
+static inline void pvq_set_word(uint8_t *area, size_t offset, uint16_t value, int release)
+{
+    uint16_t *word = pvq_word(area, offset);
+    if (__atomic_load_n(word, __ATOMIC_RELAXED) == value)
+        return;
+    if (release)
+        __atomic_store_n(word, value, __ATOMIC_RELEASE);
+    else
+        __atomic_store_n(word, value, __ATOMIC_RELAXED);
 }
 
 /* The used descriptor a write puts at *pos, its flags held back (the caller writes them in the spec's order). */
@@ -298,36 +412,39 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
          * moving the used position past every chain of the batch (spec 2.8.8). */
         int one = vq->in_order;
         uint32_t skipped = 0;
-        for (uint32_t k = 0; k < n; k++) {
+        for (uint32_t k = 0; one && k < n; k++) {
             if (pending[k].len)
                 one = 0;
             skipped += pending[k].ndesc;
         }
         uint32_t writes = one ? 1 : n;
-        uint32_t pos = vq->used_idx;
-        uint8_t wrap = vq->used_wrap_counter;
-        /* Ids and lengths first. */
-        for (uint32_t w = 0; w < writes; w++) {
-            const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
-            pvq_write_used(vq, pos, e->id, one ? 0 : e->len);
-            pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
+        const uint32_t first = vq->used_idx;
+        const uint8_t first_wrap = vq->used_wrap_counter;
+        uint32_t pos = first;
+        uint8_t wrap = first_wrap;
+        if (one) {
+            pvq_write_used(vq, pos, pending[n - 1].id, 0);
+            pvq_skip(vq, &pos, &wrap, skipped);
+        } else {
+            /* Each descriptor's id and length, then its flags with a release store (what the driver finds
+             * once the flags say used is there: the barrier DPDK and the reference put between all ids and
+             * all flags, per descriptor, in one pass over the lines instead of two)... The ring and its size
+             * in locals: stores into the ring could alias anything, the compiler would read them again. */
+            uint8_t *desc = vq->desc;
+            const uint32_t num = vq->num;
+            for (uint32_t w = 0; w < n; w++) {
+                const struct vqp_used_elem e = pending[w];
+                uint8_t *d = desc + (size_t)pos * PVQ_DESC_SIZE;
+                memcpy(d + PVQ_LEN_OFFSET, &e.len, sizeof e.len);
+                memcpy(d + PVQ_ID_OFFSET, &e.id, sizeof e.id);
+                if (w)
+                    __atomic_store_n(pvq_word(d, PVQ_FLAGS_OFFSET), pvq_used_flags(wrap, e.len > 0),
+                                     __ATOMIC_RELEASE);
+                pvq_skip_in(num, &pos, &wrap, e.ndesc);
+            }
         }
-        /* Then the flags of every descriptor but the first, after a write barrier... */
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        uint32_t first = vq->used_idx;
-        uint8_t first_wrap = vq->used_wrap_counter;
-        pos = first;
-        wrap = first_wrap;
-        for (uint32_t w = 0; w < writes; w++) {
-            const struct vqp_used_elem *e = one ? &pending[n - 1] : &pending[w];
-            uint32_t len = one ? 0 : e->len;
-            if (w)
-                __atomic_store_n(pvq_word(vq->desc, (size_t)pos * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
-                                 pvq_used_flags(wrap, len > 0), __ATOMIC_RELAXED);
-            pvq_skip(vq, &pos, &wrap, one ? skipped : e->ndesc);
-        }
-        /* ...and, last, the first's, with a release store: the driver polls only the next position, and finds
-         * the whole batch (a mergeable frame's buffers among it) once that one turns used (spec 2.8.9). */
+        /* ...but the first's, written last: the driver polls only the next position, and finds the whole batch
+         * (a mergeable frame's buffers among it) once that one turns used (spec 2.8.9). */
         __atomic_store_n(pvq_word(vq->desc, (size_t)first * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
                          pvq_used_flags(first_wrap, !one && pending[0].len > 0), __ATOMIC_RELEASE);
         if (vq->log_dirty && vq->log_rings) {
@@ -338,9 +455,11 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
                 pvq_skip(vq, &p, &wr, one ? skipped : pending[w].ndesc);
             }
         }
-        for (uint32_t k = 0; k < n; k++)
-            if (vq->inflight && pending[k].id < vq->num)
-                vq->inflight[pending[k].id] = 0;
+        uint16_t *inflight = vq->inflight;
+        if (inflight)
+            for (uint32_t k = 0, num = vq->num; k < n; k++)
+                if (pending[k].id < num)
+                    inflight[pending[k].id] = 0;
         vq->used_idx = (uint16_t)pos;
         vq->used_wrap_counter = wrap;
     }
@@ -367,13 +486,13 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
     /* Ask for a notification at the next available descriptor, or (a polling device) for none. off_wrap goes
      * before the flags that make it count. */
     if (!vq->kicks) {
-        __atomic_store_n(pvq_word(vq->device, PVQ_EVENT_FLAGS_OFFSET), RING_EVENT_FLAGS_DISABLE, __ATOMIC_RELAXED);
+        pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_DISABLE, 0);
     } else if (vq->event_idx) {
         uint16_t off_wrap = (uint16_t)(vq->last_avail_idx | vq->avail_wrap_counter << PVQ_WRAP_SHIFT);
-        __atomic_store_n(pvq_word(vq->device, 0), off_wrap, __ATOMIC_RELAXED);
-        __atomic_store_n(pvq_word(vq->device, PVQ_EVENT_FLAGS_OFFSET), RING_EVENT_FLAGS_DESC, __ATOMIC_RELEASE);
+        pvq_set_word(vq->device, 0, off_wrap, 0);
+        pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_DESC, 1);
     } else {
-        __atomic_store_n(pvq_word(vq->device, PVQ_EVENT_FLAGS_OFFSET), RING_EVENT_FLAGS_ENABLE, __ATOMIC_RELAXED);
+        pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_ENABLE, 0);
     }
     /* Logged even when nothing was used: a migration's destination must see what the driver was asked. */
     if (vq->log_dirty && vq->log_rings)

@@ -705,16 +705,18 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_REWALK vq_ring_rewalk
 #define RB_NEXT(vq, at, e) ((void)0)
 #define RB_COMPLETE vq_complete
+#define RB_BATCH 0 /* avail->idx and the avail ring already give the chains a batch at a time */
 #include "ring_batch.h"
 
-/* Packed rings (packed_ring.h): the chains available are counted by walking their flags (PackedVirtqueue.
- * pending, no fault), at most PVQ_COUNT_AHEAD at a time, and counted again when the count runs out (only
- * whether the count is 0 decides anything, and a count that is not 0 stays so until the chains it counted
- * are taken: on a ring the driver does not touch meanwhile, the batch takes exactly the chains the
- * reference's one count finds); a chain is named by its buffer id; chains taken one after the other lie one
- * after the other in the ring, so a position and the descriptors of each (ndesc) find them again, to give
- * back (their ids freed) or walk again. */
-#define PVQ_COUNT_AHEAD 32
+/* Packed rings (packed_ring.h): a batch of PVQ_BATCH single-descriptor chains is taken at once where it can
+ * be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
+ * walking their flags (PackedVirtqueue.pending, no fault), up to the next multiple of PVQ_BATCH, where a batch
+ * may be taken again: counting reads each counted chain's flags, lines the driver's core writes, so no further
+ * than the next chains taken. Only whether the count is 0 decides anything, and a count that is not 0 stays so
+ * until the chains it counted are taken: on a ring the driver does not touch meanwhile, the batch takes exactly
+ * the chains the reference's one count finds. A chain is named by its buffer id; chains taken one after the
+ * other lie one after the other in the ring, so a position and the descriptors of each (ndesc) find them
+ * again, to give back (their ids freed) or walk again. */
 struct pvq_mark {
     uint16_t pos;
     uint8_t wrap;
@@ -730,9 +732,16 @@ static inline int vqp_args_ok(const struct vq_packed *vq, const struct nm_bufs *
 
 static inline int32_t vqp_ring_pending(const struct vq_packed *vq, uint16_t *n, struct vq_batch *out)
 {
+    (void)vq;
     (void)out;
-    *n = (uint16_t)pvq_pending_upto(vq, PVQ_COUNT_AHEAD);
+    *n = 0; /* nothing counted yet: a batch or RB_REFILL looks */
     return VQ_OK;
+}
+
+/* The chains available up to the next multiple of PVQ_BATCH (at least one). */
+static inline uint16_t vqp_ring_refill(const struct vq_packed *vq)
+{
+    return (uint16_t)pvq_pending_upto(vq, PVQ_BATCH - vq->last_avail_idx % PVQ_BATCH);
 }
 
 static inline void vqp_ring_rewind(struct vq_packed *vq, struct pvq_mark mark, const struct vqp_used_elem *elems,
@@ -774,7 +783,7 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_USED(c, l) ((struct vqp_used_elem){.id = (c).id, .ndesc = (c).ndesc, .len = (l)})
 #define RB_ARGS_OK vqp_args_ok
 #define RB_PENDING vqp_ring_pending
-#define RB_REFILL(vq, n) (*(n) = (uint16_t)pvq_pending_upto(vq, PVQ_COUNT_AHEAD))
+#define RB_REFILL(vq, n) (*(n) = vqp_ring_refill(vq))
 #define RB_POP pvq_pop
 #define RB_UNPOP pvq_unpop
 #define RB_MARK_AT(vq) ((struct pvq_mark){(vq)->last_avail_idx, (vq)->avail_wrap_counter})
@@ -782,6 +791,10 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_REWALK vqp_ring_rewalk
 #define RB_NEXT vqp_ring_next
 #define RB_COMPLETE pvq_complete
+#define RB_BATCH PVQ_BATCH
+#define RB_POP_BATCH pvq_pop_batch
+#define RB_UNPOP_REST pvq_unpop_rest
+#define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
 #include "ring_batch.h"
 
 /* --- the entry points: a batch over memory that vanished counts for nothing ------------------------------ */
