@@ -304,12 +304,11 @@ class _Source:
             ffi.new("struct sw_frame[]", n),
             ffi.new("uint64_t[]", n),
             ffi.new("uint32_t[]", n),
-            ffi.new("struct sw_dest[]", nports),
             ffi.new("uint32_t[]", nports),
             counters,
             pool,
         ]
-        c.snap, c.frames, c.macs, c.dbufs, c.dests, c.touched = self.keep[:6]
+        c.snap, c.frames, c.macs, c.dbufs, c.touched = self.keep[:5]
 
 
 def flushes(owns: Owns, port: SwitchPort, k: int) -> bool:
