@@ -236,6 +236,10 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     const struct sw_ring *rx = &s->rx;
     struct sw_stats *st = s->ports[s->port].stats;
     uint32_t bs = s->buf_size, nbufs = rx->nbufs;
+    /* The scratch arrays, private to the switch: no store through a ring pointer below changes them. */
+    const struct sw_slot *snap = s->snap;
+    struct sw_frame *frames = s->frames;
+    uint32_t *dbufs = s->dbufs;
 
     /* Parse: a frame is valid when every slot has a usable buffer and length and its first slot holds a whole
      * Ethernet header (after the virtio-net header of a frame with NS_VNET_HDR); its addresses are read once
@@ -245,18 +249,19 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     uint32_t nmacs = 0;
     int sorted = 1;
     for (uint32_t k = 0; k < nframes; k++) {
-        struct sw_frame *f = &s->frames[k];
-        const struct sw_slot *head = &s->snap[f->start];
+        struct sw_frame *f = &frames[k];
+        const struct sw_slot *head = &snap[f->start];
         uint32_t at = head->flags & NS_VNET_HDR ? VIRTIO_NET_HDR_SIZE : 0;
         uint64_t bytes = 0;
         int valid = head->len >= at + SW_ETH_HLEN;
         for (uint32_t i = f->start; i < f->start + f->nslots; i++) {
-            const struct sw_slot *sl = &s->snap[i];
+            const struct sw_slot *sl = &snap[i];
             bytes += sl->len;
             valid &= sl->buf_idx >= NM_RESERVED_BUFS && sl->buf_idx < nbufs && sl->len >= 1 && sl->len <= bs;
         }
         f->bytes = bytes >= at ? bytes - at : 0;
         f->valid = (uint8_t)valid;
+        f->vnet = at != 0;
         f->dest = SW_FLOOD;
         if (valid) {
             const uint8_t *data = head->ref != SW_NO_REF ? s->refs->refs[head->ref].host
@@ -293,7 +298,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     int flood = 0;
     memset(want, 0, s->nports);
     for (uint32_t k = 0; k < nframes; k++) {
-        struct sw_frame *f = &s->frames[k];
+        struct sw_frame *f = &frames[k];
         if (!f->valid)
             continue;
         int32_t dest = SW_FLOOD;
@@ -352,9 +357,9 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
         uint32_t dhead = 0, pos = 0, space = 0, taken = 0;
         vhu_lock(r->lock);
         /* Whether frames may go as tickets: a ring other datapath threads fill too gets none (its lock) */
-        int refer = !r->lock;
+        int refer = !r->lock, refuse_vnet = !r->vnet;
         for (uint32_t k = 0; k < nframes; k++) {
-            const struct sw_frame *f = &s->frames[k];
+            const struct sw_frame *f = &frames[k];
             int unicast;
             if (!f->valid)
                 continue;
@@ -364,7 +369,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                 unicast = 1;
             else
                 continue;
-            if ((s->snap[f->start].flags & NS_VNET_HDR) && !r->vnet) {
+            if (f->vnet && refuse_vnet) {
                 tx_dropped++;
                 continue;
             }
@@ -385,7 +390,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                         full = 1;
                         break;
                     }
-                    s->dbufs[k2] = b;
+                    dbufs[k2] = b;
                     if (++j == dn)
                         j = 0;
                 }
@@ -401,7 +406,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
             uint32_t j = pos;
             for (uint32_t k2 = 0; k2 < ns; k2++) {
                 uint32_t rel = f->start + k2;
-                const struct sw_slot *sl = &s->snap[rel];
+                const struct sw_slot *sl = &snap[rel];
                 struct nm_slot *ds = &r->slots[j];
                 uint16_t flags = (uint16_t)((sl->flags & (NS_MOREFRAG | NS_VNET_HDR)) | changed);
                 if (swap) {
@@ -409,7 +414,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                     if (si >= rx->num_slots)
                         si -= rx->num_slots;
                     STORE(&ds->buf_idx, sl->buf_idx);
-                    STORE(&rx->slots[si].buf_idx, s->dbufs[k2]);
+                    STORE(&rx->slots[si].buf_idx, dbufs[k2]);
                     STORE(&rx->slots[si].flags, (uint16_t)NS_BUF_CHANGED);
                 }
                 if (sl->ref != SW_NO_REF && refer) {
@@ -421,12 +426,12 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                     /* A ring other datapath threads fill too: no ticket may outlive its lock (their syncs
                      * cannot read it), so the frame is copied into the buffer the slot gets now (the parse
                      * bounded len by the piece's). */
-                    uint32_t b = swap ? sl->buf_idx : s->dbufs[k2];
+                    uint32_t b = swap ? sl->buf_idx : dbufs[k2];
                     memcpy(r->bufs + (size_t)b * bsz, refs->refs[sl->ref].host, sl->len);
                 } else if (!swap) {
                     /* Both indexes were checked against their pools, len against buf_size (the parse).
                      * memmove: a hostile user may have named the same buffer on both sides. */
-                    memmove(r->bufs + s->dbufs[k2] * bsz, rx->bufs + sl->buf_idx * bsz, sl->len);
+                    memmove(r->bufs + dbufs[k2] * bsz, rx->bufs + sl->buf_idx * bsz, sl->len);
                 }
                 STORE(&ds->len, sl->len);
                 STORE(&ds->flags, flags);
