@@ -240,6 +240,8 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     const struct sw_slot *snap = s->snap;
     struct sw_frame *frames = s->frames;
     uint32_t *dbufs = s->dbufs;
+    /* Read once: a ring store or a frame's field may alias them as far as the compiler knows. */
+    uint32_t nports = s->nports, port = s->port;
 
     /* Parse: a frame is valid when every slot has a usable buffer and length and its first slot holds a whole
      * Ethernet header (after the virtio-net header of a frame with NS_VNET_HDR); its addresses are read once
@@ -285,7 +287,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
      * (which addresses make it into a table that fills up depends on the order). */
     nmacs = sw_sources(s->macs, nmacs, sorted);
     for (uint32_t k = 0; k < nmacs; k++)
-        sw_table_learn(t, s->macs[k], s->port, now);
+        sw_table_learn(t, s->macs[k], port, now);
 
     /* Lookups: group addresses flood, and so do unknown ones. Repeating a lookup changes nothing (a stale
      * entry is gone after the first, and the table changes no other way meanwhile), so the last two addresses
@@ -294,9 +296,9 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     int32_t seen_dest[2] = {SW_FLOOD, SW_FLOOD};
     uint32_t nseen = 0;
     uint64_t flooded = 0, filtered = 0, forwarded = 0;
-    uint8_t want[s->nports];
+    uint8_t want[nports];
     int flood = 0;
-    memset(want, 0, s->nports);
+    memset(want, 0, nports);
     for (uint32_t k = 0; k < nframes; k++) {
         struct sw_frame *f = &frames[k];
         if (!f->valid)
@@ -311,7 +313,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                 dest = sw_table_lookup(t, f->dst, now);
                 /* Cannot happen (the table is renumbered with the port list), but dest indexes memory
                  * below. */
-                if (dest >= (int32_t)s->nports)
+                if (dest >= (int32_t)nports)
                     dest = SW_FLOOD;
                 seen_dst[1] = seen_dst[0];
                 seen_dest[1] = seen_dest[0];
@@ -326,7 +328,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
             flood = 1;
         } else {
             want[dest] = 1;
-            if ((uint32_t)dest == s->port)
+            if ((uint32_t)dest == port)
                 filtered++;
             else
                 forwarded++;
@@ -343,15 +345,19 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
     const struct vq_refs *refs = s->refs;
     uint64_t ticket_gen = refs ? vq_ref_ticket(refs, 0) : 0;
     size_t bsz = bs;
-    for (uint32_t d = 0; d < s->nports; d++) {
-        if (d == s->port || !(flood || want[d]))
+    struct nm_slot *rx_slots = rx->slots;
+    uint32_t rx_n = rx->num_slots;
+    for (uint32_t d = 0; d < nports; d++) {
+        if (d == port || !(flood || want[d]))
             continue;
         struct sw_ring *r = &s->ports[d];
         uint32_t dn = r->num_slots, dnbufs = r->nbufs;
         /* A unicast frame moves its buffers when both ports share an allocator (the source slots get d's
          * spare buffers); otherwise, or when flooded, its bytes are copied into d's spare buffers. With two
          * ports the flood has one destination, which takes it as a unicast frame. */
-        int same_mem = r->mem == rx->mem, lone = s->nports == 2;
+        int same_mem = r->mem == rx->mem, lone = nports == 2;
+        struct nm_slot *slots = r->slots;
+        uint8_t *bufs = r->bufs;
         uint64_t tx_frames = 0, tx_bytes = 0, tx_dropped = 0;
         int touched = 0, full = 0;
         uint32_t dhead = 0, pos = 0, space = 0, taken = 0;
@@ -385,7 +391,7 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
             uint32_t ns = f->nslots;
             if (!full && ns <= space) {
                 for (uint32_t k2 = 0, j = pos; k2 < ns; k2++) {
-                    uint32_t b = LOAD(&r->slots[j].buf_idx);
+                    uint32_t b = LOAD(&slots[j].buf_idx);
                     if (b < NM_RESERVED_BUFS || b >= dnbufs) {
                         full = 1;
                         break;
@@ -407,15 +413,15 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
             for (uint32_t k2 = 0; k2 < ns; k2++) {
                 uint32_t rel = f->start + k2;
                 const struct sw_slot *sl = &snap[rel];
-                struct nm_slot *ds = &r->slots[j];
+                struct nm_slot *ds = &slots[j];
                 uint16_t flags = (uint16_t)((sl->flags & (NS_MOREFRAG | NS_VNET_HDR)) | changed);
                 if (swap) {
                     uint32_t si = first + rel;
-                    if (si >= rx->num_slots)
-                        si -= rx->num_slots;
+                    if (si >= rx_n)
+                        si -= rx_n;
                     STORE(&ds->buf_idx, sl->buf_idx);
-                    STORE(&rx->slots[si].buf_idx, dbufs[k2]);
-                    STORE(&rx->slots[si].flags, (uint16_t)NS_BUF_CHANGED);
+                    STORE(&rx_slots[si].buf_idx, dbufs[k2]);
+                    STORE(&rx_slots[si].flags, (uint16_t)NS_BUF_CHANGED);
                 }
                 if (sl->ref != SW_NO_REF && refer) {
                     /* Refers to the source guest's memory: the destination's enqueue copies from there (a
@@ -427,11 +433,11 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                      * cannot read it), so the frame is copied into the buffer the slot gets now (the parse
                      * bounded len by the piece's). */
                     uint32_t b = swap ? sl->buf_idx : dbufs[k2];
-                    memcpy(r->bufs + (size_t)b * bsz, refs->refs[sl->ref].host, sl->len);
+                    memcpy(bufs + (size_t)b * bsz, refs->refs[sl->ref].host, sl->len);
                 } else if (!swap) {
                     /* Both indexes were checked against their pools, len against buf_size (the parse).
                      * memmove: a hostile user may have named the same buffer on both sides. */
-                    memmove(r->bufs + dbufs[k2] * bsz, rx->bufs + sl->buf_idx * bsz, sl->len);
+                    memmove(bufs + dbufs[k2] * bsz, rx->bufs + sl->buf_idx * bsz, sl->len);
                 }
                 STORE(&ds->len, sl->len);
                 STORE(&ds->flags, flags);
