@@ -516,6 +516,43 @@ def test_a_full_table_floods_new_addresses_and_counts_them() -> None:
         assert sorted(w.comp.table.entries()) == UNICAST[:2]
 
 
+def test_many_senders_in_one_batch_are_learnt_lowest_first() -> None:
+    """More distinct senders in one batch than the compiled switch keeps sorted as they come (it sorts them
+    once at the end then), descending and with repeats: the lowest addresses fill the table, as with the
+    reference."""
+    senders = [0x02_00_00_00_01_00 + k for k in range(10)]
+    with make_world(Config([(1, False, False)] * 2, 32, 300.0, 3)) as w:
+        p0 = w.ref.ports[0]
+        order = senders[::-1] + senders[5:7] + senders[:2]
+        inject(
+            w, p0.adapter.rx_rings[0].ring, p0.adapter.memory, [unicast_frame(BROADCAST, m) for m in order]
+        )
+        forward_both(w, 0, 0)
+        assert sorted(w.comp.table.entries()) == senders[:3] and w.comp.table.not_learnt == 7
+
+
+def test_destinations_taking_turns_in_a_batch_are_looked_up_alike() -> None:
+    """Frames to addresses taking turns (the compiled switch remembers the last two it looked up in a batch):
+    a learnt one, one whose entry went stale (the first lookup removes it), then the learnt one and an unknown
+    one."""
+    with make_world(Config([(1, False, False)] * 3, 32, 30.0, 8192)) as w:
+        p0, p1, p2 = w.ref.ports
+        inject(w, p1.adapter.rx_rings[0].ring, p1.adapter.memory, [unicast_frame(BROADCAST, UNICAST[1])])
+        forward_both(w, 1, 0)
+        w.now += 20
+        inject(w, p2.adapter.rx_rings[0].ring, p2.adapter.memory, [unicast_frame(BROADCAST, UNICAST[2])])
+        forward_both(w, 2, 0)
+        w.now += 15  # UNICAST[1] was heard from 35 s ago: stale; UNICAST[2] 15 s ago
+        turns = [UNICAST[2], UNICAST[1]] * 3 + [UNICAST[3], UNICAST[2]] * 2
+        inject(
+            w, p0.adapter.rx_rings[0].ring, p0.adapter.memory, [unicast_frame(d, UNICAST[0]) for d in turns]
+        )
+        forward_both(w, 0, 0)
+        stats = w.comp.port("p0").stats
+        assert (stats.forwarded, stats.flooded) == (5, 5)
+        assert UNICAST[1] not in w.comp.table.entries()
+
+
 def test_aged_entries_are_swept_when_the_table_is_full() -> None:
     with make_world(Config([(1, False, False)] * 2, 32, 30.0, 2)) as w:
         p0, p1 = w.ref.ports

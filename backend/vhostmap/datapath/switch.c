@@ -168,6 +168,10 @@ uint32_t sw_table_remap(struct sw_table *t, const int32_t *map, uint32_t nmap)
 
 /* --- one batch ----------------------------------------------------------------------------------------- */
 
+/* Up to this many distinct source addresses a batch keeps them sorted as they come (one or two senders are
+ * the rule); past it they are sorted once at the end, so that a batch of many senders costs n log n. */
+#define SW_FEW_SOURCES 4
+
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x, y;
@@ -176,157 +180,104 @@ static int cmp_u64(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* A 48-bit address from its 6 bytes in network order. */
-static inline uint64_t mac_from(const uint8_t *p)
+/* The 48-bit address in the 6 bytes at p, in network order. */
+static inline uint64_t mac_at(const uint8_t *p)
 {
-    uint64_t m = 0;
-    for (int i = 0; i < SW_ETH_ALEN; i++)
-        m = m << 8 | p[i];
-    return m;
+    uint32_t hi;
+    uint16_t lo;
+    memcpy(&hi, p, sizeof hi);
+    memcpy(&lo, p + 4, sizeof lo);
+    return (uint64_t)__builtin_bswap32(hi) << 16 | __builtin_bswap16(lo);
 }
 
-/* Whether frame f fits whole in port d's TX ring after the frames this batch already put there; if so, the
- * spare buffers of the slots it would take are in s->dbufs. Once a frame did not fit, none after it does. */
-static int sw_room(struct sw_source *s, const struct sw_frame *f, uint32_t d)
+/* The distinct unicast source addresses of the batch so far: macs[0, n), ascending while `sorted`, else in
+ * the order they came with consecutive repeats removed (sw_sources sorts them then). Returns the new n. */
+static inline uint32_t sw_add_source(uint64_t *macs, uint32_t n, uint64_t mac, int *sorted)
 {
-    const struct sw_ring *r = &s->ports[d];
-    struct sw_dest *st = &s->dests[d];
-    uint32_t dn = r->num_slots;
-
-    if (!st->touched) {
-        uint32_t head = LOAD(r->head), tail = LOAD(r->tail);
-        st->touched = 1;
-        st->full = 0;
-        st->head = head;
-        st->pos = head % dn;
-        st->space = (tail % dn + dn - st->pos) % dn;
-        st->taken = 0;
+    if (!*sorted) {
+        if (macs[n - 1] != mac)
+            macs[n++] = mac;
+        return n;
     }
-    if (st->full || f->nslots > st->space)
-        return 0;
-    /* Each slot read once. A slot without a usable buffer (buffer 0 after a ring reinit, or anything a user
-     * wrote there) ends the room of the ring, as tx_room does. */
-    for (uint32_t k = 0, j = st->pos; k < f->nslots; k++) {
-        uint32_t b = LOAD(&r->slots[j].buf_idx);
-        if (b < NM_RESERVED_BUFS || b >= r->nbufs)
-            return 0;
-        s->dbufs[k] = b;
-        if (++j == dn)
-            j = 0;
+    uint32_t i = n;
+    while (i > 0 && macs[i - 1] > mac)
+        i--;
+    if (i > 0 && macs[i - 1] == mac)
+        return n;
+    if (n == SW_FEW_SOURCES) {
+        *sorted = 0;
+        macs[n++] = mac;
+        return n;
     }
-    return 1;
+    for (uint32_t j = n; j > i; j--)
+        macs[j] = macs[j - 1];
+    macs[i] = mac;
+    return n + 1;
 }
 
-/* Offer frame f to port d: it goes into d's TX ring whole, or it is dropped for d (counted at both ends).
- * `unicast`: d is its only destination, so its buffers move when both ports share an allocator (the source
- * slots get d's spare buffers); otherwise its bytes are copied into d's spare buffers. `rx_first` is the ring
- * index of the batch head. */
-static void sw_deliver(struct sw_source *s, const struct sw_frame *f, uint32_t d, int unicast,
-                       uint32_t rx_first)
+/* macs[0, n) ascending and distinct (sw_add_source's, finished); returns their number. */
+static uint32_t sw_sources(uint64_t *macs, uint32_t n, int sorted)
 {
-    struct sw_ring *r = &s->ports[d];
-    struct sw_dest *st = &s->dests[d];
-
-    if ((s->snap[f->start].flags & NS_VNET_HDR) && !r->vnet) {
-        r->stats->tx_dropped++;
-        s->ports[s->port].stats->dropped++;
-        return;
-    }
-    if (!sw_room(s, f, d)) {
-        st->full = 1;
-        r->stats->tx_dropped++;
-        s->ports[s->port].stats->dropped++;
-        return;
-    }
-    const struct sw_ring *rx = &s->rx;
-    size_t bs = s->buf_size;
-    int swap = unicast && r->mem == rx->mem;
-    uint32_t j = st->pos;
-    for (uint32_t k = 0; k < f->nslots; k++) {
-        uint32_t rel = f->start + k;
-        const struct sw_slot *sl = &s->snap[rel];
-        struct nm_slot *ds = &r->slots[j];
-        uint16_t flags = (uint16_t)((sl->flags & (NS_MOREFRAG | NS_VNET_HDR)) | (swap ? NS_BUF_CHANGED : 0));
-        if (swap) {
-            uint32_t si = rx_first + rel;
-            if (si >= rx->num_slots)
-                si -= rx->num_slots;
-            STORE(&ds->buf_idx, sl->buf_idx);
-            STORE(&rx->slots[si].buf_idx, s->dbufs[k]);
-            STORE(&rx->slots[si].flags, (uint16_t)NS_BUF_CHANGED);
-        }
-        if (sl->ref != SW_NO_REF && !r->lock) {
-            /* Refers to the source guest's memory: the destination's enqueue copies from there (a flood: each
-             * destination's does), and its own buffer stays for vq_refs_settle. */
-            STORE(&ds->ptr, vq_ref_ticket(s->refs, sl->ref));
-            flags |= NS_INDIRECT;
-        } else if (sl->ref != SW_NO_REF) {
-            /* A ring other datapath threads fill too: no ticket may outlive its lock (their syncs cannot read
-             * it), so the frame is copied into the buffer the slot gets now (sw_batch bounded len by the
-             * piece's). */
-            uint32_t b = swap ? sl->buf_idx : s->dbufs[k];
-            memcpy(r->bufs + (size_t)b * bs, s->refs->refs[sl->ref].host, sl->len);
-        } else if (!swap) {
-            /* Both indexes were checked against their pools, len against buf_size (sw_batch). memmove: a
-             * hostile user may have named the same buffer on both sides. */
-            memmove(r->bufs + s->dbufs[k] * bs, rx->bufs + sl->buf_idx * bs, sl->len);
-        }
-        STORE(&ds->len, sl->len);
-        STORE(&ds->flags, flags);
-        if (++j == r->num_slots)
-            j = 0;
-    }
-    st->pos = j;
-    st->space -= f->nslots;
-    st->taken += f->nslots;
-    r->stats->tx_frames++;
-    r->stats->tx_bytes += f->bytes;
+    if (sorted || n < 2)
+        return n;
+    qsort(macs, n, sizeof macs[0], cmp_u64);
+    uint32_t u = 1;
+    for (uint32_t k = 1; k < n; k++)
+        if (macs[k] != macs[u - 1])
+            macs[u++] = macs[k];
+    return u;
 }
 
 /* Frames [0, nframes) of the batch, delimited in s->frames: parse, learn, look up, deliver. `first` is the
- * ring index of the batch head. */
+ * ring index of the batch head. The counters are summed in locals and added once: the source's at the end,
+ * a destination's before its lock goes. */
 static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, uint32_t first, double now)
 {
     const struct sw_ring *rx = &s->rx;
     struct sw_stats *st = s->ports[s->port].stats;
-    uint32_t bs = s->buf_size;
+    uint32_t bs = s->buf_size, nbufs = rx->nbufs;
+    /* The scratch arrays, private to the switch: no store through a ring pointer below changes them. */
+    const struct sw_slot *snap = s->snap;
+    struct sw_frame *frames = s->frames;
+    uint32_t *dbufs = s->dbufs;
+    /* Read once: a ring store or a frame's field may alias them as far as the compiler knows. */
+    uint32_t nports = s->nports, port = s->port;
 
     /* Parse: a frame is valid when every slot has a usable buffer and length and its first slot holds a whole
      * Ethernet header (after the virtio-net header of a frame with NS_VNET_HDR); its addresses are read once
-     * from that header. What is counted is the frame, without the virtio-net header. */
-    uint64_t rx_bytes = 0, invalid = 0;
+     * from that header. What is counted is the frame, without the virtio-net header. The distinct unicast
+     * source addresses to learn are gathered meanwhile (private memory: no lock yet). */
+    uint64_t rx_bytes = 0, dropped = 0;
+    uint32_t nmacs = 0;
+    int sorted = 1;
     for (uint32_t k = 0; k < nframes; k++) {
-        struct sw_frame *f = &s->frames[k];
-        const struct sw_slot *head = &s->snap[f->start];
+        struct sw_frame *f = &frames[k];
+        const struct sw_slot *head = &snap[f->start];
         uint32_t at = head->flags & NS_VNET_HDR ? VIRTIO_NET_HDR_SIZE : 0;
         uint64_t bytes = 0;
         int valid = head->len >= at + SW_ETH_HLEN;
         for (uint32_t i = f->start; i < f->start + f->nslots; i++) {
-            const struct sw_slot *sl = &s->snap[i];
+            const struct sw_slot *sl = &snap[i];
             bytes += sl->len;
-            if (sl->buf_idx < NM_RESERVED_BUFS || sl->buf_idx >= rx->nbufs || sl->len < 1 || sl->len > bs)
-                valid = 0;
+            valid &= sl->buf_idx >= NM_RESERVED_BUFS && sl->buf_idx < nbufs && sl->len >= 1 && sl->len <= bs;
         }
         f->bytes = bytes >= at ? bytes - at : 0;
         f->valid = (uint8_t)valid;
-        f->no_learn = (head->flags & NS_NO_LEARN) != 0;
+        f->vnet = at != 0;
         f->dest = SW_FLOOD;
         if (valid) {
-            uint8_t hdr[2 * SW_ETH_ALEN];
             const uint8_t *data = head->ref != SW_NO_REF ? s->refs->refs[head->ref].host
                                                          : rx->bufs + (size_t)head->buf_idx * bs;
-            memcpy(hdr, data + at, sizeof hdr);
-            f->dst = mac_from(hdr);
-            f->src = mac_from(hdr + SW_ETH_ALEN);
+            f->dst = mac_at(data + at);
+            f->src = mac_at(data + at + SW_ETH_ALEN);
+            if (!(head->flags & NS_NO_LEARN) && f->src != 0 && !(f->src & SW_MULTICAST))
+                nmacs = sw_add_source(s->macs, nmacs, f->src, &sorted);
         } else {
             f->dst = f->src = 0;
-            invalid++;
+            dropped++;
         }
         rx_bytes += f->bytes;
     }
-    st->rx_frames += nframes;
-    st->rx_bytes += rx_bytes;
-    st->dropped += invalid;
 
     /* The table is shared by every datapath thread running a source of this switch: learning and lookups
      * hold its lock (no ring lock is taken meanwhile). */
@@ -334,96 +285,192 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
 
     /* Learning, before any lookup: each distinct unicast source address of the batch once, in ascending order
      * (which addresses make it into a table that fills up depends on the order). */
-    uint32_t nmacs = 0;
-    for (uint32_t k = 0; k < nframes; k++) {
-        const struct sw_frame *f = &s->frames[k];
-        if (!f->valid || f->no_learn || f->src == 0 || (f->src & SW_MULTICAST))
-            continue;
-        if (nmacs == 0 || s->macs[nmacs - 1] != f->src)
-            s->macs[nmacs++] = f->src;
-    }
-    if (nmacs > 1) {
-        qsort(s->macs, nmacs, sizeof s->macs[0], cmp_u64);
-        uint32_t u = 1;
-        for (uint32_t k = 1; k < nmacs; k++)
-            if (s->macs[k] != s->macs[u - 1])
-                s->macs[u++] = s->macs[k];
-        nmacs = u;
-    }
+    nmacs = sw_sources(s->macs, nmacs, sorted);
     for (uint32_t k = 0; k < nmacs; k++)
-        sw_table_learn(t, s->macs[k], s->port, now);
+        sw_table_learn(t, s->macs[k], port, now);
 
     /* Lookups: group addresses flood, and so do unknown ones. Repeating a lookup changes nothing (a stale
-     * entry is gone after the first), so consecutive frames to one address share one. */
-    uint64_t last_dst = 0;
-    int32_t last_dest = SW_FLOOD;
-    int have_last = 0;
+     * entry is gone after the first, and the table changes no other way meanwhile), so the last two addresses
+     * looked up answer again without one: the frames of two flows take turns in a batch. */
+    uint64_t seen_dst[2] = {0, 0};
+    int32_t seen_dest[2] = {SW_FLOOD, SW_FLOOD};
+    uint32_t nseen = 0;
+    uint64_t flooded = 0, filtered = 0, forwarded = 0;
+    uint8_t want[nports];
+    int flood = 0;
+    memset(want, 0, nports);
     for (uint32_t k = 0; k < nframes; k++) {
-        struct sw_frame *f = &s->frames[k];
+        struct sw_frame *f = &frames[k];
         if (!f->valid)
             continue;
-        if (f->dst & SW_MULTICAST) {
-            f->dest = SW_FLOOD;
-        } else {
-            if (!have_last || f->dst != last_dst) {
-                last_dst = f->dst;
-                last_dest = sw_table_lookup(t, f->dst, now);
+        int32_t dest = SW_FLOOD;
+        if (!(f->dst & SW_MULTICAST)) {
+            if (nseen > 0 && f->dst == seen_dst[0]) {
+                dest = seen_dest[0];
+            } else if (nseen > 1 && f->dst == seen_dst[1]) {
+                dest = seen_dest[1];
+            } else {
+                dest = sw_table_lookup(t, f->dst, now);
                 /* Cannot happen (the table is renumbered with the port list), but dest indexes memory
                  * below. */
-                if (last_dest >= (int32_t)s->nports)
-                    last_dest = SW_FLOOD;
-                have_last = 1;
+                if (dest >= (int32_t)nports)
+                    dest = SW_FLOOD;
+                seen_dst[1] = seen_dst[0];
+                seen_dest[1] = seen_dest[0];
+                seen_dst[0] = f->dst;
+                seen_dest[0] = dest;
+                nseen = nseen < 2 ? nseen + 1 : 2;
             }
-            f->dest = last_dest;
         }
-        if (f->dest == SW_FLOOD)
-            st->flooded++;
-        else if ((uint32_t)f->dest == s->port)
-            st->filtered++;
-        else
-            st->forwarded++;
+        f->dest = dest;
+        if (dest == SW_FLOOD) {
+            flooded++;
+            flood = 1;
+        } else {
+            want[dest] = 1;
+            if ((uint32_t)dest == port)
+                filtered++;
+            else
+                forwarded++;
+        }
     }
 
     vhu_unlock(&t->lock);
 
     /* Delivery, destination by destination: each ring takes the frames offered to it in order, under its
      * lock (another thread's source may fill it too), from the snapshot of its head and tail taken then to
-     * the head published before the lock goes. */
-    uint8_t want[s->nports];
-    int flood = 0;
-    memset(want, 0, s->nports);
-    for (uint32_t k = 0; k < nframes; k++) {
-        const struct sw_frame *f = &s->frames[k];
-        if (f->valid && f->dest == SW_FLOOD)
-            flood = 1;
-        else if (f->valid)
-            want[f->dest] = 1;
-    }
-    for (uint32_t d = 0; d < s->nports; d++) {
-        struct sw_dest *ds = &s->dests[d];
-        ds->touched = 0;
-        if (d == s->port || !(flood || want[d]))
+     * the head published before the lock goes. A frame goes into it whole or is dropped for it (counted at
+     * both ends): a frame with its virtio-net header for a ring without (vnet), and from the first frame that
+     * does not fit on, every frame. */
+    const struct vq_refs *refs = s->refs;
+    uint64_t ticket_gen = refs ? vq_ref_ticket(refs, 0) : 0;
+    size_t bsz = bs;
+    struct nm_slot *rx_slots = rx->slots;
+    uint32_t rx_n = rx->num_slots;
+    for (uint32_t d = 0; d < nports; d++) {
+        if (d == port || !(flood || want[d]))
             continue;
         struct sw_ring *r = &s->ports[d];
+        uint32_t dn = r->num_slots, dnbufs = r->nbufs;
+        /* A unicast frame moves its buffers when both ports share an allocator (the source slots get d's
+         * spare buffers); otherwise, or when flooded, its bytes are copied into d's spare buffers. With two
+         * ports the flood has one destination, which takes it as a unicast frame. */
+        int same_mem = r->mem == rx->mem, lone = nports == 2;
+        struct nm_slot *slots = r->slots;
+        uint8_t *bufs = r->bufs;
+        uint64_t tx_frames = 0, tx_bytes = 0, tx_dropped = 0;
+        int touched = 0, full = 0;
+        uint32_t dhead = 0, pos = 0, space = 0, taken = 0;
         vhu_lock(r->lock);
+        /* Whether frames may go as tickets: a ring other datapath threads fill too gets none (its lock) */
+        int refer = !r->lock, refuse_vnet = !r->vnet;
         for (uint32_t k = 0; k < nframes; k++) {
-            const struct sw_frame *f = &s->frames[k];
-            /* With two ports the flood has one destination, which takes it as a unicast frame. */
-            if (f->valid && f->dest == SW_FLOOD)
-                sw_deliver(s, f, d, s->nports == 2, first);
-            else if (f->valid && (uint32_t)f->dest == d)
-                sw_deliver(s, f, d, 1, first);
+            const struct sw_frame *f = &frames[k];
+            int unicast;
+            if (!f->valid)
+                continue;
+            if (f->dest == SW_FLOOD)
+                unicast = lone;
+            else if ((uint32_t)f->dest == d)
+                unicast = 1;
+            else
+                continue;
+            if (f->vnet && refuse_vnet) {
+                tx_dropped++;
+                continue;
+            }
+            if (!touched) {
+                uint32_t h = LOAD(r->head), tl = LOAD(r->tail);
+                touched = 1;
+                dhead = h;
+                pos = h % dn;
+                space = (tl % dn + dn - pos) % dn;
+            }
+            /* Room: each destination slot read once. A slot without a usable buffer (buffer 0 after a ring
+             * reinit, or anything a user wrote there) ends the room of the ring, as tx_room does. */
+            uint32_t ns = f->nslots;
+            if (!full && ns <= space) {
+                for (uint32_t k2 = 0, j = pos; k2 < ns; k2++) {
+                    uint32_t b = LOAD(&slots[j].buf_idx);
+                    if (b < NM_RESERVED_BUFS || b >= dnbufs) {
+                        full = 1;
+                        break;
+                    }
+                    dbufs[k2] = b;
+                    if (++j == dn)
+                        j = 0;
+                }
+            } else {
+                full = 1;
+            }
+            if (full) {
+                tx_dropped++;
+                continue;
+            }
+            int swap = unicast && same_mem;
+            uint16_t changed = swap ? NS_BUF_CHANGED : 0;
+            uint32_t j = pos;
+            for (uint32_t k2 = 0; k2 < ns; k2++) {
+                uint32_t rel = f->start + k2;
+                const struct sw_slot *sl = &snap[rel];
+                struct nm_slot *ds = &slots[j];
+                uint16_t flags = (uint16_t)((sl->flags & (NS_MOREFRAG | NS_VNET_HDR)) | changed);
+                if (swap) {
+                    uint32_t si = first + rel;
+                    if (si >= rx_n)
+                        si -= rx_n;
+                    STORE(&ds->buf_idx, sl->buf_idx);
+                    STORE(&rx_slots[si].buf_idx, dbufs[k2]);
+                    STORE(&rx_slots[si].flags, (uint16_t)NS_BUF_CHANGED);
+                }
+                if (sl->ref != SW_NO_REF && refer) {
+                    /* Refers to the source guest's memory: the destination's enqueue copies from there (a
+                     * flood: each destination's does), and its own buffer stays for vq_refs_settle. */
+                    STORE(&ds->ptr, ticket_gen | sl->ref);
+                    flags |= NS_INDIRECT;
+                } else if (sl->ref != SW_NO_REF) {
+                    /* A ring other datapath threads fill too: no ticket may outlive its lock (their syncs
+                     * cannot read it), so the frame is copied into the buffer the slot gets now (the parse
+                     * bounded len by the piece's). */
+                    uint32_t b = swap ? sl->buf_idx : dbufs[k2];
+                    memcpy(bufs + (size_t)b * bsz, refs->refs[sl->ref].host, sl->len);
+                } else if (!swap) {
+                    /* Both indexes were checked against their pools, len against buf_size (the parse).
+                     * memmove: a hostile user may have named the same buffer on both sides. */
+                    memmove(bufs + dbufs[k2] * bsz, rx->bufs + sl->buf_idx * bsz, sl->len);
+                }
+                STORE(&ds->len, sl->len);
+                STORE(&ds->flags, flags);
+                if (++j == dn)
+                    j = 0;
+            }
+            pos = j;
+            space -= ns;
+            taken += ns;
+            tx_frames++;
+            tx_bytes += f->bytes;
         }
-        if (ds->taken) {
+        if (taken) {
             /* Release: the filled slots must be visible to whoever sees the new head. */
-            uint32_t h = (uint32_t)(((uint64_t)ds->head + ds->taken) % r->num_slots);
+            uint32_t h = (uint32_t)(((uint64_t)dhead + taken) % dn);
             __atomic_store_n(r->head, h, __ATOMIC_RELEASE);
             __atomic_store_n(r->cur, h, __ATOMIC_RELEASE);
         }
+        r->stats->tx_frames += tx_frames;
+        r->stats->tx_bytes += tx_bytes;
+        r->stats->tx_dropped += tx_dropped;
         vhu_unlock(r->lock);
-        if (ds->touched)
+        dropped += tx_dropped;
+        if (touched)
             s->touched[s->ntouched++] = d;
     }
+
+    st->rx_frames += nframes;
+    st->rx_bytes += rx_bytes;
+    st->forwarded += forwarded;
+    st->flooded += flooded;
+    st->filtered += filtered;
+    st->dropped += dropped;
 }
 
 uint32_t sw_forward(struct sw_table *t, struct sw_source *s, double now)
@@ -439,43 +486,43 @@ uint32_t sw_forward(struct sw_table *t, struct sw_source *s, double now)
     uint32_t first = head % n;
     uint32_t count = (tail % n + n - first) % n;
 
-    /* The snapshot: every slot of the batch read once. The Ethernet header of each buffer is fetched into
-     * the cache meanwhile: parsing reads it next, and a buffer another thread filled is rarely in ours. */
+    /* The snapshot: every slot of the batch read once, and its frames delimited meanwhile (runs of
+     * NS_MOREFRAG slots ended by one without it). The Ethernet header of each buffer is fetched into the
+     * cache too: parsing reads it next, and a buffer another thread filled is rarely in ours. */
+    const struct vq_refs *refs = s->refs;
+    uint16_t keep = rx->vnet ? 0xFFFF : (uint16_t)~NS_VNET_HDR; /* a port whose frames never carry the header */
+    uint32_t nframes = 0, used = 0;
     for (uint32_t i = 0, j = first; i < count; i++) {
         const struct nm_slot *sl = &rx->slots[j];
         struct sw_slot *sn = &s->snap[i];
         uint32_t b = LOAD(&sl->buf_idx);
+        uint16_t len = LOAD(&sl->len);
+        uint16_t flags = LOAD(&sl->flags) & keep;
+        const struct vq_ref *ref = flags & NS_INDIRECT ? vq_ref_at(refs, LOAD(&sl->ptr)) : NULL;
         sn->buf_idx = b;
-        sn->len = LOAD(&sl->len);
-        sn->flags = LOAD(&sl->flags);
-        if (!rx->vnet)
-            sn->flags &= (uint16_t)~NS_VNET_HDR; /* a port whose frames never carry the header */
-        const struct vq_ref *ref = sn->flags & NS_INDIRECT ? vq_ref_at(s->refs, LOAD(&sl->ptr)) : NULL;
+        sn->flags = flags;
         if (ref) {
-            sn->ref = (uint32_t)(ref - s->refs->refs);
-            if (sn->len > ref->len)
-                sn->len = (uint16_t)ref->len;
+            sn->ref = (uint32_t)(ref - refs->refs);
+            sn->len = len > ref->len ? (uint16_t)ref->len : len;
             __builtin_prefetch(ref->host);
         } else {
             sn->ref = SW_NO_REF;
+            sn->len = len;
             if (b < rx->nbufs)
                 __builtin_prefetch(rx->bufs + (size_t)b * s->buf_size);
+        }
+        if (!(flags & NS_MOREFRAG)) {
+            s->frames[nframes].start = used;
+            s->frames[nframes].nslots = i + 1 - used;
+            nframes++;
+            used = i + 1;
         }
         if (++j == n)
             j = 0;
     }
 
-    /* Frames: runs of NS_MOREFRAG slots ended by one without it. An unfinished run at the end stays in the
-     * ring for the next batch, unless it fills the whole ring and so can never end: then all is dropped. */
-    uint32_t nframes = 0, used = 0;
-    for (uint32_t i = 0; i < count; i++) {
-        if (s->snap[i].flags & NS_MOREFRAG)
-            continue;
-        s->frames[nframes].start = used;
-        s->frames[nframes].nslots = i + 1 - used;
-        nframes++;
-        used = i + 1;
-    }
+    /* An unfinished run at the end stays in the ring for the next batch, unless it fills the whole ring and
+     * so can never end: then all is dropped. */
     if (nframes == 0 && count == n - 1) {
         s->ports[s->port].stats->dropped++;
         used = count;

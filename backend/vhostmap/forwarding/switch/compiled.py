@@ -94,6 +94,9 @@ class CompiledSwitch:
         """The round as one vhu_switch_pass for the ports as they are now, or None (the Python round)."""
         if not self.ports:
             return None
+        plan = self._passes.get(owns)
+        if plan is not None and plan.current(self.ports):
+            return plan
         queues: dict[NetmapAdapter, FastQueues] = {}
         for p in self.ports:
             if p.host:
@@ -104,7 +107,6 @@ class CompiledSwitch:
                     return None
                 queues[p.adapter] = fast
         versions = tuple(q.version for q in queues.values())
-        plan = self._passes.get(owns)
         if plan is not None and plan.versions == versions and plan.ports == self.ports:
             return plan
         self._share_offloads()
@@ -147,7 +149,7 @@ class CompiledSwitch:
         for p, t in tx_index:
             sides.append((p.adapter, p.adapter.tx_rings[t], False))
         refs = OneCopy(cap, ETH_HLEN)
-        plan = _SwitchPass(versions, list(self.ports), src_items, tx_items, sides, refs, keep)
+        plan = _SwitchPass(list(queues), versions, list(self.ports), src_items, tx_items, sides, refs, keep)
         plan.flush = ffi.new("uint8_t[]", flush or [0])
         self._passes[owns] = plan
         return plan
@@ -220,10 +222,12 @@ class _Pool:
 class _SwitchPass:
     """A switch round as vhu_switch_pass takes it: the sources, the TX queues, who to tell when a sync
     fails (``sides``: the sources, then the TX queues), and the references of its one-copy frames. Good while
-    ``versions`` (of the ports' FastQueues) and ``ports`` hold; ``keep`` holds what the structs point into."""
+    ``versions`` (of the FastQueues of ``adapters``, the ports' adapters) and ``ports`` hold; ``keep`` holds
+    what the structs point into."""
 
     def __init__(
         self,
+        adapters: list[NetmapAdapter],
         versions: tuple[int, ...],
         ports: list[SwitchPort],
         sources: list[Any],
@@ -234,6 +238,7 @@ class _SwitchPass:
     ) -> None:
         self.versions = versions
         self.ports = ports
+        self._checks = list(zip(adapters, versions, strict=True))
         self.nsources, self.ntx = len(sources), len(tx)
         self.sources = struct_array("struct vhu_switch_source", sources)
         self.tx = struct_array("struct vhu_queue", tx)
@@ -242,6 +247,18 @@ class _SwitchPass:
         self.sides = sides
         self.refs = refs
         self.keep = keep
+
+    def current(self, ports: list[SwitchPort]) -> bool:
+        """Whether the plan still holds for ``ports``: the same ports (none a host port, or there would be
+        no plan), each adapter's compiled queues of the same version. Every round asks: the few calls it
+        takes instead of _compiled_pass's whole walk."""
+        if ports != self.ports:
+            return False
+        for adapter, version in self._checks:
+            fast = adapter.fast_queues()
+            if fast is None or fast.version != version:
+                return False
+        return True
 
 
 class _Targets:
@@ -304,12 +321,11 @@ class _Source:
             ffi.new("struct sw_frame[]", n),
             ffi.new("uint64_t[]", n),
             ffi.new("uint32_t[]", n),
-            ffi.new("struct sw_dest[]", nports),
             ffi.new("uint32_t[]", nports),
             counters,
             pool,
         ]
-        c.snap, c.frames, c.macs, c.dbufs, c.dests, c.touched = self.keep[:6]
+        c.snap, c.frames, c.macs, c.dbufs, c.touched = self.keep[:5]
 
 
 def flushes(owns: Owns, port: SwitchPort, k: int) -> bool:
