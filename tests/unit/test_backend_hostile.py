@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from daemons import FRAME, StartDaemon, exchange
 
-from conftest import FRAME, StartDaemon, exchange
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
 from vhostmap.vhost_user.virtqueue import MAX_CHAIN_LENGTH
 from vhostmap.virtio.spec import (

@@ -14,8 +14,8 @@ import socket
 import struct
 
 import pytest
+from daemons import RunningDaemon, StartDaemon, exchange, open_fds
 
-from conftest import RunningDaemon, StartDaemon, exchange, open_fds
 from vhostmap.control.client import call, connect, request
 from vhostmap.control.server import MAX_UNSENT_REPLY_BYTES as MAX_UNSENT_CONTROL
 from vhostmap.lab.frontend import FakeFrontend

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from daemons import RunningDaemon, StartDaemon, exchange, open_fds, still_serving
 
-from conftest import RunningDaemon, StartDaemon, exchange, open_fds, still_serving
 from vhostmap.lab.frontend import UVA_BASE, FakeFrontend
 from vhostmap.vhost_user.messages import (
     HEADER,

@@ -11,8 +11,8 @@ import socket
 from dataclasses import dataclass
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.vhost_user.messages import (
     HEADER,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from daemons import StartDaemon
 
-from conftest import StartDaemon
 from vhostmap.lab.frontend import PAGE, UVA_BASE, FakeFrontend, FakeQueue
 from vhostmap.vhost_user.memory import VHOST_LOG_PAGE
 from vhostmap.vhost_user.messages import U64, VHOST_VRING_F_LOG, Request, VringAddr

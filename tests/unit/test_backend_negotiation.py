@@ -7,8 +7,8 @@ import logging
 import struct
 
 import pytest
+from daemons import StartDaemon
 
-from conftest import StartDaemon
 from vhostmap import __version__
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend
 from vhostmap.vhost_user.device import ALL_OFFLOADS, OFFLOADS

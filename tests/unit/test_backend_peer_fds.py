@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daemons import FRAME, RunningDaemon, StartDaemon, exchange
 from test_backend_hostile import RX, TX
 
-from conftest import FRAME, RunningDaemon, StartDaemon, exchange
 from vhostmap.apps import client
 from vhostmap.control import client as control
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, FakeFrontend

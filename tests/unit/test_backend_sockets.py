@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.system.unixsock import EndpointError
 from vhostmap.vhost_user import server

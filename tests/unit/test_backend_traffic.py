@@ -10,8 +10,8 @@ import time
 from collections import Counter
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.forwarding.link import Link
 from vhostmap.forwarding.passes import BURST
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from hypothesis import given
 from hypothesis import strategies as st
 from test_netmap_client import open_port, receive, send
 from test_switch_daemon import BROADCAST, frame, mac, needs_root, packet_socket, recv_frames
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.apps import capture
 from vhostmap.apps.capture import CapturedFrame, CaptureReader
 from vhostmap.control import client as control

@@ -8,10 +8,10 @@ import logging
 
 import numpy as np
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from test_netmap_client import open_port, receive, send
 from test_switch_daemon import frame, mac
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.apps.client import ClientPort
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.netmap.abi import NM_RESERVED_BUFS, RING_HEADER_SIZE, SLOT_DTYPE

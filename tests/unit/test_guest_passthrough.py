@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from daemons import FRAME, RunningDaemon, StartDaemon
 from pt_guest import FakePtGuest
 from test_switch_daemon import frame as switch_frame
 
-from conftest import FRAME, RunningDaemon, StartDaemon
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.netmap.abi import (

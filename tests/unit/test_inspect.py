@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.cli import main
 from vhostmap.virtio.spec import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from daemons import FRAME, RunningDaemon, StartDaemon, exchange
 
-from conftest import FRAME, RunningDaemon, StartDaemon, exchange
 from vhostmap.control.client import ControlError, call
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.frontend import DRIVER_OK_STATUS, HUGE_PAGE, FakeFrontend

@@ -7,9 +7,9 @@ import socket
 import urllib.request
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.daemon.config import ConfigError, build_config, parse_listen
 
 FRAME = bytes.fromhex("020000000002020000000001") + b"\x88\xb5" + bytes(46)

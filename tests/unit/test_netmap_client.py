@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from test_switch_daemon import frame, mac
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.apps import client
 from vhostmap.apps.client import POLLIN, POLLOUT, ClientPort
 from vhostmap.control.client import ControlError

@@ -7,9 +7,9 @@ drops that frame alone, counted with its reason."""
 from __future__ import annotations
 
 import pytest
+from daemons import StartDaemon
 from test_offload import super_frame
 
-from conftest import StartDaemon
 from vhostmap.netmap.offload import VnetHeader, complete
 from vhostmap.virtio.spec import (
     VIRTIO_F_VERSION_1,

@@ -14,13 +14,13 @@ from dataclasses import astuple
 
 import numpy as np
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from test_offload_ingress import OFFLOADING, gso
 from test_pktgen import control_path
 from test_switch_daemon import needs_root
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.apps import client
 from vhostmap.control.client import ControlError
 from vhostmap.lab.frontend import FakeFrontend

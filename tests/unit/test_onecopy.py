@@ -14,8 +14,8 @@ import random
 
 import numpy as np
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.datapath import lib
 from vhostmap.forwarding.link import Link
 from vhostmap.forwarding.passes import BURST, ROUNDS

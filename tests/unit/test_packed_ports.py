@@ -16,13 +16,13 @@ from collections import Counter
 import numpy as np
 import numpy.typing as npt
 import pytest
+from daemons import RunningDaemon, StartDaemon, exchange, still_serving
 from test_backend_traffic import _signals, counters, frame, newest, totals, zero
 from test_netmap_client import open_port, receive, send
 from test_onecopy import poison, port, written_buffers
 from test_switch_daemon import frame as switch_frame
 from test_switch_daemon import mac, needs_root, packet_socket, recv_frames
 
-from conftest import RunningDaemon, StartDaemon, exchange, still_serving
 from vhostmap import cli
 from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_flag
 from vhostmap.datapath import ffi, lib

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daemons import FRAME, RunningDaemon, StartDaemon, exchange, still_serving
 from pt_guest import FakePtGuest, read_messages
 from test_netmap_client import receive as app_receive
 from test_netmap_client import send as app_send
 from test_switch_daemon import frame, mac
 
-from conftest import FRAME, RunningDaemon, StartDaemon, exchange, still_serving
 from vhostmap.apps import client
 from vhostmap.ivshmem import server as ivshmem_server
 from vhostmap.ivshmem.protocol import DAEMON_PEER_ID, GUEST_ID, ClientConnection, PeerGone

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap import cli
 from vhostmap.apps import client
 from vhostmap.apps.pktgen import (

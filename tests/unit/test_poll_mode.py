@@ -9,7 +9,6 @@ is refused before anything starts.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 from test_worker import CountingForwarder
 
-import conftest
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.cli import main
 from vhostmap.daemon.config import ConfigError, build_config
 from vhostmap.daemon.worker import Worker
@@ -198,7 +196,7 @@ StartPolling = Callable[..., RunningDaemon]
 
 
 @pytest.fixture
-def start_polling(start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch) -> StartPolling:
+def start_polling(start_daemon: StartDaemon) -> StartPolling:
     """``start_daemon`` with the poll and CPU settings given (poll mode by default), and all its checks."""
 
     def start(
@@ -210,9 +208,7 @@ def start_polling(start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch) ->
         control_cpu: int | None = None,
         **kwargs: Any,
     ) -> RunningDaemon:
-        configured = functools.partial(build_config, poll=poll, cpu=cpu, control_cpu=control_cpu)
-        monkeypatch.setattr(conftest, "build_config", configured)
-        return start_daemon(ports, links, **kwargs)
+        return start_daemon(ports, links, poll=poll, cpu=cpu, control_cpu=control_cpu, **kwargs)
 
     return start
 

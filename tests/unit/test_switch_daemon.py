@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap import cli
 from vhostmap.control.client import ControlError, call
 from vhostmap.forwarding.hostbridge import HostBridge

@@ -10,8 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from daemons import RunningDaemon, StartDaemon
 
-from conftest import RunningDaemon, StartDaemon
 from vhostmap.cli import main
 from vhostmap.daemon.config import ConfigError, build_config
 from vhostmap.lab.frontend import FakeFrontend

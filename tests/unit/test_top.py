@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from daemons import StartDaemon
 
-from conftest import StartDaemon
 from vhostmap.cli import main
 from vhostmap.control.top import Reading, busy, rates
 from vhostmap.lab.frontend import FakeFrontend
