@@ -233,7 +233,11 @@ def measure(
         raise BenchError(f"no packets in {t1 - t0:.1f} s (counter stayed at {first})")
     busy = per_round = None
     if load0 is not None and load1 is not None and load1[1] > load0[1]:
-        busy = 1 - (load1[0] - load0[0]) / (load1[1] - load0[1])
+        idle_share = (load1[0] - load0[0]) / (load1[1] - load0[1])
+        # A polling pass that found nothing is booked as idle when it ends, all of it: one the thread was
+        # descheduled through on a starved CPU began partly before the first sample, and the share can pass
+        # 1. That measures nothing: n/a, not a negative busy.
+        busy = 1 - idle_share if idle_share <= 1 else None
         if load1[2] > load0[2]:
             per_round = (last - first) / (load1[2] - load0[2])
     return Rate((last - first) / (t1 - t0) / 1e6, busy, per_round)
