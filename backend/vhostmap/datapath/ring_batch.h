@@ -23,19 +23,115 @@
  *   RB_REWALK(vq, mem, &at, elem, segs, &nseg, out)  walk again the chain of elem, taken at `at`
  *   RB_NEXT(vq, &at, elem)                        `at` past the chain of elem
  *   RB_COMPLETE(vq, mem, pending, n, out)         publish, decide the interrupt, re-arm kicks
- *   RB_BATCH                                      chains RB_POP_BATCH takes at once (0: no batches)
+ *   RB_BATCH                                      chains RB_POP_BATCH takes at once (0: no batches, and
+ *                                                 none of the three below)
  *   RB_POP_BATCH(vq, mem, writable, segs, chains) RB_BATCH single-segment chains, each validated as RB_POP
  *                                                 would, or none (0) and nothing touched
  *   RB_UNPOP_REST(vq, chains, n)                  give back chains[0..n) of a batch, taken and not used
  *   RB_MARK_OF(c)                                 the position of chain c (a mark)
  * Layout-independent helpers (segments, slots, sources, offloads) are virtio.c's, defined before it. */
 
-/* Give back chain c, the last the dequeue took, and what a batch took after it: it goes first next time. */
 #if RB_BATCH
-#define RB_GIVE_BACK(vq, c) (RB_UNPOP_REST(vq, batch + next, taken - next), taken = next, RB_UNPOP(vq, c))
+/* Chains a batch took (RB_POP_BATCH) before the frames that will use them: chains[next..taken), each a whole
+ * chain of one segment (segs[k]). They come before any the ring still holds, and were never counted in a
+ * *npending (RB_POP_BATCH saw them available itself); what is left goes back when the batch kernel ends. */
+struct RB_FN(reserve) {
+    RB_CHAIN chains[RB_BATCH];
+    struct vq_seg segs[RB_BATCH];
+    uint32_t next, taken;
+};
+
+/* A batch into an empty reserve when nothing counted is left (counting would read those flags anyway) and
+ * `want` chains are likely to be used (what is not goes back). */
+static inline void RB_FN(reserve_fill)(RB_RING *vq, const struct vm_memory *mem, int32_t writable,
+                                       struct RB_FN(reserve) *reserve, uint16_t npending, uint64_t want)
+{
+    if (reserve->next == reserve->taken && !npending && want >= RB_BATCH) {
+        reserve->next = 0;
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains);
+    }
+}
+
+/* Give back what the reserve still holds, taken and not used: it goes first next time. */
+static inline void RB_FN(reserve_drop)(RB_RING *vq, struct RB_FN(reserve) *reserve)
+{
+    RB_UNPOP_REST(vq, reserve->chains + reserve->next, reserve->taken - reserve->next);
+    reserve->taken = reserve->next;
+}
+
+/* The reserve's next chain into *chain (1), its segment into segs[0] if there is room (`cap`), or 0. */
+static inline int RB_FN(reserve_take)(struct RB_FN(reserve) *reserve, struct vq_seg *segs, uint32_t cap,
+                                      RB_CHAIN *chain)
+{
+    if (reserve->next == reserve->taken)
+        return 0;
+    *chain = reserve->chains[reserve->next];
+    if (cap)
+        segs[0] = reserve->segs[reserve->next];
+    else
+        chain->nseg = VQ_NOT_STORED; /* as RB_POP stores none without room */
+    reserve->next++;
+    return 1;
+}
+
+/* Where the chain RB_FN(take) takes next lies in the ring. */
+static inline RB_MARK RB_FN(next_mark)(const RB_RING *vq, const struct RB_FN(reserve) *reserve)
+{
+    return reserve->next < reserve->taken ? RB_MARK_OF(reserve->chains[reserve->next]) : RB_MARK_AT(vq);
+}
 #else
-#define RB_GIVE_BACK RB_UNPOP
+/* No batches: the reserve stays empty, the next chain is always the ring's. */
+struct RB_FN(reserve) {
+    uint32_t next, taken;
+};
+#define RB_RESERVE_UNUSED __attribute__((unused))
+static inline void RB_FN(reserve_fill)(RB_RING *vq RB_RESERVE_UNUSED,
+                                       const struct vm_memory *mem RB_RESERVE_UNUSED,
+                                       int32_t writable RB_RESERVE_UNUSED,
+                                       struct RB_FN(reserve) *reserve RB_RESERVE_UNUSED,
+                                       uint16_t npending RB_RESERVE_UNUSED, uint64_t want RB_RESERVE_UNUSED)
+{
+}
+static inline void RB_FN(reserve_drop)(RB_RING *vq RB_RESERVE_UNUSED,
+                                       struct RB_FN(reserve) *reserve RB_RESERVE_UNUSED)
+{
+}
+static inline RB_MARK RB_FN(next_mark)(const RB_RING *vq, const struct RB_FN(reserve) *reserve RB_RESERVE_UNUSED)
+{
+    return RB_MARK_AT(vq);
+}
+static inline int RB_FN(reserve_take)(struct RB_FN(reserve) *reserve RB_RESERVE_UNUSED,
+                                      struct vq_seg *segs RB_RESERVE_UNUSED, uint32_t cap RB_RESERVE_UNUSED,
+                                      RB_CHAIN *chain RB_RESERVE_UNUSED)
+{
+    return 0;
+}
+#undef RB_RESERVE_UNUSED
 #endif
+
+/* The next chain, validated as RB_POP validates it: the reserve's first, else the ring's next (counted in
+ * *npending, counted again by RB_REFILL when the count ran out), its segments in segs up to `cap` (none
+ * stored: nseg VQ_NOT_STORED, as RB_POP). 1: taken; 0: none available; -1: the driver's fault (out). */
+static inline int RB_FN(take)(RB_RING *vq, const struct vm_memory *mem, int32_t writable,
+                              struct RB_FN(reserve) *reserve, uint16_t *npending, struct vq_seg *segs,
+                              uint32_t cap, RB_CHAIN *chain, struct vq_batch *out)
+{
+    if (RB_FN(reserve_take)(reserve, segs, cap, chain))
+        return 1;
+    if (!*npending && !RB_REFILL(vq, npending))
+        return 0;
+    if (RB_POP(vq, mem, writable, segs, cap, chain, out) != VQ_OK)
+        return -1;
+    (*npending)--;
+    return 1;
+}
+
+/* Give back chain c, the last taken, and what the reserve holds after it: it goes first next time. */
+static inline void RB_FN(give_back)(RB_RING *vq, struct RB_FN(reserve) *reserve, RB_CHAIN *c)
+{
+    RB_FN(reserve_drop)(vq, reserve);
+    RB_UNPOP(vq, c);
+}
 
 /* vq_dequeue; with `refs`, vq_dequeue_refs (the frames refer to their chains, nothing is completed). */
 static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
@@ -44,12 +140,7 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first;
-#if RB_BATCH
-    /* Chains a batch took (RB_POP_BATCH) and the loop has not yet: batch[next..taken). */
-    RB_CHAIN batch[RB_BATCH];
-    struct vq_seg batch_segs[RB_BATCH];
-    uint32_t next = 0, taken = 0;
-#endif
+    struct RB_FN(reserve) reserve = {.next = 0, .taken = 0};
 
     vq_batch_init(out);
     if (!RB_ARGS_OK(vq, nm, first, space) || (refs && (refs->count > refs->cap || refs->cap > VQ_REF_MAX)))
@@ -57,33 +148,14 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     uint16_t npending;
     if (RB_PENDING(vq, &npending, out) != VQ_OK)
         return out->status;
-#if RB_BATCH
-    /* npending counts chains RB_REFILL found and the loop has not taken; a batch's chains were never counted
-     * (RB_POP_BATCH saw them available): a batch is tried when nothing counted is left, and counting is
-     * left for what a batch does not take. */
     while (space) {
         RB_CHAIN chain;
-        if (next == taken && !npending && space >= RB_BATCH) {
-            next = 0;
-            taken = RB_POP_BATCH(vq, mem, 0, batch_segs, batch);
-        }
-        if (next < taken) {
-            chain = batch[next];
-            segs[0] = batch_segs[next++];
-        } else {
-            if (!npending && !RB_REFILL(vq, &npending))
-                break;
-            if (RB_POP(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
-                goto fault;
-            npending--;
-        }
-#else
-    while (space && (npending || RB_REFILL(vq, &npending))) {
-        RB_CHAIN chain;
-        if (RB_POP(vq, mem, 0, segs, VQ_MAX_CHAIN_LENGTH, &chain, out) != VQ_OK)
+        RB_FN(reserve_fill)(vq, mem, 0, &reserve, npending, space);
+        int took = RB_FN(take)(vq, mem, 0, &reserve, &npending, segs, VQ_MAX_CHAIN_LENGTH, &chain, out);
+        if (took < 0)
             goto fault;
-        npending--;
-#endif
+        if (!took)
+            break;
         if (chain.len < hdr_len) {
             vq_fail_chain(out, VQ_ERR_SHORT_TX, RB_HEAD(chain), chain.len);
             goto fault;
@@ -117,7 +189,7 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
                 int done = vq_dequeue_offloaded(nm, segs, chain.nseg, hdr_len, (uint32_t)length, &h, pos,
                                                 space, &used, out);
                 if (done == VQ_OFFLOAD_LATER) {
-                    RB_GIVE_BACK(vq, &chain);
+                    RB_FN(give_back)(vq, &reserve, &chain);
                     out->held = 1;
                     break;
                 }
@@ -142,7 +214,7 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
             vq_refer(nm, refs, segs, chain.nseg, skip, pos);
             need = nref;
         } else if (need > space) {
-            RB_GIVE_BACK(vq, &chain);
+            RB_FN(give_back)(vq, &reserve, &chain);
             out->held = 1;
             break;
         } else {
@@ -161,18 +233,14 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
         out->packets++;
         out->bytes += length;
     }
-#if RB_BATCH
-    RB_UNPOP_REST(vq, batch + next, taken - next); /* the space ran out first */
-#endif
+    RB_FN(reserve_drop)(vq, &reserve); /* the space ran out first */
     if (refs)
         out->used = n_used; /* for vq_publish, once the frames were copied */
     else
         RB_COMPLETE(vq, mem, pending, n_used, out);
     return VQ_OK;
 fault:
-#if RB_BATCH
-    RB_UNPOP_REST(vq, batch + next, taken - next); /* a chain faulted: those after it were never taken */
-#endif
+    RB_FN(reserve_drop)(vq, &reserve); /* a chain faulted: those after it were never taken */
     out->used = n_used;
     return out->status;
 }
@@ -184,9 +252,10 @@ fault:
  * their segments in `segs`, one after the other, their counts in chains[k].len; the others are walked again
  * (validated again) into `segs` (RB_REWALK, the ring's position of chain k kept in `at`). Sets chains[k].len
  * to the bytes written into chain k. */
-static int32_t RB_FN(scatter)(const RB_RING *vq, const struct vm_memory *mem, struct vq_source *src,
-                              uint32_t hdr_len, uint64_t frame_len, RB_ELEM *chains, uint32_t nchains,
-                              uint32_t stored, RB_MARK mark, struct vq_seg *segs, struct vq_batch *out)
+__attribute__((always_inline)) static inline int32_t
+RB_FN(scatter)(const RB_RING *vq, const struct vm_memory *mem, struct vq_source *src, uint32_t hdr_len,
+               uint64_t frame_len, RB_ELEM *chains, uint32_t nchains, uint32_t stored, RB_MARK mark,
+               struct vq_seg *segs, struct vq_batch *out)
 {
     uint16_t num_buffers = (uint16_t)nchains;
     uint32_t hdr_bytes = hdr_len < VIRTIO_NET_HDR_SIZE ? hdr_len : VIRTIO_NET_HDR_SIZE;
@@ -227,84 +296,38 @@ static int32_t RB_FN(scatter)(const RB_RING *vq, const struct vm_memory *mem, st
     return VQ_OK;
 }
 
-#if RB_BATCH
-/* Receive chains a batch took before the frames that will fill them: chains[next..taken), each a whole chain
- * of one segment (segs[k]). put takes them first, in order; what is left goes back when the enqueue ends. */
-struct RB_FN(reserve) {
-    RB_CHAIN chains[RB_BATCH];
-    struct vq_seg segs[RB_BATCH];
-    uint32_t next, taken;
-};
-#define RB_RESERVE_PARAM , struct RB_FN(reserve) *reserve
-#define RB_RESERVE_ARG(r) , (r)
-#else
-#define RB_RESERVE_PARAM
-#define RB_RESERVE_ARG(r)
-#endif
-
 /* rxtx._reserve and _scatter: receive chains for the header and the `frame_len` bytes of `src` (one chain
  * without mergeable buffers), into chains[0..*nchains), and the frame written there (DONE: also when the
  * chain was too small, its entry then of length 0 and the frame counted dropped); NO_ROOM (the chains given
- * back, *nchains 0) when the guest has too few; FAULT (out->status) on a driver fault. *npending: chains the
- * driver made available and we have not taken (those of `reserve` among them: taken first, may be NULL). */
-static inline int RB_FN(put)(RB_RING *vq, const struct vm_memory *mem, struct vq_source *src,
-                         uint32_t hdr_len, int32_t mergeable, uint64_t frame_len, RB_ELEM *chains,
-                         uint32_t *nchains, uint16_t *npending, struct vq_seg *segs,
-                         struct vq_batch *out RB_RESERVE_PARAM)
+ * back, *nchains 0) when the guest has too few; FAULT (out->status) on a driver fault. The chains come from
+ * `reserve` first, then the ring (*npending: those the driver made available, counted and not yet taken).
+ * Inlined into both callers: it is the enqueue's step per frame, and as a call it kept the reserve in memory. */
+__attribute__((always_inline)) static inline int
+RB_FN(put)(RB_RING *vq, const struct vm_memory *mem, struct vq_source *src, uint32_t hdr_len, int32_t mergeable,
+           uint64_t frame_len, RB_ELEM *chains, uint32_t *nchains, uint16_t *npending,
+           struct RB_FN(reserve) *reserve, struct vq_seg *segs, struct vq_batch *out)
 {
     uint64_t need = (uint64_t)hdr_len + frame_len, got = 0;
     uint32_t n = 0, stored = 0, nsegs = 0;
-    RB_MARK mark = RB_MARK_AT(vq);
-#if RB_BATCH
-    if (reserve && reserve->next < reserve->taken) /* the frame's chains start with the reserve's */
-        mark = RB_MARK_OF(reserve->chains[reserve->next]);
-#endif
+    /* A frame that gives its chains back has taken the whole reserve: its mark is where the reserve was. */
+    RB_MARK mark = RB_FN(next_mark)(vq, reserve);
     *nchains = 0;
     while (got < need) {
-#if RB_BATCH
         RB_CHAIN chain;
         uint32_t cap = stored == n ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
-        /* The reserve's chains first (not counted in *npending); a frame that gives its chains back has taken
-         * the whole reserve, and its mark is where the reserve was. */
-        if (reserve && reserve->next < reserve->taken) {
-            chain = reserve->chains[reserve->next];
-            if (cap)
-                segs[nsegs] = reserve->segs[reserve->next];
-            else
-                chain.nseg = VQ_NOT_STORED; /* as RB_POP stores none without room */
-            reserve->next++;
-        } else {
-            if (!*npending && !RB_REFILL(vq, npending)) {
-                /* The guest has no room now; its next kick brings us back. */
-                RB_REWIND(vq, mark, chains, n);
-                *npending += (uint16_t)n;
-                return VQ_PUT_NO_ROOM;
-            }
-            if (RB_POP(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
-                return VQ_PUT_FAULT;
-            (*npending)--;
-        }
-        if (chain.len < hdr_len) {
-            vq_fail_chain(out, VQ_ERR_SHORT_RX, RB_HEAD(chain), chain.len);
+        int took = RB_FN(take)(vq, mem, 1, reserve, npending, segs + nsegs, cap, &chain, out);
+        if (took < 0)
             return VQ_PUT_FAULT;
-        }
-#else
-        if (!*npending && !RB_REFILL(vq, npending)) {
+        if (!took) {
             /* The guest has no room now; its next kick brings us back. */
             RB_REWIND(vq, mark, chains, n);
             *npending += (uint16_t)n;
             return VQ_PUT_NO_ROOM;
         }
-        RB_CHAIN chain;
-        uint32_t cap = stored == n ? VQ_MAX_CHAIN_LENGTH - nsegs : 0;
-        if (RB_POP(vq, mem, 1, segs + nsegs, cap, &chain, out) != VQ_OK)
-            return VQ_PUT_FAULT;
         if (chain.len < hdr_len) {
             vq_fail_chain(out, VQ_ERR_SHORT_RX, RB_HEAD(chain), chain.len);
             return VQ_PUT_FAULT;
         }
-        (*npending)--;
-#endif
         if (chain.nseg != VQ_NOT_STORED && stored == n) {
             nsegs += chain.nseg;
             stored++;
@@ -333,8 +356,9 @@ static inline int RB_FN(put)(RB_RING *vq, const struct vm_memory *mem, struct vq
 __attribute__((cold, noinline)) static int RB_FN(put_segments)(RB_RING *vq, const struct vm_memory *mem,
                                                            uint32_t nseg, uint32_t hdr_len, int32_t mergeable,
                                                            RB_ELEM *chains, uint32_t *nchains,
-                                                           uint16_t *npending, struct vq_seg *segs,
-                                                           struct vq_batch *out)
+                                                           uint16_t *npending,
+                                                           struct RB_FN(reserve) *reserve,
+                                                           struct vq_seg *segs, struct vq_batch *out)
 {
     const struct vq_offload_scratch *s = vq_offload_scratch;
     uint32_t packets = out->packets, dropped = out->dropped;
@@ -345,8 +369,8 @@ __attribute__((cold, noinline)) static int RB_FN(put_segments)(RB_RING *vq, cons
     for (uint32_t k = 0; k < nseg; k++) {
         struct vq_source seg = {.p = s->out + off, .left = s->lens[k]}; /* hdr: zeros, asks for nothing */
         uint32_t n;
-        int put = RB_FN(put)(vq, mem, &seg, hdr_len, mergeable, s->lens[k], chains + total, &n, npending, segs,
-                             out RB_RESERVE_ARG(NULL));
+        int put = RB_FN(put)(vq, mem, &seg, hdr_len, mergeable, s->lens[k], chains + total, &n, npending,
+                             reserve, segs, out);
         if (put == VQ_PUT_FAULT)
             return VQ_PUT_FAULT;
         if (put == VQ_PUT_NO_ROOM) {
@@ -375,9 +399,7 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     uint32_t n_used = 0, pos = first, done = 0;
     uint16_t npending = 0;
     int avail_read = 0;
-#if RB_BATCH
     struct RB_FN(reserve) reserve = {.next = 0, .taken = 0};
-#endif
 
     vq_batch_init(out);
     if (!RB_ARGS_OK(vq, nm, first, count))
@@ -407,22 +429,15 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
                 goto fault;
             avail_read = 1;
         }
-#if RB_BATCH
-        if (how != VQ_SRC_WRITE) { /* segments go whole or not at all, chains from the ring (rare) */
-            RB_UNPOP_REST(vq, reserve.chains + reserve.next, reserve.taken - reserve.next);
-            reserve.taken = reserve.next;
-        } else if (reserve.next == reserve.taken && !npending && count - done >= RB_BATCH) {
-            /* The chains of this frame and of the next ones, at once, when nothing counted is left and the
-             * slots left say they are likely all filled (what is not goes back at the end). */
-            reserve.next = 0;
-            reserve.taken = RB_POP_BATCH(vq, mem, 1, reserve.segs, reserve.chains);
-        }
-#endif
+        if (how != VQ_SRC_WRITE) /* segments go whole or not at all, chains from the ring (rare) */
+            RB_FN(reserve_drop)(vq, &reserve);
+        else /* this frame's chains and the next ones' (the slots left say they are likely all filled) */
+            RB_FN(reserve_fill)(vq, mem, 1, &reserve, npending, count - done);
         uint32_t nchains;
         int put = how == VQ_SRC_WRITE ? RB_FN(put)(vq, mem, &src, hdr_len, mergeable, frame_len, pending + n_used,
-                                               &nchains, &npending, segs, out RB_RESERVE_ARG(&reserve))
+                                                   &nchains, &npending, &reserve, segs, out)
                                       : RB_FN(put_segments)(vq, mem, nseg, hdr_len, mergeable, pending + n_used,
-                                                        &nchains, &npending, segs, out);
+                                                            &nchains, &npending, &reserve, segs, out);
         if (put == VQ_PUT_FAULT)
             goto fault;
         if (put == VQ_PUT_NO_ROOM)
@@ -432,23 +447,16 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
         pos = (pos + nfrag) % nm->num_slots;
     }
 complete:
-#if RB_BATCH
-    RB_UNPOP_REST(vq, reserve.chains + reserve.next, reserve.taken - reserve.next); /* frames ran out first */
-#endif
+    RB_FN(reserve_drop)(vq, &reserve); /* frames ran out first */
     out->slots = done;
     RB_COMPLETE(vq, mem, pending, n_used, out);
     return VQ_OK;
 fault:
-#if RB_BATCH
-    RB_UNPOP_REST(vq, reserve.chains + reserve.next, reserve.taken - reserve.next); /* never taken, as in rxtx */
-#endif
+    RB_FN(reserve_drop)(vq, &reserve); /* never taken, as in rxtx */
     out->slots = done;
     out->used = n_used;
     return out->status;
 }
-
-#undef RB_RESERVE_PARAM
-#undef RB_RESERVE_ARG
 
 #undef RB_FN
 #undef RB_RING
@@ -471,4 +479,3 @@ fault:
 #undef RB_POP_BATCH
 #undef RB_UNPOP_REST
 #undef RB_MARK_OF
-#undef RB_GIVE_BACK

@@ -699,7 +699,7 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_PENDING vq_ring_pending
 #define RB_REFILL(vq, n) 0 /* avail->idx is read once a batch */
 #define RB_POP vq_pop
-#define RB_UNPOP(vq, c) ((vq)->last_avail_idx--)
+#define RB_UNPOP(vq, c) ((void)(c), (vq)->last_avail_idx--)
 #define RB_MARK_AT(vq) ((vq)->last_avail_idx)
 #define RB_REWIND(vq, mark, elems, n) ((void)(mark), (vq)->last_avail_idx -= (uint16_t)(n))
 #define RB_REWALK vq_ring_rewalk
