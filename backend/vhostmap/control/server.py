@@ -7,7 +7,9 @@ registration lives exactly as long as its control connection, so a client that d
 releases its rings. Such a command may answer with file descriptors, sent with the reply line in one
 SCM_RIGHTS message (`vhostmap.control.client.request` reads it).
 
-A client never stops the event loop it shares with every vhost-user port: nothing here blocks on its socket.
+A client never stops the event loop it shares with every vhost-user port: nothing here blocks on its socket,
+and a client's requests are answered one per turn of the loop, so a pile of them (sent in one write and never
+read, or pipelined) waits behind everyone else's instead of holding the loop until all are answered.
 Replies wait in the connection's transport buffer, and a client that lets them pile up beyond
 MAX_UNSENT_REPLY_BYTES (it sends requests and never reads the answers) is disconnected; a reply with fds,
 which must leave in one sendmsg after everything before it, waits at most SEND_TIMEOUT for the socket.
@@ -118,6 +120,8 @@ class ControlServer:
                 unsent = writer.transport.get_write_buffer_size()
                 if unsent > MAX_UNSENT_REPLY_BYTES:
                     raise SlowClient(f"{unsent} bytes of replies unread, more than {MAX_UNSENT_REPLY_BYTES}")
+                # readline returns the next buffered line without yielding: let the others have a turn.
+                await asyncio.sleep(0)
         except (ConnectionError, asyncio.LimitOverrunError, ValueError, SlowClient) as e:
             log.warning("control client (pid %s) dropped: %s", conn.peer_pid, e)
         finally:
