@@ -94,8 +94,9 @@ def _q(tag: str) -> str:
 
 @dataclass(frozen=True)
 class PortInfo:
-    """What a domain needs to know of a vhostmap port. ``mode`` is vhostmap's side of the socket; ``packed``:
-    the port offers packed virtqueues (``packed=on``), which the NIC then offers the guest too."""
+    """What a domain needs to know of a vhostmap port. ``mode`` is vhostmap's side of the socket;
+    ``offers_packed``: the port offers packed virtqueues (``packed=on``, its default); ``packed``: the NIC
+    offers them to the guest too (``vm xml --packed``; off by default, as in QEMU and libvirt)."""
 
     name: str
     path: str
@@ -103,6 +104,7 @@ class PortInfo:
     mac: str
     queues: int = 1
     mtu: int = 1500
+    offers_packed: bool = False
     packed: bool = False
     passthrough: bool = False
 
@@ -144,7 +146,7 @@ def port_info(control: str, name: str) -> PortInfo:
         mac=p["mac"],
         queues=int(p.get("queues", 1)),
         mtu=int(p.get("mtu", 1500)),
-        packed=bool(p.get("packed", False)),
+        offers_packed=bool(p.get("packed", False)),
     )
 
 
@@ -171,9 +173,10 @@ def shmem_element(port: PortInfo) -> ET.Element:
 
 
 def interface_element(port: PortInfo) -> ET.Element:
-    """The ``<interface type='vhostuser'>`` of ``port``: socket, MAC, queues and packed virtqueues (``<driver
-    packed='on'/>``: QEMU's virtio-net-pci,packed=on; a guest gets them only when the port offers them
-    too) (MTU: `domain_element`); for a passthrough port, its ``<shmem>`` (`shmem_element`)."""
+    """The ``<interface type='vhostuser'>`` of ``port``: socket, MAC, queues and packed virtqueues if
+    ``port.packed`` (``<driver packed='on'/>``: QEMU's virtio-net-pci,packed=on; a guest gets them only when
+    the port offers them too) (MTU: `domain_element`); for a passthrough port, its ``<shmem>``
+    (`shmem_element`)."""
     if port.passthrough:
         return shmem_element(port)
     iface = ET.Element("interface", type="vhostuser")
@@ -513,8 +516,8 @@ def add_vm_parser(sub: Any) -> None:
         p.add_argument(
             "--packed",
             action=argparse.BooleanOptionalAction,
-            default=None,
-            help="NICs with packed virtqueues (<driver packed='on'/>) or not (default: as each port offers)",
+            default=False,
+            help="NICs with packed virtqueues (<driver packed='on'/>) or not (default: split, as QEMU's)",
         )
         p.add_argument(
             "--tcg",
@@ -562,19 +565,18 @@ def _warn_access(ports: Sequence[PortInfo]) -> None:
 
 
 def _ports_from_args(args: argparse.Namespace) -> list[PortInfo]:
-    """The ports named on the command line, with packed virtqueues as ``--packed`` says (default: as each
-    offers them)."""
+    """The ports named on the command line, their NICs with packed virtqueues if ``--packed`` says so."""
     ports = [port_info(args.control, name) for name in args.ports]
-    if args.packed is None:
+    if not args.packed:
         return ports
     for p in ports:
-        if args.packed and not p.packed and not p.passthrough:
+        if not p.offers_packed and not p.passthrough:
             print(
-                f"warning: port {p.name} does not offer packed virtqueues (packed=on): its guest will use "
+                f"warning: port {p.name} does not offer packed virtqueues (packed=off): its guest will use "
                 "split ones",
                 file=sys.stderr,
             )
-    return [dataclasses.replace(p, packed=args.packed) for p in ports]
+    return [dataclasses.replace(p, packed=True) for p in ports]
 
 
 def _domain_from_args(args: argparse.Namespace) -> tuple[DomainSpec, list[PortInfo]]:

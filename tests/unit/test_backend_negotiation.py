@@ -28,6 +28,7 @@ from vhostmap.virtio.spec import (
     VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_ANY_LAYOUT,
     VIRTIO_F_IN_ORDER,
+    VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_CTRL_VQ,
@@ -93,6 +94,7 @@ def test_get_features_offers_what_qemu_negotiates_and_offloads_unless_off(
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_F_IN_ORDER)  # every queue completes in the order the driver made buffers available
+        | bit(VIRTIO_F_RING_PACKED)  # unless packed=off
         | bit(VIRTIO_NET_F_MQ)
         | bit(VIRTIO_NET_F_MTU)
         | bit(VIRTIO_NET_F_STATUS)

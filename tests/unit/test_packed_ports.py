@@ -84,8 +84,8 @@ def assert_passes_ran(d: RunningDaemon, datapath: str, layouts: dict[str, str]) 
 
 
 @pytest.mark.usefixtures("datapath")
-def test_packed_rings_are_offered_only_when_the_port_asks(start_daemon: StartDaemon, datapath: str) -> None:
-    d = start_daemon({"a": PACKED, "b": ""})
+def test_packed_rings_are_offered_unless_the_port_says_off(start_daemon: StartDaemon, datapath: str) -> None:
+    d = start_daemon({"a": "", "b": "packed=off"})
     assert d.device("a").offered_features & bit(VIRTIO_F_RING_PACKED)
     assert not d.device("b").offered_features & bit(VIRTIO_F_RING_PACKED)
     with pytest.raises(ConnectionError, match="packed"):
@@ -525,11 +525,15 @@ def test_a_packed_vm_on_a_tap_talks_to_the_host_stack(tap: str, start_daemon: St
 
 
 def test_packed_is_a_port_option_of_flags_and_toml() -> None:
+    assert parse_port_flag("a=vhost-user,path=/tmp/a.sock").packed  # offered by default
     assert parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=on").packed
-    assert not parse_port_flag("a=vhost-user,path=/tmp/a.sock").packed
-    assert _port_from_mapping("a", {"path": "/tmp/a.sock", "packed": True}).packed
+    assert not parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=off").packed
+    assert not _port_from_mapping("a", {"path": "/tmp/a.sock", "packed": False}).packed
+    parse_port_flag("u=generic,ifname=veth0")  # other ports have no virtqueues, and say nothing of them
     with pytest.raises(ConfigError, match="packed= is for vhost-user ports"):
         parse_port_flag("u=generic,ifname=veth0,packed=on")
+    with pytest.raises(ConfigError, match="packed= is for vhost-user ports"):
+        _port_from_mapping("u", {"type": "generic", "ifname": "veth0", "packed": False})
     with pytest.raises(ConfigError, match="on or off"):
         parse_port_flag("a=vhost-user,path=/tmp/a.sock,packed=yes")
 

@@ -145,9 +145,9 @@ class PortConfig:
     rxq_affinity: tuple[tuple[int, int], ...] = ()
     # The offloads offered to the guest, as feature bits (offloads=on|off|csum+tso4+...: parse_offloads).
     offloads: int = ALL_OFFLOADS
-    # Whether the port offers packed virtqueues (packed=on|off; off by default until packed rings run as fast
-    # as split ones, issue #18).
-    packed: bool = False
+    # Whether a vhost-user port offers packed virtqueues (packed=on|off): a front-end that asks for them gets
+    # them (QEMU's packed=on, virtio-user's packed_vq=1), one that does not keeps split rings.
+    packed: bool = True
     # A passthrough port's ring pairs and the slots of each guest ring (rings=, slots=).
     rings: int = 1
     slots: int = PT_DEFAULT_SLOTS
@@ -168,8 +168,6 @@ class PortConfig:
             raise ConfigError(f"{where}: path= (the vhost-user socket) is required")
         elif self.ifname is not None:
             raise ConfigError(f"{where}: ifname= is for generic ports (type generic)")
-        if self.packed and self.type != "vhost-user":
-            raise ConfigError(f"{where}: packed= is for vhost-user ports")
         if self.host is not None and not _valid_ifname(self.host):
             raise ConfigError(f"{where}: host= must be an interface name of 1-15 bytes, not {self.host!r}")
         if len(self.path.encode()) >= UNIX_PATH_MAX:
@@ -411,6 +409,8 @@ def _port_from_mapping(name: str, values: Mapping[str, Any]) -> PortConfig:
         raise ConfigError(
             f"port {name!r}: unknown option {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})"
         )
+    if "packed" in values and values.get("type", PortConfig.type) != "vhost-user":
+        raise ConfigError(f"port {name!r}: packed= is for vhost-user ports")
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key in ("queues", "mtu", "generate", "rings", "slots"):
