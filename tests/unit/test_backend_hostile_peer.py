@@ -103,6 +103,9 @@ def test_control_client_that_never_reads_its_replies_is_disconnected(
                     break
                 control_answers(d)
                 exchange(fc, fe, 1)
+                # The link's transmit chains back: a long attack (a loaded machine answers the flood
+                # slowly) would use up fc's ring.
+                fc.used(fc.queues[1])
         dropped = d.wait(
             lambda: [m for m in caplog.messages if "control client" in m and "dropped" in m],
             "the control client that does not read to be dropped",
