@@ -252,9 +252,10 @@ def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pyt
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inner.path), os.environ.get("PYTHONPATH", "")])}
     stray: dict[str, Any] = {}
     try:
-        # From the kill to the next session, no other pytest session on the machine sweeps (they skip): what
-        # is checked here is what the killed session left, and the next session's sweep is what removes it.
-        with sweeps_held():
+        # From the kill to the end of the next session, no other pytest session on the machine sweeps (they
+        # skip): what is checked here is what the killed session left, and the next session's sweep (under
+        # the lock this test holds) is what removes it.
+        with sweeps_held() as held:
             with subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_killed.py"],
                 cwd=inner.path,
@@ -276,10 +277,18 @@ def test_a_killed_session_leaves_what_the_next_session_removes(inner: pytest.Pyt
             assert alive(stray["pid"]) and link_exists(stray["tap"]), stray
             assert Path(stray["control"]).exists() and Path(stray["socket"]).exists(), stray
 
-        inner.makepyfile(test_next="def test_next():\n    pass\n")
-        result = inner.runpytest_subprocess("-p", "no:cacheprovider", "test_next.py")
-        result.assert_outcomes(passed=1)
-        header = result.stdout.str()
+            inner.makepyfile(test_next="def test_next():\n    pass\n")
+            result = subprocess.run(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_next.py"],
+                cwd=inner.path,
+                env={**env, **held.session_env()},
+                pass_fds=(held.fd,),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        header = result.stdout
+        assert result.returncode == 0 and "1 passed" in header, header + result.stderr
         assert "vhostmap.testing: removed leftovers of killed sessions" in header
         assert made["namespaces"][0] in header and made["dir"] in header
         assert f"vhostmap daemon pid {stray['pid']}" in header

@@ -4,6 +4,7 @@ topology builds what its dict does, and image requests are read as they are writ
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -96,17 +97,27 @@ def test_a_dead_sessions_record_is_swept_and_a_live_ones_is_not() -> None:
 
 
 def test_a_sweep_skips_while_sweeps_are_held_and_a_later_one_sweeps() -> None:
-    """Another session that starts while a test holds sweeps off leaves what is there; a later one removes
-    it."""
+    """Another session that starts while a test holds sweeps off leaves what is there (also one that was
+    told of the held lock but not given it: an xdist worker of the test's child session); a later one
+    removes it, or a child session the holder passed its lock to."""
     lost = LAB_ROOT / "vhk-unit-held"
-    lost.mkdir()
     other_session = [sys.executable, "-c", "from vhostmap.testing.leftovers import sweep; print(sweep())"]
+    run = {"capture_output": True, "text": True, "timeout": 60}
     try:
-        with sweeps_held():
-            skipped = subprocess.run(other_session, capture_output=True, text=True, check=True, timeout=60)
-            assert skipped.stdout.strip() == "[]" and lost.exists(), skipped.stderr
-        with sweeps_held() as sweep_now:
-            assert f"directory {lost}" in sweep_now() and not lost.exists()
+        for handed_over in (False, True):
+            lost.mkdir()
+            with sweeps_held() as held:
+                skipped = subprocess.run(other_session, check=True, **run)
+                assert skipped.stdout.strip() == "[]" and lost.exists(), skipped.stderr
+                env = {**os.environ, **held.session_env()}
+                told = subprocess.run(other_session, env=env, **run)
+                assert told.stdout.strip() == "[]" and lost.exists(), told.stderr
+                if handed_over:
+                    child = subprocess.run(other_session, env=env, pass_fds=(held.fd,), **run)
+                    assert f"directory {lost}" in child.stdout and not lost.exists(), child.stderr
+            if not handed_over:
+                with sweeps_held() as sweep_now:
+                    assert f"directory {lost}" in sweep_now() and not lost.exists()
     finally:
         subprocess.run(["rm", "-rf", str(lost)], check=True)
 

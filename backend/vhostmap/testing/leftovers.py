@@ -30,7 +30,7 @@ import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,31 +53,70 @@ def state_dir() -> Path:
     return STATE_DIR
 
 
-@contextlib.contextmanager
-def _sweep_lock(wait: bool) -> Iterator[bool]:
-    """The machine's one sweep lock (a file lock in the state directory), held for the block: True if taken,
-    False if another holder has it and ``wait`` is false."""
+#: The environment variable naming the fd of the sweep lock a session's parent holds for it
+#: (`HeldSweeps.session_env`): that session sweeps under the parent's lock instead of skipping its sweep.
+INHERITED_LOCK_ENV = "VHOSTMAP_TESTING_SWEEP_LOCK"
+
+
+def _lock_path() -> Path:
     directory = state_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "sweep.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    return directory / "sweep.lock"
+
+
+def _inherited_lock() -> bool:
+    """Whether this process holds the sweep lock through an fd its parent passed it (`INHERITED_LOCK_ENV`):
+    that fd is open here and is the lock file (a process the variable reached without the fd, as a
+    session's xdist worker, does not)."""
+    value = os.environ.get(INHERITED_LOCK_ENV, "")
+    if not value.isdigit():
+        return False
+    try:
+        st, lock = os.fstat(int(value)), _lock_path().stat()
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (lock.st_dev, lock.st_ino)
+
+
+@contextlib.contextmanager
+def _sweep_lock(wait: bool) -> Iterator[int | None]:
+    """The machine's one sweep lock (a file lock in the state directory), held for the block: the fd that
+    holds it, or None if another holder has it and ``wait`` is false."""
+    fd = os.open(_lock_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
-            yield False
+            yield None
             return
-        yield True
+        yield fd
     finally:
-        os.close(fd)  # releases the lock
+        os.close(fd)  # releases the lock (a child that was passed the fd holds it until it closes it too)
+
+
+@dataclass(frozen=True)
+class HeldSweeps:
+    """The sweep lock, held (`sweeps_held`): calling it sweeps under the lock; a child session started with
+    ``pass_fds=(held.fd,)`` and `session_env` sweeps under it too, the one other sweep that runs meanwhile."""
+
+    fd: int
+
+    def __call__(self) -> list[str]:
+        return _sweep()
+
+    def session_env(self) -> dict[str, str]:
+        """What a child session's environment needs to sweep under the lock (`INHERITED_LOCK_ENV`)."""
+        return {INHERITED_LOCK_ENV: str(self.fd)}
 
 
 @contextlib.contextmanager
-def sweeps_held() -> Iterator[Callable[[], list[str]]]:
+def sweeps_held() -> Iterator[HeldSweeps]:
     """No other sweep on the machine runs while the block does (their `sweep` skips, a later one sweeps):
-    for a test that looks at what a killed session left before the sweep of its choosing removes it. Yields
-    that sweep: it runs under the lock held."""
-    with _sweep_lock(wait=True):
-        yield _sweep
+    for a test that looks at what a killed session left before the sweep of its choosing removes it, its own
+    (calling what this yields) or a session's it starts (`HeldSweeps.session_env`)."""
+    with _sweep_lock(wait=True) as fd:
+        assert fd is not None
+        yield HeldSweeps(fd)
 
 
 def _start_time(pid: int) -> str | None:
@@ -213,10 +252,12 @@ def sweep() -> list[str]:
     before it makes anything, so whatever was listed and is still unclaimed once the records are read is a
     leftover, and whatever a lab makes meanwhile was not listed.
     """
-    with _sweep_lock(wait=False) as mine:
+    if _inherited_lock():
+        return _sweep()
+    with _sweep_lock(wait=False) as fd:
         # Skipped while another sweep runs (two xdist workers starting) or a test holds sweeps off: a later
         # session's sweep finds whatever is still left.
-        return _sweep() if mine else []
+        return _sweep() if fd is not None else []
 
 
 def _sweep() -> list[str]:
