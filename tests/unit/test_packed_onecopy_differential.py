@@ -21,12 +21,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import pytest
 from hypothesis import given, reject
 from test_kernels_differential import assert_same_bytes, file_offset
-from test_onecopy_differential import UNFILLED, filled, frames_in
+from test_onecopy_differential import UNFILLED, counted, filled, frames_in
 from test_packed_differential import (
     DESC_GPA,
     DEVICE_GPA,
@@ -41,24 +39,12 @@ from test_packed_differential import (
 
 from vhostmap.datapath import lib
 from vhostmap.forwarding.passes import OneCopy
-from vhostmap.netmap.abi import NS_INDIRECT, NS_MOREFRAG, NS_VNET_HDR
+from vhostmap.netmap.abi import NS_INDIRECT
 from vhostmap.vhost_user import kernels
 from vhostmap.vhost_user.memory import VHOST_LOG_PAGE
 from vhostmap.vhost_user.packed import PackedVirtqueue
 from vhostmap.vhost_user.virtqueue import VirtqueueError
 from vhostmap.virtio.spec import VRING_PACKED_EVENT
-
-
-def counted(slots: npt.NDArray[np.void], frames: list[bytes], hdr_len: int) -> int:
-    """The bytes the counters count of ``frames``, those of the first slots [0, n): a frame that keeps its
-    offloads (NS_VNET_HDR on its first slot) carries its virtio-net header, which they do not count."""
-    total, k = 0, 0
-    for f in frames:
-        total += len(f) - (hdr_len if int(slots["flags"][k]) & NS_VNET_HDR else 0)
-        while int(slots["flags"][k]) & NS_MOREFRAG:
-            k += 1
-        k += 1
-    return total
 
 
 def one_copy_batch(inst: Instance, case: Case, space: int, refs: OneCopy) -> tuple[Any, ...]:
