@@ -21,6 +21,9 @@ ffibuilder.set_source(
     '#include "kernels.h"',
     sources=[str(p.relative_to(ROOT)) for p in sorted(HERE.glob("*.c"))],
     include_dirs=[str(HERE.relative_to(ROOT))],
+    # The headers and declarations every source includes: a change to one alone rebuilds the module (without
+    # them build_ext kept the old one, as its sources had not changed).
+    depends=[str(p.relative_to(ROOT)) for p in sorted([*HERE.glob("*.h"), *HERE.glob("*.cdef")])],
     # -fno-semantic-interposition: calls within a source file are direct and may be inlined (not through the
     # PLT, as if another library could replace them: nothing does).
     extra_compile_args=[
