@@ -863,6 +863,7 @@ BATCH_HOSTILE = (
     "next",  # NEXT: a chain of two descriptors inside the four
     "indirect",  # an indirect descriptor
     "addr",  # a buffer outside guest memory
+    "addr_across",  # a buffer from the region of the chain before it across that region's end
     "id",  # a buffer id >= num
     "id_twice",  # the id of the batch's first chain again
     "id_in_flight",  # the id of a chain taken before the batch
@@ -901,6 +902,12 @@ def break_in_batch(case: Case, hostile: str, k: int) -> None:
     elif hostile == "addr":
         bad, bad_len = BAD_RANGES[k % len(BAD_RANGES)]
         g.patch(pos, addr=bad, length=bad_len)
+    elif hostile == "addr_across":
+        # The batch translates the one before into a region and tries that region first for this one.
+        lo, hi = BUFFER_AREAS[k % len(BUFFER_AREAS)]
+        before = case.chains[k - 1].places[0][0]
+        g.patch(before, addr=lo)
+        g.patch(pos, addr=hi - HDR, length=2 * HDR)
     elif hostile == "id":
         g.patch(pos, buffer_id=case.num + k)
     elif hostile == "id_twice":

@@ -325,13 +325,17 @@ static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memor
     for (uint32_t k = 0; k < PVQ_BATCH; k++)
         d[k] = pvq_load_desc(vq->desc, pos + k);
     struct vm_fault fault; /* a batch that declines leaves the fault for pvq_pop to report */
+    const struct vm_region *region = NULL;
     for (uint32_t k = 0; k < PVQ_BATCH; k++) {
         if (!d[k].len || d[k].id >= vq->num || vq->inflight[d[k].id])
             return 0;
         for (uint32_t j = 0; j < k; j++)
             if (d[j].id == d[k].id)
                 return 0;
-        uint8_t *host = vm_translate(mem, d[k].addr, d[k].len, &fault);
+        /* vm_translate's answer for each, the region of the one before tried first. */
+        uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
+        if (!host)
+            host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
         if (!host)
             return 0;
         segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
