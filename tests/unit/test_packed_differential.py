@@ -863,6 +863,7 @@ BATCH_HOSTILE = (
     "next",  # NEXT: a chain of two descriptors inside the four
     "indirect",  # an indirect descriptor
     "addr",  # a buffer outside guest memory
+    "addr_across",  # a buffer from the region of the chain before it across that region's end
     "id",  # a buffer id >= num
     "id_twice",  # the id of the batch's first chain again
     "id_in_flight",  # the id of a chain taken before the batch
@@ -901,6 +902,12 @@ def break_in_batch(case: Case, hostile: str, k: int) -> None:
     elif hostile == "addr":
         bad, bad_len = BAD_RANGES[k % len(BAD_RANGES)]
         g.patch(pos, addr=bad, length=bad_len)
+    elif hostile == "addr_across":
+        # The batch translates the one before into a region and tries that region first for this one.
+        lo, hi = BUFFER_AREAS[k % len(BUFFER_AREAS)]
+        before = case.chains[k - 1].places[0][0]
+        g.patch(before, addr=lo)
+        g.patch(pos, addr=hi - HDR, length=2 * HDR)
     elif hostile == "id":
         g.patch(pos, buffer_id=case.num + k)
     elif hostile == "id_twice":
@@ -941,6 +948,27 @@ def test_hostile_descriptor_inside_a_batch_ends_as_the_reference(
     results = run_both(case)
     if hostile not in ("not_avail", "avail_wrong_lap", "next", "indirect", "empty"):
         fault(results)  # a fault, found by both at the same chain, those before it taken and unpublished
+
+
+@pytest.mark.parametrize("mergeable", [False, True])
+@pytest.mark.parametrize("log_dirty", [False, True])
+def test_frames_at_the_edges_of_the_plain_way_match_the_reference(mergeable: bool, log_dirty: bool) -> None:
+    # The batch kernels take a plain frame a short way (take_plain, put_plain) and leave the rest to the
+    # general one: send frames of nothing (the header alone), one byte, a 64-byte slot exactly and one byte
+    # over; receive frames of nothing, one byte, and one that fills a chain (header and 60 bytes) exactly,
+    # one byte short of it and one byte over (a second chain when mergeable, dropped when not).
+    for writable in (False, True):
+        frames = [0, 1, 64, 65, 0, 1, 64, 65] if not writable else [0, 1, 59, 60, 61, 60, 0, 1]
+        case = make_case(
+            writable, num=16, num_slots=32, buf_size=64, mergeable=mergeable, log_dirty=log_dirty
+        )
+        if log_dirty:
+            case.log_size = 64
+        case.many([[HDR + (60 if writable else f)] for f in frames])
+        if writable:
+            case.ring.frames(0, frames + [60] * 8)
+        case.batches = [(0, 31)]
+        run_both(case)
 
 
 @pytest.mark.parametrize(("writable", "space", "taken"), [(False, 5, 2), (False, 6, 3), (True, 31, 3)])

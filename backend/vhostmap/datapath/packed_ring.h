@@ -308,40 +308,59 @@ static inline int32_t pvq_pop(struct vq_packed *vq, const struct vm_memory *mem,
 static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
                                      struct vq_seg *segs, struct vqp_chain *chains)
 {
+    /* The queue's fields in locals: stores through pointers (segs, chains) could alias them, and the compiler
+     * would read them again for every chain. */
+    uint8_t *const desc = vq->desc;
+    uint16_t *const inflight = vq->inflight;
+    const uint32_t num = vq->num;
     uint32_t pos = vq->last_avail_idx;
     uint8_t wrap = vq->avail_wrap_counter;
-    if (pos % PVQ_BATCH || pos + PVQ_BATCH > vq->num)
+    if (pos % PVQ_BATCH || pos + PVQ_BATCH > num)
         return 0;
     uint16_t flags[PVQ_BATCH];
     for (uint32_t k = 0; k < PVQ_BATCH; k++)
-        flags[k] = __atomic_load_n(pvq_word(vq->desc, (size_t)(pos + k) * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
+        flags[k] = __atomic_load_n(pvq_word(desc, (size_t)(pos + k) * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
                                    __ATOMIC_RELAXED);
+    /* Available with wrap counter `wrap`, neither NEXT nor INDIRECT, the right direction: the five bits
+     * exactly these, the four compared at once. */
+    const uint16_t mask = VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK | VRING_DESC_F_NEXT |
+                          VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
+    const uint16_t want = (uint16_t)((wrap ? VRING_PACKED_DESC_F_AVAIL_MASK : VRING_PACKED_DESC_F_USED_MASK) |
+                                     (writable ? VRING_DESC_F_WRITE : 0));
+    uint16_t differ = 0;
     for (uint32_t k = 0; k < PVQ_BATCH; k++)
-        if (!pvq_available(flags[k], wrap) || (flags[k] & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT)) ||
-            !pvq_direction_ok(flags[k], writable))
-            return 0;
+        differ |= (uint16_t)((flags[k] & mask) ^ want);
+    if (differ)
+        return 0;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    /* The next batch's line asked for now, the driver's core's, while this one is checked and used. */
+    if (pos + 2 * PVQ_BATCH <= num)
+        __builtin_prefetch(desc + (size_t)(pos + PVQ_BATCH) * PVQ_DESC_SIZE);
     struct pvirtq_desc d[PVQ_BATCH];
     for (uint32_t k = 0; k < PVQ_BATCH; k++)
-        d[k] = pvq_load_desc(vq->desc, pos + k);
+        d[k] = pvq_load_desc(desc, pos + k);
     struct vm_fault fault; /* a batch that declines leaves the fault for pvq_pop to report */
+    const struct vm_region *region = NULL;
     for (uint32_t k = 0; k < PVQ_BATCH; k++) {
-        if (!d[k].len || d[k].id >= vq->num || vq->inflight[d[k].id])
+        if (!d[k].len || d[k].id >= num || inflight[d[k].id])
             return 0;
         for (uint32_t j = 0; j < k; j++)
             if (d[j].id == d[k].id)
                 return 0;
-        uint8_t *host = vm_translate(mem, d[k].addr, d[k].len, &fault);
+        /* vm_translate's answer for each, the region of the one before tried first. */
+        uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
+        if (!host)
+            host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
         if (!host)
             return 0;
         segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
     }
     for (uint32_t k = 0; k < PVQ_BATCH; k++) {
-        vq->inflight[d[k].id] = 1;
+        inflight[d[k].id] = 1;
         chains[k] = (struct vqp_chain){
             .len = d[k].len, .nseg = 1, .pos = (uint16_t)(pos + k), .id = d[k].id, .ndesc = 1, .wrap = wrap};
     }
-    pvq_skip(vq, &pos, &wrap, PVQ_BATCH);
+    pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
     vq->last_avail_idx = (uint16_t)pos;
     vq->avail_wrap_counter = wrap;
     return PVQ_BATCH;

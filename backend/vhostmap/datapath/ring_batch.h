@@ -133,6 +133,93 @@ static inline void RB_FN(give_back)(RB_RING *vq, struct RB_FN(reserve) *reserve,
     RB_UNPOP(vq, c);
 }
 
+#if RB_BATCH
+/* The chain of one segment `seg` taken, into the slot at `pos`, as the dequeue below would take it, when it is
+ * the plain case: a frame of 1..buf_size bytes after a header that asks for nothing (or no host offloads),
+ * that one slot refers to (with `refs`: as long as min_head, a ticket left) or is copied into (without).
+ * Then the same slot, ticket, used entry and counters as the dequeue, without the segment lists, the count
+ * of slots (a division) and the slot position's modulo: 1. Anything else (a short chain, an empty or long
+ * frame, a header that asks, a frame to copy in a one-copy pass, no room): 0, nothing touched, and the
+ * dequeue meets the chain with every check and fault of its own. The header is read last, once here (and
+ * once more by the dequeue if it asks for work). */
+static inline int RB_FN(take_plain)(const RB_RING *vq, const struct nm_bufs *nm, struct vq_refs *refs,
+                                    uint32_t hdr_len, const RB_CHAIN *chain, const struct vq_seg *seg,
+                                    uint32_t pos, uint32_t space, RB_ELEM *elem, struct vq_batch *out)
+{
+    if (chain->nseg != 1 || seg->len <= hdr_len || !space)
+        return 0;
+    uint32_t length = seg->len - hdr_len; /* a segment's len is a descriptor's, 32 bits */
+    if (length > nm->buf_size || length > VQ_MAX_FRAME)
+        return 0;
+    if (refs && (length < refs->min_head || refs->count >= refs->cap))
+        return 0;
+    struct nm_vnet_hdr h;
+    if (vq->host_offloads && vq_offload_header(seg, 1, &h))
+        return 0;
+    struct nm_slot *slot = nm_slot_at(nm, pos);
+    if (refs) {
+        uint32_t index = refs->count++;
+        refs->refs[index] = (struct vq_ref){seg->host + hdr_len, length};
+        slot->ptr = vq_ref_ticket(refs, index);
+        nm_close_slot(slot, length, NS_INDIRECT);
+    } else {
+        memcpy(nm_slot_buf(nm, slot), seg->host + hdr_len, length);
+        nm_close_slot(slot, length, 0);
+    }
+    *elem = RB_USED(*chain, 0);
+    out->slots++;
+    out->packets++;
+    out->bytes += length;
+    return 1;
+}
+
+/* The frame at slot `pos` put as put would put it, when it is the plain case: one slot without a header of
+ * its own (NS_VNET_HDR) and a 12-byte virtio-net header, into the reserve's next chain (filled here as the
+ * enqueue would fill it: `left` frames to go), which holds it all. Then the same bytes (the zero header with
+ * num_buffers 1, the frame), the same used entry and counters as put and scatter, without the frame source,
+ * the segment lists and the chain loop: 1. Anything else (a slot whose len passes buf_size, a chain too
+ * short, a ticket naming fewer bytes than the slot's len): 0, nothing but the reserve touched, and put meets
+ * the frame with every check and fault of its own. The slot's len, flags and ticket are read once each. */
+static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                   const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t npending,
+                                   struct RB_FN(reserve) *reserve, RB_ELEM *elem, struct vq_batch *out)
+{
+    const struct nm_slot *slot = nm_slot_at(nm, pos);
+    uint16_t len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
+    uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
+    if (len > nm->buf_size || (flags & (NS_MOREFRAG | NS_VNET_HDR)))
+        return 0;
+    RB_FN(reserve_fill)(vq, mem, 1, reserve, npending, left);
+    if (reserve->next == reserve->taken)
+        return 0;
+    const RB_CHAIN *chain = &reserve->chains[reserve->next];
+    const struct vq_seg *seg = &reserve->segs[reserve->next];
+    if (chain->len < (uint64_t)VIRTIO_NET_HDR_SIZE + len)
+        return 0;
+    /* nm_slot_data over the values read above. */
+    const struct vq_ref *ref =
+        refs && (flags & NS_INDIRECT) ? vq_ref_at(refs, __atomic_load_n(&slot->ptr, __ATOMIC_RELAXED)) : NULL;
+    const uint8_t *data = ref ? ref->host : nm_slot_buf(nm, slot);
+    if (ref && ref->len < len)
+        return 0;
+    /* The header scatter writes: zeros, num_buffers (its last two bytes) 1. Stored from registers: copied
+     * from a buffer just written in part, its load waited for every store before it, into guest lines the
+     * driver's core held. */
+    const uint64_t hdr_lo = 0;
+    const uint32_t hdr_hi = (uint32_t)1 << 16;
+    memcpy(seg->host, &hdr_lo, sizeof hdr_lo);
+    memcpy(seg->host + sizeof hdr_lo, &hdr_hi, sizeof hdr_hi);
+    memcpy(seg->host + VIRTIO_NET_HDR_SIZE, data, len);
+    if (vq->log_dirty)
+        vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
+    *elem = RB_USED(*chain, VIRTIO_NET_HDR_SIZE + len);
+    reserve->next++;
+    out->packets++;
+    out->bytes += len;
+    return 1;
+}
+#endif
+
 /* vq_dequeue; with `refs`, vq_dequeue_refs (the frames refer to their chains, nothing is completed). */
 static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
                                 uint32_t hdr_len, uint32_t first, uint32_t space, struct vq_refs *refs,
@@ -156,6 +243,14 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
             goto fault;
         if (!took)
             break;
+#if RB_BATCH
+        if (RB_FN(take_plain)(vq, nm, refs, hdr_len, &chain, segs, pos, space, pending + n_used, out)) {
+            n_used++;
+            pos = pos + 1 == nm->num_slots ? 0 : pos + 1;
+            space--;
+            continue;
+        }
+#endif
         if (chain.len < hdr_len) {
             vq_fail_chain(out, VQ_ERR_SHORT_TX, RB_HEAD(chain), chain.len);
             goto fault;
@@ -404,7 +499,20 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     vq_batch_init(out);
     if (!RB_ARGS_OK(vq, nm, first, count))
         return vq_fail(out, VQ_ERR_ARGUMENT, 0);
+#if RB_BATCH
+    /* put_plain only where RB_PENDING counts nothing (the batch instances'): it takes no count. */
+    const int plain = hdr_len == VIRTIO_NET_HDR_SIZE;
+#endif
     while (done < count) {
+#if RB_BATCH
+        if (plain && RB_FN(put_plain)(vq, mem, nm, refs, pos, count - done, npending, &reserve, pending + n_used,
+                                      out)) {
+            n_used++;
+            done++;
+            pos = pos + 1 == nm->num_slots ? 0 : pos + 1;
+            continue;
+        }
+#endif
         uint32_t nfrag;
         uint64_t frame_len;
         uint16_t first_flags = 0;

@@ -60,7 +60,8 @@ static uint8_t *vm_fault_at(struct vm_fault *fault, int32_t reason, uint64_t gpa
     return NULL;
 }
 
-uint8_t *vm_translate(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vm_fault *fault)
+static inline uint8_t *vm_translate_in(const struct vm_memory *mem, uint64_t gpa, uint64_t len,
+                                       struct vm_fault *fault, const struct vm_region **region)
 {
     /* The range may end at 2^64 exactly, not beyond (memory.py: ADDRESS_LIMIT). */
     if (gpa != 0 && len > UINT64_MAX - gpa + 1)
@@ -84,7 +85,20 @@ uint8_t *vm_translate(const struct vm_memory *mem, uint64_t gpa, uint64_t len, s
         return vm_fault_at(fault, VM_FAULT_NO_REGION, gpa, len, NULL);
     if (len > r->size - offset)
         return vm_fault_at(fault, VM_FAULT_CROSSES_END, gpa, len, r);
+    *region = r;
     return (uint8_t *)(uintptr_t)(r->host + offset);
+}
+
+uint8_t *vm_translate(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vm_fault *fault)
+{
+    const struct vm_region *r;
+    return vm_translate_in(mem, gpa, len, fault, &r);
+}
+
+uint8_t *vm_translate_region(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vm_fault *fault,
+                             const struct vm_region **region)
+{
+    return vm_translate_in(mem, gpa, len, fault, region);
 }
 
 /* GuestMemory.log_write: mark [gpa, gpa + len) dirty; remember the first range that missed the log (shared

@@ -8,4 +8,26 @@
  * it in out->log_missed (and remember the first such range), for kernels.finish to warn about. */
 void vq_log_write(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vq_batch *out);
 
+/* vm_translate, and in *region the region the range lies in (left as it was on a fault). */
+uint8_t *vm_translate_region(const struct vm_memory *mem, uint64_t gpa, uint64_t len, struct vm_fault *fault,
+                             const struct vm_region **region);
+
+/* What vm_translate returns for [gpa, gpa + len) when its bisection would find `r` (a region of `mem` that
+ * vm_translate_region gave for another range) and the range lies in it: r starts at or below gpa, the next
+ * region (the table is sorted by start: GuestMemory) starts above it, and the range ends inside r and at 2^64
+ * at most. NULL when any of that is not so: then vm_translate decides, fault and all. Ranges a driver put
+ * side by side (a batch of descriptors) lie in one region, found once instead of a bisection each. */
+static inline uint8_t *vm_translate_near(const struct vm_memory *mem, const struct vm_region *r, uint64_t gpa,
+                                         uint64_t len)
+{
+    if (gpa < r->gpa || (gpa != 0 && len > UINT64_MAX - gpa + 1))
+        return NULL;
+    uint64_t offset = gpa - r->gpa;
+    if (offset >= r->size || len > r->size - offset)
+        return NULL;
+    if (r + 1 < mem->regions + mem->nregions && r[1].gpa <= gpa)
+        return NULL;
+    return (uint8_t *)(uintptr_t)(r->host + offset);
+}
+
 #endif
