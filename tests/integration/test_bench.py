@@ -103,6 +103,16 @@ def test_a_quick_p1_round_measures_both_backends_over_both_layouts(tmp_path: Pat
     assert len(per_round) == 1 and per_round[0] >= 1 and rates["dpdk"]["frames_per_round"] is None
     assert "frames per datapath round:" in out
     assert "P1 dequeue" in out and "vhostmap/DPDK" in out
+    # The front-end's and the back-end's CPUs probed around every run, on its progress line, in the table and
+    # in the JSON, with the ratio over the rounds whose probes matched (1 round: 0 or 1 of them).
+    for r in rates.values():
+        [probes] = r["core_round_trip_ns"]
+        assert 0 < probes["before"] < 1e6 and 0 < probes["after"] < 1e6, probes
+    assert len(re.findall(r"run 1/1: [0-9.]+ Mpps \(.*cores \d+/\d+ ns\)", err)) == 4, err
+    assert out.count("core round trip per run (ns, before/after):") == 4
+    assert re.search(r"matched [01]/1 \(core probes within 1.3x\):", out)
+    assert report["core_probe"]["cpus"] == [0, 1]
+    assert rates["vhostmap"]["matched_rounds"] in ([], [1])
     if importlib.util.find_spec("matplotlib") is None:
         assert "matplotlib is missing" in err
     else:

@@ -20,5 +20,6 @@
 #include "eventfd.cdef"
 #include "vhost_sync.cdef"
 #include "passthrough.cdef"
+#include "cpuprobe.cdef"
 
 #endif

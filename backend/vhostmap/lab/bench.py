@@ -49,6 +49,21 @@ The ratio of a run pair is vhostmap's rate over DPDK's in the same round; the ta
 kernels built: a git worktree of the commit to compare with), alternating within each round too, and the table
 gives this tree's rate over the baseline's per round: on a machine whose speed drifts between minutes, a
 change is judged by that ratio, not by two invocations' rates.
+
+Core probes: on a VM the host moves the two vCPUs nearer and further apart while the benchmark runs (on the
+lab's guest a cache line's round trip between them takes about 100 ns at some moments and 200 ns at others,
+and every back-end's rate, DPDK's too, follows by up to 2x), so two runs of a round can have been made under
+different conditions. Just before and just after every run (between its processes, the CPUs idle), a few
+milliseconds of `vhostmap.lab.corelatency` measure the round trip between the front-end's and the back-end's
+CPUs; the progress line of the run shows both (``cores 95/97 ns``) and the JSON keeps them
+(``core_round_trip_ns``). The table shows, under each back-end's row, every run's two probes and their range,
+and under each vhostmap back-end's, the median ratio to DPDK over the matched rounds alone: those whose four
+probes (this back-end's run and DPDK's, before and after each) are within CORE_MATCH_FACTOR of one another,
+with how many of the rounds that is (``matched 2/3``). The probes bracket a run, they do not watch it: a
+matched pair may still have moved and come back in between, but a pair that did not match surely moved, and
+its ratio compares two machines. JSON: ``matched_rounds``, ``matched_round_ratios``,
+``matched_ratio_to_dpdk`` per vhostmap series, and ``core_probe`` (the CPUs, the probe's size, the factor).
+
 Results go to a JSON file and, when matplotlib is there (the ``bench`` extra), a PNG chart. Every process,
 socket and hugepage file is removed at the end, also on Ctrl-C or SIGTERM.
 """
@@ -73,7 +88,7 @@ from types import FrameType
 from typing import Any
 
 from vhostmap.control.client import ControlError
-from vhostmap.lab import tcpbench
+from vhostmap.lab import corelatency, tcpbench
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel, GuestKernelMissing
 from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort
@@ -112,6 +127,9 @@ BASELINE = "@baseline"  # the suffix of a back-end run from Settings.baseline
 # (what does not fit is dropped by testpmd at once, and the rest circulates).
 TX_FIRST_BURSTS = 16
 SETUP_TIMEOUT = 60.0
+# Core probes that differ by at most this factor were made at the same distance between the CPUs: the lab's
+# guest shows about 100 and 200 ns, and each state's probes spread by some 10-20%.
+CORE_MATCH_FACTOR = 1.3
 
 
 class BenchError(RuntimeError):
@@ -157,6 +175,8 @@ class Series:
     dropped: list[int | None] = field(default_factory=list)
     # T1: the md5s of guest A's file and of guest B's copy, equal (a mismatch fails the run instead).
     md5: list[tuple[str, str] | None] = field(default_factory=list)
+    # The core probes around each run.
+    cores: list[CoreProbes] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -170,8 +190,9 @@ class Series:
         done = [m for m in self.rates if m is not None]
         return statistics.median(done) if done else None
 
-    def record(self, rate: Rate | None, note: str = "") -> None:
-        """Append one run's result (None: it failed, ``note`` says why)."""
+    def record(self, rate: Rate | None, note: str = "", cores: CoreProbes | None = None) -> None:
+        """Append one run's result (None: it failed, ``note`` says why) and the core probes around it."""
+        self.cores.append(cores or CoreProbes(None, None))
         self.rates.append(rate.value if rate else None)
         self.busy.append(rate.busy if rate else None)
         self.per_round.append(rate.per_round if rate else None)
@@ -180,6 +201,18 @@ class Series:
         self.md5.append(rate.md5 if rate else None)
         if note:
             self.notes.append(note)
+
+
+@dataclass(frozen=True)
+class CoreProbes:
+    """The round trip in ns of a cache line between the front-end's and the back-end's CPUs, probed just
+    before and just after one run (`vhostmap.lab.corelatency`; None: that probe failed)."""
+
+    before: float | None
+    after: float | None
+
+    def __str__(self) -> str:
+        return "/".join(f"{p:.0f}" if p is not None else "n/a" for p in (self.before, self.after))
 
 
 def say(text: str) -> None:
@@ -589,6 +622,14 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
     """Every scenario, size and round, appending to ``results`` as runs finish (so that an interrupted
     benchmark still has what it measured)."""
     bench = Bench(settings, workdir)
+
+    def probe() -> float | None:
+        try:
+            return corelatency.median_round_trip_ns(settings.frontend_cpu, settings.backend_cpu)
+        except OSError as e:
+            say(f"core probe failed: {e}")
+            return None
+
     for scenario in settings.only:
         for size in settings.sizes_of(scenario):
             names = backends(scenario, settings.baseline is not None, settings.layouts)
@@ -600,20 +641,23 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                         f"{scenario} {SCENARIOS[scenario]} {size_label(scenario, size)}, {backend}, "
                         f"run {round_}/{settings.runs}"
                     )
+                    before = probe()
                     try:
                         rate = bench.run(scenario, backend, size)
                     except (RuntimeError, OSError, ControlError) as e:
                         # BenchError, TestpmdError, GuestError, TransferCorrupt, a daemon that would not
                         # start; WaitTimeout is an OSError.
-                        ser.record(None, f"run {round_}: {e}")
+                        ser.record(None, f"run {round_}: {e}", CoreProbes(before, probe()))
                         say(f"{label}: FAILED: {e}")
                         continue
-                    ser.record(rate)
+                    cores = CoreProbes(before, probe())
+                    ser.record(rate, cores=cores)
                     extra = [rate.detail] if rate.detail else []
                     if rate.busy is not None:
                         extra.append(f"datapath busy {rate.busy:.0%}")
                     if rate.per_round is not None:
                         extra.append(f"{rate.per_round:.1f} frames per round")
+                    extra.append(f"cores {cores} ns")
                     shown = f" ({', '.join(extra)})" if extra else ""
                     say(f"{label}: {_format(rate.value, ser.unit)} {ser.unit}{shown}")
 
@@ -698,12 +742,68 @@ def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None
     return {key: statistics.median(r) if r else None for key, r in round_ratios(results).items()}
 
 
+def probes_agree(probes: Sequence[float | None], factor: float = CORE_MATCH_FACTOR) -> bool:
+    """Whether every one of ``probes`` was measured and the largest is at most ``factor`` times the smallest:
+    the runs around them were made at one distance between the CPUs."""
+    measured = [p for p in probes if p is not None]
+    if not measured or len(measured) < len(probes):
+        return False
+    return max(measured) <= factor * min(measured)
+
+
+def core_range(s: Series) -> tuple[float, float] | None:
+    """The smallest and the largest core probe around ``s``'s runs; None if none was measured."""
+    probes = [p for c in s.cores for p in (c.before, c.after) if p is not None]
+    return (min(probes), max(probes)) if probes else None
+
+
+@dataclass(frozen=True)
+class Matched:
+    """A vhostmap series' ratios to DPDK in the rounds whose four core probes agree (`probes_agree`)."""
+
+    rounds: list[int]  # the matched rounds, from 1
+    ratios: list[float]  # vhostmap's rate over DPDK's in each of them
+    pairs: int  # the rounds in which both back-ends were measured, matched or not
+
+    @property
+    def median(self) -> float | None:
+        """The median ratio over the matched rounds; None when none matched."""
+        return statistics.median(self.ratios) if self.ratios else None
+
+
+def matched_ratios(
+    results: Sequence[Series], factor: float = CORE_MATCH_FACTOR
+) -> dict[tuple[str, int, str], Matched]:
+    """For each vhostmap series with a DPDK series: its rate over DPDK's in the rounds both measured whose
+    four core probes (before and after each back-end's run) are within ``factor`` of one another."""
+    by_key = {(s.scenario, s.size, s.backend): s for s in results}
+    out: dict[tuple[str, int, str], Matched] = {}
+    for s in results:
+        ref = by_key.get((s.scenario, s.size, dpdk_of(s.backend)))
+        if is_dpdk(s.backend) or ref is None:
+            continue
+        rounds, each, pairs = [], [], 0
+        for i, (v, r) in enumerate(zip(s.rates, ref.rates, strict=False)):
+            if v is None or not r:
+                continue
+            pairs += 1
+            if i >= min(len(s.cores), len(ref.cores)):
+                continue  # not probed
+            ours, dpdk = s.cores[i], ref.cores[i]
+            if probes_agree([ours.before, ours.after, dpdk.before, dpdk.after], factor):
+                rounds.append(i + 1)
+                each.append(v / r)
+        out[s.scenario, s.size, s.backend] = Matched(rounds, each, pairs)
+    return out
+
+
 def table(results: Sequence[Series], runs: int) -> str:
     """The results as a text table: rates per run (Mpps; T1 Mbit/s, under a header of its own), median,
     the median vhostmap/DPDK ratio and the range of the rounds' ratios (how much this machine's noise
-    moved them)."""
+    moved them); under each row the core probes around its runs, and under a vhostmap row the median ratio
+    over the rounds whose probes matched."""
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
-    offloads = offload_ratios(results)
+    offloads, matched = offload_ratios(results), matched_ratios(results)
     width = max(7 * runs, 14)
     lines: list[str] = []
     unit = None
@@ -738,6 +838,23 @@ def table(results: Sequence[Series], runs: int) -> str:
         if any(d is not None for d in s.dropped):
             shown = " ".join(str(d) if d is not None else "n/a" for d in s.dropped)
             lines.append(f"{'':<22}  frames the back-end dropped per run: {shown}")
+        span = core_range(s)
+        if span is not None:
+            shown = " ".join(str(c) for c in s.cores)
+            lines.append(
+                f"{'':<22}  core round trip per run (ns, before/after): {shown}, "
+                f"range {span[0]:.0f}-{span[1]:.0f}"
+            )
+            m = matched.get(key)
+            if m is not None and m.pairs:
+                within = f"core probes within {CORE_MATCH_FACTOR}x"
+                head = f"{'':<22}  matched {len(m.ratios)}/{m.pairs} ({within}):"
+                if m.median is None:
+                    lines.append(f"{head} n/a")
+                else:
+                    which = ",".join(str(n) for n in m.rounds)
+                    shown = " ".join(f"{r:.2f}" for r in m.ratios)
+                    lines.append(f"{head} {m.median:.3f}x median, rounds {which}: {shown}")
         if offloads.get(key):
             each = offloads[key]
             lines.append(
@@ -767,7 +884,7 @@ _RATE_KEYS = {
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
     """Everything measured, for the JSON file."""
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
-    offloads = offload_ratios(results)
+    offloads, matched = offload_ratios(results), matched_ratios(results)
 
     def entry(s: Series) -> dict[str, Any]:
         key = (s.scenario, s.size, s.backend)
@@ -785,8 +902,14 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "datapath_busy": None if is_dpdk(s.backend) else s.busy,
             "frames_per_round": None if is_dpdk(s.backend) else s.per_round,
             "baseline_round_ratios": against.get(key),
+            "core_round_trip_ns": [{"before": c.before, "after": c.after} for c in s.cores],
             "notes": s.notes,
         }
+        m = matched.get(key)
+        if m is not None:
+            out["matched_rounds"] = m.rounds
+            out["matched_round_ratios"] = m.ratios
+            out["matched_ratio_to_dpdk"] = m.median
         if s.scenario == "T1":
             out["file_mib"] = s.size
             out["frame_bytes"] = s.frame_bytes
@@ -802,6 +925,12 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "cpus": os.cpu_count(),
             "loadavg_at_end": list(os.getloadavg()),
             "python": platform.python_version(),
+        },
+        "core_probe": {
+            "cpus": [settings.frontend_cpu, settings.backend_cpu],
+            "samples": corelatency.SAMPLES,
+            "round_trips": corelatency.ROUND_TRIPS,
+            "match_factor": CORE_MATCH_FACTOR,
         },
         "interrupted": interrupted,
         "results": [entry(s) for s in results],

@@ -1,0 +1,140 @@
+"""scripts/bench's core probes (vhostmap.lab.bench) over made-up numbers: which probes agree, which rounds'
+ratios count as matched, and what the table and the JSON say about them."""
+
+from __future__ import annotations
+
+import pytest
+
+from vhostmap.lab.bench import (
+    CORE_MATCH_FACTOR,
+    CoreProbes,
+    Rate,
+    Series,
+    Settings,
+    core_range,
+    matched_ratios,
+    probes_agree,
+    report,
+    table,
+)
+
+NEAR, FAR = 100.0, 200.0  # ns: the lab's two states
+
+
+def series(backend: str, runs: list[tuple[float | None, CoreProbes]], scenario: str = "P1") -> Series:
+    """A series of ``backend`` at 64 bytes with these runs' rates (None: failed) and core probes."""
+    s = Series(scenario, 64, backend)
+    for rate, cores in runs:
+        s.record(Rate(rate) if rate is not None else None, "" if rate else "failed", cores)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("probes", "agree"),
+    [
+        ([NEAR, NEAR * 1.1, NEAR * 1.3, NEAR], True),  # the factor itself is within
+        ([NEAR, NEAR, NEAR * 1.31, NEAR], False),
+        ([FAR, FAR * 0.9, FAR, FAR], True),
+        ([NEAR, FAR, NEAR, NEAR], False),  # the machine moved during the pair
+        ([NEAR, None, NEAR, NEAR], False),  # a probe that failed proves nothing
+        ([], False),
+    ],
+)
+def test_probes_agree_within_the_factor_and_only_when_all_were_measured(
+    probes: list[float | None], agree: bool
+) -> None:
+    assert CORE_MATCH_FACTOR == 1.3
+    assert probes_agree(probes) is agree
+
+
+def test_only_rounds_whose_four_probes_agree_are_matched() -> None:
+    ours = series(
+        "vhostmap",
+        [
+            (10.0, CoreProbes(NEAR, NEAR)),  # round 1: all near, DPDK too
+            (5.0, CoreProbes(FAR, FAR)),  # round 2: ours far, DPDK's near: not comparable
+            (6.0, CoreProbes(FAR, FAR * 1.1)),  # round 3: all far
+            (None, CoreProbes(NEAR, NEAR)),  # round 4: ours failed: no pair
+            (9.0, CoreProbes(NEAR, FAR)),  # round 5: moved during our run
+        ],
+    )
+    dpdk = series(
+        "dpdk",
+        [
+            (8.0, CoreProbes(NEAR * 1.1, NEAR)),
+            (8.0, CoreProbes(NEAR, NEAR)),
+            (4.0, CoreProbes(FAR, FAR)),
+            (8.0, CoreProbes(NEAR, NEAR)),
+            (8.0, CoreProbes(NEAR, NEAR)),
+        ],
+    )
+    m = matched_ratios([ours, dpdk])[("P1", 64, "vhostmap")]
+    assert m.rounds == [1, 3]
+    assert m.ratios == [pytest.approx(10 / 8), pytest.approx(6 / 4)]
+    assert m.pairs == 4  # rounds 1, 2, 3 and 5: both back-ends measured
+    assert m.median == pytest.approx((10 / 8 + 6 / 4) / 2)
+    assert core_range(ours) == (NEAR, FAR * 1.1)
+    assert ("P1", 64, "dpdk") not in matched_ratios([ours, dpdk])  # DPDK is the reference, not compared
+
+
+def test_a_machine_that_moved_in_every_round_matches_none() -> None:
+    ours = series("vhostmap", [(10.0, CoreProbes(NEAR, NEAR)), (5.0, CoreProbes(FAR, FAR))])
+    dpdk = series("dpdk", [(8.0, CoreProbes(FAR, FAR)), (8.0, CoreProbes(NEAR, NEAR))])
+    m = matched_ratios([ours, dpdk])[("P1", 64, "vhostmap")]
+    assert (m.rounds, m.ratios, m.pairs, m.median) == ([], [], 2, None)
+    out = table([ours, dpdk], runs=2)
+    assert "matched 0/2 (core probes within 1.3x): n/a" in out
+
+
+def test_runs_without_probes_match_nothing() -> None:
+    # A series filled without probes (CoreProbes(None, None), as record() does by default).
+    ours, dpdk = Series("P1", 64, "vhostmap"), Series("P1", 64, "dpdk")
+    ours.record(Rate(10.0))
+    dpdk.record(Rate(8.0))
+    assert matched_ratios([ours, dpdk])[("P1", 64, "vhostmap")].pairs == 1
+    assert matched_ratios([ours, dpdk])[("P1", 64, "vhostmap")].ratios == []
+    assert core_range(ours) is None
+    assert "core round trip" not in table([ours, dpdk], runs=1)  # nothing to show
+
+
+def test_each_layout_is_matched_with_dpdk_over_the_same_layout() -> None:
+    near = CoreProbes(NEAR, NEAR)
+    results = [
+        series("vhostmap", [(10.0, near)]),
+        series("dpdk", [(5.0, near)]),
+        series("vhostmap+packed", [(9.0, near)]),
+        series("dpdk+packed", [(3.0, near)]),
+    ]
+    matched = matched_ratios(results)
+    assert matched[("P1", 64, "vhostmap")].ratios == [pytest.approx(2.0)]
+    assert matched[("P1", 64, "vhostmap+packed")].ratios == [pytest.approx(3.0)]
+
+
+def test_the_table_and_the_report_show_the_probes_and_the_matched_ratio() -> None:
+    ours = series(
+        "vhostmap",
+        [(10.0, CoreProbes(95.0, 97.0)), (5.0, CoreProbes(201.0, 190.0)), (11.0, CoreProbes(88.0, 90.0))],
+    )
+    dpdk = series(
+        "dpdk",
+        [(8.0, CoreProbes(96.0, 94.0)), (8.0, CoreProbes(92.0, 90.0)), (10.0, CoreProbes(90.0, 91.0))],
+    )
+    out = table([ours, dpdk], runs=3)
+    print(out)  # shown with -s: the example in the report
+    lines = out.splitlines()
+    # Today's row, unchanged: the median ratio of all rounds and their range.
+    assert lines[1].split()[-2:] == ["1.100", "0.62-1.25"]
+    assert "core round trip per run (ns, before/after): 95/97 201/190 88/90, range 88-201" in out
+    assert "core round trip per run (ns, before/after): 96/94 92/90 90/91, range 90-96" in out
+    assert "matched 2/3 (core probes within 1.3x): 1.175x median, rounds 1,3: 1.25 1.10" in out
+    assert out.count("matched") == 1  # not under DPDK's row
+    got = report(Settings(), [ours, dpdk], interrupted=False)
+    assert got["core_probe"] == {"cpus": [0, 1], "samples": 5, "round_trips": 4000, "match_factor": 1.3}
+    ours_entry, dpdk_entry = got["results"]
+    assert ours_entry["core_round_trip_ns"][1] == {"before": 201.0, "after": 190.0}
+    assert ours_entry["matched_rounds"] == [1, 3]
+    assert ours_entry["matched_round_ratios"] == [pytest.approx(1.25), pytest.approx(1.1)]
+    assert ours_entry["matched_ratio_to_dpdk"] == pytest.approx(1.175)
+    assert ours_entry["ratio_to_dpdk"] == pytest.approx(1.1)  # all rounds, as before
+    assert dpdk_entry["core_round_trip_ns"][0] == {"before": 96.0, "after": 94.0}
+    assert "matched_rounds" not in dpdk_entry
