@@ -12,6 +12,7 @@ from vhostmap.lab.bench import (
     Series,
     Settings,
     core_range,
+    matched_baseline_ratios,
     matched_ratios,
     probes_agree,
     report,
@@ -138,3 +139,22 @@ def test_the_table_and_the_report_show_the_probes_and_the_matched_ratio() -> Non
     assert ours_entry["ratio_to_dpdk"] == pytest.approx(1.1)  # all rounds, as before
     assert dpdk_entry["core_round_trip_ns"][0] == {"before": 96.0, "after": 94.0}
     assert "matched_rounds" not in dpdk_entry
+
+
+def test_the_ratio_over_the_baseline_is_matched_too() -> None:
+    near, far = CoreProbes(NEAR, NEAR), CoreProbes(FAR, FAR)
+    results = [
+        series("vhostmap-link", [(10.0, near), (9.0, far), (5.0, far)]),
+        series("vhostmap-link@baseline", [(8.0, near), (4.5, near), (4.0, far)]),
+        series("dpdk", [(8.0, near), (8.0, near), (4.0, far)], scenario="P1"),
+    ]
+    m = matched_baseline_ratios(results)[("P1", 64, "vhostmap-link")]
+    assert m.rounds == [1, 3]  # round 2: this tree far, the baseline near
+    assert m.ratios == [pytest.approx(10 / 8), pytest.approx(5 / 4)]
+    assert ("P1", 64, "vhostmap-link@baseline") not in matched_baseline_ratios(results)  # it has no twin
+    out = table(results, runs=3)
+    assert "over the baseline: 1.250x median, per round 1.25 2.00 1.25" in out
+    assert "over the baseline, matched 2/3: 1.250x median, rounds 1,3: 1.25 1.25" in out
+    entry = report(Settings(), results, interrupted=False)["results"][0]
+    assert entry["matched_baseline_rounds"] == [1, 3]
+    assert entry["matched_ratio_to_baseline"] == pytest.approx(1.25)

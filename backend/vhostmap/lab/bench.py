@@ -61,8 +61,11 @@ and under each vhostmap back-end's, the median ratio to DPDK over the matched ro
 probes (this back-end's run and DPDK's, before and after each) are within CORE_MATCH_FACTOR of one another,
 with how many of the rounds that is (``matched 2/3``). The probes bracket a run, they do not watch it: a
 matched pair may still have moved and come back in between, but a pair that did not match surely moved, and
-its ratio compares two machines. JSON: ``matched_rounds``, ``matched_round_ratios``,
-``matched_ratio_to_dpdk`` per vhostmap series, and ``core_probe`` (the CPUs, the probe's size, the factor).
+its ratio compares two machines. With ``--baseline``, the ratio over the baseline gets the same line
+(``over the baseline, matched 2/3``). JSON: ``matched_rounds``, ``matched_round_ratios``,
+``matched_ratio_to_dpdk`` per vhostmap series, ``matched_baseline_rounds``, ``matched_baseline_round_ratios``,
+``matched_ratio_to_baseline`` per series with a baseline twin, and ``core_probe`` (the CPUs, the probe's size,
+the factor).
 
 Results go to a JSON file and, when matplotlib is there (the ``bench`` extra), a PNG chart. Every process,
 socket and hugepage file is removed at the end, also on Ctrl-C or SIGTERM.
@@ -771,15 +774,16 @@ class Matched:
         return statistics.median(self.ratios) if self.ratios else None
 
 
-def matched_ratios(
-    results: Sequence[Series], factor: float = CORE_MATCH_FACTOR
+def _matched_to(
+    results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]], factor: float
 ) -> dict[tuple[str, int, str], Matched]:
-    """For each vhostmap series with a DPDK series: its rate over DPDK's in the rounds both measured whose
-    four core probes (before and after each back-end's run) are within ``factor`` of one another."""
+    """For each vhostmap series whose reference series (the key ``reference`` names) was measured: its rate
+    over the reference's in the rounds both measured whose four core probes (before and after each one's run)
+    are within ``factor`` of one another."""
     by_key = {(s.scenario, s.size, s.backend): s for s in results}
     out: dict[tuple[str, int, str], Matched] = {}
     for s in results:
-        ref = by_key.get((s.scenario, s.size, dpdk_of(s.backend)))
+        ref = by_key.get(reference(s))
         if is_dpdk(s.backend) or ref is None:
             continue
         rounds, each, pairs = [], [], 0
@@ -789,12 +793,28 @@ def matched_ratios(
             pairs += 1
             if i >= min(len(s.cores), len(ref.cores)):
                 continue  # not probed
-            ours, dpdk = s.cores[i], ref.cores[i]
-            if probes_agree([ours.before, ours.after, dpdk.before, dpdk.after], factor):
+            ours, theirs = s.cores[i], ref.cores[i]
+            if probes_agree([ours.before, ours.after, theirs.before, theirs.after], factor):
                 rounds.append(i + 1)
                 each.append(v / r)
         out[s.scenario, s.size, s.backend] = Matched(rounds, each, pairs)
     return out
+
+
+def matched_ratios(
+    results: Sequence[Series], factor: float = CORE_MATCH_FACTOR
+) -> dict[tuple[str, int, str], Matched]:
+    """For each vhostmap series with a DPDK series: its rate over DPDK's in the rounds both measured whose
+    four core probes agree (`probes_agree` with ``factor``)."""
+    return _matched_to(results, lambda s: (s.scenario, s.size, dpdk_of(s.backend)), factor)
+
+
+def matched_baseline_ratios(
+    results: Sequence[Series], factor: float = CORE_MATCH_FACTOR
+) -> dict[tuple[str, int, str], Matched]:
+    """For each vhostmap series with a baseline twin: its rate over the twin's in the rounds both measured
+    whose four core probes agree (`probes_agree` with ``factor``)."""
+    return _matched_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE), factor)
 
 
 def table(results: Sequence[Series], runs: int) -> str:
@@ -804,6 +824,7 @@ def table(results: Sequence[Series], runs: int) -> str:
     over the rounds whose probes matched."""
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
     offloads, matched = offload_ratios(results), matched_ratios(results)
+    matched_against = matched_baseline_ratios(results)
     width = max(7 * runs, 14)
     lines: list[str] = []
     unit = None
@@ -867,6 +888,15 @@ def table(results: Sequence[Series], runs: int) -> str:
                 f"{'':<22}  over the baseline: {statistics.median(each):.3f}x median, per round "
                 + " ".join(f"{r:.2f}" for r in each)
             )
+            m = matched_against.get(key)
+            if m is not None and m.pairs and core_range(s) is not None:
+                head = f"{'':<22}  over the baseline, matched {len(m.ratios)}/{m.pairs}:"
+                if m.median is None:
+                    lines.append(f"{head} n/a")
+                else:
+                    which = ",".join(str(n) for n in m.rounds)
+                    shown = " ".join(f"{r:.2f}" for r in m.ratios)
+                    lines.append(f"{head} {m.median:.3f}x median, rounds {which}: {shown}")
         for note in dict.fromkeys(s.notes):
             if "\n" not in note:
                 lines.append(f"{'':<22}  note: {note}")
@@ -885,6 +915,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
     """Everything measured, for the JSON file."""
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
     offloads, matched = offload_ratios(results), matched_ratios(results)
+    matched_against = matched_baseline_ratios(results)
 
     def entry(s: Series) -> dict[str, Any]:
         key = (s.scenario, s.size, s.backend)
@@ -910,6 +941,11 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             out["matched_rounds"] = m.rounds
             out["matched_round_ratios"] = m.ratios
             out["matched_ratio_to_dpdk"] = m.median
+        m = matched_against.get(key)
+        if m is not None:
+            out["matched_baseline_rounds"] = m.rounds
+            out["matched_baseline_round_ratios"] = m.ratios
+            out["matched_ratio_to_baseline"] = m.median
         if s.scenario == "T1":
             out["file_mib"] = s.size
             out["frame_bytes"] = s.frame_bytes
