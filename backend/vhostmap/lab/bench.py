@@ -773,6 +773,16 @@ class Matched:
         """The median ratio over the matched rounds; None when none matched."""
         return statistics.median(self.ratios) if self.ratios else None
 
+    def line(self, head: str, note: str = "") -> str:
+        """A table line: ``head``, the matched count and ``note``, then the median and each matched round's
+        ratio."""
+        head = f"{'':<22}  {head} {len(self.ratios)}/{self.pairs}{note}"
+        if self.median is None:
+            return f"{head}: n/a"
+        which = ",".join(str(n) for n in self.rounds)
+        shown = " ".join(f"{r:.2f}" for r in self.ratios)
+        return f"{head}: {self.median:.3f}x median, rounds {which}: {shown}"
+
 
 def _matched_to(
     results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]], factor: float
@@ -868,14 +878,7 @@ def table(results: Sequence[Series], runs: int) -> str:
             )
             m = matched.get(key)
             if m is not None and m.pairs:
-                within = f"core probes within {CORE_MATCH_FACTOR}x"
-                head = f"{'':<22}  matched {len(m.ratios)}/{m.pairs} ({within}):"
-                if m.median is None:
-                    lines.append(f"{head} n/a")
-                else:
-                    which = ",".join(str(n) for n in m.rounds)
-                    shown = " ".join(f"{r:.2f}" for r in m.ratios)
-                    lines.append(f"{head} {m.median:.3f}x median, rounds {which}: {shown}")
+                lines.append(m.line("matched", f" (core probes within {CORE_MATCH_FACTOR}x)"))
         if offloads.get(key):
             each = offloads[key]
             lines.append(
@@ -890,13 +893,7 @@ def table(results: Sequence[Series], runs: int) -> str:
             )
             m = matched_against.get(key)
             if m is not None and m.pairs and core_range(s) is not None:
-                head = f"{'':<22}  over the baseline, matched {len(m.ratios)}/{m.pairs}:"
-                if m.median is None:
-                    lines.append(f"{head} n/a")
-                else:
-                    which = ",".join(str(n) for n in m.rounds)
-                    shown = " ".join(f"{r:.2f}" for r in m.ratios)
-                    lines.append(f"{head} {m.median:.3f}x median, rounds {which}: {shown}")
+                lines.append(m.line("over the baseline, matched"))
         for note in dict.fromkeys(s.notes):
             if "\n" not in note:
                 lines.append(f"{'':<22}  note: {note}")
