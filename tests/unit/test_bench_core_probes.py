@@ -7,15 +7,20 @@ import pytest
 
 from vhostmap.lab.bench import (
     CORE_MATCH_FACTOR,
+    CORE_STATE_GAP,
     CoreProbes,
+    CoreStates,
     Rate,
     Series,
     Settings,
     core_range,
+    core_states,
     matched_baseline_ratios,
     matched_ratios,
     probes_agree,
     report,
+    state_baseline_ratios,
+    state_ratios,
     table,
 )
 
@@ -130,7 +135,13 @@ def test_the_table_and_the_report_show_the_probes_and_the_matched_ratio() -> Non
     assert "matched 2/3 (core probes within 1.3x): 1.175x median, rounds 1,3: 1.25 1.10" in out
     assert out.count("matched") == 1  # not under DPDK's row
     got = report(Settings(), [ours, dpdk], interrupted=False)
-    assert got["core_probe"] == {"cpus": [0, 1], "samples": 5, "round_trips": 4000, "match_factor": 1.3}
+    assert got["core_probe"] == {
+        "cpus": [0, 1],
+        "samples": 5,
+        "round_trips": 4000,
+        "match_factor": 1.3,
+        "states": {"near_max": 97.0, "far_min": 190.0},
+    }
     ours_entry, dpdk_entry = got["results"]
     assert ours_entry["core_round_trip_ns"][1] == {"before": 201.0, "after": 190.0}
     assert ours_entry["matched_rounds"] == [1, 3]
@@ -158,3 +169,66 @@ def test_the_ratio_over_the_baseline_is_matched_too() -> None:
     entry = report(Settings(), results, interrupted=False)["results"][0]
     assert entry["matched_baseline_rounds"] == [1, 3]
     assert entry["matched_ratio_to_baseline"] == pytest.approx(1.25)
+
+
+def test_the_probes_of_an_invocation_split_into_near_and_far_at_their_widest_gap() -> None:
+    assert CORE_STATE_GAP == 1.5
+    results = [
+        series("vhostmap", [(10.0, CoreProbes(70.0, 92.0)), (5.0, CoreProbes(301.0, 330.0))]),
+        series("dpdk", [(8.0, CoreProbes(81.0, 88.0)), (4.0, CoreProbes(318.0, 76.0))]),
+    ]
+    states = core_states(results)
+    assert states == CoreStates(92.0, 301.0)
+    assert states.of(CoreProbes(70.0, 92.0)) == "near"
+    assert states.of(CoreProbes(301.0, 330.0)) == "far"
+    assert states.of(CoreProbes(318.0, 76.0)) is None  # moved during the run
+    assert states.of(CoreProbes(None, 76.0)) is None
+    # One state only (the widest gap below the factor): no split, and no line for it.
+    calm = [
+        series("vhostmap", [(10.0, CoreProbes(80.0, 100.0))]),
+        series("dpdk", [(8.0, CoreProbes(90.0, 110.0))]),
+    ]
+    assert core_states(calm) is None
+    assert state_ratios(calm) == {}
+    assert "by core state" not in table(calm, runs=1)
+
+
+def test_runs_are_pooled_by_core_state_whatever_their_round() -> None:
+    near, far = CoreProbes(NEAR, NEAR * 1.1), CoreProbes(FAR * 1.5, FAR * 1.6)
+    results = [
+        # Round 1 ours near / DPDK far, round 2 the other way round: no round matches, both states compare.
+        series("vhostmap-link", [(12.0, near), (5.0, far), (14.0, near), (None, near)]),
+        series("vhostmap-link@baseline", [(10.0, near), (10.0, near), (4.0, far), (11.0, near)]),
+        series("dpdk", [(10.0, far), (20.0, near), (22.0, near), (9.0, far)]),
+    ]
+    assert matched_ratios(results)[("P1", 64, "vhostmap-link")].ratios == [pytest.approx(14 / 22)]
+    near_ratio, far_ratio = state_ratios(results)[("P1", 64, "vhostmap-link")]
+    assert (near_ratio.state, near_ratio.ours, near_ratio.theirs, near_ratio.runs) == (
+        "near",
+        13.0,
+        21.0,
+        (2, 2),
+    )
+    assert (far_ratio.state, far_ratio.ours, far_ratio.theirs, far_ratio.runs) == ("far", 5.0, 9.5, (1, 2))
+    assert near_ratio.ratio == pytest.approx(13 / 21)
+    base_near, base_far = state_baseline_ratios(results)[("P1", 64, "vhostmap-link")]
+    assert (base_near.ours, base_near.theirs, base_far.ours, base_far.theirs) == (13.0, 10.0, 5.0, 4.0)
+    out = table(results, runs=4)
+    assert (
+        "by core state, to DPDK: near (<=110 ns) 13.000 against 21.000 = 0.619x (2 and 2 runs); "
+        "far (>=300 ns) 5.000 against 9.500 = 0.526x (1 and 2 runs)" in out
+    )
+    assert (
+        "over the baseline by core state: near (<=110 ns) 13.000 against 10.000 = 1.300x (2 and 3 runs)"
+        in out
+    )
+    got = report(Settings(), results, interrupted=False)
+    assert got["core_probe"]["states"] == {"near_max": pytest.approx(NEAR * 1.1), "far_min": 300.0}
+    entry = got["results"][0]
+    assert entry["state_ratios_to_dpdk"]["near"] == {
+        "median": 13.0,
+        "reference_median": 21.0,
+        "ratio": pytest.approx(13 / 21),
+        "runs": [2, 2],
+    }
+    assert entry["state_ratios_to_baseline"]["far"]["ratio"] == pytest.approx(5 / 4)

@@ -67,6 +67,14 @@ its ratio compares two machines. With ``--baseline``, the ratio over the baselin
 ``matched_ratio_to_baseline`` per series with a baseline twin, and ``core_probe`` (the CPUs, the probe's size,
 the factor).
 
+A matched round needs both runs in one state, and on the lab's guest that is often not so. When the probes
+of the whole invocation fall in two groups (sorted, two neighbours CORE_STATE_GAP apart or more: the lab's
+shows 60-90 and 300-340 ns), every run whose two probes lie in one group belongs to that state, near or
+far, whatever its round, and the table adds per state the median rate of a back-end's runs in it against
+DPDK's runs in it (``by core state, to DPDK``), and with ``--baseline`` against the baseline's (``over the
+baseline by core state``): pooled over rounds, every steady run counts. JSON: ``state_ratios_to_dpdk`` and
+``state_ratios_to_baseline`` per series (median, reference_median, ratio, runs), ``core_probe.states``.
+
 Results go to a JSON file and, when matplotlib is there (the ``bench`` extra), a PNG chart. Every process,
 socket and hugepage file is removed at the end, also on Ctrl-C or SIGTERM.
 """
@@ -75,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -133,6 +142,9 @@ SETUP_TIMEOUT = 60.0
 # Core probes that differ by at most this factor were made at the same distance between the CPUs: the lab's
 # guest shows about 100 and 200 ns, and each state's probes spread by some 10-20%.
 CORE_MATCH_FACTOR = 1.3
+# The probes of an invocation fall in two states (near, far) when, sorted, two neighbours differ by at least
+# this factor: the lab's guest shows 60-90 ns and 300-340 ns, nothing between.
+CORE_STATE_GAP = 1.5
 
 
 class BenchError(RuntimeError):
@@ -827,6 +839,102 @@ def matched_baseline_ratios(
     return _matched_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE), factor)
 
 
+@dataclass(frozen=True)
+class CoreStates:
+    """Where an invocation's core probes split into a near and a far state: every probe up to ``near_max``
+    is near, every one from ``far_min`` far (the largest gap between neighbours among them all)."""
+
+    near_max: float
+    far_min: float
+
+    def of(self, probes: CoreProbes) -> str | None:
+        """ "near" or "far" when both probes around a run were measured and lie in that state; None when
+        either failed or the machine moved between them."""
+        if probes.before is None or probes.after is None:
+            return None
+        near = [p <= self.near_max for p in (probes.before, probes.after)]
+        return "near" if all(near) else "far" if not any(near) else None
+
+
+def core_states(results: Sequence[Series], gap: float = CORE_STATE_GAP) -> CoreStates | None:
+    """The near and far states of the probes of all ``results``, when they split into two by a gap of at
+    least ``gap`` (the largest such gap between sorted neighbours); None when they form one group."""
+    probes = sorted({p for s in results for c in s.cores for p in (c.before, c.after) if p is not None})
+    gaps = [(hi / lo, lo, hi) for lo, hi in itertools.pairwise(probes) if lo > 0]
+    if not gaps:
+        return None
+    widest, lo, hi = max(gaps)
+    return CoreStates(lo, hi) if widest >= gap else None
+
+
+@dataclass(frozen=True)
+class StateRatio:
+    """A vhostmap series' runs made in one core state against its reference's runs in that state, whichever
+    round they were in: the median rate of each and how many runs each median is of."""
+
+    state: str
+    ours: float
+    theirs: float
+    runs: tuple[int, int]
+
+    @property
+    def ratio(self) -> float:
+        """Our median over the reference's."""
+        return self.ours / self.theirs
+
+
+def _by_state_to(
+    results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]]
+) -> dict[tuple[str, int, str], list[StateRatio]]:
+    """For each vhostmap series whose reference series was measured: per core state (`core_states`) in
+    which both have runs, the median rate of each over its runs in that state."""
+    states = core_states(results)
+    if states is None:
+        return {}
+    by_key = {(s.scenario, s.size, s.backend): s for s in results}
+
+    def in_state(s: Series, state: str) -> list[float]:
+        return [v for v, c in zip(s.rates, s.cores, strict=False) if v is not None and states.of(c) == state]
+
+    out: dict[tuple[str, int, str], list[StateRatio]] = {}
+    for s in results:
+        ref = by_key.get(reference(s))
+        if is_dpdk(s.backend) or ref is None:
+            continue
+        each = []
+        for state in ("near", "far"):
+            ours, theirs = in_state(s, state), in_state(ref, state)
+            if ours and theirs and statistics.median(theirs):
+                each.append(
+                    StateRatio(
+                        state, statistics.median(ours), statistics.median(theirs), (len(ours), len(theirs))
+                    )
+                )
+        out[s.scenario, s.size, s.backend] = each
+    return out
+
+
+def state_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[StateRatio]]:
+    """For each vhostmap series with a DPDK series: per core state, its median rate over DPDK's."""
+    return _by_state_to(results, lambda s: (s.scenario, s.size, dpdk_of(s.backend)))
+
+
+def state_baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[StateRatio]]:
+    """For each vhostmap series with a baseline twin: per core state, its median rate over the twin's."""
+    return _by_state_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE))
+
+
+def _state_line(head: str, each: Sequence[StateRatio], states: CoreStates) -> str:
+    """A table line: per core state, our median against the reference's, their ratio and their runs."""
+    bounds = {"near": f"<={states.near_max:.0f} ns", "far": f">={states.far_min:.0f} ns"}
+    shown = "; ".join(
+        f"{r.state} ({bounds[r.state]}) {r.ours:.3f} against {r.theirs:.3f} = {r.ratio:.3f}x "
+        f"({r.runs[0]} and {r.runs[1]} runs)"
+        for r in each
+    )
+    return f"{'':<22}  {head}: {shown}"
+
+
 def table(results: Sequence[Series], runs: int) -> str:
     """The results as a text table: rates per run (Mpps; T1 Mbit/s, under a header of its own), median,
     the median vhostmap/DPDK ratio and the range of the rounds' ratios (how much this machine's noise
@@ -835,6 +943,11 @@ def table(results: Sequence[Series], runs: int) -> str:
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
     offloads, matched = offload_ratios(results), matched_ratios(results)
     matched_against = matched_baseline_ratios(results)
+    states, by_state, by_state_against = (
+        core_states(results),
+        state_ratios(results),
+        state_baseline_ratios(results),
+    )
     width = max(7 * runs, 14)
     lines: list[str] = []
     unit = None
@@ -879,6 +992,8 @@ def table(results: Sequence[Series], runs: int) -> str:
             m = matched.get(key)
             if m is not None and m.pairs:
                 lines.append(m.line("matched", f" (core probes within {CORE_MATCH_FACTOR}x)"))
+            if states is not None and by_state.get(key):
+                lines.append(_state_line("by core state, to DPDK", by_state[key], states))
         if offloads.get(key):
             each = offloads[key]
             lines.append(
@@ -894,6 +1009,8 @@ def table(results: Sequence[Series], runs: int) -> str:
             m = matched_against.get(key)
             if m is not None and m.pairs and core_range(s) is not None:
                 lines.append(m.line("over the baseline, matched"))
+            if states is not None and by_state_against.get(key):
+                lines.append(_state_line("over the baseline by core state", by_state_against[key], states))
         for note in dict.fromkeys(s.notes):
             if "\n" not in note:
                 lines.append(f"{'':<22}  note: {note}")
@@ -913,6 +1030,17 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
     ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
     offloads, matched = offload_ratios(results), matched_ratios(results)
     matched_against = matched_baseline_ratios(results)
+    states, by_state, by_state_against = (
+        core_states(results),
+        state_ratios(results),
+        state_baseline_ratios(results),
+    )
+
+    def by_state_entry(each: Sequence[StateRatio]) -> dict[str, Any]:
+        return {
+            r.state: {"median": r.ours, "reference_median": r.theirs, "ratio": r.ratio, "runs": list(r.runs)}
+            for r in each
+        }
 
     def entry(s: Series) -> dict[str, Any]:
         key = (s.scenario, s.size, s.backend)
@@ -943,6 +1071,10 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             out["matched_baseline_rounds"] = m.rounds
             out["matched_baseline_round_ratios"] = m.ratios
             out["matched_ratio_to_baseline"] = m.median
+        if key in by_state:
+            out["state_ratios_to_dpdk"] = by_state_entry(by_state[key])
+        if key in by_state_against:
+            out["state_ratios_to_baseline"] = by_state_entry(by_state_against[key])
         if s.scenario == "T1":
             out["file_mib"] = s.size
             out["frame_bytes"] = s.frame_bytes
@@ -964,6 +1096,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "samples": corelatency.SAMPLES,
             "round_trips": corelatency.ROUND_TRIPS,
             "match_factor": CORE_MATCH_FACTOR,
+            "states": None if states is None else {"near_max": states.near_max, "far_min": states.far_min},
         },
         "interrupted": interrupted,
         "results": [entry(s) for s in results],
