@@ -935,19 +935,48 @@ def _state_line(head: str, each: Sequence[StateRatio], states: CoreStates) -> st
     return f"{'':<22}  {head}: {shown}"
 
 
+Key = tuple[str, int, str]  # a series: scenario, size, back-end
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    """What the table and the JSON say of every vhostmap series against its references, computed once."""
+
+    ratio: dict[Key, float | None]  # `ratios`
+    rounds: dict[Key, list[float]]  # `round_ratios`
+    against: dict[Key, list[float]]  # `baseline_ratios`
+    offloads: dict[Key, list[float]]  # `offload_ratios`
+    matched: dict[Key, Matched]  # `matched_ratios`
+    matched_against: dict[Key, Matched]  # `matched_baseline_ratios`
+    states: CoreStates | None  # `core_states`
+    by_state: dict[Key, list[StateRatio]]  # `state_ratios`
+    by_state_against: dict[Key, list[StateRatio]]  # `state_baseline_ratios`
+
+    @classmethod
+    def of(cls, results: Sequence[Series]) -> Comparisons:
+        """Every comparison of ``results``."""
+        return cls(
+            ratios(results),
+            round_ratios(results),
+            baseline_ratios(results),
+            offload_ratios(results),
+            matched_ratios(results),
+            matched_baseline_ratios(results),
+            core_states(results),
+            state_ratios(results),
+            state_baseline_ratios(results),
+        )
+
+
 def table(results: Sequence[Series], runs: int) -> str:
     """The results as a text table: rates per run (Mpps; T1 Mbit/s, under a header of its own), median,
     the median vhostmap/DPDK ratio and the range of the rounds' ratios (how much this machine's noise
     moved them); under each row the core probes around its runs, and under a vhostmap row the median ratio
     over the rounds whose probes matched."""
-    ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
-    offloads, matched = offload_ratios(results), matched_ratios(results)
-    matched_against = matched_baseline_ratios(results)
-    states, by_state, by_state_against = (
-        core_states(results),
-        state_ratios(results),
-        state_baseline_ratios(results),
-    )
+    c = Comparisons.of(results)
+    ratio, rounds, against, offloads = c.ratio, c.rounds, c.against, c.offloads
+    matched, matched_against = c.matched, c.matched_against
+    states, by_state, by_state_against = c.states, c.by_state, c.by_state_against
     width = max(7 * runs, 14)
     lines: list[str] = []
     unit = None
@@ -1027,14 +1056,10 @@ _RATE_KEYS = {
 
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
     """Everything measured, for the JSON file."""
-    ratio, rounds, against = ratios(results), round_ratios(results), baseline_ratios(results)
-    offloads, matched = offload_ratios(results), matched_ratios(results)
-    matched_against = matched_baseline_ratios(results)
-    states, by_state, by_state_against = (
-        core_states(results),
-        state_ratios(results),
-        state_baseline_ratios(results),
-    )
+    c = Comparisons.of(results)
+    ratio, rounds, against, offloads = c.ratio, c.rounds, c.against, c.offloads
+    matched, matched_against = c.matched, c.matched_against
+    states, by_state, by_state_against = c.states, c.by_state, c.by_state_against
 
     def by_state_entry(each: Sequence[StateRatio]) -> dict[str, Any]:
         return {
