@@ -51,7 +51,7 @@ gives this tree's rate over the baseline's per round: on a machine whose speed d
 change is judged by that ratio, not by two invocations' rates.
 
 Core probes: on a VM the host moves the two vCPUs nearer and further apart while the benchmark runs (on the
-lab's guest a cache line's round trip between them takes about 100 ns at some moments and 200 ns at others,
+lab's guest a cache line's round trip between them takes 60-90 ns at some moments and 300-340 ns at others,
 and every back-end's rate, DPDK's too, follows by up to 2x), so two runs of a round can have been made under
 different conditions. Just before and just after every run (between its processes, the CPUs idle), a few
 milliseconds of `vhostmap.lab.corelatency` measure the round trip between the front-end's and the back-end's
@@ -140,7 +140,7 @@ BASELINE = "@baseline"  # the suffix of a back-end run from Settings.baseline
 TX_FIRST_BURSTS = 16
 SETUP_TIMEOUT = 60.0
 # Core probes that differ by at most this factor were made at the same distance between the CPUs: the lab's
-# guest shows about 100 and 200 ns, and each state's probes spread by some 10-20%.
+# guest shows 60-90 and 300-340 ns, and each state's probes spread by some 10-20%.
 CORE_MATCH_FACTOR = 1.3
 # The probes of an invocation fall in two states (near, far) when, sorted, two neighbours differ by at least
 # this factor: the lab's guest shows 60-90 ns and 300-340 ns, nothing between.
@@ -714,26 +714,43 @@ def dpdk_of(backend: str) -> str:
     return DPDK + PACKED if PACKED in backend else DPDK
 
 
-def _ratios_to(
-    results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]]
-) -> dict[tuple[str, int, str], list[float]]:
-    """For each vhostmap series whose reference series (the key ``reference`` names) was measured: its rate
-    over the reference's in the same round, for each round both measured."""
+Key = tuple[str, int, str]  # a series: scenario, size, back-end
+
+
+def _dpdk_twin(s: Series) -> Key:
+    """The DPDK series a vhostmap series is compared with: the same scenario, size and layout."""
+    return s.scenario, s.size, dpdk_of(s.backend)
+
+
+def _baseline_twin(s: Series) -> Key:
+    """The series of the same back-end run from the baseline checkout."""
+    return s.scenario, s.size, s.backend + BASELINE
+
+
+def _with_reference(
+    results: Sequence[Series], reference: Callable[[Series], Key]
+) -> Iterator[tuple[Key, Series, Series]]:
+    """Each vhostmap series whose reference series (the key ``reference`` names) was measured, with its key
+    and that reference."""
     by_key = {(s.scenario, s.size, s.backend): s for s in results}
-    out: dict[tuple[str, int, str], list[float]] = {}
     for s in results:
         ref = by_key.get(reference(s))
-        if is_dpdk(s.backend) or ref is None:
-            continue
-        out[s.scenario, s.size, s.backend] = [
-            v / r for v, r in zip(s.rates, ref.rates, strict=False) if v is not None and r
-        ]
-    return out
+        if not is_dpdk(s.backend) and ref is not None:
+            yield (s.scenario, s.size, s.backend), s, ref
+
+
+def _ratios_to(results: Sequence[Series], reference: Callable[[Series], Key]) -> dict[Key, list[float]]:
+    """For each vhostmap series whose reference series (the key ``reference`` names) was measured: its rate
+    over the reference's in the same round, for each round both measured."""
+    return {
+        key: [v / r for v, r in zip(s.rates, ref.rates, strict=False) if v is not None and r]
+        for key, s, ref in _with_reference(results, reference)
+    }
 
 
 def baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
     """For each vhostmap series with a baseline twin: its rate over the twin's, per round both measured."""
-    return _ratios_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE))
+    return _ratios_to(results, _baseline_twin)
 
 
 def offload_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
@@ -749,7 +766,7 @@ def offload_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list
 
 def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
     """For each vhostmap series: its rate over DPDK's in the same round, for each round both measured."""
-    return _ratios_to(results, lambda s: (s.scenario, s.size, dpdk_of(s.backend)))
+    return _ratios_to(results, _dpdk_twin)
 
 
 def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
@@ -797,17 +814,13 @@ class Matched:
 
 
 def _matched_to(
-    results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]], factor: float
-) -> dict[tuple[str, int, str], Matched]:
+    results: Sequence[Series], reference: Callable[[Series], Key], factor: float
+) -> dict[Key, Matched]:
     """For each vhostmap series whose reference series (the key ``reference`` names) was measured: its rate
     over the reference's in the rounds both measured whose four core probes (before and after each one's run)
     are within ``factor`` of one another."""
-    by_key = {(s.scenario, s.size, s.backend): s for s in results}
-    out: dict[tuple[str, int, str], Matched] = {}
-    for s in results:
-        ref = by_key.get(reference(s))
-        if is_dpdk(s.backend) or ref is None:
-            continue
+    out: dict[Key, Matched] = {}
+    for key, s, ref in _with_reference(results, reference):
         rounds, each, pairs = [], [], 0
         for i, (v, r) in enumerate(zip(s.rates, ref.rates, strict=False)):
             if v is None or not r:
@@ -819,7 +832,7 @@ def _matched_to(
             if probes_agree([ours.before, ours.after, theirs.before, theirs.after], factor):
                 rounds.append(i + 1)
                 each.append(v / r)
-        out[s.scenario, s.size, s.backend] = Matched(rounds, each, pairs)
+        out[key] = Matched(rounds, each, pairs)
     return out
 
 
@@ -828,7 +841,7 @@ def matched_ratios(
 ) -> dict[tuple[str, int, str], Matched]:
     """For each vhostmap series with a DPDK series: its rate over DPDK's in the rounds both measured whose
     four core probes agree (`probes_agree` with ``factor``)."""
-    return _matched_to(results, lambda s: (s.scenario, s.size, dpdk_of(s.backend)), factor)
+    return _matched_to(results, _dpdk_twin, factor)
 
 
 def matched_baseline_ratios(
@@ -836,7 +849,7 @@ def matched_baseline_ratios(
 ) -> dict[tuple[str, int, str], Matched]:
     """For each vhostmap series with a baseline twin: its rate over the twin's in the rounds both measured
     whose four core probes agree (`probes_agree` with ``factor``)."""
-    return _matched_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE), factor)
+    return _matched_to(results, _baseline_twin, factor)
 
 
 @dataclass(frozen=True)
@@ -884,23 +897,19 @@ class StateRatio:
 
 
 def _by_state_to(
-    results: Sequence[Series], reference: Callable[[Series], tuple[str, int, str]]
-) -> dict[tuple[str, int, str], list[StateRatio]]:
+    results: Sequence[Series], reference: Callable[[Series], Key]
+) -> dict[Key, list[StateRatio]]:
     """For each vhostmap series whose reference series was measured: per core state (`core_states`) in
     which both have runs, the median rate of each over its runs in that state."""
     states = core_states(results)
     if states is None:
         return {}
-    by_key = {(s.scenario, s.size, s.backend): s for s in results}
 
     def in_state(s: Series, state: str) -> list[float]:
         return [v for v, c in zip(s.rates, s.cores, strict=False) if v is not None and states.of(c) == state]
 
-    out: dict[tuple[str, int, str], list[StateRatio]] = {}
-    for s in results:
-        ref = by_key.get(reference(s))
-        if is_dpdk(s.backend) or ref is None:
-            continue
+    out: dict[Key, list[StateRatio]] = {}
+    for key, s, ref in _with_reference(results, reference):
         each = []
         for state in ("near", "far"):
             ours, theirs = in_state(s, state), in_state(ref, state)
@@ -910,18 +919,18 @@ def _by_state_to(
                         state, statistics.median(ours), statistics.median(theirs), (len(ours), len(theirs))
                     )
                 )
-        out[s.scenario, s.size, s.backend] = each
+        out[key] = each
     return out
 
 
 def state_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[StateRatio]]:
     """For each vhostmap series with a DPDK series: per core state, its median rate over DPDK's."""
-    return _by_state_to(results, lambda s: (s.scenario, s.size, dpdk_of(s.backend)))
+    return _by_state_to(results, _dpdk_twin)
 
 
 def state_baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[StateRatio]]:
     """For each vhostmap series with a baseline twin: per core state, its median rate over the twin's."""
-    return _by_state_to(results, lambda s: (s.scenario, s.size, s.backend + BASELINE))
+    return _by_state_to(results, _baseline_twin)
 
 
 def _state_line(head: str, each: Sequence[StateRatio], states: CoreStates) -> str:
@@ -933,9 +942,6 @@ def _state_line(head: str, each: Sequence[StateRatio], states: CoreStates) -> st
         for r in each
     )
     return f"{'':<22}  {head}: {shown}"
-
-
-Key = tuple[str, int, str]  # a series: scenario, size, back-end
 
 
 @dataclass(frozen=True)
@@ -1036,7 +1042,7 @@ def table(results: Sequence[Series], runs: int) -> str:
                 + " ".join(f"{r:.2f}" for r in each)
             )
             m = matched_against.get(key)
-            if m is not None and m.pairs and core_range(s) is not None:
+            if m is not None and m.pairs and span is not None:
                 lines.append(m.line("over the baseline, matched"))
             if states is not None and by_state_against.get(key):
                 lines.append(_state_line("over the baseline by core state", by_state_against[key], states))

@@ -2,8 +2,8 @@
 (vhostmap/datapath/cpuprobe.cdef).
 
 On a VM the distance between two vCPUs is the host's business and changes while we run: on the lab's 2-vCPU
-guest a round trip takes about 80-110 ns at some moments (the vCPUs on cores that share a cache) and about
-200 ns at others. Everything the front-end and the back-end exchange crosses that distance, so the
+guest a round trip takes 60-90 ns at some moments (the vCPUs on cores that share a cache) and 300-340 ns
+at others. Everything the front-end and the back-end exchange crosses that distance, so the
 benchmark (`vhostmap.lab.bench`) probes it around every run and compares only runs made at the same one.
 A probe takes a few milliseconds and needs both CPUs idle: a task busy on either one is measured too.
 """
@@ -18,7 +18,7 @@ import statistics
 from vhostmap.datapath import ffi, lib
 from vhostmap.system.cpu import check_cpu
 
-# Round trips of one probe: 0.4-0.8 ms between the lab's vCPUs (100-200 ns each), nothing beside a run of
+# Round trips of one probe: 0.3-1.4 ms between the lab's vCPUs (60-340 ns each), nothing beside a run of
 # seconds; a probe that a preemption spoiled is outvoted in the median of SAMPLES.
 ROUND_TRIPS = 4000
 # Probes that `median_round_trip_ns` takes: an odd number, so that the median is one of them.
