@@ -529,7 +529,7 @@ def cases(draw: st.DrawFn, writable: bool) -> Case:
     hdr = case.hdr_len
     rarely_zero = st.integers(0, 9).map(bool)
     # Often the layout Linux's and DPDK's drivers make: every chain one descriptor, which the batch kernels
-    # take VQ_BATCH at a time (and a hostile change below then lands in such a batch).
+    # take up to VQ_BATCH at a time (and a hostile change below then lands in such a batch).
     single = draw(st.booleans())
     for _ in range(draw(st.integers(1, num)) if draw(rarely_zero) else 0):
         if not free:
@@ -751,9 +751,9 @@ def test_dequeue_chain_that_does_not_fit_waits_for_space() -> None:
     "breakage", ["none", "direction", "head", "addr", "empty", "short", "next", "indirect"]
 )
 def test_batch_of_single_descriptor_chains(writable: bool, at: int, breakage: str) -> None:
-    """Chains of one descriptor each, which the kernels take VQ_BATCH at a time, one of them (the first of a
-    batch, the last, one of the next batch) broken: the batch declines it and the chain meets every check of
-    its own, exactly as in the reference."""
+    """Chains of one descriptor each, which the kernels take up to VQ_BATCH at a time, one of them (the first,
+    the fourth, the sixth) broken: the batch stops before it and the chain meets every check of its own,
+    exactly as in the reference."""
     case = make_case(writable, num=16, batches=[(0, 15), (-1, 15)], indirect=breakage != "indirect")
     heads = case.chains([[HDR + 60]] * 8)
     if writable:

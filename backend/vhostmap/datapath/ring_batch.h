@@ -25,11 +25,12 @@
  *   RB_COMPLETE(vq, mem, pending, n, out)         publish, decide the interrupt, re-arm kicks
  *   RB_BATCH                                      chains RB_POP_BATCH takes at once (0: no batches, and
  *                                                 none of the four below)
- *   RB_COUNTED                                    1: a batch takes chains RB_PENDING counted (split: the
- *                                                 count of avail->idx); 0: chains nothing counted (packed:
- *                                                 the batch reads their flags itself)
- *   RB_POP_BATCH(vq, mem, writable, segs, chains) RB_BATCH single-segment chains, each validated as RB_POP
- *                                                 would, or none (0) and nothing touched
+ *   RB_COUNTED                                    1: a batch takes up to `max` chains RB_PENDING counted,
+ *                                                 as many as are plain (split: the count of avail->idx);
+ *                                                 0: RB_BATCH chains nothing counted, or none (packed: the
+ *                                                 batch reads their flags itself)
+ *   RB_POP_BATCH(vq, mem, writable, segs, chains, max)  single-segment chains, each validated as RB_POP
+ *                                                 would (as RB_COUNTED says how many); the rest untouched
  *   RB_UNPOP_REST(vq, chains, n)                  give back chains[0..n) of a batch, taken and not used
  *   RB_MARK_OF(c)                                 the position of chain c (a mark)
  * Layout-independent helpers (segments, slots, sources, offloads) are virtio.c's, defined before it. */
@@ -46,17 +47,26 @@ struct RB_FN(reserve) {
     uint32_t next, taken;
 };
 
-/* A batch into an empty reserve when `want` chains are likely to be used (what is not goes back) and, with
- * RB_COUNTED, a batch's worth is counted; without, when nothing counted is left (counting would read those
- * flags anyway). */
+/* A batch into an empty reserve, of the `want` chains likely to be used (what is not goes back): with
+ * RB_COUNTED as many of them as are counted, up to RB_BATCH; without, RB_BATCH when nothing counted is left
+ * (counting would read those flags anyway). */
 static inline void RB_FN(reserve_fill)(RB_RING *vq, const struct vm_memory *mem, int32_t writable,
                                        struct RB_FN(reserve) *reserve, uint16_t npending, uint64_t want)
 {
-    const int counted = RB_COUNTED ? npending >= RB_BATCH : !npending;
-    if (reserve->next == reserve->taken && counted && want >= RB_BATCH) {
+    if (reserve->next != reserve->taken)
+        return;
+#if RB_COUNTED
+    uint32_t max = (uint32_t)(want < npending ? want : npending);
+    if (max) {
         reserve->next = 0;
-        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains);
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, max);
     }
+#else
+    if (!npending && want >= RB_BATCH) {
+        reserve->next = 0;
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, RB_BATCH);
+    }
+#endif
 }
 
 /* Give back what the reserve still holds, taken and not used: it goes first next time. */

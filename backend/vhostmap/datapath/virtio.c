@@ -271,48 +271,56 @@ static int32_t vq_pop(struct vq_split *vq, const struct vm_memory *mem, int writ
     return status;
 }
 
-/* VQ_BATCH chains from available entry last_avail_idx on, each taken as vq_pop would take it, when each is
- * the plain case: a head in the table, one descriptor (neither NEXT nor INDIRECT) of the right direction,
- * not empty, in guest memory. The caller knows the driver made them available (its count of avail->idx).
- * Anything else: 0, nothing touched, and vq_pop meets the chain with every check and fault of its own.
- * The heads are read first, then the descriptors, so that the misses on lines the driver's core wrote
- * overlap instead of coming one chain after the other. */
-#define VQ_BATCH 4
+/* Up to `max` (at most VQ_BATCH) chains from available entry last_avail_idx on, each taken as vq_pop would
+ * take it, as long as each is the plain case: a head in the table, one descriptor (neither NEXT nor INDIRECT)
+ * of the right direction, not empty, in guest memory. Returns how many; the first chain that is not plain
+ * and those after it are left where they are, for vq_pop to meet with every check and fault of its own. The
+ * caller knows the driver made `max` available (its count of avail->idx). All the heads are read first,
+ * then all the descriptors, and only then does the caller write a byte: the misses on lines the driver's
+ * core wrote overlap instead of coming one chain after the other, each behind the stores of the frame
+ * before (DPDK's enqueue defers its small copies to the end of a burst for the same reason). */
+#define VQ_BATCH 32
 static inline uint32_t vq_pop_batch(struct vq_split *vq, const struct vm_memory *mem, int32_t writable,
-                                    struct vq_seg *segs, struct vq_chain *chains)
+                                    struct vq_seg *segs, struct vq_chain *chains, uint32_t max)
 {
     /* The queue's fields in locals: stores through segs and chains could alias them. */
     const uint8_t *const table = vq->desc;
     const uint32_t mask = vq->num - 1;
     const uint16_t at = vq->last_avail_idx;
+    uint32_t n = max < VQ_BATCH ? max : VQ_BATCH;
     uint16_t heads[VQ_BATCH];
-    for (uint32_t k = 0; k < VQ_BATCH; k++)
+    for (uint32_t k = 0; k < n; k++)
         heads[k] = load16(vq->avail, VRING_RING_HEADER + 2 * ((at + k) & mask));
-    for (uint32_t k = 0; k < VQ_BATCH; k++)
-        if (heads[k] > mask)
-            return 0;
     struct vring_desc d[VQ_BATCH];
-    for (uint32_t k = 0; k < VQ_BATCH; k++)
+    for (uint32_t k = 0; k < n; k++) {
+        if (heads[k] > mask) {
+            n = k;
+            break;
+        }
         d[k] = vq_load_desc(table, heads[k]);
+    }
     const uint16_t kind = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
     const uint16_t want = writable ? VRING_DESC_F_WRITE : 0;
-    struct vm_fault fault; /* a batch that declines leaves the fault for vq_pop to report */
+    struct vm_fault fault; /* a chain the batch leaves gets its fault from vq_pop */
     const struct vm_region *region = NULL;
-    for (uint32_t k = 0; k < VQ_BATCH; k++) {
-        if ((d[k].flags & kind) != want || !d[k].len)
-            return 0;
+    for (uint32_t k = 0; k < n; k++) {
+        if ((d[k].flags & kind) != want || !d[k].len) {
+            n = k;
+            break;
+        }
         /* vm_translate's answer for each, the region of the one before tried first. */
         uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
         if (!host)
             host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
-        if (!host)
-            return 0;
+        if (!host) {
+            n = k;
+            break;
+        }
         segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
-    }
-    for (uint32_t k = 0; k < VQ_BATCH; k++)
         chains[k] = (struct vq_chain){.len = d[k].len, .nseg = 1, .head = heads[k], .at = (uint16_t)(at + k)};
-    vq->last_avail_idx = (uint16_t)(at + VQ_BATCH);
-    return VQ_BATCH;
+    }
+    vq->last_avail_idx = (uint16_t)(at + n);
+    return n;
 }
 
 /* Give back chains[0..n), taken one after the other and not used (the last taken): the position at the
@@ -774,7 +782,7 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_NEXT(vq, at, e) ((void)0)
 #define RB_COMPLETE vq_complete
 #define RB_BATCH VQ_BATCH
-#define RB_COUNTED 1 /* a batch takes chains avail->idx counted */
+#define RB_COUNTED 1 /* a batch takes up to RB_BATCH of the chains avail->idx counted */
 #define RB_POP_BATCH vq_pop_batch
 #define RB_UNPOP_REST vq_unpop_rest
 #define RB_MARK_OF(c) ((c).at)
@@ -865,7 +873,7 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_COMPLETE pvq_complete
 #define RB_BATCH PVQ_BATCH
 #define RB_COUNTED 0 /* nothing counted: a batch reads the flags itself */
-#define RB_POP_BATCH pvq_pop_batch
+#define RB_POP_BATCH(vq, mem, writable, segs, chains, max) pvq_pop_batch(vq, mem, writable, segs, chains)
 #define RB_UNPOP_REST pvq_unpop_rest
 #define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
 #include "ring_batch.h"
