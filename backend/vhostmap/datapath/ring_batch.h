@@ -23,11 +23,11 @@
  *   RB_REWALK(vq, mem, &at, elem, segs, &nseg, out)  walk again the chain of elem, taken at `at`
  *   RB_NEXT(vq, &at, elem)                        `at` past the chain of elem
  *   RB_COMPLETE(vq, mem, pending, n, out)         publish, decide the interrupt, re-arm kicks
- *   RB_BATCH                                      chains RB_POP_BATCH takes at once (0: no batches, and
+ *   RB_BATCH                                      chains RB_POP_BATCH takes at most (0: no batches, and
  *                                                 none of the four below)
  *   RB_COUNTED                                    1: a batch takes up to `max` chains RB_PENDING counted,
  *                                                 as many as are plain (split: the count of avail->idx);
- *                                                 0: RB_BATCH chains nothing counted, or none (packed: the
+ *                                                 0: up to `max` chains nothing counted (packed: the
  *                                                 batch reads their flags itself)
  *   RB_POP_BATCH(vq, mem, writable, segs, chains, max)  single-segment chains, each validated as RB_POP
  *                                                 would (as RB_COUNTED says how many); the rest untouched
@@ -47,9 +47,9 @@ struct RB_FN(reserve) {
     uint32_t next, taken;
 };
 
-/* A batch into an empty reserve, of the `want` chains likely to be used (what is not goes back): with
- * RB_COUNTED as many of them as are counted, up to RB_BATCH; without, RB_BATCH when nothing counted is left
- * (counting would read those flags anyway). */
+/* A batch into an empty reserve, of the `want` chains likely to be used (what is not goes back), up to
+ * RB_BATCH: with RB_COUNTED as many of them as are counted; without, when nothing counted is left (counting
+ * would read those flags anyway). */
 static inline void RB_FN(reserve_fill)(RB_RING *vq, const struct vm_memory *mem, int32_t writable,
                                        struct RB_FN(reserve) *reserve, uint16_t npending, uint64_t want)
 {
@@ -62,9 +62,10 @@ static inline void RB_FN(reserve_fill)(RB_RING *vq, const struct vm_memory *mem,
         reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, max);
     }
 #else
-    if (!npending && want >= RB_BATCH) {
+    if (!npending && want) {
         reserve->next = 0;
-        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, RB_BATCH);
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains,
+                                      (uint32_t)(want < RB_BATCH ? want : RB_BATCH));
     }
 #endif
 }

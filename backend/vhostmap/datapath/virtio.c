@@ -871,9 +871,9 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_REWALK vqp_ring_rewalk
 #define RB_NEXT vqp_ring_next
 #define RB_COMPLETE pvq_complete
-#define RB_BATCH PVQ_BATCH
+#define RB_BATCH PVQ_BATCH_MAX
 #define RB_COUNTED 0 /* nothing counted: a batch reads the flags itself */
-#define RB_POP_BATCH(vq, mem, writable, segs, chains, max) pvq_pop_batch(vq, mem, writable, segs, chains)
+#define RB_POP_BATCH pvq_pop_batch
 #define RB_UNPOP_REST pvq_unpop_rest
 #define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
 #include "ring_batch.h"
