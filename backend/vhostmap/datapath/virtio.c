@@ -788,8 +788,8 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_MARK_OF(c) ((c).at)
 #include "ring_batch.h"
 
-/* Packed rings (packed_ring.h): a batch of PVQ_BATCH single-descriptor chains is taken at once where it can
- * be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
+/* Packed rings (packed_ring.h): single-descriptor chains are taken in groups of PVQ_BATCH, up to
+ * PVQ_BATCH_MAX at once, where they can be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
  * walking their flags (PackedVirtqueue.pending, no fault), up to the next multiple of PVQ_BATCH, where a batch
  * may be taken again: counting reads each counted chain's flags, lines the driver's core writes, so no further
  * than the next chains taken. Only whether the count is 0 decides anything, and a count that is not 0 stays so
