@@ -895,11 +895,11 @@ def test_buffer_id_is_read_from_the_last_descriptor_of_a_chain() -> None:
     assert ok(run_both(case, check)) == [(1, 1, 30, 0)]
 
 
-# --- named cases: the batches of four (pvq_pop_batch) -------------------------------------------------------
+# --- named cases: the groups of four (pvq_pop_batch) --------------------------------------------------------
 
 # What a driver may put among four single-descriptor chains from a multiple of four on, where the batch
-# kernels take four chains at once: each must end exactly as the reference's pops one by one (nothing taken
-# by the batch, the fault where the reference finds it).
+# kernels take groups of four chains at once: each must end exactly as the reference's pops one by one
+# (nothing of that group taken by the batch, the fault where the reference finds it).
 BATCH_HOSTILE = (
     "not_avail",  # not made available (looks used), the chains after it available
     "avail_wrong_lap",  # AVAIL and USED of the other wrap counter
