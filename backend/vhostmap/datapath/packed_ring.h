@@ -296,74 +296,94 @@ static inline int32_t pvq_pop(struct vq_packed *vq, const struct vm_memory *mem,
     return VQ_OK;
 }
 
-/* PVQ_BATCH chains at once, or none: when last_avail_idx is a multiple of PVQ_BATCH and the PVQ_BATCH
- * descriptors from it (no wrap among them) are each a whole chain (available, neither NEXT nor INDIRECT) of
- * the right direction and a length other than 0, in guest memory (vm_translate, each), whose ids are in
- * range, not in flight and not the same twice, they are taken as PVQ_BATCH pvq_pops would take them one after
- * the other (the same chains, segments, ids in flight and position); otherwise nothing is touched, not even
- * *out, and pvq_pop takes the next chain with every check and fault of its own. A batch is thus only ever what
- * pvq_pop would have done without a fault: the checks are the same ones, all made before anything is taken.
- * The flags are read first, each once, then the rest of the descriptors after an acquire fence (what the
- * driver wrote before a flag is visible after it), as pvq_walk reads a chain. */
+/* Up to `max` chains (at most PVQ_BATCH_MAX), PVQ_BATCH at a time, each group as the PVQ_BATCH pvq_pops
+ * would take them one after the other (the same chains, segments, ids in flight and position), as long as
+ * last_avail_idx is a multiple of PVQ_BATCH and the group's descriptors (no wrap among them) are each a whole
+ * chain (available, neither NEXT nor INDIRECT) of the right direction and a length other than 0, in guest
+ * memory (vm_translate, each), whose ids are in range, not in flight and not the same twice. Returns how many;
+ * the first group that is not so and those after it are not touched, not even *out, and pvq_pop takes the
+ * next chain with every check and fault of its own. A batch is thus only ever what pvq_pop would have done
+ * without a fault: the checks are the same ones, all made before a group is taken. Every group's flags are
+ * read first, each once, then the rest of the descriptors after an acquire fence (what the driver wrote
+ * before a flag is visible after it), as pvq_walk reads a chain; and only then does the caller write a byte,
+ * so that the misses on the driver's lines overlap (as vq_pop_batch's). */
+#define PVQ_BATCH_MAX 32
 static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
-                                     struct vq_seg *segs, struct vqp_chain *chains)
+                                     struct vq_seg *segs, struct vqp_chain *chains, uint32_t max)
 {
     /* The queue's fields in locals: stores through pointers (segs, chains) could alias them, and the compiler
      * would read them again for every chain. */
     uint8_t *const desc = vq->desc;
     uint16_t *const inflight = vq->inflight;
     const uint32_t num = vq->num;
-    uint32_t pos = vq->last_avail_idx;
-    uint8_t wrap = vq->avail_wrap_counter;
-    if (pos % PVQ_BATCH || pos + PVQ_BATCH > num)
+    const uint32_t first = vq->last_avail_idx;
+    const uint8_t first_wrap = vq->avail_wrap_counter;
+    if (first % PVQ_BATCH)
         return 0;
-    uint16_t flags[PVQ_BATCH];
-    for (uint32_t k = 0; k < PVQ_BATCH; k++)
-        flags[k] = __atomic_load_n(pvq_word(desc, (size_t)(pos + k) * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
-                                   __ATOMIC_RELAXED);
+    if (max > PVQ_BATCH_MAX)
+        max = PVQ_BATCH_MAX;
     /* Available with wrap counter `wrap`, neither NEXT nor INDIRECT, the right direction: the five bits
      * exactly these, the four compared at once. */
     const uint16_t mask = VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK | VRING_DESC_F_NEXT |
                           VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
-    const uint16_t want = (uint16_t)((wrap ? VRING_PACKED_DESC_F_AVAIL_MASK : VRING_PACKED_DESC_F_USED_MASK) |
-                                     (writable ? VRING_DESC_F_WRITE : 0));
-    uint16_t differ = 0;
-    for (uint32_t k = 0; k < PVQ_BATCH; k++)
-        differ |= (uint16_t)((flags[k] & mask) ^ want);
-    if (differ)
+    uint32_t n = 0, pos = first;
+    uint8_t wrap = first_wrap;
+    while (n + PVQ_BATCH <= max && pos + PVQ_BATCH <= num) {
+        const uint16_t want = (uint16_t)((wrap ? VRING_PACKED_DESC_F_AVAIL_MASK : VRING_PACKED_DESC_F_USED_MASK) |
+                                         (writable ? VRING_DESC_F_WRITE : 0));
+        uint16_t differ = 0;
+        for (uint32_t k = 0; k < PVQ_BATCH; k++)
+            differ |= (uint16_t)((__atomic_load_n(pvq_word(desc, (size_t)(pos + k) * PVQ_DESC_SIZE +
+                                                                      PVQ_FLAGS_OFFSET),
+                                                  __ATOMIC_RELAXED) &
+                                  mask) ^
+                                 want);
+        if (differ)
+            break;
+        n += PVQ_BATCH;
+        pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
+    }
+    if (!n)
         return 0;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    /* The next batch's line asked for now, the driver's core's, while this one is checked and used. */
-    if (pos + 2 * PVQ_BATCH <= num)
-        __builtin_prefetch(desc + (size_t)(pos + PVQ_BATCH) * PVQ_DESC_SIZE);
-    struct pvirtq_desc d[PVQ_BATCH];
-    for (uint32_t k = 0; k < PVQ_BATCH; k++)
-        d[k] = pvq_load_desc(desc, pos + k);
-    struct vm_fault fault; /* a batch that declines leaves the fault for pvq_pop to report */
+    /* The next group's line asked for now, the driver's core's, while these are checked and used. */
+    if (pos + PVQ_BATCH <= num)
+        __builtin_prefetch(desc + (size_t)pos * PVQ_DESC_SIZE);
+    struct vm_fault fault; /* a group that declines leaves the fault for pvq_pop to report */
     const struct vm_region *region = NULL;
-    for (uint32_t k = 0; k < PVQ_BATCH; k++) {
-        if (!d[k].len || d[k].id >= num || inflight[d[k].id])
-            return 0;
-        for (uint32_t j = 0; j < k; j++)
-            if (d[j].id == d[k].id)
-                return 0;
-        /* vm_translate's answer for each, the region of the one before tried first. */
-        uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
-        if (!host)
-            host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
-        if (!host)
-            return 0;
-        segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
+    uint32_t taken = 0;
+    pos = first;
+    wrap = first_wrap;
+    while (taken < n) {
+        struct pvirtq_desc d[PVQ_BATCH];
+        for (uint32_t k = 0; k < PVQ_BATCH; k++)
+            d[k] = pvq_load_desc(desc, pos + k);
+        for (uint32_t k = 0; k < PVQ_BATCH; k++) {
+            if (!d[k].len || d[k].id >= num || inflight[d[k].id])
+                goto done;
+            for (uint32_t j = 0; j < k; j++)
+                if (d[j].id == d[k].id)
+                    goto done;
+            /* vm_translate's answer for each, the region of the one before tried first. */
+            uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
+            if (!host)
+                host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
+            if (!host)
+                goto done;
+            segs[taken + k] = (struct vq_seg){host, d[k].addr, d[k].len};
+        }
+        for (uint32_t k = 0; k < PVQ_BATCH; k++) {
+            inflight[d[k].id] = 1;
+            chains[taken + k] = (struct vqp_chain){
+                .len = d[k].len, .nseg = 1, .pos = (uint16_t)(pos + k), .id = d[k].id, .ndesc = 1, .wrap = wrap};
+        }
+        taken += PVQ_BATCH;
+        pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
     }
-    for (uint32_t k = 0; k < PVQ_BATCH; k++) {
-        inflight[d[k].id] = 1;
-        chains[k] = (struct vqp_chain){
-            .len = d[k].len, .nseg = 1, .pos = (uint16_t)(pos + k), .id = d[k].id, .ndesc = 1, .wrap = wrap};
-    }
-    pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
+done:
     vq->last_avail_idx = (uint16_t)pos;
     vq->avail_wrap_counter = wrap;
-    return PVQ_BATCH;
+    return taken;
 }
 
 /* Give back chains[0..n), taken one after the other and not used (pvq_pop_batch's, past those a batch

@@ -23,33 +23,51 @@
  *   RB_REWALK(vq, mem, &at, elem, segs, &nseg, out)  walk again the chain of elem, taken at `at`
  *   RB_NEXT(vq, &at, elem)                        `at` past the chain of elem
  *   RB_COMPLETE(vq, mem, pending, n, out)         publish, decide the interrupt, re-arm kicks
- *   RB_BATCH                                      chains RB_POP_BATCH takes at once (0: no batches, and
- *                                                 none of the three below)
- *   RB_POP_BATCH(vq, mem, writable, segs, chains) RB_BATCH single-segment chains, each validated as RB_POP
- *                                                 would, or none (0) and nothing touched
+ *   RB_BATCH                                      chains RB_POP_BATCH takes at most (0: no batches, and
+ *                                                 none of the four below)
+ *   RB_COUNTED                                    1: a batch takes up to `max` chains RB_PENDING counted,
+ *                                                 as many as are plain (split: the count of avail->idx);
+ *                                                 0: up to `max` chains nothing counted (packed: the
+ *                                                 batch reads their flags itself)
+ *   RB_POP_BATCH(vq, mem, writable, segs, chains, max)  single-segment chains, each validated as RB_POP
+ *                                                 would (as RB_COUNTED says how many); the rest untouched
  *   RB_UNPOP_REST(vq, chains, n)                  give back chains[0..n) of a batch, taken and not used
  *   RB_MARK_OF(c)                                 the position of chain c (a mark)
  * Layout-independent helpers (segments, slots, sources, offloads) are virtio.c's, defined before it. */
 
 #if RB_BATCH
 /* Chains a batch took (RB_POP_BATCH) before the frames that will use them: chains[next..taken), each a whole
- * chain of one segment (segs[k]). They come before any the ring still holds, and were never counted in a
- * *npending (RB_POP_BATCH saw them available itself); what is left goes back when the batch kernel ends. */
+ * chain of one segment (segs[k]). They come before any the ring still holds; what is left goes back when the
+ * batch kernel ends. With RB_COUNTED they stay in *npending until a frame takes one (they were counted
+ * there: what goes back is still counted); without, they were never in it (RB_POP_BATCH saw them available
+ * itself). */
 struct RB_FN(reserve) {
     RB_CHAIN chains[RB_BATCH];
     struct vq_seg segs[RB_BATCH];
     uint32_t next, taken;
 };
 
-/* A batch into an empty reserve when nothing counted is left (counting would read those flags anyway) and
- * `want` chains are likely to be used (what is not goes back). */
+/* A batch into an empty reserve, of the `want` chains likely to be used (what is not goes back), up to
+ * RB_BATCH: with RB_COUNTED as many of them as are counted; without, when nothing counted is left (counting
+ * would read those flags anyway). */
 static inline void RB_FN(reserve_fill)(RB_RING *vq, const struct vm_memory *mem, int32_t writable,
                                        struct RB_FN(reserve) *reserve, uint16_t npending, uint64_t want)
 {
-    if (reserve->next == reserve->taken && !npending && want >= RB_BATCH) {
+    if (reserve->next != reserve->taken)
+        return;
+#if RB_COUNTED
+    uint32_t max = (uint32_t)(want < npending ? want : npending);
+    if (max) {
         reserve->next = 0;
-        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains);
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, max);
     }
+#else
+    if (!npending && want) {
+        reserve->next = 0;
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains,
+                                      (uint32_t)(want < RB_BATCH ? want : RB_BATCH));
+    }
+#endif
 }
 
 /* Give back what the reserve still holds, taken and not used: it goes first next time. */
@@ -116,8 +134,12 @@ static inline int RB_FN(take)(RB_RING *vq, const struct vm_memory *mem, int32_t 
                               struct RB_FN(reserve) *reserve, uint16_t *npending, struct vq_seg *segs,
                               uint32_t cap, RB_CHAIN *chain, struct vq_batch *out)
 {
-    if (RB_FN(reserve_take)(reserve, segs, cap, chain))
+    if (RB_FN(reserve_take)(reserve, segs, cap, chain)) {
+#if RB_COUNTED
+        (*npending)--;
+#endif
         return 1;
+    }
     if (!*npending && !RB_REFILL(vq, npending))
         return 0;
     if (RB_POP(vq, mem, writable, segs, cap, chain, out) != VQ_OK)
@@ -179,17 +201,25 @@ static inline int RB_FN(take_plain)(const RB_RING *vq, const struct nm_bufs *nm,
  * num_buffers 1, the frame), the same used entry and counters as put and scatter, without the frame source,
  * the segment lists and the chain loop: 1. Anything else (a slot whose len passes buf_size, a chain too
  * short, a ticket naming fewer bytes than the slot's len): 0, nothing but the reserve touched, and put meets
- * the frame with every check and fault of its own. The slot's len, flags and ticket are read once each. */
+ * the frame with every check and fault of its own. The slot's len, flags and ticket are read once each. The
+ * chains are counted (RB_PENDING into *npending, *avail_read set) where put would count them: for the first
+ * frame that needs a chain; -1 when that count is the driver's fault (out). */
 static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
-                                   const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t npending,
-                                   struct RB_FN(reserve) *reserve, RB_ELEM *elem, struct vq_batch *out)
+                                   const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t *npending,
+                                   int *avail_read, struct RB_FN(reserve) *reserve, RB_ELEM *elem,
+                                   struct vq_batch *out)
 {
     const struct nm_slot *slot = nm_slot_at(nm, pos);
     uint16_t len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
     uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
     if (len > nm->buf_size || (flags & (NS_MOREFRAG | NS_VNET_HDR)))
         return 0;
-    RB_FN(reserve_fill)(vq, mem, 1, reserve, npending, left);
+    if (!*avail_read) {
+        if (RB_PENDING(vq, npending, out) != VQ_OK)
+            return -1;
+        *avail_read = 1;
+    }
+    RB_FN(reserve_fill)(vq, mem, 1, reserve, *npending, left);
     if (reserve->next == reserve->taken)
         return 0;
     const RB_CHAIN *chain = &reserve->chains[reserve->next];
@@ -214,6 +244,9 @@ static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, con
         vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
     *elem = RB_USED(*chain, VIRTIO_NET_HDR_SIZE + len);
     reserve->next++;
+#if RB_COUNTED
+    (*npending)--;
+#endif
     out->packets++;
     out->bytes += len;
     return 1;
@@ -500,13 +533,16 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     if (!RB_ARGS_OK(vq, nm, first, count))
         return vq_fail(out, VQ_ERR_ARGUMENT, 0);
 #if RB_BATCH
-    /* put_plain only where RB_PENDING counts nothing (the batch instances'): it takes no count. */
     const int plain = hdr_len == VIRTIO_NET_HDR_SIZE;
 #endif
     while (done < count) {
 #if RB_BATCH
-        if (plain && RB_FN(put_plain)(vq, mem, nm, refs, pos, count - done, npending, &reserve, pending + n_used,
-                                      out)) {
+        int put_plain = plain ? RB_FN(put_plain)(vq, mem, nm, refs, pos, count - done, &npending, &avail_read,
+                                                 &reserve, pending + n_used, out)
+                              : 0;
+        if (put_plain < 0)
+            goto fault;
+        if (put_plain) {
             n_used++;
             done++;
             pos = pos + 1 == nm->num_slots ? 0 : pos + 1;
@@ -584,6 +620,7 @@ fault:
 #undef RB_NEXT
 #undef RB_COMPLETE
 #undef RB_BATCH
+#undef RB_COUNTED
 #undef RB_POP_BATCH
 #undef RB_UNPOP_REST
 #undef RB_MARK_OF

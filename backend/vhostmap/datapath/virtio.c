@@ -39,11 +39,13 @@ struct vring_desc {
 #define VRING_RING_HEADER 4
 #define VRING_USED_ELEM_SIZE 8
 
-/* A walked chain: its head, total length and how many segments were stored (VQ_NOT_STORED: more than fit). */
+/* A walked chain: its head, total length, how many segments were stored (VQ_NOT_STORED: more than fit) and
+ * the available entry it was taken from. */
 struct vq_chain {
     uint64_t len;
     uint32_t nseg;
     uint16_t head;
+    uint16_t at;
 };
 #define VQ_NOT_STORED UINT32_MAX
 
@@ -265,8 +267,68 @@ static int32_t vq_pop(struct vq_split *vq, const struct vm_memory *mem, int writ
     }
     int32_t status = vq_walk(vq, mem, head, writable, segs, cap, chain, out);
     if (status == VQ_OK)
-        vq->last_avail_idx++;
+        chain->at = vq->last_avail_idx++;
     return status;
+}
+
+/* Up to `max` (at most VQ_BATCH) chains from available entry last_avail_idx on, each taken as vq_pop would
+ * take it, as long as each is the plain case: a head in the table, one descriptor (neither NEXT nor INDIRECT)
+ * of the right direction, not empty, in guest memory. Returns how many; the first chain that is not plain
+ * and those after it are left where they are, for vq_pop to meet with every check and fault of its own. The
+ * caller knows the driver made `max` available (its count of avail->idx). All the heads are read first,
+ * then all the descriptors, and only then does the caller write a byte: the misses on lines the driver's
+ * core wrote overlap instead of coming one chain after the other, each behind the stores of the frame
+ * before (DPDK's enqueue defers its small copies to the end of a burst for the same reason). */
+#define VQ_BATCH 32
+static inline uint32_t vq_pop_batch(struct vq_split *vq, const struct vm_memory *mem, int32_t writable,
+                                    struct vq_seg *segs, struct vq_chain *chains, uint32_t max)
+{
+    /* The queue's fields in locals: stores through segs and chains could alias them. */
+    const uint8_t *const table = vq->desc;
+    const uint32_t mask = vq->num - 1;
+    const uint16_t at = vq->last_avail_idx;
+    uint32_t n = max < VQ_BATCH ? max : VQ_BATCH;
+    uint16_t heads[VQ_BATCH];
+    for (uint32_t k = 0; k < n; k++)
+        heads[k] = load16(vq->avail, VRING_RING_HEADER + 2 * ((at + k) & mask));
+    struct vring_desc d[VQ_BATCH];
+    for (uint32_t k = 0; k < n; k++) {
+        if (heads[k] > mask) {
+            n = k;
+            break;
+        }
+        d[k] = vq_load_desc(table, heads[k]);
+    }
+    const uint16_t kind = VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
+    const uint16_t want = writable ? VRING_DESC_F_WRITE : 0;
+    struct vm_fault fault; /* a chain the batch leaves gets its fault from vq_pop */
+    const struct vm_region *region = NULL;
+    for (uint32_t k = 0; k < n; k++) {
+        if ((d[k].flags & kind) != want || !d[k].len) {
+            n = k;
+            break;
+        }
+        /* vm_translate's answer for each, the region of the one before tried first. */
+        uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
+        if (!host)
+            host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
+        if (!host) {
+            n = k;
+            break;
+        }
+        segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
+        chains[k] = (struct vq_chain){.len = d[k].len, .nseg = 1, .head = heads[k], .at = (uint16_t)(at + k)};
+    }
+    vq->last_avail_idx = (uint16_t)(at + n);
+    return n;
+}
+
+/* Give back chains[0..n), taken one after the other and not used (the last taken): the position at the
+ * first. */
+static inline void vq_unpop_rest(struct vq_split *vq, const struct vq_chain *chains, uint32_t n)
+{
+    if (n)
+        vq->last_avail_idx = chains[0].at;
 }
 
 uint32_t vq_pending(const struct vq_split *vq)
@@ -719,11 +781,15 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_REWALK vq_ring_rewalk
 #define RB_NEXT(vq, at, e) ((void)0)
 #define RB_COMPLETE vq_complete
-#define RB_BATCH 0 /* avail->idx and the avail ring already give the chains a batch at a time */
+#define RB_BATCH VQ_BATCH
+#define RB_COUNTED 1 /* a batch takes up to RB_BATCH of the chains avail->idx counted */
+#define RB_POP_BATCH vq_pop_batch
+#define RB_UNPOP_REST vq_unpop_rest
+#define RB_MARK_OF(c) ((c).at)
 #include "ring_batch.h"
 
-/* Packed rings (packed_ring.h): a batch of PVQ_BATCH single-descriptor chains is taken at once where it can
- * be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
+/* Packed rings (packed_ring.h): single-descriptor chains are taken in groups of PVQ_BATCH, up to
+ * PVQ_BATCH_MAX at once, where they can be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
  * walking their flags (PackedVirtqueue.pending, no fault), up to the next multiple of PVQ_BATCH, where a batch
  * may be taken again: counting reads each counted chain's flags, lines the driver's core writes, so no further
  * than the next chains taken. Only whether the count is 0 decides anything, and a count that is not 0 stays so
@@ -805,7 +871,8 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_REWALK vqp_ring_rewalk
 #define RB_NEXT vqp_ring_next
 #define RB_COMPLETE pvq_complete
-#define RB_BATCH PVQ_BATCH
+#define RB_BATCH PVQ_BATCH_MAX
+#define RB_COUNTED 0 /* nothing counted: a batch reads the flags itself */
 #define RB_POP_BATCH pvq_pop_batch
 #define RB_UNPOP_REST pvq_unpop_rest
 #define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
