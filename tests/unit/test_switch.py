@@ -453,6 +453,18 @@ def test_detach_forgets_the_port_and_its_addresses_and_attach_takes_a_new_one(
         p3.close()
 
 
+def test_a_switch_whose_ports_all_left_runs_a_round_that_moves_nothing(
+    switch: Switch, ports: list[WirePort]
+) -> None:
+    """The datapath may run a switch once more after its last port left (a wakeup already queued): that round
+    moves nothing and raises nothing (it raised, and the datapath dropped the switch, until it did not)."""
+    for p in ports:
+        switch.detach(p)
+    assert switch.ports == []
+    assert switch.run() is False
+    switch.share_offloads()
+
+
 def test_ports_with_several_rings_forward_queue_i_to_queue_i(mem: NetmapMemory, clock: Clock) -> None:
     a, b = WirePort("a", mem, rings=2), WirePort("b", mem, rings=2)
     c = WirePort("c", mem, rings=1)

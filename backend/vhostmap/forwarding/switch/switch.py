@@ -224,15 +224,21 @@ class Switch:
     def share_offloads(self) -> None:
         """Each port's frames keep the offloads that every other port takes (NetmapAdapter.pass_offloads):
         a frame may go to any of them, a flood to all. Linear in the ports: it runs every Python round."""
-        takes = [p.accepted_offloads for p in self.ports]
-        # What all ports before k take, and all after k: port k's is both together.
-        before, after = [ALL_NEEDS], [ALL_NEEDS]
-        for t in takes[:-1]:
-            before.append(before[-1] & t)
-        for t in reversed(takes[1:]):
-            after.append(after[-1] & t)
+        ports = self.ports
+        takes = [p.accepted_offloads for p in ports]
+        # What all ports before k take, and all after k: port k's is both together (one of each per port,
+        # none for a switch whose ports all left).
+        before, after = [], []
+        acc = ALL_NEEDS
+        for t in takes:
+            before.append(acc)
+            acc &= t
+        acc = ALL_NEEDS
+        for t in reversed(takes):
+            after.append(acc)
+            acc &= t
         after.reverse()
-        for p, b, a in zip(self.ports, before, after, strict=True):
+        for p, b, a in zip(ports, before, after, strict=True):
             p.pass_offloads(b & a)
 
     def forward(
