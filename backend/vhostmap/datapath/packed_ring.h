@@ -364,10 +364,7 @@ static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memor
             for (uint32_t j = 0; j < k; j++)
                 if (d[j].id == d[k].id)
                     goto done;
-            /* vm_translate's answer for each, the region of the one before tried first. */
-            uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
-            if (!host)
-                host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
+            uint8_t *host = vm_translate_next(mem, &region, d[k].addr, d[k].len, &fault);
             if (!host)
                 goto done;
             segs[taken + k] = (struct vq_seg){host, d[k].addr, d[k].len};

@@ -56,18 +56,16 @@ static inline void RB_FN(reserve_fill)(RB_RING *vq, const struct vm_memory *mem,
     if (reserve->next != reserve->taken)
         return;
 #if RB_COUNTED
-    uint32_t max = (uint32_t)(want < npending ? want : npending);
+    uint64_t max = want < npending ? want : npending;
+#else
+    uint64_t max = npending ? 0 : want;
+#endif
+    if (max > RB_BATCH)
+        max = RB_BATCH;
     if (max) {
         reserve->next = 0;
-        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, max);
+        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains, (uint32_t)max);
     }
-#else
-    if (!npending && want) {
-        reserve->next = 0;
-        reserve->taken = RB_POP_BATCH(vq, mem, writable, reserve->segs, reserve->chains,
-                                      (uint32_t)(want < RB_BATCH ? want : RB_BATCH));
-    }
-#endif
 }
 
 /* Give back what the reserve still holds, taken and not used: it goes first next time. */
@@ -77,9 +75,20 @@ static inline void RB_FN(reserve_drop)(RB_RING *vq, struct RB_FN(reserve) *reser
     reserve->taken = reserve->next;
 }
 
+/* The reserve's next chain is used by a frame: with RB_COUNTED it leaves *npending then. */
+static inline void RB_FN(reserve_used)(struct RB_FN(reserve) *reserve, uint16_t *npending)
+{
+    reserve->next++;
+#if RB_COUNTED
+    (*npending)--;
+#else
+    (void)npending;
+#endif
+}
+
 /* The reserve's next chain into *chain (1), its segment into segs[0] if there is room (`cap`), or 0. */
-static inline int RB_FN(reserve_take)(struct RB_FN(reserve) *reserve, struct vq_seg *segs, uint32_t cap,
-                                      RB_CHAIN *chain)
+static inline int RB_FN(reserve_take)(struct RB_FN(reserve) *reserve, uint16_t *npending, struct vq_seg *segs,
+                                      uint32_t cap, RB_CHAIN *chain)
 {
     if (reserve->next == reserve->taken)
         return 0;
@@ -88,7 +97,7 @@ static inline int RB_FN(reserve_take)(struct RB_FN(reserve) *reserve, struct vq_
         segs[0] = reserve->segs[reserve->next];
     else
         chain->nseg = VQ_NOT_STORED; /* as RB_POP stores none without room */
-    reserve->next++;
+    RB_FN(reserve_used)(reserve, npending);
     return 1;
 }
 
@@ -119,8 +128,8 @@ static inline RB_MARK RB_FN(next_mark)(const RB_RING *vq, const struct RB_FN(res
     return RB_MARK_AT(vq);
 }
 static inline int RB_FN(reserve_take)(struct RB_FN(reserve) *reserve RB_RESERVE_UNUSED,
-                                      struct vq_seg *segs RB_RESERVE_UNUSED, uint32_t cap RB_RESERVE_UNUSED,
-                                      RB_CHAIN *chain RB_RESERVE_UNUSED)
+                                      uint16_t *npending RB_RESERVE_UNUSED, struct vq_seg *segs RB_RESERVE_UNUSED,
+                                      uint32_t cap RB_RESERVE_UNUSED, RB_CHAIN *chain RB_RESERVE_UNUSED)
 {
     return 0;
 }
@@ -134,12 +143,8 @@ static inline int RB_FN(take)(RB_RING *vq, const struct vm_memory *mem, int32_t 
                               struct RB_FN(reserve) *reserve, uint16_t *npending, struct vq_seg *segs,
                               uint32_t cap, RB_CHAIN *chain, struct vq_batch *out)
 {
-    if (RB_FN(reserve_take)(reserve, segs, cap, chain)) {
-#if RB_COUNTED
-        (*npending)--;
-#endif
+    if (RB_FN(reserve_take)(reserve, npending, segs, cap, chain))
         return 1;
-    }
     if (!*npending && !RB_REFILL(vq, npending))
         return 0;
     if (RB_POP(vq, mem, writable, segs, cap, chain, out) != VQ_OK)
@@ -153,6 +158,18 @@ static inline void RB_FN(give_back)(RB_RING *vq, struct RB_FN(reserve) *reserve,
 {
     RB_FN(reserve_drop)(vq, reserve);
     RB_UNPOP(vq, c);
+}
+
+/* The chains the driver made available counted (RB_PENDING into *npending) once a batch, when a frame first
+ * needs one (*counted says it was): VQ_OK, or the driver's fault (out), a count it cannot have made. */
+static inline int32_t RB_FN(count_once)(RB_RING *vq, uint16_t *npending, int *counted, struct vq_batch *out)
+{
+    if (*counted)
+        return VQ_OK;
+    if (RB_PENDING(vq, npending, out) != VQ_OK)
+        return out->status;
+    *counted = 1;
+    return VQ_OK;
 }
 
 #if RB_BATCH
@@ -202,8 +219,7 @@ static inline int RB_FN(take_plain)(const RB_RING *vq, const struct nm_bufs *nm,
  * the segment lists and the chain loop: 1. Anything else (a slot whose len passes buf_size, a chain too
  * short, a ticket naming fewer bytes than the slot's len): 0, nothing but the reserve touched, and put meets
  * the frame with every check and fault of its own. The slot's len, flags and ticket are read once each. The
- * chains are counted (RB_PENDING into *npending, *avail_read set) where put would count them: for the first
- * frame that needs a chain; -1 when that count is the driver's fault (out). */
+ * chains are counted (count_once) where put would count them; -1 when that count is the driver's fault. */
 static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
                                    const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t *npending,
                                    int *avail_read, struct RB_FN(reserve) *reserve, RB_ELEM *elem,
@@ -214,11 +230,8 @@ static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, con
     uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
     if (len > nm->buf_size || (flags & (NS_MOREFRAG | NS_VNET_HDR)))
         return 0;
-    if (!*avail_read) {
-        if (RB_PENDING(vq, npending, out) != VQ_OK)
-            return -1;
-        *avail_read = 1;
-    }
+    if (RB_FN(count_once)(vq, npending, avail_read, out) != VQ_OK)
+        return -1;
     RB_FN(reserve_fill)(vq, mem, 1, reserve, *npending, left);
     if (reserve->next == reserve->taken)
         return 0;
@@ -243,10 +256,7 @@ static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, con
     if (vq->log_dirty)
         vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
     *elem = RB_USED(*chain, VIRTIO_NET_HDR_SIZE + len);
-    reserve->next++;
-#if RB_COUNTED
-    (*npending)--;
-#endif
+    RB_FN(reserve_used)(reserve, npending);
     out->packets++;
     out->bytes += len;
     return 1;
@@ -567,12 +577,8 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
             continue;
         }
 
-        if (!avail_read) {
-            /* Read once, when a frame first needs a chain (a count the driver cannot have made is its fault). */
-            if (RB_PENDING(vq, &npending, out) != VQ_OK)
-                goto fault;
-            avail_read = 1;
-        }
+        if (RB_FN(count_once)(vq, &npending, &avail_read, out) != VQ_OK)
+            goto fault;
         if (how != VQ_SRC_WRITE) /* segments go whole or not at all, chains from the ring (rare) */
             RB_FN(reserve_drop)(vq, &reserve);
         else /* this frame's chains and the next ones' (the slots left say they are likely all filled) */

@@ -308,10 +308,7 @@ static inline uint32_t vq_pop_batch(struct vq_split *vq, const struct vm_memory 
             n = k;
             break;
         }
-        /* vm_translate's answer for each, the region of the one before tried first. */
-        uint8_t *host = region ? vm_translate_near(mem, region, d[k].addr, d[k].len) : NULL;
-        if (!host)
-            host = vm_translate_region(mem, d[k].addr, d[k].len, &fault, &region);
+        uint8_t *host = vm_translate_next(mem, &region, d[k].addr, d[k].len, &fault);
         if (!host) {
             n = k;
             break;

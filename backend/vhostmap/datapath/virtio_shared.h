@@ -30,4 +30,13 @@ static inline uint8_t *vm_translate_near(const struct vm_memory *mem, const stru
     return (uint8_t *)(uintptr_t)(r->host + offset);
 }
 
+/* vm_translate for one of several ranges a driver put side by side (a batch's descriptors): the region of
+ * the range before (*region, NULL for the first) is tried first, and *region is where this one lies. */
+static inline uint8_t *vm_translate_next(const struct vm_memory *mem, const struct vm_region **region,
+                                         uint64_t gpa, uint64_t len, struct vm_fault *fault)
+{
+    uint8_t *host = *region ? vm_translate_near(mem, *region, gpa, len) : NULL;
+    return host ? host : vm_translate_region(mem, gpa, len, fault, region);
+}
+
 #endif
