@@ -748,28 +748,28 @@ def _ratios_to(results: Sequence[Series], reference: Callable[[Series], Key]) ->
     }
 
 
-def baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+def baseline_ratios(results: Sequence[Series]) -> dict[Key, list[float]]:
     """For each vhostmap series with a baseline twin: its rate over the twin's, per round both measured."""
     return _ratios_to(results, _baseline_twin)
 
 
-def offload_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+def offload_ratios(results: Sequence[Series]) -> dict[Key, list[float]]:
     """For each vhostmap series with an ``offloads=off`` twin (T1's link, and its baseline's): its rate over
     the twin's, per round both measured."""
 
-    def twin(s: Series) -> tuple[str, int, str]:
+    def twin(s: Series) -> Key:
         name, at, baseline = s.backend.partition(BASELINE)
         return s.scenario, s.size, name + OFFLOADS_OFF + at + baseline
 
     return _ratios_to(results, twin)
 
 
-def round_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[float]]:
+def round_ratios(results: Sequence[Series]) -> dict[Key, list[float]]:
     """For each vhostmap series: its rate over DPDK's in the same round, for each round both measured."""
     return _ratios_to(results, _dpdk_twin)
 
 
-def ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], float | None]:
+def ratios(results: Sequence[Series]) -> dict[Key, float | None]:
     """For each vhostmap series: the median over rounds of its rate over DPDK's in the same round."""
     return {key: statistics.median(r) if r else None for key, r in round_ratios(results).items()}
 
@@ -836,9 +836,7 @@ def _matched_to(
     return out
 
 
-def matched_ratios(
-    results: Sequence[Series], factor: float = CORE_MATCH_FACTOR
-) -> dict[tuple[str, int, str], Matched]:
+def matched_ratios(results: Sequence[Series], factor: float = CORE_MATCH_FACTOR) -> dict[Key, Matched]:
     """For each vhostmap series with a DPDK series: its rate over DPDK's in the rounds both measured whose
     four core probes agree (`probes_agree` with ``factor``)."""
     return _matched_to(results, _dpdk_twin, factor)
@@ -846,7 +844,7 @@ def matched_ratios(
 
 def matched_baseline_ratios(
     results: Sequence[Series], factor: float = CORE_MATCH_FACTOR
-) -> dict[tuple[str, int, str], Matched]:
+) -> dict[Key, Matched]:
     """For each vhostmap series with a baseline twin: its rate over the twin's in the rounds both measured
     whose four core probes agree (`probes_agree` with ``factor``)."""
     return _matched_to(results, _baseline_twin, factor)
@@ -923,12 +921,12 @@ def _by_state_to(
     return out
 
 
-def state_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[StateRatio]]:
+def state_ratios(results: Sequence[Series]) -> dict[Key, list[StateRatio]]:
     """For each vhostmap series with a DPDK series: per core state, its median rate over DPDK's."""
     return _by_state_to(results, _dpdk_twin)
 
 
-def state_baseline_ratios(results: Sequence[Series]) -> dict[tuple[str, int, str], list[StateRatio]]:
+def state_baseline_ratios(results: Sequence[Series]) -> dict[Key, list[StateRatio]]:
     """For each vhostmap series with a baseline twin: per core state, its median rate over the twin's."""
     return _by_state_to(results, _baseline_twin)
 
