@@ -108,7 +108,14 @@ def test_a_quick_p1_round_measures_both_backends_over_both_layouts(tmp_path: Pat
     for r in rates.values():
         [probes] = r["core_round_trip_ns"]
         assert 0 < probes["before"] < 1e6 and 0 < probes["after"] < 1e6, probes
-    assert len(re.findall(r"run 1/1: [0-9.]+ Mpps \(.*cores \d+/\d+ ns\)", err)) == 4, err
+    assert (
+        len(re.findall(r"run 1/1: [0-9.]+ Mpps \(.*cores \d+/\d+ ns, windows( [0-9.]+@\d+)+\)", err)) == 4
+    ), err
+    # ...and between the windows of every run (QUICK measures 1 s: two windows), its processes stopped.
+    for r in rates.values():
+        [windows] = r["windows"]
+        assert len(windows) == 2 and all(w["rate"] > 0 and 0 < w["before"] < 1e6 for w in windows), windows
+        assert windows[0]["after"] == windows[1]["before"]
     assert out.count("core round trip per run (ns, before/after):") == 4
     assert re.search(r"matched [01]/1 \(core probes within 1.3x\):", out)
     assert report["core_probe"]["cpus"] == [0, 1]

@@ -13,6 +13,7 @@ from vhostmap.lab.bench import (
     Rate,
     Series,
     Settings,
+    Window,
     core_range,
     core_states,
     matched_baseline_ratios,
@@ -203,23 +204,23 @@ def test_runs_are_pooled_by_core_state_whatever_their_round() -> None:
     ]
     assert matched_ratios(results)[("P1", 64, "vhostmap-link")].ratios == [pytest.approx(14 / 22)]
     near_ratio, far_ratio = state_ratios(results)[("P1", 64, "vhostmap-link")]
-    assert (near_ratio.state, near_ratio.ours, near_ratio.theirs, near_ratio.runs) == (
+    assert (near_ratio.state, near_ratio.ours, near_ratio.theirs, near_ratio.samples) == (
         "near",
         13.0,
         21.0,
         (2, 2),
     )
-    assert (far_ratio.state, far_ratio.ours, far_ratio.theirs, far_ratio.runs) == ("far", 5.0, 9.5, (1, 2))
+    assert (far_ratio.state, far_ratio.ours, far_ratio.theirs, far_ratio.samples) == ("far", 5.0, 9.5, (1, 2))
     assert near_ratio.ratio == pytest.approx(13 / 21)
     base_near, base_far = state_baseline_ratios(results)[("P1", 64, "vhostmap-link")]
     assert (base_near.ours, base_near.theirs, base_far.ours, base_far.theirs) == (13.0, 10.0, 5.0, 4.0)
     out = table(results, runs=4)
     assert (
-        "by core state, to DPDK: near (<=110 ns) 13.000 against 21.000 = 0.619x (2 and 2 runs); "
-        "far (>=300 ns) 5.000 against 9.500 = 0.526x (1 and 2 runs)" in out
+        "by core state, to DPDK: near (<=110 ns) 13.000 against 21.000 = 0.619x (2 and 2 samples); "
+        "far (>=300 ns) 5.000 against 9.500 = 0.526x (1 and 2 samples)" in out
     )
     assert (
-        "over the baseline by core state: near (<=110 ns) 13.000 against 10.000 = 1.300x (2 and 3 runs)"
+        "over the baseline by core state: near (<=110 ns) 13.000 against 10.000 = 1.300x (2 and 3 samples)"
         in out
     )
     got = report(Settings(), results, interrupted=False)
@@ -229,6 +230,34 @@ def test_runs_are_pooled_by_core_state_whatever_their_round() -> None:
         "median": 13.0,
         "reference_median": 21.0,
         "ratio": pytest.approx(13 / 21),
-        "runs": [2, 2],
+        "samples": [2, 2],
     }
     assert entry["state_ratios_to_baseline"]["far"]["ratio"] == pytest.approx(5 / 4)
+
+
+def test_a_run_with_windows_is_pooled_window_by_window() -> None:
+    """A run that began near and went far (the probes around it both near) counts in each state with the
+    windows it spent there; the probes of the windows take part in the split into states."""
+    near, far = CoreProbes(NEAR, NEAR), CoreProbes(FAR * 1.5, FAR * 1.5)
+    moved = Rate(
+        9.0,
+        windows=(
+            Window(14.0, near),
+            Window(13.0, CoreProbes(NEAR, FAR * 1.5)),  # moved during this one: neither state
+            Window(5.0, far),
+            Window(4.0, CoreProbes(FAR * 1.5, NEAR)),
+        ),
+    )
+    ours = Series("P3", 64, "vhostmap-link")
+    ours.record(moved, cores=CoreProbes(NEAR, NEAR))
+    dpdk = Series("P3", 64, "dpdk")
+    dpdk.record(Rate(12.0, windows=(Window(12.0, near), Window(10.0, near))), cores=near)
+    dpdk.record(Rate(7.0), cores=far)  # no windows: the run counts whole
+    results = [ours, dpdk]
+    assert core_states(results) == CoreStates(NEAR, FAR * 1.5)
+    assert list(ours.samples()) == [(w.rate, w.cores) for w in moved.windows]
+    near_ratio, far_ratio = state_ratios(results)[("P3", 64, "vhostmap-link")]
+    assert (near_ratio.ours, near_ratio.theirs, near_ratio.samples) == (14.0, 11.0, (1, 2))
+    assert (far_ratio.ours, far_ratio.theirs, far_ratio.samples) == (5.0, 7.0, (1, 1))
+    entry = report(Settings(), results, interrupted=False)["results"][0]
+    assert entry["windows"][0][2] == {"rate": 5.0, "before": FAR * 1.5, "after": FAR * 1.5}

@@ -73,7 +73,15 @@ shows 60-90 and 300-340 ns), every run whose two probes lie in one group belongs
 far, whatever its round, and the table adds per state the median rate of a back-end's runs in it against
 DPDK's runs in it (``by core state, to DPDK``), and with ``--baseline`` against the baseline's (``over the
 baseline by core state``): pooled over rounds, every steady run counts. JSON: ``state_ratios_to_dpdk`` and
-``state_ratios_to_baseline`` per series (median, reference_median, ratio, runs), ``core_probe.states``.
+``state_ratios_to_baseline`` per series (median, reference_median, ratio, samples), ``core_probe.states``.
+
+The host moves the vCPUs within a run too, and the rate follows within a second (seen: a link at 14 Mpps
+near for 3 s, then at 4.7 far for the rest of the run, between two near probes). So P1-P3 and G1 cut a run's
+measured interval into windows of WINDOW seconds and probe between them, the run's processes stopped
+(SIGSTOP) for the few milliseconds a probe takes: the progress line shows each window's rate and the probe
+before it (``windows 13.9@78 4.7@330``), and the pooling by state takes windows, each in the state of the
+probes around it, rather than runs (the "samples" of the state lines; a run without windows, T1's, counts
+whole). JSON: ``windows`` per series (per run: rate, before, after).
 
 Results go to a JSON file and, when matplotlib is there (the ``bench`` extra), a PNG chart. Every process,
 socket and hugepage file is removed at the end, also on Ctrl-C or SIGTERM.
@@ -135,6 +143,9 @@ TSO_FRAME, MTU_FRAME = 64000, 1514
 TSO_RX_OFFLOADS = "--rx-offloads=0x1c"
 DPDK = "dpdk"
 BASELINE = "@baseline"  # the suffix of a back-end run from Settings.baseline
+# Seconds of a run's measured interval between two core probes (`measure`): the host moves the vCPUs within
+# a run, and the rate follows within a second (seen: 14 Mpps near for 3 s, then 4.7 far for the rest).
+WINDOW = 0.5
 # Bursts each front-end port sends with ``start tx_first`` in P3: enough to keep both directions' rings busy
 # (what does not fit is dropped by testpmd at once, and the rest circulates).
 TX_FIRST_BURSTS = 16
@@ -192,12 +203,23 @@ class Series:
     md5: list[tuple[str, str] | None] = field(default_factory=list)
     # The core probes around each run.
     cores: list[CoreProbes] = field(default_factory=list)
+    # Each run's windows (`measure`), each with its own probes; () when the run had none (T1, a failed run).
+    windows: list[tuple[Window, ...]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
         """The unit of the rates."""
         return UNITS[self.scenario]
+
+    def samples(self) -> Iterator[tuple[float, CoreProbes]]:
+        """The rates measured and the probes around each: every window of a run that had windows, else the
+        run whole."""
+        for value, cores, windows in zip(self.rates, self.cores, self.windows, strict=True):
+            if windows:
+                yield from ((w.rate, w.cores) for w in windows)
+            elif value is not None:
+                yield value, cores
 
     @property
     def median(self) -> float | None:
@@ -208,6 +230,7 @@ class Series:
     def record(self, rate: Rate | None, note: str = "", cores: CoreProbes | None = None) -> None:
         """Append one run's result (None: it failed, ``note`` says why) and the core probes around it."""
         self.cores.append(cores or CoreProbes(None, None))
+        self.windows.append(rate.windows if rate else ())
         self.rates.append(rate.value if rate else None)
         self.busy.append(rate.busy if rate else None)
         self.per_round.append(rate.per_round if rate else None)
@@ -251,6 +274,16 @@ class Rate:
     dropped: int | None = None  # T1: frames the back-end dropped during the measured fetches
     md5: tuple[str, str] | None = None  # T1: guest A's file's and guest B's copy's, equal
     detail: str = ""  # for the progress line
+    windows: tuple[Window, ...] = ()  # the run's measured interval in windows, each with its core probes
+
+
+@dataclass(frozen=True)
+class Window:
+    """A part of a run's measured interval: its rate, and the core probes just before and just after it (made
+    with the run's processes stopped: `Bench.paused_probe`)."""
+
+    rate: float
+    cores: CoreProbes
 
 
 def measure(
@@ -259,11 +292,13 @@ def measure(
     warmup: float,
     alive: Callable[[], None],
     idle: Callable[[], tuple[int, int, int]] | None = None,
+    probe: Callable[[], float | None] | None = None,
 ) -> Rate:
     """Mpps of a cumulative packet ``counter`` over ``seconds``, once traffic flows and ``warmup``
     seconds passed. ``alive`` raises if a process of the run died (checked while waiting for traffic, and
     after the measurement). ``idle``: the back-end's idle and clock nanoseconds and its rounds that moved
-    frames, read with the counter."""
+    frames, read with the counter. ``probe``: the core round trip, made between windows of about WINDOW
+    seconds into which the interval is then cut (`Rate.windows`); the time it takes is not measured."""
 
     def flowing() -> bool:
         alive()
@@ -271,24 +306,40 @@ def measure(
 
     wait_until(flowing, SETUP_TIMEOUT, "traffic to start", interval=0.05)
     time.sleep(warmup)  # a settling interval before measuring, not synchronisation
-    load0 = idle() if idle else None
-    first, t0 = _sample(counter)
-    time.sleep(seconds)  # the measurement interval itself
-    last, t1 = _sample(counter)
-    load1 = idle() if idle else None
+    n = max(1, round(seconds / WINDOW)) if probe else 1
+    packets = 0
+    elapsed = idle_ns = clock_ns = rounds = 0.0
+    windows = []
+    before = probe() if probe else None
+    for _ in range(n):
+        load0 = idle() if idle else None
+        first, t0 = _sample(counter)
+        time.sleep(seconds / n)  # the measurement interval itself
+        last, t1 = _sample(counter)
+        load1 = idle() if idle else None
+        packets += last - first
+        elapsed += t1 - t0
+        if load0 is not None and load1 is not None:
+            idle_ns += load1[0] - load0[0]
+            clock_ns += load1[1] - load0[1]
+            rounds += load1[2] - load0[2]
+        if probe:
+            after = probe()
+            windows.append(Window((last - first) / (t1 - t0) / 1e6, CoreProbes(before, after)))
+            before = after
     alive()
-    if last <= first:
-        raise BenchError(f"no packets in {t1 - t0:.1f} s (counter stayed at {first})")
+    if packets <= 0:
+        raise BenchError(f"no packets in {elapsed:.1f} s (counter stayed at {first})")
     busy = per_round = None
-    if load0 is not None and load1 is not None and load1[1] > load0[1]:
-        idle_share = (load1[0] - load0[0]) / (load1[1] - load0[1])
+    if clock_ns > 0:
+        idle_share = idle_ns / clock_ns
         # A polling pass that found nothing is booked as idle when it ends, all of it: one the thread was
         # descheduled through on a starved CPU began partly before the first sample, and the share can pass
         # 1. That measures nothing: n/a, not a negative busy.
         busy = 1 - idle_share if idle_share <= 1 else None
-        if load1[2] > load0[2]:
-            per_round = (last - first) / (load1[2] - load0[2])
-    return Rate((last - first) / (t1 - t0) / 1e6, busy, per_round)
+        if rounds > 0:
+            per_round = packets / rounds
+    return Rate(packets / elapsed / 1e6, busy, per_round, windows=tuple(windows))
 
 
 def _datapath_idle(daemon: VhostmapDaemon) -> Callable[[], tuple[int, int, int]]:
@@ -366,6 +417,22 @@ class Bench:
         self.workdir = workdir
 
     # --- processes -----------------------------------------------------------------------------------------
+
+    def paused_probe(self, *procs: Testpmd | VhostmapDaemon) -> Callable[[], float | None]:
+        """A core probe (`core_probe`) made while ``procs``, the run's processes, are stopped (SIGSTOP, then
+        SIGCONT whatever happens): both CPUs idle, as between runs, for the few milliseconds it takes."""
+
+        def probe() -> float | None:
+            pids = [p.pid for p in procs if p.pid is not None]
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                return core_probe(self.settings)
+            finally:
+                for pid in pids:
+                    os.kill(pid, signal.SIGCONT)
+
+        return probe
 
     @contextlib.contextmanager
     def daemon(
@@ -466,6 +533,7 @@ class Bench:
                 s.warmup,
                 _checker(daemon, fe),
                 _datapath_idle(daemon),
+                self.paused_probe(daemon, fe),
             )
 
     def p1_dpdk(self, size: int, *, packed: bool = False) -> Rate:
@@ -478,7 +546,9 @@ class Bench:
             be.wait_for_link(0, SETUP_TIMEOUT)
             be.start()
             fe.start()
-            return measure(_testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe))
+            return measure(
+                _testpmd_rx(be), s.seconds, s.warmup, _checker(be, fe), probe=self.paused_probe(be, fe)
+            )
 
     def p2_vhostmap(self, size: int, tree: Path | None = None, *, packed: bool = False) -> Rate:
         """A vhostmap port generating ``size``-byte frames (``generate=``) into testpmd rxonly; testpmd's
@@ -490,7 +560,14 @@ class Bench:
         ):
             _connected(daemon, ("a",), packed)
             fe.start()
-            return measure(_testpmd_rx(fe), s.seconds, s.warmup, _checker(daemon, fe), _datapath_idle(daemon))
+            return measure(
+                _testpmd_rx(fe),
+                s.seconds,
+                s.warmup,
+                _checker(daemon, fe),
+                _datapath_idle(daemon),
+                self.paused_probe(daemon, fe),
+            )
 
     def p2_dpdk(
         self, size: int, rx: Callable[[Testpmd], Callable[[], int]] | None = None, *, packed: bool = False
@@ -505,7 +582,8 @@ class Bench:
             be.wait_for_link(0, SETUP_TIMEOUT)
             fe.start()
             be.start()
-            return measure((rx or _testpmd_rx)(fe), s.seconds, s.warmup, _checker(be, fe))
+            probe = self.paused_probe(be, fe)
+            return measure((rx or _testpmd_rx)(fe), s.seconds, s.warmup, _checker(be, fe), probe=probe)
 
     def g1_vhostmap(self, size: int, tree: Path | None = None, *, takes: bool = False) -> Rate:
         """A vhostmap port generating ``size``-byte frames (TCP with TSO beyond the MTU) into testpmd rxonly,
@@ -524,7 +602,9 @@ class Bench:
             daemon.wait_connected("a", SETUP_TIMEOUT)
             fe.start()
             rx, alive = _testpmd_rx_gbit(fe), _checker(daemon, fe)
-            rate = measure(rx, s.seconds, s.warmup, alive, _datapath_idle(daemon))
+            rate = measure(
+                rx, s.seconds, s.warmup, alive, _datapath_idle(daemon), self.paused_probe(daemon, fe)
+            )
             q = daemon.stats()["a"]["queues"][0]
             mean = q["tx_bytes"] / max(q["tx_packets"], 1)
             return replace(rate, detail=f"{q['tx_offloaded']} frames segmented, {mean:.0f} B per frame sent")
@@ -541,7 +621,9 @@ class Bench:
             _connected(daemon, ("a", "b"), packed)
             fe.start(tx_first=TX_FIRST_BURSTS)
             rx, alive = _testpmd_rx(fe, (0, 1)), _checker(daemon, fe)
-            return measure(rx, s.seconds, s.warmup, alive, _datapath_idle(daemon))
+            return measure(
+                rx, s.seconds, s.warmup, alive, _datapath_idle(daemon), self.paused_probe(daemon, fe)
+            )
 
     def p3_dpdk(self, size: int, *, packed: bool = False) -> Rate:
         """The same front-end through testpmd io-forwarding two net_vhost ports."""
@@ -558,7 +640,8 @@ class Bench:
             be.wait_for_link(1, SETUP_TIMEOUT)
             be.start()
             fe.start(tx_first=TX_FIRST_BURSTS)
-            return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe))
+            probe = self.paused_probe(be, fe)
+            return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe), probe=probe)
 
     def t1_vhostmap(
         self, file_mb: int, tree: Path | None = None, *, switch: bool, offloads: bool = True
@@ -639,11 +722,7 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
     bench = Bench(settings, workdir)
 
     def probe() -> float | None:
-        try:
-            return corelatency.median_round_trip_ns(settings.frontend_cpu, settings.backend_cpu)
-        except OSError as e:
-            say(f"core probe failed: {e}")
-            return None
+        return core_probe(settings)
 
     for scenario in settings.only:
         for size in settings.sizes_of(scenario):
@@ -673,8 +752,25 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                     if rate.per_round is not None:
                         extra.append(f"{rate.per_round:.1f} frames per round")
                     extra.append(f"cores {cores} ns")
+                    if rate.windows:
+                        extra.append(
+                            "windows "
+                            + " ".join(
+                                f"{w.rate:.1f}@{w.cores.before:.0f}" if w.cores.before else f"{w.rate:.1f}"
+                                for w in rate.windows
+                            )
+                        )
                     shown = f" ({', '.join(extra)})" if extra else ""
                     say(f"{label}: {_format(rate.value, ser.unit)} {ser.unit}{shown}")
+
+
+def core_probe(settings: Settings) -> float | None:
+    """The round trip between the front-end's and the back-end's CPUs (None: the probe failed, said why)."""
+    try:
+        return corelatency.median_round_trip_ns(settings.frontend_cpu, settings.backend_cpu)
+    except OSError as e:
+        say(f"core probe failed: {e}")
+        return None
 
 
 def size_label(scenario: str, size: int) -> str:
@@ -870,7 +966,15 @@ class CoreStates:
 def core_states(results: Sequence[Series], gap: float = CORE_STATE_GAP) -> CoreStates | None:
     """The near and far states of the probes of all ``results``, when they split into two by a gap of at
     least ``gap`` (the largest such gap between sorted neighbours); None when they form one group."""
-    probes = sorted({p for s in results for c in s.cores for p in (c.before, c.after) if p is not None})
+    probes = sorted(
+        {
+            p
+            for s in results
+            for c in [*s.cores, *(w.cores for ws in s.windows for w in ws)]
+            for p in (c.before, c.after)
+            if p is not None
+        }
+    )
     gaps = [(hi / lo, lo, hi) for lo, hi in itertools.pairwise(probes) if lo > 0]
     if not gaps:
         return None
@@ -880,13 +984,14 @@ def core_states(results: Sequence[Series], gap: float = CORE_STATE_GAP) -> CoreS
 
 @dataclass(frozen=True)
 class StateRatio:
-    """A vhostmap series' runs made in one core state against its reference's runs in that state, whichever
-    round they were in: the median rate of each and how many runs each median is of."""
+    """A vhostmap series' samples (`Series.samples`: windows of runs, or runs without) made in one core state
+    against its reference's samples in that state, whichever round they were in: the median rate of each and
+    how many samples each median is of."""
 
     state: str
     ours: float
     theirs: float
-    runs: tuple[int, int]
+    samples: tuple[int, int]
 
     @property
     def ratio(self) -> float:
@@ -904,7 +1009,7 @@ def _by_state_to(
         return {}
 
     def in_state(s: Series, state: str) -> list[float]:
-        return [v for v, c in zip(s.rates, s.cores, strict=False) if v is not None and states.of(c) == state]
+        return [v for v, c in s.samples() if states.of(c) == state]
 
     out: dict[Key, list[StateRatio]] = {}
     for key, s, ref in _with_reference(results, reference):
@@ -932,11 +1037,11 @@ def state_baseline_ratios(results: Sequence[Series]) -> dict[Key, list[StateRati
 
 
 def _state_line(head: str, each: Sequence[StateRatio], states: CoreStates) -> str:
-    """A table line: per core state, our median against the reference's, their ratio and their runs."""
+    """A table line: per core state, our median against the reference's, their ratio and their samples."""
     bounds = {"near": f"<={states.near_max:.0f} ns", "far": f">={states.far_min:.0f} ns"}
     shown = "; ".join(
         f"{r.state} ({bounds[r.state]}) {r.ours:.3f} against {r.theirs:.3f} = {r.ratio:.3f}x "
-        f"({r.runs[0]} and {r.runs[1]} runs)"
+        f"({r.samples[0]} and {r.samples[1]} samples)"
         for r in each
     )
     return f"{'':<22}  {head}: {shown}"
@@ -1067,7 +1172,12 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
 
     def by_state_entry(each: Sequence[StateRatio]) -> dict[str, Any]:
         return {
-            r.state: {"median": r.ours, "reference_median": r.theirs, "ratio": r.ratio, "runs": list(r.runs)}
+            r.state: {
+                "median": r.ours,
+                "reference_median": r.theirs,
+                "ratio": r.ratio,
+                "samples": list(r.samples),
+            }
             for r in each
         }
 
@@ -1088,6 +1198,10 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "frames_per_round": None if is_dpdk(s.backend) else s.per_round,
             "baseline_round_ratios": against.get(key),
             "core_round_trip_ns": [{"before": c.before, "after": c.after} for c in s.cores],
+            "windows": [
+                [{"rate": w.rate, "before": w.cores.before, "after": w.cores.after} for w in ws]
+                for ws in s.windows
+            ],
             "notes": s.notes,
         }
         m = matched.get(key)
