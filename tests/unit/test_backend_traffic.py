@@ -13,7 +13,7 @@ import pytest
 from daemons import RunningDaemon, StartDaemon
 
 from vhostmap.forwarding.link import Link
-from vhostmap.forwarding.passes import BURST
+from vhostmap.forwarding.passes import BURST, ROUNDS
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
 from vhostmap.netmap.allocator import AllocatorParams
 from vhostmap.netmap.stash import BufferStash
@@ -428,7 +428,7 @@ def test_a_link_hands_transmissions_back_every_burst(start_daemon: StartDaemon) 
     fa, fb = d.frontend("a", features=features), d.frontend("b", features=features)
     link = d.daemon.serving["a"]
     assert isinstance(link, Link)
-    n = 3 * BURST + 4
+    n = (ROUNDS - 1) * BURST + 4  # all the rounds of one call, the last one short
     sent = [frame(60, k) for k in range(n)]
     fb.post_receive_buffers(n)
     tx, rx = fa.queues[1], fb.queues[0]
@@ -436,7 +436,9 @@ def test_a_link_hands_transmissions_back_every_burst(start_daemon: StartDaemon) 
         _signals(tx.call), _signals(rx.call)
         fa.transmit(sent)
         assert link.run()
-        assert (_signals(tx.call), _signals(rx.call)) == (4, 4), "one publication per burst, both guests"
+        assert (_signals(tx.call), _signals(rx.call)) == (ROUNDS, ROUNDS), (
+            "one publication per burst, both guests"
+        )
         assert fa.used(tx) == [(k, 0) for k in range(n)]
     assert fb.receive(n) == sent
 
@@ -448,12 +450,12 @@ def test_a_sink_takes_a_guests_frames_a_burst_at_a_time_in_one_call(start_daemon
     d = start_daemon({"a": ""})
     fa = d.frontend("a", features=features)
     sink = d.daemon.serving["a"]
-    n = 2 * BURST + 1
+    n = (ROUNDS - 1) * BURST + 1
     tx = fa.queues[1]
     with d.daemon.worker.lock:
         _signals(tx.call)
         fa.transmit([frame(60, k) for k in range(n)])
         assert sink.run()
-        assert _signals(tx.call) == 3, "one publication per burst"
+        assert _signals(tx.call) == ROUNDS, "one publication per burst"
         assert fa.used(tx) == [(k, 0) for k in range(n)]
     assert totals(d, "a")["rx_dropped"] == n

@@ -416,15 +416,16 @@ static inline int pvq_need_event(uint32_t num, int64_t event, int64_t new_pos, i
  * again by every batch (a polling device's DISABLE, the same off_wrap while nothing came) took the line away
  * from the driver, which reads it after every burst it makes available, for nothing. What the area holds is
  * what a store would have left: the driver, had it written there, finds its word put right as before. */
-static inline void pvq_set_word(uint8_t *area, size_t offset, uint16_t value, int release)
+static inline int pvq_set_word(uint8_t *area, size_t offset, uint16_t value, int release)
 {
     uint16_t *word = pvq_word(area, offset);
     if (__atomic_load_n(word, __ATOMIC_RELAXED) == value)
-        return;
+        return 0;
     if (release)
         __atomic_store_n(word, value, __ATOMIC_RELEASE);
     else
         __atomic_store_n(word, value, __ATOMIC_RELAXED);
+    return 1;
 }
 
 /* The used descriptor a write puts at *pos, its flags held back (the caller writes them in the spec's order). */
@@ -521,19 +522,23 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
 
     /* Ask for a notification at the next available descriptor, or (a polling device) for none. off_wrap goes
      * before the flags that make it count. */
+    int asked;
     if (!vq->kicks) {
-        pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_DISABLE, 0);
+        asked = pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_DISABLE, 0);
     } else if (vq->event_idx) {
         uint16_t off_wrap = (uint16_t)(vq->last_avail_idx | vq->avail_wrap_counter << PVQ_WRAP_SHIFT);
-        pvq_set_word(vq->device, 0, off_wrap, 0);
-        pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_DESC, 1);
+        asked = pvq_set_word(vq->device, 0, off_wrap, 0);
+        asked |= pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_DESC, 1);
     } else {
-        pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_ENABLE, 0);
+        asked = pvq_set_word(vq->device, PVQ_EVENT_FLAGS_OFFSET, RING_EVENT_FLAGS_ENABLE, 0);
     }
     /* Logged even when nothing was used: a migration's destination must see what the driver was asked. */
     if (vq->log_dirty && vq->log_rings)
         vq_log_write(mem, vq->device_log_addr, PVQ_EVENT_SIZE, out);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* What was asked for, visible before the next look at the ring (as vq_complete); nothing stored, nothing
+     * to order. */
+    if (asked)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 #endif

@@ -270,7 +270,8 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
 {
     struct vq_seg segs[VQ_MAX_CHAIN_LENGTH];
     uint32_t n_used = 0, pos = first;
-    struct RB_FN(reserve) reserve = {.next = 0, .taken = 0};
+    struct RB_FN(reserve) reserve; /* not zeroed: its arrays are written before they are read */
+    reserve.next = reserve.taken = 0;
 
     vq_batch_init(out);
     if (!RB_ARGS_OK(vq, nm, first, space) || (refs && (refs->count > refs->cap || refs->cap > VQ_REF_MAX)))
@@ -537,7 +538,8 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     uint32_t n_used = 0, pos = first, done = 0;
     uint16_t npending = 0;
     int avail_read = 0;
-    struct RB_FN(reserve) reserve = {.next = 0, .taken = 0};
+    struct RB_FN(reserve) reserve; /* not zeroed: its arrays are written before they are read */
+    reserve.next = reserve.taken = 0;
 
     vq_batch_init(out);
     if (!RB_ARGS_OK(vq, nm, first, count))

@@ -372,18 +372,27 @@ static void vq_complete(struct vq_split *vq, const struct vm_memory *mem, const 
      * (where the flag means nothing) it just stops moving avail_event, which the driver passes once per 2^16
      * entries. */
     uint32_t written = UINT32_MAX; /* offset in the used ring of the u16 written, if any */
+    int stored = 0;
     if (vq->kicks) {
         written = vq->event_idx ? vq_avail_event_offset(vq) : 0;
         store16(vq->used, written, vq->event_idx ? vq->last_avail_idx : 0);
+        stored = 1;
     } else if (!vq->event_idx) {
         written = 0;
-        store16(vq->used, 0, VRING_USED_F_NO_NOTIFY);
+        /* Once is enough: only the device writes the flags. */
+        if (load16(vq->used, 0) != VRING_USED_F_NO_NOTIFY) {
+            store16(vq->used, 0, VRING_USED_F_NO_NOTIFY);
+            stored = 1;
+        }
     }
     /* Logged even when no used entry was published (a batch that took nothing): the destination of a
      * migration must see the avail_event it was asked for, or its device waits for a kick that never comes. */
     if (written != UINT32_MAX && vq->log_dirty && vq->log_used)
         vq_log_write(mem, vq->log_used_addr + written, 2, out);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* What was asked for, visible before the next look at avail->idx. Nothing stored, nothing to order: a
+     * full fence waits for every store before it (the guest's lines this batch wrote among them). */
+    if (stored)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
 /* --- dequeue: guest transmit queue -> netmap slots ------------------------------------------------------ */
