@@ -22,16 +22,16 @@ from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.kring import Kring
 
 # A link, switch or sink pass takes at most BURST slots from a source per round, so that frames go out and the
-# source's used entries come back every BURST frames rather than once per ring: a driver whose transmit ring
-# is full meanwhile drops (testpmd) or stops its queue. Not DPDK's 32: what a round pays once (the rings'
-# indexes read, the used entries published, a full fence each, the notification decided) is a miss on the
-# guest's core's lines after another, and 128 pays it a quarter as often. P3 at 64 bytes over 256-entry
-# rings, by core state in one invocation: a link 1.23x near, 1.24x far over 32; the switch 1.14x near; a
-# whole ring (256) was slower than 32, the front-end then waiting for a whole ring at a time. One call runs
-# up to ROUNDS rounds, while they move frames, so that entering C and the Python around it are paid once per
+# source's used entries come back every BURST frames (DPDK's bursts are 32) rather than once per ring: a
+# driver whose transmit ring is full meanwhile drops (testpmd) or stops its queue. One call runs up to ROUNDS
+# rounds, while they move frames, so that entering C and the Python around it are paid once per
 # ROUNDS * BURST frames; the control plane waits for the datapath lock at most that long (well under a ms).
-BURST = 128
-ROUNDS = 2
+# Measured by core state (P3 over 256-entry rings, 8 rounds of 32 against 2 of 128): 128 moves 64-byte frames
+# 1.15x faster near and 1.24x far (what a round pays once, a chain of misses on the guest's lines, is paid a
+# quarter as often) but 1500-byte frames 0.80x (6.9 against 8.7 Mpps near), and P1/P2 at 1500 bytes lost as
+# much; 64 is 32's equal at both sizes. A burst counted in bytes as well as frames would take both.
+BURST = 32
+ROUNDS = 8
 
 # (port, kring, whether it is an RX kring) of one sync of a pass, in the order the pass numbers them.
 Side = tuple[NetmapAdapter, Kring, bool]
