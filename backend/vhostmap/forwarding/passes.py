@@ -22,15 +22,15 @@ from vhostmap.netmap.adapter import FastQueues, NetmapAdapter
 from vhostmap.netmap.kring import Kring
 
 # A link, switch or sink pass takes at most BURST slots from a source per round, so that frames go out and the
-# source's used entries come back every BURST frames (DPDK's bursts are 32) rather than once per ring: a
-# driver whose transmit ring is full meanwhile drops (testpmd) or stops its queue. One call runs up to ROUNDS
-# rounds, while they move frames, so that entering C and the Python around it are paid once per
-# ROUNDS * BURST frames; the control plane waits for the datapath lock at most that long (well under a ms).
-# Measured by core state (P3 over 256-entry rings, 8 rounds of 32 against 2 of 128): 128 moves 64-byte frames
-# 1.15x faster near and 1.24x far (what a round pays once, a chain of misses on the guest's lines, is paid a
-# quarter as often) but 1500-byte frames 0.80x (6.9 against 8.7 Mpps near), and P1/P2 at 1500 bytes lost as
-# much; 64 is 32's equal at both sizes. A burst counted in bytes as well as frames would take both.
-BURST = 32
+# source's used entries come back every burst rather than once per ring: a driver whose transmit ring is full
+# meanwhile drops (testpmd) or stops its queue. BURST is the burst of small frames; of large ones a round
+# takes about the bytes of 32 MTU frames, DPDK's burst (vhu_round_burst, by the source's last mean frame).
+# Measured by core state, P3 over 256-entry rings: 128 frames of 64 bytes a round moved 1.15x more near and
+# 1.24x far than 32 (what a round pays once, a chain of misses on the guest's lines, paid a quarter as often),
+# while 128 of 1500 bytes moved 0.80x. One call runs up to ROUNDS rounds, while they move frames, so that
+# entering C and the Python around it are paid once per up to ROUNDS bursts; the control plane waits for the
+# datapath lock at most that long (well under a ms).
+BURST = 128
 ROUNDS = 8
 
 # (port, kring, whether it is an RX kring) of one sync of a pass, in the order the pass numbers them.
