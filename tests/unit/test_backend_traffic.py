@@ -14,7 +14,7 @@ from daemons import RunningDaemon, StartDaemon
 
 from vhostmap.forwarding.link import Link
 from vhostmap.forwarding.passes import BURST
-from vhostmap.lab.frontend import BUFFER_SIZE, FakeQueue
+from vhostmap.lab.frontend import BUFFER_SIZE, FakeFrontend, FakeQueue
 from vhostmap.netmap.allocator import AllocatorParams
 from vhostmap.netmap.stash import BufferStash
 from vhostmap.packets import Addresses, udp_frame
@@ -419,15 +419,22 @@ def _signals(fd: int) -> int:
         return 0
 
 
-def test_a_link_hands_transmissions_back_every_burst(start_daemon: StartDaemon) -> None:
-    # One call of a compiled link takes a source's frames BURST at a time and publishes their used entries
-    # after each burst (as DPDK does), not once at the end: a driver whose transmit ring is full meanwhile
-    # drops (testpmd) or stops. Without EVENT_IDX every publication is an interrupt, so they can be counted.
+def linked_pair(start_daemon: StartDaemon) -> tuple[RunningDaemon, FakeFrontend, FakeFrontend, Link]:
+    """Ports a and b in a link, a front-end on each without EVENT_IDX (every publication an interrupt, so
+    that they can be counted), and the link."""
     features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)
     d = start_daemon({"a": "", "b": ""}, links=["a,b"])
     fa, fb = d.frontend("a", features=features), d.frontend("b", features=features)
     link = d.daemon.serving["a"]
     assert isinstance(link, Link)
+    return d, fa, fb, link
+
+
+def test_a_link_hands_transmissions_back_every_burst(start_daemon: StartDaemon) -> None:
+    # One call of a compiled link takes a source's frames BURST at a time and publishes their used entries
+    # after each burst (as DPDK does), not once at the end: a driver whose transmit ring is full meanwhile
+    # drops (testpmd) or stops. Without EVENT_IDX every publication is an interrupt, so they can be counted.
+    d, fa, fb, link = linked_pair(start_daemon)
     n = BURST + 4  # two rounds of one call (small frames: a burst is BURST of them), the second short
     sent = [frame(60, k) for k in range(n)]
     fb.post_receive_buffers(n)
@@ -446,11 +453,7 @@ def test_a_link_takes_large_frames_fewer_at_a_time(start_daemon: StartDaemon) ->
     # by the mean frame of the source's last batch: its used entries come back as often as with bursts of 32.
     # 100 frames of 1514 bytes after the first such batch go in four rounds (32, 32, 32, 4): four
     # publications; 100 of 60 bytes after them in two (32, by the large frames before, then the 68 left).
-    features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF)
-    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
-    fa, fb = d.frontend("a", features=features), d.frontend("b", features=features)
-    link = d.daemon.serving["a"]
-    assert isinstance(link, Link)
+    d, fa, fb, link = linked_pair(start_daemon)
     tx = fa.queues[1]
     n, seq = 100, 0
     for size, publications in ((1514, 1), (1514, 4), (60, 2), (60, 1)):
