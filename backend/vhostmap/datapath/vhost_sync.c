@@ -1,5 +1,6 @@
 /* A vhost-user port's kring syncs in one call each (see vhost_sync.cdef). */
 #include <string.h>
+#include <linux/if_ether.h> /* ETH_FRAME_LEN */
 
 #include "kernels.h"
 
@@ -72,7 +73,7 @@ int32_t vhu_txsync(struct nm_kring *k, struct vq_split *vq, const struct vm_memo
  * 64 bytes: 1.15x near, 1.24x far over 32, P3 through a link), while a round of 128 large ones kept their
  * used entries back too long (1500 bytes: 0.80x). Sized by the mean frame of the source's last batch. */
 #define VHU_ROUND_FRAMES 32u
-#define VHU_ROUND_BYTES (VHU_ROUND_FRAMES * 1514u)
+#define VHU_ROUND_BYTES (VHU_ROUND_FRAMES * (uint32_t)ETH_FRAME_LEN)
 
 static inline uint32_t vhu_round_burst(uint32_t burst, uint32_t frame_len)
 {
