@@ -285,6 +285,11 @@ class Window:
     rate: float
     cores: CoreProbes
 
+    def __str__(self) -> str:
+        """The rate and the probe before it, as the progress line shows them (``13.9@78``)."""
+        before = self.cores.before
+        return f"{self.rate:.1f}" + (f"@{before:.0f}" if before is not None else "")
+
 
 def measure(
     counter: Callable[[], int],
@@ -753,13 +758,7 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                         extra.append(f"{rate.per_round:.1f} frames per round")
                     extra.append(f"cores {cores} ns")
                     if rate.windows:
-                        extra.append(
-                            "windows "
-                            + " ".join(
-                                f"{w.rate:.1f}@{w.cores.before:.0f}" if w.cores.before else f"{w.rate:.1f}"
-                                for w in rate.windows
-                            )
-                        )
+                        extra.append("windows " + " ".join(str(w) for w in rate.windows))
                     shown = f" ({', '.join(extra)})" if extra else ""
                     say(f"{label}: {_format(rate.value, ser.unit)} {ser.unit}{shown}")
 
