@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from vhostmap.lab.bench import TX_FIRST_BURSTS
 from vhostmap.lab.guestkernel import GuestKernel
-from vhostmap.lab.testpmd import DPDK_RUNTIME, HUGEPAGES
+from vhostmap.lab.testpmd import DEFAULT_BURST, DPDK_RUNTIME, HUGEPAGES
 from vhostmap.lab.wait import wait_until
 
 pytestmark = pytest.mark.slow
@@ -124,6 +125,22 @@ def test_a_quick_p1_round_measures_both_backends_over_both_layouts(tmp_path: Pat
         assert "matplotlib is missing" in err
     else:
         assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_quick_p3_round_reports_the_frames_each_loop_ran_with(tmp_path: Path) -> None:
+    quick = [a if a != "P1" else "P3" for a in QUICK]
+    out, err, report = run_bench(tmp_path, *quick)
+    rates = {r["backend"]: r for r in report["results"]}
+    assert list(rates) == ["vhostmap-link", "vhostmap-switch", "dpdk"]
+    injected = 2 * TX_FIRST_BURSTS * DEFAULT_BURST  # tx_first's bursts on both front-end ports
+    for r in rates.values():
+        assert r["mpps"][0] > 0
+        # Frames sent and not received back once the front-end stopped: what circulated, never more than
+        # tx_first injected, and some (the rate above came from them).
+        [circulating] = r["circulating"]
+        assert 0 < circulating <= injected, r
+    assert len(re.findall(r"run 1/1: [0-9.]+ Mpps \((.*, )?\d+ frames circulating, cores", err)) == 3, err
+    assert out.count("frames circulating per run:") == 3
 
 
 def test_a_quick_g1_round_moves_tso_frames_whole_and_segmented(tmp_path: Path) -> None:

@@ -12,7 +12,13 @@ processes.
   (the daemon's built-in source), or net_vhost in txonly mode. Rate: what the front-end received.
 * P3 forwarding: a front-end with two ports io-forwards (started with ``tx_first``) through the back-end and
   back: vhostmap's ports in a ``--link`` or on a ``--switch``, or testpmd io-forwarding two net_vhost
-  ports. Rate: packets the front-end received, both ports together.
+  ports. Rate: packets the front-end received, both ports together. Each run also reports the frames that
+  circulated (``circulating``): those the front-end sent and had not received back when it stopped, what is
+  left of tx_first's bursts after testpmd dropped what found its transmit ring full. The loop runs with
+  that many frames, a condition of the comparison: on the lab's machine DPDK's keeps about all 1024
+  (2 x TX_FIRST_BURSTS bursts of 32), vhostmap's link and switch about a ring's worth (224-256; they copy
+  each frame once, straight into the other guest, so a transmit buffer goes back only once its frame is
+  delivered, where DPDK's copies it out at once).
 
 * G1 TSO enqueue (only when named, ``--only G1``; ``--sizes`` does not apply): what the back-end's own core
   moves in Gbit/s when it hands 64 KiB TCP frames to the front-end (rxonly) rather than MTU frames. vhostmap
@@ -201,6 +207,8 @@ class Series:
     dropped: list[int | None] = field(default_factory=list)
     # T1: the md5s of guest A's file and of guest B's copy, equal (a mismatch fails the run instead).
     md5: list[tuple[str, str] | None] = field(default_factory=list)
+    # P3: the frames circulating in the loop (`Rate.circulating`).
+    circulating: list[int | None] = field(default_factory=list)
     # The core probes around each run.
     cores: list[CoreProbes] = field(default_factory=list)
     # Each run's windows (`measure`), each with its own probes; () when the run had none (T1, a failed run).
@@ -237,6 +245,7 @@ class Series:
         self.frame_bytes.append(rate.frame_bytes if rate else None)
         self.dropped.append(rate.dropped if rate else None)
         self.md5.append(rate.md5 if rate else None)
+        self.circulating.append(rate.circulating if rate else None)
         if note:
             self.notes.append(note)
 
@@ -273,6 +282,8 @@ class Rate:
     frame_bytes: float | None = None  # T1: the mean frame guest A sent
     dropped: int | None = None  # T1: frames the back-end dropped during the measured fetches
     md5: tuple[str, str] | None = None  # T1: guest A's file's and guest B's copy's, equal
+    # P3: frames the front-end sent and had not received back when it stopped (`_circulating`)
+    circulating: int | None = None
     detail: str = ""  # for the progress line
     windows: tuple[Window, ...] = ()  # the run's measured interval in windows, each with its core probes
 
@@ -372,6 +383,13 @@ def _sample(counter: Callable[[], int]) -> tuple[int, float]:
 
 def _testpmd_rx(tp: Testpmd, ports: Sequence[int] = (0,)) -> Callable[[], int]:
     return lambda: sum(s.rx_packets for p, s in tp.stats().items() if p in ports)
+
+
+def _circulating(fe: Testpmd, rate: Rate) -> Rate:
+    """``rate`` with the frames P3's loop ran with: what the front-end sent and had not received back, counted
+    once it stopped forwarding (a frame still in the back-end or in a ring is neither received nor lost)."""
+    stats = fe.stop().values()
+    return replace(rate, circulating=sum(s.tx_packets - s.rx_packets for s in stats))
 
 
 def _testpmd_rx_gbit(tp: Testpmd) -> Callable[[], int]:
@@ -626,9 +644,10 @@ class Bench:
             _connected(daemon, ("a", "b"), packed)
             fe.start(tx_first=TX_FIRST_BURSTS)
             rx, alive = _testpmd_rx(fe, (0, 1)), _checker(daemon, fe)
-            return measure(
+            rate = measure(
                 rx, s.seconds, s.warmup, alive, _datapath_idle(daemon), self.paused_probe(daemon, fe)
             )
+            return _circulating(fe, rate)
 
     def p3_dpdk(self, size: int, *, packed: bool = False) -> Rate:
         """The same front-end through testpmd io-forwarding two net_vhost ports."""
@@ -646,7 +665,8 @@ class Bench:
             be.start()
             fe.start(tx_first=TX_FIRST_BURSTS)
             probe = self.paused_probe(be, fe)
-            return measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe), probe=probe)
+            rate = measure(_testpmd_rx(fe, (0, 1)), s.seconds, s.warmup, _checker(be, fe), probe=probe)
+            return _circulating(fe, rate)
 
     def t1_vhostmap(
         self, file_mb: int, tree: Path | None = None, *, switch: bool, offloads: bool = True
@@ -756,6 +776,8 @@ def run_all(settings: Settings, workdir: Path, results: list[Series]) -> None:
                         extra.append(f"datapath busy {rate.busy:.0%}")
                     if rate.per_round is not None:
                         extra.append(f"{rate.per_round:.1f} frames per round")
+                    if rate.circulating is not None:
+                        extra.append(f"{rate.circulating} frames circulating")
                     extra.append(f"cores {cores} ns")
                     if rate.windows:
                         extra.append("windows " + " ".join(str(w) for w in rate.windows))
@@ -1119,6 +1141,9 @@ def table(results: Sequence[Series], runs: int) -> str:
         if any(d is not None for d in s.dropped):
             shown = " ".join(str(d) if d is not None else "n/a" for d in s.dropped)
             lines.append(f"{'':<22}  frames the back-end dropped per run: {shown}")
+        if any(c is not None for c in s.circulating):
+            shown = " ".join(str(c) if c is not None else "n/a" for c in s.circulating)
+            lines.append(f"{'':<22}  frames circulating per run: {shown}")
         span = core_range(s)
         if span is not None:
             shown = " ".join(str(c) for c in s.cores)
@@ -1195,6 +1220,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "round_ratios": rounds.get(key),
             "datapath_busy": None if is_dpdk(s.backend) else s.busy,
             "frames_per_round": None if is_dpdk(s.backend) else s.per_round,
+            "circulating": s.circulating if any(c is not None for c in s.circulating) else None,
             "baseline_round_ratios": against.get(key),
             "core_round_trip_ns": [{"before": c.before, "after": c.after} for c in s.cores],
             "windows": [

@@ -39,6 +39,8 @@ TESTPMD = "dpdk-testpmd"
 HUGEPAGES = Path("/dev/hugepages")
 DPDK_RUNTIME = Path("/var/run/dpdk")
 PROMPT = b"testpmd> "
+# The packets of a burst without ``--burst`` (DEFAULT_PKT_BURST, app/test-pmd/testpmd.h): a tx_first burst.
+DEFAULT_BURST = 32
 # What testpmd's other threads print while the command line prints a prompt or a reply: ethdev events
 # (printf'd with a leading newline) and DPDK log lines of the vhost and virtio-user PMDs. Each comes as one
 # whole write, but the prompt is written a character at a time, so one can land inside "testpmd> " (seen:
