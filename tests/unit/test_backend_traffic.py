@@ -360,37 +360,66 @@ def newest(stash: BufferStash, k: int) -> set[int]:
     return {int(stash.bufs[(stash.cursor - 1 - j) % stash.size]) for j in range(k)}
 
 
-def test_a_link_receives_into_the_buffers_its_last_deliveries_freed_and_loses_none(
+def held(*ports: VhostUserPort) -> Counter[int]:
+    """Every buffer index the ports' rings and stashes hold, with how many times."""
+    rings = [k for p in ports for k in (*p.tx_rings, *p.rx_rings)]
+    in_rings = (int(x) for k in rings for x in k.ring.slots["buf_idx"])
+    return Counter([*in_rings, *(int(b) for p in ports for b in p.stash.bufs)])
+
+
+def stash_state(*ports: VhostUserPort) -> list[tuple[list[int], int]]:
+    """The ports' stashes: their buffers in order and their cursors."""
+    return [([int(b) for b in p.stash.bufs], int(p.stash.cursor)) for p in ports]
+
+
+def test_a_sink_receives_into_the_buffers_its_last_release_freed_and_loses_none(
+    start_daemon: StartDaemon,
+) -> None:
+    d = start_daemon({"a": ""})
+    fa = d.frontend("a")
+    a = d.daemon.adapters["a"]
+    assert isinstance(a, VhostUserPort)
+    with d.daemon.worker.lock:
+        before = held(a)
+    k = 8
+    first = [frame(1514, i) for i in range(k)]
+    fa.transmit(first)
+    d.wait(lambda: totals(d, "a")["rx_dropped"] == k, f"the sink to drop {k} frames")
+    with d.daemon.worker.lock:  # the pass that released them has finished
+        freed = newest(a.stash, k)  # the release gave the buffers the frames were received into to the stash
+        assert {bytes(a.memory.buf_view(b)[:1514]) for b in freed} == set(first)
+    fa.transmit([frame(1514, 100 + i) for i in range(k)])
+    d.wait(lambda: totals(d, "a")["rx_dropped"] == 2 * k, f"the sink to drop {2 * k} frames")
+    with d.daemon.worker.lock:
+        # a received into exactly those buffers (the newest of its stash), and released them into it again.
+        assert newest(a.stash, k) == freed
+        after = held(a)
+    assert after == before and max(after.values()) == 1  # buffers only moved: none lost, none twice
+
+
+def test_a_link_copies_guest_to_guest_without_the_stashes_and_loses_no_buffer(
     start_daemon: StartDaemon,
 ) -> None:
     d = start_daemon({"a": "", "b": ""}, links=["a,b"])
     fa, fb = d.frontend("a"), d.frontend("b")
     a, b = d.daemon.adapters["a"], d.daemon.adapters["b"]
     assert isinstance(a, VhostUserPort) and isinstance(b, VhostUserPort)
-
-    def held() -> Counter[int]:
-        rings = [*a.tx_rings, *a.rx_rings, *b.tx_rings, *b.rx_rings]
-        return Counter(
-            [*(int(x) for k in rings for x in k.ring.slots["buf_idx"]), *a.stash.bufs, *b.stash.bufs]
-        )
-
     with d.daemon.worker.lock:
-        before = held()
+        before, stashes = held(a, b), stash_state(a, b)
     k = 8
     fa.post_receive_buffers(2 * k)
     fb.post_receive_buffers(2 * k)
     to_a = [frame(1514, i) for i in range(k)]
     fb.transmit(to_a)
     assert fa.receive(k) == to_a
-    with d.daemon.worker.lock:  # the pass that delivered them has finished
-        freed = newest(a.stash, k)  # a's deliveries gave their buffers to its stash
     to_b = [frame(1514, 100 + i) for i in range(k)]
     fa.transmit(to_b)
     assert fb.receive(k) == to_b
     with d.daemon.worker.lock:
-        # a received into exactly those buffers, which b's deliveries then gave to its stash.
-        assert newest(b.stash, k) == freed
-        after = held()
+        # One copy each, guest to guest: the slots referred to the guests' buffers and their own were never
+        # written, so no stash gave or took one.
+        assert stash_state(a, b) == stashes
+        after = held(a, b)
     assert after == before and max(after.values()) == 1  # buffers only moved: none lost, none twice
 
 

@@ -15,7 +15,9 @@ swap buffers between rings the same way):
 A stash is a ring of ``size`` buffer indices and a cursor: the most recent is at ``cursor - 1``. It always
 holds exactly ``size`` buffers (every operation is a swap), so a port's buffers are only permuted between its
 rings and its stash. Only the daemon's forwarders use it (forward.with_stash), never a netmap application's
-syncs: pkt-gen and the like fill TX buffers once and count on a slot keeping its buffer.
+syncs: pkt-gen and the like fill TX buffers once and count on a slot keeping its buffer. Nor do the one-copy
+passes between two vhost-user ports (a link's, a switch's): their slots refer to the guests' buffers, and
+their own, never written, need not be hot (taking and giving cost 4-6 % of such a pass at 64 bytes).
 
 The compiled nm_stash_take / nm_stash_give (datapath/kring.cdef) do the work; ``take`` and ``give`` here are
 their reference (tests/unit/test_stash.py compares them).
