@@ -446,13 +446,18 @@ static inline void pvq_complete(struct vq_packed *vq, const struct vm_memory *me
     }
     if (n) {
         /* With in_order, a batch of length-0 entries is one used descriptor: the last id at the first's place,
-         * moving the used position past every chain of the batch (spec 2.8.8). */
-        int one = vq->in_order;
+         * moving the used position past every chain of the batch (spec 2.8.8). A dequeue's entries all are;
+         * an enqueue's first is not, which settles it at once. The scan has no exit inside: a chain of
+         * dependent branches over a whole batch cost a dequeue a tenth of its time. */
+        int one = vq->in_order && !pending[0].len;
         uint32_t skipped = 0;
-        for (uint32_t k = 0; one && k < n; k++) {
-            if (pending[k].len)
-                one = 0;
-            skipped += pending[k].ndesc;
+        if (one) {
+            uint32_t lens = 0;
+            for (uint32_t k = 0; k < n; k++) {
+                lens |= pending[k].len;
+                skipped += pending[k].ndesc;
+            }
+            one = !lens;
         }
         uint32_t writes = one ? 1 : n;
         const uint32_t first = vq->used_idx;
