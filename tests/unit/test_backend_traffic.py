@@ -372,6 +372,30 @@ def stash_state(*ports: VhostUserPort) -> list[tuple[list[int], int]]:
     return [([int(b) for b in p.stash.bufs], int(p.stash.cursor)) for p in ports]
 
 
+def one_copy_both_ways(
+    d: RunningDaemon, fa: FakeFrontend, fb: FakeFrontend, a: VhostUserPort, b: VhostUserPort
+) -> None:
+    """Frames each way through the link of ports a and b (front-ends fa and fb), byte-exact; then the ports'
+    stashes are exactly as they were, and their buffers only moved."""
+    with d.daemon.worker.lock:
+        before, stashes = held(a, b), stash_state(a, b)
+    k = 8
+    fa.post_receive_buffers(2 * k)
+    fb.post_receive_buffers(2 * k)
+    to_a = [frame(1514, i) for i in range(k)]
+    fb.transmit(to_a)
+    assert fa.receive(k) == to_a
+    to_b = [frame(1514, 100 + i) for i in range(k)]
+    fa.transmit(to_b)
+    assert fb.receive(k) == to_b
+    with d.daemon.worker.lock:
+        # One copy each, guest to guest: the slots referred to the guests' buffers and their own were never
+        # written, so no stash gave or took one.
+        assert stash_state(a, b) == stashes
+        after = held(a, b)
+    assert after == before and max(after.values()) == 1  # buffers only moved: none lost, none twice
+
+
 def test_a_sink_receives_into_the_buffers_its_last_release_freed_and_loses_none(
     start_daemon: StartDaemon,
 ) -> None:
@@ -404,23 +428,7 @@ def test_a_link_copies_guest_to_guest_without_the_stashes_and_loses_no_buffer(
     fa, fb = d.frontend("a"), d.frontend("b")
     a, b = d.daemon.adapters["a"], d.daemon.adapters["b"]
     assert isinstance(a, VhostUserPort) and isinstance(b, VhostUserPort)
-    with d.daemon.worker.lock:
-        before, stashes = held(a, b), stash_state(a, b)
-    k = 8
-    fa.post_receive_buffers(2 * k)
-    fb.post_receive_buffers(2 * k)
-    to_a = [frame(1514, i) for i in range(k)]
-    fb.transmit(to_a)
-    assert fa.receive(k) == to_a
-    to_b = [frame(1514, 100 + i) for i in range(k)]
-    fa.transmit(to_b)
-    assert fb.receive(k) == to_b
-    with d.daemon.worker.lock:
-        # One copy each, guest to guest: the slots referred to the guests' buffers and their own were never
-        # written, so no stash gave or took one.
-        assert stash_state(a, b) == stashes
-        after = held(a, b)
-    assert after == before and max(after.values()) == 1  # buffers only moved: none lost, none twice
+    one_copy_both_ways(d, fa, fb, a, b)
 
 
 def test_a_generating_port_gives_its_guest_every_frame_it_has_room_for_and_drops_none(

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from daemons import RunningDaemon, StartDaemon, exchange, still_serving
-from test_backend_traffic import _signals, counters, frame, held, stash_state, totals, zero
+from test_backend_traffic import _signals, counters, frame, one_copy_both_ways, totals, zero
 from test_netmap_client import open_port, receive, send
 from test_onecopy import poison, port, written_buffers
 from test_switch_daemon import frame as switch_frame
@@ -198,21 +198,7 @@ def test_a_compiled_link_of_packed_ports_copies_without_the_stashes_and_loses_no
     fa, fb = d.frontend("a", packed=True), d.frontend("b", packed=other == "packed")
     a, b = port(d, "a"), port(d, "b")
     assert fast_layouts(d, "a") == {"packed"}
-    with d.daemon.worker.lock:
-        before, stashes = held(a, b), stash_state(a, b)
-    k = 8
-    fa.post_receive_buffers(2 * k)
-    fb.post_receive_buffers(2 * k)
-    to_a = [frame(1514, i) for i in range(k)]
-    fb.transmit(to_a)
-    assert fa.receive(k) == to_a
-    to_b = [frame(1514, 100 + i) for i in range(k)]
-    fa.transmit(to_b)
-    assert fb.receive(k) == to_b
-    with d.daemon.worker.lock:
-        assert stash_state(a, b) == stashes
-        after = held(a, b)
-    assert after == before and max(after.values()) == 1
+    one_copy_both_ways(d, fa, fb, a, b)
 
 
 def test_a_lone_packed_port_drops_what_its_guest_sends_and_counts_it(
