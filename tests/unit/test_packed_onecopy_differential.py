@@ -34,6 +34,7 @@ from test_packed_differential import (
     Instance,
     cases,
     make_case,
+    plain_run,
     where_in_guest,
 )
 
@@ -188,3 +189,27 @@ def test_packed_chains_of_many_pieces_refer_or_are_copied_and_arrive_the_same(
     frames, totals = same_end(case, min_head)
     assert totals == [3, 608 + 1030 + 60, 0]
     assert [len(f) for f in frames] == [608, 1030, 60]
+
+
+@pytest.mark.parametrize("at", [0, 5, 9])
+@pytest.mark.parametrize("breakage", ["none", "header_only", "long", "offload", "tiny"])
+def test_groups_of_plain_frames_refer_until_one_is_not(at: int, breakage: str) -> None:
+    """vqp_take_groups with refs: groups of PVQ_BATCH plain frames referred to straight from the ring; a
+    frame that is not plain, or shorter than min_head, leaves its group to the chain-by-chain path."""
+    frames, totals = same_end(plain_run(False, at, breakage), min_head=14)
+    if breakage == "none":
+        assert totals == [12, 12 * 60, 0] and all(len(f) == 60 for f in frames)
+    # Which slots refer and which hold a copy: every frame of a group refers, the tiny one is copied.
+    case = plain_run(False, at, breakage)
+    with contextlib.closing(Instance(case, True, batch=True)) as inst:
+        compiled = kernels.packed_ring(inst.vq, inst.mem)
+        refs = OneCopy(case.ring.num_slots, 14)
+        ring = kernels._ring(inst.slots, inst.bufs)
+        status = lib.vqp_dequeue_refs(
+            inst.vq.c, inst.mem.c, ring, HDR, 0, 31, refs.c, compiled.scratch(), compiled.out
+        )
+        assert status == lib.VQ_OK
+        referred = [bool(f & NS_INDIRECT) for f in inst.slots["flags"][: compiled.out.slots]]
+        lib.vq_refs_settle(refs.c, ring, 0, compiled.out.slots)
+    if breakage in ("none", "tiny"):
+        assert referred == [breakage == "none" or k != at for k in range(12)]

@@ -296,17 +296,67 @@ static inline int32_t pvq_pop(struct vq_packed *vq, const struct vm_memory *mem,
     return VQ_OK;
 }
 
+/* The chains of the whole groups from `first` (wrap counter `wrap`, a multiple of PVQ_BATCH) on whose four
+ * descriptors are each a whole chain (available, neither NEXT nor INDIRECT) of the right direction, up to
+ * `max` of them and not across the ring's end: the five bits of each exactly these, the four compared at once.
+ * Only the flags are read (relaxed: the caller fences once before it reads the rest of the descriptors). */
+static inline uint32_t pvq_group_chains(const uint8_t *desc, uint32_t num, uint32_t first, uint8_t wrap,
+                                        uint32_t max, int32_t writable)
+{
+    const uint16_t mask = VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK | VRING_DESC_F_NEXT |
+                          VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
+    uint32_t n = 0, pos = first;
+    while (n + PVQ_BATCH <= max && pos + PVQ_BATCH <= num) {
+        const uint16_t want = (uint16_t)((wrap ? VRING_PACKED_DESC_F_AVAIL_MASK : VRING_PACKED_DESC_F_USED_MASK) |
+                                         (writable ? VRING_DESC_F_WRITE : 0));
+        uint16_t differ = 0;
+        for (uint32_t k = 0; k < PVQ_BATCH; k++)
+            differ |= (uint16_t)((__atomic_load_n(pvq_word((uint8_t *)(uintptr_t)desc,
+                                                           (size_t)(pos + k) * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
+                                                  __ATOMIC_RELAXED) &
+                                  mask) ^
+                                 want);
+        if (differ)
+            break;
+        n += PVQ_BATCH;
+        pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
+    }
+    return n;
+}
+
+/* The group at `pos` (pvq_group_chains found its flags right) copied into d[] and checked as pvq_pop would
+ * check its four chains: lengths other than 0, ids in range, not in flight and not the same twice, buffers in
+ * guest memory (vm_translate, each: *region is the last one's), their segments in seg[]. 1 when all hold. */
+static inline int pvq_group_ok(const uint8_t *desc, uint32_t pos, uint32_t num, const uint16_t *inflight,
+                               const struct vm_memory *mem, const struct vm_region **region,
+                               struct pvirtq_desc *d, struct vq_seg *seg)
+{
+    struct vm_fault fault; /* a group that declines leaves the fault for pvq_pop to report */
+    for (uint32_t k = 0; k < PVQ_BATCH; k++)
+        d[k] = pvq_load_desc(desc, pos + k);
+    for (uint32_t k = 0; k < PVQ_BATCH; k++) {
+        if (!d[k].len || d[k].id >= num || inflight[d[k].id])
+            return 0;
+        for (uint32_t j = 0; j < k; j++)
+            if (d[j].id == d[k].id)
+                return 0;
+        uint8_t *host = vm_translate_next(mem, region, d[k].addr, d[k].len, &fault);
+        if (!host)
+            return 0;
+        seg[k] = (struct vq_seg){host, d[k].addr, d[k].len};
+    }
+    return 1;
+}
+
 /* Up to `max` chains (at most PVQ_BATCH_MAX), PVQ_BATCH at a time, each group as the PVQ_BATCH pvq_pops
  * would take them one after the other (the same chains, segments, ids in flight and position), as long as
- * last_avail_idx is a multiple of PVQ_BATCH and the group's descriptors (no wrap among them) are each a whole
- * chain (available, neither NEXT nor INDIRECT) of the right direction and a length other than 0, in guest
- * memory (vm_translate, each), whose ids are in range, not in flight and not the same twice. Returns how many;
- * the first group that is not so and those after it are not touched, not even *out, and pvq_pop takes the
- * next chain with every check and fault of its own. A batch is thus only ever what pvq_pop would have done
- * without a fault: the checks are the same ones, all made before a group is taken. Every group's flags are
- * read first, each once, then the rest of the descriptors after an acquire fence (what the driver wrote
- * before a flag is visible after it), as pvq_walk reads a chain; and only then does the caller write a byte,
- * so that the misses on the driver's lines overlap (as vq_pop_batch's). */
+ * last_avail_idx is a multiple of PVQ_BATCH and the group is one pvq_group_chains and pvq_group_ok take.
+ * Returns how many; the first group that is not so and those after it are not touched, not even *out, and
+ * pvq_pop takes the next chain with every check and fault of its own. A batch is thus only ever what pvq_pop
+ * would have done without a fault: the checks are the same ones, all made before a group is taken. Every
+ * group's flags are read first, each once, then the rest of the descriptors after an acquire fence (what the
+ * driver wrote before a flag is visible after it), as pvq_walk reads a chain; and only then does the caller
+ * write a byte, so that the misses on the driver's lines overlap (as vq_pop_batch's). */
 #define PVQ_BATCH_MAX 32
 static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
                                      struct vq_seg *segs, struct vqp_chain *chains, uint32_t max)
@@ -320,55 +370,25 @@ static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memor
     const uint8_t first_wrap = vq->avail_wrap_counter;
     if (first % PVQ_BATCH)
         return 0;
-    if (max > PVQ_BATCH_MAX)
-        max = PVQ_BATCH_MAX;
-    /* Available with wrap counter `wrap`, neither NEXT nor INDIRECT, the right direction: the five bits
-     * exactly these, the four compared at once. */
-    const uint16_t mask = VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK | VRING_DESC_F_NEXT |
-                          VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
-    uint32_t n = 0, pos = first;
-    uint8_t wrap = first_wrap;
-    while (n + PVQ_BATCH <= max && pos + PVQ_BATCH <= num) {
-        const uint16_t want = (uint16_t)((wrap ? VRING_PACKED_DESC_F_AVAIL_MASK : VRING_PACKED_DESC_F_USED_MASK) |
-                                         (writable ? VRING_DESC_F_WRITE : 0));
-        uint16_t differ = 0;
-        for (uint32_t k = 0; k < PVQ_BATCH; k++)
-            differ |= (uint16_t)((__atomic_load_n(pvq_word(desc, (size_t)(pos + k) * PVQ_DESC_SIZE +
-                                                                      PVQ_FLAGS_OFFSET),
-                                                  __ATOMIC_RELAXED) &
-                                  mask) ^
-                                 want);
-        if (differ)
-            break;
-        n += PVQ_BATCH;
-        pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
-    }
+    uint32_t n = pvq_group_chains(desc, num, first, first_wrap, max < PVQ_BATCH_MAX ? max : PVQ_BATCH_MAX,
+                                  writable);
     if (!n)
         return 0;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint32_t pos = first;
+    uint8_t wrap = first_wrap;
     /* The next group's line asked for now, the driver's core's, while these are checked and used. */
+    pvq_skip_in(num, &pos, &wrap, n);
     if (pos + PVQ_BATCH <= num)
         __builtin_prefetch(desc + (size_t)pos * PVQ_DESC_SIZE);
-    struct vm_fault fault; /* a group that declines leaves the fault for pvq_pop to report */
     const struct vm_region *region = NULL;
     uint32_t taken = 0;
     pos = first;
     wrap = first_wrap;
     while (taken < n) {
         struct pvirtq_desc d[PVQ_BATCH];
-        for (uint32_t k = 0; k < PVQ_BATCH; k++)
-            d[k] = pvq_load_desc(desc, pos + k);
-        for (uint32_t k = 0; k < PVQ_BATCH; k++) {
-            if (!d[k].len || d[k].id >= num || inflight[d[k].id])
-                goto done;
-            for (uint32_t j = 0; j < k; j++)
-                if (d[j].id == d[k].id)
-                    goto done;
-            uint8_t *host = vm_translate_next(mem, &region, d[k].addr, d[k].len, &fault);
-            if (!host)
-                goto done;
-            segs[taken + k] = (struct vq_seg){host, d[k].addr, d[k].len};
-        }
+        if (!pvq_group_ok(desc, pos, num, inflight, mem, &region, d, segs + taken))
+            break;
         for (uint32_t k = 0; k < PVQ_BATCH; k++) {
             inflight[d[k].id] = 1;
             chains[taken + k] = (struct vqp_chain){
@@ -377,7 +397,6 @@ static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memor
         taken += PVQ_BATCH;
         pvq_skip_in(num, &pos, &wrap, PVQ_BATCH);
     }
-done:
     vq->last_avail_idx = (uint16_t)pos;
     vq->avail_wrap_counter = wrap;
     return taken;

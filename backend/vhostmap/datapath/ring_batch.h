@@ -33,7 +33,14 @@
  *                                                 would (as RB_COUNTED says how many); the rest untouched
  *   RB_UNPOP_REST(vq, chains, n)                  give back chains[0..n) of a batch, taken and not used
  *   RB_MARK_OF(c)                                 the position of chain c (a mark)
- * Layout-independent helpers (segments, slots, sources, offloads) are virtio.c's, defined before it. */
+ *   RB_TAKE_RUN(vq, mem, nm, refs, hdr_len, pos, space, &npending, pending, out)
+ *                                                 the plain frames next in the ring taken straight into the
+ *                                                 slots from pos, as take_plain would take them (optional)
+ *   RB_PUT_RUN(vq, mem, nm, refs, pos, left, &npending, pending, out)
+ *                                                 the plain frames of the slots from pos put straight into
+ *                                                 the ring's next chains, as put_plain would (optional)
+ * Layout-independent helpers (segments, slots, sources, offloads, plain frames) are virtio.c's, defined
+ * before it. */
 
 #if RB_BATCH
 /* Chains a batch took (RB_POP_BATCH) before the frames that will use them: chains[next..taken), each a whole
@@ -185,26 +192,11 @@ static inline int RB_FN(take_plain)(const RB_RING *vq, const struct nm_bufs *nm,
                                     uint32_t hdr_len, const RB_CHAIN *chain, const struct vq_seg *seg,
                                     uint32_t pos, uint32_t space, RB_ELEM *elem, struct vq_batch *out)
 {
-    if (chain->nseg != 1 || seg->len <= hdr_len || !space)
+    uint32_t length;
+    if (chain->nseg != 1 || !space || (refs && refs->count >= refs->cap) ||
+        !vq_plain_tx(nm, refs, vq->host_offloads, hdr_len, seg, &length))
         return 0;
-    uint32_t length = seg->len - hdr_len; /* a segment's len is a descriptor's, 32 bits */
-    if (length > nm->buf_size || length > VQ_MAX_FRAME)
-        return 0;
-    if (refs && (length < refs->min_head || refs->count >= refs->cap))
-        return 0;
-    struct nm_vnet_hdr h;
-    if (vq->host_offloads && vq_offload_header(seg, 1, &h))
-        return 0;
-    struct nm_slot *slot = nm_slot_at(nm, pos);
-    if (refs) {
-        uint32_t index = refs->count++;
-        refs->refs[index] = (struct vq_ref){seg->host + hdr_len, length};
-        slot->ptr = vq_ref_ticket(refs, index);
-        nm_close_slot(slot, length, NS_INDIRECT);
-    } else {
-        memcpy(nm_slot_buf(nm, slot), seg->host + hdr_len, length);
-        nm_close_slot(slot, length, 0);
-    }
+    vq_plain_into_slot(nm, refs, pos, seg->host + hdr_len, length);
     *elem = RB_USED(*chain, 0);
     out->slots++;
     out->packets++;
@@ -225,10 +217,9 @@ static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, con
                                    int *avail_read, struct RB_FN(reserve) *reserve, RB_ELEM *elem,
                                    struct vq_batch *out)
 {
-    const struct nm_slot *slot = nm_slot_at(nm, pos);
-    uint16_t len = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
-    uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
-    if (len > nm->buf_size || (flags & (NS_MOREFRAG | NS_VNET_HDR)))
+    const uint8_t *data;
+    uint16_t len;
+    if (!vq_plain_slot(nm, refs, pos, &data, &len))
         return 0;
     if (RB_FN(count_once)(vq, npending, avail_read, out) != VQ_OK)
         return -1;
@@ -239,22 +230,7 @@ static inline int RB_FN(put_plain)(RB_RING *vq, const struct vm_memory *mem, con
     const struct vq_seg *seg = &reserve->segs[reserve->next];
     if (chain->len < (uint64_t)VIRTIO_NET_HDR_SIZE + len)
         return 0;
-    /* nm_slot_data over the values read above. */
-    const struct vq_ref *ref =
-        refs && (flags & NS_INDIRECT) ? vq_ref_at(refs, __atomic_load_n(&slot->ptr, __ATOMIC_RELAXED)) : NULL;
-    const uint8_t *data = ref ? ref->host : nm_slot_buf(nm, slot);
-    if (ref && ref->len < len)
-        return 0;
-    /* The header scatter writes: zeros, num_buffers (its last two bytes) 1. Stored from registers: copied
-     * from a buffer just written in part, its load waited for every store before it, into guest lines the
-     * driver's core held. */
-    const uint64_t hdr_lo = 0;
-    const uint32_t hdr_hi = (uint32_t)1 << 16;
-    memcpy(seg->host, &hdr_lo, sizeof hdr_lo);
-    memcpy(seg->host + sizeof hdr_lo, &hdr_hi, sizeof hdr_hi);
-    memcpy(seg->host + VIRTIO_NET_HDR_SIZE, data, len);
-    if (vq->log_dirty)
-        vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
+    vq_plain_into_chain(mem, vq->log_dirty, seg, data, len, out);
     *elem = RB_USED(*chain, VIRTIO_NET_HDR_SIZE + len);
     RB_FN(reserve_used)(reserve, npending);
     out->packets++;
@@ -281,6 +257,18 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
         return out->status;
     while (space) {
         RB_CHAIN chain;
+#ifdef RB_TAKE_RUN
+        /* A run of plain frames straight into the slots, when the reserve is empty. */
+        if (reserve.next == reserve.taken) {
+            uint32_t took = RB_TAKE_RUN(vq, mem, nm, refs, hdr_len, pos, space, &npending, pending + n_used, out);
+            if (took) {
+                n_used += took;
+                pos = (pos + took) % nm->num_slots;
+                space -= took;
+                continue;
+            }
+        }
+#endif
         RB_FN(reserve_fill)(vq, mem, 0, &reserve, npending, space);
         int took = RB_FN(take)(vq, mem, 0, &reserve, &npending, segs, VQ_MAX_CHAIN_LENGTH, &chain, out);
         if (took < 0)
@@ -548,6 +536,23 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     const int plain = hdr_len == VIRTIO_NET_HDR_SIZE;
 #endif
     while (done < count) {
+#ifdef RB_PUT_RUN
+        /* A run of plain frames straight into the ring's chains, when the reserve is empty; counted where
+         * put_plain would count them, once the first slot is plain. */
+        const uint8_t *data;
+        uint16_t len;
+        if (plain && reserve.next == reserve.taken && vq_plain_slot(nm, refs, pos, &data, &len)) {
+            if (RB_FN(count_once)(vq, &npending, &avail_read, out) != VQ_OK)
+                goto fault;
+            uint32_t put = RB_PUT_RUN(vq, mem, nm, refs, pos, count - done, &npending, pending + n_used, out);
+            if (put) {
+                n_used += put;
+                done += put;
+                pos = (pos + put) % nm->num_slots;
+                continue;
+            }
+        }
+#endif
 #if RB_BATCH
         int put_plain = plain ? RB_FN(put_plain)(vq, mem, nm, refs, pos, count - done, &npending, &avail_read,
                                                  &reserve, pending + n_used, out)

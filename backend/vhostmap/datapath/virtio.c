@@ -271,24 +271,23 @@ static int32_t vq_pop(struct vq_split *vq, const struct vm_memory *mem, int writ
     return status;
 }
 
-/* Up to `max` (at most VQ_BATCH) chains from available entry last_avail_idx on, each taken as vq_pop would
- * take it, as long as each is the plain case: a head in the table, one descriptor (neither NEXT nor INDIRECT)
- * of the right direction, not empty, in guest memory. Returns how many; the first chain that is not plain
- * and those after it are left where they are, for vq_pop to meet with every check and fault of its own. The
- * caller knows the driver made `max` available (its count of avail->idx). All the heads are read first,
+/* Up to `max` (at most VQ_BATCH) chains from available entry last_avail_idx on that vq_pop would take as the
+ * plain case: a head in the table, one descriptor (neither NEXT nor INDIRECT) of the right direction, not
+ * empty, in guest memory. Nothing is taken: their heads and segments in heads[] and segs[], and how many in a
+ * row are so (the first that is not and those after it are vq_pop's, with every check and fault of its own).
+ * The caller knows the driver made `max` available (its count of avail->idx). All the heads are read first,
  * then all the descriptors, and only then does the caller write a byte: the misses on lines the driver's
  * core wrote overlap instead of coming one chain after the other, each behind the stores of the frame
  * before (DPDK's enqueue defers its small copies to the end of a burst for the same reason). */
 #define VQ_BATCH 32
-static inline uint32_t vq_pop_batch(struct vq_split *vq, const struct vm_memory *mem, int32_t writable,
-                                    struct vq_seg *segs, struct vq_chain *chains, uint32_t max)
+static inline uint32_t vq_peek_batch(const struct vq_split *vq, const struct vm_memory *mem, int32_t writable,
+                                     uint32_t max, uint16_t *heads, struct vq_seg *segs)
 {
-    /* The queue's fields in locals: stores through segs and chains could alias them. */
+    /* The queue's fields in locals: stores through segs could alias them. */
     const uint8_t *const table = vq->desc;
     const uint32_t mask = vq->num - 1;
     const uint16_t at = vq->last_avail_idx;
     uint32_t n = max < VQ_BATCH ? max : VQ_BATCH;
-    uint16_t heads[VQ_BATCH];
     for (uint32_t k = 0; k < n; k++)
         heads[k] = load16(vq->avail, VRING_RING_HEADER + 2 * ((at + k) & mask));
     struct vring_desc d[VQ_BATCH];
@@ -304,18 +303,25 @@ static inline uint32_t vq_pop_batch(struct vq_split *vq, const struct vm_memory 
     struct vm_fault fault; /* a chain the batch leaves gets its fault from vq_pop */
     const struct vm_region *region = NULL;
     for (uint32_t k = 0; k < n; k++) {
-        if ((d[k].flags & kind) != want || !d[k].len) {
-            n = k;
-            break;
-        }
+        if ((d[k].flags & kind) != want || !d[k].len)
+            return k;
         uint8_t *host = vm_translate_next(mem, &region, d[k].addr, d[k].len, &fault);
-        if (!host) {
-            n = k;
-            break;
-        }
+        if (!host)
+            return k;
         segs[k] = (struct vq_seg){host, d[k].addr, d[k].len};
-        chains[k] = (struct vq_chain){.len = d[k].len, .nseg = 1, .head = heads[k], .at = (uint16_t)(at + k)};
     }
+    return n;
+}
+
+/* The chains vq_peek_batch finds, taken as vq_pop would take them. Returns how many. */
+static inline uint32_t vq_pop_batch(struct vq_split *vq, const struct vm_memory *mem, int32_t writable,
+                                    struct vq_seg *segs, struct vq_chain *chains, uint32_t max)
+{
+    uint16_t heads[VQ_BATCH];
+    const uint16_t at = vq->last_avail_idx;
+    uint32_t n = vq_peek_batch(vq, mem, writable, max, heads, segs);
+    for (uint32_t k = 0; k < n; k++)
+        chains[k] = (struct vq_chain){.len = segs[k].len, .nseg = 1, .head = heads[k], .at = (uint16_t)(at + k)};
     vq->last_avail_idx = (uint16_t)(at + n);
     return n;
 }
@@ -736,6 +742,80 @@ __attribute__((cold, noinline)) static uint32_t vq_complete_frame(struct vq_sour
     return nseg;
 }
 
+/* --- plain frames: what the batch kernels move without segment lists ------------------------------------ */
+
+/* Whether the dequeue takes the chain of one segment `seg` as a plain frame: 1..buf_size bytes (its length in
+ * *length) after a header of hdr_len that asks for nothing (or no host offloads), and with `refs` at least
+ * min_head of them. The header is read only when host offloads are on. */
+static inline int vq_plain_tx(const struct nm_bufs *nm, const struct vq_refs *refs, int host_offloads,
+                              uint32_t hdr_len, const struct vq_seg *seg, uint32_t *length)
+{
+    if (seg->len <= hdr_len)
+        return 0;
+    uint32_t n = seg->len - hdr_len; /* a segment's len is a descriptor's, 32 bits */
+    if (n > nm->buf_size || n > VQ_MAX_FRAME || (refs && n < refs->min_head))
+        return 0;
+    struct nm_vnet_hdr h;
+    if (host_offloads && vq_offload_header(seg, 1, &h))
+        return 0;
+    *length = n;
+    return 1;
+}
+
+/* A plain frame of `length` bytes at `data` into the slot at `pos`: referred to by a ticket of `refs` (which
+ * has room), or without refs copied into the slot's buffer. */
+static inline void vq_plain_into_slot(const struct nm_bufs *nm, struct vq_refs *refs, uint32_t pos,
+                                      const uint8_t *data, uint32_t length)
+{
+    struct nm_slot *slot = nm_slot_at(nm, pos);
+    if (refs) {
+        uint32_t index = refs->count++;
+        refs->refs[index] = (struct vq_ref){data, length};
+        slot->ptr = vq_ref_ticket(refs, index);
+        nm_close_slot(slot, length, NS_INDIRECT);
+    } else {
+        memcpy(nm_slot_buf(nm, slot), data, length);
+        nm_close_slot(slot, length, 0);
+    }
+}
+
+/* Whether the enqueue delivers the slot at `pos` as a plain frame: one slot without a header of its own
+ * (NS_VNET_HDR) whose len fits its buffer, or the piece of guest memory its ticket of `refs` (may be NULL)
+ * names. Its data and len then in *data, *len. The slot's len, flags and ticket are read once each. */
+static inline int vq_plain_slot(const struct nm_bufs *nm, const struct vq_refs *refs, uint32_t pos,
+                                const uint8_t **data, uint16_t *len)
+{
+    const struct nm_slot *slot = nm_slot_at(nm, pos);
+    uint16_t n = __atomic_load_n(&slot->len, __ATOMIC_RELAXED);
+    uint16_t flags = __atomic_load_n(&slot->flags, __ATOMIC_RELAXED);
+    if (n > nm->buf_size || (flags & (NS_MOREFRAG | NS_VNET_HDR)))
+        return 0;
+    /* nm_slot_data over the values read above. */
+    const struct vq_ref *ref =
+        refs && (flags & NS_INDIRECT) ? vq_ref_at(refs, __atomic_load_n(&slot->ptr, __ATOMIC_RELAXED)) : NULL;
+    if (ref && ref->len < n)
+        return 0;
+    *data = ref ? ref->host : nm_slot_buf(nm, slot);
+    *len = n;
+    return 1;
+}
+
+/* A plain frame of `len` bytes at `data` into the receive chain of one segment `seg`, which holds it and its
+ * 12-byte header: the header scatter writes (zeros, num_buffers 1), stored from registers (copied from a
+ * buffer just written in part, its load waited for every store before it, into guest lines the driver's core
+ * held), then the frame; the bytes logged when the ring logs. */
+static inline void vq_plain_into_chain(const struct vm_memory *mem, int log_dirty, const struct vq_seg *seg,
+                                       const uint8_t *data, uint16_t len, struct vq_batch *out)
+{
+    const uint64_t hdr_lo = 0;
+    const uint32_t hdr_hi = (uint32_t)1 << 16;
+    memcpy(seg->host, &hdr_lo, sizeof hdr_lo);
+    memcpy(seg->host + sizeof hdr_lo, &hdr_hi, sizeof hdr_hi);
+    memcpy(seg->host + VIRTIO_NET_HDR_SIZE, data, len);
+    if (log_dirty)
+        vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
+}
+
 /* --- the batch kernels, once per ring layout ------------------------------------------------------------ */
 
 /* The batch logic is ring_batch.h's, compiled here twice: for split rings (vq_dequeue_batch,
@@ -770,6 +850,73 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
     return status;
 }
 
+/* The dequeue's plain frames from available entry last_avail_idx on, straight into the slots from `pos` (up
+ * to `space` of them and the *npending chains counted): what vq_pop_batch and take_plain (ring_batch.h) do to
+ * chains that are plain there (the same checks, slots, tickets, used entries and counters), without the
+ * reserve between them, which copied every chain and segment twice. The first chain that is not so and those
+ * after it are not touched. Returns the frames taken. */
+static inline uint32_t vq_take_run(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                   struct vq_refs *refs, uint32_t hdr_len, uint32_t pos, uint32_t space,
+                                   uint16_t *npending, struct vq_used_elem *pending, struct vq_batch *out)
+{
+    uint32_t max = space < *npending ? space : *npending;
+    if (refs && max > refs->cap - refs->count)
+        max = refs->cap - refs->count;
+    uint16_t heads[VQ_BATCH];
+    struct vq_seg segs[VQ_BATCH];
+    const uint32_t n = vq_peek_batch(vq, mem, 0, max, heads, segs), num_slots = nm->num_slots;
+    uint64_t bytes = 0;
+    uint32_t k;
+    for (k = 0; k < n; k++) {
+        uint32_t length;
+        if (!vq_plain_tx(nm, refs, vq->host_offloads, hdr_len, &segs[k], &length))
+            break;
+        vq_plain_into_slot(nm, refs, pos, segs[k].host + hdr_len, length);
+        pending[k] = (struct vq_used_elem){heads[k], 0};
+        bytes += length;
+        pos = pos + 1 == num_slots ? 0 : pos + 1;
+    }
+    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + k);
+    *npending = (uint16_t)(*npending - k);
+    out->slots += k;
+    out->packets += k;
+    out->bytes += bytes;
+    return k;
+}
+
+/* The enqueue's plain frames from the slots at `pos` (up to `left` of them) straight into the chains from
+ * available entry last_avail_idx on (the *npending counted): what put_plain (ring_batch.h) does to slots and
+ * chains that are plain there (the same checks, bytes, used entries and counters), without the reserve
+ * between them. The first frame that is not so and those after it are not touched. Returns the frames put. */
+static inline uint32_t vq_put_run(struct vq_split *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                  const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t *npending,
+                                  struct vq_used_elem *pending, struct vq_batch *out)
+{
+    uint16_t heads[VQ_BATCH];
+    struct vq_seg segs[VQ_BATCH];
+    const uint32_t n = vq_peek_batch(vq, mem, 1, left < *npending ? left : *npending, heads, segs);
+    const uint32_t num_slots = nm->num_slots;
+    uint64_t bytes = 0;
+    uint32_t k;
+    for (k = 0; k < n; k++) {
+        const uint8_t *data;
+        uint16_t len;
+        if (!vq_plain_slot(nm, refs, pos, &data, &len) || segs[k].len < (uint32_t)VIRTIO_NET_HDR_SIZE + len)
+            break;
+        vq_plain_into_chain(mem, vq->log_dirty, &segs[k], data, len, out);
+        pending[k] = (struct vq_used_elem){heads[k], VIRTIO_NET_HDR_SIZE + len};
+        bytes += len;
+        pos = pos + 1 == num_slots ? 0 : pos + 1;
+    }
+    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + k);
+    *npending = (uint16_t)(*npending - k);
+    out->packets += k;
+    out->bytes += bytes;
+    return k;
+}
+
+#define RB_TAKE_RUN vq_take_run
+#define RB_PUT_RUN vq_put_run
 #define RB_FN(name) vq_##name
 #define RB_RING struct vq_split
 #define RB_ELEM struct vq_used_elem
@@ -793,6 +940,8 @@ static inline int32_t vq_ring_rewalk(const struct vq_split *vq, const struct vm_
 #define RB_UNPOP_REST vq_unpop_rest
 #define RB_MARK_OF(c) ((c).at)
 #include "ring_batch.h"
+#undef RB_TAKE_RUN
+#undef RB_PUT_RUN
 
 /* Packed rings (packed_ring.h): single-descriptor chains are taken in groups of PVQ_BATCH, up to
  * PVQ_BATCH_MAX at once, where they can be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
@@ -860,6 +1009,131 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
     *at = (struct pvq_mark){(uint16_t)pos, wrap};
 }
 
+/* The groups of PVQ_BATCH chains a plain run may take from last_avail_idx, up to `max` chains: pvq_pop_batch's
+ * first half (their flags read, then the fence); 0 when the position is not a group's. */
+static inline uint32_t vqp_run_chains(const struct vq_packed *vq, uint32_t max, int32_t writable)
+{
+    const uint32_t first = vq->last_avail_idx;
+    if (first % PVQ_BATCH)
+        return 0;
+    uint32_t n = pvq_group_chains(vq->desc, vq->num, first, vq->avail_wrap_counter,
+                                  max < PVQ_BATCH_MAX ? max : PVQ_BATCH_MAX, writable);
+    if (!n)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint32_t pos = first;
+    uint8_t wrap = vq->avail_wrap_counter;
+    pvq_skip_in(vq->num, &pos, &wrap, n);
+    if (pos + PVQ_BATCH <= vq->num)
+        __builtin_prefetch(vq->desc + (size_t)pos * PVQ_DESC_SIZE);
+    return n;
+}
+
+/* The dequeue's plain frames, a group of PVQ_BATCH at a time, straight from the ring into the slots from `pos`
+ * (up to `space` of them): what pvq_pop_batch and take_plain (ring_batch.h) do to a group whose four chains
+ * are each plain there (the same checks, slots, tickets, used entries, ids in flight and counters), without
+ * the reserve between them, which copied every chain and segment twice (a fifth of a packed dequeue with
+ * refs, hot). Nothing while chains are counted (*npending: those are taken one by one). The first group
+ * that is not so and those after it are not touched: the dequeue takes them as before. Returns the frames
+ * taken, a multiple of PVQ_BATCH. */
+static inline uint32_t vqp_take_run(struct vq_packed *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                    struct vq_refs *refs, uint32_t hdr_len, uint32_t pos, uint32_t space,
+                                    uint16_t *npending, struct vqp_used_elem *pending, struct vq_batch *out)
+{
+    if (refs && space > refs->cap - refs->count)
+        space = refs->cap - refs->count;
+    const uint32_t n = *npending ? 0 : vqp_run_chains(vq, space, 0);
+    if (!n)
+        return 0;
+    uint16_t *const inflight = vq->inflight;
+    const uint32_t num = vq->num, num_slots = nm->num_slots;
+    const struct vm_region *region = NULL;
+    uint32_t at = vq->last_avail_idx, taken = 0;
+    uint8_t wrap = vq->avail_wrap_counter;
+    uint64_t bytes = 0;
+    while (taken < n) {
+        struct pvirtq_desc d[PVQ_BATCH];
+        struct vq_seg seg[PVQ_BATCH];
+        uint32_t length[PVQ_BATCH], k;
+        if (!pvq_group_ok(vq->desc, at, num, inflight, mem, &region, d, seg))
+            break;
+        for (k = 0; k < PVQ_BATCH; k++)
+            if (!vq_plain_tx(nm, refs, vq->host_offloads, hdr_len, &seg[k], &length[k]))
+                break;
+        if (k < PVQ_BATCH)
+            break;
+        for (k = 0; k < PVQ_BATCH; k++) {
+            inflight[d[k].id] = 1;
+            vq_plain_into_slot(nm, refs, pos, seg[k].host + hdr_len, length[k]);
+            pending[taken + k] = (struct vqp_used_elem){.id = d[k].id, .ndesc = 1, .len = 0};
+            bytes += length[k];
+            pos = pos + 1 == num_slots ? 0 : pos + 1;
+        }
+        taken += PVQ_BATCH;
+        pvq_skip_in(num, &at, &wrap, PVQ_BATCH);
+    }
+    vq->last_avail_idx = (uint16_t)at;
+    vq->avail_wrap_counter = wrap;
+    out->slots += taken;
+    out->packets += taken;
+    out->bytes += bytes;
+    return taken;
+}
+
+/* The enqueue's plain frames, a group of PVQ_BATCH at a time, from the slots at `pos` (up to `left` of them)
+ * straight into the ring's chains: what put_plain (ring_batch.h) does to four slots in a row and a group of
+ * four chains (pvq_pop_batch's) when each frame is plain there (the same checks, bytes, used entries, ids in
+ * flight and counters), without the reserve between them. Nothing while chains are counted. The first group
+ * that is not so and those after it are not touched. Returns the frames put, a multiple of PVQ_BATCH. */
+static inline uint32_t vqp_put_run(struct vq_packed *vq, const struct vm_memory *mem, const struct nm_bufs *nm,
+                                   const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t *npending,
+                                   struct vqp_used_elem *pending, struct vq_batch *out)
+{
+    const uint32_t n = *npending ? 0 : vqp_run_chains(vq, left, 1);
+    if (!n)
+        return 0;
+    uint16_t *const inflight = vq->inflight;
+    const uint32_t num = vq->num, num_slots = nm->num_slots;
+    const struct vm_region *region = NULL;
+    uint32_t at = vq->last_avail_idx, put = 0;
+    uint8_t wrap = vq->avail_wrap_counter;
+    uint64_t bytes = 0;
+    while (put < n) {
+        struct pvirtq_desc d[PVQ_BATCH];
+        struct vq_seg seg[PVQ_BATCH];
+        const uint8_t *data[PVQ_BATCH];
+        uint16_t len[PVQ_BATCH];
+        if (!pvq_group_ok(vq->desc, at, num, inflight, mem, &region, d, seg))
+            break;
+        uint32_t k, p = pos;
+        for (k = 0; k < PVQ_BATCH; k++) {
+            if (!vq_plain_slot(nm, refs, p, &data[k], &len[k]) ||
+                d[k].len < (uint32_t)VIRTIO_NET_HDR_SIZE + len[k])
+                break;
+            p = p + 1 == num_slots ? 0 : p + 1;
+        }
+        if (k < PVQ_BATCH)
+            break;
+        for (k = 0; k < PVQ_BATCH; k++) {
+            inflight[d[k].id] = 1;
+            vq_plain_into_chain(mem, vq->log_dirty, &seg[k], data[k], len[k], out);
+            pending[put + k] =
+                (struct vqp_used_elem){.id = d[k].id, .ndesc = 1, .len = VIRTIO_NET_HDR_SIZE + len[k]};
+            bytes += len[k];
+        }
+        pos = p;
+        put += PVQ_BATCH;
+        pvq_skip_in(num, &at, &wrap, PVQ_BATCH);
+    }
+    vq->last_avail_idx = (uint16_t)at;
+    vq->avail_wrap_counter = wrap;
+    out->packets += put;
+    out->bytes += bytes;
+    return put;
+}
+
+#define RB_TAKE_RUN vqp_take_run
+#define RB_PUT_RUN vqp_put_run
 #define RB_FN(name) vqp_##name
 #define RB_RING struct vq_packed
 #define RB_ELEM struct vqp_used_elem
@@ -883,6 +1157,8 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
 #define RB_UNPOP_REST pvq_unpop_rest
 #define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
 #include "ring_batch.h"
+#undef RB_TAKE_RUN
+#undef RB_PUT_RUN
 
 /* --- the entry points: a batch over memory that vanished counts for nothing ------------------------------ */
 
