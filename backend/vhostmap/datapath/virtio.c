@@ -744,6 +744,28 @@ __attribute__((cold, noinline)) static uint32_t vq_complete_frame(struct vq_sour
 
 /* --- plain frames: what the batch kernels move without segment lists ------------------------------------ */
 
+/* memcpy for a plain frame, inline when it is short: two copies of 16 or 32 bytes, overlapping, from either
+ * end. A call into the library's copy for the 60-odd bytes of a small frame, through the PLT, cost more than
+ * the copy (a tenth of a packed switch pass at 64 bytes sat on that call). */
+static inline void vq_copy_frame(uint8_t *dst, const uint8_t *src, uint32_t len)
+{
+    if (len > 64 || len < 16) {
+        memcpy(dst, src, len);
+    } else if (len > 32) {
+        uint8_t a[32], b[32];
+        memcpy(a, src, 32);
+        memcpy(b, src + len - 32, 32);
+        memcpy(dst, a, 32);
+        memcpy(dst + len - 32, b, 32);
+    } else {
+        uint8_t a[16], b[16];
+        memcpy(a, src, 16);
+        memcpy(b, src + len - 16, 16);
+        memcpy(dst, a, 16);
+        memcpy(dst + len - 16, b, 16);
+    }
+}
+
 /* Whether the dequeue takes the chain of one segment `seg` as a plain frame: 1..buf_size bytes (its length in
  * *length) after a header of hdr_len that asks for nothing (or no host offloads), and with `refs` at least
  * min_head of them. The header is read only when host offloads are on. */
@@ -774,7 +796,7 @@ static inline void vq_plain_into_slot(const struct nm_bufs *nm, struct vq_refs *
         slot->ptr = vq_ref_ticket(refs, index);
         nm_close_slot(slot, length, NS_INDIRECT);
     } else {
-        memcpy(nm_slot_buf(nm, slot), data, length);
+        vq_copy_frame(nm_slot_buf(nm, slot), data, length);
         nm_close_slot(slot, length, 0);
     }
 }
@@ -811,7 +833,7 @@ static inline void vq_plain_into_chain(const struct vm_memory *mem, int log_dirt
     const uint32_t hdr_hi = (uint32_t)1 << 16;
     memcpy(seg->host, &hdr_lo, sizeof hdr_lo);
     memcpy(seg->host + sizeof hdr_lo, &hdr_hi, sizeof hdr_hi);
-    memcpy(seg->host + VIRTIO_NET_HDR_SIZE, data, len);
+    vq_copy_frame(seg->host + VIRTIO_NET_HDR_SIZE, data, len);
     if (log_dirty)
         vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
 }
