@@ -300,8 +300,8 @@ static inline int32_t pvq_pop(struct vq_packed *vq, const struct vm_memory *mem,
  * descriptors are each a whole chain (available, neither NEXT nor INDIRECT) of the right direction, up to
  * `max` of them and not across the ring's end: the five bits of each exactly these, the four compared at once.
  * Only the flags are read (relaxed: the caller fences once before it reads the rest of the descriptors). */
-static inline uint32_t pvq_group_chains(const uint8_t *desc, uint32_t num, uint32_t first, uint8_t wrap,
-                                        uint32_t max, int32_t writable)
+static inline uint32_t pvq_group_chains(uint8_t *desc, uint32_t num, uint32_t first, uint8_t wrap, uint32_t max,
+                                        int32_t writable)
 {
     const uint16_t mask = VRING_PACKED_DESC_F_AVAIL_MASK | VRING_PACKED_DESC_F_USED_MASK | VRING_DESC_F_NEXT |
                           VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE;
@@ -311,8 +311,8 @@ static inline uint32_t pvq_group_chains(const uint8_t *desc, uint32_t num, uint3
                                          (writable ? VRING_DESC_F_WRITE : 0));
         uint16_t differ = 0;
         for (uint32_t k = 0; k < PVQ_BATCH; k++)
-            differ |= (uint16_t)((__atomic_load_n(pvq_word((uint8_t *)(uintptr_t)desc,
-                                                           (size_t)(pos + k) * PVQ_DESC_SIZE + PVQ_FLAGS_OFFSET),
+            differ |= (uint16_t)((__atomic_load_n(pvq_word(desc, (size_t)(pos + k) * PVQ_DESC_SIZE +
+                                                                      PVQ_FLAGS_OFFSET),
                                                   __ATOMIC_RELAXED) &
                                   mask) ^
                                  want);
@@ -348,46 +348,52 @@ static inline int pvq_group_ok(const uint8_t *desc, uint32_t pos, uint32_t num, 
     return 1;
 }
 
-/* Up to `max` chains (at most PVQ_BATCH_MAX), PVQ_BATCH at a time, each group as the PVQ_BATCH pvq_pops
- * would take them one after the other (the same chains, segments, ids in flight and position), as long as
- * last_avail_idx is a multiple of PVQ_BATCH and the group is one pvq_group_chains and pvq_group_ok take.
- * Returns how many; the first group that is not so and those after it are not touched, not even *out, and
- * pvq_pop takes the next chain with every check and fault of its own. A batch is thus only ever what pvq_pop
- * would have done without a fault: the checks are the same ones, all made before a group is taken. Every
- * group's flags are read first, each once, then the rest of the descriptors after an acquire fence (what the
- * driver wrote before a flag is visible after it), as pvq_walk reads a chain; and only then does the caller
- * write a byte, so that the misses on the driver's lines overlap (as vq_pop_batch's). */
 #define PVQ_BATCH_MAX 32
-static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
-                                     struct vq_seg *segs, struct vqp_chain *chains, uint32_t max)
+
+/* The chains of the whole groups a batch may take from last_avail_idx, up to `max` (at most PVQ_BATCH_MAX):
+ * every group's flags read first, each once (pvq_group_chains), then an acquire fence (what the driver wrote
+ * before a flag is visible after it), as pvq_walk reads a chain, so that the caller reads the rest of the
+ * descriptors after it and only then writes a byte: the misses on the driver's lines overlap (as
+ * vq_peek_batch's). 0 when last_avail_idx is not a multiple of PVQ_BATCH. */
+static inline uint32_t pvq_run_chains(const struct vq_packed *vq, uint32_t max, int32_t writable)
 {
-    /* The queue's fields in locals: stores through pointers (segs, chains) could alias them, and the compiler
-     * would read them again for every chain. */
-    uint8_t *const desc = vq->desc;
-    uint16_t *const inflight = vq->inflight;
-    const uint32_t num = vq->num;
     const uint32_t first = vq->last_avail_idx;
-    const uint8_t first_wrap = vq->avail_wrap_counter;
     if (first % PVQ_BATCH)
         return 0;
-    uint32_t n = pvq_group_chains(desc, num, first, first_wrap, max < PVQ_BATCH_MAX ? max : PVQ_BATCH_MAX,
-                                  writable);
+    uint32_t n = pvq_group_chains(vq->desc, vq->num, first, vq->avail_wrap_counter,
+                                  max < PVQ_BATCH_MAX ? max : PVQ_BATCH_MAX, writable);
     if (!n)
         return 0;
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    uint32_t pos = first;
-    uint8_t wrap = first_wrap;
     /* The next group's line asked for now, the driver's core's, while these are checked and used. */
-    pvq_skip_in(num, &pos, &wrap, n);
-    if (pos + PVQ_BATCH <= num)
-        __builtin_prefetch(desc + (size_t)pos * PVQ_DESC_SIZE);
+    uint32_t pos = first;
+    uint8_t wrap = vq->avail_wrap_counter;
+    pvq_skip_in(vq->num, &pos, &wrap, n);
+    if (pos + PVQ_BATCH <= vq->num)
+        __builtin_prefetch(vq->desc + (size_t)pos * PVQ_DESC_SIZE);
+    return n;
+}
+
+/* Up to `max` chains, PVQ_BATCH at a time, each group as the PVQ_BATCH pvq_pops would take them one after the
+ * other (the same chains, segments, ids in flight and position), as long as the group is one pvq_run_chains
+ * counts and pvq_group_ok takes. Returns how many; the first group that is not so and those after it are not
+ * touched, not even *out, and pvq_pop takes the next chain with every check and fault of its own. A batch is
+ * thus only ever what pvq_pop would have done without a fault: the checks are the same ones, all made before
+ * a group is taken. */
+static inline uint32_t pvq_pop_batch(struct vq_packed *vq, const struct vm_memory *mem, int32_t writable,
+                                     struct vq_seg *segs, struct vqp_chain *chains, uint32_t max)
+{
+    const uint32_t n = pvq_run_chains(vq, max, writable);
+    /* The queue's fields in locals: stores through pointers (segs, chains) could alias them, and the compiler
+     * would read them again for every chain. */
+    uint16_t *const inflight = vq->inflight;
+    const uint32_t num = vq->num;
     const struct vm_region *region = NULL;
-    uint32_t taken = 0;
-    pos = first;
-    wrap = first_wrap;
+    uint32_t taken = 0, pos = vq->last_avail_idx;
+    uint8_t wrap = vq->avail_wrap_counter;
     while (taken < n) {
         struct pvirtq_desc d[PVQ_BATCH];
-        if (!pvq_group_ok(desc, pos, num, inflight, mem, &region, d, segs + taken))
+        if (!pvq_group_ok(vq->desc, pos, num, inflight, mem, &region, d, segs + taken))
             break;
         for (uint32_t k = 0; k < PVQ_BATCH; k++) {
             inflight[d[k].id] = 1;

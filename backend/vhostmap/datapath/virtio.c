@@ -1031,26 +1031,6 @@ static inline void vqp_ring_next(const struct vq_packed *vq, struct pvq_mark *at
     *at = (struct pvq_mark){(uint16_t)pos, wrap};
 }
 
-/* The groups of PVQ_BATCH chains a plain run may take from last_avail_idx, up to `max` chains: pvq_pop_batch's
- * first half (their flags read, then the fence); 0 when the position is not a group's. */
-static inline uint32_t vqp_run_chains(const struct vq_packed *vq, uint32_t max, int32_t writable)
-{
-    const uint32_t first = vq->last_avail_idx;
-    if (first % PVQ_BATCH)
-        return 0;
-    uint32_t n = pvq_group_chains(vq->desc, vq->num, first, vq->avail_wrap_counter,
-                                  max < PVQ_BATCH_MAX ? max : PVQ_BATCH_MAX, writable);
-    if (!n)
-        return 0;
-    __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    uint32_t pos = first;
-    uint8_t wrap = vq->avail_wrap_counter;
-    pvq_skip_in(vq->num, &pos, &wrap, n);
-    if (pos + PVQ_BATCH <= vq->num)
-        __builtin_prefetch(vq->desc + (size_t)pos * PVQ_DESC_SIZE);
-    return n;
-}
-
 /* The dequeue's plain frames, a group of PVQ_BATCH at a time, straight from the ring into the slots from `pos`
  * (up to `space` of them): what pvq_pop_batch and take_plain (ring_batch.h) do to a group whose four chains
  * are each plain there (the same checks, slots, tickets, used entries, ids in flight and counters), without
@@ -1064,7 +1044,7 @@ static inline uint32_t vqp_take_run(struct vq_packed *vq, const struct vm_memory
 {
     if (refs && space > refs->cap - refs->count)
         space = refs->cap - refs->count;
-    const uint32_t n = *npending ? 0 : vqp_run_chains(vq, space, 0);
+    const uint32_t n = *npending ? 0 : pvq_run_chains(vq, space, 0);
     if (!n)
         return 0;
     uint16_t *const inflight = vq->inflight;
@@ -1111,7 +1091,7 @@ static inline uint32_t vqp_put_run(struct vq_packed *vq, const struct vm_memory 
                                    const struct vq_refs *refs, uint32_t pos, uint32_t left, uint16_t *npending,
                                    struct vqp_used_elem *pending, struct vq_batch *out)
 {
-    const uint32_t n = *npending ? 0 : vqp_run_chains(vq, left, 1);
+    const uint32_t n = *npending ? 0 : pvq_run_chains(vq, left, 1);
     if (!n)
         return 0;
     uint16_t *const inflight = vq->inflight;
