@@ -353,8 +353,9 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
         struct sw_ring *r = &s->ports[d];
         uint32_t dn = r->num_slots, dnbufs = r->nbufs;
         /* A unicast frame moves its buffers when both ports share an allocator (the source slots get d's
-         * spare buffers); otherwise, or when flooded, its bytes are copied into d's spare buffers. With two
-         * ports the flood has one destination, which takes it as a unicast frame. */
+         * spare buffers); otherwise, or when flooded, its bytes are copied into d's spare buffers; a frame
+         * that goes as tickets does neither. With two ports the flood has one destination, which takes it as
+         * a unicast frame. */
         int same_mem = r->mem == rx->mem, lone = nports == 2;
         struct nm_slot *slots = r->slots;
         uint8_t *bufs = r->bufs;
@@ -407,7 +408,9 @@ static void sw_batch(struct sw_table *t, struct sw_source *s, uint32_t nframes, 
                 tx_dropped++;
                 continue;
             }
-            int swap = unicast && same_mem;
+            /* A frame that goes as tickets moves no buffers: its bytes stay in the source guest's memory, and
+             * a swap would only trade buffers nobody reads (three stores a slot, a tenth of the pass). */
+            int swap = unicast && same_mem && !(refer && snap[f->start].ref != SW_NO_REF);
             uint16_t changed = swap ? NS_BUF_CHANGED : 0;
             uint32_t j = pos;
             for (uint32_t k2 = 0; k2 < ns; k2++) {
