@@ -386,11 +386,14 @@ class PassthroughPort(NetmapAdapter):
         return region
 
     def release(self) -> None:
-        """The guest went away: its region and eventfds go (frames waiting for it in the TX krings are
-        dropped by the next syncs). Idempotent."""
+        """The guest went away: its region and eventfds go, and the frames waiting for it in the TX krings
+        with them (the next sync may come only after the next guest arrived, and they were not meant for
+        that one). Idempotent."""
         with self.lock:
             region, kick, irq = self.guest, self.kick, self.irq
             self.guest, self.kick, self.irq = None, -1, -1
+            for kring in self.tx_rings:
+                self._drop_waiting(kring)
             if region is not None:
                 self.guest_reinits += sum(k.reinits for k in region.tx + region.rx)
                 for gone, t, r in zip(self._gone, region.tx, region.rx, strict=True):
@@ -497,12 +500,7 @@ class PassthroughPort(NetmapAdapter):
         """Copy what the consumer sent on TX ring i into the guest's RX ring i; reclaim at once."""
         guest = self.guest
         if guest is None:
-            n = kring.pending()
-            if n:
-                idx = (kring.nr_hwcur + np.arange(n)) % kring.nkr_num_slots
-                kring.dropped += int(np.count_nonzero((kring.ring.slots["flags"][idx] & NS_MOREFRAG) == 0))
-                kring.nr_hwcur = kring.rhead
-            kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
+            self._drop_waiting(kring)
             return
         i = kring.ring_id
         if not self.reference:
@@ -514,6 +512,16 @@ class PassthroughPort(NetmapAdapter):
                 self._give_stopped(guest.rx[i], kring, guest_at_fault=status == lib.PT_BAD_GUEST)
                 return
         self._give(guest.rx[i], kring)
+
+    @staticmethod
+    def _drop_waiting(kring: Kring) -> None:
+        """Drop (and count) the frames TX kring ``kring`` holds for a guest that is not there."""
+        n = kring.pending()
+        if n:
+            idx = (kring.nr_hwcur + np.arange(n)) % kring.nkr_num_slots
+            kring.dropped += int(np.count_nonzero((kring.ring.slots["flags"][idx] & NS_MOREFRAG) == 0))
+            kring.nr_hwcur = kring.rhead
+        kring.nr_hwtail = nm_prev(kring.nr_hwcur, kring.nkr_num_slots)
 
     def _give(self, g: PassthroughKring, kring: Kring) -> None:
         """The reference of pt_give (datapath/passthrough.cdef): our TX kring -> guest RX ring."""
