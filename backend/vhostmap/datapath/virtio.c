@@ -826,16 +826,54 @@ static inline int vq_plain_slot(const struct nm_bufs *nm, const struct vq_refs *
  * 12-byte header: the header scatter writes (zeros, num_buffers 1), stored from registers (copied from a
  * buffer just written in part, its load waited for every store before it, into guest lines the driver's core
  * held), then the frame; the bytes logged when the ring logs. */
-static inline void vq_plain_into_chain(const struct vm_memory *mem, int log_dirty, const struct vq_seg *seg,
-                                       const uint8_t *data, uint16_t len, struct vq_batch *out)
+static inline void vq_plain_write(uint8_t *host, const uint8_t *data, uint16_t len)
 {
     const uint64_t hdr_lo = 0;
     const uint32_t hdr_hi = (uint32_t)1 << 16;
-    memcpy(seg->host, &hdr_lo, sizeof hdr_lo);
-    memcpy(seg->host + sizeof hdr_lo, &hdr_hi, sizeof hdr_hi);
-    vq_copy_frame(seg->host + VIRTIO_NET_HDR_SIZE, data, len);
+    memcpy(host, &hdr_lo, sizeof hdr_lo);
+    memcpy(host + sizeof hdr_lo, &hdr_hi, sizeof hdr_hi);
+    vq_copy_frame(host + VIRTIO_NET_HDR_SIZE, data, len);
+}
+
+static inline void vq_plain_into_chain(const struct vm_memory *mem, int log_dirty, const struct vq_seg *seg,
+                                       const uint8_t *data, uint16_t len, struct vq_batch *out)
+{
+    vq_plain_write(seg->host, data, len);
     if (log_dirty)
         vq_log_write(mem, seg->gpa, VIRTIO_NET_HDR_SIZE + len, out);
+}
+
+/* The deliveries of a plain run (vq_plain_into_chain's), deferred to its end, as DPDK's enqueue defers its
+ * small copies (batch_copy): done in one tight loop, the run's loads of the source frames (lines of another
+ * guest, which another core wrote) are issued back to back and their misses overlap, where a copy among each
+ * frame's checks waited for its own miss nearly alone (half a link pass in the far state sat on that load). */
+#define VQ_RUN_MAX 32
+struct vq_deferred {
+    struct vq_copy {
+        uint8_t *host;
+        const uint8_t *data;
+        uint64_t gpa;
+        uint16_t len;
+    } copy[VQ_RUN_MAX];
+    uint32_t n;
+};
+_Static_assert(VQ_RUN_MAX >= VQ_BATCH && VQ_RUN_MAX >= PVQ_BATCH_MAX, "a run defers up to a batch of frames");
+
+static inline void vq_defer_into_chain(struct vq_deferred *d, const struct vq_seg *seg, const uint8_t *data,
+                                       uint16_t len)
+{
+    d->copy[d->n++] = (struct vq_copy){seg->host, data, seg->gpa, len};
+}
+
+/* The deferred deliveries done, then logged (after the bytes they mark are written). */
+static inline void vq_deferred_flush(const struct vq_deferred *d, const struct vm_memory *mem, int log_dirty,
+                                     struct vq_batch *out)
+{
+    for (uint32_t k = 0; k < d->n; k++)
+        vq_plain_write(d->copy[k].host, d->copy[k].data, d->copy[k].len);
+    if (log_dirty)
+        for (uint32_t k = 0; k < d->n; k++)
+            vq_log_write(mem, d->copy[k].gpa, VIRTIO_NET_HDR_SIZE + d->copy[k].len, out);
 }
 
 /* --- the batch kernels, once per ring layout ------------------------------------------------------------ */
@@ -916,6 +954,8 @@ static inline uint32_t vq_put_run(struct vq_split *vq, const struct vm_memory *m
 {
     uint16_t heads[VQ_BATCH];
     struct vq_seg segs[VQ_BATCH];
+    struct vq_deferred deferred;
+    deferred.n = 0;
     const uint32_t n = vq_peek_batch(vq, mem, 1, left < *npending ? left : *npending, heads, segs);
     const uint32_t num_slots = nm->num_slots;
     uint64_t bytes = 0;
@@ -925,11 +965,12 @@ static inline uint32_t vq_put_run(struct vq_split *vq, const struct vm_memory *m
         uint16_t len;
         if (!vq_plain_slot(nm, refs, pos, &data, &len) || segs[k].len < (uint32_t)VIRTIO_NET_HDR_SIZE + len)
             break;
-        vq_plain_into_chain(mem, vq->log_dirty, &segs[k], data, len, out);
+        vq_defer_into_chain(&deferred, &segs[k], data, len);
         pending[k] = (struct vq_used_elem){heads[k], VIRTIO_NET_HDR_SIZE + len};
         bytes += len;
         pos = pos + 1 == num_slots ? 0 : pos + 1;
     }
+    vq_deferred_flush(&deferred, mem, vq->log_dirty, out);
     vq->last_avail_idx = (uint16_t)(vq->last_avail_idx + k);
     *npending = (uint16_t)(*npending - k);
     out->packets += k;
@@ -1100,6 +1141,8 @@ static inline uint32_t vqp_put_run(struct vq_packed *vq, const struct vm_memory 
     uint32_t at = vq->last_avail_idx, put = 0;
     uint8_t wrap = vq->avail_wrap_counter;
     uint64_t bytes = 0;
+    struct vq_deferred deferred;
+    deferred.n = 0;
     while (put < n) {
         struct pvirtq_desc d[PVQ_BATCH];
         struct vq_seg seg[PVQ_BATCH];
@@ -1118,7 +1161,7 @@ static inline uint32_t vqp_put_run(struct vq_packed *vq, const struct vm_memory 
             break;
         for (k = 0; k < PVQ_BATCH; k++) {
             inflight[d[k].id] = 1;
-            vq_plain_into_chain(mem, vq->log_dirty, &seg[k], data[k], len[k], out);
+            vq_defer_into_chain(&deferred, &seg[k], data[k], len[k]);
             pending[put + k] =
                 (struct vqp_used_elem){.id = d[k].id, .ndesc = 1, .len = VIRTIO_NET_HDR_SIZE + len[k]};
             bytes += len[k];
@@ -1127,6 +1170,7 @@ static inline uint32_t vqp_put_run(struct vq_packed *vq, const struct vm_memory 
         put += PVQ_BATCH;
         pvq_skip_in(num, &at, &wrap, PVQ_BATCH);
     }
+    vq_deferred_flush(&deferred, mem, vq->log_dirty, out);
     vq->last_avail_idx = (uint16_t)at;
     vq->avail_wrap_counter = wrap;
     out->packets += put;
