@@ -16,9 +16,10 @@ processes.
   circulated (``circulating``): those the front-end sent and had not received back when it stopped, what is
   left of tx_first's bursts after testpmd dropped what found its transmit ring full. The loop runs with
   that many frames, a condition of the comparison: on the lab's machine DPDK's keeps about all 1024
-  (2 x TX_FIRST_BURSTS bursts of 32), vhostmap's link and switch about a ring's worth (224-256; they copy
-  each frame once, straight into the other guest, so a transmit buffer goes back only once its frame is
-  delivered, where DPDK's copies it out at once).
+  (2 x TX_FIRST_BURSTS bursts of 32), vhostmap's link and switch about a ring's worth (224-256). Why is not
+  established: both hand a transmit buffer back within the pass that took it (vhostmap's one-copy pass
+  copies a frame the other guest has no room for into a netmap buffer to wait, or drops it when that ring
+  is full too).
 
 * G1 TSO enqueue (only when named, ``--only G1``; ``--sizes`` does not apply): what the back-end's own core
   moves in Gbit/s when it hands 64 KiB TCP frames to the front-end (rxonly) rather than MTU frames. vhostmap
