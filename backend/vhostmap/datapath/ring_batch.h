@@ -24,7 +24,7 @@
  *   RB_NEXT(vq, &at, elem)                        `at` past the chain of elem
  *   RB_COMPLETE(vq, mem, pending, n, out)         publish, decide the interrupt, re-arm kicks
  *   RB_BATCH                                      chains RB_POP_BATCH takes at most (0: no batches, and
- *                                                 none of the four below)
+ *                                                 none of the six below)
  *   RB_COUNTED                                    1: a batch takes up to `max` chains RB_PENDING counted,
  *                                                 as many as are plain (split: the count of avail->idx);
  *                                                 0: up to `max` chains nothing counted (packed: the
@@ -35,10 +35,10 @@
  *   RB_MARK_OF(c)                                 the position of chain c (a mark)
  *   RB_TAKE_RUN(vq, mem, nm, refs, hdr_len, pos, space, &npending, pending, out)
  *                                                 the plain frames next in the ring taken straight into the
- *                                                 slots from pos, as take_plain would take them (optional)
+ *                                                 slots from pos, as take_plain would take them
  *   RB_PUT_RUN(vq, mem, nm, refs, pos, left, &npending, pending, out)
  *                                                 the plain frames of the slots from pos put straight into
- *                                                 the ring's next chains, as put_plain would (optional)
+ *                                                 the ring's next chains, as put_plain would
  * Layout-independent helpers (segments, slots, sources, offloads, plain frames) are virtio.c's, defined
  * before it. */
 
@@ -257,7 +257,7 @@ static int32_t RB_FN(dequeue_batch)(RB_RING *vq, const struct vm_memory *mem, co
         return out->status;
     while (space) {
         RB_CHAIN chain;
-#ifdef RB_TAKE_RUN
+#if RB_BATCH
         /* A run of plain frames straight into the slots, when the reserve is empty. */
         if (reserve.next == reserve.taken) {
             uint32_t took = RB_TAKE_RUN(vq, mem, nm, refs, hdr_len, pos, space, &npending, pending + n_used, out);
@@ -536,7 +536,7 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
     const int plain = hdr_len == VIRTIO_NET_HDR_SIZE;
 #endif
     while (done < count) {
-#ifdef RB_PUT_RUN
+#if RB_BATCH
         /* A run of plain frames straight into the ring's chains, when the reserve is empty; counted where
          * put_plain would count them, once the first slot is plain. */
         const uint8_t *data;
@@ -552,8 +552,6 @@ static int32_t RB_FN(enqueue_batch)(RB_RING *vq, const struct vm_memory *mem, co
                 continue;
             }
         }
-#endif
-#if RB_BATCH
         int put_plain = plain ? RB_FN(put_plain)(vq, mem, nm, refs, pos, count - done, &npending, &avail_read,
                                                  &reserve, pending + n_used, out)
                               : 0;
@@ -637,3 +635,5 @@ fault:
 #undef RB_POP_BATCH
 #undef RB_UNPOP_REST
 #undef RB_MARK_OF
+#undef RB_TAKE_RUN
+#undef RB_PUT_RUN

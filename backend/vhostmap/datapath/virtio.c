@@ -1003,8 +1003,6 @@ static inline uint32_t vq_put_run(struct vq_split *vq, const struct vm_memory *m
 #define RB_UNPOP_REST vq_unpop_rest
 #define RB_MARK_OF(c) ((c).at)
 #include "ring_batch.h"
-#undef RB_TAKE_RUN
-#undef RB_PUT_RUN
 
 /* Packed rings (packed_ring.h): single-descriptor chains are taken in groups of PVQ_BATCH, up to
  * PVQ_BATCH_MAX at once, where they can be (pvq_pop_batch, which reads their flags itself), and otherwise the chains available are counted by
@@ -1203,8 +1201,6 @@ static inline uint32_t vqp_put_run(struct vq_packed *vq, const struct vm_memory 
 #define RB_UNPOP_REST pvq_unpop_rest
 #define RB_MARK_OF(c) ((struct pvq_mark){(c).pos, (c).wrap})
 #include "ring_batch.h"
-#undef RB_TAKE_RUN
-#undef RB_PUT_RUN
 
 /* --- the entry points: a batch over memory that vanished counts for nothing ------------------------------ */
 
