@@ -822,10 +822,10 @@ static inline int vq_plain_slot(const struct nm_bufs *nm, const struct vq_refs *
     return 1;
 }
 
-/* A plain frame of `len` bytes at `data` into the receive chain of one segment `seg`, which holds it and its
- * 12-byte header: the header scatter writes (zeros, num_buffers 1), stored from registers (copied from a
- * buffer just written in part, its load waited for every store before it, into guest lines the driver's core
- * held), then the frame; the bytes logged when the ring logs. */
+/* A plain frame of `len` bytes at `data` into the guest buffer at `host`, which holds it and its 12-byte
+ * header: the header scatter writes (zeros, num_buffers 1), stored from registers (copied from a buffer just
+ * written in part, its load waited for every store before it, into guest lines the driver's core held), then
+ * the frame. */
 static inline void vq_plain_write(uint8_t *host, const uint8_t *data, uint16_t len)
 {
     const uint64_t hdr_lo = 0;
@@ -835,6 +835,7 @@ static inline void vq_plain_write(uint8_t *host, const uint8_t *data, uint16_t l
     vq_copy_frame(host + VIRTIO_NET_HDR_SIZE, data, len);
 }
 
+/* vq_plain_write into the receive chain of one segment `seg`, the bytes logged when the ring logs. */
 static inline void vq_plain_into_chain(const struct vm_memory *mem, int log_dirty, const struct vq_seg *seg,
                                        const uint8_t *data, uint16_t len, struct vq_batch *out)
 {
