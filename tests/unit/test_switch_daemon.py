@@ -5,7 +5,6 @@ with the compiled datapath and with the reference one (VHOSTMAP_REFERENCE_DATAPA
 
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import socket
@@ -24,7 +23,6 @@ from vhostmap.control.client import ControlError, call
 from vhostmap.forwarding.hostbridge import HostBridge
 from vhostmap.lab.frontend import FakeFrontend
 from vhostmap.lab.netns import Netns, Tap, VethPair, disable_ipv6, ip
-from vhostmap.lab.wait import wait_until
 
 ETH_P_EXPERIMENTAL = 0x88B5
 BROADCAST = "ff:ff:ff:ff:ff:ff"
@@ -377,44 +375,48 @@ def test_a_generic_port_on_a_veth_joins_a_switch(veth: VethPair, start_daemon: S
 def test_tcp_between_two_host_stacks_through_the_switch_with_their_offloads_on(
     start_daemon: StartDaemon,
 ) -> None:
-    """Two TAPs behind host rings on a switch, one of them moved into a namespace: the kernel hands the
+    """Two TAPs behind host rings on a switch, each moved into a namespace of its own: the kernel hands the
     TAPs partial checksums and 64 KiB GSO frames (IFF_VNET_HDR, TUNSETOFFLOAD), which both take: they cross
-    the switch whole after their headers (NS_VNET_HDR), and a TCP stream crosses intact."""
-    with Netns() as ns, Tap() as ta, Tap() as tb:
+    the switch whole after their headers (NS_VNET_HDR), and a TCP stream crosses intact. Neither end is in
+    the test's own namespace: the test runs twice (both datapaths), perhaps at once in two workers, and two
+    TAPs there on one subnet sent one run's stream to the other's server (both failed once so)."""
+    with Netns() as na, Netns() as nb, Tap() as ta, Tap() as tb:
         for t in (ta, tb):
             disable_ipv6(t.name)
         d = start_daemon({"a": f"host={ta.name}", "b": f"host={tb.name}"}, switches=["vale0=a,b"])
         # Attached first (a TAP is found by name in our namespace), then moved: the open file goes along.
-        ip("link", "set", "dev", tb.name, "netns", ns.name)
-        tb.netns = ns.name
-        ip("addr", "add", "10.78.0.1/24", "dev", ta.name)
-        ip("link", "set", "dev", ta.name, "up")
-        ip("addr", "add", "10.78.0.2/24", "dev", tb.name, netns=ns.name)
-        ip("link", "set", "dev", tb.name, "up", netns=ns.name)
-        blob = bytes(k % 253 for k in range(1 << 20))
+        for tap, ns, addr in ((ta, na, "10.78.0.1/24"), (tb, nb, "10.78.0.2/24")):
+            ip("link", "set", "dev", tap.name, "netns", ns.name)
+            tap.netns = ns.name
+            ip("addr", "add", addr, "dev", tap.name, netns=ns.name)
+            ip("link", "set", "dev", tap.name, "up", netns=ns.name)
         serve = (
             "import socket, hashlib; s = socket.create_server(('10.78.0.2', 7777)); c, _ = s.accept(); "
             "h = hashlib.sha256(); d = c.recv(1 << 16)\nwhile d: h.update(d); d = c.recv(1 << 16)\n"
             "print(h.hexdigest())"
         )
-        cmd = ["ip", "netns", "exec", ns.name, sys.executable, "-c", serve]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as server:
+        # The client waits for the server to listen (30 s at most), sends 1 MiB and prints its digest.
+        send = (
+            "import socket, time, hashlib\ndeadline = time.monotonic() + 30\nwhile True:\n    try:\n"
+            "        c = socket.create_connection(('10.78.0.2', 7777), timeout=30); break\n"
+            "    except OSError:\n        if time.monotonic() > deadline: raise\n        time.sleep(0.05)\n"
+            "blob = bytes(k % 253 for k in range(1 << 20)); c.sendall(blob); c.close()\n"
+            "print(hashlib.sha256(blob).hexdigest())"
+        )
+        run = ["ip", "netns", "exec"]
+        pipe = {"stdout": subprocess.PIPE, "text": True}
+        with (
+            subprocess.Popen([*run, nb.name, sys.executable, "-c", serve], **pipe) as server,
+            subprocess.Popen([*run, na.name, sys.executable, "-c", send], **pipe) as client,
+        ):
             try:
-                c = wait_until(connected, 30, "the server in the namespace to listen")
-                with c:
-                    c.sendall(blob)
-                out, _ = server.communicate(timeout=60)
+                received, _ = server.communicate(timeout=60)
+                sent, _ = client.communicate(timeout=30)
             finally:
                 server.kill()
-        assert out.strip() == hashlib.sha256(blob).hexdigest()
+                client.kill()
+        assert client.returncode == 0, "the client in namespace a could not connect or send"
+        assert received.strip() == sent.strip() != ""
         host = d.stats("a")["host"]
         assert host["rx_offload_passed"] > 0, host
         assert (host["rx_offloaded"], host["rx_bad_header"], host["rx_drops"]) == (0, 0, 0), host
-
-
-def connected() -> socket.socket | None:
-    """A connection to the test's TCP server in the namespace, or None while it does not listen yet."""
-    try:
-        return socket.create_connection(("10.78.0.2", 7777), timeout=30)
-    except (ConnectionRefusedError, OSError):
-        return None
