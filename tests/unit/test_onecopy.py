@@ -18,7 +18,7 @@ from daemons import RunningDaemon, StartDaemon
 
 from vhostmap.datapath import lib
 from vhostmap.forwarding.link import Link
-from vhostmap.forwarding.passes import BURST, ROUNDS
+from vhostmap.forwarding.passes import BUDGET, BURST
 from vhostmap.lab.frontend import BUFFER_SIZE, FakeFrontend
 from vhostmap.netmap.abi import NS_INDIRECT
 from vhostmap.vhost_user.port import VhostUserPort
@@ -275,7 +275,7 @@ def test_a_faulted_queue_is_left_alone_until_its_port_reports_the_fault(start_da
         vq = d.device("b").vqs[0]
 
         def run() -> tuple[int, int]:
-            lib.vhu_link_pass(plan.c, plan.n, refs.c, BURST, ROUNDS, out.failed, out.status)
+            lib.vhu_link_pass(plan.c, plan.n, refs.c, BURST, BUDGET, out.failed, out.status)
             return out.failed[0], out.status[0]
 
         assert run() == (1, lib.VQ_ERR_BUFFER_MEM)  # lane 0's destination: b's receive queue
@@ -290,6 +290,31 @@ def test_a_faulted_queue_is_left_alone_until_its_port_reports_the_fault(start_da
         assert "buffer of descriptor 2" in str(d.device("b").broken)
         assert vq._pending_used == [(0, 12 + 60)], "the first frame's used entry, queued once"
     assert len(fa.wait_used(fa.queues[1], 3)) == 3 and d.device("a").broken is None
+
+
+def test_a_link_pass_runs_rounds_until_it_moved_its_budget(start_daemon: StartDaemon) -> None:
+    # A call's rounds stop at its budget of slots (the round that passes it finishes), or at the first that
+    # moves nothing: not after a count of rounds, which stopped rounds of large frames (fewer a round) early.
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    fa, fb = d.frontend("a"), d.frontend("b")
+    link = d.daemon.serving["a"]
+    assert isinstance(link, Link)
+    with d.daemon.worker.lock:  # the worker waits: the passes below are the only ones
+        fb.post_receive_buffers(40)
+        fa.transmit([frame(mac(2), mac(1), 60, k) for k in range(40)])
+        plan, out, refs = link._compiled(), link._outcome, link._refs
+        assert plan is not None and refs is not None
+        # A call returns the slots taken from a guest plus those moved into the other (2 a frame); the budget
+        # counts the first.
+
+        def run(budget: int) -> int:
+            return int(lib.vhu_link_pass(plan.c, plan.n, refs.c, 8, budget, out.failed, out.status))
+
+        assert run(12) == 2 * 16  # two rounds of 8
+        assert run(0) == 2 * 8  # at least one
+        assert run(1000) == 2 * 16  # the rest, then a round that moved nothing
+        assert out.failed[0] == -1
+    assert len(fb.receive(40)) == 40
 
 
 @pytest.mark.parametrize("where", ["link", "switch"])

@@ -25,7 +25,7 @@ from vhostmap import cli
 from vhostmap.daemon.config import ConfigError, _port_from_mapping, parse_port_flag
 from vhostmap.datapath import ffi, lib
 from vhostmap.forwarding.link import Link
-from vhostmap.forwarding.passes import BURST, ROUNDS
+from vhostmap.forwarding.passes import BUDGET, BURST
 from vhostmap.lab.frontend import BUFFER_SIZE, DEFAULT_FEATURES, PACKED_START, PAGE, UVA_BASE, FakeFrontend
 from vhostmap.packets import Addresses, udp_frame
 from vhostmap.vhost_user import kernels
@@ -453,7 +453,7 @@ def test_a_faulted_packed_queue_is_left_alone_until_its_port_reports_the_fault(
         ring = kernels.packed_ring(vq, d.device("b").memory)
 
         def run() -> tuple[int, int]:
-            lib.vhu_link_pass(plan.c, plan.n, refs.c, BURST, ROUNDS, out.failed, out.status)
+            lib.vhu_link_pass(plan.c, plan.n, refs.c, BURST, BUDGET, out.failed, out.status)
             return out.failed[0], out.status[0]
 
         assert run() == (1, lib.VQ_ERR_DIRECTION)  # lane 0's destination: b's receive queue

@@ -145,9 +145,10 @@ int32_t vhu_queue_txsync(const struct vhu_queue *q)
 
 /* One round of vhu_link_pass: every lane once. Returns the slots its sources took from their guests plus
  * those it moved into destinations: a source whose destination is full still makes progress while its own
- * ring has room (and its guest, having kicked once, may not kick again). */
+ * ring has room (and its guest, having kicked once, may not kick again). The first alone are added to
+ * *taken. */
 static uint64_t vhu_link_round(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *refs, uint32_t burst,
-                               int32_t *failed, int32_t *status)
+                               uint64_t *taken, int32_t *failed, int32_t *status)
 {
     uint64_t moved = 0;
     for (uint32_t k = 0; k < nlanes; k++) {
@@ -166,6 +167,7 @@ static uint64_t vhu_link_round(struct vhu_lane *lanes, uint32_t nlanes, struct v
             }
             deferred = refs != NULL;
             moved += src->out->slots;
+            *taken += src->out->slots;
         }
         /* The destination may be filled by another thread's lane too (VALE's rule, as one short section).
          * What it did not take is settled before the lock goes: another thread's sync of that ring must never
@@ -193,26 +195,24 @@ static uint64_t vhu_link_round(struct vhu_lane *lanes, uint32_t nlanes, struct v
 }
 
 uint64_t vhu_link_pass(struct vhu_lane *lanes, uint32_t nlanes, struct vq_refs *refs, uint32_t burst,
-                       uint32_t rounds, int32_t *failed, int32_t *status)
+                       uint32_t budget, int32_t *failed, int32_t *status)
 {
-    uint64_t moved = 0;
+    uint64_t moved = 0, taken = 0, now;
     *failed = -1;
-    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
-        uint64_t now = vhu_link_round(lanes, nlanes, refs, burst, failed, status);
+    do {
+        now = vhu_link_round(lanes, nlanes, refs, burst, &taken, failed, status);
         moved += now;
-        if (*failed >= 0 || !now)
-            break;
-    }
+    } while (*failed < 0 && now && taken < budget);
     return moved;
 }
 
-uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, uint32_t burst, uint32_t rounds,
+uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, uint32_t burst, uint32_t budget,
                        int32_t *failed, int32_t *status)
 {
-    uint64_t frames = 0;
+    uint64_t frames = 0, now;
     *failed = -1;
-    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
-        uint64_t now = 0;
+    do {
+        now = 0;
         for (uint32_t k = 0; k < nqueues; k++) {
             struct vhu_queue *q = &queues[k];
             int32_t st = vhu_queue_rxsync_refs(q, NULL, burst);
@@ -227,9 +227,7 @@ uint64_t vhu_sink_pass(struct vhu_queue *queues, uint32_t nqueues, uint32_t burs
             now += n;
         }
         frames += now;
-        if (!now)
-            break;
-    }
+    } while (now && frames < budget);
     return frames;
 }
 
@@ -335,18 +333,15 @@ static uint64_t vhu_switch_round(struct sw_table *t, struct vhu_switch_source *s
 
 uint64_t vhu_switch_pass(struct sw_table *t, struct vhu_switch_source *sources, uint32_t nsources,
                          struct vhu_queue *tx, uint32_t ntx, const uint8_t *flush, uint8_t *synced,
-                         struct vq_refs *refs, uint32_t burst, uint32_t rounds, double now, int32_t *failed,
+                         struct vq_refs *refs, uint32_t burst, uint32_t budget, double now, int32_t *failed,
                          int32_t *status)
 {
-    uint64_t received = 0;
+    uint64_t received = 0, now_received;
     *failed = -1;
-    for (uint32_t r = 0; r == 0 || r < rounds; r++) {
+    do {
         memcpy(synced, flush, ntx);
-        uint64_t now_received = vhu_switch_round(t, sources, nsources, tx, ntx, synced, refs, burst, now,
-                                                 failed, status);
+        now_received = vhu_switch_round(t, sources, nsources, tx, ntx, synced, refs, burst, now, failed, status);
         received += now_received;
-        if (*failed >= 0 || !now_received)
-            break;
-    }
+    } while (*failed < 0 && now_received && received < budget);
     return received;
 }

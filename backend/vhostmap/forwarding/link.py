@@ -12,8 +12,8 @@ from typing import Any
 
 from vhostmap.datapath import ffi, lib
 from vhostmap.forwarding.passes import (
+    BUDGET,
     BURST,
-    ROUNDS,
     CompiledPass,
     OneCopy,
     Owns,
@@ -78,7 +78,7 @@ class Link:
             return (self._one_way(self.a, self.b) + self._one_way(self.b, self.a)) > 0
         out = self._outcome
         assert self._refs is not None
-        moved = lib.vhu_link_pass(plan.c, plan.n, self._refs.c, BURST, ROUNDS, out.failed, out.status)
+        moved = lib.vhu_link_pass(plan.c, plan.n, self._refs.c, BURST, BUDGET, out.failed, out.status)
         # Side 2k is lane k's source, 2k + 1 its destination: the index vhu_link_pass reports.
         return out.check(plan.sides) or moved > 0
 

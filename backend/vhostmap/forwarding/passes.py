@@ -27,10 +27,13 @@ from vhostmap.netmap.kring import Kring
 # takes about the bytes of 32 MTU frames, DPDK's burst (vhu_round_burst, by the source's last mean frame).
 # Measured by core state, P3 over 256-entry rings: 128 frames of 64 bytes a round moved 1.15x more near and
 # 1.24x far than 32 (what a round pays once, a chain of misses on the guest's lines, paid a quarter as often),
-# while 128 of 1500 bytes moved 0.80x. One call runs up to ROUNDS rounds, while they move frames, so that
-# entering C and the Python around it are paid once per up to ROUNDS bursts; the control plane waits for the
-# datapath lock at most that long (well under a ms).
+# while 128 of 1500 bytes moved 0.80x. One call runs rounds while they move frames, up to BUDGET slots, so
+# that entering C and the Python around it are paid once per up to BUDGET slots: when a call stopped after 8
+# rounds, rounds of 32 frames of 1500 bytes (256 a call) left a sixth of a sink's time to that Python. The
+# control plane waits for the datapath lock at most that long (well under a ms).
 BURST = 128
+BUDGET = 8 * BURST
+# A source pass (generate=) runs up to ROUNDS rounds, while they deliver frames.
 ROUNDS = 8
 
 # (port, kring, whether it is an RX kring) of one sync of a pass, in the order the pass numbers them.

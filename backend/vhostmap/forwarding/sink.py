@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from vhostmap.datapath import ffi, lib
 from vhostmap.forwarding.passes import (
+    BUDGET,
     BURST,
-    ROUNDS,
     CompiledPass,
     Owns,
     PassOutcome,
@@ -51,7 +51,7 @@ class Sink:
         plan = self._compiled()
         if plan is not None:
             out = self._outcome
-            frames = lib.vhu_sink_pass(plan.c, plan.n, BURST, ROUNDS, out.failed, out.status)
+            frames = lib.vhu_sink_pass(plan.c, plan.n, BURST, BUDGET, out.failed, out.status)
             return out.check(plan.sides) or frames > 0
         got = 0
         for i in range(self.port.num_rx_rings):

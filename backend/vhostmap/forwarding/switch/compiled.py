@@ -17,8 +17,8 @@ from typing import Any
 from vhostmap.datapath import ffi, lib
 from vhostmap.ethernet import ETH_HLEN
 from vhostmap.forwarding.passes import (
+    BUDGET,
     BURST,
-    ROUNDS,
     OneCopy,
     Owns,
     PassOutcome,
@@ -83,7 +83,7 @@ class CompiledSwitch:
             plan.synced,
             plan.refs.c,
             BURST,
-            ROUNDS,
+            BUDGET,
             now,
             out.failed,
             out.status,
