@@ -21,5 +21,6 @@
 #include "vhost_sync.cdef"
 #include "passthrough.cdef"
 #include "cpuprobe.cdef"
+#include "buildinfo.cdef"
 
 #endif

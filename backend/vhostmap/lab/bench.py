@@ -51,6 +51,11 @@ processes.
 (``+packed``: vhostmap's ports with ``packed=on``, every front-end port with ``packed_vq=1``), the packed
 ones compared with DPDK's over packed rings, in the same rounds as the split ones.
 
+Builds: each back-end runs as compiled, a condition of every ratio, named before the first run and in the
+JSON (``machine.builds``): vhostmap's kernels for this machine's instruction set (datapath/build.py's -march,
+``VHOSTMAP_MARCH``), DPDK's libraries for their RTE_MACHINE (Debian's packages: ``corei7``, SSE4.2; a build of
+DPDK from source defaults to ``native``, as vhostmap's does).
+
 The ratio of a run pair is vhostmap's rate over DPDK's in the same round; the table gives the median of those.
 ``--baseline DIR`` adds, next to each vhostmap back-end, the same back-end run from another checkout (DIR, its
 kernels built: a git worktree of the commit to compare with), alternating within each round too, and the table
@@ -115,10 +120,11 @@ from types import FrameType
 from typing import Any
 
 from vhostmap.control.client import ControlError
+from vhostmap.datapath import ffi, lib
 from vhostmap.lab import corelatency, tcpbench
 from vhostmap.lab.daemon import VhostmapDaemon
 from vhostmap.lab.guestkernel import GuestKernel, GuestKernelMissing
-from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort
+from vhostmap.lab.testpmd import ForwardMode, Testpmd, VhostPort, VirtioUserPort, build_machine
 from vhostmap.lab.wait import wait_until
 from vhostmap.system.cpu import check_cpu
 
@@ -1188,6 +1194,13 @@ _RATE_KEYS = {
 }
 
 
+def builds() -> dict[str, str | None]:
+    """What each back-end was compiled for, a condition of the comparison: vhostmap's kernels (the widest
+    vector instruction set, datapath/build.py's -march) and DPDK's libraries (RTE_MACHINE; None when no
+    build configuration is installed)."""
+    return {"vhostmap": ffi.string(lib.vhu_build_isa()).decode(), "dpdk": build_machine()}
+
+
 def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> dict[str, Any]:
     """Everything measured, for the JSON file."""
     c = Comparisons.of(results)
@@ -1259,6 +1272,7 @@ def report(settings: Settings, results: Sequence[Series], interrupted: bool) -> 
             "cpus": os.cpu_count(),
             "loadavg_at_end": list(os.getloadavg()),
             "python": platform.python_version(),
+            "builds": builds(),
         },
         "core_probe": {
             "cpus": [settings.frontend_cpu, settings.backend_cpu],
@@ -1480,6 +1494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy = cpu_busy()
     if busy > 0.2:
         say(f"the CPUs are {busy:.0%} busy before starting: expect low and noisy numbers")
+    built = builds()
+    say(f"built for: vhostmap's kernels {built['vhostmap']}, DPDK {built['dpdk'] or 'unknown'}")
     signal.signal(signal.SIGTERM, _terminate)
     # Ctrl-C must stop the benchmark with its testpmds, even when it was started from the background of a
     # script, which leaves SIGINT ignored: the testpmds (DPDK installs its own handler) died on an interrupt

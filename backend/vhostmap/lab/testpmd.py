@@ -20,6 +20,7 @@ virtio-user needs), and those of lab processes that died without closing are swe
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import re
@@ -36,6 +37,8 @@ from vhostmap.lab.process import ChildProcess
 from vhostmap.lab.wait import WaitTimeout, tail, wait_until
 
 TESTPMD = "dpdk-testpmd"
+# DPDK's build configuration (its -march: RTE_MACHINE), where the Debian packages put it.
+BUILD_CONFIGS = ("/usr/include/*/dpdk/rte_build_config.h", "/usr/include/dpdk/rte_build_config.h")
 HUGEPAGES = Path("/dev/hugepages")
 DPDK_RUNTIME = Path("/var/run/dpdk")
 PROMPT = b"testpmd> "
@@ -142,6 +145,16 @@ class PortStats:
 # A block runs from its "#### NIC statistics for port N ####" title to the closing rule of the same character.
 _NIC_BLOCK = re.compile(r"NIC statistics for port (\d+)\s*#+\n(.*?)#{20,}", re.S)
 _FWD_BLOCK = re.compile(r"Forward statistics for port (\d+)\s*-+\n(.*?)-{20,}", re.S)
+
+
+def build_machine(patterns: Sequence[str] = BUILD_CONFIGS) -> str | None:
+    """The machine DPDK was built for (RTE_MACHINE of its rte_build_config.h: "corei7" in Debian's packages,
+    "native" in a default build from source), or None when no build configuration is installed."""
+    for path in (p for pattern in patterns for p in sorted(glob.glob(pattern))):
+        m = re.search(r"^#define RTE_MACHINE (\S+)", Path(path).read_text(), re.MULTILINE)
+        if m:
+            return m.group(1).strip('"')
+    return None
 
 
 def split_reply(output: bytes) -> tuple[str, int] | None:
