@@ -254,15 +254,20 @@ def test_a_destination_fault_breaks_that_port_only_and_the_source_gets_its_buffe
     no_slot_refers(d, ["a"])
 
 
+def linked_pair(start_daemon: StartDaemon) -> tuple[RunningDaemon, FakeFrontend, FakeFrontend, Link]:
+    """Ports a and b joined by a link, their front-ends, and the link (for tests that run its pass)."""
+    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
+    link = d.daemon.serving["a"]
+    assert isinstance(link, Link)
+    return d, d.frontend("a"), d.frontend("b"), link
+
+
 def test_a_faulted_queue_is_left_alone_until_its_port_reports_the_fault(start_daemon: StartDaemon) -> None:
     # With two datapath threads filling one guest receive queue, the other thread's pass can reach the queue
     # between the pass that met its fault and the port's handling of it (after the ring lock went). Emulated
     # in one thread: the link's pass runs twice before the port hears of the fault. The second leaves the
     # fault and its pending used entries alone (VHU_FAULTED), and the port reports the first fault only.
-    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
-    fa, fb = d.frontend("a"), d.frontend("b")
-    link = d.daemon.serving["a"]
-    assert isinstance(link, Link)
+    d, fa, fb, link = linked_pair(start_daemon)
     with d.daemon.worker.lock:  # the worker waits: the passes below are the only ones
         fb.post_receive_buffers(1)  # descriptor 0; then a chain whose second descriptor is outside memory
         rx = fb.queues[0]
@@ -295,10 +300,7 @@ def test_a_faulted_queue_is_left_alone_until_its_port_reports_the_fault(start_da
 def test_a_link_pass_runs_rounds_until_it_moved_its_budget(start_daemon: StartDaemon) -> None:
     # A call's rounds stop at its budget of slots (the round that passes it finishes), or at the first that
     # moves nothing: not after a count of rounds, which stopped rounds of large frames (fewer a round) early.
-    d = start_daemon({"a": "", "b": ""}, links=["a,b"])
-    fa, fb = d.frontend("a"), d.frontend("b")
-    link = d.daemon.serving["a"]
-    assert isinstance(link, Link)
+    d, fa, fb, link = linked_pair(start_daemon)
     with d.daemon.worker.lock:  # the worker waits: the passes below are the only ones
         fb.post_receive_buffers(40)
         fa.transmit([frame(mac(2), mac(1), 60, k) for k in range(40)])
